@@ -1,0 +1,1 @@
+"""Lowering backends (`sparsec.exporters`), one module each."""

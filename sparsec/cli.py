@@ -1,0 +1,150 @@
+"""The `sparsec` command line: inspect, compile, passes.
+
+Exit codes: 0 success; 1 a quality gate or the ONNX parity check failed (nothing written); 2 bad input
+(model, recipe, calibration file, options); 3 an internal error (a bug: please report it with the trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+from .errors import SparsecError
+from .models import BUILTIN_PREFIX, BUILTINS
+
+DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
+MODEL_HELP = (
+    "a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
+    + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS) + f" (default: {DEFAULT_MODEL})"
+)
+
+
+def default_recipe_path() -> Path:
+    return Path(str(resources.files("sparsec") / "recipes" / "default.yaml"))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .capture import capture
+    from .inspection import format_inspection, inspect_program
+    from .models import load_model
+    from .recipe import Recipe
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    loaded = load_model(args.model)
+    example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
+    program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    if loaded.family.name == "unknown":
+        print(f"note: model_type {getattr(loaded.model.config, 'model_type', None)!r} is not a known family; every "
+              "region is tagged 'shared'. Tag components with a recipe `tags:` section and --recipe.", file=sys.stderr)
+    info = inspect_program(program, example)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile_model
+    from .recipe import Recipe
+
+    recipe = Recipe.load(args.recipe or default_recipe_path())
+    report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
+                           log=None if args.quiet else _log)
+    if not args.quiet:
+        print(_summary(report))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _summary(report: dict) -> str:
+    lines = [
+        f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})",
+        f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}",
+        f"calibration {report['calibration']['source']}",
+    ]
+    for p in report["passes"]:
+        lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
+                     f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
+    if "parity" in report:
+        for name, m in report["parity"]["metrics"].items():
+            extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
+            lines.append(f"parity     {name}: cosine {m['cosine']:.6f} rel_l2 {m['rel_l2']:.2e} "
+                         f"max_abs {m['max_abs']:.2e}{extra} at {report['parity']['input_shapes']}")
+    lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in report["artifacts"].items()))
+    lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from .options import describe_section
+    from .pass_manager import available_passes
+
+    passes = available_passes()
+    if not passes:
+        print("no passes registered")
+    for name, cls in passes.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}  [{cls.stage}]  {doc[0] if doc else ''}")
+        for opt, typ, default in describe_section(cls.Options):
+            print(f"    {opt}: {typ} = {default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsec",
+        description="Capture a transformer as one FX graph, rewrite it with quality-checked passes, lower it to ONNX.",
+        epilog="Run 'sparsec COMMAND --help' for a command's options. Exit codes: 0 ok, 1 quality/parity "
+               "check failed (nothing written), 2 bad input, 3 internal error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show regions, component tags, parameters and FLOPs per component",
+                       description="Capture the model and show its regions, component tags (understanding / "
+                                   "generation / shared), parameters and FLOPs per component, block stacks and FFNs.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("compile", help="run a recipe's passes and write program.pt2, model.onnx and report.json",
+                       description="Capture the model, run the recipe's passes (each verified and quality-checked on "
+                                   "calibration data), save the program, export ONNX and check it in ONNX Runtime. "
+                                   "Artifacts appear in --out only if every check passed.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--recipe", help="recipe YAML (default: the built-in default recipe, no compression passes)")
+    p.add_argument("--out", required=True, help="output directory (created; an earlier sparsec output there is replaced)")
+    p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
+                                   "(overrides the recipe's calibration.file; default: synthetic random inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress output or summary")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("passes", help="list registered passes and their options",
+                       description="List every registered pass (built-in, entry point 'sparsec.passes') with options.")
+    p.set_defaults(func=_cmd_passes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SparsecError as exc:
+        print(f"sparsec {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"sparsec {args.command}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Exceptions sparsec raises for problems a user can fix.
+
+Every error names what is wrong and what to do. The CLI maps them to exit codes: `SparsecError` (bad input:
+model, recipe, options) exits 2; `QualityError` (a quality gate or backend parity check failed) exits 1.
+"""
+
+from __future__ import annotations
+
+
+class SparsecError(Exception):
+    """Base class: a problem with the user's input, reported before or instead of doing work."""
+
+    exit_code = 2
+
+
+class CaptureError(SparsecError):
+    """The model could not be captured with torch.export."""
+
+
+class RecipeError(SparsecError):
+    """A recipe (or a pass's options) is malformed: unknown key, wrong type, value out of range."""
+
+
+class PassError(SparsecError):
+    """A pass's precondition (`requires`) or postcondition (`ensures`) does not hold."""
+
+
+class VerificationError(SparsecError):
+    """The program is inconsistent after a pass (lint, shapes, parameter bookkeeping): a bug in that pass."""
+
+
+class CalibrationError(SparsecError):
+    """Calibration data cannot be read or does not fit the model's inputs."""
+
+
+class QualityError(SparsecError):
+    """A quality gate or the backend parity check failed; no artifact is written."""
+
+    exit_code = 1

@@ -1,0 +1,119 @@
+"""Loading models: a Hugging Face `save_pretrained` directory, or a built-in tiny model.
+
+Weights load only from safetensors (`use_safetensors=True`): a directory holding only pickled
+`pytorch_model.bin` weights is refused, since unpickling runs arbitrary code. Built-in models
+(`builtin:tiny-qwen2`, `builtin:tiny-llama`, `builtin:tiny-janus`) are built from small configs with
+seeded random weights: for demos, tests and the default compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SparsecError
+from .families import Family, detect_family
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _tiny_text(model_type: str) -> dict:
+    return dict(
+        model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+
+
+def builtin_config(name: str):
+    """The config of a built-in tiny model (`tiny-qwen2`, `tiny-llama`, `tiny-janus`)."""
+    import transformers
+
+    if name == "tiny-qwen2":
+        return transformers.Qwen2Config(**{k: v for k, v in _tiny_text("qwen2").items() if k != "model_type"})
+    if name == "tiny-llama":
+        return transformers.LlamaConfig(**{k: v for k, v in _tiny_text("llama").items() if k != "model_type"})
+    if name == "tiny-janus":
+        return transformers.JanusConfig(
+            text_config={**_tiny_text("llama"), "num_hidden_layers": 2},
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                               patch_size=8, projection_dim=64, mlp_ratio=2.0),
+            vq_config=dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1],
+                           num_res_blocks=1, latent_channels=8, projection_dim=64, image_token_embed_dim=64,
+                           num_patches=4),
+            image_token_id=255,
+        )
+    raise SparsecError(f"unknown built-in model {name!r}; choose one of {BUILTINS}")
+
+
+BUILTINS = ("tiny-qwen2", "tiny-llama", "tiny-janus")
+
+
+def build_model(config, seed: int = 0) -> torch.nn.Module:
+    """A Hugging Face model for `config` with seeded random weights, in eval mode."""
+    import transformers
+
+    arch = _architecture(config)
+    torch.manual_seed(seed)
+    return getattr(transformers, arch)(config).eval()
+
+
+def _architecture(config) -> str:
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    defaults = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "janus": "JanusForConditionalGeneration"}
+    if not names and config.model_type in defaults:
+        names = [defaults[config.model_type]]
+    for name in names:
+        if hasattr(transformers, name):
+            return name
+    raise SparsecError(
+        f"cannot tell which model class to build for model_type {config.model_type!r} "
+        f"(config.architectures = {names}); add the class name to config.json's `architectures`"
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    family: Family
+    name: str
+    directory: Path | None
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
+
+    Example:
+        >>> loaded = load_model("builtin:tiny-qwen2")
+        >>> loaded.family.name
+        'qwen2'
+    """
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        model = build_model(builtin_config(name))
+        return LoadedModel(model, detect_family(model), spec, None)
+
+    directory = Path(spec)
+    if not (directory / "config.json").is_file():
+        raise SparsecError(
+            f"{directory} is not a Hugging Face model directory (no config.json); "
+            f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in BUILTINS]}"
+        )
+    if not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        raise SparsecError(
+            f"{directory} has no .safetensors weights"
+            + (f" (only pickled {pickled}, which sparsec does not unpickle)" if pickled else "")
+            + "; re-save the model with model.save_pretrained(dir, safe_serialization=True)"
+        )
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    cls = getattr(transformers, _architecture(config))
+    model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+    return LoadedModel(model, detect_family(model), str(directory), directory)

@@ -1,0 +1,335 @@
+"""The IR: a captured model as one `torch.export` program, plus what passes need to rewrite it safely.
+
+A `Program` owns one `ExportedProgram` (ATen-level FX graph with lifted parameters). Passes edit
+`program.graph` in place; the `PassManager` then calls `program.recompile()` and `program.verify()`.
+Parameters are graph inputs here, so "a weight is gone" has a precise meaning: no placeholder, no
+signature entry, no tensor in the state dict. `prune()` establishes that after a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind
+from torch.fx import Graph, GraphModule, Node
+
+from .errors import SparsecError, VerificationError
+from .tags import Tagger
+
+aten = torch.ops.aten
+
+STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+# Checks torch.export leaves in the graph. They have no users, so plain DCE keeps them (they are impure)
+# and they would pin otherwise-dead subgraphs. A metadata check on a tensor nobody else uses is dead too.
+_METADATA_ASSERT = aten._assert_tensor_metadata.default
+RUNTIME_ASSERTS = frozenset(
+    {
+        aten._assert_tensor_metadata.default,
+        aten._assert_scalar.default,
+        aten._assert_async.default,
+        aten._assert_async.msg,
+        aten.sym_constrain_range_for_size.default,
+        aten.sym_constrain_range.default,
+    }
+)
+
+
+def _is_dead_metadata_assert(node: Node) -> bool:
+    if node.target is not _METADATA_ASSERT or not node.args:
+        return False
+    checked = node.args[0]
+    return isinstance(checked, Node) and all(u.target is _METADATA_ASSERT for u in checked.users)
+
+
+def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
+    """Names of the leaves of a pytree spec: `logits` for a ModelOutput, `0`, `1` for a tuple."""
+    if spec.is_leaf():
+        return [prefix or "output"]
+    context = spec.context
+    if isinstance(context, (list, tuple)) and len(context) == spec.num_children:
+        keys = [str(k) for k in context]
+    else:
+        keys = [str(i) for i in range(spec.num_children)]
+    names: list[str] = []
+    for key, child in zip(keys, spec.children()):
+        names += _leaf_names(child, f"{prefix}.{key}" if prefix else key)
+    return names
+
+
+class Program:
+    """A whole model as one FX graph that passes rewrite in place.
+
+    Attributes:
+        exported: the underlying `torch.export.ExportedProgram`.
+        family: the model family the tag defaults came from (`qwen2`, `janus`, ... or `unknown`).
+        tagger: component tag rules (understanding / generation / shared) for module paths.
+        dynamic_dims: for each input, `{axis: name}` of its dynamic dimensions (e.g. `{0: "batch", 1: "seq"}`).
+
+    Example:
+        >>> program = sparsec.capture(model, {"input_ids": ids, "attention_mask": mask})
+        >>> program.regions.region("model.layers.0").parameters[:2]
+        ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.q_proj.bias']
+        >>> program.run({"input_ids": ids, "attention_mask": mask})["logits"].shape
+        torch.Size([2, 16, 128])
+    """
+
+    def __init__(
+        self,
+        exported: ExportedProgram,
+        *,
+        family: str = "unknown",
+        tagger: Tagger | None = None,
+        dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    ) -> None:
+        self.exported = exported
+        self.family = family
+        self.tagger = tagger or Tagger()
+        self.dynamic_dims = {k: dict(v) for k, v in (dynamic_dims or {}).items()}
+        self._version = 0
+        self._regions = None
+        self._regions_version = -1
+
+    # ----- views -----------------------------------------------------------------------------------
+    @property
+    def graph_module(self) -> GraphModule:
+        return self.exported.graph_module
+
+    @property
+    def graph(self) -> Graph:
+        return self.exported.graph_module.graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """The user inputs, in call order (all captured as keyword arguments)."""
+        kwargs_spec = self.exported.call_spec.in_spec.child(1)
+        return [str(k) for k in kwargs_spec.context]
+
+    @property
+    def output_names(self) -> list[str]:
+        return _leaf_names(self.exported.call_spec.out_spec)
+
+    @property
+    def regions(self):
+        """The `RegionIndex` of the current graph (rebuilt lazily after each `recompile`)."""
+        from .regions import RegionIndex
+
+        if self._regions is None or self._regions_version != self._version:
+            self._regions = RegionIndex(self)
+            self._regions_version = self._version
+        return self._regions
+
+    def state_placeholders(self) -> dict[str, Node]:
+        """Fully qualified state name (parameter, buffer, constant) -> its placeholder node."""
+        nodes = {n.name: n for n in self.graph.find_nodes(op="placeholder")}
+        return {
+            spec.target: nodes[spec.arg.name]
+            for spec in self.exported.graph_signature.input_specs
+            if spec.kind in STATE_KINDS and spec.arg.name in nodes
+        }
+
+    def state_name(self, node: Node) -> str | None:
+        """The parameter/buffer name a placeholder node stands for, or None for user inputs and other nodes."""
+        if node.op != "placeholder":
+            return None
+        for spec in self.exported.graph_signature.input_specs:
+            if spec.kind in STATE_KINDS and spec.arg.name == node.name:
+                return spec.target
+        return None
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        ep = self.exported
+        return ep.state_dict[name] if name in ep.state_dict else ep.constants[name]
+
+    def parameter_names(self) -> list[str]:
+        return [s.target for s in self.exported.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
+
+    def num_parameters(self) -> int:
+        """Number of parameter elements (buffers and constants excluded), as `sum(p.numel())` on the module."""
+        return sum(self.exported.state_dict[n].numel() for n in self.parameter_names())
+
+    def parameter_bytes(self) -> int:
+        return sum(self.exported.state_dict[n].nbytes for n in self.parameter_names())
+
+    # ----- execution -------------------------------------------------------------------------------
+    def _flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        names = self.input_names
+        missing = [n for n in names if n not in inputs]
+        extra = [n for n in inputs if n not in names]
+        if missing or extra:
+            raise SparsecError(
+                f"program inputs are {names}; got {sorted(inputs)}"
+                + (f" (missing {missing})" if missing else "")
+                + (f" (unexpected {extra})" if extra else "")
+            )
+        user = iter(inputs[n] for n in names)
+        ep = self.exported
+        args: list[Any] = []
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                args.append(next(user))
+            elif spec.kind in STATE_KINDS:
+                args.append(self.state_tensor(spec.target))
+            else:
+                raise SparsecError(f"unsupported program input kind {spec.kind} ({spec.arg.name})")
+        return args
+
+    def _named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
+        specs = self.exported.graph_signature.output_specs
+        user = [v for v, s in zip(flat, specs) if s.kind == OutputKind.USER_OUTPUT]
+        return dict(zip(self.output_names, user))
+
+    @torch.no_grad()
+    def run(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        observe: Callable[[Node, Any], None] | None = None,
+        nodes: set[Node] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the graph on `inputs` (by name) and return the outputs by name.
+
+        With `observe`, every node in `nodes` (all nodes if None) is reported as `observe(node, value)`
+        as soon as it is computed: calibration statistics are collected this way in one pass.
+        """
+        args = self._flat_args(inputs)
+        if observe is None:
+            return self._named_outputs(self.graph_module(*args))
+
+        class _Observer(torch.fx.Interpreter):
+            def run_node(self, n: Node) -> Any:
+                value = super().run_node(n)
+                if nodes is None or n in nodes:
+                    observe(n, value)
+                return value
+
+        return self._named_outputs(_Observer(self.graph_module).run(*args))
+
+    # ----- mutation support --------------------------------------------------------------------------
+    def recompile(self) -> None:
+        """Regenerate the graph module's code after in-place graph edits and invalidate cached views."""
+        self.graph_module.recompile()
+        self._version += 1
+
+    def prune(self) -> list[str]:
+        """Dead-code-eliminate and drop state nobody uses. Returns the removed state names.
+
+        After this, a removed weight has no placeholder, no signature entry and no tensor in the state dict.
+        """
+        graph = self.graph
+        while graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _is_dead_metadata_assert(n)):
+            pass
+        ep = self.exported
+        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+        kept, removed = [], []
+        for spec in ep.graph_signature.input_specs:
+            node = placeholders.get(spec.arg.name)
+            if spec.kind in STATE_KINDS and node is not None and not node.users:
+                graph.erase_node(node)
+                ep.state_dict.pop(spec.target, None)
+                ep.constants.pop(spec.target, None)
+                removed.append(spec.target)
+            else:
+                kept.append(spec)
+        if removed:
+            ep._graph_signature = ExportGraphSignature(kept, list(ep.graph_signature.output_specs))
+        self.recompile()
+        return removed
+
+    def verify(self) -> None:
+        """Check the invariants every pass must keep; raise `VerificationError` naming the broken one.
+
+        Lint (well-formed graph), parameter bookkeeping (placeholders, signature and state dict agree),
+        shape re-propagation with fake tensors (every node's shapes still compute, dynamic dims included)
+        and torch.export's own verifier (ATen ops only, or registered custom ops).
+        """
+        from torch._guards import detect_fake_mode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        try:
+            self.graph.lint()
+        except Exception as exc:
+            raise VerificationError(f"graph lint failed: {exc}") from exc
+
+        ep = self.exported
+        placeholders = [n.name for n in self.graph.find_nodes(op="placeholder")]
+        signature = [s.arg.name for s in ep.graph_signature.input_specs]
+        if placeholders != signature:
+            raise VerificationError(
+                f"graph placeholders and the program signature disagree: only in graph "
+                f"{sorted(set(placeholders) - set(signature))}, only in signature {sorted(set(signature) - set(placeholders))}"
+            )
+        state_specs = {s.target for s in ep.graph_signature.input_specs if s.kind in STATE_KINDS}
+        orphans = (set(ep.state_dict) | {k for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}) - state_specs
+        if orphans:
+            raise VerificationError(f"tensors kept in the program that no graph input uses: {sorted(orphans)[:8]}")
+
+        values = [n.meta.get("val") for n in self.graph.find_nodes(op="placeholder")]
+        fake_mode = detect_fake_mode(values)
+        try:
+            FakeTensorProp(self.graph_module, mode=fake_mode).propagate_dont_convert_inputs(*values)
+        except Exception as exc:
+            raise VerificationError(f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        try:
+            ep.validate()
+        except Exception as exc:
+            raise VerificationError(f"torch.export verifier rejected the program: {exc}") from exc
+
+    def without_runtime_asserts(self) -> "Program":
+        """A copy of this program without runtime-assert nodes, sharing the weight tensors (no copy).
+
+        ONNX has no meaning for these checks (`aten._assert_scalar`, `aten._is_all_true` feeding them, ...),
+        and some models (Janus) only lower once they are gone. The original program keeps them.
+        """
+        ep = self.exported
+        graph = Graph()
+        outputs = graph.graph_copy(self.graph, {})
+        graph.output(outputs)
+        for node in reversed(list(graph.nodes)):
+            if node.target in RUNTIME_ASSERTS:
+                graph.erase_node(node)
+        graph.eliminate_dead_code()
+        gm = GraphModule(self.graph_module, graph)
+        copy = ExportedProgram(
+            root=gm,
+            graph=gm.graph,
+            graph_signature=ep.graph_signature,
+            state_dict=ep.state_dict,
+            range_constraints=ep.range_constraints,
+            module_call_graph=ep.module_call_graph,
+            constants=ep.constants,
+        )
+        return Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
+
+    # ----- persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files."""
+        path = Path(path)
+        meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.export.save(self.exported, tmp, extra_files={"sparsec.json": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Program":
+        extra = {"sparsec.json": ""}
+        exported = torch.export.load(path, extra_files=extra)
+        meta = json.loads(extra["sparsec.json"] or "{}")
+        dims = {k: {int(a): n for a, n in v.items()} for k, v in meta.get("dynamic_dims", {}).items()}
+        return cls(exported, family=meta.get("family", "unknown"), tagger=Tagger.from_list(meta.get("tags", [])), dynamic_dims=dims)
+
+    def __repr__(self) -> str:
+        n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
+        return f"Program(family={self.family!r}, ops={n_ops}, parameters={self.num_parameters():,})"

@@ -1,0 +1,126 @@
+"""Quality: how far a transformed program's outputs are from the reference, and the gates on that.
+
+Metrics per output, over valid tokens only (attention_mask == 1), each a vector along the last dim:
+- `cosine`: mean per-token cosine similarity;
+- `rel_l2`: ||cand - ref|| / ||ref|| over the whole output;
+- `max_abs`, `mean_abs`: absolute error;
+- for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
+  KL(softmax(ref) || softmax(cand)) per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationSet, token_vectors
+
+
+class OutputComparison:
+    """Accumulates the metrics of one output over batches."""
+
+    def __init__(self, logits: bool) -> None:
+        self.logits = logits
+        self.tokens = 0
+        self.cos_sum = self.err_sq = self.ref_sq = self.abs_sum = self.max_abs = 0.0
+        self.elements = 0
+        self.top1 = self.kl_sum = 0.0
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if ref.shape != cand.shape:
+            raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+        r = token_vectors(ref.detach().double(), mask)
+        c = token_vectors(cand.detach().double(), mask)
+        diff = c - r
+        self.tokens += r.shape[0]
+        self.elements += r.numel()
+        self.cos_sum += float(F.cosine_similarity(r, c, dim=-1, eps=1e-12).sum())
+        self.err_sq += float((diff * diff).sum())
+        self.ref_sq += float((r * r).sum())
+        self.abs_sum += float(diff.abs().sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max())) if diff.numel() else self.max_abs
+        if self.logits:
+            self.top1 += float((r.argmax(-1) == c.argmax(-1)).sum())
+            log_p, log_q = F.log_softmax(r, -1), F.log_softmax(c, -1)
+            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+
+    def result(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        out = {
+            "cosine": self.cos_sum / n,
+            "rel_l2": (self.err_sq ** 0.5) / max(self.ref_sq ** 0.5, 1e-30),
+            "max_abs": self.max_abs,
+            "mean_abs": self.abs_sum / max(self.elements, 1),
+            "tokens": self.tokens,
+        }
+        if self.logits:
+            out["top1"] = self.top1 / n
+            out["kl"] = self.kl_sum / n
+        return out
+
+
+def compare_outputs(
+    pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+) -> dict[str, dict[str, float]]:
+    """Metrics per output name over `(reference, candidate, valid_mask)` batches."""
+    comps: dict[str, OutputComparison] = {}
+    for ref, cand, mask in pairs:
+        for name, r in ref.items():
+            if not torch.is_tensor(r) or not r.is_floating_point():
+                continue
+            if name not in cand:
+                raise ValueError(f"candidate lacks output {name!r}")
+            comps.setdefault(name, OutputComparison("logits" in name)).add(r, torch.as_tensor(cand[name]), mask)
+    return {name: c.result() for name, c in comps.items()}
+
+
+def compare_programs(program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]],
+                     progress: bool = False) -> dict[str, dict[str, float]]:
+    """Run `program` over the calibration set and compare with the reference outputs of each batch."""
+    batches = tqdm(calibration.batches(), total=calibration.num_batches, desc="quality check",
+                   disable=not progress, leave=False)
+    return compare_outputs(
+        [(ref, program.run(b), CalibrationSet.valid_mask(b)) for ref, b in zip(reference, batches)]
+    )
+
+
+@dataclass
+class QualityGates:
+    """Thresholds on quality metrics; None disables a gate. Each applies to every output that has the metric.
+
+    Example:
+        >>> QualityGates(min_cosine=0.99, min_top1=0.9).failures({"logits": {"cosine": 0.95, "top1": 0.97}})
+        ['logits: cosine 0.950000 < min_cosine 0.99']
+    """
+
+    min_cosine: float | None = None
+    max_rel_l2: float | None = None
+    min_top1: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_cosine", "min_top1"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name}: must be in [-1, 1], got {value}")
+        for name in ("max_rel_l2", "max_kl"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+
+    def failures(self, metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
+        checks = (("min_cosine", "cosine", min), ("min_top1", "top1", min), ("max_rel_l2", "rel_l2", max), ("max_kl", "kl", max))
+        out = []
+        for output, values in metrics.items():
+            for gate, metric, kind in checks:
+                limit = getattr(self, gate)
+                if limit is None or metric not in values:
+                    continue
+                value = values[metric]
+                if (kind is min and value < limit) or (kind is max and value > limit):
+                    out.append(f"{output}: {metric} {value:.6f} {'<' if kind is min else '>'} {gate} {limit}")
+        return out

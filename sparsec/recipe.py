@@ -1,0 +1,160 @@
+"""Recipes: what to compile, as YAML.
+
+```yaml
+passes:                      # ordered; each item is {pass_name: {options}}
+  - my_pass: {threshold: 0.5}
+capture:   {batch: 2, seq: 16, dynamic: true}
+calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
+quality:   {min_cosine: 0.98, min_top1: 0.9}          # gates checked after every pass
+export:    {onnx: true, opset: 18, external_data: auto, parity: {min_cosine: 0.9999, max_rel_l2: 0.001}}
+tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
+```
+
+Everything is validated when the recipe is loaded, before any model is touched: unknown sections, pass
+names and options, wrong types and out-of-range values each raise `RecipeError` naming the key.
+Relative file paths are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import RecipeError
+from .options import parse_section
+from .pass_manager import Pass, get_pass
+from .quality import QualityGates
+from .tags import TagRule
+
+
+@dataclass
+class CaptureOptions:
+    """Example shape used for capture; with `dynamic`, batch and sequence stay symbolic."""
+
+    batch: int = 2
+    seq: int = 16
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}: must be >= 2 (torch.export specializes sizes 0 and 1), got {getattr(self, name)}")
+
+
+@dataclass
+class CalibrationOptions:
+    """Where calibration inputs come from (see `sparsec.calibration`) and how they are batched."""
+
+    file: str | None = None
+    samples: int = 16
+    seq_len: int = 32
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ParityOptions:
+    """Tolerances of the ONNX Runtime vs PyTorch check run on calibration inputs after export."""
+
+    min_cosine: float = 0.9999
+    max_rel_l2: float = 1e-3
+    samples: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_cosine <= 1:
+            raise ValueError(f"min_cosine: must be in (0, 1], got {self.min_cosine}")
+        if self.max_rel_l2 < 0:
+            raise ValueError(f"max_rel_l2: must be >= 0, got {self.max_rel_l2}")
+        if self.samples < 1:
+            raise ValueError(f"samples: must be >= 1, got {self.samples}")
+
+
+@dataclass
+class ExportOptions:
+    """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime."""
+
+    onnx: bool = True
+    opset: int = 18
+    external_data: bool | Literal["auto"] = "auto"
+    parity: ParityOptions = field(default_factory=ParityOptions)
+
+    def __post_init__(self) -> None:
+        if not 17 <= self.opset <= 23:
+            raise ValueError(f"opset: must be in [17, 23], got {self.opset}")
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe. Build with `Recipe.load(path)` or `Recipe.from_dict(data)`."""
+
+    passes: list[Pass] = field(default_factory=list)
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    quality: QualityGates = field(default_factory=QualityGates)
+    export: ExportOptions = field(default_factory=ExportOptions)
+    tags: list[TagRule] = field(default_factory=list)
+    source: str = "<default>"
+
+    SECTIONS = ("passes", "capture", "calibration", "quality", "export", "tags")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>", base_dir: Path | None = None) -> "Recipe":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a mapping with sections {list(cls.SECTIONS)}")
+        unknown = [k for k in data if k not in cls.SECTIONS]
+        if unknown:
+            raise RecipeError(f"{source}: unknown section(s) {unknown}; allowed: {list(cls.SECTIONS)}")
+        recipe = cls(
+            passes=_parse_passes(data.get("passes") or []),
+            capture=parse_section(CaptureOptions, data.get("capture"), "capture"),
+            calibration=parse_section(CalibrationOptions, data.get("calibration"), "calibration"),
+            quality=parse_section(QualityGates, data.get("quality"), "quality"),
+            export=parse_section(ExportOptions, data.get("export"), "export"),
+            tags=_parse_tags(data.get("tags") or []),
+            source=source,
+        )
+        if recipe.calibration.file and base_dir is not None and not Path(recipe.calibration.file).is_absolute():
+            recipe.calibration.file = str(base_dir / recipe.calibration.file)
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data, source=str(path), base_dir=path.parent)
+
+
+def _parse_passes(items: Any) -> list[Pass]:
+    if not isinstance(items, list):
+        raise RecipeError("passes: expected a list of {pass_name: {options}} items")
+    passes = []
+    for i, item in enumerate(items):
+        where = f"passes[{i}]"
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(f"{where}: expected one {{pass_name: {{options}}}} mapping, got {item!r}")
+        (name, options), = item.items()
+        passes.append(get_pass(name).from_recipe(options, f"{where}.{name}"))
+    return passes
+
+
+def _parse_tags(items: Any) -> list[TagRule]:
+    if not isinstance(items, list):
+        raise RecipeError("tags: expected a list of {glob: ..., tag: ...} items")
+    return [parse_section(TagRule, item, f"tags[{i}]") for i, item in enumerate(items)]
