@@ -8,7 +8,9 @@ innermost module that was running, the line of model code, and a hint.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -157,15 +159,20 @@ def capture(
     stack: list[str] = []
     was_training = model.training
     model.eval()
+    # torch.export prints the partial graph of a failed export to stderr; keep it on the error instead.
+    printed = io.StringIO()
     try:
-        with kv_cache_disabled(model), _module_tracker(model, stack), torch.no_grad():
+        with kv_cache_disabled(model), _module_tracker(model, stack), torch.no_grad(), contextlib.redirect_stderr(printed):
             exported = torch.export.export(
                 model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes if dims else None, strict=False
             )
     except Exception as exc:
-        raise _capture_error(exc, stack) from exc
+        error = _capture_error(exc, stack)
+        error.partial_graph = str(getattr(exc, "partial_fx_graph", "")) or None
+        raise error from exc
     finally:
         model.train(was_training)
+    sys.stderr.write(printed.getvalue())
 
     program = Program(exported, family=family.name, tagger=Tagger(family.tags).with_overrides(tags), dynamic_dims=dims)
     program.prune()  # drop state the graph never reads (e.g. unused rotary buffers)

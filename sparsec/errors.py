@@ -14,7 +14,13 @@ class SparsecError(Exception):
 
 
 class CaptureError(SparsecError):
-    """The model could not be captured with torch.export."""
+    """The model could not be captured with torch.export.
+
+    Attributes:
+        partial_graph: the FX graph torch.export had built when it failed (text), if it offered one.
+    """
+
+    partial_graph: str | None = None
 
 
 class RecipeError(SparsecError):

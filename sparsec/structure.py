@@ -119,8 +119,10 @@ def _common_path(nodes: list[Node]) -> str:
 
 
 def _as_ffn(down: Node) -> Ffn | None:
+    if not isinstance(down.args[0], Node):
+        return None
     hidden = skip_passthrough(down.args[0])
-    cone = _pointwise_cone(hidden)
+    cone = _pointwise_cone(down.args[0])
     if cone is None:
         return None
     linears, interior = cone

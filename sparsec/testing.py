@@ -1,0 +1,133 @@
+"""Helpers for verifying graph rewrites in unit tests.
+
+Example:
+    >>> from sparsec import testing
+    >>> program = testing.capture_for_test(model, inputs)
+    >>> before = testing.parameter_names(program)
+    >>> testing.apply_pass(program, "my_pass", where="model.layers.1.mlp")
+    >>> testing.assert_parameters_removed(before, program, ["model.layers.1.mlp.*"])
+    >>> testing.assert_op_count(program, "model.layers.1.**", "aten.linear.default", 4)
+    >>> testing.assert_equivalent(program, reference_model, other_shape_inputs)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .calibration import CalibrationSet
+from .capture import capture
+from .pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+from .paths import glob_match
+from .program import Program
+from .quality import QualityGates
+
+
+def capture_for_test(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], dynamic: Any = True, **kwargs) -> Program:
+    """`sparsec.capture` (kept here so a test imports one module)."""
+    return capture(model, inputs, dynamic=dynamic, **kwargs)
+
+
+def apply_pass(
+    program: Program,
+    p: Pass | str,
+    *,
+    calibration: CalibrationSet | Mapping[str, torch.Tensor] | None = None,
+    gates: QualityGates | None = None,
+    **options: Any,
+) -> PassRecord:
+    """Run one pass through the `PassManager` (verification and bookkeeping on), return its record.
+
+    `p` is a pass instance or a registered name with `options`. `calibration` may be a dict of inputs.
+    """
+    if isinstance(p, str):
+        p = get_pass(p)(**options)
+    elif options:
+        raise TypeError("options go with a pass name, not with a pass instance")
+    if calibration is not None and not isinstance(calibration, CalibrationSet):
+        calibration = CalibrationSet(dict(calibration), source="test inputs")
+    (record,) = PassManager([p], gates=gates).run(program, PassContext(calibration=calibration, progress=False))
+    return record
+
+
+def parameter_names(program: Program) -> set[str]:
+    """Snapshot of the program's parameter names (take it before a pass)."""
+    return set(program.parameter_names())
+
+
+def op_counts(program: Program, where: str = "**") -> Counter[str]:
+    """`Counter` of call targets (`aten.linear.default`) of the nodes in regions matching `where`."""
+    regions = program.regions
+    if where == "**":
+        nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    else:
+        seen: dict = {}
+        for region in regions.match(where):
+            for node in region.nodes:
+                seen[node] = None
+        nodes = list(seen)
+    return Counter(str(n.target) for n in nodes)
+
+
+def assert_op_count(program: Program, where: str, target: str | Callable, expected: int) -> None:
+    """Assert that regions matching `where` hold exactly `expected` calls of `target`."""
+    name = str(target)
+    got = op_counts(program, where)[name]
+    assert got == expected, f"{name} under {where!r}: expected {expected}, found {got}"
+
+
+def assert_node_targets(program: Program, where: str, allowed: Iterable[str | Callable]) -> None:
+    """Assert that every call in regions matching `where` is one of `allowed` targets."""
+    allowed_names = {str(t) for t in allowed}
+    unexpected = {t for t in op_counts(program, where) if t not in allowed_names}
+    assert not unexpected, f"unexpected targets under {where!r}: {sorted(unexpected)}"
+
+
+def assert_parameters_removed(before: set[str], program: Program, expected: Iterable[str]) -> None:
+    """Assert that exactly the parameters matching the `expected` globs/names left the program."""
+    after = set(program.parameter_names())
+    removed = before - after
+    patterns = list(expected)
+    expected_names = {n for n in before if any(n == p or glob_match(n, p) for p in patterns)}
+    assert not (after - before), f"parameters appeared: {sorted(after - before)}"
+    assert removed == expected_names, (
+        f"removed parameters differ: missing {sorted(expected_names - removed)}, unexpected {sorted(removed - expected_names)}"
+    )
+    for name in removed:
+        assert name not in program.exported.state_dict, f"{name} is still in the state dict"
+
+
+def assert_equivalent(
+    program: Program,
+    reference: torch.nn.Module | Program | Callable[..., Any],
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    output: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> None:
+    """`torch.testing.assert_close` between the program and a reference on `inputs`.
+
+    The reference is a module/callable called as `reference(**inputs)` (its `.logits` or output dict is
+    used) or another Program. Only valid positions (attention_mask == 1) are compared. With `output` None,
+    every output of the program is compared.
+    """
+    got = program.run(inputs)
+    if isinstance(reference, Program):
+        expected = reference.run(inputs)
+    else:
+        with torch.no_grad():
+            result = reference(**inputs)
+        if isinstance(result, torch.Tensor):
+            expected = {program.output_names[0]: result}
+        else:
+            expected = {name: (result[name] if isinstance(result, Mapping) else getattr(result, name)) for name in got}
+    mask = CalibrationSet.valid_mask(inputs)
+    for name in [output] if output else list(got):
+        a, b = got[name], expected[name]
+        if mask is not None and a.dim() >= 3 and tuple(a.shape[:2]) == tuple(mask.shape):
+            a, b = a[mask], b[mask]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"output {name!r}: {m}")

@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "examples"))
+
+from sparsec.families import detect_family  # noqa: E402
+from sparsec.models import build_model, builtin_config  # noqa: E402
+
+MODELS = ("tiny-qwen2", "tiny-llama", "tiny-janus")
+
+
+def make_model(name: str, seed: int = 0) -> torch.nn.Module:
+    return build_model(builtin_config(name), seed=seed)
+
+
+def make_inputs(model: torch.nn.Module, batch: int, seq: int, seed: int = 0, pad_left: int = 0) -> dict:
+    """Family example inputs; the first sample gets `pad_left` masked (left-padded) positions."""
+    inputs = detect_family(model).example_inputs(model, batch, seq, seed=seed)
+    if pad_left:
+        inputs["attention_mask"][0, :pad_left] = 0
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def captured():
+    """Session cache of (model, program) per built-in name. Do not mutate these programs."""
+    from sparsec import capture
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_model(name)
+            cache[name] = (model, capture(model, make_inputs(model, 2, 16)))
+        return cache[name]
+
+    return get

@@ -1,0 +1,69 @@
+"""Example custom passes: what a user writes to add a rewrite to sparsec.
+
+`NoOp` changes nothing. `SkipFfn` removes the FFNs matching a glob from the residual stream
+(`h + ffn(x)` becomes `h`): it shows `requires` (check the pattern first, touch nothing otherwise),
+`run` (an in-place graph edit; the manager prunes the now-dead FFN and its weights) and `ensures`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.errors import PassError
+from sparsec.pass_manager import Pass, PassResult
+
+aten = torch.ops.aten
+
+
+class NoOp(Pass):
+    """Does nothing (a pipeline placeholder)."""
+
+    name = "noop"
+
+    def run(self, program, ctx):
+        return PassResult(modified=False)
+
+
+class SkipFfn(Pass):
+    """Remove FFNs from the residual stream: `h + ffn(x)` -> `h`."""
+
+    name = "skip_ffn"
+
+    @dataclass
+    class Options:
+        where: str = "**"
+
+        def __post_init__(self):
+            if not self.where:
+                raise ValueError("where: must be a non-empty module-path glob")
+
+    def _residual_adds(self, program):
+        ffns = program.regions.ffns(self.options.where)
+        if not ffns:
+            raise PassError(f"skip_ffn: no FFN matches where={self.options.where!r}")
+        adds = []
+        for ffn in ffns:
+            users = list(ffn.down.users)
+            if len(users) != 1 or users[0].target is not aten.add.Tensor:
+                raise PassError(f"skip_ffn: the output of {ffn.path} is not added to a residual stream")
+            adds.append((ffn, users[0]))
+        return adds
+
+    def requires(self, program, ctx):
+        self._residual_adds(program)
+
+    def run(self, program, ctx):
+        skipped = []
+        for ffn, add in self._residual_adds(program):
+            residual = add.args[0] if add.args[1] is ffn.down else add.args[1]
+            add.replace_all_uses_with(residual)
+            program.graph.erase_node(add)
+            skipped.append(ffn.path)
+        return PassResult(modified=True, stats={"skipped": len(skipped)}, decisions={"skipped": skipped})
+
+    def ensures(self, program, ctx, result):
+        left = [p for p in result.decisions["skipped"] if p in program.regions and program.regions.region(p).nodes]
+        if left:
+            raise PassError(f"skip_ffn: nodes of {left} are still in the graph")
