@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -59,22 +60,28 @@ def export_onnx(
         external_data = program.parameter_bytes() > EXTERNAL_DATA_THRESHOLD
     start = time.perf_counter()
     lowered = program.without_runtime_asserts()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
     try:
-        onnx_program = torch.onnx.export(
-            lowered.exported,
-            (),
-            input_names=program.input_names,
-            output_names=program.output_names,
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
+            onnx_program = torch.onnx.export(
+                lowered.exported,
+                (),
+                input_names=program.input_names,
+                output_names=program.output_names,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as exc:
         raise SparsecError(
             f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:500]}. "
             "A rewrite may have introduced an op without an ONNX translation; see the traceback above."
         ) from exc
+    finally:
+        registration_log.setLevel(level)
     onnx_program.save(str(path), external_data=bool(external_data))
     model = onnx.load(str(path), load_external_data=False)
     renames = _name_dynamic_dims(model, program)

@@ -312,7 +312,7 @@ class Program:
         """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files."""
         path = Path(path)
         meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
         os.close(fd)
         try:
             torch.export.save(self.exported, tmp, extra_files={"sparsec.json": json.dumps(meta)})
