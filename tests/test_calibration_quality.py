@@ -81,3 +81,21 @@ def test_gates():
     assert QualityGates(min_cosine=0.9, min_top1=0.9, max_kl=0.1).failures(metrics) == []
     failures = QualityGates(min_cosine=0.99, max_rel_l2=0.1).failures(metrics)
     assert failures == ["logits: cosine 0.950000 < min_cosine 0.99", "logits: rel_l2 0.200000 > max_rel_l2 0.1"]
+
+
+def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "cat": 3, "sat": 4, "down": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"text": "the cat sat"}\n{"text": "the dog sat down now"}\n{"text": "x"}\n')
+    calib = load_calibration(tmp_path / "c.jsonl", input_names=["input_ids", "attention_mask"],
+                             tokenizer_dir=tmp_path, samples=2, seq_len=4)
+    assert calib.inputs["input_ids"].tolist() == [[2, 3, 4, 0], [2, 1, 4, 5]]
+    assert calib.inputs["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], tokenizer_dir=tmp_path)

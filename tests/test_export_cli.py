@@ -58,6 +58,7 @@ def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, 
     (tmp_path / "recipe.yaml").write_text(
         "passes:\n  - skip_ffn: {where: model.layers.3.mlp}\n"
         "calibration: {file: calib.safetensors, batch_size: 4}\nquality: {min_cosine: 0.5}\n"
+        "export: {external_data: true}\n"
     )
     out = tmp_path / "out"
     assert main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0
@@ -70,6 +71,7 @@ def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, 
     assert report["calibration"]["source"].endswith("calib.safetensors") and report["calibration"]["tokens"] == 115
     assert 0.5 < record["quality"]["logits"]["cosine"] < 1.0
     assert report["parity"]["input_shapes"]["input_ids"] == [6, 20]
+    assert report["export"]["external_data"] == "model.onnx.data" and (out / "model.onnx.data").stat().st_size > 0.95 * 4 * report["parameters"]["after"]
 
     # program.pt2 is a plain torch.export artifact with the rewrite in it
     exported = torch.export.load(out / "program.pt2")
