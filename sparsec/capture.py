@@ -37,21 +37,30 @@ _HINTS = (
 _DEFAULT_HINT = "check that the example inputs match the model's forward() signature and run in eager mode"
 
 
+def _hf_configs(model: torch.nn.Module) -> list:
+    """Every distinct Hugging Face config in the model, sub-configs (`text_config`, ...) included."""
+    found: dict[int, object] = {}
+    pending = [getattr(m, "config", None) for m in model.modules()]
+    while pending:
+        config = pending.pop()
+        if config is None or id(config) in found or not hasattr(config, "to_dict"):
+            continue
+        found[id(config)] = config
+        pending += [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def kv_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Set `use_cache = False` on every Hugging Face config in the model for the duration, then restore."""
-    saved = []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        for cfg in [config, *[getattr(config, a, None) for a in dir(config) if a.endswith("_config")]] if config else []:
-            if hasattr(cfg, "use_cache") and all(cfg is not s[0] for s in saved):
-                saved.append((cfg, cfg.use_cache))
-                cfg.use_cache = False
+    saved = [(c, c.use_cache) for c in _hf_configs(model) if hasattr(c, "use_cache")]
+    for config, _ in saved:
+        config.use_cache = False
     try:
         yield
     finally:
-        for cfg, value in saved:
-            cfg.use_cache = value
+        for config, value in saved:
+            config.use_cache = value
 
 
 @contextlib.contextmanager

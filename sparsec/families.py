@@ -7,7 +7,7 @@ A family is recognised from `config.model_type`. Anything else is treated as a g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class Family:
     model_types: tuple[str, ...]
     tags: tuple[TagRule, ...] = ()
     image_inputs: bool = False
-    notes: str = field(default="", compare=False)
 
     def example_inputs(self, model: torch.nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random but valid inputs for capture, at the given batch size and text length."""
@@ -78,8 +77,7 @@ FAMILIES: tuple[Family, ...] = (
             TagRule("model.generation_*", "generation"),
             TagRule("model.language_model", "shared"),
         ),
-        image_inputs=True,
-        notes="forward() runs the understanding path (pixels + ids -> logits)",
+        image_inputs=True,  # forward() is the understanding path: pixels + ids -> logits
     ),
 )
 

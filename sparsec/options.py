@@ -33,12 +33,11 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _convert(value, option, where)
-            except RecipeError as exc:
-                errors.append(exc)
+            except RecipeError:
+                continue
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):

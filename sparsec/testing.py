@@ -2,7 +2,7 @@
 
 Example:
     >>> from sparsec import testing
-    >>> program = testing.capture_for_test(model, inputs)
+    >>> program = testing.capture(model, inputs)
     >>> before = testing.parameter_names(program)
     >>> testing.apply_pass(program, "my_pass", where="model.layers.1.mlp")
     >>> testing.assert_parameters_removed(before, program, ["model.layers.1.mlp.*"])
@@ -19,16 +19,11 @@ from typing import Any
 import torch
 
 from .calibration import CalibrationSet
-from .capture import capture
+from .capture import capture  # noqa: F401  (re-exported: a test imports this one module)
 from .pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
 from .paths import glob_match
 from .program import Program
 from .quality import QualityGates
-
-
-def capture_for_test(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], dynamic: Any = True, **kwargs) -> Program:
-    """`sparsec.capture` (kept here so a test imports one module)."""
-    return capture(model, inputs, dynamic=dynamic, **kwargs)
 
 
 def apply_pass(
