@@ -205,15 +205,16 @@ class PassManager:
         start = time.perf_counter()
         p.requires(program, ctx)
         before = program.num_parameters()
+        state_before = set(program.state_placeholders())
         result = p.run(program, ctx)
         if not isinstance(result, PassResult):
             raise PassError(f"pass {p.name!r} returned {type(result).__name__}; run() must return a PassResult")
-        removed: list[str] = []
         if result.modified:
             program.recompile()
-            removed = program.prune()
+            program.prune()
             if self.verify:
                 program.verify()
+        removed = sorted(state_before - set(program.state_placeholders()))
         p.ensures(program, ctx, result)
         quality = None
         if reference is not None and result.modified:
