@@ -231,11 +231,17 @@ def token_vectors(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 class StatisticsCache:
-    """Per-node `ChannelStats` over a calibration set, computed in one forward pass per request.
+    """Statistics at graph nodes over a calibration set, computed in one forward pass per request.
+
+    - `get(nodes)`: per-channel `ChannelStats` of each node (e.g. FFN neuron magnitudes);
+    - `cosine(pairs)`: mean over valid tokens of cos(a_t, b_t) for node pairs (e.g. a block's input and
+      output: how little the block changes the residual stream).
+
+    Results are cached until the program's graph changes; ask for everything you need in one call.
 
     Example:
         >>> stats = ctx.statistics.get([ffn.down.args[0] for ffn in program.regions.ffns()])
-        >>> stats["mul_19"].mean_abs.shape     # one value per FFN neuron
+        >>> sims = ctx.statistics.cosine([(block.input, block.output) for block in blocks])
     """
 
     def __init__(self, program, calibration: CalibrationSet, progress: bool = False) -> None:
@@ -244,28 +250,52 @@ class StatisticsCache:
         self.progress = progress
         self._version = -1
         self._stats: dict[str, ChannelStats] = {}
+        self._cosines: dict[tuple[str, str], float] = {}
         self.passes_run = 0
 
-    def get(self, nodes: Sequence[Node]) -> dict[str, ChannelStats]:
+    def _refresh(self) -> None:
         if self._version != self.program._version:
-            self._stats, self._version = {}, self.program._version
+            self._stats, self._cosines, self._version = {}, {}, self.program._version
+
+    def get(self, nodes: Sequence[Node]) -> dict[str, ChannelStats]:
+        self._refresh()
         wanted = {n for n in nodes if n.name not in self._stats}
         if wanted:
-            self._stats.update(self._collect(wanted))
+            self._collect(wanted, [])
         return {n.name: self._stats[n.name] for n in nodes if n.name in self._stats}
 
+    def cosine(self, pairs: Sequence[tuple[Node, Node]]) -> dict[tuple[str, str], float]:
+        self._refresh()
+        wanted = [(a, b) for a, b in pairs if (a.name, b.name) not in self._cosines]
+        if wanted:
+            self._collect(set(), wanted)
+        return {(a.name, b.name): self._cosines[(a.name, b.name)] for a, b in pairs}
+
     @torch.no_grad()
-    def _collect(self, nodes: set[Node]) -> dict[str, ChannelStats]:
+    def _collect(self, nodes: set[Node], pairs: list[tuple[Node, Node]]) -> None:
         acc = {n.name: _Accumulator() for n in nodes}
-        mask_holder: list[torch.Tensor | None] = [None]
+        pair_nodes = {n for pair in pairs for n in pair}
+        cos_sum = {(a.name, b.name): 0.0 for a, b in pairs}
+        tokens = 0
+        held: dict[Node, torch.Tensor] = {}
+        mask: torch.Tensor | None = None
 
         def observe(node: Node, value) -> None:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                acc[node.name].add(token_vectors(value, mask_holder[0]))
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                return
+            if node in nodes:
+                acc[node.name].add(token_vectors(value, mask))
+            if node in pair_nodes:
+                held[node] = token_vectors(value, mask).float()
 
         for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
                           desc="calibration statistics", disable=not self.progress, leave=False):
-            mask_holder[0] = CalibrationSet.valid_mask(batch)
-            self.program.run(batch, observe=observe, nodes=nodes)
+            mask = CalibrationSet.valid_mask(batch)
+            held.clear()
+            self.program.run(batch, observe=observe, nodes=nodes | pair_nodes)
+            for a, b in pairs:
+                cos_sum[(a.name, b.name)] += float(torch.nn.functional.cosine_similarity(held[a], held[b], dim=-1).sum())
+            tokens += next(iter(held.values())).shape[0] if held else 0
         self.passes_run += 1
-        return {k: a.result() for k, a in acc.items() if a.sum_abs is not None}
+        self._stats.update({k: a.result() for k, a in acc.items() if a.sum_abs is not None})
+        self._cosines.update({k: v / max(tokens, 1) for k, v in cos_sum.items()})

@@ -36,7 +36,7 @@ def builtin_config(name: str):
         return transformers.LlamaConfig(**{k: v for k, v in _tiny_text("llama").items() if k != "model_type"})
     if name == "tiny-janus":
         return transformers.JanusConfig(
-            text_config={**_tiny_text("llama"), "num_hidden_layers": 2},
+            text_config=_tiny_text("llama"),
             vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                                patch_size=8, projection_dim=64, mlp_ratio=2.0),
             vq_config=dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1],

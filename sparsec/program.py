@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +48,22 @@ def _is_dead_metadata_assert(node: Node) -> bool:
         return False
     checked = node.args[0]
     return isinstance(checked, Node) and all(u.target is _METADATA_ASSERT for u in checked.users)
+
+
+_INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
+
+
+def _input_names(node: Node) -> tuple[str, ...]:
+    return tuple(a.name for a in node.all_input_nodes)
+
+
+def _same_meta(old: Any, new: Any) -> bool:
+    """Same shapes (symbolic dims compared by name), dtypes and structure."""
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+        return old.dtype == new.dtype and [str(d) for d in old.shape] == [str(d) for d in new.shape]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same_meta(a, b) for a, b in zip(old, new))
+    return type(old) is type(new) and str(old) == str(new)
 
 
 def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
@@ -96,6 +113,8 @@ class Program:
         self._version = 0
         self._regions = None
         self._regions_version = -1
+        for node in self.graph.nodes:
+            node.meta[_INPUTS_KEY] = _input_names(node)
 
     # ----- views -----------------------------------------------------------------------------------
     @property
@@ -223,7 +242,12 @@ class Program:
         After this, a removed weight has no placeholder, no signature entry and no tensor in the state dict.
         """
         graph = self.graph
-        while graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _is_dead_metadata_assert(n)):
+
+        def is_impure(node: Node) -> bool:
+            # An unused random op (SDPA carries the `nondeterministic_seeded` tag for dropout) is dead in inference.
+            return node.is_impure(impure_random=False) and not _is_dead_metadata_assert(node)
+
+        while graph.eliminate_dead_code(is_impure_node=is_impure):
             pass
         ep = self.exported
         placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
@@ -249,9 +273,6 @@ class Program:
         shape re-propagation with fake tensors (every node's shapes still compute, dynamic dims included)
         and torch.export's own verifier (ATen ops only, or registered custom ops).
         """
-        from torch._guards import detect_fake_mode
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
         try:
             self.graph.lint()
         except Exception as exc:
@@ -270,16 +291,45 @@ class Program:
         if orphans:
             raise VerificationError(f"tensors kept in the program that no graph input uses: {sorted(orphans)[:8]}")
 
-        values = [n.meta.get("val") for n in self.graph.find_nodes(op="placeholder")]
-        fake_mode = detect_fake_mode(values)
         try:
-            FakeTensorProp(self.graph_module, mode=fake_mode).propagate_dont_convert_inputs(*values)
+            self._infer_shapes()
         except Exception as exc:
             raise VerificationError(f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         try:
             ep.validate()
         except Exception as exc:
             raise VerificationError(f"torch.export verifier rejected the program: {exc}") from exc
+
+    def _infer_shapes(self) -> None:
+        """Re-infer `meta["val"]` (fake tensors, symbolic dims) for nodes a rewrite touched.
+
+        A node is re-inferred when its inputs are not the ones its value was inferred from (rewired or
+        new) or an input's shape changed; the rest keep their captured metadata. Incremental, so it is
+        cheap, and it never re-runs ops nobody touched (some meta kernels, e.g. masked_scatter, do not
+        re-run under symbolic shapes).
+        """
+        from torch._guards import detect_fake_mode
+
+        placeholders = self.graph.find_nodes(op="placeholder")
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
+        changed: set[Node] = set()
+        with fake_mode:
+            for node in self.graph.nodes:
+                if node.op != "call_function":
+                    continue
+                inputs = _input_names(node)
+                clean = node.meta.get(_INPUTS_KEY) == inputs and not any(a in changed for a in node.all_input_nodes)
+                if clean and "val" in node.meta:
+                    env[node] = node.meta["val"]
+                    continue
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+                value = node.target(*args, **kwargs)
+                if "val" not in node.meta or not _same_meta(node.meta["val"], value):
+                    changed.add(node)
+                    node.meta["val"] = value
+                env[node] = node.meta["val"]
+                node.meta[_INPUTS_KEY] = inputs
 
     def without_runtime_asserts(self) -> "Program":
         """A copy of this program without runtime-assert nodes, sharing the weight tensors (no copy).
@@ -312,14 +362,12 @@ class Program:
         """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files."""
         path = Path(path)
         meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
-        os.close(fd)
+        stage = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)  # the archive is named after the file
         try:
-            torch.export.save(self.exported, tmp, extra_files={"sparsec.json": json.dumps(meta)})
-            os.replace(tmp, path)
+            torch.export.save(self.exported, os.path.join(stage, path.name), extra_files={"sparsec.json": json.dumps(meta)})
+            os.replace(os.path.join(stage, path.name), path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            shutil.rmtree(stage, ignore_errors=True)
         return path
 
     @classmethod

@@ -1,5 +1,10 @@
 """Structural patterns found in the graph itself, not by module class names.
 
+Residual blocks: a block (decoder layer, encoder layer) hands exactly one value on, the residual stream,
+built by a chain of adds `stream = stream + sublayer(stream)`. `residual_block` finds that chain and
+classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
+dependency model depth rewrites use: dropping a sublayer means replacing its add by the stream it adds to.
+
 An FFN is found from its *down* projection backwards: a linear whose input is computed only by pointwise
 ops from one or two other linears' outputs.
 
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .regions import module_path
+from .errors import PassError
+from .regions import Region, module_path
 
 aten = torch.ops.aten
 
@@ -165,3 +171,97 @@ def find_ffns(program) -> list[Ffn]:
         if ffn is not None:
             found.append(ffn)
     return found
+
+
+ATTENTION_OPS = frozenset({
+    aten.scaled_dot_product_attention.default,
+    aten._softmax.default,
+    aten.softmax.int,
+    aten._safe_softmax.default,
+})
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual branch of a block: `residual_add = stream_in + branch`.
+
+    Attributes:
+        kind: `attn` (holds an attention op), `mlp` (holds an FFN) or `other`.
+        residual_add: the add that puts the branch on the stream.
+        stream_in: the residual stream the branch reads and is added to.
+        branch: the branch's output (e.g. the o_proj / down_proj linear).
+        nodes: the branch's nodes inside the block (norm, projections, ...), graph order.
+    """
+
+    kind: str
+    residual_add: Node
+    stream_in: Node
+    branch: Node
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A block as a residual chain: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
+
+    path: str
+    input: Node
+    output: Node
+    sublayers: tuple[Sublayer, ...]
+
+    def sublayer(self, kind: str) -> Sublayer | None:
+        found = [s for s in self.sublayers if s.kind == kind]
+        return found[0] if len(found) == 1 else None
+
+
+def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node]:
+    seen, stack = set(), [branch]
+    while stack:
+        node = stack.pop()
+        if node in seen or node is stream_in or node not in inside:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return [n for n in branch.graph.nodes if n in seen]
+
+
+def residual_block(region: Region, ffns: list[Ffn] | None = None) -> ResidualBlock:
+    """The residual structure of a block region; `PassError` naming what is missing if there is none."""
+    inside = set(region.nodes)
+    outputs = [n for n in region.outputs() if n.target is not _ASSERT]
+    if len(outputs) != 1:
+        raise PassError(
+            f"cannot find the residual structure of {region.path}: it hands on {len(outputs)} values "
+            f"({[n.name for n in outputs][:4]}), expected exactly one residual stream"
+        )
+    output = outputs[0]
+    down_nodes = {f.down for f in (ffns if ffns is not None else [])}
+    chain: list[Sublayer] = []
+    node = skip_passthrough(output)
+    while node in inside and node.target is aten.add.Tensor:
+        a, b = node.args[:2]
+        if not (isinstance(a, Node) and isinstance(b, Node)):
+            break
+        # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
+        sa, sb = skip_passthrough(a), skip_passthrough(b)
+        if sa not in inside or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor):
+            stream, branch, upstream = a, b, sa
+        elif sb not in inside or sb.target is aten.add.Tensor:
+            stream, branch, upstream = b, a, sb
+        else:
+            break
+        nodes = _branch_nodes(branch, stream, inside)
+        if any(n.target in ATTENTION_OPS for n in nodes):
+            kind = "attn"
+        elif any(n in down_nodes for n in nodes):
+            kind = "mlp"
+        else:
+            kind = "other"
+        chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
+        node = upstream
+    if not chain or node in inside:
+        raise PassError(
+            f"cannot find the residual structure of {region.path}: its output {output.name} "
+            f"({output.target}) is not a chain of residual adds back to the block input"
+        )
+    return ResidualBlock(region.path, node, output, tuple(reversed(chain)))

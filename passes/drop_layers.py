@@ -1,0 +1,203 @@
+"""`drop_layers`: depth pruning. Remove whole blocks, attention sublayers or MLP sublayers from a block stack.
+
+A dropped sublayer becomes the identity on the residual stream: its residual add `stream + branch` is
+replaced by `stream`, and the branch (norm, projections, attention or FFN) dies with its weights. A dropped
+block is all of its sublayers. Shared inputs (rotary cos/sin, masks) are untouched and keep serving the
+remaining blocks.
+
+Selection is explicit (`layers: [i, ...]`, block indices in the stack) or by score (`count:` / `ratio:`):
+with `score: cosine`, a unit's score is the mean over valid calibration tokens of cos(X_in, X_out), its
+input and output on the residual stream (the residual included); the most similar, i.e. the most
+redundant, units go first. `kind: joint` ranks attention and MLP sublayers together; `iterative: true`
+drops one unit at a time and re-scores the rest on the changed model.
+
+Recipe:
+    passes:
+      - drop_layers: {ratio: 0.25, kind: block, where: "model.layers.*"}
+      - drop_layers: {layers: [3, 5], kind: attn}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sparsec.errors import PassError
+from sparsec.pass_manager import Pass, PassContext, PassResult
+from sparsec.program import Program
+from sparsec.regions import BlockStack
+from sparsec.structure import LINEAR, ResidualBlock, Sublayer, residual_block
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Something that can be dropped: a whole block, or one sublayer of a block."""
+
+    label: str  # "model.layers.3" or "model.layers.3:attn"
+    block: ResidualBlock
+    sublayers: tuple[Sublayer, ...]
+
+    @property
+    def input(self):
+        return self.sublayers[0].stream_in
+
+    @property
+    def output(self):
+        return self.sublayers[-1].residual_add
+
+
+class DropLayers(Pass):
+    """Drop blocks / attention / MLP sublayers, chosen explicitly or by calibration cosine similarity."""
+
+    name = "drop_layers"
+
+    @dataclass
+    class Options:
+        layers: list[int] | None = None
+        count: int | None = None
+        ratio: float | None = None
+        score: Literal["cosine"] = "cosine"
+        kind: Literal["block", "attn", "mlp", "joint"] = "block"
+        iterative: bool = False
+        where: str | None = None
+
+        def __post_init__(self) -> None:
+            chosen = [k for k in ("layers", "count", "ratio") if getattr(self, k) is not None]
+            if len(chosen) != 1:
+                raise ValueError(f"give exactly one of layers, count, ratio (got {chosen or 'none'})")
+            if self.layers is not None:
+                if not self.layers:
+                    raise ValueError("layers: must name at least one block index")
+                if len(set(self.layers)) != len(self.layers):
+                    raise ValueError(f"layers: duplicate indices in {self.layers}")
+                if self.kind == "joint":
+                    raise ValueError("kind: 'joint' ranks sublayers by score; use count or ratio with it")
+                if self.iterative:
+                    raise ValueError("iterative: re-scoring needs count or ratio, not explicit layers")
+            if self.count is not None and self.count < 1:
+                raise ValueError(f"count: must be >= 1, got {self.count}")
+            if self.ratio is not None and not 0 < self.ratio < 1:
+                raise ValueError(f"ratio: must be in (0, 1), got {self.ratio}")
+
+    # ----- analysis (no changes to the program) ---------------------------------------------------------
+    def _stack(self, program: Program) -> tuple[BlockStack, int]:
+        """The one block stack to work on (restricted to `where`) and its full number of blocks."""
+        regions = program.regions
+        stacks = regions.block_stacks()
+        names = [f"{s.path}.*" for s in stacks]
+        selected = {b.path for b in regions.blocks(self.options.where or "**")}
+        matched = [(BlockStack(s.path, [b for b in s.blocks if b.path in selected]), len(s.blocks)) for s in stacks]
+        matched = [(s, n) for s, n in matched if s.blocks]
+        if not matched:
+            raise PassError(f"drop_layers: where={self.options.where!r} matches no block; "
+                            f"block stacks in this model: {names or 'none'}")
+        if len(matched) > 1:
+            where = f"where={self.options.where!r}" if self.options.where else "this model"
+            raise PassError(f"drop_layers: {where} spans {len(matched)} block stacks {[s.path for s, _ in matched]}; "
+                            f"choose one with `where:`, e.g. {names[0]!r}")
+        return matched[0]
+
+    def _units(self, program: Program, stack: BlockStack) -> list[_Unit]:
+        """Droppable units of the stack, skipping blocks and sublayers an earlier drop already removed."""
+        ffns = program.regions.ffns(f"{stack.path}.**")
+        kinds = {"block": None, "attn": ("attn",), "mlp": ("mlp",), "joint": ("attn", "mlp")}[self.options.kind]
+        units = []
+        for region in stack.blocks:
+            if not any(n.target is LINEAR for n in region.nodes):
+                continue  # dropped earlier: only no-op casts are left
+            block = residual_block(region, ffns)
+            if kinds is None:
+                units.append(_Unit(block.path, block, block.sublayers))
+            else:
+                units += [_Unit(f"{block.path}:{k}", block, (block.sublayer(k),)) for k in kinds if block.sublayer(k)]
+        if not units:
+            raise PassError(f"drop_layers: no {self.options.kind} unit left in {stack.path}")
+        return units
+
+    def _plan(self, program: Program) -> tuple[BlockStack, list[_Unit], int]:
+        """Check everything and decide how many units go, before touching the graph."""
+        stack, stack_size = self._stack(program)
+        units = self._units(program, stack)
+        o = self.options
+        if o.layers is not None:
+            indices = [b.index for b in stack.blocks]
+            bad = [i for i in o.layers if i not in indices]
+            if bad:
+                raise PassError(f"drop_layers: layers {bad} out of range; the selected blocks of {stack.path} "
+                                f"are {indices[0]}..{indices[-1]}" + (f" (where={o.where!r})" if o.where else ""))
+            n_drop = len(o.layers)
+        else:
+            n_drop = o.count if o.count is not None else round(o.ratio * len(units))
+            if n_drop == 0:
+                raise PassError(f"drop_layers: ratio {o.ratio} of {len(units)} units rounds to dropping none; raise it")
+            if n_drop > len(units):
+                raise PassError(f"drop_layers: count {n_drop} exceeds the {len(units)} {o.kind} units selected")
+        if n_drop >= len(units) and len(stack.blocks) == stack_size:
+            raise PassError(f"drop_layers: would drop all {len(units)} {o.kind} units of {stack.path}; "
+                            "at least one must stay (lower count/ratio or list fewer layers)")
+        return stack, units, n_drop
+
+    def requires(self, program: Program, ctx: PassContext) -> None:
+        self._plan(program)
+        if self.options.layers is None:
+            ctx.require_calibration(self.name)
+
+    # ----- rewrite ------------------------------------------------------------------------------------
+    @staticmethod
+    def _bypass(program: Program, unit: _Unit) -> None:
+        for sub in reversed(unit.sublayers):
+            sub.residual_add.replace_all_uses_with(sub.stream_in)
+            program.graph.erase_node(sub.residual_add)
+
+    @staticmethod
+    def _state_of(program: Program, unit: _Unit) -> list[str]:
+        """Weights only the unit reads (they leave the program with it)."""
+        names = {program.state_name(a) for sub in unit.sublayers for n in sub.nodes for a in n.all_input_nodes}
+        return sorted(n for n in names if n is not None)
+
+    def _scores(self, units: list[_Unit], ctx: PassContext) -> dict[str, float]:
+        sims = ctx.statistics.cosine([(u.input, u.output) for u in units])
+        return {u.label: round(sims[(u.input.name, u.output.name)], 6) for u in units}
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        stack, units, n_drop = self._plan(program)
+        o = self.options
+        decisions: dict = {"stack": stack.path, "kind": o.kind, "units": len(units)}
+        if not o.iterative:
+            if o.layers is not None:
+                wanted = {f"{stack.path}.{i}" for i in o.layers}
+                chosen = [u for u in units if u.block.path in wanted]
+                decisions["reason"] = "explicit layers"
+            else:
+                scores = self._scores(units, ctx)
+                ranking = sorted(units, key=lambda u: -scores[u.label])
+                chosen = ranking[:n_drop]
+                decisions.update(scores=scores, ranking=[u.label for u in ranking],
+                                 reason=f"highest {o.score} similarity of input and output (most redundant)")
+            decisions["parameters"] = {u.label: self._state_of(program, u) for u in chosen}
+            for unit in chosen:
+                self._bypass(program, unit)
+            dropped = [u.label for u in chosen]
+        else:
+            dropped, rounds, parameters = [], [], {}
+            for _ in range(n_drop):
+                scores = self._scores(units, ctx)
+                best = max(units, key=lambda u: scores[u.label])
+                rounds.append({"scores": scores, "dropped": best.label})
+                parameters[best.label] = self._state_of(program, best)
+                self._bypass(program, best)
+                program.recompile()
+                program.prune()
+                dropped.append(best.label)
+                fresh = BlockStack(stack.path, [program.regions.region(b.path) for b in stack.blocks if b.path in program.regions])
+                units = self._units(program, fresh)
+            decisions.update(scores=rounds[0]["scores"], rounds=rounds, parameters=parameters,
+                             reason=f"iterative: highest {o.score} similarity, re-scored after each drop")
+        decisions["dropped"] = dropped
+        return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions)
+
+    def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
+        left = set(program.state_placeholders())
+        kept = sorted(n for names in result.decisions["parameters"].values() for n in names if n in left)
+        if kept:
+            raise PassError(f"drop_layers: weights of dropped units are still in the program: {kept[:5]}")
