@@ -49,12 +49,37 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import compile_model
     from .recipe import Recipe
 
+    if not args.out and not args.dry_run:
+        raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
     recipe = Recipe.load(args.recipe or default_recipe_path())
     report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
-                           log=None if args.quiet else _log)
-    if not args.quiet:
+                           log=None if args.quiet else _log, dry_run=args.dry_run)
+    if args.dry_run:
+        print(_decisions(report))
+    elif not args.quiet:
         print(_summary(report))
     return 0
+
+
+def _decisions(report: dict) -> str:
+    """Each pass's decisions: scores as a ranking table, then everything else."""
+    lines = []
+    for p in report["passes"]:
+        quality = "; ".join(f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
+                            for o, m in (p["quality"] or {}).items())
+        lines.append(f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
+                     + (f" ({quality})" if quality else ""))
+        decisions = p["decisions"] if isinstance(p["decisions"], dict) else {"decisions": p["decisions"]}
+        scores = decisions.get("scores")
+        if isinstance(scores, dict):
+            dropped = set(decisions.get("dropped", []))
+            lines.append(f"  {'rank':>4}  {'score':>9}  unit")
+            for rank, (unit, score) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), 1):
+                lines.append(f"  {rank:>4}  {score:>9.6f}  {unit}" + ("  <- dropped" if unit in dropped else ""))
+        for key, value in decisions.items():
+            if key not in ("scores", "ranking", "parameters", "rounds"):
+                lines.append(f"  {key}: {value}")
+    return "\n".join(lines) or "no passes in the recipe"
 
 
 def _log(message: str) -> None:
@@ -118,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Artifacts appear in --out only if every check passed.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--recipe", help="recipe YAML (default: the built-in default recipe, no compression passes)")
-    p.add_argument("--out", required=True, help="output directory (created; an earlier sparsec output there is replaced)")
+    p.add_argument("--out", help="output directory (created; an earlier sparsec output there is replaced)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing")
     p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
                                    "(overrides the recipe's calibration.file; default: synthetic random inputs)")
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")

@@ -54,16 +54,18 @@ def _check_out_dir(out_dir: Path) -> None:
 def compile_model(
     model: str | Path,
     recipe: Recipe,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     calib: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
     Writes `program.pt2` (the transformed program, `torch.export.load`-able), `model.onnx` (unless the
-    recipe turns ONNX off) and `report.json`, and returns the report.
+    recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
+    passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
 
     Raises:
         SparsecError: bad model, recipe, calibration data or output directory (before any work where possible).
@@ -75,8 +77,11 @@ def compile_model(
         True
     """
     say = log or (lambda _: None)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    if not dry_run:
+        if out_dir is None:
+            raise SparsecError("an output directory is needed unless dry_run is set")
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -115,23 +120,27 @@ def compile_model(
         q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (r.quality or {}).items())
         say(f"[sparsec]   {r.name}: params {r.parameters_before:,} -> {r.parameters_after:,}" + (f" ({q})" if q else ""))
 
+    report: dict[str, Any] = {
+        "sparsec": __version__,
+        "model": {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
+                  "parameters": n_params},
+        "recipe": recipe.source,
+        "capture": {
+            "example_shapes": {k: list(v.shape) for k, v in example.items()},
+            "dynamic_dims": program.dynamic_dims,
+            "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
+        },
+        "calibration": calibration.describe(),
+        "passes": [r.__dict__ for r in records],
+        "parameters": {"before": n_params, "after": program.num_parameters()},
+    }
+    if dry_run:
+        report["seconds"] = {k: round(v, 3) for k, v in {**times, "total": time.perf_counter() - t0}.items()}
+        return json.loads(json.dumps(report, default=_jsonable))
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        report: dict[str, Any] = {
-            "sparsec": __version__,
-            "model": {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
-                      "parameters": n_params},
-            "recipe": recipe.source,
-            "capture": {
-                "example_shapes": {k: list(v.shape) for k, v in example.items()},
-                "dynamic_dims": program.dynamic_dims,
-                "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
-            },
-            "calibration": calibration.describe(),
-            "passes": [r.__dict__ for r in records],
-            "parameters": {"before": n_params, "after": program.num_parameters()},
-        }
         say("[sparsec] saving program.pt2")
         program.save(stage / "program.pt2")
         if recipe.export.onnx:

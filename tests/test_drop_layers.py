@@ -1,6 +1,7 @@
 """drop_layers against references built by hand on the Hugging Face models."""
 
 import copy
+import json
 import zipfile
 
 import pytest
@@ -214,3 +215,24 @@ def test_scored_drop_needs_calibration():
     _, program = _capture("tiny-qwen2")
     with pytest.raises(PassError, match="needs calibration data"):
         testing.apply_pass(program, "drop_layers", count=1)
+
+
+@pytest.mark.slow
+def test_compile_reports_scores_and_dry_run_writes_nothing(tmp_path, capsys):
+    from sparsec.cli import main
+
+    (tmp_path / "r.yaml").write_text("passes:\n  - drop_layers: {ratio: 0.5, kind: block}\nquality: {min_cosine: 0.5}\n")
+    argv = ["compile", "--model", "builtin:tiny-llama", "--recipe", str(tmp_path / "r.yaml")]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rank      score  unit" in out and out.count("<- dropped") == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]
+
+    assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    (record,) = json.loads((tmp_path / "out" / "report.json").read_text())["passes"]
+    decisions = record["decisions"]
+    assert len(decisions["scores"]) == 4 and decisions["ranking"][:2] == decisions["dropped"]
+    assert decisions["reason"].startswith("highest cosine similarity")
+    dropped_params = {name for names in decisions["parameters"].values() for name in names}
+    assert set(record["removed_state"]) == dropped_params
+    assert all(any(n.startswith(d + ".") for d in decisions["dropped"]) for n in dropped_params)
