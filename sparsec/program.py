@@ -167,6 +167,18 @@ class Program:
         ep = self.exported
         return ep.state_dict[name] if name in ep.state_dict else ep.constants[name]
 
+    def replace_state(self, name: str, value: torch.Tensor) -> None:
+        """Replace a parameter/buffer tensor (e.g. with a sliced copy); shapes are re-inferred by `verify()`."""
+        ep = self.exported
+        old = self.state_tensor(name)
+        if isinstance(old, torch.nn.Parameter):
+            value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        if name in ep.state_dict:
+            ep.state_dict[name] = value
+        else:
+            ep.constants[name] = value
+        self.state_placeholders()[name].meta.pop("val", None)
+
     def parameter_names(self) -> list[str]:
         return [s.target for s in self.exported.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
 
@@ -312,8 +324,12 @@ class Program:
 
         placeholders = self.graph.find_nodes(op="placeholder")
         fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
-        env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
         changed: set[Node] = set()
+        for name, node in self.state_placeholders().items():
+            if "val" not in node.meta:  # replaced by `replace_state`
+                node.meta["val"] = fake_mode.from_tensor(self.state_tensor(name), static_shapes=True)
+                changed.add(node)
+        env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
         with fake_mode:
             for node in self.graph.nodes:
                 if node.op != "call_function":

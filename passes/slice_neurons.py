@@ -1,0 +1,160 @@
+"""`slice_neurons`: width pruning. Keep the most important neurons of each matched FFN.
+
+For an FFN `y = W_down(act(W_gate x) * (W_up x))` (or `W_2 act(W_1 x)`), neuron j is row j of W_gate and
+W_up (and their biases) and column j of W_down. Which tensors are coupled is decided by the core's
+dependency model (`sparsec.dependency.ffn_channel_group`), which refuses FFNs whose intermediate values
+are read elsewhere. This pass only scores and selects:
+
+- `importance: activation` (default): score_j = E[|h_j|] * ||W_down[:, j]||_2, with h the input of W_down,
+  averaged over valid calibration tokens;
+- `importance: magnitude` (no data): ||W_down[:, j]||_2 * ||W_up[j, :]||_2 (* ||W_gate[j, :]||_2 if gated);
+- `importance: random`: a seeded baseline.
+
+`scope: per_layer` keeps the same fraction of every FFN; `scope: global` keeps the top neurons across all
+matched FFNs under one threshold, so FFNs lose different amounts (each keeps at least `max(1, round_to)`).
+Widths are rounded to the nearest multiple of `round_to` (kernel-friendly shapes), never above the
+original width. Kept neurons stay in their original order.
+
+Recipe:
+    passes:
+      - slice_neurons: {keep_ratio: 0.5, where: "model.layers.*.mlp", round_to: 8}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sparsec.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.errors import PassError
+from sparsec.pass_manager import Pass, PassContext, PassResult
+from sparsec.program import Program
+from sparsec.structure import Ffn
+
+
+class SliceNeurons(Pass):
+    """Slice FFN neurons (gated or plain) by calibration activation, weight magnitude or at random."""
+
+    name = "slice_neurons"
+
+    @dataclass
+    class Options:
+        keep_ratio: float | None = None
+        keep: int | None = None
+        where: str = "**"
+        importance: Literal["activation", "magnitude", "random"] = "activation"
+        scope: Literal["per_layer", "global"] = "per_layer"
+        round_to: int = 1
+        seed: int = 0
+
+        def __post_init__(self) -> None:
+            if (self.keep_ratio is None) == (self.keep is None):
+                raise ValueError("give exactly one of keep_ratio, keep")
+            if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+                raise ValueError(f"keep_ratio: must be in (0, 1], got {self.keep_ratio}")
+            if self.keep is not None and self.keep < 1:
+                raise ValueError(f"keep: must be >= 1, got {self.keep}")
+            if self.keep is not None and self.scope == "global":
+                raise ValueError("scope: 'global' spreads one budget over all FFNs; give it keep_ratio, not keep")
+            if self.round_to < 1:
+                raise ValueError(f"round_to: must be >= 1, got {self.round_to}")
+
+    # ----- analysis ---------------------------------------------------------------------------------------
+    def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
+        ffns = program.regions.ffns(self.options.where)
+        if not ffns:
+            known = [f.path for f in program.regions.ffns()]
+            listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
+            raise PassError(f"slice_neurons: where={self.options.where!r} matches no FFN; FFNs in this model: {listing}")
+        return [(ffn, ffn_channel_group(program, ffn)) for ffn in ffns]
+
+    def _round(self, k: int, width: int) -> int:
+        r = self.options.round_to
+        return min(width, max(r, int(round(k / r)) * r))
+
+    def _targets(self, groups: list[tuple[Ffn, ChannelGroup]]) -> list[int]:
+        """Per-layer kept widths (global scope decides them later, from the scores)."""
+        o = self.options
+        targets = []
+        for ffn, _ in groups:
+            k = o.keep if o.keep is not None else round(o.keep_ratio * ffn.intermediate_size)
+            if k < 1:
+                raise PassError(f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {ffn.intermediate_size} "
+                                f"neurons of {ffn.path}; raise it")
+            if k > ffn.intermediate_size:
+                raise PassError(f"slice_neurons: keep {k} exceeds the {ffn.intermediate_size} neurons of {ffn.path}")
+            targets.append(self._round(k, ffn.intermediate_size))
+        return targets
+
+    def requires(self, program: Program, ctx: PassContext) -> None:
+        self._targets(self._groups(program))
+        if self.options.importance == "activation":
+            ctx.require_calibration(self.name)
+
+    def _scores(self, program: Program, ctx: PassContext, ffns: list[Ffn]) -> list[torch.Tensor]:
+        o = self.options
+        if o.importance == "activation":
+            stats = ctx.statistics.get([f.down.args[0] for f in ffns])
+            return [stats[f.down.args[0].name].mean_abs * linear_weight(program, f.down).float().norm(dim=0)
+                    for f in ffns]
+        if o.importance == "magnitude":
+            scores = []
+            for f in ffns:
+                score = linear_weight(program, f.down).float().norm(dim=0) * linear_weight(program, f.up).float().norm(dim=1)
+                if f.gate is not None:
+                    score = score * linear_weight(program, f.gate).float().norm(dim=1)
+                scores.append(score)
+            return scores
+        gen = torch.Generator().manual_seed(o.seed)
+        return [torch.rand(f.intermediate_size, generator=gen) for f in ffns]
+
+    def _global_targets(self, ffns: list[Ffn], scores: list[torch.Tensor]) -> list[int]:
+        total = round(self.options.keep_ratio * sum(f.intermediate_size for f in ffns))
+        floor = max(1, self.options.round_to)
+        if total < floor * len(ffns):
+            raise PassError(f"slice_neurons: keep_ratio {self.options.keep_ratio} keeps {total} neurons in all, "
+                            f"fewer than {floor} per FFN for {len(ffns)} FFNs; raise it")
+        threshold = torch.cat(scores).topk(total).values.min()
+        return [self._round(max(floor, int((s >= threshold).sum())), f.intermediate_size) for f, s in zip(ffns, scores)]
+
+    # ----- rewrite ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        groups = self._groups(program)
+        ffns = [f for f, _ in groups]
+        scores = self._scores(program, ctx, ffns)
+        targets = self._global_targets(ffns, scores) if self.options.scope == "global" else self._targets(groups)
+        decisions = []
+        for (ffn, group), score, k in zip(groups, scores, targets):
+            kept = score.topk(k).indices.sort().values
+            before = group.num_parameters(program)
+            if k < ffn.intermediate_size:
+                group.apply(program, kept)
+            q = torch.quantile(score.double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.double)).tolist()
+            decisions.append({
+                "path": ffn.path,
+                "kind": ffn.kind,
+                "width_before": ffn.intermediate_size,
+                "width_after": k,
+                "parameters_before": before,
+                "parameters_after": group.num_parameters(program),
+                "importance": {"min": q[0], "median": q[1], "max": q[2], "mean": float(score.mean()),
+                               "kept_min": float(score[kept].min())},
+                "kept_indices": kept.tolist(),
+            })
+        modified = any(d["width_after"] < d["width_before"] for d in decisions)
+        stats = {
+            "ffns": len(decisions),
+            "neurons_before": sum(d["width_before"] for d in decisions),
+            "neurons_after": sum(d["width_after"] for d in decisions),
+        }
+        return PassResult(modified=modified, stats=stats, decisions={"importance": self.options.importance,
+                                                                      "scope": self.options.scope, "ffns": decisions})
+
+    def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
+        for decision in result.decisions["ffns"]:
+            ffn = next((f for f in program.regions.ffns() if f.path == decision["path"]), None)
+            if ffn is None or ffn.intermediate_size != decision["width_after"]:
+                raise PassError(f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}")
