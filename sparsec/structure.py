@@ -11,8 +11,9 @@ ops from one or two other linears' outputs.
 - gated (SwiGLU, GeGLU): `down(act(gate(x)) * up(x))`, gate and up reading the same `x`;
 - plain (fc1 / act / fc2, as in ViT, SigLIP, MMDiT FeedForward): `down(act(up(x)))`.
 
-Attention projections never match (a reshape or SDPA sits between them), so the finder is safe to run
-over a whole model. Fused gate_up projections (one linear split in two) are not matched yet.
+Attention projections never match (a reshape or SDPA sits between them), and neither do chains whose
+first projection also feeds something else (a timestep embedding read by every block's modulation), so
+the finder is safe to run over a whole model. Fused gate_up projections (one linear split in two) are not matched yet.
 """
 
 from __future__ import annotations
@@ -115,12 +116,15 @@ class Ffn:
 
 
 def _common_path(nodes: list[Node]) -> str:
+    """Longest common module path; a container (`net` of `net.0`, `net.2`) gives way to its owner."""
     parts = [module_path(n).split(".") for n in nodes]
     common = []
     for level in zip(*parts):
         if len(set(level)) != 1:
             break
         common.append(level[0])
+    if common and all(len(p) > len(common) and p[len(common)].isdigit() for p in parts):
+        common.pop()
     return ".".join(common)
 
 
@@ -150,6 +154,10 @@ def _as_ffn(down: Node) -> Ffn | None:
             return None
     else:
         return None
+    inside = set(interior) | {down}
+    for producer in (up, gate):
+        if producer is not None and any(u not in inside and u.target is not _ASSERT for u in producer.users):
+            return None  # the projection also feeds something else (e.g. one embedding read by many modulations)
     width = up.args[1].meta["val"].shape[0]
     return Ffn(
         path=_common_path([n for n in (up, gate, down) if n is not None]),

@@ -167,3 +167,21 @@ def test_bad_input():
         with pytest.raises(RecipeError) as info:
             Recipe.from_dict({"passes": [{"slice_neurons": options}]})
         assert message in str(info.value)
+
+
+def test_qwenimage_mmdit_feedforward_equals_hand_sliced():
+    from conftest import make_qwenimage, qwenimage_inputs
+
+    step = make_qwenimage()
+    program = sparsec.capture(step, qwenimage_inputs(2, 7), dynamic=False)
+    calib = CalibrationSet(qwenimage_inputs(2, 7, seed=1), source="test")
+    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.25, where="**.*_mlp", calibration=calib)
+    paths = [d["path"] for d in record.decisions["ffns"]]
+    assert paths == ["transformer.transformer_blocks.0.img_mlp", "transformer.transformer_blocks.0.txt_mlp",
+                     "transformer.transformer_blocks.1.img_mlp"]
+    reference = copy.deepcopy(step)
+    for d in record.decisions["ffns"]:
+        ff = reference.get_submodule(d["path"])  # diffusers FeedForward: net = [GELU(proj), Dropout, Linear]
+        idx = torch.tensor(d["kept_indices"])
+        ff.net[0].proj, ff.net[2] = _rows(ff.net[0].proj, idx), _cols(ff.net[2], idx)
+    testing.assert_equivalent(program, reference, qwenimage_inputs(2, 7, seed=5), rtol=1e-5, atol=1e-5)
