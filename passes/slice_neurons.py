@@ -102,9 +102,12 @@ class SliceNeurons(Pass):
         if o.importance == "magnitude":
             scores = []
             for f in ffns:
-                score = linear_weight(program, f.down).float().norm(dim=0) * linear_weight(program, f.up).float().norm(dim=1)
+                up = linear_weight(program, f.up).float().norm(dim=1)
+                score = linear_weight(program, f.down).float().norm(dim=0) * up.narrow(0, *f.row_blocks("up"))
                 if f.gate is not None:
                     score = score * linear_weight(program, f.gate).float().norm(dim=1)
+                elif f.gate_half is not None:
+                    score = score * up.narrow(0, *f.row_blocks("gate"))
                 scores.append(score)
             return scores
         gen = torch.Generator().manual_seed(o.seed)

@@ -19,15 +19,21 @@ import torch
 from torch.fx import Node
 
 from .errors import PassError
-from .structure import LINEAR, Ffn
+from .structure import LINEAR, SPLIT_OPS, Ffn
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """A state tensor indexed by the group's channel dimension along `dim`."""
+    """A state tensor indexed by the group's channel dimension along `dim`.
+
+    `offsets`: where each block of channels starts along `dim` (a fused gate_up weight holds two blocks).
+    """
 
     name: str
     dim: int
+    offsets: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class ChannelGroup:
     path: str
     width: int
     params: tuple[ParamSlice, ...]
+    splits: tuple[Node, ...] = ()
 
     def num_parameters(self, program) -> int:
         return sum(program.state_tensor(p.name).numel() for p in self.params)
@@ -55,7 +62,14 @@ class ChannelGroup:
         if kept.numel() == 0 or kept.min() < 0 or kept.max() >= self.width or len(kept.unique()) != len(kept):
             raise PassError(f"{self.path}: kept indices must be unique, in [0, {self.width}) and not empty")
         for p in self.params:
-            program.replace_state(p.name, program.state_tensor(p.name).index_select(p.dim, kept).contiguous())
+            index = torch.cat([kept + offset for offset in p.offsets])
+            program.replace_state(p.name, program.state_tensor(p.name).index_select(p.dim, index).contiguous())
+        k = len(kept)
+        for split in self.splits:  # a fused projection is split into halves of the new width
+            if split.target is aten.split.Tensor:
+                split.args = (split.args[0], k, *split.args[2:])
+            elif split.target is aten.split_with_sizes.default:
+                split.args = (split.args[0], [k, k], *split.args[2:])
 
 
 def _state_args(program, node: Node) -> list[Node]:
@@ -82,9 +96,10 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
     for producer in producers:
         carrying |= ({producer} | nx.descendants(graph, producer)) & (nx.ancestors(graph, ffn.down))
     params: list[ParamSlice] = []
+    offsets = (0,) if ffn.gate_half is None else (0, ffn.intermediate_size)  # a fused weight: both halves
     for linear in producers:  # rows of the producing projections, and their biases
         for arg in _state_args(program, linear):
-            params.append(ParamSlice(program.state_name(arg), 0))
+            params.append(ParamSlice(program.state_name(arg), 0, offsets))
     params.append(ParamSlice(program.state_name(ffn.down.args[1]), 1))  # columns of down; its bias is not coupled
     for node in carrying - set(producers):
         for arg in _state_args(program, node):
@@ -102,7 +117,8 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise PassError(f"{ffn.path}: a weight is shared between the FFN's projections ({names}); cannot slice it")
-    return ChannelGroup(ffn.path, ffn.intermediate_size, tuple(params))
+    splits = tuple(n for n in ffn.interior if n.target in SPLIT_OPS)
+    return ChannelGroup(ffn.path, ffn.intermediate_size, tuple(params), splits)
 
 
 def linear_weight(program, linear: Node) -> torch.Tensor:

@@ -53,8 +53,9 @@ def _is_dead_metadata_assert(node: Node) -> bool:
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
 
 
-def _input_names(node: Node) -> tuple[str, ...]:
-    return tuple(a.name for a in node.all_input_nodes)
+def _input_names(node: Node) -> str:
+    """The node's arguments, with nodes by name: changes when it is rewired or a constant argument changes."""
+    return str(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.name))
 
 
 def _same_meta(old: Any, new: Any) -> bool:

@@ -9,15 +9,18 @@ An FFN is found from its *down* projection backwards: a linear whose input is co
 ops from one or two other linears' outputs.
 
 - gated (SwiGLU, GeGLU): `down(act(gate(x)) * up(x))`, gate and up reading the same `x`;
-- plain (fc1 / act / fc2, as in ViT, SigLIP, MMDiT FeedForward): `down(act(up(x)))`.
+- plain (fc1 / act / fc2, as in ViT, SigLIP, MMDiT FeedForward): `down(act(up(x)))`;
+- fused gated (Phi-3 `gate_up_proj`): one linear whose output is split in two halves (chunk / split),
+  `down(act(half_g) * half_u)`.
 
 Attention projections never match (a reshape or SDPA sits between them), and neither do chains whose
 first projection also feeds something else (a timestep embedding read by every block's modulation), so
-the finder is safe to run over a whole model. Fused gate_up projections (one linear split in two) are not matched yet.
+the finder is safe to run over a whole model.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,30 @@ PASSTHROUGH = frozenset(
     {aten.dropout.default, aten.clone.default, aten.alias.default, aten.to.dtype, aten._to_copy.default}
 )
 _ASSERT = aten._assert_tensor_metadata.default
+SPLIT_OPS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
+
+
+def _is_half_split(node: Node) -> bool:
+    """A split of the last dimension into two equal halves, or a `getitem` taking one of them."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], Node) and _is_half_split(node.args[0])
+    if node.target not in SPLIT_OPS:
+        return False
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if value is None:
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim not in (-1, value.dim() - 1):
+        return False
+    width = value.shape[-1]
+    size = node.args[1]
+    if node.target is aten.chunk.default:
+        return size == 2
+    if node.target is aten.split.Tensor:
+        return 2 * size == width
+    return len(size) == 2 and size[0] == size[1]
 
 
 def _is_pointwise(node: Node) -> bool:
@@ -64,7 +91,7 @@ def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node]] | None:
         seen.add(node)
         if node.op == "call_function" and node.target is LINEAR:
             linears.append(node)
-        elif _is_pointwise(node):
+        elif _is_pointwise(node) or _is_half_split(node):
             interior.append(node)
             stack.extend(node.all_input_nodes)
         elif node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0:
@@ -85,8 +112,9 @@ class Ffn:
         up: linear producing the value branch (`up_proj`; `fc1` for plain FFNs).
         gate: linear feeding the activation (`gate_proj`), None for plain FFNs.
         down: the output linear (`down_proj` / `fc2`).
-        interior: pointwise nodes between up/gate and down (activation, product, casts).
-        intermediate_size: number of neurons (rows of up).
+        interior: pointwise nodes between up/gate and down (activation, product, casts, the split).
+        intermediate_size: number of neurons (rows of up; half of them for a fused gate_up).
+        gate_half: for `fused_gated`, which half of `up`'s output (0 or 1) is the gate; None otherwise.
     """
 
     path: str
@@ -97,6 +125,14 @@ class Ffn:
     down: Node
     interior: tuple[Node, ...]
     intermediate_size: int
+    gate_half: int | None = None
+
+    def row_blocks(self, role: str) -> tuple[int, int]:
+        """(offset, size) of the rows of `up`'s weight that hold the `gate` or `up` half (fused) or all rows."""
+        if self.gate_half is None:
+            return 0, self.intermediate_size
+        half = self.gate_half if role == "gate" else 1 - self.gate_half
+        return half * self.intermediate_size, self.intermediate_size
 
     @property
     def linears(self) -> dict[str, Node]:
@@ -136,7 +172,22 @@ def _as_ffn(down: Node) -> Ffn | None:
     if cone is None:
         return None
     linears, interior = cone
-    if len(linears) == 1:
+    gate_half = None
+    if len(linears) == 1 and any(n.target in SPLIT_OPS for n in interior):
+        (up,) = linears
+        if hidden.target is not aten.mul.Tensor:
+            return None
+        sides = [_pointwise_cone(a) if isinstance(a, Node) else None for a in hidden.args[:2]]
+        if any(s is None for s in sides):
+            return None
+        activated = [any(n.target not in PASSTHROUGH and not _is_half_split(n) for n in side[1]) for side in sides]
+        if activated.count(True) != 1:
+            return None
+        picks = [n for n in sides[activated.index(True)][1] if n.target is operator.getitem]
+        if len(picks) != 1:
+            return None
+        gate, gate_half = None, int(picks[0].args[1])
+    elif len(linears) == 1:
         (up,) = linears
         if all(n.target in PASSTHROUGH for n in interior):
             return None  # two linears back to back: no activation, not an FFN
@@ -158,16 +209,17 @@ def _as_ffn(down: Node) -> Ffn | None:
     for producer in (up, gate):
         if producer is not None and any(u not in inside and u.target is not _ASSERT for u in producer.users):
             return None  # the projection also feeds something else (e.g. one embedding read by many modulations)
-    width = up.args[1].meta["val"].shape[0]
+    width = up.args[1].meta["val"].shape[0] // (1 if gate_half is None else 2)
     return Ffn(
         path=_common_path([n for n in (up, gate, down) if n is not None]),
-        kind="plain" if gate is None else "gated",
+        kind="fused_gated" if gate_half is not None else "plain" if gate is None else "gated",
         input=skip_passthrough(up.args[0]),
         up=up,
         gate=gate,
         down=down,
         interior=tuple(interior),
         intermediate_size=int(width),
+        gate_half=gate_half,
     )
 
 

@@ -185,3 +185,31 @@ def test_qwenimage_mmdit_feedforward_equals_hand_sliced():
         idx = torch.tensor(d["kept_indices"])
         ff.net[0].proj, ff.net[2] = _rows(ff.net[0].proj, idx), _cols(ff.net[2], idx)
     testing.assert_equivalent(program, reference, qwenimage_inputs(2, 7, seed=5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_gate_up_projection_equals_hand_sliced(tmp_path):
+    import transformers
+
+    config = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    program = sparsec.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert [f.kind for f in program.regions.ffns()] == ["fused_gated", "fused_gated"]
+    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.25, importance="magnitude", round_to=8)
+    reference = copy.deepcopy(model)
+    for d in record.decisions["ffns"]:
+        mlp = reference.get_submodule(d["path"])  # Phi3MLP: gate_up_proj rows [gate | up], then down_proj
+        idx = torch.tensor(d["kept_indices"])
+        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([idx, idx + 128]))
+        mlp.down_proj = _cols(mlp.down_proj, idx)
+        assert d["width_after"] == 32
+    inputs = {"input_ids": torch.randint(0, 256, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
+    export_onnx(program, tmp_path / "m.onnx")
+    got = ort_backend.run(ort_backend.session(tmp_path / "m.onnx"), inputs)["logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(**inputs).logits, rtol=1e-4, atol=1e-4)
