@@ -26,7 +26,7 @@ from sparsec.errors import PassError
 from sparsec.pass_manager import Pass, PassContext, PassResult
 from sparsec.program import Program
 from sparsec.regions import BlockStack
-from sparsec.structure import LINEAR, ResidualBlock, Sublayer, residual_block
+from sparsec.structure import LINEAR, ResidualBlock, Sublayer, residual_block, skip_noop_casts
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class DropLayers(Pass):
         units = []
         for region in stack.blocks:
             if not any(n.target is LINEAR for n in region.nodes):
-                continue  # dropped earlier: only no-op casts are left
+                continue  # dropped earlier
             block = residual_block(region, ffns)
             if kinds is None:
                 units.append(_Unit(block.path, block, block.sublayers))
@@ -145,8 +145,9 @@ class DropLayers(Pass):
     # ----- rewrite ------------------------------------------------------------------------------------
     @staticmethod
     def _bypass(program: Program, unit: _Unit) -> None:
+        """Replace each residual add by the stream it adds to (no-op casts on the way die with the branch)."""
         for sub in reversed(unit.sublayers):
-            sub.residual_add.replace_all_uses_with(sub.stream_in)
+            sub.residual_add.replace_all_uses_with(skip_noop_casts(sub.stream_in))
             program.graph.erase_node(sub.residual_add)
 
     @staticmethod

@@ -29,8 +29,10 @@ aten = torch.ops.aten
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 # Checks torch.export leaves in the graph. They have no users, so plain DCE keeps them (they are impure)
-# and they would pin otherwise-dead subgraphs. A metadata check on a tensor nobody else uses is dead too.
+# and they would pin otherwise-dead subgraphs. A metadata check guards a `.to()` cast of the same tensor in
+# the same module: once that cast is gone, the check is dead too.
 _METADATA_ASSERT = aten._assert_tensor_metadata.default
+_CASTS = (aten.to.dtype, aten._to_copy.default)
 RUNTIME_ASSERTS = frozenset(
     {
         aten._assert_tensor_metadata.default,
@@ -43,11 +45,16 @@ RUNTIME_ASSERTS = frozenset(
 )
 
 
+def _module_of(node: Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
 def _is_dead_metadata_assert(node: Node) -> bool:
-    if node.target is not _METADATA_ASSERT or not node.args:
+    if node.target is not _METADATA_ASSERT or not node.args or not isinstance(node.args[0], Node):
         return False
-    checked = node.args[0]
-    return isinstance(checked, Node) and all(u.target is _METADATA_ASSERT for u in checked.users)
+    module = _module_of(node)
+    return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
 
 
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from

@@ -76,6 +76,20 @@ def skip_passthrough(node: Node) -> Node:
     return node
 
 
+def skip_noop_casts(node: Node) -> Node:
+    """Follow casts and copies that change neither dtype nor shape back to their source (same value)."""
+    while (node.op == "call_function" and node.target in PASSTHROUGH - {aten.dropout.default}
+           and isinstance(node.args[0], Node) and _same_dtype_and_shape(node, node.args[0])):
+        node = node.args[0]
+    return node
+
+
+def _same_dtype_and_shape(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
+            and [str(d) for d in va.shape] == [str(d) for d in vb.shape])
+
+
 def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node]] | None:
     """The linears feeding `root` through pointwise ops only, and the pointwise nodes in between.
 

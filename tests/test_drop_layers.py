@@ -65,6 +65,9 @@ def test_explicit_drop_equals_hf_model_without_those_layers(tmp_path, name):
     for i in sorted(dropped, reverse=True):
         del layers[i]
     testing.assert_parameters_removed(before, program, [f"{stack}.{i}.**" for i in dropped])
+    for i in dropped:  # every node of a dropped block is gone, not just its weights
+        assert f"{stack}.{i}" not in program.regions
+    assert [b.index for b in program.regions.blocks(f"{stack}.*")] == [0, 2]
     assert record.parameters_before - record.parameters_after == removed_params
     assert size_before - _weight_bytes(program.save(tmp_path / "dropped.pt2")) == 4 * removed_params
 
