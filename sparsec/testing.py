@@ -8,10 +8,12 @@ Example:
     >>> testing.assert_parameters_removed(before, program, ["model.layers.1.mlp.*"])
     >>> testing.assert_op_count(program, "model.layers.1.**", "aten.linear.default", 4)
     >>> testing.assert_equivalent(program, reference_model, other_shape_inputs)
+    >>> testing.assert_onnx_equivalent("model.onnx", reference_model, other_shape_inputs, output="logits")
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -95,6 +97,26 @@ def assert_parameters_removed(before: set[str], program: Program, expected: Iter
         assert name not in program.exported.state_dict, f"{name} is still in the state dict"
 
 
+def _reference_outputs(reference: Any, inputs: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    if isinstance(reference, Program):
+        return reference.run(inputs)
+    with torch.no_grad():
+        result = reference(**inputs)
+    if isinstance(result, torch.Tensor):
+        return {names[0]: result}
+    return {name: (result[name] if isinstance(result, Mapping) else getattr(result, name)) for name in names}
+
+
+def _assert_close_on_valid(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                           inputs: Mapping[str, torch.Tensor], names: list[str], rtol, atol) -> None:
+    mask = CalibrationSet.valid_mask(inputs)
+    for name in names:
+        a, b = got[name], expected[name]
+        if mask is not None and a.dim() >= 3 and tuple(a.shape[:2]) == tuple(mask.shape):
+            a, b = a[mask], b[mask]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"output {name!r}: {m}")
+
+
 def assert_equivalent(
     program: Program,
     reference: torch.nn.Module | Program | Callable[..., Any],
@@ -111,18 +133,27 @@ def assert_equivalent(
     every output of the program is compared.
     """
     got = program.run(inputs)
-    if isinstance(reference, Program):
-        expected = reference.run(inputs)
-    else:
-        with torch.no_grad():
-            result = reference(**inputs)
-        if isinstance(result, torch.Tensor):
-            expected = {program.output_names[0]: result}
-        else:
-            expected = {name: (result[name] if isinstance(result, Mapping) else getattr(result, name)) for name in got}
-    mask = CalibrationSet.valid_mask(inputs)
-    for name in [output] if output else list(got):
-        a, b = got[name], expected[name]
-        if mask is not None and a.dim() >= 3 and tuple(a.shape[:2]) == tuple(mask.shape):
-            a, b = a[mask], b[mask]
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"output {name!r}: {m}")
+    names = [output] if output else list(got)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+
+
+def assert_onnx_equivalent(
+    onnx_path: str | os.PathLike,
+    reference: torch.nn.Module | Program | Callable[..., Any],
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    output: str | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> None:
+    """Like `assert_equivalent`, for an ONNX file run in ONNX Runtime (CPU) against the reference.
+
+    Example:
+        >>> export_onnx(program, "m.onnx")
+        >>> testing.assert_onnx_equivalent("m.onnx", hand_edited_model, other_shape_inputs, output="logits")
+    """
+    from sparsec.exporters import onnxruntime as ort_backend
+
+    got = ort_backend.run(ort_backend.session(onnx_path), inputs)
+    names = [output] if output else list(got)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
