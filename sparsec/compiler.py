@@ -136,7 +136,7 @@ def compile_model(
     }
     if dry_run:
         report["seconds"] = {k: round(v, 3) for k, v in {**times, "total": time.perf_counter() - t0}.items()}
-        return json.loads(json.dumps(report, default=_jsonable))
+        return json.loads(json.dumps(report, default=_jsonable))  # the same plain-JSON form as report.json
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -161,7 +161,9 @@ def compile_model(
         report["artifacts"] = {p.name: p.stat().st_size for p in sorted(stage.iterdir())}
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
-        (stage / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        text = json.dumps(report, indent=2, default=_jsonable)
+        (stage / "report.json").write_text(text + "\n")
+        report = json.loads(text)
         _move_into_place(stage, out_dir)
     finally:
         if stage.exists():

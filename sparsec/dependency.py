@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 
 from .errors import PassError
-from .structure import LINEAR, SPLIT_OPS, Ffn
+from .structure import SPLIT_OPS, Ffn
 
 aten = torch.ops.aten
 
@@ -111,9 +111,6 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
             else:
                 raise PassError(f"{ffn.path}: {node.name} reads {program.state_name(arg)} of shape "
                                 f"{tuple(value.shape)}, which is not per-neuron; cannot slice this FFN")
-    for linear in (*producers, ffn.down):
-        if linear.target is not LINEAR:
-            raise PassError(f"{ffn.path}: {linear.name} is not a linear layer")
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise PassError(f"{ffn.path}: a weight is shared between the FFN's projections ({names}); cannot slice it")

@@ -65,12 +65,12 @@ def _input_names(node: Node) -> str:
     return str(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.name))
 
 
-def _same_meta(old: Any, new: Any) -> bool:
+def same_meta(old: Any, new: Any) -> bool:
     """Same shapes (symbolic dims compared by name), dtypes and structure."""
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
         return old.dtype == new.dtype and [str(d) for d in old.shape] == [str(d) for d in new.shape]
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-        return len(old) == len(new) and all(_same_meta(a, b) for a, b in zip(old, new))
+        return len(old) == len(new) and all(same_meta(a, b) for a, b in zip(old, new))
     return type(old) is type(new) and str(old) == str(new)
 
 
@@ -349,7 +349,7 @@ class Program:
                     continue
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
                 value = node.target(*args, **kwargs)
-                if "val" not in node.meta or not _same_meta(node.meta["val"], value):
+                if "val" not in node.meta or not same_meta(node.meta["val"], value):
                     changed.add(node)
                     node.meta["val"] = value
                 env[node] = node.meta["val"]

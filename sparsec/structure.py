@@ -85,9 +85,10 @@ def skip_noop_casts(node: Node) -> Node:
 
 
 def _same_dtype_and_shape(a: Node, b: Node) -> bool:
-    va, vb = a.meta.get("val"), b.meta.get("val")
-    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
-            and [str(d) for d in va.shape] == [str(d) for d in vb.shape])
+    from .program import same_meta
+
+    va = a.meta.get("val")
+    return isinstance(va, torch.Tensor) and same_meta(va, b.meta.get("val"))
 
 
 def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node]] | None:
@@ -299,8 +300,11 @@ def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node
     return [n for n in branch.graph.nodes if n in seen]
 
 
-def residual_block(region: Region, ffns: list[Ffn] | None = None) -> ResidualBlock:
-    """The residual structure of a block region; `PassError` naming what is missing if there is none."""
+def residual_block(region: Region, ffns: list[Ffn]) -> ResidualBlock:
+    """The residual structure of a block region; `PassError` naming what is missing if there is none.
+
+    `ffns`: the program's FFNs (`find_ffns`), which tell MLP sublayers apart.
+    """
     inside = set(region.nodes)
     outputs = [n for n in region.outputs() if n.target is not _ASSERT]
     if len(outputs) != 1:
@@ -309,7 +313,7 @@ def residual_block(region: Region, ffns: list[Ffn] | None = None) -> ResidualBlo
             f"({[n.name for n in outputs][:4]}), expected exactly one residual stream"
         )
     output = outputs[0]
-    down_nodes = {f.down for f in (ffns if ffns is not None else [])}
+    down_nodes = {f.down for f in ffns}
     chain: list[Sublayer] = []
     node = skip_passthrough(output)
     while node in inside and node.target is aten.add.Tensor:
