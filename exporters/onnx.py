@@ -17,6 +17,7 @@ from typing import Literal
 import onnx
 
 from sparsec.errors import SparsecError
+from sparsec.exporters.onnx_moe import MoeLowering, moe_translation
 from sparsec.program import Program
 
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
@@ -46,8 +47,12 @@ def export_onnx(
     *,
     opset: int = 18,
     external_data: bool | Literal["auto"] = "auto",
+    moe_lowering: MoeLowering = "contrib",
 ) -> dict:
     """Write `program` to `path` as ONNX and return facts for the report (sizes, ops, dims, seconds).
+
+    `moe_lowering`: how `sparsec::moe` nodes lower (see `sparsec.exporters.onnx_moe`): `contrib` (ONNX Runtime's
+    `com.microsoft::MoE`, standard ops where it cannot express the FFN) or `standard` (plain ONNX, any runtime).
 
     Example:
         >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]
@@ -73,6 +78,7 @@ def export_onnx(
                 output_names=program.output_names,
                 opset_version=opset,
                 dynamo=True,
+                custom_translation_table={torch.ops.sparsec.moe.default: moe_translation(moe_lowering)},
                 verbose=False,
             )
     except Exception as exc:

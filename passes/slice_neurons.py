@@ -3,12 +3,8 @@
 For an FFN `y = W_down(act(W_gate x) * (W_up x))` (or `W_2 act(W_1 x)`), neuron j is row j of W_gate and
 W_up (and their biases) and column j of W_down. Which tensors are coupled is decided by the core's
 dependency model (`sparsec.dependency.ffn_channel_group`), which refuses FFNs whose intermediate values
-are read elsewhere. This pass only scores and selects:
-
-- `importance: activation` (default): score_j = E[|h_j|] * ||W_down[:, j]||_2, with h the input of W_down,
-  averaged over valid calibration tokens;
-- `importance: magnitude` (no data): ||W_down[:, j]||_2 * ||W_up[j, :]||_2 (* ||W_gate[j, :]||_2 if gated);
-- `importance: random`: a seeded baseline.
+are read elsewhere; neurons are scored by `sparsec.importance` (`importance: activation` (default),
+`magnitude` or `random`). This pass only selects.
 
 `scope: per_layer` keeps the same fraction of every FFN; `scope: global` keeps the top neurons across all
 matched FFNs under one threshold, so FFNs lose different amounts (each keeps at least `max(1, round_to)`).
@@ -27,7 +23,8 @@ from typing import Literal
 
 import torch
 
-from sparsec.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.dependency import ChannelGroup, ffn_channel_group
+from sparsec.importance import Importance, neuron_importance
 from sparsec.errors import PassError
 from sparsec.pass_manager import Pass, PassContext, PassResult
 from sparsec.program import Program
@@ -44,7 +41,7 @@ class SliceNeurons(Pass):
         keep_ratio: float | None = None
         keep: int | None = None
         where: str = "**"
-        importance: Literal["activation", "magnitude", "random"] = "activation"
+        importance: Importance = "activation"
         scope: Literal["per_layer", "global"] = "per_layer"
         round_to: int = 1
         seed: int = 0
@@ -93,26 +90,6 @@ class SliceNeurons(Pass):
         if self.options.importance == "activation":
             ctx.require_calibration(self.name)
 
-    def _scores(self, program: Program, ctx: PassContext, ffns: list[Ffn]) -> list[torch.Tensor]:
-        o = self.options
-        if o.importance == "activation":
-            stats = ctx.statistics.get([f.down.args[0] for f in ffns])
-            return [stats[f.down.args[0].name].mean_abs * linear_weight(program, f.down).float().norm(dim=0)
-                    for f in ffns]
-        if o.importance == "magnitude":
-            scores = []
-            for f in ffns:
-                up = linear_weight(program, f.up).float().norm(dim=1)
-                score = linear_weight(program, f.down).float().norm(dim=0) * up.narrow(0, *f.row_blocks("up"))
-                if f.gate is not None:
-                    score = score * linear_weight(program, f.gate).float().norm(dim=1)
-                elif f.gate_half is not None:
-                    score = score * up.narrow(0, *f.row_blocks("gate"))
-                scores.append(score)
-            return scores
-        gen = torch.Generator().manual_seed(o.seed)
-        return [torch.rand(f.intermediate_size, generator=gen) for f in ffns]
-
     def _global_targets(self, ffns: list[Ffn], scores: list[torch.Tensor]) -> list[int]:
         total = round(self.options.keep_ratio * sum(f.intermediate_size for f in ffns))
         floor = max(1, self.options.round_to)
@@ -127,7 +104,7 @@ class SliceNeurons(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         groups = self._groups(program)
         ffns = [f for f, _ in groups]
-        scores = self._scores(program, ctx, ffns)
+        scores = neuron_importance(program, ffns, self.options.importance, ctx.statistics, self.options.seed)
         targets = self._global_targets(ffns, scores) if self.options.scope == "global" else self._targets(groups)
         decisions = []
         for (ffn, group), score, k in zip(groups, scores, targets):

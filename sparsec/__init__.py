@@ -10,6 +10,7 @@ from .errors import (
     SparsecError,
     VerificationError,
 )
+from . import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe: programs holding it load and run)
 from .program import Program
 from .tags import TagRule, Tagger
 

@@ -272,6 +272,31 @@ class StatisticsCache:
         return {(a.name, b.name): self._cosines[(a.name, b.name)] for a, b in pairs}
 
     @torch.no_grad()
+    def samples(self, nodes: Sequence[Node], max_tokens: int) -> dict[str, torch.Tensor]:
+        """The first `max_tokens` valid token vectors [T, C] of each node's value, in calibration order.
+
+        Not cached (they are large): for fitting (an MoE router) and checks that need the values themselves.
+        """
+        wanted = set(nodes)
+        held: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
+        count = 0
+        mask: torch.Tensor | None = None
+
+        def observe(node: Node, value) -> None:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                held[node.name].append(token_vectors(value, mask).detach())
+
+        for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
+                          desc="calibration samples", disable=not self.progress, leave=False):
+            mask = CalibrationSet.valid_mask(batch)
+            self.program.run(batch, observe=observe, nodes=wanted)
+            count += int(mask.sum()) if mask is not None else held[nodes[0].name][-1].shape[0]
+            if count >= max_tokens:
+                break
+        self.passes_run += 1
+        return {name: torch.cat(values)[:max_tokens] for name, values in held.items() if values}
+
+    @torch.no_grad()
     def _collect(self, nodes: set[Node], pairs: list[tuple[Node, Node]]) -> None:
         acc = {n.name: _Accumulator() for n in nodes}
         pair_nodes = {n for pair in pairs for n in pair}

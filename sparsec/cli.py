@@ -77,9 +77,25 @@ def _decisions(report: dict) -> str:
             for rank, (unit, score) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), 1):
                 lines.append(f"  {rank:>4}  {score:>9.6f}  {unit}" + ("  <- dropped" if unit in dropped else ""))
         for key, value in decisions.items():
-            if key not in ("scores", "ranking", "parameters", "rounds"):
-                lines.append(f"  {key}: {value}")
+            if key in ("scores", "ranking", "parameters", "rounds"):
+                continue
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                lines.append(f"  {key}:")
+                lines += [f"    {_compact(v)}" for v in value]
+            else:
+                lines.append(f"  {key}: {_compact(value)}")
     return "\n".join(lines) or "no passes in the recipe"
+
+
+def _compact(value, limit: int = 8):
+    """Long lists (kept indices, expert membership) summarized as `<N items>`; report.json has them in full."""
+    if isinstance(value, dict):
+        return {k: _compact(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return f"<{len(value)} items>" if len(value) > limit else [_compact(v, limit) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
 
 
 def _log(message: str) -> None:

@@ -150,7 +150,8 @@ def compile_model(
             say("[sparsec] exporting ONNX (torch.onnx.export, dynamo)")
             t = time.perf_counter()
             report["export"] = export_onnx(program, stage / "model.onnx", opset=recipe.export.opset,
-                                           external_data=recipe.export.external_data)
+                                           external_data=recipe.export.external_data,
+                                           moe_lowering=recipe.export.moe_lowering)
             times["export"] = time.perf_counter() - t
             say("[sparsec] checking ONNX Runtime against PyTorch on calibration inputs")
             t = time.perf_counter()

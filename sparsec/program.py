@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputKind
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
 from torch.fx import Graph, GraphModule, Node
 
 from .errors import SparsecError, VerificationError
@@ -186,6 +186,37 @@ class Program:
         else:
             ep.constants[name] = value
         self.state_placeholders()[name].meta.pop("val", None)
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> Node:
+        """Add a parameter (placeholder, signature entry, state tensor) and return its placeholder node.
+
+        For rewrites that introduce weights (an MoE router, stacked experts); shapes are inferred by `verify()`.
+        """
+        ep = self.exported
+        if name in ep.state_dict or name in ep.constants:
+            raise SparsecError(f"the program already has a tensor named {name!r}")
+        specs = list(ep.graph_signature.input_specs)
+        position = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1) + 1
+        placeholders = self.graph.find_nodes(op="placeholder")
+        anchor = (self.graph.inserting_after(placeholders[position - 1]) if position
+                  else self.graph.inserting_before(placeholders[0]))
+        with anchor:
+            node = self.graph.placeholder("p_" + name.replace(".", "_"))
+        specs.insert(position, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name, None))
+        ep._graph_signature = ExportGraphSignature(specs, list(ep.graph_signature.output_specs))
+        ep.state_dict[name] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+        return node
+
+    def replace_uses(self, node: Node, replacement: Node, *, except_in: Node | None = None) -> None:
+        """Make every user of `node` (but `except_in`) read `replacement`, program outputs included."""
+        node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user is not except_in)
+        ep = self.exported
+        specs = []
+        for spec in ep.graph_signature.output_specs:
+            if isinstance(spec.arg, TensorArgument) and spec.arg.name == node.name:
+                spec = OutputSpec(spec.kind, TensorArgument(replacement.name), spec.target)
+            specs.append(spec)
+        ep._graph_signature = ExportGraphSignature(list(ep.graph_signature.input_specs), specs)
 
     def parameter_names(self) -> list[str]:
         return [s.target for s in self.exported.graph_signature.input_specs if s.kind == InputKind.PARAMETER]

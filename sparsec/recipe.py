@@ -79,11 +79,16 @@ class ParityOptions:
 
 @dataclass
 class ExportOptions:
-    """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime."""
+    """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
+
+    `moe_lowering`: MoE nodes become ONNX Runtime's contrib `com.microsoft::MoE` (`contrib`, the default for the
+    ONNX Runtime target) or plain ONNX ops (`standard`, for other runtimes); see `sparsec.exporters.onnx_moe`.
+    """
 
     onnx: bool = True
     opset: int = 18
     external_data: bool | Literal["auto"] = "auto"
+    moe_lowering: Literal["contrib", "standard"] = "contrib"
     parity: ParityOptions = field(default_factory=ParityOptions)
 
     def __post_init__(self) -> None:

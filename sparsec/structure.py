@@ -149,6 +149,10 @@ class Ffn:
         half = self.gate_half if role == "gate" else 1 - self.gate_half
         return half * self.intermediate_size, self.intermediate_size
 
+    def describe(self) -> str:
+        """`model.layers.0.mlp`, or where it is for an FFN of the top-level module."""
+        return self.path or f"at the top level (output {self.down.name})"
+
     @property
     def linears(self) -> dict[str, Node]:
         roles = {"up": self.up, "down": self.down}
@@ -236,6 +240,63 @@ def _as_ffn(down: Node) -> Ffn | None:
         intermediate_size=int(width),
         gate_half=gate_half,
     )
+
+
+ACTIVATION_OPS = {aten.silu.default: "silu", aten.relu.default: "relu", aten.gelu.default: "gelu"}
+
+
+def ffn_activation(ffn: Ffn) -> str:
+    """The FFN's activation as a `sparsec.moe.ACTIVATIONS` name, checking that it computes exactly
+    `down(act(gate x) * up x)` (gated, fused gated) or `down(act(up x))` (plain) and nothing else.
+
+    Rewrites that re-implement the FFN (the MoE operator) need this; `PassError` names the ops otherwise.
+    Casts that keep the dtype and dropouts (inference) are looked through.
+    """
+    seen: set[Node] = set()
+
+    def strip(node: Node) -> Node:
+        while (node.op == "call_function" and node.target in PASSTHROUGH and isinstance(node.args[0], Node)
+               and (node.target is aten.dropout.default or _same_dtype_and_shape(node, node.args[0]))):
+            seen.add(node)
+            node = node.args[0]
+        return node
+
+    def half(node: Node, which: int) -> bool:  # `getitem(split(up), which)` of a fused projection
+        if node.target is not operator.getitem or node.args[1] != which:
+            return False
+        split = node.args[0]
+        seen.update((node, split))
+        return split.target in SPLIT_OPS and strip(split.args[0]) is ffn.up
+
+    def activation(node: Node, source) -> str | None:
+        if node.op != "call_function" or node.target not in ACTIVATION_OPS or not source(strip(node.args[0])):
+            return None
+        seen.add(node)
+        name = ACTIVATION_OPS[node.target]
+        if name == "gelu":
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            name = "gelu_tanh" if approximate == "tanh" else "gelu"
+        return name
+
+    if ffn.gate_half is None:
+        gate_source, up_source = (lambda n: n is ffn.gate), (lambda n: n is ffn.up)
+    else:
+        gate_source, up_source = (lambda n: half(n, ffn.gate_half)), (lambda n: half(n, 1 - ffn.gate_half))
+    hidden = strip(ffn.down.args[0])
+    found = None
+    if ffn.kind == "plain":
+        found = activation(hidden, up_source)
+    elif hidden.op == "call_function" and hidden.target is aten.mul.Tensor and all(isinstance(a, Node) for a in hidden.args):
+        seen.add(hidden)
+        a, b = (strip(arg) for arg in hidden.args)
+        found = activation(a, gate_source) if up_source(b) else activation(b, gate_source) if up_source(a) else None
+    if found is None or set(ffn.interior) - seen:
+        ops = sorted({str(n.target) for n in ffn.interior})
+        raise PassError(
+            f"FFN {ffn.describe()}: the ops between its projections ({ops}) are not act(gate x) * up x or act(fc1 x) with "
+            f"a supported activation ({sorted(set(ACTIVATION_OPS.values()) | {'gelu_tanh'})})"
+        )
+    return found
 
 
 def find_ffns(program) -> list[Ffn]:

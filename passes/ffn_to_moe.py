@@ -1,0 +1,417 @@
+"""`ffn_to_moe`: turn dense FFNs into mixtures of experts made of their own neurons, with a learned router.
+
+For each matched FFN (gated, fused gated or plain; see `sparsec.structure`):
+
+1. **Partition.** An optional always-on shared expert takes the `shared` fraction of most important neurons
+   (`sparsec.importance`). The other neurons are split into `experts` equal experts:
+   - `balanced` (default): neurons sorted by importance are dealt to experts in snake order (0..E-1, E-1..0, ...),
+     so every expert gets a fair share of important neurons;
+   - `kmeans`: balanced k-means on the neurons' input weight vectors (gate and up rows; MoEfication);
+   - `coactivation`: neurons whose activation magnitudes rise and fall together over the calibration tokens
+     go together (balanced k-means on each neuron's standardized activation profile, which groups the
+     strongly connected neurons of the co-activation graph).
+   Remainder rule: when the non-shared width is not a multiple of `experts`, the `width mod experts` most
+   important leftover neurons join the shared expert, so experts stay equal and the MoE stays exact.
+2. **Router** (linear, hidden -> E, with bias): `learned` (default) is fit on calibration hidden states to
+   pick, per token, the experts whose outputs are largest (MoEfication's recipe: binary cross-entropy
+   against each token's top-k experts by output norm, on standardized inputs); `similarity` uses each
+   expert's mean input weight vector (no data); `random` is a seeded baseline.
+3. **Rewrite.** The FFN becomes one `torch.ops.sparsec.moe` node (routing semantics in `sparsec.moe`:
+   softmax, top-k, `gating` unit|softmax|renormalized) plus, if there is a shared expert, the dense FFN
+   sliced to the shared neurons. Under the default `gating: unit`, `top_k == experts` computes exactly the
+   dense FFN; with calibration data the pass checks that on sampled tokens before it rewrites anything.
+4. **Adapt** (optional): `router` tunes the routers end to end against the dense model's outputs with the
+   experts frozen; `full` tunes routers and experts. Loss: relative squared error of the outputs plus
+   `balance` times the Switch load-balancing term (E * sum_e f_e * P_e) per MoE node. Adam, `adapt_steps`
+   steps at `lr`, deterministic.
+
+Recipe:
+    passes:
+      - ffn_to_moe: {experts: 16, top_k: 8, where: "model.layers.*.mlp", adapt: router}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from tqdm.auto import tqdm
+
+from sparsec.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.distill import distill
+from sparsec.errors import PassError
+from sparsec.importance import Importance, neuron_importance
+from sparsec.moe import Gating, moe_dense_reference, route, router_logits
+from sparsec.pass_manager import Pass, PassContext, PassResult
+from sparsec.program import Program
+from sparsec.structure import Ffn, ffn_activation
+
+aten = torch.ops.aten
+MOE = torch.ops.sparsec.moe.default
+EXACTNESS_TOLERANCE = 1e-3  # relative L2 error of the k = E MoE against the observed dense FFN output
+
+
+@dataclass
+class ExpertWeights:
+    """An FFN's neurons in the MoE operator's layout (rows of gate/up, columns of down), any subset."""
+
+    fc1: torch.Tensor  # [I, H]: gate rows (gated) or fc1 rows (plain)
+    fc1_bias: torch.Tensor | None
+    fc3: torch.Tensor | None  # [I, H]: up rows (gated only)
+    fc3_bias: torch.Tensor | None
+    fc2: torch.Tensor  # [H, I]: down columns
+
+    @classmethod
+    def of(cls, program: Program, ffn: Ffn) -> "ExpertWeights":
+        def rows(linear: Node, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+            offset, size = ffn.row_blocks(role)
+            weight = linear_weight(program, linear).narrow(0, offset, size)
+            bias_node = linear.args[2] if len(linear.args) > 2 else None
+            bias = program.state_tensor(program.state_name(bias_node)).narrow(0, offset, size) if bias_node is not None else None
+            return weight, bias
+
+        down = linear_weight(program, ffn.down)
+        if ffn.kind == "plain":
+            return cls(*rows(ffn.up, "up"), None, None, down)
+        gate, gate_bias = rows(ffn.gate if ffn.gate is not None else ffn.up, "gate")
+        return cls(gate, gate_bias, *rows(ffn.up, "up"), down)
+
+    def stacked(self, experts: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """Per-expert neuron indices -> the op's stacked tensors (`fc1_weight` [E, I_e, H], ...)."""
+        index = torch.stack(experts)  # [E, I_e]
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index].contiguous()
+
+        return {
+            "fc1_weight": pick(self.fc1), "fc1_bias": pick(self.fc1_bias),
+            "fc3_weight": pick(self.fc3), "fc3_bias": pick(self.fc3_bias),
+            "fc2_weight": self.fc2[:, index].permute(1, 0, 2).contiguous(),
+        }
+
+
+def _snake_deal(order: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """Neurons in `order` (most important first) dealt 0..E-1, E-1..0, ...; each expert's list sorted."""
+    rank = torch.arange(len(order))
+    turn, position = rank // num_experts, rank % num_experts
+    expert = torch.where(turn % 2 == 0, position, num_experts - 1 - position)
+    return [order[expert == e].sort().values for e in range(num_experts)]
+
+
+def _balanced_assign(distance: torch.Tensor, size: int) -> torch.Tensor:
+    """Assign N points to E clusters of exactly `size` each, greedily by increasing distance."""
+    n, e = distance.shape
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = [size] * e
+    left = n
+    for flat in distance.flatten().argsort().tolist():
+        point, cluster = divmod(flat, e)
+        if labels[point] < 0 and room[cluster]:
+            labels[point] = cluster
+            room[cluster] -= 1
+            left -= 1
+            if not left:
+                break
+    return labels
+
+
+def _balanced_kmeans(features: torch.Tensor, num_experts: int, seed: int, iterations: int = 25) -> torch.Tensor:
+    """Labels [N] of a k-means clustering into `num_experts` clusters of equal size (cosine geometry)."""
+    points = F.normalize(features.float(), dim=1)
+    size = len(points) // num_experts
+    gen = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(len(points), generator=gen)[:num_experts]]
+    labels = None
+    for _ in range(iterations):
+        new = _balanced_assign(torch.cdist(points, centroids), size)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centroids = F.normalize(torch.stack([points[labels == c].mean(0) for c in range(num_experts)]), dim=1)
+    return labels
+
+
+class FfnToMoe(Pass):
+    """Replace dense FFNs by MoE FFNs of their own neurons (`torch.ops.sparsec.moe`), routed by a learned router."""
+
+    name = "ffn_to_moe"
+
+    @dataclass
+    class Options:
+        experts: int = 16
+        top_k: int = 8
+        shared: float = 0.0
+        partition: Literal["balanced", "kmeans", "coactivation"] = "balanced"
+        router: Literal["learned", "similarity", "random"] = "learned"
+        gating: Gating = "unit"
+        importance: Importance = "activation"
+        where: str = "**"
+        adapt: Literal["none", "router", "full"] = "none"
+        adapt_steps: int = 100
+        lr: float = 1e-3
+        balance: float = 0.01
+        fit_steps: int = 300
+        max_tokens: int = 8192
+        seed: int = 0
+
+        def __post_init__(self) -> None:
+            if self.experts < 2:
+                raise ValueError(f"experts: must be >= 2, got {self.experts}")
+            if not 1 <= self.top_k <= self.experts:
+                raise ValueError(f"top_k: must be in [1, experts={self.experts}], got {self.top_k}")
+            if not 0 <= self.shared < 1:
+                raise ValueError(f"shared: a fraction of the neurons in [0, 1), got {self.shared}")
+            for name in ("adapt_steps", "fit_steps", "max_tokens"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            if self.lr <= 0 or self.balance < 0:
+                raise ValueError("lr must be > 0 and balance >= 0")
+
+    # ----- analysis ---------------------------------------------------------------------------------------
+    def _needs_data(self) -> bool:
+        o = self.options
+        return o.importance == "activation" or o.partition == "coactivation" or o.router == "learned" or o.adapt != "none"
+
+    def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
+        """(ffn, its channel group, activation, shared width) per matched FFN; PassError before any change."""
+        o = self.options
+        ffns = program.regions.ffns(o.where)
+        if not ffns:
+            known = [f.path for f in program.regions.ffns()]
+            listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
+            raise PassError(f"ffn_to_moe: where={o.where!r} matches no FFN; FFNs in this model: {listing}")
+        plan = []
+        for ffn in ffns:
+            group = ffn_channel_group(program, ffn)
+            activation = ffn_activation(ffn)
+            if ffn.gate is not None and ffn.gate.args[0] is not ffn.up.args[0]:
+                raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: gate and up read different values; "
+                                "one MoE node cannot take both")
+            width = ffn.intermediate_size
+            shared = round(o.shared * width)
+            shared += (width - shared) % o.experts
+            if width - shared < o.experts:
+                raise PassError(f"ffn_to_moe: FFN {ffn.describe()} has {width} neurons, too few for {o.experts} experts "
+                                f"after {shared} shared; use fewer experts")
+            plan.append((ffn, group, activation, shared))
+        return plan
+
+    def requires(self, program: Program, ctx: PassContext) -> None:
+        self._plan(program)
+        if self._needs_data():
+            calibration = ctx.require_calibration(self.name)
+            if calibration.num_tokens() == 0:
+                raise PassError(f"ffn_to_moe: the calibration set {calibration.source} has zero valid tokens "
+                                "(attention_mask is all zeros); the router and importance need real tokens")
+
+    def _partition(self, ffn: Ffn, weights: ExpertWeights, activation: str, score: torch.Tensor, shared: int,
+                   inputs: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        o = self.options
+        order = score.argsort(descending=True, stable=True)
+        shared_idx, rest = order[:shared].sort().values, order[shared:]
+        if o.partition == "balanced":
+            return shared_idx, _snake_deal(rest, o.experts)
+        if o.partition == "kmeans":
+            rows = [weights.fc1] + ([weights.fc3] if weights.fc3 is not None else [])
+            features = torch.cat([F.normalize(r.float(), dim=1) for r in rows], dim=1)[rest]
+        else:
+            single = _float(weights.stacked([torch.arange(ffn.intermediate_size)]))
+            h = moe_dense_reference(inputs[:4096].float(), *single.values(), activation, hidden=True)
+            profile = h.squeeze(-2).abs()[:, rest]
+            features = ((profile - profile.mean(0)) / profile.std(0).clamp_min(1e-12)).T
+        labels = _balanced_kmeans(features, o.experts, o.seed)
+        return shared_idx, [rest[labels == e].sort().values for e in range(o.experts)]
+
+    def _router(self, experts: dict, activation: str, inputs: torch.Tensor | None,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        o = self.options
+        num, hidden = experts["fc1_weight"].shape[0], experts["fc1_weight"].shape[2]
+        if o.router == "random":
+            return torch.randn(num, hidden, generator=generator) / math.sqrt(hidden), torch.zeros(num), {}
+        if o.router == "similarity":
+            return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num), {}
+        return self._fit_router(experts, activation, inputs)
+
+    def _fit_router(self, experts: dict, activation: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """MoEfication: predict each token's top-k experts by output norm (BCE), on standardized inputs."""
+        o = self.options
+        x = inputs.float()
+        stacked = _float(experts)
+        mass = torch.cat([moe_dense_reference(chunk, stacked["fc1_weight"], stacked["fc1_bias"], stacked["fc3_weight"],
+                                              stacked["fc3_bias"], stacked["fc2_weight"], activation).norm(dim=-1)
+                          for chunk in x.split(1024)])
+        target = torch.zeros_like(mass).scatter_(1, mass.topk(o.top_k, dim=1).indices, 1.0)
+        held_out = max(1, len(x) // 10) if len(x) >= 20 else 0
+        train_x, train_t = x[: len(x) - held_out], target[: len(x) - held_out]
+        mean = train_x.mean(0)
+        std = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones(x.shape[1])
+        weight = torch.zeros(mass.shape[1], x.shape[1], requires_grad=True)
+        bias = torch.zeros(mass.shape[1], requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+        z = (train_x - mean) / std
+        with torch.enable_grad():
+            for _ in range(o.fit_steps):
+                loss = F.binary_cross_entropy_with_logits(F.linear(z, weight, bias), train_t)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        weight, bias = weight.detach() / std, bias.detach() - (weight.detach() / std) @ mean  # fold the standardization
+        report = {"fit_loss": float(loss), "tokens": len(train_x)}
+        if held_out:
+            picked = router_logits(x[-held_out:], weight, bias).topk(o.top_k, dim=1).indices
+            hits = torch.zeros_like(target[-held_out:]).scatter_(1, picked, 1.0) * target[-held_out:]
+            report["held_out_recall"] = float(hits.sum() / target[-held_out:].sum())
+        return weight, bias, report
+
+    # ----- rewrite ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        plan = self._plan(program)
+        ffns = [f for f, *_ in plan]
+        scores = neuron_importance(program, ffns, o.importance, ctx.statistics, o.seed)
+        samples: dict[str, torch.Tensor] = {}
+        if ctx.calibration is not None:
+            samples = ctx.statistics.samples([n for f in ffns for n in (f.up.args[0], f.down)], o.max_tokens)
+        teacher = ctx.calibration.reference_outputs(program, progress=ctx.progress) if o.adapt != "none" else None
+        generator = torch.Generator().manual_seed(o.seed)
+        decisions, trainable = [], []
+        for (ffn, group, activation, shared), score in tqdm(list(zip(plan, scores)), desc="ffn_to_moe: experts and routers",
+                                                            disable=not ctx.progress, leave=False):
+            weights = ExpertWeights.of(program, ffn)
+            inputs = samples.get(ffn.up.args[0].name)
+            shared_idx, experts = self._partition(ffn, weights, activation, score, shared, inputs)
+            stacked = weights.stacked(experts)
+            router_weight, router_bias, fit = self._router(stacked, activation, inputs, generator)
+            error = None
+            if inputs is not None:
+                error = self._exactness(program, ffn, weights, shared_idx, stacked, activation, inputs,
+                                        samples[ffn.down.name])
+            before = group.num_parameters(program)
+            names = self._rewrite(program, ffn, group, shared_idx, stacked, router_weight.to(weights.fc1.dtype),
+                                  router_bias.to(weights.fc1.dtype), activation)
+            trainable += [n for k, n in names.items() if k.startswith("router") or o.adapt == "full"]
+            after = sum(program.state_tensor(n).numel() for n in names.values()) + (group.num_parameters(program) if shared else 0)
+            width = ffn.intermediate_size
+            decisions.append({
+                "path": ffn.path,
+                "kind": ffn.kind,
+                "activation": activation,
+                "width": width,
+                "experts": o.experts,
+                "expert_size": len(experts[0]),
+                "top_k": o.top_k,
+                "shared_neurons": int(shared),
+                "active_neurons_per_token": int(shared + o.top_k * len(experts[0])),
+                "active_fraction": (shared + o.top_k * len(experts[0])) / width,
+                "parameters_before": before,
+                "parameters_after": after,
+                "exactness_rel_l2": error,
+                "router": {"kind": o.router, **fit},
+                "shared_indices": shared_idx.tolist(),
+                "expert_indices": [e.tolist() for e in experts],
+            })
+        adaptation = None
+        if o.adapt != "none":
+            program.recompile()
+            program.prune()
+            adaptation = distill(program, trainable, ctx.calibration, teacher, steps=o.adapt_steps, lr=o.lr,
+                                 node_loss=self._balance_loss if o.balance else None, progress=ctx.progress,
+                                 description=f"ffn_to_moe adapt ({o.adapt})")
+        stats = {
+            "ffns": len(decisions),
+            "experts": o.experts,
+            "top_k": o.top_k,
+            "active_fraction": sum(d["active_neurons_per_token"] for d in decisions) / sum(d["width"] for d in decisions),
+        }
+        return PassResult(modified=True, stats=stats, decisions={"partition": o.partition, "gating": o.gating,
+                                                                 "adapt": adaptation, "ffns": decisions})
+
+    def _balance_loss(self, node: Node, args: tuple, _value) -> torch.Tensor | None:
+        """Switch load-balancing term E * sum_e f_e * P_e at an MoE node, scaled by `balance`."""
+        if node.target is not MOE:
+            return None
+        x, router_weight, router_bias, fc1 = args[:4]
+        top_k = args[8]
+        logits = router_logits(x.reshape(-1, x.shape[-1]), router_weight, router_bias)
+        probs = torch.softmax(logits, dim=-1)
+        _, chosen = route(logits, top_k)
+        fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
+        return self.options.balance * fc1.shape[0] * (fraction * probs.mean(0)).sum()
+
+    def _exactness(self, program: Program, ffn: Ffn, weights: ExpertWeights, shared_idx: torch.Tensor, stacked: dict,
+                   activation: str, inputs: torch.Tensor, dense: torch.Tensor) -> float:
+        """Relative L2 error of all experts + shared part + down bias against the FFN's observed outputs."""
+        x = inputs[:2048].float()
+        y = moe_dense_reference(x, *_float(stacked).values(), activation).sum(-2)
+        if len(shared_idx):
+            y = y + moe_dense_reference(x, *_float(weights.stacked([shared_idx])).values(), activation).squeeze(-2)
+        bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
+        if bias is not None:
+            y = y + program.state_tensor(program.state_name(bias)).float()
+        want = dense[: len(x)].float()
+        error = float((y - want).norm() / want.norm().clamp_min(1e-12))
+        if error > EXACTNESS_TOLERANCE:
+            raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: its experts do not reproduce the dense FFN on calibration tokens "
+                            f"(relative error {error:.2e} with every expert on); the FFN computes something the MoE "
+                            "operator does not model, so it is left alone")
+        return error
+
+    def _rewrite(self, program: Program, ffn: Ffn, group: ChannelGroup, shared_idx: torch.Tensor, stacked: dict,
+                 router_weight: torch.Tensor, router_bias: torch.Tensor, activation: str) -> dict[str, str]:
+        """Add the MoE node (and keep the dense FFN sliced to the shared neurons, if any); return new state names."""
+        o = self.options
+        graph = program.graph
+        tensors = {"router_weight": router_weight, "router_bias": router_bias, **stacked}
+        prefix = f"{ffn.path}.moe" if ffn.path else "moe"
+        names = {k: f"{prefix}.{k}" for k, v in tensors.items() if v is not None}
+        nodes = {k: program.add_parameter(names[k], tensors[k]) if k in names else None for k in tensors}
+        stack = _module_stack(ffn.down, ffn.path)
+        down_bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
+        if len(shared_idx):
+            group.apply(program, shared_idx)
+        with graph.inserting_after(ffn.down):
+            moe = graph.call_function(MOE, (ffn.up.args[0], nodes["router_weight"], nodes["router_bias"],
+                                            nodes["fc1_weight"], nodes["fc1_bias"], nodes["fc3_weight"],
+                                            nodes["fc3_bias"], nodes["fc2_weight"], o.top_k, activation, o.gating))
+        out = moe
+        if len(shared_idx) or down_bias is not None:
+            with graph.inserting_after(moe):
+                out = graph.call_function(aten.add.Tensor, (ffn.down, moe) if len(shared_idx) else (moe, down_bias))
+        for node in {moe, out}:
+            node.meta["nn_module_stack"] = stack
+        program.replace_uses(ffn.down, out, except_in=out)
+        return names
+
+    def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
+        found = {}
+        for node in program.graph.find_nodes(op="call_function", target=MOE):
+            stack = node.meta.get("nn_module_stack") or {}
+            found[list(stack.values())[-1][0] if stack else ""] = node
+        for decision in result.decisions["ffns"]:
+            node = found.get(decision["path"])
+            if node is None:
+                raise PassError(f"ffn_to_moe: no MoE node at {decision['path']} after the rewrite")
+            experts, width = node.args[3].meta["val"].shape[:2]
+            if (experts, width, node.args[8]) != (decision["experts"], decision["expert_size"], decision["top_k"]):
+                raise PassError(f"ffn_to_moe: the MoE node at {decision['path']} is not what the report says")
+
+
+def _float(stacked: dict) -> dict:
+    return {k: None if v is None else v.float() for k, v in stacked.items()}
+
+
+def _module_stack(node: Node, path: str) -> dict:
+    """`node`'s module stack cut at the module `path` (new nodes belong to the FFN's module, not to `down`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    kept = {}
+    for key, (module, kind) in stack.items():
+        if module == path or path.startswith(module + ".") or not module:
+            kept[key] = (module, kind)
+        if module == path:
+            break
+    return kept
