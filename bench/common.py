@@ -69,8 +69,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+# Interleaved sessions in one process: a session's intra-op threads spin after each run and steal the cores
+# from the next session's run. Measured here: two identical 2-thread sessions of one FFN, 90 ms alone, took
+# 141 ms interleaved with spinning sessions and 90 ms with spinning off.
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
+
+
 def compare_variants(model: torch.nn.Module, variants: dict[str, Sequence[Pass]], args: argparse.Namespace,
-                     describe: Callable[[sparsec.Program], str]) -> dict:
+                     describe: Callable[[sparsec.Program], str], session_config: dict[str, str] | None = None,
+                     moe_lowering: str = "standard") -> dict:
     """Compile each variant (its passes applied to a fresh capture), time them interleaved, print a table."""
     ids = torch.randint(0, args.vocab, (1, args.seq))
     bench_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -81,8 +88,8 @@ def compare_variants(model: torch.nn.Module, variants: dict[str, Sequence[Pass]]
             program = sparsec.capture(model, capture_inputs)
             PassManager(passes).run(program)
             path = Path(tmp) / f"variant{i}.onnx"
-            export_onnx(program, path)
-            sess = ort_backend.session(path)
+            export_onnx(program, path, moe_lowering=moe_lowering)
+            sess = ort_backend.session(path, config=session_config)
             runs[name] = lambda s=sess: ort_backend.run(s, bench_inputs)
             facts[name] = {"shape": describe(program), "parameters": program.num_parameters(),
                            "flops": sum(flops_by_path(program, bench_inputs).values())}

@@ -5,11 +5,12 @@ Layer: a gated SiLU FFN (hidden 1024, intermediate 4096, 512 tokens) against the
 interleaved: PyTorch (the dense FFN and the `sparsec::moe` op, both through the captured program), transformers'
 `MixtralSparseMoeBlock` at the same shapes (experts implementations `eager` and `grouped_mm`), and ONNX Runtime
 (dense, the contrib `com.microsoft::MoE` lowering and the standard-ONNX lowering); torch and ONNX Runtime
-variants are timed in two separate interleaved groups (their thread pools disturb each other). Ideal = E/k (the FFN work
+variants are timed in two separate interleaved groups (their thread pools disturb each other), and ONNX
+Runtime sessions run with intra-op spinning off (see bench/common.py: spinning sessions slow each other down). Ideal = E/k (the FFN work
 falls by that factor; the router adds 2*T*H*E FLOPs, under 0.4% here).
 
 Model: a 16-layer Qwen2-style model (bench/common.py) with every FFN turned into 16 experts, 8 active, in ONNX
-Runtime, against the dense model; ideal = the FLOP ratio of the two compiled programs.
+Runtime (`--lowering`, default standard), against the dense model; ideal = the FLOP ratio of the two programs.
 
 Random weights and a random router (speed does not depend on them; a random router spreads tokens evenly).
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare_variants, markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
+from common import NO_SPIN, compare_variants, markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.exporters import onnxruntime as ort_backend  # noqa: E402
@@ -99,7 +100,7 @@ def layer_benchmark(args) -> dict:
             path = Path(tmp.name) / f"{name.replace(' ', '_').replace('/', '_')}_{lowering}.onnx"
             export_onnx(program, path, moe_lowering=lowering)
             label = f"ORT {name}" + (f" ({lowering})" if name != "dense" else "")
-            sess = ort_backend.session(path)
+            sess = ort_backend.session(path, config=NO_SPIN)
             ort_runs[label] = lambda s=sess: ort_backend.run(s, inputs)
             rows_meta[label] = name
         print(f"exported {name}", file=sys.stderr, flush=True)
@@ -135,9 +136,12 @@ def main() -> None:
                    help="transformers experts implementations to compare against (batched_mm copies every token's "
                         "expert weights: 19 s per call at the default shapes here, so it is not in the default list)")
     p.add_argument("--skip-model", action="store_true", help="only the layer benchmark")
+    p.add_argument("--skip-layer", action="store_true", help="only the model benchmark")
+    p.add_argument("--lowering", choices=["standard", "contrib"], default="standard",
+                   help="MoE lowering of the model benchmark (the layer benchmark times both)")
     p.set_defaults(reps=15)
     args = p.parse_args()
-    results = {"layer": layer_benchmark(args)}
+    results = {} if args.skip_layer else {"layer": layer_benchmark(args)}
     if not args.skip_model:
         moe = get_pass("ffn_to_moe")
         variants = {"dense": [], f"MoE {args.experts}/{args.experts // 2}": [
@@ -145,7 +149,8 @@ def main() -> None:
         model_args = p.parse_args([*sys.argv[1:], "--reps", "7"]) if "--reps" not in sys.argv else args
         model_args.json = None
         results["model"] = compare_variants(qwen2_model(model_args), variants, model_args,
-                                            describe=lambda prog: f"{len(prog.graph.find_nodes(op='call_function', target=torch.ops.sparsec.moe.default))} MoE FFNs")
+                                            describe=lambda prog: f"{len(prog.graph.find_nodes(op='call_function', target=torch.ops.sparsec.moe.default))} MoE FFNs",
+                                            session_config=NO_SPIN, moe_lowering=args.lowering)
     if args.json:
         import json
 

@@ -47,12 +47,12 @@ def export_onnx(
     *,
     opset: int = 18,
     external_data: bool | Literal["auto"] = "auto",
-    moe_lowering: MoeLowering = "contrib",
+    moe_lowering: MoeLowering = "standard",
 ) -> dict:
     """Write `program` to `path` as ONNX and return facts for the report (sizes, ops, dims, seconds).
 
-    `moe_lowering`: how `sparsec::moe` nodes lower (see `sparsec.exporters.onnx_moe`): `contrib` (ONNX Runtime's
-    `com.microsoft::MoE`, standard ops where it cannot express the FFN) or `standard` (plain ONNX, any runtime).
+    `moe_lowering`: how `sparsec::moe` nodes lower (see `sparsec.exporters.onnx_moe`): `standard` (plain ONNX,
+    any runtime) or `contrib` (ONNX Runtime's `com.microsoft::MoE`, standard ops where it cannot express the FFN).
 
     Example:
         >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]

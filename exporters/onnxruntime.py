@@ -14,12 +14,16 @@ from sparsec.program import Program
 from sparsec.quality import compare_outputs
 
 
-def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    """An `onnxruntime.InferenceSession` for `path`."""
+def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+            config: Mapping[str, str] | None = None):
+    """An `onnxruntime.InferenceSession` for `path`; `config`: session config entries
+    (e.g. `{"session.intra_op.allow_spinning": "0"}`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 

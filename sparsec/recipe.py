@@ -81,14 +81,15 @@ class ParityOptions:
 class ExportOptions:
     """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
 
-    `moe_lowering`: MoE nodes become ONNX Runtime's contrib `com.microsoft::MoE` (`contrib`, the default for the
-    ONNX Runtime target) or plain ONNX ops (`standard`, for other runtimes); see `sparsec.exporters.onnx_moe`.
+    `moe_lowering`: MoE nodes become plain ONNX ops (`standard`, the default: any runtime, and the faster of
+    the two on ONNX Runtime CPU in bench/ffn_to_moe.py) or ONNX Runtime's contrib `com.microsoft::MoE`
+    (`contrib`); see `sparsec.exporters.onnx_moe`.
     """
 
     onnx: bool = True
     opset: int = 18
     external_data: bool | Literal["auto"] = "auto"
-    moe_lowering: Literal["contrib", "standard"] = "contrib"
+    moe_lowering: Literal["standard", "contrib"] = "standard"
     parity: ParityOptions = field(default_factory=ParityOptions)
 
     def __post_init__(self) -> None:

@@ -310,6 +310,7 @@ def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gati
     testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": torch.randn(3, 5, 16)}, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lowering", ["contrib", "standard"])
 def test_onnx_model_with_moe_matches_pytorch_at_another_shape(tmp_path, lowering):
     model = make_model("tiny-qwen2")
