@@ -52,7 +52,8 @@ from sparsec.structure import Ffn, ffn_activation
 
 aten = torch.ops.aten
 MOE = torch.ops.sparsec.moe.default
-EXACTNESS_TOLERANCE = 1e-3  # relative L2 error of the k = E MoE against the observed dense FFN output
+# relative L2 error allowed between the k = E MoE (recomputed in float32) and the FFN's observed outputs
+EXACTNESS_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
 @dataclass
@@ -355,7 +356,7 @@ class FfnToMoe(Pass):
             y = y + program.state_tensor(program.state_name(bias)).float()
         want = dense[: len(x)].float()
         error = float((y - want).norm() / want.norm().clamp_min(1e-12))
-        if error > EXACTNESS_TOLERANCE:
+        if error > EXACTNESS_TOLERANCE.get(dense.dtype, 3e-2):
             raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: its experts do not reproduce the dense FFN on calibration tokens "
                             f"(relative error {error:.2e} with every expert on); the FFN computes something the MoE "
                             "operator does not model, so it is left alone")

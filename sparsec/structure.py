@@ -250,13 +250,18 @@ def ffn_activation(ffn: Ffn) -> str:
     `down(act(gate x) * up x)` (gated, fused gated) or `down(act(up x))` (plain) and nothing else.
 
     Rewrites that re-implement the FFN (the MoE operator) need this; `PassError` names the ops otherwise.
-    Casts that keep the dtype and dropouts (inference) are looked through.
+    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through.
     """
     seen: set[Node] = set()
 
+    def identity(node: Node) -> bool:
+        if node.target is aten.dropout.default:
+            return node.args[2] is False or node.args[1] == 0
+        return _same_dtype_and_shape(node, node.args[0])
+
     def strip(node: Node) -> Node:
         while (node.op == "call_function" and node.target in PASSTHROUGH and isinstance(node.args[0], Node)
-               and (node.target is aten.dropout.default or _same_dtype_and_shape(node, node.args[0]))):
+               and identity(node)):
             seen.add(node)
             node = node.args[0]
         return node

@@ -115,6 +115,19 @@ def test_top_k_equals_moe_by_hand(partition, gating):
                               rtol=1e-4, atol=1e-5)
 
 
+def test_bfloat16_model_keeps_its_dtype_and_stays_close():
+    """bfloat16 experts and router; the exactness check allows bfloat16 rounding (float32 stays at 1e-3)."""
+    model = make_model("tiny-qwen2").to(torch.bfloat16)
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, calibration=calibration(model))
+    assert program.state_tensor("model.layers.0.mlp.moe.fc1_weight").dtype == torch.bfloat16
+    assert all(1e-4 < d["exactness_rel_l2"] < 3e-2 for d in record.decisions["ffns"])
+    inputs = make_inputs(model, 2, 9, seed=3)
+    with torch.no_grad():
+        got, want = program.run(inputs)["logits"].float(), model(**inputs).logits.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
 def test_remainder_joins_the_shared_expert():
     model = make_model("tiny-qwen2")  # FFN width 128
     program = sparsec.capture(model, make_inputs(model, 2, 16))
