@@ -70,7 +70,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 # Interleaved sessions in one process: a session's intra-op threads spin after each run and steal the cores
-# from the next session's run. Measured here: two identical 2-thread sessions of one FFN, 90 ms alone, took
+# from the next session's run. One ad-hoc measurement here: a 2-thread session of one FFN, 90 ms alone, took
 # 141 ms interleaved with spinning sessions and 90 ms with spinning off.
 NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 
