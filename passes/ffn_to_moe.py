@@ -180,11 +180,7 @@ class FfnToMoe(Pass):
     def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
         """(ffn, its channel group, activation, shared width) per matched FFN; PassError before any change."""
         o = self.options
-        ffns = program.regions.ffns(o.where)
-        if not ffns:
-            known = [f.path for f in program.regions.ffns()]
-            listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
-            raise PassError(f"ffn_to_moe: where={o.where!r} matches no FFN; FFNs in this model: {listing}")
+        ffns = program.regions.require_ffns(o.where, self.name)
         plan = []
         for ffn in ffns:
             group = ffn_channel_group(program, ffn)

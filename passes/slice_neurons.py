@@ -60,11 +60,7 @@ class SliceNeurons(Pass):
 
     # ----- analysis ---------------------------------------------------------------------------------------
     def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
-        ffns = program.regions.ffns(self.options.where)
-        if not ffns:
-            known = [f.path for f in program.regions.ffns()]
-            listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
-            raise PassError(f"slice_neurons: where={self.options.where!r} matches no FFN; FFNs in this model: {listing}")
+        ffns = program.regions.require_ffns(self.options.where, self.name)
         return [(ffn, ffn_channel_group(program, ffn)) for ffn in ffns]
 
     def _round(self, k: int, width: int) -> int:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from torch.fx import Node
 
-from .errors import SparsecError
+from .errors import PassError, SparsecError
 from .paths import ancestors, glob_match, normalize
 
 if TYPE_CHECKING:
@@ -172,6 +172,15 @@ class RegionIndex:
         from .structure import find_ffns
 
         return [f for f in find_ffns(self.program) if glob_match(f.path, where)]
+
+    def require_ffns(self, where: str, who: str) -> list["Ffn"]:
+        """`ffns(where)`, or a `PassError` from pass `who` listing the model's FFNs when nothing matches."""
+        ffns = self.ffns(where)
+        if not ffns:
+            known = [f.path for f in self.ffns()]
+            listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
+            raise PassError(f"{who}: where={where!r} matches no FFN; FFNs in this model: {listing}")
+        return ffns
 
     def tags(self) -> dict[str, str]:
         """Tag of every region path."""
