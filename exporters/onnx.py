@@ -61,6 +61,13 @@ def export_onnx(
     import torch
 
     path = Path(path)
+    complex_nodes = [n.name for n in program.graph.nodes
+                     if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype.is_complex]
+    if complex_nodes:
+        raise SparsecError(
+            f"the program computes complex values ({', '.join(complex_nodes[:5])}{', ...' if len(complex_nodes) > 5 else ''}), "
+            "which ONNX cannot express; run the `real_rotary` pass first (recipe: `- real_rotary: {}`)"
+        )
     if external_data == "auto":
         external_data = program.parameter_bytes() > EXTERNAL_DATA_THRESHOLD
     start = time.perf_counter()

@@ -12,16 +12,21 @@ import io
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import CaptureError
-from .families import Family, detect_family
+from .families import GENERIC, Family, detect_family
 from .program import Program
 from .tags import TagRule, Tagger
 
 DynamicSpec = bool | Mapping[str, Mapping[int, str]]
+
+
+class UnknownFamilyWarning(UserWarning):
+    """The model's family is not known: it was captured with every region tagged `shared`."""
 
 _HINTS = (
     (("DynamicCache", "Cache'>", "past_key_values"),
@@ -183,6 +188,13 @@ def capture(
         model.train(was_training)
     sys.stderr.write(printed.getvalue())
 
+    if family.name == GENERIC.name and not tags:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        warnings.warn(
+            f"{type(model).__name__} (model_type {model_type!r}) is not a family sparsec knows: every region is tagged "
+            "'shared'. Mark its components with tag rules, e.g. capture(..., tags=[TagRule('model.vision_tower', "
+            "'understanding')]) or a recipe `tags:` section ([{glob: 'model.vision_tower', tag: understanding}])",
+            UnknownFamilyWarning, stacklevel=2)
     program = Program(exported, family=family.name, tagger=Tagger(family.tags).with_overrides(tags), dynamic_dims=dims)
     program.prune()  # drop state the graph never reads (e.g. unused rotary buffers)
     return program

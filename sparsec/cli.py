@@ -1,4 +1,4 @@
-"""The `sparsec` command line: inspect, compile, passes.
+"""The `sparsec` command line: inspect, compile, analyze, passes.
 
 Exit codes: 0 success; 1 a quality gate or the ONNX parity check failed (nothing written); 2 bad input
 (model, recipe, calibration file, options); 3 an internal error (a bug: please report it with the trace).
@@ -37,9 +37,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
     program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
-    if loaded.family.name == "unknown":
-        print(f"note: model_type {getattr(loaded.model.config, 'model_type', None)!r} is not a known family; every "
-              "region is tagged 'shared'. Tag components with a recipe `tags:` section and --recipe.", file=sys.stderr)
     info = inspect_program(program, example)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
@@ -136,6 +133,42 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import KINDS, Probe, format_markdown, load_tasks, write_report
+    from .models import load_model
+    from .recipe import Recipe
+
+    if not args.out:
+        raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")
+    specs: dict[str, tuple[str | None, str | None]] = {}
+    for item in args.task or ["understanding", "generation"]:
+        head, _, path = item.partition("=")
+        name, _, entry = head.partition("@")
+        if not name or name in specs:
+            raise SparsecError(f"--task {item!r}: give NAME[@ENTRY]=FILE (or NAME for synthetic inputs), each name once")
+        specs[name] = (entry or None, path or None)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError as exc:
+        raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    loaded = load_model(args.model)
+    tasks = load_tasks(loaded.model, specs, tags=recipe.tags, capture_batch=recipe.capture.batch,
+                       capture_seq=recipe.capture.seq, samples=args.samples, seq=args.seq, log=_log)
+    components = args.components.split(",") if args.components else ["understanding", "generation"]
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    probe = Probe(tasks, components=components, kinds=kinds, strict=bool(args.components or args.kinds),
+                  top_fraction=args.top_fraction, metric=args.metric, progress=not args.quiet)
+    for skipped in probe.skipped:
+        _log(f"skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
+    result = probe.run(ratios)
+    files = write_report(result, args.out)
+    if not args.quiet:
+        print(format_markdown(result))
+        print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsec",
@@ -166,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(overrides the recipe's calibration.file; default: synthetic random inputs)")
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser(
+        "analyze", help="probe which component (understanding / generation) tolerates depth and width compression",
+        description="Compress one component at a time (by component tags), in depth (skip its most redundant blocks) "
+                    "or width (zero its least important FFN neurons), over a sweep of ratios, and measure each task's "
+                    "quality relative to the uncompressed model; also the dynamic sparsity of every FFN (Jaccard "
+                    "overlap of each sample's top neurons, within and across tasks). Training-free: one statistics "
+                    "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
+        epilog="Example: sparsec analyze --model builtin:tiny-mot --task understanding=und.safetensors "
+               "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--task", action="append", metavar="NAME[@ENTRY]=FILE",
+                   help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
+                        "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "
+                        "both synthetic). ENTRY: the entry point serving it (Janus: understanding, generation_step; "
+                        "default: the one named like the task, generation_step for 'generation', else forward)")
+    p.add_argument("--components", help="comma-separated components to compress (default: understanding,generation; "
+                                        "given explicitly, one with nothing to compress is an error)")
+    p.add_argument("--kinds", help="comma-separated: depth, width (default: both)")
+    p.add_argument("--ratios", default="0.125,0.25,0.375,0.5",
+                   help="fractions removed, each in (0, 1) (default: %(default)s)")
+    p.add_argument("--metric", default="auto", choices=["auto", "top1", "cosine", "kl", "rel_l2"],
+                   help="headline quality metric (auto: top-1 agreement for logits, else cosine)")
+    p.add_argument("--top-fraction", type=float, default=0.1,
+                   help="share of an FFN's neurons counted as highly active for the overlap (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=16, help="synthetic samples per task (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=32, help="synthetic sequence length (default: %(default)s)")
+    p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
+    p.add_argument("--out", help="output directory for analysis.md, analysis.json, quality_*.png, sparsity.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("passes", help="list registered passes and their options",
                        description="List every registered pass (built-in, entry point 'sparsec.passes') with options.")

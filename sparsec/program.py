@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
     for key, child in zip(keys, spec.children()):
         names += _leaf_names(child, f"{prefix}.{key}" if prefix else key)
     return names
+
+
+@dataclass(frozen=True)
+class ValueRewrite:
+    """For `Program.run(rewrite=...)`: the node's value becomes `fn(value, *values of reads)`.
+
+    Example:
+        >>> skip = ValueRewrite(lambda out, inp: inp, reads=(block.input,))   # the block passes its input on
+        >>> program.run(batch, rewrite={block.output: skip})
+    """
+
+    fn: Callable[..., Any]
+    reads: tuple[Node, ...] = ()
 
 
 class Program:
@@ -262,24 +276,36 @@ class Program:
         inputs: Mapping[str, torch.Tensor],
         observe: Callable[[Node, Any], None] | None = None,
         nodes: set[Node] | None = None,
+        rewrite: Mapping[Node, "ValueRewrite"] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the graph on `inputs` (by name) and return the outputs by name.
 
         With `observe`, every node in `nodes` (all nodes if None) is reported as `observe(node, value)`
         as soon as it is computed: calibration statistics are collected this way in one pass.
+        With `rewrite`, the value of each node in it is replaced by its `ValueRewrite` before any user reads
+        it: a what-if run of a change without editing the graph (`sparsec.analyze` masks neurons and skips
+        blocks this way).
         """
         args = self._flat_args(inputs)
-        if observe is None:
+        if observe is None and not rewrite:
             return self._named_outputs(self.graph_module(*args))
+        rewrite = rewrite or {}
 
         class _Observer(torch.fx.Interpreter):
             def run_node(self, n: Node) -> Any:
                 value = super().run_node(n)
-                if nodes is None or n in nodes:
+                if n in rewrite:
+                    value = rewrite[n].fn(value, *(self.env[r] for r in rewrite[n].reads))
+                if observe is not None and (nodes is None or n in nodes):
                     observe(n, value)
                 return value
 
-        return self._named_outputs(_Observer(self.graph_module).run(*args))
+        interpreter = _Observer(self.graph_module)
+        kept = {r for rw in rewrite.values() for r in rw.reads}
+        if kept:  # values a rewrite reads stay alive until the end of the run
+            for freed in interpreter.user_to_last_uses.values():
+                freed[:] = [n for n in freed if n not in kept]
+        return self._named_outputs(interpreter.run(*args))
 
     # ----- mutation support --------------------------------------------------------------------------
     def recompile(self) -> None:
@@ -409,6 +435,7 @@ class Program:
             range_constraints=ep.range_constraints,
             module_call_graph=ep.module_call_graph,
             constants=ep.constants,
+            verifiers=ep.verifiers,  # the captured IR's own verifier: it admits in-place ops such as index_put_
         )
         return Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
 

@@ -6,6 +6,10 @@ Metrics per output, over valid tokens only (attention_mask == 1), each a vector 
 - `max_abs`, `mean_abs`: absolute error;
 - for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
   KL(softmax(ref) || softmax(cand)) per token.
+
+Entries that both sides hold at the dtype's lowest value are masked by the model (Chameleon bans image tokens
+from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the absolute
+errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep them.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ class OutputComparison:
             raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
         r = token_vectors(ref.detach().double(), mask)
         c = token_vectors(cand.detach().double(), mask)
-        diff = c - r
+        lowest = torch.finfo(ref.dtype).min
+        banned = token_vectors((ref.detach() == lowest) & (cand.detach() == lowest), mask)
+        r_kept, c_kept = r.masked_fill(banned, 0.0), c.masked_fill(banned, 0.0)
+        diff = c_kept - r_kept
         self.tokens += r.shape[0]
         self.elements += r.numel()
-        self.cos_sum += float(F.cosine_similarity(r, c, dim=-1, eps=1e-12).sum())
+        self.cos_sum += float(F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12).sum())
         self.err_sq += float((diff * diff).sum())
-        self.ref_sq += float((r * r).sum())
+        self.ref_sq += float((r_kept * r_kept).sum())
         self.abs_sum += float(diff.abs().sum())
         self.max_abs = max(self.max_abs, float(diff.abs().max())) if diff.numel() else self.max_abs
         if self.logits:

@@ -31,13 +31,17 @@ if TYPE_CHECKING:
     from .structure import Ffn
 
 
+_EXPORT_PLACEHOLDER = "_empty_nn_module_stack_from_metadata_hook"
+
+
 def module_stack(node: Node) -> list[tuple[str, str]]:
     """The (module path, module type name) pairs a node was computed under, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     out = []
-    for path, typ in stack.values():
+    for key, (path, typ) in stack.items():
         path = normalize(path)
-        if path:
+        # torch.export labels top-level symbolic-size nodes with a placeholder entry, not a module
+        if path and not str(key).startswith(_EXPORT_PLACEHOLDER):
             out.append((path, typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))))
     return out
 

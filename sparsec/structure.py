@@ -372,7 +372,8 @@ def residual_block(region: Region, ffns: list[Ffn]) -> ResidualBlock:
     `ffns`: the program's FFNs (`find_ffns`), which tell MLP sublayers apart.
     """
     inside = set(region.nodes)
-    outputs = [n for n in region.outputs() if n.target is not _ASSERT]
+    # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
+    outputs = [n for n in region.outputs() if n.target is not _ASSERT and isinstance(n.meta.get("val"), torch.Tensor)]
     if len(outputs) != 1:
         raise PassError(
             f"cannot find the residual structure of {region.path}: it hands on {len(outputs)} values "

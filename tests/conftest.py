@@ -7,6 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "examples"))
 
 from sparsec.families import detect_family  # noqa: E402
+from sparsec.diffusion import TINY_QWENIMAGE_CONFIG, QwenImageStep, qwenimage_step_inputs, tiny_qwenimage  # noqa: E402
 from sparsec.models import build_model, builtin_config  # noqa: E402
 
 MODELS = ("tiny-qwen2", "tiny-llama", "tiny-janus")
@@ -40,39 +41,13 @@ def captured():
     return get
 
 
-class QwenImageStep(torch.nn.Module):
-    """One denoising step of a diffusers QwenImage MMDiT at a fixed latent grid (`img_shapes` is not a tensor)."""
-
-    def __init__(self, transformer, frames: int = 1, height: int = 4, width: int = 4):
-        super().__init__()
-        self.transformer = transformer
-        self.img_shapes = [(frames, height, width)]
-
-    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep):
-        return self.transformer(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-            encoder_hidden_states_mask=encoder_hidden_states_mask, timestep=timestep,
-            img_shapes=self.img_shapes * hidden_states.shape[0], return_dict=False,
-        )[0]
-
-
-def make_qwenimage(seed: int = 0):
-    """A tiny QwenImageTransformer2DModel (random weights) and example inputs for a 4x4 latent grid."""
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
-    ).eval()
-    return QwenImageStep(transformer)
+def make_qwenimage(seed: int = 0) -> QwenImageStep:
+    """A tiny QwenImageTransformer2DModel (random weights) as one denoising step on a 4x4 latent grid."""
+    return tiny_qwenimage(seed)
 
 
 def qwenimage_inputs(batch: int, text: int, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(batch, 16, 16, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, text, 24, generator=gen),
-        "encoder_hidden_states_mask": torch.ones(batch, text, dtype=torch.long),
-        "timestep": torch.rand(batch, generator=gen),
-    }
+    """Step inputs for `make_qwenimage()`: 16 latent tokens, prompts of `text` tokens."""
+    c = TINY_QWENIMAGE_CONFIG
+    return qwenimage_step_inputs(batch, text, image_tokens=16, in_channels=c["in_channels"],
+                                 text_dim=c["joint_attention_dim"], seed=seed)

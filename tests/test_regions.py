@@ -7,6 +7,7 @@ import torch
 from conftest import make_inputs, make_model
 
 import sparsec
+from sparsec.capture import UnknownFamilyWarning
 from sparsec.errors import SparsecError
 from sparsec.regions import RegionIndex
 from sparsec.tags import TagRule
@@ -94,6 +95,7 @@ def test_unknown_family_is_all_shared():
     model = make_model("tiny-qwen2")
     model.config = copy.copy(model.config)
     model.config.model_type = "something_new"
-    program = sparsec.capture(model, make_inputs(model, 2, 8))
+    with pytest.warns(UnknownFamilyWarning, match=r"model_type 'something_new'\) is not a family sparsec knows.*tags="):
+        program = sparsec.capture(model, make_inputs(model, 2, 8))
     assert program.family == "unknown"
     assert set(program.regions.tags().values()) == {"shared"}
