@@ -19,6 +19,7 @@ Recipe:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -196,6 +197,18 @@ class DropLayers(Pass):
                              reason=f"iterative: highest {o.score} similarity, re-scored after each drop")
         decisions["dropped"] = dropped
         return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions)
+
+    def targets(self, program: Program) -> list[str]:
+        return [b.path for b in program.regions.blocks(self.options.where or "**")]
+
+    def replay(self, decisions: dict, shared: list[str]) -> "DropLayers":
+        """The same blocks (or sublayers of them) dropped, as explicit `layers` of the same stack."""
+        if self.options.kind == "joint":
+            raise PassError("drop_layers: kind joint cannot be repeated in another entry point (it may drop only one "
+                            "sublayer of a block); use kind attn or mlp, or restrict `where` to one entry point")
+        layers = sorted({int(label.split(":")[0].rsplit(".", 1)[1]) for label in decisions["dropped"]})
+        return DropLayers(dataclasses.replace(self.options, layers=layers, count=None, ratio=None, iterative=False,
+                                              where=f"{decisions['stack']}.*"))
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         left = set(program.state_placeholders())

@@ -197,6 +197,9 @@ class FfnToMoe(Pass):
             plan.append((ffn, group, activation, shared))
         return plan
 
+    def targets(self, program: Program) -> list[str]:
+        return [f.path for f in program.regions.ffns(self.options.where)]
+
     def requires(self, program: Program, ctx: PassContext) -> None:
         self._plan(program)
         if self._needs_data():

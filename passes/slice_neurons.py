@@ -11,6 +11,9 @@ matched FFNs under one threshold, so FFNs lose different amounts (each keeps at 
 Widths are rounded to the nearest multiple of `round_to` (kernel-friendly shapes), never above the
 original width. Kept neurons stay in their original order.
 
+`kept: {ffn path: [indices]}` pins exactly which neurons named FFNs keep (the others follow `keep` /
+`keep_ratio`); compiling several entry points uses it to slice shared FFNs the same way in every program.
+
 Recipe:
     passes:
       - slice_neurons: {keep_ratio: 0.5, where: "model.layers.*.mlp", round_to: 8}
@@ -18,6 +21,7 @@ Recipe:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +49,7 @@ class SliceNeurons(Pass):
         scope: Literal["per_layer", "global"] = "per_layer"
         round_to: int = 1
         seed: int = 0
+        kept: dict[str, list[int]] | None = None
 
         def __post_init__(self) -> None:
             if (self.keep_ratio is None) == (self.keep is None):
@@ -61,6 +66,15 @@ class SliceNeurons(Pass):
     # ----- analysis ---------------------------------------------------------------------------------------
     def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
         ffns = program.regions.require_ffns(self.options.where, self.name)
+        pinned = self.options.kept or {}
+        paths = {f.path: f for f in ffns}
+        for path, indices in pinned.items():
+            if path not in paths:
+                raise PassError(f"slice_neurons: kept names {path!r}, which is not an FFN matched by where="
+                                f"{self.options.where!r} (matched: {sorted(paths)[:6]})")
+            width = paths[path].intermediate_size
+            if not indices or len(set(indices)) != len(indices) or not all(0 <= i < width for i in indices):
+                raise PassError(f"slice_neurons: kept[{path!r}] must list distinct neuron indices in [0, {width})")
         return [(ffn, ffn_channel_group(program, ffn)) for ffn in ffns]
 
     def _round(self, k: int, width: int) -> int:
@@ -72,6 +86,9 @@ class SliceNeurons(Pass):
         o = self.options
         targets = []
         for ffn, _ in groups:
+            if ffn.path in (o.kept or {}):
+                targets.append(len(o.kept[ffn.path]))
+                continue
             k = o.keep if o.keep is not None else round(o.keep_ratio * ffn.intermediate_size)
             if k < 1:
                 raise PassError(f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {ffn.intermediate_size} "
@@ -100,11 +117,16 @@ class SliceNeurons(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         groups = self._groups(program)
         ffns = [f for f, _ in groups]
+        pinned = self.options.kept or {}
         scores = neuron_importance(program, ffns, self.options.importance, ctx.statistics, self.options.seed)
-        targets = self._global_targets(ffns, scores) if self.options.scope == "global" else self._targets(groups)
+        targets = self._targets(groups)
+        if self.options.scope == "global":
+            free = [i for i, f in enumerate(ffns) if f.path not in pinned]
+            for i, k in zip(free, self._global_targets([ffns[i] for i in free], [scores[i] for i in free])):
+                targets[i] = k
         decisions = []
         for (ffn, group), score, k in zip(groups, scores, targets):
-            kept = score.topk(k).indices.sort().values
+            kept = torch.tensor(sorted(pinned[ffn.path])) if ffn.path in pinned else score.topk(k).indices.sort().values
             before = group.num_parameters(program)
             if k < ffn.intermediate_size:
                 group.apply(program, kept)
@@ -128,6 +150,14 @@ class SliceNeurons(Pass):
         }
         return PassResult(modified=modified, stats=stats, decisions={"importance": self.options.importance,
                                                                       "scope": self.options.scope, "ffns": decisions})
+
+    def targets(self, program: Program) -> list[str]:
+        return [f.path for f in program.regions.ffns(self.options.where)]
+
+    def replay(self, decisions: dict, shared: list[str]) -> "SliceNeurons":
+        """The same neurons kept in the `shared` FFNs (as `kept`); the others decided by the options."""
+        kept = {d["path"]: d["kept_indices"] for d in decisions["ffns"] if d["path"] in shared}
+        return SliceNeurons(dataclasses.replace(self.options, kept={**(self.options.kept or {}), **kept}))
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         for decision in result.decisions["ffns"]:

@@ -61,7 +61,21 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _decisions(report: dict) -> str:
     """Each pass's decisions: scores as a ranking table, then everything else."""
     lines = []
-    for p in report["passes"]:
+    for entry, program in _programs(report):
+        if entry:
+            lines.append(f"== entry point {entry}")
+        lines += _pass_decisions(program["passes"])
+    return "\n".join(lines) or "no passes in the recipe"
+
+
+def _programs(report: dict) -> list[tuple[str, dict]]:
+    """(entry point name, its part of the report); one unnamed part for a single-program compile."""
+    return list(report["entry_points"].items()) if "entry_points" in report else [("", report)]
+
+
+def _pass_decisions(passes: list[dict]) -> list[str]:
+    lines = []
+    for p in passes:
         quality = "; ".join(f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
                             for o, m in (p["quality"] or {}).items())
         lines.append(f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
@@ -81,7 +95,7 @@ def _decisions(report: dict) -> str:
                 lines += [f"    {_compact(v)}" for v in value]
             else:
                 lines.append(f"  {key}: {_compact(value)}")
-    return "\n".join(lines) or "no passes in the recipe"
+    return lines
 
 
 def _compact(value, limit: int = 8):
@@ -100,20 +114,21 @@ def _log(message: str) -> None:
 
 
 def _summary(report: dict) -> str:
-    lines = [
-        f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})",
-        f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}",
-        f"calibration {report['calibration']['source']}",
-    ]
-    for p in report["passes"]:
-        lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
-                     f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
-    if "parity" in report:
-        for name, m in report["parity"]["metrics"].items():
-            extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
-            lines.append(f"parity     {name}: cosine {m['cosine']:.6f} rel_l2 {m['rel_l2']:.2e} "
-                         f"max_abs {m['max_abs']:.2e}{extra} at {report['parity']['input_shapes']}")
-    lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in report["artifacts"].items()))
+    lines = [f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})"]
+    for entry, program in _programs(report):
+        if entry:
+            lines.append(f"entry      {entry}/")
+        lines += [f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
+                  f"calibration {program['calibration']['source']}"]
+        for p in program["passes"]:
+            lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
+                         f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
+        if "parity" in program:
+            for name, m in program["parity"]["metrics"].items():
+                extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
+                lines.append(f"parity     {name}: cosine {m['cosine']:.6f} rel_l2 {m['rel_l2']:.2e} "
+                             f"max_abs {m['max_abs']:.2e}{extra} at {program['parity']['input_shapes']}")
+        lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in program["artifacts"].items()))
     lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from . import __version__
 from .calibration import load_calibration
 from .capture import capture
 from .errors import SparsecError
+from .entrypoints import entry_points
 from .models import load_model
-from .pass_manager import PassContext, PassManager
+from .pass_manager import Pass, PassContext, PassManager
 from .recipe import Recipe
 
 ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")
@@ -39,11 +40,12 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: Path, entry_names: Sequence[str] = ()) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise SparsecError(f"--out {out_dir} exists and is not a directory")
     if out_dir.is_dir():
-        foreign = [p.name for p in out_dir.iterdir() if p.name not in ARTIFACTS]
+        foreign = [p.name for p in out_dir.iterdir()
+                   if p.name not in ARTIFACTS and not (p.is_dir() and p.name in entry_names)]
         if foreign:
             raise SparsecError(
                 f"--out {out_dir} holds files sparsec did not write ({foreign[:5]}); "
@@ -67,6 +69,14 @@ def compile_model(
     recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
     passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
 
+    With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
+    `sparsec.entrypoints`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
+    with one `report.json` (per entry point under `entry_points`). Every pass runs on each program it has
+    something to change in (`Pass.targets`); weights shared by several programs are changed the same way in
+    all of them: the first program decides, later ones repeat its decisions (`Pass.replay`). Calibration:
+    `calibration.files[NAME]`, else `calibration.file` (a file holding several programs' inputs serves each
+    with the inputs it takes), else synthetic inputs.
+
     Raises:
         SparsecError: bad model, recipe, calibration data or output directory (before any work where possible).
         QualityError: a quality gate or the ONNX parity check failed; nothing is written.
@@ -81,59 +91,40 @@ def compile_model(
         if out_dir is None:
             raise SparsecError("an output directory is needed unless dry_run is set")
         out_dir = Path(out_dir)
-        _check_out_dir(out_dir)
+        _check_out_dir(out_dir, recipe.entry_points)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
 
     say(f"[sparsec] loading {model}")
     loaded = load_model(model)
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    units = _units(loaded, recipe, calib)
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
     t = time.perf_counter()
-    example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
-    program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    for unit in units:
+        unit.capture(recipe)
     times["capture"] = time.perf_counter() - t
+    for unit in units:
+        unit.load_calibration(loaded, recipe, say)
 
-    cal = recipe.calibration
-    calibration = load_calibration(
-        calib or cal.file,
-        input_names=program.input_names,
-        synthetic=loaded.family.example_inputs(loaded.model, cal.samples, cal.seq_len, seed=cal.seed + 1),
-        tokenizer_dir=loaded.directory,
-        samples=cal.samples,
-        seq_len=cal.seq_len,
-        batch_size=cal.batch_size,
-    )
-    if calibration.synthetic:
-        say(f"[sparsec] calibration: {calibration.source}: no calibration file given, so importance scores are "
-            "not meaningful (pass --calib FILE)")
-    else:
-        say(f"[sparsec] calibration: {len(calibration)} samples from {calibration.source}")
-
-    say(f"[sparsec] running {len(recipe.passes)} pass(es)")
+    say(f"[sparsec] running {len(recipe.passes)} pass(es)" + (f" on {len(units)} entry points" if recipe.entry_points else ""))
     t = time.perf_counter()
-    ctx = PassContext(calibration=calibration, seed=cal.seed, progress=progress)
-    records = PassManager(recipe.passes, gates=recipe.quality).run(program, ctx)
+    decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
+    for unit in units:
+        unit.run_passes(recipe, decided, progress, say)
     times["passes"] = time.perf_counter() - t
-    for r in records:
-        q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (r.quality or {}).items())
-        say(f"[sparsec]   {r.name}: params {r.parameters_before:,} -> {r.parameters_after:,}" + (f" ({q})" if q else ""))
 
     report: dict[str, Any] = {
         "sparsec": __version__,
         "model": {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
                   "parameters": n_params},
         "recipe": recipe.source,
-        "capture": {
-            "example_shapes": {k: list(v.shape) for k, v in example.items()},
-            "dynamic_dims": program.dynamic_dims,
-            "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
-        },
-        "calibration": calibration.describe(),
-        "passes": [r.__dict__ for r in records],
-        "parameters": {"before": n_params, "after": program.num_parameters()},
     }
+    if not recipe.entry_points:
+        report.update(units[0].report)
+    else:
+        report["entry_points"] = {u.name: u.report for u in units}
     if dry_run:
         report["seconds"] = {k: round(v, 3) for k, v in {**times, "total": time.perf_counter() - t0}.items()}
         return json.loads(json.dumps(report, default=_jsonable))  # the same plain-JSON form as report.json
@@ -141,25 +132,12 @@ def compile_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        say("[sparsec] saving program.pt2")
-        program.save(stage / "program.pt2")
-        if recipe.export.onnx:
-            from sparsec.exporters.onnx import export_onnx
-            from sparsec.exporters.onnxruntime import check_parity
-
-            say("[sparsec] exporting ONNX (torch.onnx.export, dynamo)")
-            t = time.perf_counter()
-            report["export"] = export_onnx(program, stage / "model.onnx", opset=recipe.export.opset,
-                                           external_data=recipe.export.external_data,
-                                           moe_lowering=recipe.export.moe_lowering)
-            times["export"] = time.perf_counter() - t
-            say("[sparsec] checking ONNX Runtime against PyTorch on calibration inputs")
-            t = time.perf_counter()
-            parity = recipe.export.parity
-            report["parity"] = check_parity(program, stage / "model.onnx", calibration, samples=parity.samples,
-                                            min_cosine=parity.min_cosine, max_rel_l2=parity.max_rel_l2)
-            times["parity"] = time.perf_counter() - t
-        report["artifacts"] = {p.name: p.stat().st_size for p in sorted(stage.iterdir())}
+        for unit in units:
+            directory = stage / unit.name if recipe.entry_points else stage
+            directory.mkdir(exist_ok=True)
+            unit.write(directory, recipe, times, say)
+        if not recipe.entry_points:
+            report.update(units[0].report)
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
         text = json.dumps(report, indent=2, default=_jsonable)
@@ -169,8 +147,124 @@ def compile_model(
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
-    say(f"[sparsec] wrote {out_dir}/ ({', '.join(report['artifacts'])}) in {times['total']:.1f}s")
+    say(f"[sparsec] wrote {out_dir}/ in {times['total']:.1f}s")
     return report
+
+
+class _Unit:
+    """One program being compiled: the model's forward, or one of its entry points."""
+
+    def __init__(self, name: str, entry, calib: str | Path | None) -> None:
+        self.name = name
+        self.entry = entry
+        self.calib = calib
+        self.program = None
+        self.calibration = None
+        self.captured_parameters = 0
+        self.report: dict[str, Any] = {}
+
+    def capture(self, recipe: Recipe) -> None:
+        shape = recipe.capture
+        example = self.entry.example_inputs(shape.batch, shape.seq)
+        dynamic = self.entry.dynamic_dims if shape.dynamic else False
+        self.program = capture(self.entry.module, example, dynamic=dynamic, family=self.entry.family, tags=recipe.tags)
+        self.captured_parameters = self.program.num_parameters()
+        self.report["capture"] = {
+            "example_shapes": {k: list(v.shape) for k, v in example.items()},
+            "dynamic_dims": self.program.dynamic_dims,
+            "ops": sum(1 for n in self.program.graph.nodes if n.op == "call_function"),
+        }
+
+    def load_calibration(self, loaded, recipe: Recipe, say: Callable[[str], None]) -> None:
+        cal = recipe.calibration
+        self.calibration = load_calibration(
+            self.calib,
+            input_names=self.program.input_names,
+            synthetic=self.entry.example_inputs(cal.samples, cal.seq_len, cal.seed + 1),
+            tokenizer_dir=loaded.directory,
+            samples=cal.samples,
+            seq_len=cal.seq_len,
+            batch_size=cal.batch_size,
+        )
+        label = f"[sparsec] calibration{f' ({self.name})' if recipe.entry_points else ''}"
+        if self.calibration.synthetic:
+            say(f"{label}: {self.calibration.source}: no calibration file given, so importance scores are "
+                "not meaningful (pass --calib FILE)")
+        else:
+            say(f"{label}: {len(self.calibration)} samples from {self.calibration.source}")
+        self.report["calibration"] = self.calibration.describe()
+
+    def run_passes(self, recipe: Recipe, decided: dict[int, list[tuple[list[str], Any]]], progress: bool,
+                   say: Callable[[str], None]) -> None:
+        """Run the recipe's passes; a pass repeats earlier programs' decisions on the weights it shares with them."""
+        ran: list[tuple[Pass, list[str] | None]] = []
+        skipped: list[str] = []
+
+        def prepare(p: Pass, program) -> Pass | None:
+            targets = p.targets(program) if recipe.entry_points else None
+            if targets is not None and not targets:
+                skipped.append(p.name)
+                return None
+            run = p
+            for earlier_targets, decisions in decided.get(id(p), []) if targets else []:
+                shared = sorted(set(targets) & set(earlier_targets))
+                if shared:
+                    say(f"[sparsec]   {p.name} ({self.name}): repeating the decisions on {len(shared)} shared target(s)")
+                    run = p.replay(decisions, shared)
+                    break
+            ran.append((p, targets))
+            return run
+
+        ctx = PassContext(calibration=self.calibration, seed=recipe.calibration.seed, progress=progress)
+        records = PassManager(recipe.passes, gates=recipe.quality, prepare=prepare).run(self.program, ctx)
+        for (p, targets), record in zip(ran, records):
+            if targets:
+                decided.setdefault(id(p), []).append((targets, record.decisions))
+            q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
+            say(f"[sparsec]   {record.name}{f' ({self.name})' if recipe.entry_points else ''}: params "
+                f"{record.parameters_before:,} -> {record.parameters_after:,}" + (f" ({q})" if q else ""))
+        self.report["passes"] = [r.__dict__ for r in records]
+        if skipped:
+            self.report["passes_skipped"] = {name: "nothing to change in this program" for name in skipped}
+        self.report["parameters"] = {"before": self.captured_parameters, "after": self.program.num_parameters()}
+
+    def write(self, directory: Path, recipe: Recipe, times: dict[str, float], say: Callable[[str], None]) -> None:
+        """program.pt2, model.onnx and the parity check into `directory`."""
+        label = f" ({self.name})" if recipe.entry_points else ""
+        say(f"[sparsec] saving program.pt2{label}")
+        self.program.save(directory / "program.pt2")
+        if recipe.export.onnx:
+            from sparsec.exporters.onnx import export_onnx
+            from sparsec.exporters.onnxruntime import check_parity
+
+            say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
+            t = time.perf_counter()
+            self.report["export"] = export_onnx(self.program, directory / "model.onnx", opset=recipe.export.opset,
+                                                external_data=recipe.export.external_data,
+                                                moe_lowering=recipe.export.moe_lowering)
+            times["export"] = times.get("export", 0.0) + time.perf_counter() - t
+            say(f"[sparsec] checking ONNX Runtime against PyTorch on calibration inputs{label}")
+            t = time.perf_counter()
+            parity = recipe.export.parity
+            self.report["parity"] = check_parity(self.program, directory / "model.onnx", self.calibration,
+                                                 samples=parity.samples, min_cosine=parity.min_cosine,
+                                                 max_rel_l2=parity.max_rel_l2)
+            times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
+        self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _units(loaded, recipe: Recipe, calib: str | Path | None) -> list[_Unit]:
+    """The programs to compile: the model's forward, or the recipe's entry points (checked before any work)."""
+    entries = dict(entry_points(loaded.model))
+    if not recipe.entry_points:
+        name, entry = next(iter(entries.items()))
+        return [_Unit(name, entry, calib or recipe.calibration.file)]
+    unknown = [e for e in recipe.entry_points if e not in entries]
+    if unknown:
+        raise SparsecError(f"entry_points: {unknown} are not entry points of this {loaded.family.name} model; it has "
+                           f"{sorted(entries)}")
+    files = recipe.calibration.files or {}
+    return [_Unit(name, entries[name], files.get(name) or calib or recipe.calibration.file) for name in recipe.entry_points]
 
 
 def _move_into_place(stage: Path, out_dir: Path) -> None:

@@ -42,7 +42,7 @@ def builtin_config(name: str):
     if name == "tiny-janus":
         return transformers.JanusConfig(
             text_config=_tiny_text("llama"),
-            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, num_image_tokens=16,
                                patch_size=8, projection_dim=64, mlp_ratio=2.0),
             vq_config=dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1],
                            num_res_blocks=1, latent_channels=8, projection_dim=64, image_token_embed_dim=64,

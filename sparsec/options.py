@@ -2,7 +2,7 @@
 
 A section is a dataclass. `parse_section(cls, data, where)` rejects unknown keys (listing the allowed
 ones), checks each value against the field's annotation (`int`, `float`, `bool`, `str`, `Literal[...]`,
-`X | None`, `list[...]`, nested sections), then runs the dataclass's `__post_init__`, whose `ValueError`s
+`X | None`, `list[...]`, `dict[..., ...]`, nested sections), then runs the dataclass's `__post_init__`, whose `ValueError`s
 are range checks. Every error names the full key (`passes[0].drop_layers.ratio`).
 """
 
@@ -25,6 +25,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return f"mapping of {_type_name(get_args(tp)[0])} to {_type_name(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -47,6 +49,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = get_args(tp)
+        return {_convert(k, key_type, where): _convert(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if tp is type(None):
         if value is None:
             return None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal
@@ -107,6 +107,21 @@ class Pass:
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         """Raise `PassError` if the rewritten program lacks a property this pass promises."""
 
+    def targets(self, program: Program) -> list[str] | None:
+        """Module paths this pass would change in `program`, for compiling several entry points that share
+        weights (`sparsec.compiler`): `[]` skips the pass for that program (nothing to change there); the
+        default `None` runs it on every entry point on its own. A pass that returns paths implements `replay`."""
+        return None
+
+    def replay(self, decisions: Any, shared: list[str]) -> "Pass":
+        """A pass that repeats `decisions` (this pass's `PassResult.decisions` in another entry point) on the
+        `shared` target paths, so weights shared by entry points are changed the same way in every program;
+        targets not in `shared` are decided as usual."""
+        raise PassError(
+            f"{self.name}: cannot repeat its decisions in another entry point, and {shared[:3]} are shared by "
+            "several; restrict the pass's `where` to one entry point's weights"
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({as_dict(self.options)})"
 
@@ -177,17 +192,21 @@ class PassManager:
         passes: pass instances; stably sorted by stage (`transform`, then `lowering`).
         gates: quality thresholds checked after every pass (None: metrics are reported, nothing gated).
         verify: run `Program.verify()` after every modifying pass (leave on; off only to profile).
+        prepare: called right before each pass with the program as it is then; returns the pass to run (e.g.
+            one repeating decisions made in another entry point) or None to skip it.
 
     Example:
         >>> manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99))
         >>> records = manager.run(program, PassContext(calibration=calib))
     """
 
-    def __init__(self, passes: Iterable[Pass], gates: QualityGates | None = None, verify: bool = True) -> None:
+    def __init__(self, passes: Iterable[Pass], gates: QualityGates | None = None, verify: bool = True,
+                 prepare: Callable[[Pass, Program], Pass | None] | None = None) -> None:
         passes = list(passes)
         self.passes: list[Pass] = sorted(passes, key=lambda p: STAGES.index(p.stage))
         self.gates = gates
         self.verify = verify
+        self.prepare = prepare
 
     def run(self, program: Program, ctx: PassContext | None = None) -> list[PassRecord]:
         ctx = ctx or PassContext()
@@ -198,7 +217,9 @@ class PassManager:
             reference = ctx.calibration.reference_outputs(program, progress=ctx.progress)
         records = []
         for p in self.passes:
-            records.append(self._run_one(p, program, ctx, reference))
+            run = self.prepare(p, program) if self.prepare is not None else p
+            if run is not None:
+                records.append(self._run_one(run, program, ctx, reference))
         return records
 
     def _run_one(self, p: Pass, program: Program, ctx: PassContext, reference: Sequence[dict] | None) -> PassRecord:

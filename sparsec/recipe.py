@@ -8,6 +8,7 @@ calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, 
 quality:   {min_cosine: 0.98, min_top1: 0.9}          # gates checked after every pass
 export:    {onnx: true, opset: 18, external_data: auto, parity: {min_cosine: 0.9999, max_rel_l2: 0.001}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
+entry_points: [understanding, generation_step]          # several programs from one recipe (Janus)
 ```
 
 Everything is validated when the recipe is loaded, before any model is touched: unknown sections, pass
@@ -49,6 +50,7 @@ class CalibrationOptions:
     """Where calibration inputs come from (see `sparsec.calibration`) and how they are batched."""
 
     file: str | None = None
+    files: dict[str, str] | None = None
     samples: int = 16
     seq_len: int = 32
     batch_size: int = 8
@@ -107,9 +109,10 @@ class Recipe:
     quality: QualityGates = field(default_factory=QualityGates)
     export: ExportOptions = field(default_factory=ExportOptions)
     tags: list[TagRule] = field(default_factory=list)
+    entry_points: list[str] = field(default_factory=list)
     source: str = "<default>"
 
-    SECTIONS = ("passes", "capture", "calibration", "quality", "export", "tags")
+    SECTIONS = ("passes", "capture", "calibration", "quality", "export", "tags", "entry_points")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", base_dir: Path | None = None) -> "Recipe":
@@ -127,10 +130,17 @@ class Recipe:
             quality=parse_section(QualityGates, data.get("quality"), "quality"),
             export=parse_section(ExportOptions, data.get("export"), "export"),
             tags=_parse_tags(data.get("tags") or []),
+            entry_points=_parse_entry_points(data.get("entry_points") or []),
             source=source,
         )
-        if recipe.calibration.file and base_dir is not None and not Path(recipe.calibration.file).is_absolute():
-            recipe.calibration.file = str(base_dir / recipe.calibration.file)
+        cal = recipe.calibration
+        if base_dir is not None:
+            if cal.file and not Path(cal.file).is_absolute():
+                cal.file = str(base_dir / cal.file)
+            cal.files = {k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()} or None
+        unknown = sorted(set(cal.files or {}) - set(recipe.entry_points))
+        if unknown:
+            raise RecipeError(f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}")
         return recipe
 
     @classmethod
@@ -158,6 +168,13 @@ def _parse_passes(items: Any) -> list[Pass]:
         (name, options), = item.items()
         passes.append(get_pass(name).from_recipe(options, f"{where}.{name}"))
     return passes
+
+
+def _parse_entry_points(items: Any) -> list[str]:
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items) or len(set(items)) != len(items):
+        raise RecipeError(f"entry_points: expected a list of distinct entry point names "
+                          f"(e.g. [understanding, generation_step, vq_decode]), got {items!r}")
+    return list(items)
 
 
 def _parse_tags(items: Any) -> list[TagRule]:

@@ -206,3 +206,26 @@ def test_fused_gate_up_projection_equals_hand_sliced(tmp_path):
     testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
     export_onnx(program, tmp_path / "m.onnx")
     testing.assert_onnx_equivalent(tmp_path / "m.onnx", reference, inputs, output="logits")
+
+
+def test_kept_pins_exact_neurons_and_is_checked():
+    """`kept` keeps exactly the listed neurons of the named FFN; the rest follow keep_ratio; bad pins are refused."""
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 8))
+    pinned = [3, 1, 120, 64]
+    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.25, importance="magnitude",
+                                kept={"model.layers.0.mlp": pinned})
+    widths = {d["path"]: (d["width_after"], d["kept_indices"]) for d in record.decisions["ffns"]}
+    assert widths["model.layers.0.mlp"] == (4, sorted(pinned)) and widths["model.layers.1.mlp"][0] == 32
+    reference = copy.deepcopy(model)
+    mlp, idx = reference.model.layers[0].mlp, torch.tensor(sorted(pinned))
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx), _cols(mlp.down_proj, idx)
+    for i in (1, 2, 3):
+        mlp, idx = reference.model.layers[i].mlp, torch.tensor(widths[f"model.layers.{i}.mlp"][1])
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx), _cols(mlp.down_proj, idx)
+    testing.assert_equivalent(program, reference, make_inputs(model, 3, 7, seed=2), rtol=1e-5, atol=1e-5)
+    fresh = sparsec.capture(model, make_inputs(model, 2, 8))
+    with pytest.raises(PassError, match="kept names 'model.layers.9.mlp', which is not an FFN matched"):
+        testing.apply_pass(fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.9.mlp": [0]})
+    with pytest.raises(PassError, match=r"kept\['model.layers.0.mlp'\] must list distinct neuron indices in \[0, 128\)"):
+        testing.apply_pass(fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.0.mlp": [0, 128]})
