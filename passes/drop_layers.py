@@ -27,24 +27,26 @@ from sparsec.errors import PassError
 from sparsec.pass_manager import Pass, PassContext, PassResult
 from sparsec.program import Program
 from sparsec.regions import BlockStack
-from sparsec.structure import LINEAR, ResidualBlock, Sublayer, residual_block, skip_noop_casts
+from sparsec.structure import LINEAR, Sublayer, residual_streams, skip_noop_casts
 
 
 @dataclass(frozen=True)
 class _Unit:
-    """Something that can be dropped: a whole block, or one sublayer of a block."""
+    """Something that can be dropped: a whole block, or one kind of sublayer of a block (in every stream of a
+    multi-stream block: both attention branches of an MMDiT block's joint attention)."""
 
     label: str  # "model.layers.3" or "model.layers.3:attn"
-    block: ResidualBlock
-    sublayers: tuple[Sublayer, ...]
+    path: str
+    streams: tuple[tuple[Sublayer, ...], ...]  # per residual stream, its sublayers in this unit
 
     @property
-    def input(self):
-        return self.sublayers[0].stream_in
+    def sublayers(self) -> tuple[Sublayer, ...]:
+        return tuple(s for stream in self.streams for s in stream)
 
     @property
-    def output(self):
-        return self.sublayers[-1].residual_add
+    def pairs(self) -> list[tuple]:
+        """(input, output) of the unit on each stream: the values its score compares."""
+        return [(stream[0].stream_in, stream[-1].residual_add) for stream in self.streams]
 
 
 class DropLayers(Pass):
@@ -106,11 +108,14 @@ class DropLayers(Pass):
         for region in stack.blocks:
             if not any(n.target is LINEAR for n in region.nodes):
                 continue  # dropped earlier
-            block = residual_block(region, ffns)
+            streams = residual_streams(region, ffns)
             if kinds is None:
-                units.append(_Unit(block.path, block, block.sublayers))
-            else:
-                units += [_Unit(f"{block.path}:{k}", block, (block.sublayer(k),)) for k in kinds if block.sublayer(k)]
+                units.append(_Unit(region.path, region.path, tuple(s.sublayers for s in streams)))
+                continue
+            for k in kinds:
+                found = tuple((s.sublayer(k),) for s in streams if s.sublayer(k))
+                if found:
+                    units.append(_Unit(f"{region.path}:{k}", region.path, found))
         if not units:
             raise PassError(f"drop_layers: no {self.options.kind} unit left in {stack.path}")
         return units
@@ -152,14 +157,31 @@ class DropLayers(Pass):
             program.graph.erase_node(sub.residual_add)
 
     @staticmethod
-    def _state_of(program: Program, unit: _Unit) -> list[str]:
-        """Weights only the unit reads (they leave the program with it)."""
-        names = {program.state_name(a) for sub in unit.sublayers for n in sub.nodes for a in n.all_input_nodes}
-        return sorted(n for n in names if n is not None)
+    def _live_state(program: Program) -> set[str]:
+        """Weights the program's outputs still depend on."""
+        live, stack = set(), list(program.graph.find_nodes(op="output"))
+        while stack:
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack.extend(node.all_input_nodes)
+        return {name for node in live if (name := program.state_name(node)) is not None}
+
+    def _drop(self, program: Program, units: list[_Unit]) -> dict[str, list[str]]:
+        """Bypass the units; per unit, the weights that left with it (shared ones, such as an MMDiT block's
+        modulation read by both its attention and MLP sublayers, stay while another sublayer reads them)."""
+        before = self._live_state(program)
+        read = {u.label: {program.state_name(a) for s in u.sublayers for n in s.nodes for a in n.all_input_nodes}
+                for u in units}
+        for unit in units:
+            self._bypass(program, unit)
+        gone = before - self._live_state(program)
+        return {label: sorted(n for n in names if n in gone) for label, names in read.items()}
 
     def _scores(self, units: list[_Unit], ctx: PassContext) -> dict[str, float]:
-        sims = ctx.statistics.cosine([(u.input, u.output) for u in units])
-        return {u.label: round(sims[(u.input.name, u.output.name)], 6) for u in units}
+        """Mean over valid tokens of cos(input, output) of the unit, averaged over its streams."""
+        sims = ctx.statistics.cosine([pair for u in units for pair in u.pairs])
+        return {u.label: round(sum(sims[(a.name, b.name)] for a, b in u.pairs) / len(u.pairs), 6) for u in units}
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         stack, units, n_drop = self._plan(program)
@@ -168,7 +190,7 @@ class DropLayers(Pass):
         if not o.iterative:
             if o.layers is not None:
                 wanted = {f"{stack.path}.{i}" for i in o.layers}
-                chosen = [u for u in units if u.block.path in wanted]
+                chosen = [u for u in units if u.path in wanted]
                 decisions["reason"] = "explicit layers"
             else:
                 scores = self._scores(units, ctx)
@@ -176,9 +198,7 @@ class DropLayers(Pass):
                 chosen = ranking[:n_drop]
                 decisions.update(scores=scores, ranking=[u.label for u in ranking],
                                  reason=f"highest {o.score} similarity of input and output (most redundant)")
-            decisions["parameters"] = {u.label: self._state_of(program, u) for u in chosen}
-            for unit in chosen:
-                self._bypass(program, unit)
+            decisions["parameters"] = self._drop(program, chosen)
             dropped = [u.label for u in chosen]
         else:
             dropped, rounds, parameters = [], [], {}
@@ -186,8 +206,7 @@ class DropLayers(Pass):
                 scores = self._scores(units, ctx)
                 best = max(units, key=lambda u: scores[u.label])
                 rounds.append({"scores": scores, "dropped": best.label})
-                parameters[best.label] = self._state_of(program, best)
-                self._bypass(program, best)
+                parameters.update(self._drop(program, [best]))
                 program.recompile()
                 program.prune()
                 dropped.append(best.label)

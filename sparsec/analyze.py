@@ -7,8 +7,8 @@ separate calibration sets) relative to the uncompressed model. Training-free and
 per task, then a sweep point costs forward passes only. Compression is applied as a what-if rewrite of node
 values while the program runs (`Program.run(rewrite=...)`), never by re-capturing or editing the graph:
 
-- depth, ratio r: the round(r * n) most redundant of the component's n blocks are skipped (block output :=
-  block input), ranked as `drop_layers` ranks them (mean cos(X_in, X_out) over the component's tokens, highest
+- depth, ratio r: the round(r * n) most redundant of the component's n blocks are skipped (each stream's block
+  output := its block input), ranked as `drop_layers` ranks them (mean cos(X_in, X_out) over the component's tokens, highest
   first). A block tagged with the component is skipped for every token. In a Mixture-of-Transformers layer
   (a `shared` block holding per-modality weight copies, selected by the family's modality mask) only the
   component's tokens skip it; the other modality still attends to them there.
@@ -50,7 +50,7 @@ from .errors import SparsecError
 from .families import family_by_name
 from .program import Program, ValueRewrite
 from .quality import compare_outputs
-from .structure import Ffn, residual_block
+from .structure import Ffn, residual_streams
 
 KINDS = ("depth", "width")
 COMPONENTS = ("understanding", "generation")
@@ -72,11 +72,11 @@ class Task:
 
 @dataclass(frozen=True)
 class BlockTarget:
-    """A block the depth probe can skip; `token_value` set: only tokens whose modality mask has this value."""
+    """A block the depth probe can skip: (input, output) of each residual stream it carries (two in an MMDiT
+    block); `token_value` set: only tokens whose modality mask has this value skip it."""
 
     path: str
-    input: Node
-    output: Node
+    streams: tuple[tuple[Node, Node], ...]
     token_value: int | None
 
 
@@ -108,8 +108,8 @@ def component_targets(program: Program, component: str) -> Targets:
                 token_value = 1 if component == "generation" else 0
             else:
                 continue
-            block = residual_block(region, ffns)
-            targets.blocks.append(BlockTarget(region.path, block.input, block.output, token_value))
+            streams = tuple((s.input, s.output) for s in residual_streams(region, ffns))
+            targets.blocks.append(BlockTarget(region.path, streams, token_value))
     return targets
 
 
@@ -230,17 +230,18 @@ class Probe:
             blocks = {b.path + str(b.token_value): b for c in COMPONENTS if (id(program), c) in self.targets
                       for b in self.targets[(id(program), c)].blocks}.values()
             ffns = program.regions.ffns()  # every FFN, shared ones too, for the sparsity overlap
-            watched = {b.input for b in blocks} | {b.output for b in blocks} | {f.down.args[0] for f in ffns}
+            watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
             single = CalibrationSet(task.calibration.inputs, source=task.calibration.source, batch_size=1)
             for sample in single.batches():
                 held: dict[Node, torch.Tensor] = {}
                 program.run(sample, observe=held.__setitem__, nodes=watched)
                 for b in blocks:
-                    select = _token_select(held[b.output], sample, mask_name, b.token_value, valid_only=True)
-                    x, y = _rows(held[b.input].float(), select), _rows(held[b.output].float(), select)
                     key = (b.path, b.token_value)
-                    pooled.cos_sum[key] = pooled.cos_sum.get(key, 0.0) + float(torch.cosine_similarity(x, y, dim=-1).sum())
-                    pooled.cos_tokens[key] = pooled.cos_tokens.get(key, 0) + x.shape[0]
+                    for source, result in b.streams:
+                        select = _token_select(held[result], sample, mask_name, b.token_value, valid_only=True)
+                        x, y = _rows(held[source].float(), select), _rows(held[result].float(), select)
+                        pooled.cos_sum[key] = pooled.cos_sum.get(key, 0.0) + float(torch.cosine_similarity(x, y, dim=-1).sum())
+                        pooled.cos_tokens[key] = pooled.cos_tokens.get(key, 0) + x.shape[0]
                 for f in ffns:
                     h = held[f.down.args[0]]
                     rows = _rows(h.float(), _token_select(h, sample, None, None, valid_only=True)).abs()
@@ -286,7 +287,8 @@ class Probe:
                 if select is None:
                     raise AnalysisError(f"cannot tell the tokens of {block.path}'s stream {tuple(value.shape)} apart")
                 return torch.where(select.reshape(*select.shape, *([1] * (value.dim() - select.dim()))), source, value)
-            out[block.output] = ValueRewrite(skip, reads=(block.input,))
+            for source, result in block.streams:
+                out[result] = ValueRewrite(skip, reads=(source,))
         for ffn, kept in plan.get("kept_neurons", {}).items():
             keep = torch.zeros(ffn.intermediate_size)
             keep[kept] = 1

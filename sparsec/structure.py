@@ -366,21 +366,35 @@ def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node
     return [n for n in branch.graph.nodes if n in seen]
 
 
-def residual_block(region: Region, ffns: list[Ffn]) -> ResidualBlock:
-    """The residual structure of a block region; `PassError` naming what is missing if there is none.
+def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
+    """The residual structure of a block region, one chain per stream it hands on; `PassError` naming what is
+    missing if an output is not a residual chain.
 
-    `ffns`: the program's FFNs (`find_ffns`), which tell MLP sublayers apart.
+    A decoder layer hands on one stream; a dual-stream MMDiT block (Qwen-Image, SD3, Flux) two, image and text,
+    whose attention branches share one joint attention op. `ffns`: the program's FFNs (`find_ffns`), which
+    tell MLP sublayers apart.
     """
     inside = set(region.nodes)
     # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
     outputs = [n for n in region.outputs() if n.target is not _ASSERT and isinstance(n.meta.get("val"), torch.Tensor)]
-    if len(outputs) != 1:
-        raise PassError(
-            f"cannot find the residual structure of {region.path}: it hands on {len(outputs)} values "
-            f"({[n.name for n in outputs][:4]}), expected exactly one residual stream"
-        )
-    output = outputs[0]
+    if not outputs:
+        raise PassError(f"cannot find the residual structure of {region.path}: it hands on no tensor")
     down_nodes = {f.down for f in ffns}
+    return [_residual_chain(region, inside, output, down_nodes) for output in outputs]
+
+
+def residual_block(region: Region, ffns: list[Ffn]) -> ResidualBlock:
+    """The residual structure of a single-stream block (see `residual_streams`)."""
+    streams = residual_streams(region, ffns)
+    if len(streams) != 1:
+        raise PassError(
+            f"cannot find the residual structure of {region.path}: it hands on {len(streams)} streams "
+            f"({[s.output.name for s in streams][:4]}), expected exactly one residual stream"
+        )
+    return streams[0]
+
+
+def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock:
     chain: list[Sublayer] = []
     node = skip_passthrough(output)
     while node in inside and node.target is aten.add.Tensor:

@@ -290,3 +290,29 @@ def test_text_encoder_slice_and_drop_match_hand_made_and_export(tmp_path):
     testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
     export_onnx(program, tmp_path / "encoder.onnx")
     testing.assert_onnx_equivalent(tmp_path / "encoder.onnx", reference, inputs, output="last_hidden_state")
+
+
+def test_mmdit_drop_block_equals_hand_removed_and_attn_keeps_modulation():
+    """Dual-stream blocks: dropping one bypasses both the image and the text stream; dropping only the joint
+    attention removes both streams' attention weights but keeps the modulation the MLP sublayers still read."""
+    step = make_qwenimage()
+    calib = CalibrationSet(qwenimage_inputs(4, 7, seed=1), source="test", batch_size=2)
+    program = sparsec.capture(step, qwenimage_inputs(2, 7))
+    before = program.num_parameters()
+    record = testing.apply_pass(program, "drop_layers", count=1, where="transformer.transformer_blocks.*", calibration=calib)
+    (dropped,) = record.decisions["dropped"]
+    reference = copy.deepcopy(step)
+    index = int(dropped.rsplit(".", 1)[1])
+    blocks = reference.transformer.transformer_blocks
+    reference.transformer.transformer_blocks = torch.nn.ModuleList(b for i, b in enumerate(blocks) if i != index)
+    testing.assert_equivalent(program, diffusers_step(reference), padded_inputs(3, seed=4), rtol=1e-5, atol=1e-5)
+    assert before - program.num_parameters() == sum(p.numel() for p in blocks[index].parameters())
+
+    attn_only = sparsec.capture(step, qwenimage_inputs(2, 7))
+    record = testing.apply_pass(attn_only, "drop_layers", layers=[0], kind="attn", where="transformer.transformer_blocks.*")
+    left = set(attn_only.parameter_names())
+    gone = set(record.decisions["parameters"]["transformer.transformer_blocks.0:attn"])
+    assert {"transformer.transformer_blocks.0.attn.to_q.weight", "transformer.transformer_blocks.0.attn.add_q_proj.weight"} <= gone
+    assert not gone & left
+    assert {"transformer.transformer_blocks.0.img_mod.1.weight", "transformer.transformer_blocks.0.txt_mod.1.weight",
+            "transformer.transformer_blocks.0.img_mlp.net.0.proj.weight"} <= left
