@@ -157,3 +157,33 @@ def assert_onnx_equivalent(
     got = ort_backend.run(ort_backend.session(onnx_path), inputs)
     names = [output] if output else list(got)
     _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+
+
+def linear_rows(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Linear:
+    """A copy of `linear` keeping only output features `kept` (rows of weight and bias): an FFN's up / gate
+    projection sliced by hand, the reference a neuron-slicing rewrite is compared with.
+
+    Example:
+        >>> mlp.up_proj = testing.linear_rows(mlp.up_proj, kept)
+    """
+    out = torch.nn.Linear(linear.in_features, len(kept), bias=linear.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[kept])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[kept])
+    return out
+
+
+def linear_columns(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Linear:
+    """A copy of `linear` reading only input features `kept` (weight columns; bias unchanged): an FFN's down
+    projection sliced by hand.
+
+    Example:
+        >>> mlp.down_proj = testing.linear_columns(mlp.down_proj, kept)
+    """
+    out = torch.nn.Linear(len(kept), linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[:, kept])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+    return out

@@ -169,22 +169,6 @@ def test_component_tags(janus, step_program, vq_program, entries):
     assert vq_info["components"]["generation"]["flops"] == vq_info["flops"] > 0
 
 
-def _rows(linear, idx):
-    out = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[idx])
-    return out
-
-
-def _cols(linear, idx):
-    out = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[:, idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias)
-    return out
 
 
 def _up_down(module):
@@ -217,11 +201,11 @@ def slice_by_hand(model, kept):
         up, down, gate = _up_down(module)
         for name in (up, gate):
             if name:
-                setattr(module, name, _rows(getattr(module, name), idx))
+                setattr(module, name, testing.linear_rows(getattr(module, name), idx))
         if down == "hidden_layers":
-            module.hidden_layers[0] = _cols(module.hidden_layers[0], idx)
+            module.hidden_layers[0] = testing.linear_columns(module.hidden_layers[0], idx)
         else:
-            setattr(module, down, _cols(getattr(module, down), idx))
+            setattr(module, down, testing.linear_columns(getattr(module, down), idx))
     return reference
 
 

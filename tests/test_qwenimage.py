@@ -45,22 +45,6 @@ def complex_ops(program) -> list[str]:
             if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)]
 
 
-def _linear_rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    out = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[idx])
-    return out
-
-
-def _linear_cols(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    out = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[:, idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias)
-    return out
 
 
 # ----- the MMDiT step --------------------------------------------------------------------------------------
@@ -145,7 +129,7 @@ def test_sliced_img_mlp_then_real_rotary_exports_and_matches_hand_sliced(tmp_pat
         ff = reference.get_submodule(d["path"])  # diffusers FeedForward: net = [GELU(proj), Dropout, Linear]
         assert d["path"].endswith("img_mlp") and d["width_after"] == ff.net[0].proj.out_features // 2
         idx = torch.tensor(d["kept_indices"])
-        ff.net[0].proj, ff.net[2] = _linear_rows(ff.net[0].proj, idx), _linear_cols(ff.net[2], idx)
+        ff.net[0].proj, ff.net[2] = testing.linear_rows(ff.net[0].proj, idx), testing.linear_columns(ff.net[2], idx)
     inputs = padded_inputs(3, seed=9)
     testing.assert_equivalent(program, diffusers_step(reference), inputs, rtol=1e-6, atol=1e-6)
     export_onnx(program, tmp_path / "sliced.onnx")
@@ -283,8 +267,8 @@ def test_text_encoder_slice_and_drop_match_hand_made_and_export(tmp_path):
     for d in sliced.decisions["ffns"]:
         mlp = reference.get_submodule(d["path"])  # Qwen2MLP: down(act(gate(x)) * up(x))
         idx = torch.tensor(d["kept_indices"])
-        mlp.gate_proj, mlp.up_proj = _linear_rows(mlp.gate_proj, idx), _linear_rows(mlp.up_proj, idx)
-        mlp.down_proj = _linear_cols(mlp.down_proj, idx)
+        mlp.gate_proj, mlp.up_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx)
+        mlp.down_proj = testing.linear_columns(mlp.down_proj, idx)
     del reference.language_model.layers[1]
     inputs = text_inputs(3, 9, seed=7, pad_left=3)  # not the capture shape
     testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)

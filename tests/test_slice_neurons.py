@@ -14,22 +14,6 @@ from sparsec.exporters.onnx import export_onnx
 from sparsec.recipe import Recipe
 
 
-def _rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    out = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[idx])
-    return out
-
-
-def _cols(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    out = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[:, idx])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias)
-    return out
 
 
 def slice_by_hand(model, decisions):
@@ -39,9 +23,9 @@ def slice_by_hand(model, decisions):
         mlp = reference.get_submodule(d["path"])
         idx = torch.tensor(d["kept_indices"])
         if hasattr(mlp, "gate_proj"):  # Llama / Qwen2 gated MLP
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx), _cols(mlp.down_proj, idx)
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx), testing.linear_columns(mlp.down_proj, idx)
         else:  # ViT/SigLIP-style fc1 / act / fc2
-            mlp.fc1, mlp.fc2 = _rows(mlp.fc1, idx), _cols(mlp.fc2, idx)
+            mlp.fc1, mlp.fc2 = testing.linear_rows(mlp.fc1, idx), testing.linear_columns(mlp.fc2, idx)
     return reference
 
 
@@ -178,7 +162,7 @@ def test_qwenimage_mmdit_feedforward_equals_hand_sliced():
     for d in record.decisions["ffns"]:
         ff = reference.get_submodule(d["path"])  # diffusers FeedForward: net = [GELU(proj), Dropout, Linear]
         idx = torch.tensor(d["kept_indices"])
-        ff.net[0].proj, ff.net[2] = _rows(ff.net[0].proj, idx), _cols(ff.net[2], idx)
+        ff.net[0].proj, ff.net[2] = testing.linear_rows(ff.net[0].proj, idx), testing.linear_columns(ff.net[2], idx)
     testing.assert_equivalent(program, reference, qwenimage_inputs(2, 7, seed=5), rtol=1e-5, atol=1e-5)
 
 
@@ -199,8 +183,8 @@ def test_fused_gate_up_projection_equals_hand_sliced(tmp_path):
     for d in record.decisions["ffns"]:
         mlp = reference.get_submodule(d["path"])  # Phi3MLP: gate_up_proj rows [gate | up], then down_proj
         idx = torch.tensor(d["kept_indices"])
-        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([idx, idx + 128]))
-        mlp.down_proj = _cols(mlp.down_proj, idx)
+        mlp.gate_up_proj = testing.linear_rows(mlp.gate_up_proj, torch.cat([idx, idx + 128]))
+        mlp.down_proj = testing.linear_columns(mlp.down_proj, idx)
         assert d["width_after"] == 32
     inputs = {"input_ids": torch.randint(0, 256, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
@@ -219,10 +203,10 @@ def test_kept_pins_exact_neurons_and_is_checked():
     assert widths["model.layers.0.mlp"] == (4, sorted(pinned)) and widths["model.layers.1.mlp"][0] == 32
     reference = copy.deepcopy(model)
     mlp, idx = reference.model.layers[0].mlp, torch.tensor(sorted(pinned))
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx), _cols(mlp.down_proj, idx)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx), testing.linear_columns(mlp.down_proj, idx)
     for i in (1, 2, 3):
         mlp, idx = reference.model.layers[i].mlp, torch.tensor(widths[f"model.layers.{i}.mlp"][1])
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx), _cols(mlp.down_proj, idx)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx), testing.linear_columns(mlp.down_proj, idx)
     testing.assert_equivalent(program, reference, make_inputs(model, 3, 7, seed=2), rtol=1e-5, atol=1e-5)
     fresh = sparsec.capture(model, make_inputs(model, 2, 8))
     with pytest.raises(PassError, match="kept names 'model.layers.9.mlp', which is not an FFN matched"):
