@@ -63,11 +63,40 @@ class AnalysisError(SparsecError):
 
 @dataclass
 class Task:
-    """A task to watch: the program that serves it (an entry point) and its calibration inputs."""
+    """A task to watch: the program that serves it (an entry point) and its calibration inputs.
+
+    `scored`: optional [N, S] bool, the positions where the task's answer is read (a classifier's label
+    position, the positions that predict a generated image's tokens); quality is measured there (and on valid
+    tokens) only. Default: every valid position, which dilutes a task scored at one position in many.
+    """
 
     name: str
     program: Program
     calibration: CalibrationSet
+    scored: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.scored is not None:
+            first = next(iter(self.calibration.inputs.values()))
+            if self.scored.dim() != 2 or self.scored.shape[0] != len(self.calibration) or not self.scored.any():
+                raise AnalysisError(f"task {self.name!r}: the scoring mask must be [N, S] with N = {len(self.calibration)} "
+                                    f"samples and at least one position set, got {tuple(self.scored.shape)}"
+                                    f" (inputs {tuple(first.shape)})")
+            self.scored = self.scored.bool()
+
+    def score_masks(self) -> list[torch.Tensor | None]:
+        """Per calibration batch: where outputs are compared (valid tokens, and scored positions if given)."""
+        masks = []
+        start = 0
+        for batch in self.calibration.batches():
+            valid = CalibrationSet.valid_mask(batch)
+            size = next(iter(batch.values())).shape[0]
+            if self.scored is not None:
+                scored = self.scored[start:start + size]
+                valid = scored if valid is None else valid & scored
+            masks.append(valid)
+            start += size
+        return masks
 
 
 @dataclass(frozen=True)
@@ -321,8 +350,7 @@ class Probe:
             if self.targets[(id(program), component)].count(kind) == 0:
                 row.update(in_program=False, value=1.0, metrics=None)  # the task's program does not hold it
             else:
-                pairs = [(ref, out, CalibrationSet.valid_mask(b)) for ref, out, b in
-                         zip(references[task.name], self.outputs(task, plan), task.calibration.batches())]
+                pairs = list(zip(references[task.name], self.outputs(task, plan), task.score_masks()))
                 metrics = compare_outputs(pairs)
                 output, metric, value = self._headline(metrics)
                 row.update(in_program=True, value=value, output=output, metric=metric, metrics=metrics)
@@ -476,6 +504,16 @@ def synthetic_task_inputs(entry, task: str, samples: int, seq: int, seed: int = 
     return inputs
 
 
+def _score_mask(path: str | None) -> torch.Tensor | None:
+    """The `score_mask` tensor of a .safetensors task file (where the task is scored), if it has one."""
+    if not path or not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("score_mask") if "score_mask" in f.keys() else None
+
+
 def task_entry(entries: dict, task: str, entry_name: str | None) -> str:
     """The entry point serving `task`: as asked, else one named like the task, else `generation_step` for
     `generation` (Janus), else the model's first entry point (its forward)."""
@@ -511,5 +549,5 @@ def load_tasks(model: torch.nn.Module, specs: dict[str, tuple[str | None, str | 
         if calibration.synthetic:
             log(f"task {name} ({entry.name}): no calibration file, using {calibration.source}: the probe runs, "
                 "its findings mean nothing")
-        tasks.append(Task(name, program, calibration))
+        tasks.append(Task(name, program, calibration, scored=_score_mask(path)))
     return tasks

@@ -173,3 +173,30 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "component 'generation' has no blocks" in err and "tags:" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_scored_positions(tmp_path, mot_probe):
+    """A task scored at one position (a classifier's answer) is measured there only, also from a task file."""
+    from safetensors.torch import save_file
+
+    from sparsec.analyze import load_tasks
+
+    model, program, probe, stats, _ = mot_probe
+    und = probe.tasks[0]
+    scored = torch.zeros(len(und.calibration), 14, dtype=torch.bool)
+    scored[:, -1] = True
+    task = Task("label", program, und.calibration, scored=scored)
+    result = Probe([task], components=["understanding"], kinds=["width"]).run(ratios=[0.5])
+    (row,) = result["sweep"]
+    plan = probe.plan(program, "understanding", "width", 0.5, stats[id(program)])
+    agree = [(out["logits"][:, -1].argmax(-1) == program.run(b)["logits"][:, -1].argmax(-1)).float()
+             for out, b in zip(probe.outputs(und, plan), und.calibration.batches())]
+    assert row["metrics"]["logits"]["tokens"] == len(und.calibration)
+    assert row["value"] == pytest.approx(float(torch.cat(agree).mean()))
+
+    path = tmp_path / "label.safetensors"
+    save_file({**{k: v.contiguous() for k, v in und.calibration.inputs.items()}, "score_mask": scored}, str(path))
+    (loaded,) = load_tasks(model, {"label": (None, str(path))}, log=lambda _: None)
+    assert torch.equal(loaded.scored, scored) and sorted(loaded.calibration.inputs) == sorted(und.calibration.inputs)
+    with pytest.raises(AnalysisError, match=r"scoring mask must be \[N, S\] with N = 6 samples"):
+        Task("bad", program, und.calibration, scored=scored[:2])

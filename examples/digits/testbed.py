@@ -135,13 +135,28 @@ def task_inputs(task: str, split: str = "heldout", n: int | None = None) -> dict
     raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
 
 
+def score_mask(task: str, samples: int) -> torch.Tensor:
+    """[samples, SEQ_LEN] bool: the positions whose predictions the task is judged by (understanding: the
+    classify position, which predicts the label; generation: the positions predicting the 64 pixels)."""
+    mask = torch.zeros(samples, SEQ_LEN, dtype=torch.bool)
+    if task == "understanding":
+        mask[:, SEQ_LEN - 1] = True
+    elif task == "generation":
+        mask[:, PROMPT_LEN - 1 : SEQ_LEN - 1] = True
+    else:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    return mask
+
+
 def save_task_inputs(path: str | Path, task: str, split: str = "heldout", n: int | None = None) -> Path:
-    """Write `task_inputs(...)` as a .safetensors file, the format of `sparsec analyze --task NAME=FILE`."""
+    """Write `task_inputs(...)` and its `score_mask` as a .safetensors file, the format of
+    `sparsec analyze --task NAME=FILE` (the probe then scores the task only where it is judged)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in task_inputs(task, split, n).items()}, str(path))
+    inputs = {k: v.contiguous() for k, v in task_inputs(task, split, n).items()}
+    save_file({**inputs, "score_mask": score_mask(task, len(inputs["input_ids"]))}, str(path))
     return path
 
 
