@@ -2,9 +2,9 @@
 
 Weights load only from safetensors (`use_safetensors=True`): a directory holding only pickled
 `pytorch_model.bin` weights is refused, since unpickling runs arbitrary code. Built-in models
-(`builtin:tiny-qwen2`, `builtin:tiny-llama`, `builtin:tiny-janus`, `builtin:tiny-chameleon`,
-`builtin:tiny-emu3`) are built from small configs with seeded random weights: for demos, tests and the
-default compile.
+(`builtin:tiny-qwen2`, `builtin:tiny-llama`, `builtin:tiny-janus`, `builtin:tiny-mot`,
+`builtin:tiny-qwenimage`, `builtin:tiny-chameleon`, `builtin:tiny-emu3`) are built from small configs with
+seeded random weights: for demos, tests and the default compile.
 """
 
 from __future__ import annotations
@@ -64,10 +64,13 @@ def builtin_config(name: str):
                            channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
                            num_attention_heads=1, temporal_downsample_factor=2),
         )
+    if name == "tiny-qwenimage":
+        raise SparsecError("tiny-qwenimage is a diffusers model with no transformers config: use "
+                           "load_model('builtin:tiny-qwenimage') or sparsec.diffusion.tiny_qwenimage()")
     raise SparsecError(f"unknown built-in model {name!r}; choose one of {BUILTINS}")
 
 
-BUILTINS = ("tiny-qwen2", "tiny-llama", "tiny-janus", "tiny-mot", "tiny-chameleon", "tiny-emu3")
+BUILTINS = ("tiny-qwen2", "tiny-llama", "tiny-janus", "tiny-mot", "tiny-qwenimage", "tiny-chameleon", "tiny-emu3")
 
 # Early-fusion tiny models (Chameleon, Emu3): a 256-token vocabulary whose last 64 ids are the VQ codebook's
 # image tokens (named as in the real tokenizers), a few special tokens at the start, text ids in between.
@@ -139,7 +142,12 @@ def load_model(spec: str | Path) -> LoadedModel:
     spec = str(spec)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
-        model = build_model(builtin_config(name))
+        if name == "tiny-qwenimage":  # a diffusers model: no transformers config to build from
+            from .diffusion import tiny_qwenimage
+
+            model = tiny_qwenimage()
+        else:
+            model = build_model(builtin_config(name))
         return LoadedModel(model, detect_family(model), spec, None)
 
     directory = Path(spec)

@@ -183,7 +183,8 @@ def _backward(ctx, grad: Tensor):
     wanted = [t for t, need in zip(leaves, ctx.needs_input_grad) if t is not None and need]
     with torch.enable_grad():
         out = moe_forward(*leaves, *ctx.attrs)
-        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        # no token reached an expert (e.g. a batch without generation tokens in a MoT): no gradient flows
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if out.requires_grad else [None] * len(wanted))
     grads = [next(found) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad)]
     return (*grads, None, None, None)
 
