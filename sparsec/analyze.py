@@ -256,7 +256,7 @@ class Probe:
             program = task.program
             mask_name = _modality_mask(program)
             pooled = stats[id(program)]
-            blocks = {b.path + str(b.token_value): b for c in COMPONENTS if (id(program), c) in self.targets
+            blocks = {(b.path, b.token_value): b for c in COMPONENTS if (id(program), c) in self.targets
                       for b in self.targets[(id(program), c)].blocks}.values()
             ffns = program.regions.ffns()  # every FFN, shared ones too, for the sparsity overlap
             watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}

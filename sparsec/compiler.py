@@ -121,10 +121,7 @@ def compile_model(
                   "parameters": n_params},
         "recipe": recipe.source,
     }
-    if not recipe.entry_points:
-        report.update(units[0].report)
-    else:
-        report["entry_points"] = {u.name: u.report for u in units}
+    report.update(_program_reports(units, recipe))
     if dry_run:
         report["seconds"] = {k: round(v, 3) for k, v in {**times, "total": time.perf_counter() - t0}.items()}
         return json.loads(json.dumps(report, default=_jsonable))  # the same plain-JSON form as report.json
@@ -136,8 +133,7 @@ def compile_model(
             directory = stage / unit.name if recipe.entry_points else stage
             directory.mkdir(exist_ok=True)
             unit.write(directory, recipe, times, say)
-        if not recipe.entry_points:
-            report.update(units[0].report)
+        report.update(_program_reports(units, recipe))  # now with export, parity and artifacts
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
         text = json.dumps(report, indent=2, default=_jsonable)
@@ -251,6 +247,13 @@ class _Unit:
                                                  max_rel_l2=parity.max_rel_l2)
             times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _program_reports(units: list[_Unit], recipe: Recipe) -> dict[str, Any]:
+    """The programs' report sections: at the top level for one program, under `entry_points` for several."""
+    if not recipe.entry_points:
+        return units[0].report
+    return {"entry_points": {u.name: u.report for u in units}}
 
 
 def _units(loaded, recipe: Recipe, calib: str | Path | None) -> list[_Unit]:

@@ -1,8 +1,8 @@
 """Structural patterns found in the graph itself, not by module class names.
 
-Residual blocks: a block (decoder layer, encoder layer) hands exactly one value on, the residual stream,
-built by a chain of adds `stream = stream + sublayer(stream)`. `residual_block` finds that chain and
-classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
+Residual blocks: a block (decoder layer, encoder layer) hands on its residual streams (one; two in a
+dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`.
+`residual_streams` finds those chains and classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
 dependency model depth rewrites use: dropping a sublayer means replacing its add by the stream it adds to.
 
 An FFN is found from its *down* projection backwards: a linear whose input is computed only by pointwise
@@ -343,7 +343,7 @@ class Sublayer:
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """A block as a residual chain: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
+    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
 
     path: str
     input: Node
@@ -381,17 +381,6 @@ def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
         raise PassError(f"cannot find the residual structure of {region.path}: it hands on no tensor")
     down_nodes = {f.down for f in ffns}
     return [_residual_chain(region, inside, output, down_nodes) for output in outputs]
-
-
-def residual_block(region: Region, ffns: list[Ffn]) -> ResidualBlock:
-    """The residual structure of a single-stream block (see `residual_streams`)."""
-    streams = residual_streams(region, ffns)
-    if len(streams) != 1:
-        raise PassError(
-            f"cannot find the residual structure of {region.path}: it hands on {len(streams)} streams "
-            f"({[s.output.name for s in streams][:4]}), expected exactly one residual stream"
-        )
-    return streams[0]
 
 
 def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock:
