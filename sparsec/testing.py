@@ -104,7 +104,21 @@ def _reference_outputs(reference: Any, inputs: Mapping[str, torch.Tensor], names
         result = reference(**inputs)
     if isinstance(result, torch.Tensor):
         return {names[0]: result}
-    return {name: (result[name] if isinstance(result, Mapping) else getattr(result, name)) for name in names}
+    return {name: _leaf(result, name) for name in names}
+
+
+def _leaf(result: Any, name: str) -> Any:
+    """The output a program names `name` (`logits`, `image_outputs.last_hidden_state`, `0`) in a module's
+    result: the path is walked through mappings (ModelOutputs), attributes and sequence indices."""
+    value = result
+    for key in name.split("."):
+        if isinstance(value, Mapping) and key in value:
+            value = value[key]
+        elif isinstance(value, (list, tuple)) and key.isdigit():
+            value = value[int(key)]
+        else:
+            value = getattr(value, key)
+    return value
 
 
 def _assert_close_on_valid(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
@@ -134,7 +148,7 @@ def assert_equivalent(
     """
     got = program.run(inputs)
     names = [output] if output else list(got)
-    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, names), inputs, names, rtol, atol)
 
 
 def assert_onnx_equivalent(
@@ -156,7 +170,7 @@ def assert_onnx_equivalent(
 
     got = ort_backend.run(ort_backend.session(onnx_path), inputs)
     names = [output] if output else list(got)
-    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, names), inputs, names, rtol, atol)
 
 
 def linear_rows(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Linear:
