@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "custom_pass"))  # the example pass, SkipFfn
 
 from sparsec.families import detect_family  # noqa: E402
 from sparsec.diffusion import TINY_QWENIMAGE_CONFIG, QwenImageStep, qwenimage_step_inputs, tiny_qwenimage  # noqa: E402

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_inputs, make_model
-from custom_passes import SkipFfn
+from skip_ffn import SkipFfn
 from safetensors.torch import save_file
 
 from sparsec import testing

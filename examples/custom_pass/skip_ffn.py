@@ -1,8 +1,13 @@
-"""Example custom passes: what a user writes to add a rewrite to sparsec.
+"""An example custom pass: what a user writes to add a rewrite to sparsec.
 
-`NoOp` changes nothing. `SkipFfn` removes the FFNs matching a glob from the residual stream
-(`h + ffn(x)` becomes `h`): it shows `requires` (check the pattern first, touch nothing otherwise),
-`run` (an in-place graph edit; the manager prunes the now-dead FFN and its weights) and `ensures`.
+`SkipFfn` removes the FFNs matching a glob from the residual stream (`h + ffn(x)` becomes `h`). It shows the
+three parts of a pass: `requires` (check the pattern first, touch nothing otherwise), `run` (an in-place
+graph edit; the manager then prunes the now-dead FFN and its weights, verifies the program and checks
+quality on calibration data) and `ensures` (the pass's own postcondition, checked by the manager).
+
+Use it from Python with `register_pass(SkipFfn)`, or install this directory as a package
+(`pip install examples/custom_pass`): its `pyproject.toml` registers the pass under the `sparsec.passes`
+entry-point group, so `sparsec passes` lists it and recipes name it. `test_skip_ffn.py` is its unit test.
 """
 
 from __future__ import annotations
@@ -15,15 +20,6 @@ from sparsec.errors import PassError
 from sparsec.pass_manager import Pass, PassResult
 
 aten = torch.ops.aten
-
-
-class NoOp(Pass):
-    """Does nothing (a pipeline placeholder)."""
-
-    name = "noop"
-
-    def run(self, program, ctx):
-        return PassResult(modified=False)
 
 
 class SkipFfn(Pass):
