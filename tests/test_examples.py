@@ -8,6 +8,7 @@ Its unit test (examples/custom_pass/test_skip_ffn.py) and the digits reproductio
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,10 @@ def _run(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_custom_pass_package_installs_and_registers_by_entry_point(tmp_path):
     """`pip install examples/custom_pass` (into a target directory here) makes `skip_ffn` a pass name."""
-    target = tmp_path / "site"
+    source, target = tmp_path / "custom_pass", tmp_path / "site"
+    shutil.copytree(CUSTOM_PASS, source, ignore=shutil.ignore_patterns("__pycache__"))  # pip builds in the source tree
     installed = _run("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-                     str(CUSTOM_PASS), env=os.environ.copy(), cwd=tmp_path)
+                     str(source), env=os.environ.copy(), cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr
     assert sorted(p.name for p in target.glob("sparsec_skip_ffn-*.dist-info"))  # installed as a distribution
 
