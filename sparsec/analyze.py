@@ -229,6 +229,8 @@ class Probe:
         self.metric = metric
         self.progress = progress
         self.programs: list[Program] = list({id(t.program): t.program for t in tasks}.values())
+        self._stats: dict[int, _ProgramStats] | None = None
+        self._top_sets: dict[str, dict[str, list[set[int]]]] = {}
         self.targets = {(id(p), c): component_targets(p, c) for p in self.programs for c in components}
         self.combos: list[tuple[str, str]] = []
         self.skipped: list[dict] = []
@@ -324,6 +326,26 @@ class Probe:
             out[ffn.down.args[0]] = ValueRewrite(lambda value, keep=keep: value * keep.to(value.dtype))
         return out
 
+    def statistics(self) -> dict[int, _ProgramStats]:
+        """The pooled statistics behind every plan (collected on first use, then kept), by program id."""
+        if self._stats is None:
+            self._stats, self._top_sets = self._collect()
+        return self._stats
+
+    def compressed(self, task: Task, component: str, kind: str, ratio: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The task's program with `component` compressed in `kind` by `ratio`, as a callable `inputs -> outputs`.
+
+        It is the model a sweep point measures, to score with a metric of your own (e.g. sampling images from
+        a generator and judging them) instead of agreement with the uncompressed outputs:
+
+            >>> step = probe.compressed(task, "generation", "width", 0.5)
+            >>> logits = step(batch)["logits"]
+        """
+        if (component, kind) not in self.combos:
+            raise AnalysisError(f"({component}, {kind}) is not probed here; probed: {self.combos}")
+        plan = self.plan(task.program, component, kind, ratio, self.statistics()[id(task.program)])
+        return lambda batch: task.program.run(batch, rewrite=self.rewrites(task.program, plan, batch))
+
     def outputs(self, task: Task, plan: dict) -> list[dict[str, torch.Tensor]]:
         """The task's program outputs on its calibration batches with `plan` applied."""
         return [task.program.run(b, rewrite=self.rewrites(task.program, plan, b)) for b in task.calibration.batches()]
@@ -339,7 +361,7 @@ class Probe:
         bad = [r for r in ratios if not 0 < r < 1]
         if bad or not ratios:
             raise AnalysisError(f"ratios must lie in (0, 1) (the fraction removed), got {list(ratios)}")
-        stats, top_sets = self._collect()
+        stats = self.statistics()
         references = {t.name: t.calibration.reference_outputs(t.program) for t in self.tasks}
         rows = []
         steps = [(c, k, r, t) for c, k in self.combos for r in ratios for t in self.tasks]
@@ -374,7 +396,7 @@ class Probe:
                             for k in KINDS} for c in {c for c, _ in self.combos}},
             "sweep": rows,
             "skipped": self.skipped,
-            "sparsity": self._sparsity(top_sets),
+            "sparsity": self._sparsity(self._top_sets),
         }
 
     def _sparsity(self, top_sets: dict[str, dict[str, list[set[int]]]]) -> list[dict]:
