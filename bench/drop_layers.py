@@ -16,8 +16,8 @@ from common import compare_variants, parser, qwen2_model  # noqa: E402
 from sparsec.pass_manager import get_pass  # noqa: E402
 
 
-def main() -> None:
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
+def run(args) -> dict:
+    """Dense vs 25% and 50% of the blocks dropped; results per variant (see `compare_variants`)."""
     drop = get_pass("drop_layers")
     odd = list(range(1, args.layers, 2))
     variants = {
@@ -25,8 +25,11 @@ def main() -> None:
         "drop 25%": [drop(layers=odd[: args.layers // 4])],
         "drop 50%": [drop(layers=odd[: args.layers // 2])],
     }
-    compare_variants(qwen2_model(args), variants, args,
-                     describe=lambda p: f"{len(p.regions.blocks())} blocks")
+    return compare_variants(qwen2_model(args), variants, args, describe=lambda p: f"{len(p.regions.blocks())} blocks")
+
+
+def main() -> None:
+    run(parser(__doc__.split("\n\n")[0]).parse_args())
 
 
 if __name__ == "__main__":

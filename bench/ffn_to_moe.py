@@ -14,10 +14,11 @@ Runtime (`--lowering`, default standard), against the dense model; ideal = the F
 
 Random weights and a random router (speed does not depend on them; a random router spreads tokens evenly).
 
-    python bench/ffn_to_moe.py                       # both parts
+    python bench/ffn_to_moe.py                       # both parts (--reps: layer part, --model-reps: model part)
     python bench/ffn_to_moe.py --skip-model          # the layer part only (about a minute)
 """
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -126,31 +127,41 @@ def layer_benchmark(args) -> dict:
     return results
 
 
-def main() -> None:
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=512)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=512, help="tokens of the layer benchmark")
     p.add_argument("--ffn-intermediate", type=int, default=4096, help="FFN width of the layer benchmark")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, nargs="+", default=[8, 4])
     p.add_argument("--hf-experts", nargs="*", default=["eager", "grouped_mm"],
                    help="transformers experts implementations to compare against (batched_mm copies every token's "
                         "expert weights: 19 s per call at the default shapes here, so it is not in the default list)")
+    p.add_argument("--model-reps", type=int, default=7, help="repetitions of the model part (the layer part: --reps)")
     p.add_argument("--skip-model", action="store_true", help="only the layer benchmark")
     p.add_argument("--skip-layer", action="store_true", help="only the model benchmark")
     p.add_argument("--lowering", choices=["standard", "contrib"], default="standard",
                    help="MoE lowering of the model benchmark (the layer benchmark times both)")
-    p.set_defaults(reps=15)
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The layer part and the model part (unless skipped); results of each."""
     results = {} if args.skip_layer else {"layer": layer_benchmark(args)}
     if not args.skip_model:
         moe = get_pass("ffn_to_moe")
         variants = {"dense": [], f"MoE {args.experts}/{args.experts // 2}": [
             moe(experts=args.experts, top_k=args.experts // 2, router="random", importance="magnitude")]}
-        model_args = p.parse_args([*sys.argv[1:], "--reps", "7"]) if "--reps" not in sys.argv else args
-        model_args.json = None
+        model_args = argparse.Namespace(**{**vars(args), "reps": args.model_reps, "json": None})
         results["model"] = compare_variants(qwen2_model(model_args), variants, model_args,
                                             describe=lambda prog: f"{len(prog.graph.find_nodes(op='call_function', target=torch.ops.sparsec.moe.default))} MoE FFNs",
                                             session_config=NO_SPIN, moe_lowering=args.lowering)
+    return results
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(reps=15)
+    args = p.parse_args()
+    results = run(args)
     if args.json:
         import json
 

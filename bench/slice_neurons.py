@@ -15,16 +15,20 @@ from common import compare_variants, parser, qwen2_model  # noqa: E402
 from sparsec.pass_manager import get_pass  # noqa: E402
 
 
-def main() -> None:
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
+def run(args) -> dict:
+    """Dense vs every FFN at 50% and 25% width; results per variant (see `compare_variants`)."""
     slice_ = get_pass("slice_neurons")
     variants = {
         "dense": [],
         "FFN 50%": [slice_(keep_ratio=0.5, importance="magnitude", round_to=64)],
         "FFN 25%": [slice_(keep_ratio=0.25, importance="magnitude", round_to=64)],
     }
-    compare_variants(qwen2_model(args), variants, args,
-                     describe=lambda p: f"FFN width {p.regions.ffns()[0].intermediate_size}")
+    return compare_variants(qwen2_model(args), variants, args,
+                            describe=lambda p: f"FFN width {p.regions.ffns()[0].intermediate_size}")
+
+
+def main() -> None:
+    run(parser(__doc__.split("\n\n")[0]).parse_args())
 
 
 if __name__ == "__main__":
