@@ -1,7 +1,7 @@
 """Compile time: sparsec's capture + passes + ONNX export against a bare `torch.onnx.export` of the same model.
 
 The model is the benchmarks' 16-layer Qwen2-style model (bench/common.py; random weights). Side by side in one
-process, runs interleaved, median of `--reps`:
+process, runs interleaved, median of `--compile-reps`:
 
 - **bare**: what a user does without sparsec: `torch.onnx.export(model, (input_ids, attention_mask),
   dynamo=True)` with the same dynamic batch and sequence dims and opset, saved to a file.
@@ -18,7 +18,7 @@ Calibration forward passes are reported separately: the same passes choosing by 
 on `--calib-samples` sequences, as the pass time with calibration minus the pass time without.
 
     python bench/compile_time.py                 # 16 layers, hidden 1024: several minutes
-    python bench/compile_time.py --layers 4 --hidden 256 --intermediate 704 --vocab 1000 --reps 2
+    python bench/compile_time.py --layers 4 --hidden 256 --intermediate 704 --vocab 1000 --compile-reps 2
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ OPSET = 18
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-reps", type=int, default=3, help="repetitions of each pipeline (default %(default)s)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences for the separate "
                    "calibration measurement (default %(default)s, of --calib-seq tokens)")
     p.add_argument("--calib-seq", type=int, default=128, help="tokens per calibration sequence (default %(default)s)")
@@ -115,13 +116,13 @@ def run(args: argparse.Namespace) -> dict:
         tiny.config.use_cache = False
         bare_export(tiny, _inputs(warm, 2, 16), Path(tmp) / "warm.onnx")  # first-call costs (imports, op registries)
         sparsec_compile(tiny, _inputs(warm, 2, 16), Path(tmp) / "warm.onnx", warm)  # off the clock for both
-        for rep in range(args.reps):
+        for rep in range(args.compile_reps):
             runs["bare"].append(bare_export(model, inputs, Path(tmp) / "bare.onnx"))
             runs["sparsec, no passes"].append(sparsec_compile(model, inputs, Path(tmp) / "plain.onnx", args, passes=False))
             runs["sparsec"].append(sparsec_compile(model, inputs, Path(tmp) / "sparsec.onnx", args))
             runs["sparsec (calibrated passes)"].append(sparsec_compile(model, inputs, Path(tmp) / "x.onnx", args,
                                                                        calibration))
-            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{name} {r[-1]['total']:.1f} s" for name, r in runs.items()),
+            print(f"rep {rep + 1}/{args.compile_reps}: " + ", ".join(f"{name} {r[-1]['total']:.1f} s" for name, r in runs.items()),
                   file=sys.stderr, flush=True)
 
     def median(name: str, phase: str) -> float:
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         "runs": runs,
     }
     print(f"Compile time, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, vocab {args.vocab}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.reps} interleaved runs")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.compile_reps} interleaved runs")
     print(markdown_table(["pipeline", "capture s", "passes s", "export s", "total s", "vs bare export"], [
         ["bare torch.onnx.export", "", "", "", f"{bare:.1f}", "1.00x"],
         ["sparsec capture + export (no passes)", f"{plain['capture']:.1f}", "", f"{plain['export']:.1f}",
@@ -163,7 +164,6 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     add_arguments(p)
-    p.set_defaults(reps=3)
     args = p.parse_args()
     results = run(args)
     if args.json:

@@ -7,7 +7,7 @@ every compressed variant's measured speedup against its ideal (FLOP ratio, or E/
 the compile time against the bare export's. Each benchmark's own docstring says how it measures.
 
     python bench/run.py                                  # all four at the benchmark sizes (16 layers, hidden 1024)
-    python bench/run.py --only depth,compile --reps 5
+    python bench/run.py --only depth,compile --reps 5 --compile-reps 5
     python bench/run.py --quick                          # tiny sizes, 2 reps: checks that the suite runs;
                                                          # its figures say nothing about speed
     python bench/run.py --json bench/results/suite.json  # every raw time too
@@ -33,6 +33,7 @@ from common import markdown_table, parser  # noqa: E402
 BENCHMARKS: dict[str, Callable] = {"depth": drop_layers.run, "width": slice_neurons.run, "moe": ffn_to_moe.run,
                                    "compile": compile_time.run}
 QUICK = {"layers": 4, "hidden": 128, "intermediate": 256, "vocab": 512, "seq": 64, "reps": 2, "model_reps": 2,
+         "compile_reps": 1,
          "tokens": 64, "ffn_intermediate": 512, "experts": 8, "top_k": [4], "hf_experts": ["eager"],
          "calib_samples": 2, "calib_seq": 32}
 
