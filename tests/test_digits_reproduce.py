@@ -16,7 +16,8 @@ from sparsec.models import load_model  # noqa: E402
 from sparsec.moe import moe_forward  # noqa: E402, F401  (registers torch.ops.sparsec.moe)
 
 EXPECTED = ["dense", "gen slice 0.5", "gen slice 0.5 + fine-tune", "gen MoE 8/16", "gen MoE 8/16 + router adapt",
-            "gen MoE 8/16 + full adapt", "und slice 0.5"]
+            "gen MoE 8/16 + full adapt", "gen MoE shared + 4/12 + full adapt", "und slice 0.5",
+            "gen slice 0.25 + fine-tune", "gen MoE 4/16 + full adapt"]
 SWEEP = [(c, k) for c in ("understanding", "generation") for k in ("depth", "width")]
 
 
@@ -62,7 +63,10 @@ def test_variants_structure_and_widths(run):
         "gen MoE 8/16": (width // 2, width),
         "gen MoE 8/16 + router adapt": (width // 2, width),
         "gen MoE 8/16 + full adapt": (width // 2, width),
+        "gen MoE shared + 4/12 + full adapt": (width // 2, width),
         "und slice 0.5": (width, width // 2),
+        "gen slice 0.25 + fine-tune": (width // 4, width),
+        "gen MoE 4/16 + full adapt": (width // 4, width),
     }
     for r in results.values():
         assert 0 <= r["understanding_accuracy"] <= 1 and 0 <= r["judge_accuracy"] <= 1 and r["frechet_distance"] > 0
@@ -70,10 +74,13 @@ def test_variants_structure_and_widths(run):
         assert seed["seed"] == 0 and len(seed["per_label_accuracy"]) == tb.NUM_LABELS
         assert r["judge_accuracy"] == seed["judge_accuracy"] and r["frechet_distance"] == seed["frechet_distance"]
         assert r["retained_generation"] == pytest.approx(r["judge_accuracy"] / results["dense"]["judge_accuracy"])
-    for name in ("gen MoE 8/16", "gen MoE 8/16 + router adapt", "gen MoE 8/16 + full adapt"):
+    for name in ("gen MoE 8/16", "gen MoE 8/16 + router adapt", "gen MoE 8/16 + full adapt",
+                 "gen MoE shared + 4/12 + full adapt"):
         assert results[name]["stats"]["active_fraction"] == 0.5 and len(results[name]["routers"]) == 4
     assert results["gen MoE 8/16"].get("adaptation") is None
-    for name in ("gen MoE 8/16 + full adapt", "gen slice 0.5 + fine-tune"):
+    assert results["gen MoE 4/16 + full adapt"]["stats"]["active_fraction"] == 0.25
+    for name in ("gen MoE 8/16 + full adapt", "gen MoE shared + 4/12 + full adapt", "gen slice 0.5 + fine-tune",
+                 "gen slice 0.25 + fine-tune", "gen MoE 4/16 + full adapt"):
         assert results[name]["adaptation"]["steps"] == summary["settings"]["adapt_steps"]
     tuned = results["gen slice 0.5 + fine-tune"]["adaptation"]
     assert tuned["loss_after"] < tuned["loss_before"]  # the distillation trained the sliced FFNs
@@ -106,6 +113,13 @@ def test_sweep_points_are_the_probe_compressions(run, loaded):
         suffix = "mlp" if component == "understanding" else "mlp_moe_gen"
         assert sorted(widths) == [f"model.layers.{i}.{suffix}" for i in range(layers)]
         assert set(widths.values()) == {loaded.model.config.intermediate_size // 2}
+    # the probe's sparsity overlap: generation FFNs run on generation tokens only
+    sparsity = {e["ffn"]: e for e in summary["sparsity"]}
+    assert len(sparsity) == 2 * layers
+    for i in range(layers):
+        gen = sparsity[f"model.layers.{i}.mlp_moe_gen"]
+        assert gen["component"] == "generation" and "understanding" not in gen["within"]
+        assert 0 < gen["within"]["generation"] <= 1
     # compressing one component leaves the other task's tokens alone: generation width and depth do not touch
     # understanding sequences (all understanding tokens), so their accuracy is the dense one exactly
     dense = summary["dense"]["understanding_accuracy"]

@@ -10,7 +10,8 @@ judge's accuracy on generated digits and their Frechet distance, sampled with ev
 2. **Variants**: the generation FFNs (`model.layers.*.mlp_moe_gen`) at half active width, made by real passes
    on a fresh capture: `slice_neurons` (static; also fine-tuned afterwards as long as the MoE adapts, the
    fair comparison), `ffn_to_moe` with 16 experts, 8 active (learned router; then router adaptation; then full
-   adaptation); for contrast the understanding FFNs (`model.layers.*.mlp`) sliced to half width.
+   adaptation); for contrast the understanding FFNs (`model.layers.*.mlp`) sliced to half width; then the
+   same comparison at a quarter of the width active (slice 0.25 fine-tuned vs 16 experts, 4 active, adapted).
 
 Statistics, router fits and adaptation use a calibration set drawn from the *train* split (both tasks).
 
@@ -90,8 +91,19 @@ def variants(adapt_steps: int) -> list[Variant]:
                 "ffn_to_moe", {**moe, "adapt": "router", "lr": 1e-3}, adapted=True),
         Variant("gen MoE 8/16 + full adapt", f"as above, adapt full ({adapt_steps} steps, lr {FINETUNE_LR:g})",
                 "ffn_to_moe", {**moe, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
+        Variant("gen MoE shared + 4/12 + full adapt", "as above, with a shared expert: the 25% most important "
+                f"neurons always on, the rest as 12 experts, top 4 (still 128 active); adapt full ({adapt_steps} "
+                f"steps, lr {FINETUNE_LR:g})", "ffn_to_moe",
+                {**moe, "experts": 12, "top_k": 4, "shared": 0.25, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
         Variant("und slice 0.5", "understanding FFNs: slice_neurons keep_ratio 0.5 (activation)", "slice_neurons",
                 {"where": UND_FFNS, "keep_ratio": 0.5, "importance": "activation"}),
+        # a quarter of the generation FFN active per token: where static slicing starts to cost
+        Variant("gen slice 0.25 + fine-tune", f"generation FFNs: slice_neurons keep_ratio 0.25, then fine-tuned "
+                f"({adapt_steps} steps, lr {FINETUNE_LR:g})", "slice_neurons", {**gen_slice, "keep_ratio": 0.25},
+                finetune=True),
+        Variant("gen MoE 4/16 + full adapt", f"generation FFNs: ffn_to_moe 16 experts, top 4, learned router, adapt "
+                f"full ({adapt_steps} steps, lr {FINETUNE_LR:g})", "ffn_to_moe",
+                {**moe, "top_k": 4, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
     ]
 
 
@@ -126,13 +138,15 @@ def retained(result: dict[str, Any], dense: dict[str, Any]) -> dict[str, float]:
 
 # ----- part 1: the sweep -------------------------------------------------------------------------------------
 def sweep(loaded, judge, samples_per_task: int, ratios: Sequence[float], seeds: Sequence[int], per_label: int,
-          dense: dict[str, Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every (component, kind, ratio) of the probe, scored on both tasks with the testbed's metrics."""
+          dense: dict[str, Any], log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (component, kind, ratio) of the probe, scored on both tasks with the testbed's metrics; and the
+    probe's dynamic-sparsity overlap per FFN (how much the top neurons of one sample agree with another's)."""
     program = capture(loaded)
     tasks = [Task(name, program, CalibrationSet(tb.task_inputs(name, "train", samples_per_task), source=f"train {name}"),
                   scored=tb.score_mask(name, samples_per_task)) for name in tb.TASKS]
     probe = Probe(tasks)
-    agreement = {(r["component"], r["kind"], r["ratio"], r["task"]): r for r in probe.run(ratios)["sweep"]}
+    analysis = probe.run(ratios)
+    agreement = {(r["component"], r["kind"], r["ratio"], r["task"]): r for r in analysis["sweep"]}
     rows = []
     points = [(c, k, r) for c in COMPONENTS for k in KINDS for r in ratios]
     for i, (component, kind, ratio) in enumerate(points, 1):
@@ -149,7 +163,7 @@ def sweep(loaded, judge, samples_per_task: int, ratios: Sequence[float], seeds: 
         log(f"  [{i}/{len(points)}] compress {component} {kind} {ratio:g}: understanding "
             f"{result['understanding_accuracy']:.3f}, judge {result['judge_accuracy']:.3f}, "
             f"Frechet {result['frechet_distance']:.1f}")
-    return rows
+    return rows, analysis["sparsity"]
 
 
 # ----- part 2: the variants ----------------------------------------------------------------------------------
@@ -237,6 +251,19 @@ def sweep_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
                      f"{r['understanding_accuracy']:.3f} | {100 * r['retained_understanding']:.1f} | "
                      f"{r['judge_accuracy']:.3f} | {100 * r['retained_generation']:.1f} | {r['frechet_distance']:.1f} | "
                      f"{agree['understanding']:.3f} / {agree['generation']:.3f} | {_seeds_cell(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def sparsity_table(entries: list[dict[str, Any]]) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["| FFN | component | within understanding samples | within generation samples | across the tasks |",
+             "|---|---|---|---|---|"]
+    for e in entries:
+        across = next(iter(e["across"].values()), None)
+        lines.append(f"| {e['ffn']} | {e['component']} | {cell(e['within'].get('understanding'))} | "
+                     f"{cell(e['within'].get('generation'))} | {cell(across)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -399,9 +426,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sections = []
     if "sweep" in parts:
         log(f"[sweep] {len(COMPONENTS)} components x {len(KINDS)} kinds x ratios {ratios} ...")
-        summary["sweep"] = sweep(loaded, judge, calib_samples, ratios, seeds, per_label, dense, log)
+        summary["sweep"], summary["sparsity"] = sweep(loaded, judge, calib_samples, ratios, seeds, per_label, dense, log)
         sections.append("## Sweep: one component compressed at a time (the probe's what-if rewrites)\n\n"
                         + sweep_table(summary["sweep"], dense))
+        sections.append("## Dynamic sparsity: mean Jaccard overlap of two samples' top 10% FFN neurons\n\n"
+                        + sparsity_table(summary["sparsity"]))
     if "variants" in parts:
         calib = calibration_set(calib_samples)
         results = []
@@ -418,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             log(f"    understanding {result['understanding_accuracy']:.3f}, judge {result['judge_accuracy']:.3f}, "
                 f"Frechet {result['frechet_distance']:.1f}, {result['seconds']:.0f} s")
         summary["variants"] = results
-        sections.append("## Variants: the generation FFNs at half active width\n\n" + variants_table(results, dense_width))
+        sections.append("## Variants: the generation FFNs at half (and a quarter) active width\n\n" + variants_table(results, dense_width))
     summary["total_seconds"] = time.perf_counter() - start
     report = (f"# Digits reproduction ({'quick' if args.quick else 'full'} run)\n\n"
               f"Held-out split; {per_label} generated digits per label for each seed in {seeds} (judge accuracy and "
