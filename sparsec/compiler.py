@@ -243,8 +243,7 @@ class _Unit:
             t = time.perf_counter()
             parity = recipe.export.parity
             self.report["parity"] = check_parity(self.program, directory / "model.onnx", self.calibration,
-                                                 samples=parity.samples, min_cosine=parity.min_cosine,
-                                                 max_rel_l2=parity.max_rel_l2)
+                                                 options=parity, precision=recipe.export.precision)
             times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
 
