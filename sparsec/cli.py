@@ -1,7 +1,7 @@
 """The `sparsec` command line: inspect, compile, analyze, passes.
 
-Exit codes: 0 success; 1 a quality gate or the ONNX parity check failed (nothing written); 2 bad input
-(model, recipe, calibration file, options); 3 an internal error (a bug: please report it with the trace).
+Exit codes: 0 success; 1 a quality gate or the backend parity check failed (nothing written); 2 bad input
+(model, recipe, calibration file, options, a target that cannot run here); 3 an internal error (a bug: please report it with the trace).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
     recipe = Recipe.load(args.recipe or default_recipe_path())
     report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
-                           log=None if args.quiet else _log, dry_run=args.dry_run)
+                           log=None if args.quiet else _log, dry_run=args.dry_run, target=args.target)
     if args.dry_run:
         print(_decisions(report))
     elif not args.quiet:
@@ -124,10 +124,12 @@ def _summary(report: dict) -> str:
             lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
                          f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
         if "parity" in program:
-            for name, m in program["parity"]["metrics"].items():
+            parity = program["parity"]
+            for name, m in parity["metrics"].items():
                 extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
-                lines.append(f"parity     {name}: cosine {m['cosine']:.6f} rel_l2 {m['rel_l2']:.2e} "
-                             f"max_abs {m['max_abs']:.2e}{extra} at {program['parity']['input_shapes']}")
+                tail = "".join(f" {k} {m[k]:.2e}" for k in m if k.startswith("p99") and k.endswith("_abs"))
+                lines.append(f"parity     {name}: {parity['backend']} {parity['precision']}: cosine {m['cosine']:.6f} "
+                             f"rel_l2 {m['rel_l2']:.2e} max_abs {m['max_abs']:.2e}{tail}{extra} at {parity['input_shapes']}")
         lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in program["artifacts"].items()))
     lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
@@ -212,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing")
     p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
                                    "(overrides the recipe's calibration.file; default: synthetic random inputs)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"],
+                   help="backend the artifact is built and parity-checked for: onnxruntime (CPU, default), "
+                        "onnxruntime-cuda (onnxruntime-gpu), tensorrt (also writes model.engine); the GPU targets "
+                        'need the gpu extra (pip install -e ".[gpu]") and a GPU, checked before any work')
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
