@@ -134,7 +134,7 @@ def assert_equivalent(
     """
     got = program.run(inputs)
     names = [output] if output else list(got)
-    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, names), inputs, names, rtol, atol)
 
 
 def assert_onnx_equivalent(
@@ -156,7 +156,7 @@ def assert_onnx_equivalent(
 
     got = ort_backend.run(ort_backend.session(onnx_path), inputs)
     names = [output] if output else list(got)
-    _assert_close_on_valid(got, _reference_outputs(reference, inputs, list(got)), inputs, names, rtol, atol)
+    _assert_close_on_valid(got, _reference_outputs(reference, inputs, names), inputs, names, rtol, atol)
 
 
 def linear_rows(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Linear:
