@@ -280,7 +280,8 @@ class _Unit:
         t = time.perf_counter()
         fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
         self.report["export"] = export_onnx(self.program, fp32_path, opset=export.opset,
-                                            external_data=export.external_data, moe_lowering=export.moe_lowering)
+                                            external_data=export.external_data, moe_lowering=export.moe_lowering,
+                                            scatter_reduction=target != "tensorrt")
         if convert:
             from sparsec.exporters.precision import convert_precision
 

@@ -150,3 +150,36 @@ def test_onnxruntime_cuda_runs_both_moe_lowerings(tmp_path, moe_lowering):
                                "quality": {"min_cosine": 0.5}, "export": {"moe_lowering": moe_lowering, "precision": "fp16"}})
     report = compile_model("builtin:tiny-qwen2", recipe, tmp_path / "out", progress=False, target="onnxruntime-cuda")
     assert report["parity"]["provider"] == "CUDAExecutionProvider"
+
+
+@pytest.mark.slow
+def test_the_tensorrt_moe_lowering_avoids_scatter_reductions_and_matches_pytorch(tmp_path):
+    """`--target tensorrt` lowers MoE without ScatterND(reduction=add) and with a float NonZero mask (what TensorRT's
+    operator list documents); checked in ONNX Runtime against the program at another shape, FP32 and FP16."""
+    import onnx
+
+    import sparsec
+    from sparsec import testing
+    from sparsec.calibration import CalibrationSet
+    from sparsec.exporters.onnx import export_onnx
+    from sparsec.exporters.precision import convert_precision
+    from sparsec.parity import ParityOptions, check_parity
+
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, gating="softmax",
+                       calibration=CalibrationSet(make_inputs(model, 16, 16, seed=3), source="test"))
+    export_onnx(program, tmp_path / "moe.onnx", scatter_reduction=False)
+    graph = onnx.load(str(tmp_path / "moe.onnx")).graph
+    scatters = [n for n in graph.node if n.op_type == "ScatterND"]
+    assert len(scatters) == 16 and all(a.s in (b"", b"none") for n in scatters for a in n.attribute if a.name == "reduction")
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "moe.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    nonzeros = [n for n in graph.node if n.op_type == "NonZero"]
+    assert len(nonzeros) == 16 and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in nonzeros)
+    inputs = make_inputs(model, 3, 21, seed=7, pad_left=4)
+    testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, inputs, output="logits")
+    convert_precision(tmp_path / "moe.onnx", tmp_path / "moe16.onnx", "fp16")
+    got = ort_backend.run(ort_backend.session(tmp_path / "moe16.onnx"), inputs)
+    check_parity([(program.run(inputs), got, inputs["attention_mask"].bool())], backend="ORT", precision="fp16",
+                 options=ParityOptions())
