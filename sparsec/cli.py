@@ -1,4 +1,4 @@
-"""The `sparsec` command line: inspect, compile, analyze, passes.
+"""The `sparsec` command line: inspect, compile, analyze, run, bench, passes.
 
 Exit codes: 0 success; 1 a quality gate or the backend parity check failed (nothing written); 2 bad input
 (model, recipe, calibration file, options, a target that cannot run here); 3 an internal error (a bug: please report it with the trace).
@@ -135,6 +135,73 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
+    from .calibration import load_calibration
+    from .runner import parse_dims, synthetic_inputs
+
+    onnx_path = Path(args.artifact) / "model.onnx"
+    if not onnx_path.is_file():
+        raise SparsecError(f"--artifact {args.artifact}: no model.onnx there (a `sparsec compile --out` directory)")
+    if args.calib:
+        import onnx
+
+        names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+        calibration = load_calibration(args.calib, input_names=names, batch_size=args.batch_size, samples=args.samples)
+        return list(calibration.batches()), calibration.source
+    dims = parse_dims(args.dims)
+    return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runner import load_artifact
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    outputs: dict[str, list] = {}
+    for batch in batches:
+        for name, value in runner(batch).items():
+            outputs.setdefault(name, []).append(value)
+    summary = {}
+    for name, values in outputs.items():
+        value = torch.cat(values) if values[0].dim() else values[0]
+        floats = value.double()
+        summary[name] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                         "mean": float(floats.mean()), "std": float(floats.std()) if floats.numel() > 1 else 0.0,
+                         "finite": float(torch.isfinite(floats).double().mean())}
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "batches": len(batches), "outputs": summary}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, {len(batches)} batch(es) of {source}")
+        for name, m in summary.items():
+            print(f"  {name}: {m['shape']} {m['dtype']} mean {m['mean']:.4g} std {m['std']:.4g} "
+                  f"finite {100 * m['finite']:.1f}%")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import load_artifact, timing
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    batch = batches[0]
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "input_shapes": {k: list(v.shape) for k, v in batch.items()},
+              **timing(runner, batch, warmup=args.warmup, runs=args.runs)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
+              f"{args.warmup} warm-up, {args.runs} timed runs")
+        print(f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+              f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}")
+    return 0
+
+
 def _cmd_passes(args: argparse.Namespace) -> int:
     from .options import describe_section
     from .pass_manager import available_passes
@@ -251,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory for analysis.md, analysis.json, quality_*.png, sparsity.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_cmd_analyze)
+
+    for name, helptext in (("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
+                           ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
+                           "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).")
+        p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
+        p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"],
+                       help="backend to run it on (default: %(default)s)")
+        p.add_argument("--calib", help="inputs: a .safetensors/.npz file of the model's inputs (default: synthetic)")
+        p.add_argument("--samples", type=int, default=16, help="samples read from --calib (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
+        p.add_argument("--dims", default="batch=1,seq=128",
+                       help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "bench":
+            p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+            p.add_argument("--runs", type=int, default=20, help="timed runs (default: %(default)s)")
+        p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
     p = sub.add_parser("passes", help="list registered passes and their options",
                        description="List every registered pass (built-in, entry point 'sparsec.passes') with options.")
