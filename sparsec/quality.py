@@ -12,9 +12,11 @@ Metrics per output, over valid tokens only (attention_mask == 1), each a vector 
   where the reference crosses zero finite). Percentiles are exact up to `PERCENTILE_SAMPLES` entries per
   output, beyond that computed on a seeded uniform sample of that many (`percentile_entries` says how many).
 
-Entries that both sides hold at the dtype's lowest value are masked by the model (Chameleon bans image tokens
-from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the absolute
-errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep them.
+Entries the reference holds at its dtype's lowest value and the candidate at that value too, or at or below
+float16's lowest (-65504: where an FP16 backend clamps the same mask), are masked by the model (Chameleon bans
+image tokens from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the
+absolute errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep
+them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's logits) have cosine 1.
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ class OutputComparison:
         r = token_vectors(ref.detach().double(), mask)
         c = token_vectors(cand.detach().double(), mask)
         lowest = torch.finfo(ref.dtype).min
-        banned = token_vectors((ref.detach() == lowest) & (cand.detach() == lowest), mask)
+        cand_masked = (cand.detach() == lowest) | (cand.detach() <= torch.finfo(torch.float16).min)
+        banned = token_vectors((ref.detach() == lowest) & cand_masked, mask)
         r_kept, c_kept = r.masked_fill(banned, 0.0), c.masked_fill(banned, 0.0)
         diff = c_kept - r_kept
         self.tokens += r.shape[0]
         self.elements += r.numel()
-        self.cos_sum += float(F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12).sum())
+        cosine = F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12)
+        self.cos_sum += float(torch.where((r_kept == c_kept).all(-1), 1.0, cosine).sum())
         self.err_sq += float((diff * diff).sum())
         self.ref_sq += float((r_kept * r_kept).sum())
         self.abs_sum += float(diff.abs().sum())

@@ -127,3 +127,14 @@ def test_percentile_names_match_numpy():
     m = compare_outputs([({"y": ref}, {"y": ref + torch.tensor(values, dtype=torch.float32)}, None)],
                         percentiles=[99.9])["y"]
     assert m["p99.9_abs"] == pytest.approx(float(np.percentile(values, 99.9)))
+
+
+def test_an_fp16_backends_clamped_mask_counts_as_masked_and_equal_zero_vectors_as_identical():
+    low = torch.finfo(torch.float32).min
+    ref = torch.tensor([[[1.0, 3.0, low], [0.0, 0.0, 0.0]]])
+    fp16_backend = torch.tensor([[[1.0, 3.0, -65504.0], [0.0, 0.0, 0.0]]])
+    m = compare_outputs([({"logits": ref}, {"logits": fp16_backend}, None)])["logits"]
+    assert m["cosine"] == 1.0 and m["max_abs"] == 0.0 and m["rel_l2"] == 0.0
+    unmasked = torch.tensor([[[1.0, 3.0, -65504.0], [0.0, 0.0, 0.0]]])
+    m = compare_outputs([({"logits": torch.tensor([[[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]])}, {"logits": unmasked}, None)])
+    assert m["logits"]["max_abs"] == 65504.0  # where the reference does not mask, -65504 is an error
