@@ -83,8 +83,9 @@ def convert_precision(
     before returning. Raises `SparsecError` for a model it cannot convert (subgraphs, not FP32).
 
     Example:
-        >>> convert_precision("model.onnx", "model.bf16.onnx", "bf16", keep_ops=["Gelu"])["kept_fp32"]
-        {'MatMul': 4, 'Pow': 9, 'ReduceMean': 9, ...}
+        >>> convert_precision("model.onnx", "model.bf16.onnx", "bf16", keep_ops=["Sigmoid"])["kept_fp32"]
+        {'Add': 9, 'Cast': 1, 'Concat': 1, 'Cos': 1, 'Mul': 19, 'Pow': 9, 'Reciprocal': 9, 'ReduceMean': 9,
+         'Sigmoid': 4, 'Sin': 1, 'Softmax': 4, 'Sqrt': 9}
     """
     source, target = Path(source), Path(target)
     if precision not in ("fp32", "fp16", "bf16"):

@@ -58,9 +58,12 @@ def check_target(target: str, recipe: Recipe) -> None:
 
         require_cuda_provider()
     elif target == "tensorrt":
-        from sparsec.exporters.tensorrt import require_tensorrt
+        from sparsec.exporters.tensorrt import require_tensorrt, tensorrt_major
 
         require_tensorrt()
+        if export.tensorrt.typing == "flags" and tensorrt_major() >= 11:
+            raise SparsecError("export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
+                               "networks only); use typing: strong, the precision then comes from export.precision")
 
 
 def _jsonable(value: Any) -> Any:
@@ -286,7 +289,8 @@ class _Unit:
             from sparsec.exporters.precision import convert_precision
 
             say(f"[sparsec] converting ONNX to {export.precision} (norms, softmax, router kept fp32){label}")
-            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, export.precision)
+            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, export.precision,
+                                                                   keep_ops=export.keep_fp32)
             for path in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
                 path.unlink(missing_ok=True)
         times["export"] = times.get("export", 0.0) + time.perf_counter() - t

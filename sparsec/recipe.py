@@ -96,7 +96,8 @@ class ExportOptions:
     (`contrib`); see `sparsec.exporters.onnx_moe`.
 
     `precision`: the ONNX file's compute type (`sparsec.exporters.precision`: FP16/BF16 with norms, softmax and
-    the MoE router kept in FP32; inputs and outputs keep their types). `parity`: `sparsec.parity.ParityOptions`,
+    the MoE router kept in FP32; inputs and outputs keep their types); `keep_fp32`: further op types to keep in
+    FP32 (e.g. `[Sigmoid]`). `parity`: `sparsec.parity.ParityOptions`,
     whose default tolerances follow `precision`.
     """
 
@@ -105,6 +106,7 @@ class ExportOptions:
     external_data: bool | Literal["auto"] = "auto"
     moe_lowering: Literal["standard", "contrib"] = "standard"
     precision: Precision = "fp32"
+    keep_fp32: list[str] = field(default_factory=list)
     parity: ParityOptions = field(default_factory=ParityOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 

@@ -163,6 +163,15 @@ def test_external_data_and_fp32_copy(tmp_path, exported):
     testing.assert_onnx_equivalent(copy, programs["dense"], inputs, output="logits")
 
 
+def test_keep_ops_stay_fp32(tmp_path, exported):
+    _, _, paths = exported
+    report = convert_precision(paths["dense"], tmp_path / "k.onnx", "fp16", keep_ops=["Sigmoid"])
+    types = _types(tmp_path / "k.onnx")
+    sigmoids = _nodes(tmp_path / "k.onnx", "Sigmoid")
+    assert report["kept_fp32"]["Sigmoid"] == len(sigmoids) == 4
+    assert all(types[n.input[0]] == FLOAT and types[n.output[0]] == FLOAT for n in sigmoids)
+
+
 def test_refuses_what_it_cannot_convert(tmp_path):
     x = onnx.helper.make_tensor_value_info("x", FLOAT, [2])
     y = onnx.helper.make_tensor_value_info("y", FLOAT, [2])
