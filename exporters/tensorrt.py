@@ -178,7 +178,9 @@ def build_engine(
         errors = []
         for i in range(parser.num_errors):
             error = parser.get_error(i)
-            errors.append(f"node {error.node()} ({error.node_name()}, {error.node_operator()}): {error.desc()}")
+            name = error.node_name() if hasattr(error, "node_name") else "?"  # node_name/node_operator: TensorRT >= 10
+            operator = error.node_operator() if hasattr(error, "node_operator") else "?"
+            errors.append(f"node {error.node()} ({name}, {operator}): {error.desc()}")
         raise SparsecError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {len(errors)} error(s): " + "; ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)

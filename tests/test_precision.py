@@ -185,3 +185,26 @@ def test_refuses_what_it_cannot_convert(tmp_path):
     with pytest.raises(SparsecError, match="precision 'int8': choose fp32, fp16 or bf16"):
         convert_precision(tmp_path / "if.onnx", tmp_path / "out.onnx", "int8")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("lowering", ["contrib", "standard", "standard_for_tensorrt"])
+@pytest.mark.parametrize("activation,gated,gating", [
+    ("silu", True, "unit"), ("silu", True, "softmax"), ("relu", False, "renormalized"),
+    ("gelu_tanh", False, "unit"), ("gelu", False, "softmax"),
+])
+def test_fp16_moe_lowerings_with_biases_match_the_op(tmp_path, lowering, activation, gated, gating):
+    from test_ffn_to_moe import _OpModule, _random_moe  # one MoE op with biases, 6 experts, 2 active
+
+    torch.manual_seed(0)
+    module = _OpModule(_random_moe(experts=6, gated=gated), 2, activation, gating)
+    program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    for_tensorrt = lowering == "standard_for_tensorrt"
+    export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,
+                scatter_reduction=not for_tensorrt)
+    convert_precision(tmp_path / "moe.onnx", tmp_path / "moe16.onnx", "fp16")
+    assert _router_matmuls(tmp_path / "moe16.onnx") and all(
+        _types(tmp_path / "moe16.onnx")[n.output[0]] == FLOAT for n in _nodes(tmp_path / "moe16.onnx", "TopK"))
+    x = {"x": torch.randn(3, 5, 16)}
+    got = ort_backend.run(ort_backend.session(tmp_path / "moe16.onnx"), x)
+    report = check_parity([(program.run(x), got, None)], backend="ORT", precision="fp16", options=ParityOptions())
+    assert next(iter(report["metrics"].values()))["rel_l2"] > 1e-5
