@@ -41,15 +41,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from sparsec.errors import SparsecError
-
-Precision = Literal["fp32", "fp16", "bf16"]
+from sparsec.parity import Precision
 
 TARGETS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 TYPE_STRINGS = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}

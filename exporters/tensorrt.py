@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.parity import Precision
 
 INSTALL = ('install the gpu extra on a machine with an NVIDIA GPU: pip install -e ".[gpu]" '
            "(the tensorrt wheels fetch their libraries from NVIDIA's index, pypi.nvidia.com)")
@@ -149,7 +150,7 @@ def build_engine(
     engine_path: str | Path,
     *,
     profiles: Profile,
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32",
+    precision: Precision = "fp32",
     typing: Literal["strong", "flags"] = "strong",
     workspace_mib: int = 4096,
     timing_cache: str | Path | None = None,

@@ -293,6 +293,9 @@ class _Unit:
                                                                    keep_ops=export.keep_fp32)
             for path in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
                 path.unlink(missing_ok=True)
+            data = onnx_path.with_name(onnx_path.name + ".data")  # the export facts now describe the converted file
+            self.report["export"].update(path=onnx_path.name, external_data=data.name if data.exists() else None,
+                                         bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0))
         times["export"] = times.get("export", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         if target == "tensorrt":

@@ -110,6 +110,7 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
     logits = parity["metrics"]["logits"]
     assert 1e-5 < logits["rel_l2"] < 1e-2 and logits["p50_abs"] <= logits["p99_abs"] <= logits["max_abs"]
     assert report["export"]["precision"]["kept_fp32"]["Softmax"] == 4
+    assert report["export"]["path"] == "model.onnx" and report["export"]["bytes"] == (out / "model.onnx").stat().st_size
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "program.pt2", "report.json"]  # no fp32 copy left
     inputs = make_inputs(model, 3, 9, seed=4, pad_left=2)
     testing.assert_onnx_equivalent(out / "model.onnx", model, inputs, output="logits", rtol=0.05, atol=0.01)
@@ -176,7 +177,8 @@ def test_inspect_shows_components_and_tags(capsys):
     assert "model.layers.[0-3]" in text and "model.layers.0.mlp  gated  width 128" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"],
+                                  ["run", "--help"], ["bench", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
