@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -142,6 +142,22 @@ def onnx_input_dims(onnx_path: str | Path) -> dict[str, list[int | str | None]]:
         dims = value.type.tensor_type.shape.dim
         out[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
     return out
+
+
+def engine_profiles(onnx_path: str | Path, ranges: Mapping[str, Sequence[int]] | None,
+                    batches: Iterable[Mapping[str, torch.Tensor]]) -> Profile:
+    """`derive_profiles` for the inputs of `onnx_path` fed `batches` (the batches parity will run).
+
+    Example:
+        >>> engine_profiles("out/model.onnx", {"seq": [1, 64, 512]}, calibration.head(8).batches())
+        {'input_ids': ((1, 1), (8, 64), (8, 512)), 'attention_mask': ((1, 1), (8, 64), (8, 512))}
+    """
+    observed: dict[str, list[Shape]] = {}
+    for batch in batches:
+        for name, value in batch.items():
+            observed.setdefault(name, []).append(tuple(value.shape))
+    dims = onnx_input_dims(onnx_path)
+    return derive_profiles(dims, ranges, {name: observed.get(name, []) for name in dims})
 
 
 # ----- GPU side: needs tensorrt and a CUDA device ------------------------------------------------------------------

@@ -301,12 +301,8 @@ class _Unit:
         if target == "tensorrt":
             from sparsec.exporters import tensorrt
 
-            observed: dict[str, list[list[int]]] = {}
-            for batch in self.calibration.head(export.parity.samples).batches():
-                for name, value in batch.items():
-                    observed.setdefault(name, []).append(list(value.shape))
-            dims = tensorrt.onnx_input_dims(onnx_path)
-            profiles = tensorrt.derive_profiles(dims, export.tensorrt.profiles, {k: observed[k] for k in dims})
+            profiles = tensorrt.engine_profiles(onnx_path, export.tensorrt.profiles,
+                                                self.calibration.head(export.parity.samples).batches())
             say(f"[sparsec] building the TensorRT engine{label}")
             self.report["engine"] = tensorrt.build_engine(
                 onnx_path, directory / "model.engine", profiles=profiles, precision=export.precision,

@@ -183,3 +183,21 @@ def test_the_tensorrt_moe_lowering_avoids_scatter_reductions_and_matches_pytorch
     got = ort_backend.run(ort_backend.session(tmp_path / "moe16.onnx"), inputs)
     check_parity([(program.run(inputs), got, inputs["attention_mask"].bool())], backend="ORT", precision="fp16",
                  options=ParityOptions())
+
+
+@pytest.mark.slow
+def test_profiles_from_a_real_export_and_calibration(tmp_path):
+    """The CPU half of the TensorRT path as the compiler runs it: the exported ONNX's named dims, the parity batches."""
+    import sparsec
+    from sparsec.calibration import CalibrationSet
+    from sparsec.exporters.onnx import export_onnx
+    from sparsec.exporters.tensorrt import engine_profiles, onnx_input_dims
+
+    model = make_model("tiny-qwen2")
+    export_onnx(sparsec.capture(model, make_inputs(model, 2, 16)), tmp_path / "m.onnx")
+    assert onnx_input_dims(tmp_path / "m.onnx") == {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
+    calibration = CalibrationSet(make_inputs(model, 16, 24, seed=1), source="test", batch_size=6)
+    profile = engine_profiles(tmp_path / "m.onnx", {"seq": [1, 64, 512]}, calibration.head(8).batches())  # 6 + 2
+    assert profile["input_ids"] == ((1, 1), (6, 64), (6, 512)) == profile["attention_mask"]
+    with pytest.raises(SparsecError, match="does not hold the calibration shapes parity runs"):
+        engine_profiles(tmp_path / "m.onnx", {"seq": [1, 8, 16]}, calibration.head(8).batches())
