@@ -48,11 +48,13 @@ def export_onnx(
     opset: int = 18,
     external_data: bool | Literal["auto"] = "auto",
     moe_lowering: MoeLowering = "standard",
+    scatter_reduction: bool = True,
 ) -> dict:
     """Write `program` to `path` as ONNX and return facts for the report (sizes, ops, dims, seconds).
 
     `moe_lowering`: how `sparsec::moe` nodes lower (see `sparsec.exporters.onnx_moe`): `standard` (plain ONNX,
     any runtime) or `contrib` (ONNX Runtime's `com.microsoft::MoE`, standard ops where it cannot express the FFN).
+    `scatter_reduction=False` lowers `standard` without `ScatterND(reduction="add")`, which TensorRT's parser lacks.
 
     Example:
         >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]
@@ -85,7 +87,7 @@ def export_onnx(
                 output_names=program.output_names,
                 opset_version=opset,
                 dynamo=True,
-                custom_translation_table={torch.ops.sparsec.moe.default: moe_translation(moe_lowering)},
+                custom_translation_table={torch.ops.sparsec.moe.default: moe_translation(moe_lowering, scatter_reduction)},
                 verbose=False,
             )
     except Exception as exc:

@@ -12,7 +12,10 @@ Both implement the routing of `sparsec.moe` (softmax over experts, top-k, gating
   FFNs the kernel cannot express (erf GELU, GeGLU) fall back to `standard`.
 - `standard`: plain ONNX (TopK, Equal, NonZero, Gather, Gemm, ScatterND with reduction add), still sparse:
   per expert, gather the tokens routed to it, run its FFN on them, scatter-add the weighted result. For
-  runtimes without the contrib op (TensorRT).
+  runtimes without the contrib op. With `scatter_reduction=False` (what `--target tensorrt` exports) each
+  expert's result is scattered into zeros (`ScatterND` without reduction: an expert's tokens are distinct) and
+  added, and `NonZero` reads a float mask: TensorRT's ONNX parser documents `ScatterND` with `reduction` none
+  only and `NonZero` on FP32/FP16 (onnx-tensorrt docs/operators.md, TensorRT 10.15).
 
 Top-k ties: ONNX TopK keeps the lower index, ONNX Runtime's MoE the higher, torch.topk is unspecified; only
 exactly tied router logits can route differently.
@@ -140,6 +143,18 @@ def _expert_bias(bias, weight, index):
 
 def moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
                  top_k: int, activation: str, gating: str):
+    return _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
+                         top_k, activation, gating, scatter_reduction=True)
+
+
+def moe_standard_without_scatter_reduction(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias,
+                                           fc2_weight, top_k: int, activation: str, gating: str):
+    return _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
+                         top_k, activation, gating, scatter_reduction=False)
+
+
+def _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
+                  top_k: int, activation: str, gating: str, scatter_reduction: bool):
     x2 = _rows(x)
     logits = _router_logits(x2, router_weight, router_bias)
     probs = op.Softmax(op.Cast(logits, to=onnxscript.FLOAT.dtype), axis=-1)
@@ -148,12 +163,14 @@ def moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight
         top_p = op.Div(top_p, op.ReduceSum(top_p, op.Constant(value_ints=[1]), keepdims=1))
     zero = op.CastLike(op.Constant(value_float=0.0), x2)
     width = op.Constant(value_ints=[_static_dim(fc2_weight, 1)])
-    out = op.Expand(zero, op.Concat(op.Shape(x2, end=1), width, axis=0))
+    out = zeros = op.Expand(zero, op.Concat(op.Shape(x2, end=1), width, axis=0))
     for e in range(_static_dim(fc1_weight, 0)):
         index = op.Constant(value_int=e)
         hit = op.Equal(chosen, op.Constant(value_ints=[e]))
         routed = op.Greater(op.ReduceSum(op.Cast(hit, to=onnxscript.INT64.dtype), op.Constant(value_ints=[1]), keepdims=0),
                             op.Constant(value_int=0))
+        if not scatter_reduction:
+            routed = op.Cast(routed, to=onnxscript.FLOAT.dtype)
         tokens = op.Reshape(op.NonZero(routed), op.Constant(value_ints=[-1]))
         xs = op.Gather(x2, tokens, axis=0)
         if fc3_weight is None:
@@ -170,17 +187,21 @@ def moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight
         if gating != "unit":
             weight = op.ReduceSum(op.Where(hit, top_p, op.CastLike(zero, top_p)), op.Constant(value_ints=[1]), keepdims=0)
             y = op.Mul(y, op.CastLike(op.Unsqueeze(op.Gather(weight, tokens, axis=0), [1]), y))
-        out = op.ScatterND(out, op.Unsqueeze(tokens, [1]), y, reduction="add")
+        if scatter_reduction:
+            out = op.ScatterND(out, op.Unsqueeze(tokens, [1]), y, reduction="add")
+        else:
+            out = op.Add(out, op.ScatterND(zeros, op.Unsqueeze(tokens, [1]), y))
     return op.Reshape(out, op.Concat(op.Shape(x, end=-1), width, axis=0))
 
 
-def moe_translation(lowering: MoeLowering):
+def moe_translation(lowering: MoeLowering, scatter_reduction: bool = True):
     """The translation function for `custom_translation_table[torch.ops.sparsec.moe.default]`.
 
     `contrib` falls back to `standard` per node for FFNs ORT's kernel cannot express (see `contrib_supports`).
+    `scatter_reduction=False`: the standard lowering without `ScatterND(reduction="add")` (for TensorRT).
     """
     if lowering == "standard":
-        return moe_standard
+        return moe_standard if scatter_reduction else moe_standard_without_scatter_reduction
 
     def moe_auto(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
                  top_k: int, activation: str, gating: str):

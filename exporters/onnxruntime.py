@@ -1,4 +1,9 @@
-"""ONNX Runtime: run an exported model and check it against the PyTorch program (backend parity)."""
+"""ONNX Runtime: run an exported model and check it against the PyTorch program (backend parity).
+
+Two targets: `onnxruntime` (CPUExecutionProvider, the default) and `onnxruntime-cuda` (CUDAExecutionProvider
+from onnxruntime-gpu, the `gpu` extra; `require_cuda_provider` fails fast where it cannot run). Both run the
+same ONNX file, the contrib `com.microsoft::MoE` lowering included (ONNX Runtime has CPU and CUDA kernels for it).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsec import parity
 from sparsec.calibration import CalibrationSet
-from sparsec.errors import QualityError
+from sparsec.errors import SparsecError
+from sparsec.parity import ParityOptions, Precision
 from sparsec.program import Program
-from sparsec.quality import compare_outputs
+
+
+CUDA = "CUDAExecutionProvider"
+GPU_INSTALL = ('install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA GPU, CUDA and cuDNN: '
+               'pip uninstall -y onnxruntime && pip install -e ".[gpu]"')
+
+
+def providers_for(target: str) -> tuple[str, ...]:
+    """The execution providers of a target: `onnxruntime` -> CPU, `onnxruntime-cuda` -> CUDA only (no CPU fallback,
+    so parity measures the CUDA kernels)."""
+    return (CUDA,) if target == "onnxruntime-cuda" else ("CPUExecutionProvider",)
+
+
+def require_cuda_provider() -> None:
+    """Raise `SparsecError` unless ONNX Runtime can run on a CUDA device here: the provider must be compiled in
+    (onnxruntime-gpu) and a one-node session must actually get it (a device and CUDA libraries present)."""
+    import onnx
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        raise SparsecError(f"--target onnxruntime-cuda needs ONNX Runtime's {CUDA}, and onnxruntime {ort.__version__} "
+                           f"here offers only {available}; {GPU_INSTALL}")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    probe = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
+                                                          [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    try:
+        got = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA]).get_providers()
+    except Exception as exc:  # onnxruntime raises when the CUDA libraries or the device are missing
+        got, why = [], f": {str(exc).splitlines()[0][:300]}"
+    else:
+        why = ""
+    if CUDA not in got:
+        raise SparsecError(f"--target onnxruntime-cuda: onnxruntime-gpu {ort.__version__} is installed but no CUDA device "
+                           f"is usable (a session with {CUDA} got {got}{why}); check nvidia-smi and the CUDA/cuDNN "
+                           "versions onnxruntime-gpu needs")
 
 
 def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -40,30 +82,28 @@ def check_parity(
     onnx_path: str | Path,
     calibration: CalibrationSet,
     *,
-    samples: int,
-    min_cosine: float,
-    max_rel_l2: float,
+    options: ParityOptions,
+    precision: Precision = "fp32",
+    providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> dict:
-    """Compare ONNX Runtime with the PyTorch program on the first `samples` calibration samples.
+    """Backend parity (`sparsec.parity`) of ONNX Runtime against the program on the first `options.samples`
+    calibration samples.
 
-    Raises `QualityError` if any output's cosine or relative L2 error is outside the tolerances.
-    Returns the metrics per output and the input shapes used.
+    Raises `QualityError` naming every output and metric outside its tolerance. Returns the parity report
+    (metrics and tolerances per output) with the runtime, provider and input shapes used.
+
+    Example:
+        >>> check_parity(program, "out/model.onnx", calib, options=ParityOptions(), precision="fp16")["metrics"]["logits"]["p99_abs"]
+        0.0012
     """
-    sess = session(onnx_path)
-    subset = CalibrationSet({k: v[:samples] for k, v in calibration.inputs.items()}, calibration.source,
-                            batch_size=calibration.batch_size)
+    sess = session(onnx_path, providers)
+    subset = calibration.head(options.samples)
     pairs = [(program.run(b), run(sess, b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
-    metrics = compare_outputs(pairs)
-    failures = [
-        f"{name}: cosine {m['cosine']:.6f} (min {min_cosine}), rel_l2 {m['rel_l2']:.3g} (max {max_rel_l2})"
-        for name, m in metrics.items()
-        if m["cosine"] < min_cosine or m["rel_l2"] > max_rel_l2
-    ]
-    if failures:
-        raise QualityError("ONNX Runtime output differs from the PyTorch program: " + "; ".join(failures))
+    provider = sess.get_providers()[0]
+    report = parity.check_parity(pairs, backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
     return {
         "runtime": "onnxruntime " + __import__("onnxruntime").__version__,
-        "provider": sess.get_providers()[0],
+        "provider": provider,
         "input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()},
-        "metrics": metrics,
+        **report,
     }

@@ -60,6 +60,11 @@ class CalibrationSet:
         for start in range(0, len(self), self.batch_size):
             yield {k: v[start : start + self.batch_size] for k, v in self.inputs.items()}
 
+    def head(self, samples: int) -> "CalibrationSet":
+        """The first `samples` samples, same source and batch size (what backend parity runs)."""
+        return CalibrationSet({k: v[:samples] for k, v in self.inputs.items()}, self.source,
+                              batch_size=self.batch_size, synthetic=self.synthetic)
+
     @property
     def num_batches(self) -> int:
         return -(-len(self) // self.batch_size)

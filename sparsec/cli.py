@@ -1,7 +1,7 @@
-"""The `sparsec` command line: inspect, compile, analyze, passes.
+"""The `sparsec` command line: inspect, compile, analyze, run, bench, passes.
 
-Exit codes: 0 success; 1 a quality gate or the ONNX parity check failed (nothing written); 2 bad input
-(model, recipe, calibration file, options); 3 an internal error (a bug: please report it with the trace).
+Exit codes: 0 success; 1 a quality gate or the backend parity check failed (nothing written); 2 bad input
+(model, recipe, calibration file, options, a target that cannot run here); 3 an internal error (a bug: please report it with the trace).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
     recipe = Recipe.load(args.recipe or default_recipe_path())
     report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
-                           log=None if args.quiet else _log, dry_run=args.dry_run)
+                           log=None if args.quiet else _log, dry_run=args.dry_run, target=args.target)
     if args.dry_run:
         print(_decisions(report))
     elif not args.quiet:
@@ -124,13 +124,82 @@ def _summary(report: dict) -> str:
             lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
                          f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
         if "parity" in program:
-            for name, m in program["parity"]["metrics"].items():
+            parity = program["parity"]
+            for name, m in parity["metrics"].items():
                 extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
-                lines.append(f"parity     {name}: cosine {m['cosine']:.6f} rel_l2 {m['rel_l2']:.2e} "
-                             f"max_abs {m['max_abs']:.2e}{extra} at {program['parity']['input_shapes']}")
+                tail = "".join(f" {k} {m[k]:.2e}" for k in m if k.startswith("p99") and k.endswith("_abs"))
+                lines.append(f"parity     {name}: {parity['backend']} {parity['precision']}: cosine {m['cosine']:.6f} "
+                             f"rel_l2 {m['rel_l2']:.2e} max_abs {m['max_abs']:.2e}{tail}{extra} at {parity['input_shapes']}")
         lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in program["artifacts"].items()))
     lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
+    from .calibration import load_calibration
+    from .runner import parse_dims, synthetic_inputs
+
+    onnx_path = Path(args.artifact) / "model.onnx"
+    if not onnx_path.is_file():
+        raise SparsecError(f"--artifact {args.artifact}: no model.onnx there (a `sparsec compile --out` directory)")
+    if args.calib:
+        import onnx
+
+        names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+        calibration = load_calibration(args.calib, input_names=names, batch_size=args.batch_size, samples=args.samples)
+        return list(calibration.batches()), calibration.source
+    dims = parse_dims(args.dims)
+    return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runner import load_artifact
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    outputs: dict[str, list] = {}
+    for batch in batches:
+        for name, value in runner(batch).items():
+            outputs.setdefault(name, []).append(value)
+    summary = {}
+    for name, values in outputs.items():
+        value = torch.cat(values) if values[0].dim() else values[0]
+        floats = value.double()
+        summary[name] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                         "mean": float(floats.mean()), "std": float(floats.std()) if floats.numel() > 1 else 0.0,
+                         "finite": float(torch.isfinite(floats).double().mean())}
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "batches": len(batches), "outputs": summary}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, {len(batches)} batch(es) of {source}")
+        for name, m in summary.items():
+            print(f"  {name}: {m['shape']} {m['dtype']} mean {m['mean']:.4g} std {m['std']:.4g} "
+                  f"finite {100 * m['finite']:.1f}%")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import load_artifact, timing
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    batch = batches[0]
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "input_shapes": {k: list(v.shape) for k, v in batch.items()},
+              **timing(runner, batch, warmup=args.warmup, runs=args.runs)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
+              f"{args.warmup} warm-up, {args.runs} timed runs")
+        print(f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+              f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}")
+    return 0
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
@@ -212,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing")
     p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
                                    "(overrides the recipe's calibration.file; default: synthetic random inputs)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"],
+                   help="backend the artifact is built and parity-checked for: onnxruntime (CPU, default), "
+                        "onnxruntime-cuda (onnxruntime-gpu), tensorrt (also writes model.engine); the GPU targets "
+                        'need the gpu extra (pip install -e ".[gpu]") and a GPU, checked before any work')
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
@@ -245,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory for analysis.md, analysis.json, quality_*.png, sparsity.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_cmd_analyze)
+
+    for name, helptext in (("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
+                           ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
+                           "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).")
+        p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
+        p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"],
+                       help="backend to run it on (default: %(default)s)")
+        p.add_argument("--calib", help="inputs: a .safetensors/.npz file of the model's inputs (default: synthetic)")
+        p.add_argument("--samples", type=int, default=16, help="samples read from --calib (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
+        p.add_argument("--dims", default="batch=1,seq=128",
+                       help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "bench":
+            p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+            p.add_argument("--runs", type=int, default=20, help="timed runs (default: %(default)s)")
+        p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
     p = sub.add_parser("passes", help="list registered passes and their options",
                        description="List every registered pass (built-in, entry point 'sparsec.passes') with options.")

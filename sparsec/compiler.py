@@ -27,7 +27,43 @@ from .models import load_model
 from .pass_manager import Pass, PassContext, PassManager
 from .recipe import Recipe
 
-ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")
+ARTIFACTS = ("model.onnx", "model.onnx.data", "model.engine", "program.pt2", "report.json")
+TARGETS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
+
+
+def check_target(target: str, recipe: Recipe) -> None:
+    """Fail fast, before the model is loaded, when `target` cannot run here or does not fit the recipe.
+
+    `onnxruntime` (CPU) needs nothing more; `onnxruntime-cuda` needs onnxruntime-gpu and a CUDA device;
+    `tensorrt` needs the `tensorrt` module, CUDA torch and a GPU. The errors name what is missing and how to
+    install it (the `gpu` extra).
+
+    Example:
+        >>> check_target("tensorrt", Recipe())
+        SparsecError: --target tensorrt needs TensorRT and an NVIDIA GPU: the Python module `tensorrt` is not installed; ...
+    """
+    if target not in TARGETS:
+        raise SparsecError(f"--target {target!r}: choose one of {list(TARGETS)}")
+    export = recipe.export
+    if target != "onnxruntime" and not export.onnx:
+        raise SparsecError(f"--target {target} lowers the ONNX file; the recipe turns it off (export.onnx: false)")
+    if target == "onnxruntime" and export.onnx and export.precision == "bf16":
+        raise SparsecError("export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul kernel); "
+                           "use fp16, or --target tensorrt / onnxruntime-cuda")
+    if target == "tensorrt" and export.moe_lowering == "contrib":
+        raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT does not "
+                           "parse; use moe_lowering: standard with --target tensorrt")
+    if target == "onnxruntime-cuda":
+        from sparsec.exporters.onnxruntime import require_cuda_provider
+
+        require_cuda_provider()
+    elif target == "tensorrt":
+        from sparsec.exporters.tensorrt import require_tensorrt, tensorrt_major
+
+        require_tensorrt()
+        if export.tensorrt.typing == "flags" and tensorrt_major() >= 11:
+            raise SparsecError("export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
+                               "networks only); use typing: strong, the precision then comes from export.precision")
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,12 +98,17 @@ def compile_model(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dry_run: bool = False,
+    target: str = "onnxruntime",
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
     Writes `program.pt2` (the transformed program, `torch.export.load`-able), `model.onnx` (unless the
     recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
     passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
+
+    `target` (see `check_target`, checked before any work): `onnxruntime` (CPU), `onnxruntime-cuda` or
+    `tensorrt` (also writes `model.engine`). The ONNX file is in `recipe.export.precision`; backend parity
+    (`sparsec.parity`) runs the target on calibration inputs against the program.
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.entrypoints`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
@@ -79,7 +120,7 @@ def compile_model(
 
     Raises:
         SparsecError: bad model, recipe, calibration data or output directory (before any work where possible).
-        QualityError: a quality gate or the ONNX parity check failed; nothing is written.
+        QualityError: a quality gate or the backend parity check failed; nothing is written.
 
     Example:
         >>> report = compile_model("builtin:tiny-qwen2", Recipe.load("recipe.yaml"), "out/")
@@ -92,6 +133,7 @@ def compile_model(
             raise SparsecError("an output directory is needed unless dry_run is set")
         out_dir = Path(out_dir)
         _check_out_dir(out_dir, recipe.entry_points)
+        check_target(target, recipe)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -132,7 +174,7 @@ def compile_model(
         for unit in units:
             directory = stage / unit.name if recipe.entry_points else stage
             directory.mkdir(exist_ok=True)
-            unit.write(directory, recipe, times, say)
+            unit.write(directory, recipe, target, times, say)
         report.update(_program_reports(units, recipe))  # now with export, parity and artifacts
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
@@ -224,28 +266,61 @@ class _Unit:
             self.report["passes_skipped"] = {name: "nothing to change in this program" for name in skipped}
         self.report["parameters"] = {"before": self.captured_parameters, "after": self.program.num_parameters()}
 
-    def write(self, directory: Path, recipe: Recipe, times: dict[str, float], say: Callable[[str], None]) -> None:
-        """program.pt2, model.onnx and the parity check into `directory`."""
+    def write(self, directory: Path, recipe: Recipe, target: str, times: dict[str, float],
+              say: Callable[[str], None]) -> None:
+        """program.pt2, model.onnx (in the recipe's precision), model.engine for TensorRT, and backend parity."""
         label = f" ({self.name})" if recipe.entry_points else ""
         say(f"[sparsec] saving program.pt2{label}")
         self.program.save(directory / "program.pt2")
-        if recipe.export.onnx:
-            from sparsec.exporters.onnx import export_onnx
-            from sparsec.exporters.onnxruntime import check_parity
+        if not recipe.export.onnx:
+            self._record_artifacts(directory)
+            return
+        from sparsec.exporters.onnx import export_onnx
 
-            say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
-            t = time.perf_counter()
-            self.report["export"] = export_onnx(self.program, directory / "model.onnx", opset=recipe.export.opset,
-                                                external_data=recipe.export.external_data,
-                                                moe_lowering=recipe.export.moe_lowering)
-            times["export"] = times.get("export", 0.0) + time.perf_counter() - t
+        export, onnx_path = recipe.export, directory / "model.onnx"
+        convert = export.precision != "fp32" and not (target == "tensorrt" and export.tensorrt.typing == "flags")
+        say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
+        t = time.perf_counter()
+        fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
+        self.report["export"] = export_onnx(self.program, fp32_path, opset=export.opset,
+                                            external_data=export.external_data, moe_lowering=export.moe_lowering,
+                                            scatter_reduction=target != "tensorrt")
+        if convert:
+            from sparsec.exporters.precision import convert_precision
+
+            say(f"[sparsec] converting ONNX to {export.precision} (norms, softmax, router kept fp32){label}")
+            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, export.precision,
+                                                                   keep_ops=export.keep_fp32)
+            for path in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
+                path.unlink(missing_ok=True)
+            data = onnx_path.with_name(onnx_path.name + ".data")  # the export facts now describe the converted file
+            self.report["export"].update(path=onnx_path.name, external_data=data.name if data.exists() else None,
+                                         bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0))
+        times["export"] = times.get("export", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        if target == "tensorrt":
+            from sparsec.exporters import tensorrt
+
+            profiles = tensorrt.engine_profiles(onnx_path, export.tensorrt.profiles,
+                                                self.calibration.head(export.parity.samples).batches())
+            say(f"[sparsec] building the TensorRT engine{label}")
+            self.report["engine"] = tensorrt.build_engine(
+                onnx_path, directory / "model.engine", profiles=profiles, precision=export.precision,
+                typing=export.tensorrt.typing, workspace_mib=export.tensorrt.workspace_mib,
+                timing_cache=export.tensorrt.timing_cache)
+            say(f"[sparsec] checking the TensorRT engine against PyTorch on calibration inputs{label}")
+            self.report["parity"] = tensorrt.check_parity(self.program, directory / "model.engine", self.calibration,
+                                                          options=export.parity, precision=export.precision)
+        else:
+            from sparsec.exporters.onnxruntime import check_parity, providers_for
+
             say(f"[sparsec] checking ONNX Runtime against PyTorch on calibration inputs{label}")
-            t = time.perf_counter()
-            parity = recipe.export.parity
-            self.report["parity"] = check_parity(self.program, directory / "model.onnx", self.calibration,
-                                                 samples=parity.samples, min_cosine=parity.min_cosine,
-                                                 max_rel_l2=parity.max_rel_l2)
-            times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
+            self.report["parity"] = check_parity(self.program, onnx_path, self.calibration, options=export.parity,
+                                                 precision=export.precision, providers=providers_for(target))
+        times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
+        self._record_artifacts(directory)
+
+    def _record_artifacts(self, directory: Path) -> None:
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
 
 

@@ -5,11 +5,18 @@ Metrics per output, over valid tokens only (attention_mask == 1), each a vector 
 - `rel_l2`: ||cand - ref|| / ||ref|| over the whole output;
 - `max_abs`, `mean_abs`: absolute error;
 - for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
-  KL(softmax(ref) || softmax(cand)) per token.
+  KL(softmax(ref) || softmax(cand)) per token;
+- with `percentiles` (backend parity, `sparsec.parity`): the error distribution over valid entries,
+  `p{q}_abs` of |cand - ref| and `max_rel`, `mean_rel`, `p{q}_rel` of the relative error
+  |cand - ref| / max(|ref|, 1e-3 * rms(ref_token)) (the floor, relative to each token's RMS, keeps entries
+  where the reference crosses zero finite). Percentiles are exact up to `PERCENTILE_SAMPLES` entries per
+  output, beyond that computed on a seeded uniform sample of that many (`percentile_entries` says how many).
 
-Entries that both sides hold at the dtype's lowest value are masked by the model (Chameleon bans image tokens
-from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the absolute
-errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep them.
+Entries the reference holds at its dtype's lowest value and the candidate at that value too, or at or below
+float16's lowest (-65504: where an FP16 backend clamps the same mask), are masked by the model (Chameleon bans
+image tokens from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the
+absolute errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep
+them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's logits) have cosine 1.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -24,15 +32,30 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSet, token_vectors
 
 
-class OutputComparison:
-    """Accumulates the metrics of one output over batches."""
+PERCENTILE_SAMPLES = 1 << 22
+REL_FLOOR = 1e-3
 
-    def __init__(self, logits: bool) -> None:
+
+def percentile_key(q: float, kind: str) -> str:
+    """The metric name of percentile `q` of the `abs` or `rel` error: `p99_abs`, `p99.9_rel`."""
+    return f"p{q:g}_{kind}"
+
+
+class OutputComparison:
+    """Accumulates the metrics of one output over batches (with `percentiles`, the error distribution too)."""
+
+    def __init__(self, logits: bool, percentiles: Sequence[float] = ()) -> None:
         self.logits = logits
+        self.percentiles = tuple(percentiles)
         self.tokens = 0
         self.cos_sum = self.err_sq = self.ref_sq = self.abs_sum = self.max_abs = 0.0
+        self.rel_sum = self.max_rel = 0.0
         self.elements = 0
         self.top1 = self.kl_sum = 0.0
+        self.entries = 0
+        self._errors = torch.empty(0, 2)  # kept (abs, rel) pairs for the percentiles
+        self._keys = torch.empty(0)
+        self._generator = torch.Generator().manual_seed(0x5A3C)  # sampling keys, independent of data seeds
 
     def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None) -> None:
         if ref.shape != cand.shape:
@@ -40,12 +63,14 @@ class OutputComparison:
         r = token_vectors(ref.detach().double(), mask)
         c = token_vectors(cand.detach().double(), mask)
         lowest = torch.finfo(ref.dtype).min
-        banned = token_vectors((ref.detach() == lowest) & (cand.detach() == lowest), mask)
+        cand_masked = (cand.detach() == lowest) | (cand.detach() <= torch.finfo(torch.float16).min)
+        banned = token_vectors((ref.detach() == lowest) & cand_masked, mask)
         r_kept, c_kept = r.masked_fill(banned, 0.0), c.masked_fill(banned, 0.0)
         diff = c_kept - r_kept
         self.tokens += r.shape[0]
         self.elements += r.numel()
-        self.cos_sum += float(F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12).sum())
+        cosine = F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12)
+        self.cos_sum += float(torch.where((r_kept == c_kept).all(-1), 1.0, cosine).sum())
         self.err_sq += float((diff * diff).sum())
         self.ref_sq += float((r_kept * r_kept).sum())
         self.abs_sum += float(diff.abs().sum())
@@ -54,6 +79,23 @@ class OutputComparison:
             self.top1 += float((r.argmax(-1) == c.argmax(-1)).sum())
             log_p, log_q = F.log_softmax(r, -1), F.log_softmax(c, -1)
             self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        if self.percentiles:
+            self._add_distribution(r_kept, diff, ~banned)
+
+    def _add_distribution(self, ref: torch.Tensor, diff: torch.Tensor, counted: torch.Tensor) -> None:
+        floor = REL_FLOOR * ref.pow(2).mean(-1, keepdim=True).sqrt()
+        rel = diff.abs() / torch.maximum(ref.abs(), floor).clamp_min(torch.finfo(torch.float64).tiny)
+        errors = torch.stack([diff.abs()[counted], rel[counted]], -1).float()
+        if not errors.numel():
+            return
+        self.entries += errors.shape[0]
+        self.rel_sum += float(errors[:, 1].double().sum())
+        self.max_rel = max(self.max_rel, float(errors[:, 1].max()))
+        keys = torch.rand(errors.shape[0], generator=self._generator)
+        self._errors, self._keys = torch.cat([self._errors, errors]), torch.cat([self._keys, keys])
+        if self._keys.numel() > PERCENTILE_SAMPLES:  # the entries with the smallest keys: a uniform sample
+            kept = self._keys.topk(PERCENTILE_SAMPLES, largest=False).indices
+            self._errors, self._keys = self._errors[kept], self._keys[kept]
 
     def result(self) -> dict[str, float]:
         n = max(self.tokens, 1)
@@ -67,13 +109,30 @@ class OutputComparison:
         if self.logits:
             out["top1"] = self.top1 / n
             out["kl"] = self.kl_sum / n
+        if self.percentiles:
+            out["max_rel"] = self.max_rel
+            out["mean_rel"] = self.rel_sum / max(self.entries, 1)
+            errors = self._errors.double().numpy() if self._errors.numel() else np.zeros((1, 2))
+            for kind, column in (("abs", 0), ("rel", 1)):
+                for q, value in zip(self.percentiles, np.percentile(errors[:, column], self.percentiles)):
+                    out[percentile_key(q, kind)] = float(value)
+            out["percentile_entries"] = int(self._errors.shape[0])
         return out
 
 
 def compare_outputs(
     pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    percentiles: Sequence[float] = (),
 ) -> dict[str, dict[str, float]]:
-    """Metrics per output name over `(reference, candidate, valid_mask)` batches."""
+    """Metrics per output name over `(reference, candidate, valid_mask)` batches.
+
+    `percentiles` (in [0, 100]) adds the error distribution: `p{q}_abs`, `max_rel`, `mean_rel`, `p{q}_rel`.
+
+    Example:
+        >>> ref, cand = {"y": torch.tensor([[1.0, 2.0]])}, {"y": torch.tensor([[1.0, 2.5]])}
+        >>> compare_outputs([(ref, cand, None)], percentiles=[50])["y"]["p50_abs"]
+        0.25
+    """
     comps: dict[str, OutputComparison] = {}
     for ref, cand, mask in pairs:
         for name, r in ref.items():
@@ -81,7 +140,7 @@ def compare_outputs(
                 continue
             if name not in cand:
                 raise ValueError(f"candidate lacks output {name!r}")
-            comps.setdefault(name, OutputComparison("logits" in name)).add(r, torch.as_tensor(cand[name]), mask)
+            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, torch.as_tensor(cand[name]), mask)
     return {name: c.result() for name, c in comps.items()}
 
 

@@ -6,7 +6,8 @@ passes:                      # ordered; each item is {pass_name: {options}}
 capture:   {batch: 2, seq: 16, dynamic: true}
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
 quality:   {min_cosine: 0.98, min_top1: 0.9}          # gates checked after every pass
-export:    {onnx: true, opset: 18, external_data: auto, parity: {min_cosine: 0.9999, max_rel_l2: 0.001}}
+export:    {onnx: true, opset: 18, external_data: auto, precision: fp32,
+            parity: {samples: 8, percentiles: [50, 99], tolerances: {logits: {cosine: 0.9999, p99_abs: 0.01}}}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
 entry_points: [understanding, generation_step]          # several programs from one recipe (Janus)
 ```
@@ -26,6 +27,7 @@ import yaml
 
 from .errors import RecipeError
 from .options import parse_section
+from .parity import ParityOptions, Precision
 from .pass_manager import Pass, get_pass
 from .quality import QualityGates
 from .tags import TagRule
@@ -63,20 +65,26 @@ class CalibrationOptions:
 
 
 @dataclass
-class ParityOptions:
-    """Tolerances of the ONNX Runtime vs PyTorch check run on calibration inputs after export."""
+class TensorRTOptions:
+    """`export.tensorrt` (`--target tensorrt`, see `sparsec.exporters.tensorrt`).
 
-    min_cosine: float = 0.9999
-    max_rel_l2: float = 1e-3
-    samples: int = 8
+    `profiles`: `{dim name: [min, opt, max]}` for the ONNX's dynamic dims (`batch`, `seq`); dims not named span
+    1 .. the calibration shapes parity runs. `workspace_mib`: the builder's workspace pool limit. `timing_cache`:
+    a file loaded before and saved after the build (reused across compiles). `typing`: `strong` (the ONNX carries
+    the precision; TensorRT 10 and 11) or `flags` (TensorRT 10 only: FP32 ONNX, FP16/BF16 builder flags).
+    """
+
+    profiles: dict[str, list[int]] = field(default_factory=dict)
+    workspace_mib: int = 4096
+    timing_cache: str | None = None
+    typing: Literal["strong", "flags"] = "strong"
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_cosine <= 1:
-            raise ValueError(f"min_cosine: must be in (0, 1], got {self.min_cosine}")
-        if self.max_rel_l2 < 0:
-            raise ValueError(f"max_rel_l2: must be >= 0, got {self.max_rel_l2}")
-        if self.samples < 1:
-            raise ValueError(f"samples: must be >= 1, got {self.samples}")
+        if self.workspace_mib < 1:
+            raise ValueError(f"workspace_mib: must be >= 1, got {self.workspace_mib}")
+        for name, bounds in self.profiles.items():
+            if len(bounds) != 3 or not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
+                raise ValueError(f"profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, got {bounds}")
 
 
 @dataclass
@@ -86,13 +94,21 @@ class ExportOptions:
     `moe_lowering`: MoE nodes become plain ONNX ops (`standard`, the default: any runtime, and the faster of
     the two on ONNX Runtime CPU in bench/ffn_to_moe.py) or ONNX Runtime's contrib `com.microsoft::MoE`
     (`contrib`); see `sparsec.exporters.onnx_moe`.
+
+    `precision`: the ONNX file's compute type (`sparsec.exporters.precision`: FP16/BF16 with norms, softmax and
+    the MoE router kept in FP32; inputs and outputs keep their types); `keep_fp32`: further op types to keep in
+    FP32 (e.g. `[Sigmoid]`). `parity`: `sparsec.parity.ParityOptions`,
+    whose default tolerances follow `precision`.
     """
 
     onnx: bool = True
     opset: int = 18
     external_data: bool | Literal["auto"] = "auto"
     moe_lowering: Literal["standard", "contrib"] = "standard"
+    precision: Precision = "fp32"
+    keep_fp32: list[str] = field(default_factory=list)
     parity: ParityOptions = field(default_factory=ParityOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
     def __post_init__(self) -> None:
         if not 17 <= self.opset <= 23:
@@ -138,6 +154,9 @@ class Recipe:
             if cal.file and not Path(cal.file).is_absolute():
                 cal.file = str(base_dir / cal.file)
             cal.files = {k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()} or None
+            trt = recipe.export.tensorrt
+            if trt.timing_cache and not Path(trt.timing_cache).is_absolute():
+                trt.timing_cache = str(base_dir / trt.timing_cache)
         unknown = sorted(set(cal.files or {}) - set(recipe.entry_points))
         if unknown:
             raise RecipeError(f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}")

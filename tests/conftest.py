@@ -51,3 +51,29 @@ def qwenimage_inputs(batch: int, text: int, seed: int = 0) -> dict:
     c = TINY_QWENIMAGE_CONFIG
     return qwenimage_step_inputs(batch, text, image_tokens=16, in_channels=c["in_channels"],
                                  text_dim=c["joint_attention_dim"], seed=seed)
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why the `gpu` tests cannot run here (None: they can): TensorRT, CUDA torch, onnxruntime-gpu."""
+    import importlib.util
+
+    import onnxruntime
+
+    missing = []
+    if importlib.util.find_spec("tensorrt") is None:
+        missing.append("tensorrt is not installed")
+    if not torch.cuda.is_available():
+        missing.append(f"torch {torch.__version__} sees no CUDA device")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        missing.append("onnxruntime has no CUDAExecutionProvider")
+    return "; ".join(missing) or None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"gpu test: {reason} (pip install -e \".[gpu]\" on an NVIDIA GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -26,6 +26,7 @@ def test_empty_pipeline_exports_and_matches_hf_model(tmp_path, name):
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "program.pt2", "report.json"]
     assert report["export"]["dynamic_dims"] and set(report["export"]["dynamic_dims"].values()) >= {"batch", "seq"}
     assert report["parity"]["metrics"]["logits"]["cosine"] > 0.9999
+    assert report["parity"]["precision"] == "fp32" and report["parity"]["metrics"]["logits"]["p99_abs"] < 1e-5
 
     model = make_model(name)  # the same seeded weights as the built-in model
     for batch, seq in [(3, 7), (1, 21)]:
@@ -98,6 +99,34 @@ def test_failing_quality_gate_leaves_no_artifact(tmp_path, model_dir, capsys):
     assert code == 1 and not (tmp_path / "new").exists()
 
 
+def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path, model_dir, capsys):
+    directory, model = model_dir
+    out = tmp_path / "out"
+    (tmp_path / "fp16.yaml").write_text("export: {precision: fp16, parity: {percentiles: [50, 99]}}\n")
+    assert main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "fp16.yaml"), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    parity = report["parity"]
+    assert parity["precision"] == "fp16" and parity["tolerances"]["logits"] == {"cosine": 0.999, "rel_l2": 0.01, "top1": 0.95}
+    logits = parity["metrics"]["logits"]
+    assert 1e-5 < logits["rel_l2"] < 1e-2 and logits["p50_abs"] <= logits["p99_abs"] <= logits["max_abs"]
+    assert report["export"]["precision"]["kept_fp32"]["Softmax"] == 4
+    assert report["export"]["path"] == "model.onnx" and report["export"]["bytes"] == (out / "model.onnx").stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "program.pt2", "report.json"]  # no fp32 copy left
+    inputs = make_inputs(model, 3, 9, seed=4, pad_left=2)
+    testing.assert_onnx_equivalent(out / "model.onnx", model, inputs, output="logits", rtol=0.05, atol=0.01)
+    earlier = (out / "report.json").read_text()
+
+    (tmp_path / "strict.yaml").write_text("export: {precision: fp16, parity: {tolerances: {logits: {rel_l2: 1.0e-6}}}}\n")
+    for target in (out, tmp_path / "new"):
+        code = main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "strict.yaml"), "--out", str(target), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "ONNX Runtime (CPUExecutionProvider) (fp16) differs from the PyTorch program beyond the parity tolerances: " \
+               "logits: rel_l2 " in err and "> 1e-06" in err
+    assert (out / "report.json").read_text() == earlier and not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging directory left
+
+
 @pytest.mark.parametrize("recipe, message", [
     ("passes: [{no_such_pass: {}}]", "unknown pass 'no_such_pass'; registered passes:"),
     ("passes: [{skip_ffn: {where: 3}}]", "passes[0].skip_ffn.where: expected str, got 3"),
@@ -105,6 +134,8 @@ def test_failing_quality_gate_leaves_no_artifact(tmp_path, model_dir, capsys):
     ("capture: {batch: 1}", "capture.batch: must be >= 2"),
     ("export: {opset: 9}", "export.opset: must be in [17, 23]"),
     ("export: {parity: {tolerance: 1}}", "export.parity: unknown option(s) ['tolerance']; allowed:"),
+    ("export: {parity: {tolerances: {logits: {cos: 1}}}}", "export.parity.tolerances.logits.cos: unknown metric"),
+    ("export: {precision: int8}", "export.precision: 'int8' is not allowed; choose one of ['fp32', 'fp16', 'bf16']"),
     ("calibrate: {}", "unknown section(s) ['calibrate']"),
     ("tags: [{glob: 'x', tag: vision}]", "tags[0].tag: must be one of ['understanding', 'generation', 'shared']"),
     ("passes: [", "is not valid YAML"),
@@ -146,7 +177,8 @@ def test_inspect_shows_components_and_tags(capsys):
     assert "model.layers.[0-3]" in text and "model.layers.0.mlp  gated  width 128" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"],
+                                  ["run", "--help"], ["bench", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -308,18 +308,25 @@ class _OpModule(torch.nn.Module):
         return torch.ops.sparsec.moe(x, *self.weights, self.top_k, self.activation, self.gating)
 
 
-@pytest.mark.parametrize("lowering", ["contrib", "standard"])
+@pytest.mark.parametrize("lowering", ["contrib", "standard", "standard_for_tensorrt"])
 @pytest.mark.parametrize("activation,gated,gating", [
     ("silu", True, "unit"), ("silu", True, "softmax"), ("relu", False, "renormalized"),
     ("gelu_tanh", False, "unit"), ("gelu", False, "softmax"),  # erf GELU: the contrib path falls back
 ])
 def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gating):
+    import onnx
+
     module = _OpModule(_random_moe(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
-    info = export_onnx(program, tmp_path / "moe.onnx", moe_lowering=lowering)
+    for_tensorrt = lowering == "standard_for_tensorrt"  # what --target tensorrt exports: no ScatterND reduction
+    info = export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,
+                       scatter_reduction=not for_tensorrt)
     contrib = lowering == "contrib" and activation != "gelu"
     assert ("com.microsoft::MoE" in info["op_counts"]) == contrib
     assert ("NonZero" in info["op_counts"]) == (not contrib)
+    reductions = {a.s.decode() for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node if n.op_type == "ScatterND"
+                  for a in n.attribute if a.name == "reduction"}
+    assert reductions - {"none"} == (set() if for_tensorrt or contrib else {"add"})
     testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": torch.randn(3, 5, 16)}, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,123 @@
+"""Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
+
+An artifact is a `sparsec compile` output directory: `model.onnx` (ONNX Runtime, CPU or CUDA) or `model.engine`
+(TensorRT). Inputs come from a calibration file (as for compile) or are synthesized from the ONNX file's
+input types, with the dynamic dims given by name (`--dims batch=1,seq=128`): integer inputs named `*mask*` are
+ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
+graph gathers them from (else 2), floats standard normal, bools true.
+
+Example:
+    >>> runner = load_artifact("out/demo", target="onnxruntime")
+    >>> inputs = synthetic_inputs(Path("out/demo/model.onnx"), {"batch": 1, "seq": 128})
+    >>> timing(runner, inputs, warmup=3, runs=20)["p50_ms"]
+    1.9
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SparsecError
+
+Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
+    """A function running the artifact in `directory` on named torch inputs, outputs by name.
+
+    Raises `SparsecError` when the directory lacks the target's file or the target cannot run here.
+    """
+    directory = Path(directory)
+    if target == "tensorrt":
+        from sparsec.exporters import tensorrt
+
+        tensorrt.require_tensorrt()
+        path = directory / "model.engine"
+        if not path.is_file():
+            raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
+        return tensorrt.Engine(path).run
+    if target not in ("onnxruntime", "onnxruntime-cuda"):
+        raise SparsecError(f"--target {target!r}: choose onnxruntime, onnxruntime-cuda or tensorrt")
+    from sparsec.exporters import onnxruntime as ort_backend
+
+    path = directory / "model.onnx"
+    if not path.is_file():
+        raise SparsecError(f"{directory} has no model.onnx (a `sparsec compile --out` directory holds one)")
+    if target == "onnxruntime-cuda":
+        ort_backend.require_cuda_provider()
+    sess = ort_backend.session(path, ort_backend.providers_for(target))
+    return lambda inputs: ort_backend.run(sess, inputs)
+
+
+def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for every graph input of `onnx_path`, dynamic dims sized by name from `dims` (module docstring).
+
+    Raises `SparsecError` naming a dynamic dim `dims` does not size.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    vocab = {n.input[1]: tables[n.input[0]][0] for n in model.graph.node
+             if n.op_type == "Gather" and n.input[0] in tables and len(n.input) > 1}
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for value in model.graph.input:
+        shape = []
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(dim.dim_value)
+            elif dim.dim_param in dims:
+                shape.append(int(dims[dim.dim_param]))
+            else:
+                raise SparsecError(f"input {value.name!r} axis {axis} is dynamic ({dim.dim_param or 'unnamed'}); give its "
+                                   f"size with --dims {dim.dim_param or 'NAME'}=N (sized here: {dict(dims)})")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            if "mask" in value.name:
+                tensor = torch.ones(shape, dtype=torch.int64)
+            else:
+                tensor = torch.randint(0, vocab.get(value.name, 2), shape, generator=generator)
+            inputs[value.name] = tensor.to(torch.from_numpy(np.zeros(0, dtype)).dtype)
+        elif dtype == np.bool_:
+            inputs[value.name] = torch.ones(shape, dtype=torch.bool)
+        else:
+            inputs[value.name] = torch.randn(shape, generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype)
+    return inputs
+
+
+def parse_dims(text: str) -> dict[str, int]:
+    """`batch=1,seq=128` -> {'batch': 1, 'seq': 128}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit():
+            raise SparsecError(f"--dims {text!r}: expected NAME=N[,NAME=N...], e.g. batch=1,seq=128")
+        out[name] = int(size)
+    return out
+
+
+def timing(runner: Runner, inputs: Mapping[str, torch.Tensor], *, warmup: int, runs: int) -> dict:
+    """Run `warmup` untimed then `runs` timed calls; wall-clock per call (inputs in, outputs back on the host).
+
+    Returns milliseconds: `mean_ms`, `min_ms`, `p50_ms`, `p90_ms`, `p99_ms`, `max_ms` and every run in `runs_ms`.
+    """
+    if warmup < 0 or runs < 1:
+        raise SparsecError(f"--warmup must be >= 0 and --runs >= 1, got {warmup} and {runs}")
+    for _ in range(warmup):
+        runner(inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner(inputs)
+        times.append((time.perf_counter() - start) * 1e3)
+    values = np.asarray(times)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"warmup": warmup, "runs": runs, "mean_ms": float(values.mean()), "min_ms": float(values.min()),
+            "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(values.max()),
+            "runs_ms": [float(t) for t in times]}
