@@ -97,13 +97,7 @@ def check_parity(
         0.0012
     """
     sess = session(onnx_path, providers)
-    subset = calibration.head(options.samples)
-    pairs = [(program.run(b), run(sess, b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
     provider = sess.get_providers()[0]
-    report = parity.check_parity(pairs, backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
-    return {
-        "runtime": "onnxruntime " + __import__("onnxruntime").__version__,
-        "provider": provider,
-        "input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()},
-        **report,
-    }
+    report = parity.backend_parity(program, lambda batch: run(sess, batch), calibration,
+                                   backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
+    return {"runtime": "onnxruntime " + __import__("onnxruntime").__version__, "provider": provider, **report}

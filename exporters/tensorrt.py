@@ -274,11 +274,7 @@ def check_parity(program, engine_path: str | Path, calibration, *, options, prec
     import tensorrt as trt
 
     from sparsec import parity
-    from sparsec.calibration import CalibrationSet
 
-    engine = Engine(engine_path)
-    subset = calibration.head(options.samples)
-    pairs = [(program.run(b), engine.run(b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
-    report = parity.check_parity(pairs, backend=f"TensorRT {trt.__version__}", precision=precision, options=options)
-    return {"runtime": f"tensorrt {trt.__version__}", "device": torch.cuda.get_device_name(),
-            "input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()}, **report}
+    report = parity.backend_parity(program, Engine(engine_path).run, calibration, backend=f"TensorRT {trt.__version__}",
+                                   precision=precision, options=options)
+    return {"runtime": f"tensorrt {trt.__version__}", "device": torch.cuda.get_device_name(), **report}

@@ -52,12 +52,13 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from .calibration import CalibrationSet
 from .errors import QualityError, SparsecError
 from .quality import compare_outputs, percentile_key
 
@@ -169,3 +170,26 @@ def check_parity(
         raise QualityError(f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances: "
                            + "; ".join(failures))
     return {"backend": backend, "precision": precision, "tolerances": tolerances, "metrics": metrics}
+
+
+def backend_parity(
+    program,
+    run: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+    calibration: CalibrationSet,
+    *,
+    backend: str,
+    precision: Precision,
+    options: ParityOptions,
+) -> dict:
+    """`check_parity` of a backend's `run` (named inputs -> outputs) against `program` on the first
+    `options.samples` calibration samples; the report also holds the input shapes used.
+
+    Example:
+        >>> backend_parity(program, lambda b: ort_backend.run(sess, b), calib, backend="ONNX Runtime",
+        ...                precision="fp32", options=ParityOptions())["input_shapes"]
+        {'input_ids': [8, 24], 'attention_mask': [8, 24]}
+    """
+    subset = calibration.head(options.samples)
+    pairs = [(program.run(b), run(b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
+    report = check_parity(pairs, backend=backend, precision=precision, options=options)
+    return {"input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()}, **report}

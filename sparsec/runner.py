@@ -32,6 +32,10 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
 
     Raises `SparsecError` when the directory lacks the target's file or the target cannot run here.
     """
+    from .compiler import TARGETS
+
+    if target not in TARGETS:
+        raise SparsecError(f"--target {target!r}: choose one of {list(TARGETS)}")
     directory = Path(directory)
     if target == "tensorrt":
         from sparsec.exporters import tensorrt
@@ -41,8 +45,6 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
         if not path.is_file():
             raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
         return tensorrt.Engine(path).run
-    if target not in ("onnxruntime", "onnxruntime-cuda"):
-        raise SparsecError(f"--target {target!r}: choose onnxruntime, onnxruntime-cuda or tensorrt")
     from sparsec.exporters import onnxruntime as ort_backend
 
     path = directory / "model.onnx"
