@@ -57,6 +57,12 @@ def _inputs(args: argparse.Namespace, batch: int, seq: int, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    model = qwen2_model(args).eval()
+    model.config.use_cache = False  # what sparsec.capture does during capture; the bare export gets the same graph
+    return model
+
+
 def bare_export(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> dict[str, float]:
     """`inputs` are passed positionally in forward's order (input_ids, attention_mask): torch.onnx.export does
     not take dynamic shapes for keyword-only inputs."""
@@ -104,16 +110,14 @@ def sparsec_compile(model: torch.nn.Module, inputs: dict[str, torch.Tensor], pat
 
 def run(args: argparse.Namespace) -> dict:
     """Time both pipelines interleaved; print and return medians and the ratio to the bare export."""
-    model = qwen2_model(args).eval()
-    model.config.use_cache = False
+    model = _model(args)
     inputs = _inputs(args, 2, 16)
     calibration = CalibrationSet(_inputs(args, args.calib_samples, args.calib_seq, seed=1), source="random tokens")
     runs = {"bare": [], "sparsec, no passes": [], "sparsec": [], "sparsec (calibrated passes)": []}
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
     with tempfile.TemporaryDirectory() as tmp:
         warm = argparse.Namespace(**{**vars(args), "layers": 2, "hidden": 64, "intermediate": 128, "vocab": 128})
-        tiny = qwen2_model(warm).eval()
-        tiny.config.use_cache = False
+        tiny = _model(warm)
         bare_export(tiny, _inputs(warm, 2, 16), Path(tmp) / "warm.onnx")  # first-call costs (imports, op registries)
         sparsec_compile(tiny, _inputs(warm, 2, 16), Path(tmp) / "warm.onnx", warm)  # off the clock for both
         for rep in range(args.compile_reps):

@@ -170,8 +170,6 @@ def sweep(loaded, judge, samples_per_task: int, ratios: Sequence[float], seeds: 
 def ffn_widths(record, variant: Variant, dense_width: int) -> tuple[int, int]:
     """(active generation-FFN width per token, understanding-FFN width) after the variant's pass."""
     gen, und = dense_width, dense_width
-    if record is None:
-        return gen, und
     ffns = record.decisions["ffns"]
     if variant.pass_name == "slice_neurons":
         width = max(d["width_after"] for d in ffns)
@@ -194,15 +192,14 @@ def finetune(program: sparsec.Program, calib: CalibrationSet, teacher: list[dict
 
 def evaluate_variant(loaded, judge, calib: CalibrationSet, variant: Variant, adapt_steps: int, per_label: int,
                      seeds: Sequence[int]) -> dict[str, Any]:
+    """Capture afresh, apply the variant's pass (and fine-tuning), score; the dense row is scored in `main`."""
     start = time.perf_counter()
     program = capture(loaded)
     teacher = calib.reference_outputs(program) if variant.finetune else None
-    record = None
     options = dict(variant.options)
     if variant.adapted:
         options["adapt_steps"] = adapt_steps
-    if variant.pass_name is not None:
-        record = apply_pass(program, variant.pass_name, calibration=calib, **options)
+    record = apply_pass(program, variant.pass_name, calibration=calib, **options)
     fine_tuning = finetune(program, calib, teacher, adapt_steps) if variant.finetune else None
     compile_seconds = time.perf_counter() - start
 
@@ -218,15 +215,14 @@ def evaluate_variant(loaded, judge, calib: CalibrationSet, variant: Variant, ada
         **result,
         "compile_seconds": compile_seconds,
         "seconds": time.perf_counter() - start,
+        "stats": record.stats,
     }
-    if record is not None:
-        out["stats"] = record.stats
-        adaptation = record.decisions.get("adapt")
-        if adaptation:
-            out["adaptation"] = {k: v for k, v in adaptation.items() if not isinstance(v, list)}
-        routers = [d["router"] for d in record.decisions["ffns"] if "router" in d]
-        if routers:
-            out["routers"] = routers
+    adaptation = record.decisions.get("adapt")
+    if adaptation:
+        out["adaptation"] = {k: v for k, v in adaptation.items() if not isinstance(v, list)}
+    routers = [d["router"] for d in record.decisions["ffns"] if "router" in d]
+    if routers:
+        out["routers"] = routers
     if fine_tuning is not None:
         out["adaptation"] = fine_tuning
     return out
