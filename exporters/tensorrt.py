@@ -35,7 +35,7 @@ from sparsec.errors import SparsecError
 from sparsec.parity import Precision
 
 INSTALL = ('install the gpu extra on a machine with an NVIDIA GPU: pip install -e ".[gpu]" '
-           "(the tensorrt wheels fetch their libraries from NVIDIA's index, pypi.nvidia.com)")
+           "(the tensorrt wheels fetch their libraries from NVIDIA's package index)")
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 

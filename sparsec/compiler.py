@@ -34,9 +34,9 @@ TARGETS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 def check_target(target: str, recipe: Recipe) -> None:
     """Fail fast, before the model is loaded, when `target` cannot run here or does not fit the recipe.
 
-    `onnxruntime` (CPU) needs nothing more; `onnxruntime-cuda` needs onnxruntime-gpu and a CUDA device;
-    `tensorrt` needs the `tensorrt` module, CUDA torch and a GPU. The errors name what is missing and how to
-    install it (the `gpu` extra).
+    `onnxruntime` (CPU) needs an ONNX Runtime build (the `cpu` extra); `onnxruntime-cuda` needs onnxruntime-gpu, no
+    other build beside it, and a CUDA device; `tensorrt` needs the `tensorrt` module, CUDA torch and a GPU (both: the
+    `gpu` extra). The errors name what is missing and how to install it.
 
     Example:
         >>> check_target("tensorrt", Recipe())
@@ -53,10 +53,10 @@ def check_target(target: str, recipe: Recipe) -> None:
     if target == "tensorrt" and export.moe_lowering == "contrib":
         raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT does not "
                            "parse; use moe_lowering: standard with --target tensorrt")
-    if target == "onnxruntime-cuda":
-        from sparsec.exporters.onnxruntime import require_cuda_provider
+    if target.startswith("onnxruntime") and export.onnx:
+        from sparsec.exporters.onnxruntime import require_onnxruntime
 
-        require_cuda_provider()
+        require_onnxruntime(target)
     elif target == "tensorrt":
         from sparsec.exporters.tensorrt import require_tensorrt, tensorrt_major
 

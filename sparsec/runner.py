@@ -50,8 +50,7 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
     path = directory / "model.onnx"
     if not path.is_file():
         raise SparsecError(f"{directory} has no model.onnx (a `sparsec compile --out` directory holds one)")
-    if target == "onnxruntime-cuda":
-        ort_backend.require_cuda_provider()
+    ort_backend.require_onnxruntime(target)
     sess = ort_backend.session(path, ort_backend.providers_for(target))
     return lambda inputs: ort_backend.run(sess, inputs)
 

@@ -75,3 +75,28 @@ def test_errors(artifact, capsys, argv, message):
 def test_missing_artifact(tmp_path, capsys):
     assert main(["run", "--artifact", str(tmp_path)]) == 2
     assert "has no model.onnx" in capsys.readouterr().err
+
+
+def test_the_engines_benchmark_runs_on_the_cpu_target(tmp_path):
+    """bench/engines.py is the prepared GPU check (TensorRT / ORT CUDA engines, dense vs compressed); here it runs
+    on the CPU target at tiny size so a GPU session does not find it broken. Figures: structure only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "engines.py"
+    out = tmp_path / "engines.json"
+    done = subprocess.run([sys.executable, str(script), "--targets", "onnxruntime", "--precision", "fp32", "--quick",
+                           "--variants", "dense,slice-50", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| onnxruntime | slice-50 |" in done.stdout
+    results = json.loads(out.read_text())["results"]["onnxruntime"]
+    dense, sliced = results["dense"], results["slice-50"]
+    assert dense["parity"]["cosine"] > 0.9999 and sliced["parity"]["cosine"] > 0.9999
+    assert sliced["parameters"] < dense["parameters"] and 1.0 < sliced["ideal_speedup"] < 2.0
+    assert dense["calls"] == sliced["calls"] == 4 and 0 < dense["p50_ms"] <= dense["p90_ms"]
+
+    if importlib.util.find_spec("tensorrt") is None:  # a GPU target that cannot run stops before any work
+        done = subprocess.run([sys.executable, str(script), "--targets", "tensorrt"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and "--target tensorrt needs TensorRT" in done.stderr

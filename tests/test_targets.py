@@ -4,6 +4,7 @@ derivation is pure and tested here; the engine build and run are `gpu` tests, sk
 
 import importlib.util
 
+import numpy as np
 import onnxruntime
 import pytest
 import torch
@@ -33,10 +34,41 @@ def test_tensorrt_missing_names_the_module_and_the_gpu_extra():
 @pytest.mark.skipif(not NO_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
 def test_cuda_provider_missing_names_the_providers_and_onnxruntime_gpu():
     with pytest.raises(SparsecError) as info:
-        ort_backend.require_cuda_provider()
+        ort_backend.require_onnxruntime("onnxruntime-cuda")
     message = str(info.value)
     assert "needs ONNX Runtime's CUDAExecutionProvider" in message
     assert str(onnxruntime.get_available_providers()) in message and "onnxruntime-gpu" in message
+    assert f'pip uninstall -y {ort_backend.installed_builds()[0]} && pip install -e ".[gpu]"' in message
+
+
+def test_two_onnxruntime_builds_in_one_site_fail_the_cuda_target_and_not_the_cpu_one(tmp_path, monkeypatch):
+    """Both builds' metadata in one site directory, as `pip install onnxruntime onnxruntime-gpu` leaves it (done for
+    real once: the CPU build's files won and the CUDA provider was gone). A build in another directory is shadowed."""
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        info = tmp_path / "site" / f"{name.replace('-', '_')}-1.31.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert len(ort_backend.installed_builds()) == 1  # the module's own site; the two on the path before it don't count
+    assert ort_backend.installed_builds(tmp_path / "site") == ["onnxruntime", "onnxruntime-gpu"]
+    assert ort_backend.installed_builds(tmp_path) == []
+
+    monkeypatch.setattr(ort_backend, "installed_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    ort_backend.require_onnxruntime("onnxruntime")  # either build runs the CPU target
+    with pytest.raises(SparsecError) as raised:
+        ort_backend.require_onnxruntime("onnxruntime-cuda")
+    message = str(raised.value)
+    assert "onnxruntime and onnxruntime-gpu are both installed" in message
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.28'" in message
+
+
+@pytest.mark.skipif(NO_CUDA_PROVIDER or torch.cuda.is_available(), reason="needs onnxruntime-gpu on a machine without a GPU")
+def test_onnxruntime_gpu_without_a_device_says_so():
+    with pytest.raises(SparsecError) as info:
+        ort_backend.require_onnxruntime("onnxruntime-cuda")
+    message = str(info.value)
+    assert f"onnxruntime-gpu {onnxruntime.__version__} is installed but no CUDA device is usable" in message
+    assert "got ['CPUExecutionProvider']" in message or "got []" in message
 
 
 @pytest.mark.skipif(not (NO_TENSORRT and NO_CUDA_PROVIDER), reason="a GPU stack is installed here")
