@@ -53,7 +53,8 @@ def test_two_onnxruntime_builds_in_one_site_fail_the_cuda_target_and_not_the_cpu
     assert ort_backend.installed_builds(tmp_path / "site") == ["onnxruntime", "onnxruntime-gpu"]
     assert ort_backend.installed_builds(tmp_path) == []
 
-    monkeypatch.setattr(ort_backend, "installed_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    in_site = ort_backend.installed_builds
+    monkeypatch.setattr(ort_backend, "installed_builds", lambda: in_site(tmp_path / "site"))  # as if the module were there
     ort_backend.require_onnxruntime("onnxruntime")  # either build runs the CPU target
     with pytest.raises(SparsecError) as raised:
         ort_backend.require_onnxruntime("onnxruntime-cuda")
