@@ -27,21 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, parser, qwen2_model  # noqa: E402
+from common import markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
 from sparsec.compiler import TARGETS, check_target, compile_model  # noqa: E402
 from sparsec.errors import SparsecError  # noqa: E402
 from sparsec.inspection import flops_by_path  # noqa: E402
 from sparsec.program import Program  # noqa: E402
 from sparsec.recipe import Recipe  # noqa: E402
-from sparsec.runner import load_artifact, timing  # noqa: E402
+from sparsec.runner import latency_summary, load_artifact  # noqa: E402
 
 VARIANTS = ("dense", "drop-50", "slice-50", "moe-8top2")
-QUICK = {"layers": 2, "hidden": 128, "intermediate": 256, "vocab": 512, "seq": 64, "reps": 2, "runs": 2, "warmup": 1}
+QUICK = {"layers": 2, "hidden": 128, "intermediate": 256, "vocab": 512, "seq": 64, "reps": 4, "warmup": 1}
 
 
 def variant_passes(name: str, layers: int) -> list[dict]:
@@ -104,7 +103,10 @@ def run(args) -> dict:
                 }
                 print(f"{target} / {name}: compiled in {results[target][name]['compile_s']} s, parity "
                       f"{results[target][name]['parity']}", file=sys.stderr, flush=True)
-        times = interleaved_timing(runners, inputs, reps=args.reps, runs=args.runs, warmup=args.warmup)
+        calls = time_interleaved({key: lambda r=runner: r(inputs) for key, runner in runners.items()},
+                                 reps=args.reps, warmup=args.warmup)
+        times = {key: {**latency_summary([t * 1e3 for t in seconds]), "calls": len(seconds)}
+                 for key, seconds in calls.items()}
     rows = []
     for target in targets:
         dense = results[target].get("dense", {})
@@ -125,7 +127,7 @@ def run(args) -> dict:
                          f"{parity['cosine']:.6f} / {parity['rel_l2']:.1e} / {parity.get('top1', float('nan')):.3f}",
                          f"{result['p50_ms']:.3f} / {result['p90_ms']:.3f}", *speed])
     print(f"{args.precision}, batch 1 x seq {args.seq}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} "
-          f"layers; p50 of {args.reps} x {args.runs} interleaved runs after {args.warmup} warm-up; "
+          f"layers; p50 of {args.reps} interleaved calls per artifact after {args.warmup} warm-up; "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     print(markdown_table(["target", "variant", "params", "parity cosine / rel L2 / top-1", "p50 / p90 ms",
                           "ideal speedup", "measured speedup", "measured / ideal"], rows))
@@ -134,25 +136,11 @@ def run(args) -> dict:
     return results
 
 
-def interleaved_timing(runners: dict, inputs: dict, *, reps: int, runs: int, warmup: int) -> dict:
-    """`sparsec.runner.timing` of every runner: `warmup` calls, then `reps` rounds of `runs` calls each with the
-    runners alternating by round; p50 / p90 over all timed calls."""
-    for runner in runners.values():
-        timing(runner, inputs, warmup=warmup, runs=1)
-    calls: dict = {key: [] for key in runners}
-    for _ in range(reps):
-        for key, runner in runners.items():
-            calls[key] += timing(runner, inputs, warmup=0, runs=runs)["runs_ms"]
-    return {key: {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90)),
-                  "calls": len(values)} for key, values in calls.items()}
-
-
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.set_defaults(layers=8, reps=5)
+    p.set_defaults(layers=8, reps=50)
     p.add_argument("--targets", default="tensorrt,onnxruntime-cuda", help=f"comma-separated, of {list(TARGETS)}")
     p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
-    p.add_argument("--runs", type=int, default=10, help="timed calls per artifact per round (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per artifact first (default 3)")
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs, says nothing of speed")

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +117,18 @@ def timing(runner: Runner, inputs: Mapping[str, torch.Tensor], *, warmup: int, r
         start = time.perf_counter()
         runner(inputs)
         times.append((time.perf_counter() - start) * 1e3)
-    values = np.asarray(times)
+    return {"warmup": warmup, "runs": runs, **latency_summary(times)}
+
+
+def latency_summary(times_ms: Sequence[float]) -> dict:
+    """`mean_ms`, `min_ms`, `p50_ms`, `p90_ms`, `p99_ms`, `max_ms` of call times in milliseconds, and every one in
+    `runs_ms`.
+
+    Example:
+        >>> latency_summary([2.0, 1.0, 3.0])["p50_ms"]
+        2.0
+    """
+    values = np.asarray(times_ms, dtype=float)
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"warmup": warmup, "runs": runs, "mean_ms": float(values.mean()), "min_ms": float(values.min()),
-            "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(values.max()),
-            "runs_ms": [float(t) for t in times]}
+    return {"mean_ms": float(values.mean()), "min_ms": float(values.min()), "p50_ms": float(p50), "p90_ms": float(p90),
+            "p99_ms": float(p99), "max_ms": float(values.max()), "runs_ms": [float(t) for t in values]}
