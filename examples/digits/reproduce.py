@@ -357,7 +357,7 @@ def _number_list(text: str, kind: type) -> list:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Defaults are the full run (about 11 minutes on one thread here); "
+                                     epilog="Defaults are the full run (about 10 minutes on one thread here); "
                                      "--quick: 5 digits per label, seed 0, ratio 0.5, 16 calibration samples per "
                                      "task, 5 adapt steps.")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
