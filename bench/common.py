@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import sparsec
-from sparsec.exporters import onnxruntime as ort_backend
-from sparsec.exporters.onnx import export_onnx
-from sparsec.inspection import flops_by_path
+from sparsec.exporters.targets import onnxruntime as ort_backend
+from sparsec.exporters.lowering.onnx import export_onnx
+from sparsec.analysis.inspection import flops_by_path
 from sparsec.models import build_model
-from sparsec.pass_manager import Pass, PassManager
+from sparsec.transform.pass_manager import Pass, PassManager
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, parser, qwen2_model  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.calibration import CalibrationSet  # noqa: E402
-from sparsec.exporters.onnx import export_onnx  # noqa: E402
-from sparsec.pass_manager import PassContext, PassManager, get_pass  # noqa: E402
+from sparsec.data.calibration import CalibrationSet  # noqa: E402
+from sparsec.exporters.lowering.onnx import export_onnx  # noqa: E402
+from sparsec.transform.pass_manager import PassContext, PassManager, get_pass  # noqa: E402
 
 OPSET = 18
 

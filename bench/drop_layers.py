@@ -9,11 +9,12 @@ other block is dropped. See bench/common.py for how variants are compiled, timed
 
 import sys
 from pathlib import Path
+from sparsec.analysis.regions import region_index
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import compare_variants, parser, qwen2_model  # noqa: E402
 
-from sparsec.pass_manager import get_pass  # noqa: E402
+from sparsec.transform.pass_manager import get_pass  # noqa: E402
 
 
 def run(args) -> dict:
@@ -25,7 +26,7 @@ def run(args) -> dict:
         "drop 25%": [drop(layers=odd[: args.layers // 4])],
         "drop 50%": [drop(layers=odd[: args.layers // 2])],
     }
-    return compare_variants(qwen2_model(args), variants, args, describe=lambda p: f"{len(p.regions.blocks())} blocks")
+    return compare_variants(qwen2_model(args), variants, args, describe=lambda p: f"{len(region_index(p).blocks())} blocks")
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ from common import markdown_table, parser, qwen2_model, time_interleaved  # noqa
 
 from sparsec.compiler import TARGETS, check_target, compile_model  # noqa: E402
 from sparsec.errors import SparsecError  # noqa: E402
-from sparsec.inspection import flops_by_path  # noqa: E402
-from sparsec.program import Program  # noqa: E402
+from sparsec.analysis.inspection import flops_by_path  # noqa: E402
+from sparsec.ir.program import Program  # noqa: E402
 from sparsec.recipe import Recipe  # noqa: E402
 from sparsec.runner import latency_summary, load_artifact  # noqa: E402
 

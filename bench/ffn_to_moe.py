@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import NO_SPIN, compare_variants, markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.exporters import onnxruntime as ort_backend  # noqa: E402
-from sparsec.exporters.onnx import export_onnx  # noqa: E402
-from sparsec.inspection import flops_by_path  # noqa: E402
-from sparsec.pass_manager import PassManager, get_pass  # noqa: E402
+from sparsec.exporters.targets import onnxruntime as ort_backend  # noqa: E402
+from sparsec.exporters.lowering.onnx import export_onnx  # noqa: E402
+from sparsec.analysis.inspection import flops_by_path  # noqa: E402
+from sparsec.transform.pass_manager import PassManager, get_pass  # noqa: E402
 
 
 class GatedFfn(torch.nn.Module):

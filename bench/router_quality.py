@@ -1,7 +1,7 @@
 """Router quality: held-out relative error of MoE FFNs against the dense FFN, per router and partition.
 
 8 experts, 4 active, against `slice_neurons` to the same 50% width. Two models:
-- `ClusteredFfn` (tests/test_ffn_to_moe.py): tokens from 8 clusters, each firing its own 16 ReLU neurons;
+- `ClusteredFfn` (tests/passes/test_ffn_to_moe.py): tokens from 8 clusters, each firing its own 16 ReLU neurons;
 - the built-in random-weight tiny Qwen2: error per FFN, on the hidden states entering each MLP.
 
     python bench/router_quality.py          # about a minute
@@ -18,7 +18,7 @@ from test_ffn_to_moe import ClusteredFfn, _rel_error  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec import testing  # noqa: E402
-from sparsec.calibration import CalibrationSet  # noqa: E402
+from sparsec.data.calibration import CalibrationSet  # noqa: E402
 
 ROUTERS = ("learned", "similarity", "random")
 PARTITIONS = ("balanced", "kmeans", "coactivation")

@@ -8,11 +8,12 @@ importance is `magnitude`, so no calibration data is needed). See bench/common.p
 
 import sys
 from pathlib import Path
+from sparsec.analysis.regions import region_index
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import compare_variants, parser, qwen2_model  # noqa: E402
 
-from sparsec.pass_manager import get_pass  # noqa: E402
+from sparsec.transform.pass_manager import get_pass  # noqa: E402
 
 
 def run(args) -> dict:
@@ -24,7 +25,7 @@ def run(args) -> dict:
         "FFN 25%": [slice_(keep_ratio=0.25, importance="magnitude", round_to=64)],
     }
     return compare_variants(qwen2_model(args), variants, args,
-                            describe=lambda p: f"FFN width {p.regions.ffns()[0].intermediate_size}")
+                            describe=lambda p: f"FFN width {region_index(p).ffns()[0].intermediate_size}")
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sparsec.errors import PassError
-from sparsec.pass_manager import Pass, PassContext, PassResult
-from sparsec.program import Program
-from sparsec.regions import BlockStack
-from sparsec.structure import LINEAR, Sublayer, residual_streams, skip_noop_casts
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
+from sparsec.ir.program import Program
+from sparsec.analysis.regions import BlockStack
+from sparsec.analysis.structure import LINEAR, Sublayer, residual_streams, skip_noop_casts
+from sparsec.analysis.regions import region_index
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class DropLayers(Pass):
     # ----- analysis (no changes to the program) ---------------------------------------------------------
     def _stack(self, program: Program) -> tuple[BlockStack, int]:
         """The one block stack to work on (restricted to `where`) and its full number of blocks."""
-        regions = program.regions
+        regions = region_index(program)
         stacks = regions.block_stacks()
         names = [f"{s.path}.*" for s in stacks]
         selected = {b.path for b in regions.blocks(self.options.where or "**")}
@@ -102,7 +103,7 @@ class DropLayers(Pass):
 
     def _units(self, program: Program, stack: BlockStack) -> list[_Unit]:
         """Droppable units of the stack, skipping blocks and sublayers an earlier drop already removed."""
-        ffns = program.regions.ffns(f"{stack.path}.**")
+        ffns = region_index(program).ffns(f"{stack.path}.**")
         kinds = {"block": None, "attn": ("attn",), "mlp": ("mlp",), "joint": ("attn", "mlp")}[self.options.kind]
         units = []
         for region in stack.blocks:
@@ -210,7 +211,7 @@ class DropLayers(Pass):
                 program.recompile()
                 program.prune()
                 dropped.append(best.label)
-                fresh = BlockStack(stack.path, [program.regions.region(b.path) for b in stack.blocks if b.path in program.regions])
+                fresh = BlockStack(stack.path, [region_index(program).region(b.path) for b in stack.blocks if b.path in region_index(program)])
                 units = self._units(program, fresh)
             decisions.update(scores=rounds[0]["scores"], rounds=rounds, parameters=parameters,
                              reason=f"iterative: highest {o.score} similarity, re-scored after each drop")
@@ -218,7 +219,7 @@ class DropLayers(Pass):
         return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions)
 
     def targets(self, program: Program) -> list[str]:
-        return [b.path for b in program.regions.blocks(self.options.where or "**")]
+        return [b.path for b in region_index(program).blocks(self.options.where or "**")]
 
     def replay(self, decisions: dict, shared: list[str]) -> "DropLayers":
         """The same blocks (or sublayers of them) dropped, as explicit `layers` of the same stack."""

@@ -1,9 +1,9 @@
 """`ffn_to_moe`: turn dense FFNs into mixtures of experts made of their own neurons, with a learned router.
 
-For each matched FFN (gated, fused gated or plain; see `sparsec.structure`):
+For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structure`):
 
 1. **Partition.** An optional always-on shared expert takes the `shared` fraction of most important neurons
-   (`sparsec.importance`). The other neurons are split into `experts` equal experts:
+   (`sparsec.analysis.importance`). The other neurons are split into `experts` equal experts:
    - `balanced` (default): neurons sorted by importance are dealt to experts in snake order (0..E-1, E-1..0, ...),
      so every expert gets a fair share of important neurons;
    - `kmeans`: balanced k-means on the neurons' input weight vectors (gate and up rows; MoEfication);
@@ -16,7 +16,7 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.structure`):
    pick, per token, the experts whose outputs are largest (MoEfication's recipe: binary cross-entropy
    against each token's top-k experts by output norm, on standardized inputs); `similarity` uses each
    expert's mean input weight vector (no data); `random` is a seeded baseline.
-3. **Rewrite.** The FFN becomes one `torch.ops.sparsec.moe` node (routing semantics in `sparsec.moe`:
+3. **Rewrite.** The FFN becomes one `torch.ops.sparsec.moe` node (routing semantics in `sparsec.ops.moe`:
    softmax, top-k, `gating` unit|softmax|renormalized) plus, if there is a shared expert, the dense FFN
    sliced to the shared neurons. Under the default `gating: unit`, `top_k == experts` computes exactly the
    dense FFN; with calibration data the pass checks that on sampled tokens before it rewrites anything.
@@ -41,14 +41,15 @@ import torch.nn.functional as F
 from torch.fx import Node
 from tqdm.auto import tqdm
 
-from sparsec.dependency import ChannelGroup, ffn_channel_group, linear_weight
-from sparsec.distill import distill
+from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.data.distill import distill
 from sparsec.errors import PassError
-from sparsec.importance import Importance, neuron_importance
-from sparsec.moe import Gating, moe_dense_reference, route, router_logits
-from sparsec.pass_manager import Pass, PassContext, PassResult
-from sparsec.program import Program
-from sparsec.structure import Ffn, ffn_activation
+from sparsec.analysis.importance import Importance, neuron_importance
+from sparsec.ops.moe import Gating, moe_dense_reference, route, router_logits
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
+from sparsec.ir.program import Program
+from sparsec.analysis.structure import Ffn, ffn_activation
+from sparsec.analysis.regions import region_index
 
 aten = torch.ops.aten
 MOE = torch.ops.sparsec.moe.default
@@ -180,7 +181,7 @@ class FfnToMoe(Pass):
     def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
         """(ffn, its channel group, activation, shared width) per matched FFN; PassError before any change."""
         o = self.options
-        ffns = program.regions.require_ffns(o.where, self.name)
+        ffns = region_index(program).require_ffns(o.where, self.name)
         plan = []
         for ffn in ffns:
             group = ffn_channel_group(program, ffn)
@@ -198,7 +199,7 @@ class FfnToMoe(Pass):
         return plan
 
     def targets(self, program: Program) -> list[str]:
-        return [f.path for f in program.regions.ffns(self.options.where)]
+        return [f.path for f in region_index(program).ffns(self.options.where)]
 
     def requires(self, program: Program, ctx: PassContext) -> None:
         self._plan(program)

@@ -41,9 +41,9 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.fx import Graph, Node
 
 from sparsec.errors import PassError
-from sparsec.pass_manager import Pass, PassContext, PassResult
-from sparsec.program import RUNTIME_ASSERTS, Program
-from sparsec.regions import module_path
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
+from sparsec.ir.program import RUNTIME_ASSERTS, Program
+from sparsec.analysis.regions import module_path
 
 aten = torch.ops.aten
 

@@ -2,8 +2,8 @@
 
 For an FFN `y = W_down(act(W_gate x) * (W_up x))` (or `W_2 act(W_1 x)`), neuron j is row j of W_gate and
 W_up (and their biases) and column j of W_down. Which tensors are coupled is decided by the core's
-dependency model (`sparsec.dependency.ffn_channel_group`), which refuses FFNs whose intermediate values
-are read elsewhere; neurons are scored by `sparsec.importance` (`importance: activation` (default),
+dependency model (`sparsec.analysis.dependency.ffn_channel_group`), which refuses FFNs whose intermediate values
+are read elsewhere; neurons are scored by `sparsec.analysis.importance` (`importance: activation` (default),
 `magnitude` or `random`). This pass only selects.
 
 `scope: per_layer` keeps the same fraction of every FFN; `scope: global` keeps the top neurons across all
@@ -27,12 +27,13 @@ from typing import Literal
 
 import torch
 
-from sparsec.dependency import ChannelGroup, ffn_channel_group
-from sparsec.importance import Importance, neuron_importance
+from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group
+from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.errors import PassError
-from sparsec.pass_manager import Pass, PassContext, PassResult
-from sparsec.program import Program
-from sparsec.structure import Ffn
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
+from sparsec.ir.program import Program
+from sparsec.analysis.structure import Ffn
+from sparsec.analysis.regions import region_index
 
 
 class SliceNeurons(Pass):
@@ -65,7 +66,7 @@ class SliceNeurons(Pass):
 
     # ----- analysis ---------------------------------------------------------------------------------------
     def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
-        ffns = program.regions.require_ffns(self.options.where, self.name)
+        ffns = region_index(program).require_ffns(self.options.where, self.name)
         pinned = self.options.kept or {}
         paths = {f.path: f for f in ffns}
         for path, indices in pinned.items():
@@ -152,7 +153,7 @@ class SliceNeurons(Pass):
                                                                       "scope": self.options.scope, "ffns": decisions})
 
     def targets(self, program: Program) -> list[str]:
-        return [f.path for f in program.regions.ffns(self.options.where)]
+        return [f.path for f in region_index(program).ffns(self.options.where)]
 
     def replay(self, decisions: dict, shared: list[str]) -> "SliceNeurons":
         """The same neurons kept in the `shared` FFNs (as `kept`); the others decided by the options."""
@@ -161,6 +162,6 @@ class SliceNeurons(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         for decision in result.decisions["ffns"]:
-            ffn = next((f for f in program.regions.ffns() if f.path == decision["path"]), None)
+            ffn = next((f for f in region_index(program).ffns() if f.path == decision["path"]), None)
             if ffn is None or ffn.intermediate_size != decision["width_after"]:
                 raise PassError(f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}")

@@ -1,7 +1,9 @@
 """sparsec: capture a transformer as one FX graph, rewrite it with checked passes, lower it to ONNX / TensorRT."""
 
-from .capture import capture
-from .errors import (
+__version__ = "0.1.0"
+
+from sparsec.capture import capture
+from sparsec.errors import (
     CalibrationError,
     CaptureError,
     PassError,
@@ -10,11 +12,10 @@ from .errors import (
     SparsecError,
     VerificationError,
 )
-from . import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe: programs holding it load and run)
-from .program import Program
-from .tags import TagRule, Tagger
+from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe: programs holding it load and run)
+from sparsec.ir.program import Program
+from sparsec.ir.tags import TagRule, Tagger
 
-__version__ = "0.1.0"
 
 __all__ = [
     "capture",

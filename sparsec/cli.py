@@ -13,9 +13,9 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from .compiler import TARGETS
-from .errors import SparsecError
-from .models import BUILTIN_PREFIX, BUILTINS
+from sparsec.exporters.targets import TARGETS
+from sparsec.errors import SparsecError
+from sparsec.models import BUILTIN_PREFIX, BUILTINS
 
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
 MODEL_HELP = (
@@ -29,10 +29,10 @@ def default_recipe_path() -> Path:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .capture import capture
-    from .inspection import format_inspection, inspect_program
-    from .models import load_model
-    from .recipe import Recipe
+    from sparsec.capture import capture
+    from sparsec.analysis.inspection import format_inspection, inspect_program
+    from sparsec.models import load_model
+    from sparsec.recipe import Recipe
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     loaded = load_model(args.model)
@@ -44,8 +44,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import compile_model
-    from .recipe import Recipe
+    from sparsec.compiler import compile_model
+    from sparsec.recipe import Recipe
 
     if not args.out and not args.dry_run:
         raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
@@ -138,8 +138,8 @@ def _summary(report: dict) -> str:
 
 def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
-    from .calibration import load_calibration
-    from .runner import parse_dims, synthetic_inputs
+    from sparsec.data.calibration import load_calibration
+    from sparsec.runner import parse_dims, synthetic_inputs
 
     onnx_path = Path(args.artifact) / "model.onnx"
     if not onnx_path.is_file():
@@ -157,7 +157,7 @@ def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from .runner import load_artifact
+    from sparsec.runner import load_artifact
 
     runner = load_artifact(args.artifact, args.target)
     batches, source = _artifact_inputs(args)
@@ -185,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .runner import load_artifact, timing
+    from sparsec.runner import load_artifact, timing
 
     runner = load_artifact(args.artifact, args.target)
     batches, source = _artifact_inputs(args)
@@ -204,8 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from .options import describe_section
-    from .pass_manager import available_passes
+    from sparsec.transform.options import describe_section
+    from sparsec.transform.pass_manager import available_passes
 
     passes = available_passes()
     if not passes:
@@ -219,9 +219,9 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import KINDS, Probe, format_markdown, load_tasks, write_report
-    from .models import load_model
-    from .recipe import Recipe
+    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
+    from sparsec.models import load_model
+    from sparsec.recipe import Recipe
 
     if not args.out:
         raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")

@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .calibration import load_calibration
-from .capture import capture
-from .errors import SparsecError
-from .entrypoints import entry_points
-from .models import load_model
-from .pass_manager import Pass, PassContext, PassManager
-from .recipe import Recipe
+from sparsec import __version__
+from sparsec.data.calibration import load_calibration
+from sparsec.capture import capture
+from sparsec.errors import SparsecError
+from sparsec.exporters.targets import TARGETS
+from sparsec.families.entrypoints import entry_points
+from sparsec.models import load_model
+from sparsec.transform.pass_manager import Pass, PassContext, PassManager
+from sparsec.recipe import Recipe
 
 ARTIFACTS = ("model.onnx", "model.onnx.data", "model.engine", "program.pt2", "report.json")
-TARGETS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def check_target(target: str, recipe: Recipe) -> None:
@@ -54,11 +54,11 @@ def check_target(target: str, recipe: Recipe) -> None:
         raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT does not "
                            "parse; use moe_lowering: standard with --target tensorrt")
     if target.startswith("onnxruntime") and export.onnx:
-        from sparsec.exporters.onnxruntime import require_onnxruntime
+        from sparsec.exporters.targets.onnxruntime import require_onnxruntime
 
         require_onnxruntime(target)
     elif target == "tensorrt":
-        from sparsec.exporters.tensorrt import require_tensorrt, tensorrt_major
+        from sparsec.exporters.targets.tensorrt import require_tensorrt, tensorrt_major
 
         require_tensorrt()
         if export.tensorrt.typing == "flags" and tensorrt_major() >= 11:
@@ -108,10 +108,10 @@ def compile_model(
 
     `target` (see `check_target`, checked before any work): `onnxruntime` (CPU), `onnxruntime-cuda` or
     `tensorrt` (also writes `model.engine`). The ONNX file is in `recipe.export.precision`; backend parity
-    (`sparsec.parity`) runs the target on calibration inputs against the program.
+    (`sparsec.data.parity`) runs the target on calibration inputs against the program.
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
-    `sparsec.entrypoints`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
+    `sparsec.families.entrypoints`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
     with one `report.json` (per entry point under `entry_points`). Every pass runs on each program it has
     something to change in (`Pass.targets`); weights shared by several programs are changed the same way in
     all of them: the first program decides, later ones repeat its decisions (`Pass.replay`). Calibration:
@@ -275,7 +275,7 @@ class _Unit:
         if not recipe.export.onnx:
             self._record_artifacts(directory)
             return
-        from sparsec.exporters.onnx import export_onnx
+        from sparsec.exporters.lowering.onnx import export_onnx
 
         export, onnx_path = recipe.export, directory / "model.onnx"
         convert = export.precision != "fp32" and not (target == "tensorrt" and export.tensorrt.typing == "flags")
@@ -286,7 +286,7 @@ class _Unit:
                                             external_data=export.external_data, moe_lowering=export.moe_lowering,
                                             scatter_reduction=target != "tensorrt")
         if convert:
-            from sparsec.exporters.precision import convert_precision
+            from sparsec.exporters.lowering.precision import convert_precision
 
             say(f"[sparsec] converting ONNX to {export.precision} (norms, softmax, router kept fp32){label}")
             self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, export.precision,
@@ -299,7 +299,7 @@ class _Unit:
         times["export"] = times.get("export", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         if target == "tensorrt":
-            from sparsec.exporters import tensorrt
+            from sparsec.exporters.targets import tensorrt
 
             profiles = tensorrt.engine_profiles(onnx_path, export.tensorrt.profiles,
                                                 self.calibration.head(export.parity.samples).batches())
@@ -312,7 +312,7 @@ class _Unit:
             self.report["parity"] = tensorrt.check_parity(self.program, directory / "model.engine", self.calibration,
                                                           options=export.parity, precision=export.precision)
         else:
-            from sparsec.exporters.onnxruntime import check_parity, providers_for
+            from sparsec.exporters.targets.onnxruntime import check_parity, providers_for
 
             say(f"[sparsec] checking ONNX Runtime against PyTorch on calibration inputs{label}")
             self.report["parity"] = check_parity(self.program, onnx_path, self.calibration, options=export.parity,

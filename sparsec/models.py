@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import SparsecError
-from .families import Family, detect_family
+from sparsec.errors import SparsecError
+from sparsec.families import Family, detect_family
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,7 +32,7 @@ def builtin_config(name: str):
     import transformers
 
     if name == "tiny-mot":
-        from .mot import MOT_PRESETS, MoTConfig
+        from sparsec.families.mot import MOT_PRESETS, MoTConfig
 
         return MoTConfig(**MOT_PRESETS["tiny"])
     if name == "tiny-qwen2":
@@ -66,7 +66,7 @@ def builtin_config(name: str):
         )
     if name == "tiny-qwenimage":
         raise SparsecError("tiny-qwenimage is a diffusers model with no transformers config: use "
-                           "load_model('builtin:tiny-qwenimage') or sparsec.diffusion.tiny_qwenimage()")
+                           "load_model('builtin:tiny-qwenimage') or sparsec.families.qwenimage.tiny_qwenimage()")
     raise SparsecError(f"unknown built-in model {name!r}; choose one of {BUILTINS}")
 
 
@@ -102,10 +102,10 @@ def build_model(config, seed: int = 0) -> torch.nn.Module:
 
 
 def _model_class(config) -> type[torch.nn.Module]:
-    """The model class for `config`: from transformers, or sparsec's own (`sparsec.mot`)."""
+    """The model class for `config`: from transformers, or sparsec's own (`sparsec.families.mot`)."""
     import transformers
 
-    from . import mot
+    from sparsec.families import mot
 
     names = list(getattr(config, "architectures", None) or [])
     defaults = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -143,7 +143,7 @@ def load_model(spec: str | Path) -> LoadedModel:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
         if name == "tiny-qwenimage":  # a diffusers model: no transformers config to build from
-            from .diffusion import tiny_qwenimage
+            from sparsec.families.qwenimage import tiny_qwenimage
 
             model = tiny_qwenimage()
         else:
@@ -165,7 +165,7 @@ def load_model(spec: str | Path) -> LoadedModel:
         )
     import transformers
 
-    from . import mot  # noqa: F401  (registers its config with AutoConfig)
+    from sparsec.families import mot  # noqa: F401  (registers its config with AutoConfig)
 
     config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     cls = _model_class(config)

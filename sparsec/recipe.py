@@ -25,12 +25,12 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import RecipeError
-from .options import parse_section
-from .parity import ParityOptions, Precision
-from .pass_manager import Pass, get_pass
-from .quality import QualityGates
-from .tags import TagRule
+from sparsec.errors import RecipeError
+from sparsec.transform.options import parse_section
+from sparsec.data.parity import ParityOptions, Precision
+from sparsec.transform.pass_manager import Pass, get_pass
+from sparsec.data.quality import QualityGates
+from sparsec.ir.tags import TagRule
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CaptureOptions:
 
 @dataclass
 class CalibrationOptions:
-    """Where calibration inputs come from (see `sparsec.calibration`) and how they are batched."""
+    """Where calibration inputs come from (see `sparsec.data.calibration`) and how they are batched."""
 
     file: str | None = None
     files: dict[str, str] | None = None
@@ -66,7 +66,7 @@ class CalibrationOptions:
 
 @dataclass
 class TensorRTOptions:
-    """`export.tensorrt` (`--target tensorrt`, see `sparsec.exporters.tensorrt`).
+    """`export.tensorrt` (`--target tensorrt`, see `sparsec.exporters.targets.tensorrt`).
 
     `profiles`: `{dim name: [min, opt, max]}` for the ONNX's dynamic dims (`batch`, `seq`); dims not named span
     1 .. the calibration shapes parity runs. `workspace_mib`: the builder's workspace pool limit. `timing_cache`:
@@ -93,11 +93,11 @@ class ExportOptions:
 
     `moe_lowering`: MoE nodes become plain ONNX ops (`standard`, the default: any runtime, and the faster of
     the two on ONNX Runtime CPU in bench/ffn_to_moe.py) or ONNX Runtime's contrib `com.microsoft::MoE`
-    (`contrib`); see `sparsec.exporters.onnx_moe`.
+    (`contrib`); see `sparsec.exporters.lowering.onnx_moe`.
 
-    `precision`: the ONNX file's compute type (`sparsec.exporters.precision`: FP16/BF16 with norms, softmax and
+    `precision`: the ONNX file's compute type (`sparsec.exporters.lowering.precision`: FP16/BF16 with norms, softmax and
     the MoE router kept in FP32; inputs and outputs keep their types); `keep_fp32`: further op types to keep in
-    FP32 (e.g. `[Sigmoid]`). `parity`: `sparsec.parity.ParityOptions`,
+    FP32 (e.g. `[Sigmoid]`). `parity`: `sparsec.data.parity.ParityOptions`,
     whose default tolerances follow `precision`.
     """
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SparsecError
+from sparsec.errors import SparsecError
+from sparsec.exporters.targets import TARGETS
 
 Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -32,20 +33,18 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
 
     Raises `SparsecError` when the directory lacks the target's file or the target cannot run here.
     """
-    from .compiler import TARGETS
-
     if target not in TARGETS:
         raise SparsecError(f"--target {target!r}: choose one of {list(TARGETS)}")
     directory = Path(directory)
     if target == "tensorrt":
-        from sparsec.exporters import tensorrt
+        from sparsec.exporters.targets import tensorrt
 
         tensorrt.require_tensorrt()
         path = directory / "model.engine"
         if not path.is_file():
             raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
         return tensorrt.Engine(path).run
-    from sparsec.exporters import onnxruntime as ort_backend
+    from sparsec.exporters.targets import onnxruntime as ort_backend
 
     path = directory / "model.onnx"
     if not path.is_file():

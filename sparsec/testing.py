@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from .calibration import CalibrationSet
-from .capture import capture  # noqa: F401  (re-exported: a test imports this one module)
-from .pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
-from .paths import glob_match
-from .program import Program
-from .quality import QualityGates
+from sparsec.data.calibration import CalibrationSet
+from sparsec.capture import capture  # noqa: F401  (re-exported: a test imports this one module)
+from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+from sparsec.ir.paths import glob_match
+from sparsec.ir.program import Program
+from sparsec.data.quality import QualityGates
+from sparsec.analysis.regions import region_index
 
 
 def apply_pass(
@@ -57,7 +58,7 @@ def parameter_names(program: Program) -> set[str]:
 
 def op_counts(program: Program, where: str = "**") -> Counter[str]:
     """`Counter` of call targets (`aten.linear.default`) of the nodes in regions matching `where`."""
-    regions = program.regions
+    regions = region_index(program)
     if where == "**":
         nodes = [n for n in program.graph.nodes if n.op == "call_function"]
     else:
@@ -166,7 +167,7 @@ def assert_onnx_equivalent(
         >>> export_onnx(program, "m.onnx")
         >>> testing.assert_onnx_equivalent("m.onnx", hand_edited_model, other_shape_inputs, output="logits")
     """
-    from sparsec.exporters import onnxruntime as ort_backend
+    from sparsec.exporters.targets import onnxruntime as ort_backend
 
     got = ort_backend.run(ort_backend.session(onnx_path), inputs)
     names = [output] if output else list(got)

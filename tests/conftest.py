@@ -1,13 +1,17 @@
+import copy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import sparsec.testing  # noqa: E402
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "custom_pass"))  # the example pass, SkipFfn
 
 from sparsec.families import detect_family  # noqa: E402
-from sparsec.diffusion import TINY_QWENIMAGE_CONFIG, QwenImageStep, qwenimage_step_inputs, tiny_qwenimage  # noqa: E402
+from sparsec.families.qwenimage import TINY_QWENIMAGE_CONFIG, QwenImageStep, qwenimage_step_inputs, tiny_qwenimage  # noqa: E402
 from sparsec.models import build_model, builtin_config  # noqa: E402
 
 MODELS = ("tiny-qwen2", "tiny-llama", "tiny-janus")
@@ -77,3 +81,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def mot_inputs(batch: int, seq: int, gen_from: int | None, seed: int = 0) -> dict:
+    """Random ids; tokens from position `gen_from` on are generation tokens (None: none are)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, seq), generator=gen)
+    is_gen = torch.zeros_like(ids)
+    if gen_from is not None:
+        is_gen[:, gen_from:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "gen_mask": is_gen}
+
+
+def slice_by_hand(model, decisions):
+    """The reference: each FFN module's Linear layers sliced with the kept indices the pass reported."""
+    reference = copy.deepcopy(model)
+    for d in decisions["ffns"]:
+        mlp = reference.get_submodule(d["path"])
+        idx = torch.tensor(d["kept_indices"])
+        if hasattr(mlp, "gate_proj"):  # Llama / Qwen2 gated MLP
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj = sparsec.testing.linear_rows(mlp.gate_proj, idx), sparsec.testing.linear_rows(mlp.up_proj, idx), sparsec.testing.linear_columns(mlp.down_proj, idx)
+        else:  # ViT/SigLIP-style fc1 / act / fc2
+            mlp.fc1, mlp.fc2 = sparsec.testing.linear_rows(mlp.fc1, idx), sparsec.testing.linear_columns(mlp.fc2, idx)
+    return reference

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsec.errors import PassError
-from sparsec.pass_manager import Pass, PassResult
+from sparsec.transform.pass_manager import Pass, PassResult
+from sparsec.analysis.regions import region_index
 
 aten = torch.ops.aten
 
@@ -36,7 +37,7 @@ class SkipFfn(Pass):
                 raise ValueError("where: must be a non-empty module-path glob")
 
     def _residual_adds(self, program):
-        ffns = program.regions.ffns(self.options.where)
+        ffns = region_index(program).ffns(self.options.where)
         if not ffns:
             raise PassError(f"skip_ffn: no FFN matches where={self.options.where!r}")
         adds = []
@@ -60,6 +61,6 @@ class SkipFfn(Pass):
         return PassResult(modified=True, stats={"skipped": len(skipped)}, decisions={"skipped": skipped})
 
     def ensures(self, program, ctx, result):
-        left = [p for p in result.decisions["skipped"] if p in program.regions and program.regions.region(p).nodes]
+        left = [p for p in result.decisions["skipped"] if p in region_index(program) and region_index(program).region(p).nodes]
         if left:
             raise PassError(f"skip_ffn: nodes of {left} are still in the graph")

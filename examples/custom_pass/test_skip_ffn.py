@@ -9,10 +9,10 @@ import torch
 from skip_ffn import SkipFfn
 
 from sparsec import testing
-from sparsec.exporters.onnx import export_onnx
+from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.families import detect_family
 from sparsec.models import build_model, builtin_config
-from sparsec.pass_manager import register_pass
+from sparsec.transform.pass_manager import register_pass
 
 register_pass(SkipFfn)
 

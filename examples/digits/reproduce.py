@@ -3,7 +3,7 @@
 Two parts, both scored on the held-out split with the testbed's own metrics (understanding accuracy; the
 judge's accuracy on generated digits and their Frechet distance, sampled with every seed in `--seeds`):
 
-1. **Sweep** (`sparsec analyze`'s probe, `sparsec.analyze.Probe`): compress the understanding or the generation
+1. **Sweep** (`sparsec analyze`'s probe, `sparsec.probe.Probe`): compress the understanding or the generation
    component of the shipped model (`weights/mot`) in depth (skip its most redundant layers, for its own
    tokens) or in width (zero its FFNs' least important neurons) by each ratio, and score both tasks. The probe's
    own figure, top-1 agreement with the dense model at the scored positions, is reported beside them.
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sparsec.analysis.regions import region_index
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -46,9 +47,9 @@ if str(HERE) not in sys.path:
 import testbed as tb  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.analyze import COMPONENTS, KINDS, Probe, Task  # noqa: E402
-from sparsec.calibration import CalibrationSet  # noqa: E402
-from sparsec.distill import distill  # noqa: E402
+from sparsec.probe import COMPONENTS, KINDS, Probe, Task  # noqa: E402
+from sparsec.data.calibration import CalibrationSet  # noqa: E402
+from sparsec.data.distill import distill  # noqa: E402
 from sparsec.models import load_model  # noqa: E402
 from sparsec.testing import apply_pass  # noqa: E402
 
@@ -185,7 +186,7 @@ def ffn_widths(record, variant: Variant, dense_width: int) -> tuple[int, int]:
 def finetune(program: sparsec.Program, calib: CalibrationSet, teacher: list[dict[str, torch.Tensor]],
              steps: int) -> dict[str, float]:
     """Distill the generation FFNs' weights of `program` to `teacher` (the dense outputs), like adapt full."""
-    trainable = [program.state_name(linear.args[1]) for ffn in program.regions.ffns(GEN_FFNS)
+    trainable = [program.state_name(linear.args[1]) for ffn in region_index(program).ffns(GEN_FFNS)
                  for linear in ffn.linears.values()]
     return distill(program, trainable, calib, teacher, steps=steps, lr=FINETUNE_LR, description="fine-tune")
 

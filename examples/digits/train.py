@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import testbed as tb  # noqa: E402
-from sparsec.mot import MoTConfig, MoTForCausalLM  # noqa: E402
+from sparsec.families.mot import MoTConfig, MoTForCausalLM  # noqa: E402
 
 MOT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128)

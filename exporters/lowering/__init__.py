@@ -1,0 +1,1 @@
+"""Lowering: a `Program` -> ONNX (the graph, the MoE lowerings, the precision conversion)."""

@@ -1,0 +1,1 @@
+"""Analyses of a program's graph: regions, structural patterns (FFNs, residual blocks), coupling, importance."""

@@ -1,0 +1,115 @@
+"""`inspect`: what a captured program is made of, per component (understanding / generation / shared).
+
+FLOPs are counted by running the program once at the example shape under torch's `FlopCounterMode` and
+attributing each node's FLOPs to its innermost module path (so they follow the same tags as parameters).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparsec.ir.program import Program
+from sparsec.analysis.regions import module_path
+from sparsec.ir.tags import COMPONENTS
+from sparsec.analysis.regions import region_index
+
+
+def flops_by_path(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """FLOPs of one forward pass at the shape of `inputs`, by innermost module path ('' for top level)."""
+    out: dict[str, int] = defaultdict(int)
+    counter = FlopCounterMode(display=False)
+    last = [0]
+
+    def observe(node, _value) -> None:
+        total = counter.get_total_flops()
+        if total != last[0]:
+            out[module_path(node)] += total - last[0]
+            last[0] = total
+
+    with counter:
+        program.run(inputs, observe=observe)
+    return dict(out)
+
+
+def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict:
+    """A JSON-ready summary: components, block stacks, FFNs and top-level regions with params and FLOPs."""
+    regions = region_index(program)
+    tagger = program.tagger
+    params: dict[str, int] = defaultdict(int)
+    for name in program.parameter_names():
+        path = name.rsplit(".", 1)[0]
+        params[tagger.tag(path)] += program.state_tensor(name).numel()
+    flops = flops_by_path(program, inputs)
+    component_flops: dict[str, int] = defaultdict(int)
+    for path, f in flops.items():
+        component_flops[tagger.tag(path)] += f
+
+    paths = regions.paths
+    top = [p for p in paths if p.count(".") == 1 or ("." not in p and not any(q.startswith(p + ".") for q in paths))]
+    summary = []
+    for path in top:
+        region = regions.region(path)
+        summary.append({
+            "path": path,
+            "type": region.type_name.rsplit(".", 1)[-1],
+            "tag": region.tag,
+            "parameters": region.num_parameters(),
+            "flops": sum(f for p, f in flops.items() if p == path or p.startswith(path + ".")),
+        })
+    return {
+        "family": program.family,
+        "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        "dynamic_dims": program.dynamic_dims,
+        "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
+        "parameters": program.num_parameters(),
+        "flops": sum(flops.values()),
+        "components": {
+            c: {"parameters": params.get(c, 0), "flops": component_flops.get(c, 0)} for c in COMPONENTS
+        },
+        "tag_rules": program.tagger.to_list(),
+        "regions": summary,
+        "block_stacks": [
+            {"path": s.path, "blocks": len(s.blocks), "type": s.blocks[0].type_name.rsplit(".", 1)[-1],
+             "tag": s.blocks[0].tag}
+            for s in regions.block_stacks()
+        ],
+        "ffns": [
+            {"path": f.path, "kind": f.kind, "intermediate_size": f.intermediate_size, "tag": tagger.tag(f.path)}
+            for f in regions.ffns()
+        ],
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def format_inspection(info: dict) -> str:
+    """The inspection as text tables."""
+    lines = [
+        f"family: {info['family']}   ops: {info['ops']}   parameters: {info['parameters']:,}   "
+        f"FLOPs at {info['inputs']}: {_human(info['flops'])}",
+        f"dynamic dims: {info['dynamic_dims']}",
+        "",
+        f"{'component':<15}{'parameters':>14}{'FLOPs':>10}",
+    ]
+    for c, v in info["components"].items():
+        lines.append(f"{c:<15}{v['parameters']:>14,}{_human(v['flops']):>10}")
+    lines += ["", f"{'region':<40}{'type':<28}{'tag':<15}{'parameters':>12}{'FLOPs':>10}"]
+    for r in info["regions"]:
+        lines.append(f"{r['path']:<40}{r['type'][:27]:<28}{r['tag']:<15}{r['parameters']:>12,}{_human(r['flops']):>10}")
+    lines += ["", "block stacks:"]
+    lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or ["  none"]
+    lines += ["", f"FFNs ({len(info['ffns'])}):"]
+    lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or ["  none"]
+    lines += ["", "tag rules (first match wins, default shared): "
+              + (", ".join(f"{r['glob']} -> {r['tag']}" for r in info["tag_rules"]) or "none")]
+    return "\n".join(lines)

@@ -1,0 +1,415 @@
+"""Structural patterns found in the graph itself, not by module class names.
+
+Residual blocks: a block (decoder layer, encoder layer) hands on its residual streams (one; two in a
+dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`.
+`residual_streams` finds those chains and classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
+dependency model depth rewrites use: dropping a sublayer means replacing its add by the stream it adds to.
+
+An FFN is found from its *down* projection backwards: a linear whose input is computed only by pointwise
+ops from one or two other linears' outputs.
+
+- gated (SwiGLU, GeGLU): `down(act(gate(x)) * up(x))`, gate and up reading the same `x`;
+- plain (fc1 / act / fc2, as in ViT, SigLIP, MMDiT FeedForward): `down(act(up(x)))`;
+- fused gated (Phi-3 `gate_up_proj`): one linear whose output is split in two halves (chunk / split),
+  `down(act(half_g) * half_u)`.
+
+Attention projections never match (a reshape or SDPA sits between them), and neither do chains whose
+first projection also feeds something else (a timestep embedding read by every block's modulation), so
+the finder is safe to run over a whole model.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from sparsec.errors import PassError
+from sparsec.analysis.regions import Region, module_path
+
+aten = torch.ops.aten
+
+LINEAR = aten.linear.default
+PASSTHROUGH = frozenset(
+    {aten.dropout.default, aten.clone.default, aten.alias.default, aten.to.dtype, aten._to_copy.default}
+)
+_ASSERT = aten._assert_tensor_metadata.default
+SPLIT_OPS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
+
+
+def _is_half_split(node: Node) -> bool:
+    """A split of the last dimension into two equal halves, or a `getitem` taking one of them."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], Node) and _is_half_split(node.args[0])
+    if node.target not in SPLIT_OPS:
+        return False
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if value is None:
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim not in (-1, value.dim() - 1):
+        return False
+    width = value.shape[-1]
+    size = node.args[1]
+    if node.target is aten.chunk.default:
+        return size == 2
+    if node.target is aten.split.Tensor:
+        return 2 * size == width
+    return len(size) == 2 and size[0] == size[1]
+
+
+def _is_pointwise(node: Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and (
+        target in PASSTHROUGH or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+    )
+
+
+def skip_passthrough(node: Node) -> Node:
+    """Follow dtype casts, clones and (eval-mode) dropouts back to the value they pass through."""
+    while node.op == "call_function" and node.target in PASSTHROUGH and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def skip_noop_casts(node: Node) -> Node:
+    """Follow casts and copies that change neither dtype nor shape back to their source (same value)."""
+    while (node.op == "call_function" and node.target in PASSTHROUGH - {aten.dropout.default}
+           and isinstance(node.args[0], Node) and _same_dtype_and_shape(node, node.args[0])):
+        node = node.args[0]
+    return node
+
+
+def _same_dtype_and_shape(a: Node, b: Node) -> bool:
+    from sparsec.ir.program import same_meta
+
+    va = a.meta.get("val")
+    return isinstance(va, torch.Tensor) and same_meta(va, b.meta.get("val"))
+
+
+def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node]] | None:
+    """The linears feeding `root` through pointwise ops only, and the pointwise nodes in between.
+
+    None if any other op (view, matmul, softmax, ...) lies on the way.
+    """
+    linears: list[Node] = []
+    interior: list[Node] = []
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target is LINEAR:
+            linears.append(node)
+        elif _is_pointwise(node) or _is_half_split(node):
+            interior.append(node)
+            stack.extend(node.all_input_nodes)
+        elif node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0:
+            continue  # a lifted scalar constant
+        else:
+            return None
+    return linears, interior
+
+
+@dataclass(frozen=True)
+class Ffn:
+    """A feed-forward network in the graph.
+
+    Attributes:
+        path: common module path of its linears (`model.layers.0.mlp`).
+        kind: `gated` or `plain`.
+        input: the hidden-state node entering the FFN.
+        up: linear producing the value branch (`up_proj`; `fc1` for plain FFNs).
+        gate: linear feeding the activation (`gate_proj`), None for plain FFNs.
+        down: the output linear (`down_proj` / `fc2`).
+        interior: pointwise nodes between up/gate and down (activation, product, casts, the split).
+        intermediate_size: number of neurons (rows of up; half of them for a fused gate_up).
+        gate_half: for `fused_gated`, which half of `up`'s output (0 or 1) is the gate; None otherwise.
+    """
+
+    path: str
+    kind: str
+    input: Node
+    up: Node
+    gate: Node | None
+    down: Node
+    interior: tuple[Node, ...]
+    intermediate_size: int
+    gate_half: int | None = None
+
+    def row_blocks(self, role: str) -> tuple[int, int]:
+        """(offset, size) of the rows of `up`'s weight that hold the `gate` or `up` half (fused) or all rows."""
+        if self.gate_half is None:
+            return 0, self.intermediate_size
+        half = self.gate_half if role == "gate" else 1 - self.gate_half
+        return half * self.intermediate_size, self.intermediate_size
+
+    def describe(self) -> str:
+        """`model.layers.0.mlp`, or where it is for an FFN of the top-level module."""
+        return self.path or f"at the top level (output {self.down.name})"
+
+    @property
+    def linears(self) -> dict[str, Node]:
+        roles = {"up": self.up, "down": self.down}
+        if self.gate is not None:
+            roles["gate"] = self.gate
+        return roles
+
+    def escaping_nodes(self) -> list[Node]:
+        """Intermediate values (width `intermediate_size`) read by something outside the FFN.
+
+        A width rewrite must refuse when this is not empty: slicing would change what those readers see.
+        """
+        inside = set(self.interior) | {self.down}
+        produced = [self.up, *([self.gate] if self.gate is not None else []), *self.interior]
+        return [n for n in produced if any(u not in inside and u.target is not _ASSERT for u in n.users)]
+
+
+def _common_path(nodes: list[Node]) -> str:
+    """Longest common module path; a container (`net` of `net.0`, `net.2`) gives way to its owner."""
+    parts = [module_path(n).split(".") for n in nodes]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if common and all(len(p) > len(common) and p[len(common)].isdigit() for p in parts):
+        common.pop()
+    return ".".join(common)
+
+
+def _as_ffn(down: Node) -> Ffn | None:
+    if not isinstance(down.args[0], Node):
+        return None
+    hidden = skip_passthrough(down.args[0])
+    cone = _pointwise_cone(down.args[0])
+    if cone is None:
+        return None
+    linears, interior = cone
+    gate_half = None
+    if len(linears) == 1 and any(n.target in SPLIT_OPS for n in interior):
+        (up,) = linears
+        if hidden.target is not aten.mul.Tensor:
+            return None
+        sides = [_pointwise_cone(a) if isinstance(a, Node) else None for a in hidden.args[:2]]
+        if any(s is None for s in sides):
+            return None
+        activated = [any(n.target not in PASSTHROUGH and not _is_half_split(n) for n in side[1]) for side in sides]
+        if activated.count(True) != 1:
+            return None
+        picks = [n for n in sides[activated.index(True)][1] if n.target is operator.getitem]
+        if len(picks) != 1:
+            return None
+        gate, gate_half = None, int(picks[0].args[1])
+    elif len(linears) == 1:
+        (up,) = linears
+        if all(n.target in PASSTHROUGH for n in interior):
+            return None  # two linears back to back: no activation, not an FFN
+        gate = None
+    elif len(linears) == 2 and hidden.target is aten.mul.Tensor:
+        sides = [_pointwise_cone(skip_passthrough(a)) if isinstance(a, Node) else None for a in hidden.args[:2]]
+        if any(s is None or len(s[0]) != 1 for s in sides):
+            return None
+        activated = [any(n.target not in PASSTHROUGH for n in s[1]) for s in sides]
+        if activated.count(True) != 1:
+            return None
+        gate_side = activated.index(True)
+        gate, up = sides[gate_side][0][0], sides[1 - gate_side][0][0]
+        if skip_passthrough(gate.args[0]) is not skip_passthrough(up.args[0]):
+            return None
+    else:
+        return None
+    inside = set(interior) | {down}
+    for producer in (up, gate):
+        if producer is not None and any(u not in inside and u.target is not _ASSERT for u in producer.users):
+            return None  # the projection also feeds something else (e.g. one embedding read by many modulations)
+    width = up.args[1].meta["val"].shape[0] // (1 if gate_half is None else 2)
+    return Ffn(
+        path=_common_path([n for n in (up, gate, down) if n is not None]),
+        kind="fused_gated" if gate_half is not None else "plain" if gate is None else "gated",
+        input=skip_passthrough(up.args[0]),
+        up=up,
+        gate=gate,
+        down=down,
+        interior=tuple(interior),
+        intermediate_size=int(width),
+        gate_half=gate_half,
+    )
+
+
+ACTIVATION_OPS = {aten.silu.default: "silu", aten.relu.default: "relu", aten.gelu.default: "gelu"}
+
+
+def ffn_activation(ffn: Ffn) -> str:
+    """The FFN's activation as a `sparsec.ops.moe.ACTIVATIONS` name, checking that it computes exactly
+    `down(act(gate x) * up x)` (gated, fused gated) or `down(act(up x))` (plain) and nothing else.
+
+    Rewrites that re-implement the FFN (the MoE operator) need this; `PassError` names the ops otherwise.
+    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through.
+    """
+    seen: set[Node] = set()
+
+    def identity(node: Node) -> bool:
+        if node.target is aten.dropout.default:
+            return node.args[2] is False or node.args[1] == 0
+        return _same_dtype_and_shape(node, node.args[0])
+
+    def strip(node: Node) -> Node:
+        while (node.op == "call_function" and node.target in PASSTHROUGH and isinstance(node.args[0], Node)
+               and identity(node)):
+            seen.add(node)
+            node = node.args[0]
+        return node
+
+    def half(node: Node, which: int) -> bool:  # `getitem(split(up), which)` of a fused projection
+        if node.target is not operator.getitem or node.args[1] != which:
+            return False
+        split = node.args[0]
+        seen.update((node, split))
+        return split.target in SPLIT_OPS and strip(split.args[0]) is ffn.up
+
+    def activation(node: Node, source) -> str | None:
+        if node.op != "call_function" or node.target not in ACTIVATION_OPS or not source(strip(node.args[0])):
+            return None
+        seen.add(node)
+        name = ACTIVATION_OPS[node.target]
+        if name == "gelu":
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            name = "gelu_tanh" if approximate == "tanh" else "gelu"
+        return name
+
+    if ffn.gate_half is None:
+        gate_source, up_source = (lambda n: n is ffn.gate), (lambda n: n is ffn.up)
+    else:
+        gate_source, up_source = (lambda n: half(n, ffn.gate_half)), (lambda n: half(n, 1 - ffn.gate_half))
+    hidden = strip(ffn.down.args[0])
+    found = None
+    if ffn.kind == "plain":
+        found = activation(hidden, up_source)
+    elif hidden.op == "call_function" and hidden.target is aten.mul.Tensor and all(isinstance(a, Node) for a in hidden.args):
+        seen.add(hidden)
+        a, b = (strip(arg) for arg in hidden.args)
+        found = activation(a, gate_source) if up_source(b) else activation(b, gate_source) if up_source(a) else None
+    if found is None or set(ffn.interior) - seen:
+        ops = sorted({str(n.target) for n in ffn.interior})
+        raise PassError(
+            f"FFN {ffn.describe()}: the ops between its projections ({ops}) are not act(gate x) * up x or act(fc1 x) with "
+            f"a supported activation ({sorted(set(ACTIVATION_OPS.values()) | {'gelu_tanh'})})"
+        )
+    return found
+
+
+def find_ffns(program) -> list[Ffn]:
+    """Every FFN of the program, in graph order."""
+    found = []
+    for node in program.graph.find_nodes(op="call_function", target=LINEAR):
+        ffn = _as_ffn(node)
+        if ffn is not None:
+            found.append(ffn)
+    return found
+
+
+ATTENTION_OPS = frozenset({
+    aten.scaled_dot_product_attention.default,
+    aten._softmax.default,
+    aten.softmax.int,
+    aten._safe_softmax.default,
+})
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual branch of a block: `residual_add = stream_in + branch`.
+
+    Attributes:
+        kind: `attn` (holds an attention op), `mlp` (holds an FFN) or `other`.
+        residual_add: the add that puts the branch on the stream.
+        stream_in: the residual stream the branch reads and is added to.
+        branch: the branch's output (e.g. the o_proj / down_proj linear).
+        nodes: the branch's nodes inside the block (norm, projections, ...), graph order.
+    """
+
+    kind: str
+    residual_add: Node
+    stream_in: Node
+    branch: Node
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
+
+    path: str
+    input: Node
+    output: Node
+    sublayers: tuple[Sublayer, ...]
+
+    def sublayer(self, kind: str) -> Sublayer | None:
+        found = [s for s in self.sublayers if s.kind == kind]
+        return found[0] if len(found) == 1 else None
+
+
+def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node]:
+    seen, stack = set(), [branch]
+    while stack:
+        node = stack.pop()
+        if node in seen or node is stream_in or node not in inside:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return [n for n in branch.graph.nodes if n in seen]
+
+
+def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
+    """The residual structure of a block region, one chain per stream it hands on; `PassError` naming what is
+    missing if an output is not a residual chain.
+
+    A decoder layer hands on one stream; a dual-stream MMDiT block (Qwen-Image, SD3, Flux) two, image and text,
+    whose attention branches share one joint attention op. `ffns`: the program's FFNs (`find_ffns`), which
+    tell MLP sublayers apart.
+    """
+    inside = set(region.nodes)
+    # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
+    outputs = [n for n in region.outputs() if n.target is not _ASSERT and isinstance(n.meta.get("val"), torch.Tensor)]
+    if not outputs:
+        raise PassError(f"cannot find the residual structure of {region.path}: it hands on no tensor")
+    down_nodes = {f.down for f in ffns}
+    return [_residual_chain(region, inside, output, down_nodes) for output in outputs]
+
+
+def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock:
+    chain: list[Sublayer] = []
+    node = skip_passthrough(output)
+    while node in inside and node.target is aten.add.Tensor:
+        a, b = node.args[:2]
+        if not (isinstance(a, Node) and isinstance(b, Node)):
+            break
+        # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
+        sa, sb = skip_passthrough(a), skip_passthrough(b)
+        if sa not in inside or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor):
+            stream, branch, upstream = a, b, sa
+        elif sb not in inside or sb.target is aten.add.Tensor:
+            stream, branch, upstream = b, a, sb
+        else:
+            break
+        nodes = _branch_nodes(branch, stream, inside)
+        if any(n.target in ATTENTION_OPS for n in nodes):
+            kind = "attn"
+        elif any(n in down_nodes for n in nodes):
+            kind = "mlp"
+        else:
+            kind = "other"
+        chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
+        node = upstream
+    if not chain or node in inside:
+        raise PassError(
+            f"cannot find the residual structure of {region.path}: its output {output.name} "
+            f"({output.target}) is not a chain of residual adds back to the block input"
+        )
+    return ResidualBlock(region.path, node, output, tuple(reversed(chain)))

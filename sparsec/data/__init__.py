@@ -1,0 +1,1 @@
+"""Calibration data, activation statistics, quality metrics and bounds, backend parity, distillation."""

@@ -1,0 +1,192 @@
+"""Quality: how far a transformed program's outputs are from the reference, and the gates on that.
+
+Metrics per output, over valid tokens only (attention_mask == 1), each a vector along the last dim:
+- `cosine`: mean per-token cosine similarity;
+- `rel_l2`: ||cand - ref|| / ||ref|| over the whole output;
+- `max_abs`, `mean_abs`: absolute error;
+- for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
+  KL(softmax(ref) || softmax(cand)) per token;
+- with `percentiles` (backend parity, `sparsec.data.parity`): the error distribution over valid entries,
+  `p{q}_abs` of |cand - ref| and `max_rel`, `mean_rel`, `p{q}_rel` of the relative error
+  |cand - ref| / max(|ref|, 1e-3 * rms(ref_token)) (the floor, relative to each token's RMS, keeps entries
+  where the reference crosses zero finite). Percentiles are exact up to `PERCENTILE_SAMPLES` entries per
+  output, beyond that computed on a seeded uniform sample of that many (`percentile_entries` says how many).
+
+Entries the reference holds at its dtype's lowest value and the candidate at that value too, or at or below
+float16's lowest (-65504: where an FP16 backend clamps the same mask), are masked by the model (Chameleon bans
+image tokens from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the
+absolute errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep
+them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's logits) have cosine 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sparsec.data.calibration import CalibrationSet, token_vectors
+
+
+PERCENTILE_SAMPLES = 1 << 22
+REL_FLOOR = 1e-3
+
+
+def percentile_key(q: float, kind: str) -> str:
+    """The metric name of percentile `q` of the `abs` or `rel` error: `p99_abs`, `p99.9_rel`."""
+    return f"p{q:g}_{kind}"
+
+
+class OutputComparison:
+    """Accumulates the metrics of one output over batches (with `percentiles`, the error distribution too)."""
+
+    def __init__(self, logits: bool, percentiles: Sequence[float] = ()) -> None:
+        self.logits = logits
+        self.percentiles = tuple(percentiles)
+        self.tokens = 0
+        self.cos_sum = self.err_sq = self.ref_sq = self.abs_sum = self.max_abs = 0.0
+        self.rel_sum = self.max_rel = 0.0
+        self.elements = 0
+        self.top1 = self.kl_sum = 0.0
+        self.entries = 0
+        self._errors = torch.empty(0, 2)  # kept (abs, rel) pairs for the percentiles
+        self._keys = torch.empty(0)
+        self._generator = torch.Generator().manual_seed(0x5A3C)  # sampling keys, independent of data seeds
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if ref.shape != cand.shape:
+            raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+        r = token_vectors(ref.detach().double(), mask)
+        c = token_vectors(cand.detach().double(), mask)
+        lowest = torch.finfo(ref.dtype).min
+        cand_masked = (cand.detach() == lowest) | (cand.detach() <= torch.finfo(torch.float16).min)
+        banned = token_vectors((ref.detach() == lowest) & cand_masked, mask)
+        r_kept, c_kept = r.masked_fill(banned, 0.0), c.masked_fill(banned, 0.0)
+        diff = c_kept - r_kept
+        self.tokens += r.shape[0]
+        self.elements += r.numel()
+        cosine = F.cosine_similarity(r_kept, c_kept, dim=-1, eps=1e-12)
+        self.cos_sum += float(torch.where((r_kept == c_kept).all(-1), 1.0, cosine).sum())
+        self.err_sq += float((diff * diff).sum())
+        self.ref_sq += float((r_kept * r_kept).sum())
+        self.abs_sum += float(diff.abs().sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max())) if diff.numel() else self.max_abs
+        if self.logits:
+            self.top1 += float((r.argmax(-1) == c.argmax(-1)).sum())
+            log_p, log_q = F.log_softmax(r, -1), F.log_softmax(c, -1)
+            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        if self.percentiles:
+            self._add_distribution(r_kept, diff, ~banned)
+
+    def _add_distribution(self, ref: torch.Tensor, diff: torch.Tensor, counted: torch.Tensor) -> None:
+        floor = REL_FLOOR * ref.pow(2).mean(-1, keepdim=True).sqrt()
+        rel = diff.abs() / torch.maximum(ref.abs(), floor).clamp_min(torch.finfo(torch.float64).tiny)
+        errors = torch.stack([diff.abs()[counted], rel[counted]], -1).float()
+        if not errors.numel():
+            return
+        self.entries += errors.shape[0]
+        self.rel_sum += float(errors[:, 1].double().sum())
+        self.max_rel = max(self.max_rel, float(errors[:, 1].max()))
+        keys = torch.rand(errors.shape[0], generator=self._generator)
+        self._errors, self._keys = torch.cat([self._errors, errors]), torch.cat([self._keys, keys])
+        if self._keys.numel() > PERCENTILE_SAMPLES:  # the entries with the smallest keys: a uniform sample
+            kept = self._keys.topk(PERCENTILE_SAMPLES, largest=False).indices
+            self._errors, self._keys = self._errors[kept], self._keys[kept]
+
+    def result(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        out = {
+            "cosine": self.cos_sum / n,
+            "rel_l2": (self.err_sq ** 0.5) / max(self.ref_sq ** 0.5, 1e-30),
+            "max_abs": self.max_abs,
+            "mean_abs": self.abs_sum / max(self.elements, 1),
+            "tokens": self.tokens,
+        }
+        if self.logits:
+            out["top1"] = self.top1 / n
+            out["kl"] = self.kl_sum / n
+        if self.percentiles:
+            out["max_rel"] = self.max_rel
+            out["mean_rel"] = self.rel_sum / max(self.entries, 1)
+            errors = self._errors.double().numpy() if self._errors.numel() else np.zeros((1, 2))
+            for kind, column in (("abs", 0), ("rel", 1)):
+                for q, value in zip(self.percentiles, np.percentile(errors[:, column], self.percentiles)):
+                    out[percentile_key(q, kind)] = float(value)
+            out["percentile_entries"] = int(self._errors.shape[0])
+        return out
+
+
+def compare_outputs(
+    pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    percentiles: Sequence[float] = (),
+) -> dict[str, dict[str, float]]:
+    """Metrics per output name over `(reference, candidate, valid_mask)` batches.
+
+    `percentiles` (in [0, 100]) adds the error distribution: `p{q}_abs`, `max_rel`, `mean_rel`, `p{q}_rel`.
+
+    Example:
+        >>> ref, cand = {"y": torch.tensor([[1.0, 2.0]])}, {"y": torch.tensor([[1.0, 2.5]])}
+        >>> compare_outputs([(ref, cand, None)], percentiles=[50])["y"]["p50_abs"]
+        0.25
+    """
+    comps: dict[str, OutputComparison] = {}
+    for ref, cand, mask in pairs:
+        for name, r in ref.items():
+            if not torch.is_tensor(r) or not r.is_floating_point():
+                continue
+            if name not in cand:
+                raise ValueError(f"candidate lacks output {name!r}")
+            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, torch.as_tensor(cand[name]), mask)
+    return {name: c.result() for name, c in comps.items()}
+
+
+def compare_programs(program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]],
+                     progress: bool = False) -> dict[str, dict[str, float]]:
+    """Run `program` over the calibration set and compare with the reference outputs of each batch."""
+    batches = tqdm(calibration.batches(), total=calibration.num_batches, desc="quality check",
+                   disable=not progress, leave=False)
+    return compare_outputs(
+        [(ref, program.run(b), CalibrationSet.valid_mask(b)) for ref, b in zip(reference, batches)]
+    )
+
+
+@dataclass
+class QualityGates:
+    """Thresholds on quality metrics; None disables a gate. Each applies to every output that has the metric.
+
+    Example:
+        >>> QualityGates(min_cosine=0.99, min_top1=0.9).failures({"logits": {"cosine": 0.95, "top1": 0.97}})
+        ['logits: cosine 0.950000 < min_cosine 0.99']
+    """
+
+    min_cosine: float | None = None
+    max_rel_l2: float | None = None
+    min_top1: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_cosine", "min_top1"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name}: must be in [-1, 1], got {value}")
+        for name in ("max_rel_l2", "max_kl"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+
+    def failures(self, metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
+        checks = (("min_cosine", "cosine", min), ("min_top1", "top1", min), ("max_rel_l2", "rel_l2", max), ("max_kl", "kl", max))
+        out = []
+        for output, values in metrics.items():
+            for gate, metric, kind in checks:
+                limit = getattr(self, gate)
+                if limit is None or metric not in values:
+                    continue
+                value = values[metric]
+                if (kind is min and value < limit) or (kind is max and value > limit):
+                    out.append(f"{output}: {metric} {value:.6f} {'<' if kind is min else '>'} {gate} {limit}")
+        return out

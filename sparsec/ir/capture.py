@@ -1,0 +1,177 @@
+"""Capture mechanics: a PyTorch module -> one `Program`, with `torch.export.export(strict=False)`.
+
+This is the IR's front door and knows no model families: the caller passes the dynamic dims and the tagger
+(`sparsec.capture` derives both from the model's family; `EntryPoint.capture` from its entry point).
+
+transformers 5 has no torch.fx tracer and `torch.fx.symbolic_trace` fails on these models; non-strict
+export captures them whole, with `nn_module_stack` on every node. When it fails, the error names the
+innermost module that was running, the line of model code, and a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from sparsec.errors import CaptureError
+from sparsec.ir.program import Program
+from sparsec.ir.tags import Tagger
+
+DynamicDims = Mapping[str, Mapping[int, str]]
+
+_HINTS = (
+    (("DynamicCache", "Cache'>", "past_key_values"),
+     "the model returns a KV cache; capture with the cache disabled (config.use_cache = False on the model "
+     "and every sub-config; sparsec does this for Hugging Face models)"),
+    (("Constraints violated", "specializ", "not in range", "Not all values of"),
+     "a dimension marked dynamic is fixed by the model's code; pass dynamic=False (or a dict naming only "
+     "the dims that really vary), or capture with a different example size"),
+    (("data-dependent", "DataDependent", "GuardOnDataDependent", "unbacked"),
+     "the model branches on tensor values; pass concrete example inputs that take the path you deploy, or "
+     "guard the value with torch._check in the model code"),
+)
+_DEFAULT_HINT = "check that the example inputs match the model's forward() signature and run in eager mode"
+
+
+def _hf_configs(model: torch.nn.Module) -> list:
+    """Every distinct Hugging Face config in the model, sub-configs (`text_config`, ...) included."""
+    found: dict[int, object] = {}
+    pending = [getattr(m, "config", None) for m in model.modules()]
+    while pending:
+        config = pending.pop()
+        if config is None or id(config) in found or not hasattr(config, "to_dict"):
+            continue
+        found[id(config)] = config
+        pending += [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def kv_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Set `use_cache = False` on every Hugging Face config in the model for the duration, then restore."""
+    saved = [(c, c.use_cache) for c in _hf_configs(model) if hasattr(c, "use_cache")]
+    for config, _ in saved:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
+
+
+@contextlib.contextmanager
+def _module_tracker(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
+    """Keep `stack` equal to the module paths currently executing (hooks run under non-strict export)."""
+    def enter(label: str) -> None:
+        stack.append(label)
+
+    def leave() -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        label = name or type(module).__name__
+        handles.append(module.register_forward_pre_hook(lambda *_, label=label: enter(label)))
+        handles.append(module.register_forward_hook(lambda *_: leave(), always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _model_frame(exc: BaseException) -> str:
+    """`file:line in func: code` of the innermost traceback frame outside torch itself."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    here = os.path.dirname(os.path.dirname(__file__))  # the sparsec package: its own frames are not model code
+    frames = [f for f in frames if not f.filename.startswith(here)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _capture_error(exc: BaseException, module_stack: Sequence[str]) -> CaptureError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = next((h for keys, h in _HINTS if any(k in str(exc) for k in keys)), _DEFAULT_HINT)
+    where = module_stack[-1] if module_stack else "(top level, outside any submodule)"
+    frame = _model_frame(exc)
+    lines = [
+        f"torch.export could not capture the model: {type(exc).__name__}: {message[:500]}",
+        f"  failing module: {where}",
+    ]
+    if frame:
+        lines.append(f"  failing op at:  {frame}")
+    lines.append(f"  hint: {hint}")
+    return CaptureError("\n".join(lines))
+
+
+def check_example_inputs(example_inputs: Mapping[str, torch.Tensor]) -> None:
+    """Refuse example inputs torch.export would mis-capture: not a dict of tensors."""
+    if not isinstance(example_inputs, Mapping) or not example_inputs:
+        raise CaptureError("example_inputs must be a non-empty dict of keyword inputs, e.g. {'input_ids': ids}")
+    bad = [k for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CaptureError(
+            f"example_inputs {bad} are not tensors; settings such as use_cache belong in the model config, "
+            "since non-tensor inputs would be frozen into the program"
+        )
+
+
+def capture_program(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    dynamic_dims: DynamicDims,
+    *,
+    family: str = "unknown",
+    tagger: Tagger | None = None,
+) -> Program:
+    """Capture `model(**example_inputs)` as one `Program` with exactly `dynamic_dims` (`{input: {axis: name}}`).
+
+    Raises:
+        CaptureError: naming the failing module, the line of model code and a hint.
+    """
+    check_example_inputs(example_inputs)
+    dims = {k: {int(a): str(n) for a, n in v.items()} for k, v in dynamic_dims.items()}
+    for name, axes in dims.items():
+        if name not in example_inputs:
+            raise CaptureError(f"dynamic dims given for {name!r}, which is not an example input ({sorted(example_inputs)})")
+        shape = tuple(example_inputs[name].shape)
+        for axis, dim_name in axes.items():
+            if axis >= len(shape) or shape[axis] < 2:
+                raise CaptureError(
+                    f"input {name!r} has shape {shape}: dynamic dim {dim_name!r} (axis {axis}) needs an example size "
+                    ">= 2, because torch.export specializes sizes 0 and 1; use a larger example"
+                )
+    symbols = {n: torch.export.Dim(n) for axes in dims.values() for n in axes.values()}
+    dynamic_shapes = {k: ({a: symbols[n] for a, n in dims[k].items()} if k in dims else None) for k in example_inputs}
+
+    stack: list[str] = []
+    was_training = model.training
+    model.eval()
+    # torch.export prints the partial graph of a failed export to stderr; keep it on the error instead.
+    printed = io.StringIO()
+    try:
+        with kv_cache_disabled(model), _module_tracker(model, stack), torch.no_grad(), contextlib.redirect_stderr(printed):
+            exported = torch.export.export(
+                model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes if dims else None, strict=False
+            )
+    except Exception as exc:
+        error = _capture_error(exc, stack)
+        error.partial_graph = str(getattr(exc, "partial_fx_graph", "")) or None
+        raise error from exc
+    finally:
+        model.train(was_training)
+    sys.stderr.write(printed.getvalue())
+
+    program = Program(exported, family=family, tagger=tagger or Tagger(), dynamic_dims=dims)
+    program.prune()  # drop state the graph never reads (e.g. unused rotary buffers)
+    return program

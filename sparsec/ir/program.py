@@ -1,0 +1,477 @@
+"""The IR: a captured model as one `torch.export` program, plus what passes need to rewrite it safely.
+
+A `Program` owns one `ExportedProgram` (ATen-level FX graph with lifted parameters). Passes edit
+`program.graph` in place; the `PassManager` then calls `program.recompile()` and `program.verify()`.
+Parameters are graph inputs here, so "a weight is gone" has a precise meaning: no placeholder, no
+signature entry, no tensor in the state dict. `prune()` establishes that after a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
+from torch.fx import Graph, GraphModule, Node
+
+from sparsec.errors import SparsecError, VerificationError
+from sparsec.ir.tags import Tagger
+
+aten = torch.ops.aten
+T = TypeVar("T")
+
+STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+# Checks torch.export leaves in the graph. They have no users, so plain DCE keeps them (they are impure)
+# and they would pin otherwise-dead subgraphs. A metadata check guards a `.to()` cast of the same tensor in
+# the same module: once that cast is gone, the check is dead too.
+_METADATA_ASSERT = aten._assert_tensor_metadata.default
+_CASTS = (aten.to.dtype, aten._to_copy.default)
+RUNTIME_ASSERTS = frozenset(
+    {
+        aten._assert_tensor_metadata.default,
+        aten._assert_scalar.default,
+        aten._assert_async.default,
+        aten._assert_async.msg,
+        aten.sym_constrain_range_for_size.default,
+        aten.sym_constrain_range.default,
+    }
+)
+
+
+def _module_of(node: Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _is_dead_metadata_assert(node: Node) -> bool:
+    if node.target is not _METADATA_ASSERT or not node.args or not isinstance(node.args[0], Node):
+        return False
+    module = _module_of(node)
+    return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
+
+
+_INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
+
+
+def _input_names(node: Node) -> str:
+    """The node's arguments, with nodes by name: changes when it is rewired or a constant argument changes."""
+    return str(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.name))
+
+
+def same_meta(old: Any, new: Any) -> bool:
+    """Same shapes (symbolic dims compared by name), dtypes and structure."""
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+        return old.dtype == new.dtype and [str(d) for d in old.shape] == [str(d) for d in new.shape]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(same_meta(a, b) for a, b in zip(old, new))
+    return type(old) is type(new) and str(old) == str(new)
+
+
+def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
+    """Names of the leaves of a pytree spec: `logits` for a ModelOutput, `0`, `1` for a tuple."""
+    if spec.is_leaf():
+        return [prefix or "output"]
+    context = spec.context
+    if isinstance(context, (list, tuple)) and len(context) == spec.num_children:
+        keys = [str(k) for k in context]
+    else:
+        keys = [str(i) for i in range(spec.num_children)]
+    names: list[str] = []
+    for key, child in zip(keys, spec.children()):
+        names += _leaf_names(child, f"{prefix}.{key}" if prefix else key)
+    return names
+
+
+@dataclass(frozen=True)
+class ValueRewrite:
+    """For `Program.run(rewrite=...)`: the node's value becomes `fn(value, *values of reads)`.
+
+    Example:
+        >>> skip = ValueRewrite(lambda out, inp: inp, reads=(block.input,))   # the block passes its input on
+        >>> program.run(batch, rewrite={block.output: skip})
+    """
+
+    fn: Callable[..., Any]
+    reads: tuple[Node, ...] = ()
+
+
+class Program:
+    """A whole model as one FX graph that passes rewrite in place.
+
+    Attributes:
+        exported: the underlying `torch.export.ExportedProgram`.
+        family: the model family the tag defaults came from (`qwen2`, `janus`, ... or `unknown`).
+        tagger: component tag rules (understanding / generation / shared) for module paths.
+        dynamic_dims: for each input, `{axis: name}` of its dynamic dimensions (e.g. `{0: "batch", 1: "seq"}`).
+
+    Example:
+        >>> program = sparsec.capture(model, {"input_ids": ids, "attention_mask": mask})
+        >>> region_index(program).region("model.layers.0").parameters[:2]
+        ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.q_proj.bias']
+        >>> program.run({"input_ids": ids, "attention_mask": mask})["logits"].shape
+        torch.Size([2, 16, 128])
+    """
+
+    def __init__(
+        self,
+        exported: ExportedProgram,
+        *,
+        family: str = "unknown",
+        tagger: Tagger | None = None,
+        dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    ) -> None:
+        self.exported = exported
+        self.family = family
+        self.tagger = tagger or Tagger()
+        self.dynamic_dims = {k: dict(v) for k, v in (dynamic_dims or {}).items()}
+        self._version = 0
+        self._analyses: dict[Callable, Any] = {}
+        self._analyses_version = 0
+        for node in self.graph.nodes:
+            node.meta[_INPUTS_KEY] = _input_names(node)
+
+    # ----- views -----------------------------------------------------------------------------------
+    @property
+    def graph_module(self) -> GraphModule:
+        return self.exported.graph_module
+
+    @property
+    def graph(self) -> Graph:
+        return self.exported.graph_module.graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """The user inputs, in call order (all captured as keyword arguments)."""
+        kwargs_spec = self.exported.call_spec.in_spec.child(1)
+        return [str(k) for k in kwargs_spec.context]
+
+    @property
+    def output_names(self) -> list[str]:
+        return _leaf_names(self.exported.call_spec.out_spec)
+
+    @property
+    def version(self) -> int:
+        """Incremented by every `recompile()`: analyses and statistics computed at an older version are stale."""
+        return self._version
+
+    def analysis(self, compute: Callable[["Program"], T]) -> T:
+        """`compute(self)`, cached until the next `recompile()`.
+
+        Analyses of the graph (the region index, the FFN list, residual structure) are computed once per graph
+        version instead of on every query; `compute` is the cache key, so pass the same function each time.
+
+        Example:
+            >>> program.analysis(RegionIndex) is program.analysis(RegionIndex)
+            True
+        """
+        if self._analyses_version != self._version:
+            self._analyses, self._analyses_version = {}, self._version
+        if compute not in self._analyses:
+            self._analyses[compute] = compute(self)
+        return self._analyses[compute]
+
+    def state_placeholders(self) -> dict[str, Node]:
+        """Fully qualified state name (parameter, buffer, constant) -> its placeholder node."""
+        nodes = {n.name: n for n in self.graph.find_nodes(op="placeholder")}
+        return {
+            spec.target: nodes[spec.arg.name]
+            for spec in self.exported.graph_signature.input_specs
+            if spec.kind in STATE_KINDS and spec.arg.name in nodes
+        }
+
+    def state_name(self, node: Node) -> str | None:
+        """The parameter/buffer name a placeholder node stands for, or None for user inputs and other nodes."""
+        if node.op != "placeholder":
+            return None
+        for spec in self.exported.graph_signature.input_specs:
+            if spec.kind in STATE_KINDS and spec.arg.name == node.name:
+                return spec.target
+        return None
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        ep = self.exported
+        return ep.state_dict[name] if name in ep.state_dict else ep.constants[name]
+
+    def replace_state(self, name: str, value: torch.Tensor) -> None:
+        """Replace a parameter/buffer tensor (e.g. with a sliced copy); shapes are re-inferred by `verify()`."""
+        ep = self.exported
+        old = self.state_tensor(name)
+        if isinstance(old, torch.nn.Parameter):
+            value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        if name in ep.state_dict:
+            ep.state_dict[name] = value
+        else:
+            ep.constants[name] = value
+        self.state_placeholders()[name].meta.pop("val", None)
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> Node:
+        """Add a parameter (placeholder, signature entry, state tensor) and return its placeholder node.
+
+        For rewrites that introduce weights (an MoE router, stacked experts); shapes are inferred by `verify()`.
+        """
+        ep = self.exported
+        if name in ep.state_dict or name in ep.constants:
+            raise SparsecError(f"the program already has a tensor named {name!r}")
+        specs = list(ep.graph_signature.input_specs)
+        position = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1) + 1
+        placeholders = self.graph.find_nodes(op="placeholder")
+        anchor = (self.graph.inserting_after(placeholders[position - 1]) if position
+                  else self.graph.inserting_before(placeholders[0]))
+        with anchor:
+            node = self.graph.placeholder("p_" + name.replace(".", "_"))
+        specs.insert(position, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name, None))
+        ep._graph_signature = ExportGraphSignature(specs, list(ep.graph_signature.output_specs))
+        ep.state_dict[name] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+        return node
+
+    def replace_uses(self, node: Node, replacement: Node, *, except_in: Node | None = None) -> None:
+        """Make every user of `node` (but `except_in`) read `replacement`, program outputs included."""
+        node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user is not except_in)
+        ep = self.exported
+        specs = []
+        for spec in ep.graph_signature.output_specs:
+            if isinstance(spec.arg, TensorArgument) and spec.arg.name == node.name:
+                spec = OutputSpec(spec.kind, TensorArgument(replacement.name), spec.target)
+            specs.append(spec)
+        ep._graph_signature = ExportGraphSignature(list(ep.graph_signature.input_specs), specs)
+
+    def parameter_names(self) -> list[str]:
+        return [s.target for s in self.exported.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
+
+    def num_parameters(self) -> int:
+        """Number of parameter elements (buffers and constants excluded), as `sum(p.numel())` on the module."""
+        return sum(self.exported.state_dict[n].numel() for n in self.parameter_names())
+
+    def parameter_bytes(self) -> int:
+        return sum(self.exported.state_dict[n].nbytes for n in self.parameter_names())
+
+    # ----- execution -------------------------------------------------------------------------------
+    def _flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        names = self.input_names
+        missing = [n for n in names if n not in inputs]
+        extra = [n for n in inputs if n not in names]
+        if missing or extra:
+            raise SparsecError(
+                f"program inputs are {names}; got {sorted(inputs)}"
+                + (f" (missing {missing})" if missing else "")
+                + (f" (unexpected {extra})" if extra else "")
+            )
+        user = iter(inputs[n] for n in names)
+        ep = self.exported
+        args: list[Any] = []
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                args.append(next(user))
+            elif spec.kind in STATE_KINDS:
+                args.append(self.state_tensor(spec.target))
+            else:
+                raise SparsecError(f"unsupported program input kind {spec.kind} ({spec.arg.name})")
+        return args
+
+    def _named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
+        specs = self.exported.graph_signature.output_specs
+        user = [v for v, s in zip(flat, specs) if s.kind == OutputKind.USER_OUTPUT]
+        return dict(zip(self.output_names, user))
+
+    @torch.no_grad()
+    def run(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        observe: Callable[[Node, Any], None] | None = None,
+        nodes: set[Node] | None = None,
+        rewrite: Mapping[Node, "ValueRewrite"] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the graph on `inputs` (by name) and return the outputs by name.
+
+        With `observe`, every node in `nodes` (all nodes if None) is reported as `observe(node, value)`
+        as soon as it is computed: calibration statistics are collected this way in one pass.
+        With `rewrite`, the value of each node in it is replaced by its `ValueRewrite` before any user reads
+        it: a what-if run of a change without editing the graph (`sparsec.probe` masks neurons and skips
+        blocks this way).
+        """
+        args = self._flat_args(inputs)
+        if observe is None and not rewrite:
+            return self._named_outputs(self.graph_module(*args))
+        rewrite = rewrite or {}
+
+        class _Observer(torch.fx.Interpreter):
+            def run_node(self, n: Node) -> Any:
+                value = super().run_node(n)
+                if n in rewrite:
+                    value = rewrite[n].fn(value, *(self.env[r] for r in rewrite[n].reads))
+                if observe is not None and (nodes is None or n in nodes):
+                    observe(n, value)
+                return value
+
+        interpreter = _Observer(self.graph_module)
+        kept = {r for rw in rewrite.values() for r in rw.reads}
+        if kept:  # values a rewrite reads stay alive until the end of the run
+            for freed in interpreter.user_to_last_uses.values():
+                freed[:] = [n for n in freed if n not in kept]
+        return self._named_outputs(interpreter.run(*args))
+
+    # ----- mutation support --------------------------------------------------------------------------
+    def recompile(self) -> None:
+        """Regenerate the graph module's code after in-place graph edits and invalidate cached views."""
+        self.graph_module.recompile()
+        self._version += 1
+
+    def prune(self) -> list[str]:
+        """Dead-code-eliminate and drop state nobody uses. Returns the removed state names.
+
+        After this, a removed weight has no placeholder, no signature entry and no tensor in the state dict.
+        """
+        graph = self.graph
+
+        def is_impure(node: Node) -> bool:
+            # An unused random op (SDPA carries the `nondeterministic_seeded` tag for dropout) is dead in inference.
+            return node.is_impure(impure_random=False) and not _is_dead_metadata_assert(node)
+
+        while graph.eliminate_dead_code(is_impure_node=is_impure):
+            pass
+        ep = self.exported
+        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+        kept, removed = [], []
+        for spec in ep.graph_signature.input_specs:
+            node = placeholders.get(spec.arg.name)
+            if spec.kind in STATE_KINDS and node is not None and not node.users:
+                graph.erase_node(node)
+                ep.state_dict.pop(spec.target, None)
+                ep.constants.pop(spec.target, None)
+                removed.append(spec.target)
+            else:
+                kept.append(spec)
+        if removed:
+            ep._graph_signature = ExportGraphSignature(kept, list(ep.graph_signature.output_specs))
+        self.recompile()
+        return removed
+
+    def verify(self) -> None:
+        """Check the invariants every pass must keep; raise `VerificationError` naming the broken one.
+
+        Lint (well-formed graph), parameter bookkeeping (placeholders, signature and state dict agree),
+        shape re-propagation with fake tensors (every node's shapes still compute, dynamic dims included)
+        and torch.export's own verifier (ATen ops only, or registered custom ops).
+        """
+        try:
+            self.graph.lint()
+        except Exception as exc:
+            raise VerificationError(f"graph lint failed: {exc}") from exc
+
+        ep = self.exported
+        placeholders = [n.name for n in self.graph.find_nodes(op="placeholder")]
+        signature = [s.arg.name for s in ep.graph_signature.input_specs]
+        if placeholders != signature:
+            raise VerificationError(
+                f"graph placeholders and the program signature disagree: only in graph "
+                f"{sorted(set(placeholders) - set(signature))}, only in signature {sorted(set(signature) - set(placeholders))}"
+            )
+        state_specs = {s.target for s in ep.graph_signature.input_specs if s.kind in STATE_KINDS}
+        orphans = (set(ep.state_dict) | {k for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}) - state_specs
+        if orphans:
+            raise VerificationError(f"tensors kept in the program that no graph input uses: {sorted(orphans)[:8]}")
+
+        try:
+            self._infer_shapes()
+        except Exception as exc:
+            raise VerificationError(f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        try:
+            ep.validate()
+        except Exception as exc:
+            raise VerificationError(f"torch.export verifier rejected the program: {exc}") from exc
+
+    def _infer_shapes(self) -> None:
+        """Re-infer `meta["val"]` (fake tensors, symbolic dims) for nodes a rewrite touched.
+
+        A node is re-inferred when its inputs are not the ones its value was inferred from (rewired or
+        new) or an input's shape changed; the rest keep their captured metadata. Incremental, so it is
+        cheap, and it never re-runs ops nobody touched (some meta kernels, e.g. masked_scatter, do not
+        re-run under symbolic shapes).
+        """
+        from torch._guards import detect_fake_mode
+
+        placeholders = self.graph.find_nodes(op="placeholder")
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        changed: set[Node] = set()
+        for name, node in self.state_placeholders().items():
+            if "val" not in node.meta:  # replaced by `replace_state`
+                node.meta["val"] = fake_mode.from_tensor(self.state_tensor(name), static_shapes=True)
+                changed.add(node)
+        env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
+        with fake_mode:
+            for node in self.graph.nodes:
+                if node.op != "call_function":
+                    continue
+                inputs = _input_names(node)
+                clean = node.meta.get(_INPUTS_KEY) == inputs and not any(a in changed for a in node.all_input_nodes)
+                if clean and "val" in node.meta:
+                    env[node] = node.meta["val"]
+                    continue
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+                value = node.target(*args, **kwargs)
+                if "val" not in node.meta or not same_meta(node.meta["val"], value):
+                    changed.add(node)
+                    node.meta["val"] = value
+                env[node] = node.meta["val"]
+                node.meta[_INPUTS_KEY] = inputs
+
+    def without_runtime_asserts(self) -> "Program":
+        """A copy of this program without runtime-assert nodes, sharing the weight tensors (no copy).
+
+        ONNX has no meaning for these checks (`aten._assert_scalar`, `aten._is_all_true` feeding them, ...),
+        and some models (Janus) only lower once they are gone. The original program keeps them.
+        """
+        ep = self.exported
+        graph = Graph()
+        outputs = graph.graph_copy(self.graph, {})
+        graph.output(outputs)
+        for node in reversed(list(graph.nodes)):
+            if node.target in RUNTIME_ASSERTS:
+                graph.erase_node(node)
+        graph.eliminate_dead_code()
+        gm = GraphModule(self.graph_module, graph)
+        copy = ExportedProgram(
+            root=gm,
+            graph=gm.graph,
+            graph_signature=ep.graph_signature,
+            state_dict=ep.state_dict,
+            range_constraints=ep.range_constraints,
+            module_call_graph=ep.module_call_graph,
+            constants=ep.constants,
+            verifiers=ep.verifiers,  # the captured IR's own verifier: it admits in-place ops such as index_put_
+        )
+        return Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
+
+    # ----- persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files."""
+        path = Path(path)
+        meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
+        stage = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)  # the archive is named after the file
+        try:
+            torch.export.save(self.exported, os.path.join(stage, path.name), extra_files={"sparsec.json": json.dumps(meta)})
+            os.replace(os.path.join(stage, path.name), path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Program":
+        extra = {"sparsec.json": ""}
+        exported = torch.export.load(path, extra_files=extra)
+        meta = json.loads(extra["sparsec.json"] or "{}")
+        dims = {k: {int(a): n for a, n in v.items()} for k, v in meta.get("dynamic_dims", {}).items()}
+        return cls(exported, family=meta.get("family", "unknown"), tagger=Tagger.from_list(meta.get("tags", [])), dynamic_dims=dims)
+
+    def __repr__(self) -> str:
+        n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
+        return f"Program(family={self.family!r}, ops={n_ops}, parameters={self.num_parameters():,})"

@@ -1,0 +1,1 @@
+"""Custom operators sparsec's rewrites introduce (`torch.ops.sparsec.moe`)."""

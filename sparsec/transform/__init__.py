@@ -1,0 +1,1 @@
+"""The pass infrastructure: `Pass`, the registry, `PassManager`, recipe options."""

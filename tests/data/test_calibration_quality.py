@@ -1,0 +1,102 @@
+"""Calibration inputs and statistics, quality metrics, checked against direct computation."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_inputs
+from safetensors.torch import save_file
+
+from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
+from sparsec.errors import CalibrationError
+from sparsec.data.quality import QualityGates, compare_outputs
+from sparsec.analysis.regions import region_index
+
+
+def test_files_load_and_are_checked(tmp_path):
+    ids = torch.randint(0, 100, (5, 7))
+    save_file({"input_ids": ids}, str(tmp_path / "c.safetensors"))
+    calib = load_calibration(tmp_path / "c.safetensors", input_names=["input_ids", "attention_mask"], batch_size=2)
+    assert torch.equal(calib.inputs["input_ids"], ids) and calib.inputs["attention_mask"].sum() == 35
+    assert [len(b["input_ids"]) for b in calib.batches()] == [2, 2, 1]
+    np.savez(tmp_path / "c.npz", input_ids=ids.numpy().astype(np.int32))
+    assert load_calibration(tmp_path / "c.npz", input_names=["input_ids"]).inputs["input_ids"].dtype == torch.long
+    with pytest.raises(CalibrationError, match=r"lacks model input\(s\) \['pixel_values'\]"):
+        load_calibration(tmp_path / "c.npz", input_names=["input_ids", "pixel_values"])
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(tmp_path / "nope.safetensors", input_names=["input_ids"])
+    with pytest.raises(CalibrationError, match="needs the model's tokenizer"):
+        (tmp_path / "t.txt").write_text("hello\n")
+        load_calibration(tmp_path / "t.txt", input_names=["input_ids"], tokenizer_dir=tmp_path)
+    with pytest.raises(CalibrationError, match="zero samples"):
+        CalibrationSet({"input_ids": ids[:0]}, source="empty")
+
+
+def test_statistics_match_direct_computation_on_valid_tokens(captured):
+    model, program = captured("tiny-qwen2")
+    inputs = make_inputs(model, 6, 10, seed=7, pad_left=4)
+    calib = CalibrationSet(inputs, source="test", batch_size=4)
+    ffn = region_index(program).ffns()[1]
+    hidden = ffn.down.args[0]  # the FFN's intermediate activation h (one value per neuron)
+    cache = StatisticsCache(program, calib)
+    stats = cache.get([hidden])[hidden.name]
+
+    captured_h = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: captured_h.append(a[0]))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    h = captured_h[0][inputs["attention_mask"].bool()]
+    assert stats.tokens == int(inputs["attention_mask"].sum())
+    torch.testing.assert_close(stats.mean_abs, h.abs().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.max_abs, h.abs().amax(0), rtol=1e-5, atol=1e-6)
+    # cached: asking again (or for a subset) runs no extra forward pass; a graph change invalidates
+    cache.get([hidden])
+    assert cache.passes_run == 1
+    program.recompile()
+    cache.get([hidden])
+    assert cache.passes_run == 2
+
+
+def test_metrics_against_hand_computation():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 11)
+    cand = ref + 0.1 * torch.randn(2, 5, 11)
+    cand[1, 0] = ref[1, 0] * -1  # a valid token pointing the other way
+    cand[0, 0] = 1e3  # a padded position: must not count
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    m = compare_outputs([({"logits": ref}, {"logits": cand}, mask)])["logits"]
+    r, c = ref[mask].double(), cand[mask].double()
+    assert m["tokens"] == 9
+    assert m["cosine"] == pytest.approx(float(F.cosine_similarity(r, c, dim=-1).mean()), rel=1e-9)
+    assert m["rel_l2"] == pytest.approx(float((c - r).norm() / r.norm()), rel=1e-9)
+    assert m["top1"] == pytest.approx(float((r.argmax(-1) == c.argmax(-1)).double().mean()))
+    kl = F.kl_div(F.log_softmax(c, -1), F.log_softmax(r, -1), log_target=True, reduction="sum") / 9
+    assert m["kl"] == pytest.approx(float(kl), rel=1e-9)
+    assert m["max_abs"] < 1e2
+
+
+def test_gates():
+    metrics = {"logits": {"cosine": 0.95, "top1": 0.97, "rel_l2": 0.2, "kl": 0.01}}
+    assert QualityGates(min_cosine=0.9, min_top1=0.9, max_kl=0.1).failures(metrics) == []
+    failures = QualityGates(min_cosine=0.99, max_rel_l2=0.1).failures(metrics)
+    assert failures == ["logits: cosine 0.950000 < min_cosine 0.99", "logits: rel_l2 0.200000 > max_rel_l2 0.1"]
+
+
+def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "cat": 3, "sat": 4, "down": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"text": "the cat sat"}\n{"text": "the dog sat down now"}\n{"text": "x"}\n')
+    calib = load_calibration(tmp_path / "c.jsonl", input_names=["input_ids", "attention_mask"],
+                             tokenizer_dir=tmp_path, samples=2, seq_len=4)
+    assert calib.inputs["input_ids"].tolist() == [[2, 3, 4, 0], [2, 1, 4, 5]]
+    assert calib.inputs["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], tokenizer_dir=tmp_path)

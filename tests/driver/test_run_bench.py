@@ -1,0 +1,102 @@
+"""`sparsec run` / `sparsec bench` on a compiled artifact, in ONNX Runtime CPU: outputs from real runs (checked
+against the PyTorch program), timing structure (no timing thresholds), errors."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import make_inputs, make_model
+from safetensors.torch import save_file
+
+from sparsec.cli import main
+from sparsec.compiler import compile_model
+from sparsec.recipe import Recipe
+from sparsec.runner import synthetic_inputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact") / "out"
+    compile_model("builtin:tiny-qwen2", Recipe(), out, progress=False)
+    return out
+
+
+def test_run_on_a_calibration_file_gives_the_programs_outputs(tmp_path, artifact, capsys):
+    model = make_model("tiny-qwen2")
+    inputs = make_inputs(model, 5, 11, seed=3)  # no padding: the summary covers every position
+    save_file(inputs, str(tmp_path / "calib.safetensors"))
+    assert main(["run", "--artifact", str(artifact), "--calib", str(tmp_path / "calib.safetensors"),
+                 "--batch-size", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batches"] == 3 and result["outputs"]["logits"]["shape"] == [5, 11, 256]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert result["outputs"]["logits"]["mean"] == pytest.approx(float(expected.double().mean()), abs=1e-6)
+    assert result["outputs"]["logits"]["std"] == pytest.approx(float(expected.double().std()), rel=1e-5)
+    assert result["outputs"]["logits"]["finite"] == 1.0
+
+
+def test_synthetic_inputs_follow_the_onnx_inputs(artifact):
+    inputs = synthetic_inputs(artifact / "model.onnx", {"batch": 3, "seq": 7})
+    assert inputs["input_ids"].shape == (3, 7) and inputs["input_ids"].dtype == torch.int64
+    assert 0 <= int(inputs["input_ids"].min()) and int(inputs["input_ids"].max()) < 256  # the embedding's rows
+    assert len(set(inputs["input_ids"].flatten().tolist())) > 2
+    assert torch.equal(inputs["attention_mask"], torch.ones(3, 7, dtype=torch.int64))
+
+
+def test_bench_reports_percentiles_of_real_runs(artifact, capsys):
+    assert main(["bench", "--artifact", str(artifact), "--dims", "batch=2,seq=32", "--warmup", "1", "--runs", "7",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input_shapes"] == {"input_ids": [2, 32], "attention_mask": [2, 32]}
+    assert result["warmup"] == 1 and result["runs"] == 7 and len(result["runs_ms"]) == 7
+    assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["mean_ms"] == pytest.approx(sum(result["runs_ms"]) / 7)
+    assert main(["bench", "--artifact", str(artifact), "--runs", "2", "--warmup", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "2 timed runs" in text and "p99" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--dims", "batch=2"], "input 'input_ids' axis 1 is dynamic (seq); give its size with --dims seq=N"),
+    (["run", "--dims", "batch:2"], "--dims 'batch:2': expected NAME=N"),
+    (["bench", "--runs", "0"], "--runs >= 1"),
+    pytest.param(["run", "--target", "tensorrt"], "--target tensorrt needs TensorRT",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed")),
+])
+def test_errors(artifact, capsys, argv, message):
+    assert main([argv[0], "--artifact", str(artifact), *argv[1:]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_artifact(tmp_path, capsys):
+    assert main(["run", "--artifact", str(tmp_path)]) == 2
+    assert "has no model.onnx" in capsys.readouterr().err
+
+
+def test_the_engines_benchmark_runs_on_the_cpu_target(tmp_path):
+    """bench/engines.py is the prepared GPU check (TensorRT / ORT CUDA engines, dense vs compressed); here it runs
+    on the CPU target at tiny size so a GPU session does not find it broken. Figures: structure only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "bench" / "engines.py"
+    out = tmp_path / "engines.json"
+    done = subprocess.run([sys.executable, str(script), "--targets", "onnxruntime", "--precision", "fp32", "--quick",
+                           "--variants", "dense,slice-50", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| onnxruntime | slice-50 |" in done.stdout
+    results = json.loads(out.read_text())["results"]["onnxruntime"]
+    dense, sliced = results["dense"], results["slice-50"]
+    assert dense["parity"]["cosine"] > 0.9999 and sliced["parity"]["cosine"] > 0.9999
+    assert sliced["parameters"] < dense["parameters"] and 1.0 < sliced["ideal_speedup"] < 2.0
+    assert dense["calls"] == sliced["calls"] == 4 and 0 < dense["p50_ms"] <= dense["p90_ms"]
+
+    if importlib.util.find_spec("tensorrt") is None:  # a GPU target that cannot run stops before any work
+        done = subprocess.run([sys.executable, str(script), "--targets", "tensorrt"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and "--target tensorrt needs TensorRT" in done.stderr

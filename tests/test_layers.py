@@ -1,0 +1,107 @@
+"""The import contract: sparsec's layers depend on each other one way only.
+
+Every `import` in the package (module level and inside functions alike) is read from the source with `ast`
+and mapped to the layer it lands in. A layer may import itself and the layers below it, never one above;
+layers on one line are independent of each other. Run on its own in `.ci/run` before the tests.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Top to bottom. Names on one line are siblings: neither may import the other.
+LAYERS: list[tuple[str, ...]] = [
+    ("sparsec.cli",),
+    ("sparsec.compiler", "sparsec.probe", "sparsec.testing"),
+    ("sparsec.runner",),
+    ("sparsec.recipe",),
+    ("sparsec.capture", "sparsec.models"),
+    ("sparsec.passes", "sparsec.exporters", "sparsec.families"),
+    ("sparsec.transform",),
+    ("sparsec.analysis", "sparsec.data"),
+    ("sparsec.ops",),
+    ("sparsec.ir",),
+    ("sparsec.errors",),
+]
+SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package, directory in SOURCE_DIRS.items():
+        for path in directory.rglob("*.py"):
+            parts = list(path.relative_to(directory).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def _layer(module: str) -> tuple[int, str] | None:
+    for rank, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                return rank, name
+    return None
+
+
+def _imports(module: str, path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]  # `from pkg import module`
+    return [(line, name) for line, name in found if name.startswith("sparsec")]
+
+
+def violations() -> list[str]:
+    modules = _modules()
+    problems = []
+    for module, path in sorted(modules.items()):
+        own = _layer(module)
+        if own is None:
+            if module != "sparsec":
+                problems.append(f"{module}: in no layer; add it to LAYERS")
+            continue
+        for line, imported in _imports(module, path):
+            target = _layer(imported)
+            if target is None or target[1] == own[1]:
+                continue
+            if target[0] <= own[0]:
+                problems.append(f"{module}:{line}: {own[1]} imports {imported} ({target[1]} is "
+                                f"{'a sibling' if target[0] == own[0] else 'a layer above'})")
+    return sorted(set(problems))
+
+
+def test_layers_depend_one_way():
+    problems = violations()
+    assert not problems, "import contract broken:\n" + "\n".join(problems)
+
+
+def test_contract_catches_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: an IR module importing the driver is reported."""
+    fake = tmp_path / "sparsec" / "ir"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("from sparsec.compiler import compile_model\n")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec", tmp_path / "sparsec")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
+    assert violations() == ["sparsec.ir.bad:1: sparsec.ir imports sparsec.compiler (sparsec.compiler is a layer above)"]
+
+
+if __name__ == "__main__":
+    problems = violations()
+    print("\n".join(problems) or "import contract kept")
+    raise SystemExit(1 if problems else 0)
