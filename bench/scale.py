@@ -1,0 +1,210 @@
+"""Real-size models: peak memory and time of `sparsec inspect` and `sparsec compile` against the checkpoint's bytes.
+
+Qwen2-shaped checkpoints with random bf16 weights at the sizes users compile (0.5B, 1.5B, 3B, 7B) are written
+once into a cache directory, shard by shard straight from the config (no model is built: memory stays at one
+shard), in exactly `save_pretrained`'s layout (config.json, model-0000k-of-0000n.safetensors, the index). Each
+command then runs in its own process under `/usr/bin/time -v`; its peak RSS is divided by the checkpoint's bytes
+(the ideal a weights-bound tool approaches: 1.0x holds the weights once).
+
+Recipe (issue 16's): drop a quarter of the blocks by index, slice every FFN to half by weight magnitude,
+synthetic calibration of 8 samples x 64 tokens.
+
+    python bench/scale.py --sizes 0.5b,1.5b --cache ~/.cache/sparsec-scale --json bench/results/scale.json
+    python bench/scale.py --sizes 0.5b --phases inspect            # one command only
+    python bench/scale.py --quick                                   # a 10M model: checks that the script runs
+
+Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
+model.onnx, ONNX Runtime parity). A phase killed for memory or failing is reported with its exit status and the
+last lines it printed; the other phases go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Qwen2 / Qwen2.5 base configs (hidden, FFN, layers, heads, KV heads, vocab, tied embeddings).
+PRESETS: dict[str, dict] = {
+    "quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+SHARD_BYTES = 1 << 30
+PHASES = ("inspect", "dry-run", "compile")
+
+
+def checkpoint_tensors(config) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Name -> (shape, is_norm) of every tensor `save_pretrained` writes for a Qwen2ForCausalLM of `config`."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(config)
+    tensors = {name: (tuple(t.shape), "norm" in name) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    return tensors
+
+
+def write_checkpoint(directory: Path, size: str, seed: int = 0) -> Path:
+    """A random bf16 Qwen2 checkpoint of preset `size` in `directory` (kept if already complete).
+
+    Weights are N(0, 0.02) (norm weights 1, biases 0.02-scaled too), written shard by shard: peak memory is one
+    shard (1 GiB), never the model. Staged and renamed, so an interrupted write leaves no half checkpoint.
+    """
+    import transformers
+    from safetensors.torch import save_file
+
+    if (directory / "config.json").is_file():
+        return directory
+    config = transformers.Qwen2Config(**PRESETS[size], max_position_embeddings=4096, torch_dtype="bfloat16",
+                                      architectures=["Qwen2ForCausalLM"])
+    tensors = checkpoint_tensors(config)
+    shards: list[list[str]] = [[]]
+    size_now = 0
+    for name, (shape, _) in tensors.items():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size_now + nbytes > SHARD_BYTES:
+            shards.append([])
+            size_now = 0
+        shards[-1].append(name)
+        size_now += nbytes
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    try:
+        for k, names in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            shard = {}
+            for name in names:
+                shape, is_norm = tensors[name]
+                if is_norm:
+                    shard[name] = torch.ones(shape, dtype=torch.bfloat16)
+                else:
+                    shard[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                weight_map[name] = file
+                total += shard[name].nbytes
+            save_file(shard, str(stage / file), metadata={"format": "pt"})
+            print(f"[scale] {size}: wrote {file} ({len(names)} tensors)", flush=True)
+            del shard
+        config.save_pretrained(stage)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        os.replace(stage, directory)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return directory
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def recipe_text(layers: int) -> str:
+    dropped = list(range(layers - layers // 4, layers))[: layers // 4] or [layers - 1]
+    return (f"passes:\n  - drop_layers: {{layers: {dropped}}}\n"
+            "  - slice_neurons: {keep_ratio: 0.5, importance: magnitude}\n"
+            "calibration: {samples: 8, seq_len: 64}\n")
+
+
+def run_measured(command: list[str], log: Path) -> dict:
+    """Run `command` under /usr/bin/time -v; its peak RSS, wall time, exit status and last lines."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run(["/usr/bin/time", "-v", *command], stdout=out, stderr=subprocess.STDOUT)
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+            "tail": [line for line in text.splitlines() if line.strip() and not line.startswith("\t")][-4:]}
+
+
+def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
+    directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
+    layers = PRESETS[size]["num_hidden_layers"]
+    recipe = work / f"recipe-{size}.yaml"
+    recipe.write_text(recipe_text(layers))
+    ckpt = checkpoint_bytes(directory)
+    row: dict = {"size": size, "checkpoint_bytes": ckpt, "phases": {}}
+    sparsec = [sys.executable, "-m", "sparsec.cli"]
+    for phase in phases:
+        out = work / f"out-{size}"
+        command = {
+            "inspect": [*sparsec, "inspect", "--model", str(directory)],
+            "dry-run": [*sparsec, "compile", "--model", str(directory), "--recipe", str(recipe), "--dry-run"],
+            "compile": [*sparsec, "compile", "--model", str(directory), "--recipe", str(recipe), "--out", str(out)],
+        }[phase]
+        print(f"[scale] {size}: {phase} ...", flush=True)
+        result = run_measured(command, work / f"{size}-{phase}.log")
+        if result["peak_rss_bytes"]:
+            result["peak_over_checkpoint"] = round(result["peak_rss_bytes"] / ckpt, 2)
+        report = out / "report.json"
+        if phase == "compile" and result["rc"] == 0 and report.is_file():
+            data = json.loads(report.read_text())
+            result["phase_seconds"] = data.get("seconds")
+            result["onnx_bytes"] = data.get("export", {}).get("bytes")
+            result["parity_cosine"] = data.get("parity", {}).get("metrics", {}).get("logits", {}).get("cosine")
+        shutil.rmtree(out, ignore_errors=True)
+        row["phases"][phase] = result
+        print(f"[scale] {size}: {phase} rc {result['rc']}, {result['seconds']} s, peak "
+              f"{(result['peak_rss_bytes'] or 0) / 2**30:.2f} GiB ({result.get('peak_over_checkpoint')}x checkpoint)",
+              flush=True)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| checkpoint | on disk | phase | exit | peak RSS | peak / disk | seconds | ONNX | parity cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for phase, r in row["phases"].items():
+            peak = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else "-"
+            onnx = f"{r['onnx_bytes'] / 1e9:.2f} GB" if r.get("onnx_bytes") else "-"
+            cos = f"{r['parity_cosine']:.6f}" if r.get("parity_cosine") is not None else "-"
+            lines.append(f"| {row['size']} bf16 | {row['checkpoint_bytes'] / 1e9:.2f} GB | {phase} | {r['rc']} | {peak} | "
+                         f"{r.get('peak_over_checkpoint', '-')}x | {r['seconds']} | {onnx} | {cos} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="0.5b,1.5b", help=f"comma-separated, of {list(PRESETS)} (default: %(default)s)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sparsec-scale"),
+                   help="where the checkpoints are written once (default: %(default)s)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")
+    args = p.parse_args(argv)
+    sizes = ["quick"] if args.quick else args.sizes.split(",")
+    phases = args.phases.split(",")
+    bad = [s for s in sizes if s not in PRESETS] + [f for f in phases if f not in PHASES]
+    if bad:
+        p.error(f"unknown size or phase {bad}; sizes {list(PRESETS)}, phases {list(PHASES)}")
+    with tempfile.TemporaryDirectory(prefix="sparsec-scale-") as work:
+        rows = [measure(size, Path(args.cache).expanduser(), phases, Path(work)) for size in sizes]
+    table = markdown(rows)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "markdown": table}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
