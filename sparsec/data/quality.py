@@ -29,11 +29,29 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparsec.data.calibration import CalibrationSet, token_vectors
+from sparsec.data.calibration import CalibrationSet
 
 
 PERCENTILE_SAMPLES = 1 << 22
 REL_FLOOR = 1e-3
+CHUNK_ENTRIES = 1 << 20  # entries per metric chunk: 8 MiB per float64 temporary
+
+
+def _token_chunks(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None):
+    """(ref, cand) token vectors [T, C] over valid tokens, a few at a time (`CHUNK_ENTRIES` entries at most,
+    one token at least), without copying the whole batch first."""
+    if mask is not None and ref.dim() >= 3 and tuple(ref.shape[:2]) == tuple(mask.shape):
+        mask = mask.bool()
+        rows = ((ref[b][mask[b]].reshape(-1, ref.shape[-1]), cand[b][mask[b]].reshape(-1, ref.shape[-1]))
+                for b in range(ref.shape[0]))
+    elif ref.dim():
+        rows = [(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))]
+    else:
+        rows = [(ref.reshape(1, 1), cand.reshape(1, 1))]
+    for r, c in rows:
+        step = max(1, CHUNK_ENTRIES // max(1, r.shape[-1]))
+        for start in range(0, r.shape[0], step):
+            yield r[start:start + step], c[start:start + step]
 
 
 def percentile_key(q: float, kind: str) -> str:
@@ -58,13 +76,20 @@ class OutputComparison:
         self._generator = torch.Generator().manual_seed(0x5A3C)  # sampling keys, independent of data seeds
 
     def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Accumulate one batch. Works through it in chunks of about `CHUNK_ENTRIES` entries (a few rows of
+        logits), so memory stays bounded by the chunk, never by the batch: [8, 64, 151936] logits would need
+        ~10 GiB of float64 temporaries at once. Each chunk is computed in float64 and the sums accumulate in
+        Python floats, so the metrics do not depend on the chunking."""
         if ref.shape != cand.shape:
             raise ValueError(f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
-        r = token_vectors(ref.detach().double(), mask)
-        c = token_vectors(cand.detach().double(), mask)
+        for r, c in _token_chunks(ref.detach(), cand.detach(), mask):
+            self._add_tokens(r, c)
+
+    def _add_tokens(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        """One chunk of token vectors [T, C] in the outputs' own dtype."""
         lowest = torch.finfo(ref.dtype).min
-        cand_masked = (cand.detach() == lowest) | (cand.detach() <= torch.finfo(torch.float16).min)
-        banned = token_vectors((ref.detach() == lowest) & cand_masked, mask)
+        banned = (ref == lowest) & ((cand == lowest) | (cand <= torch.finfo(torch.float16).min))
+        r, c = ref.double(), cand.double()
         r_kept, c_kept = r.masked_fill(banned, 0.0), c.masked_fill(banned, 0.0)
         diff = c_kept - r_kept
         self.tokens += r.shape[0]

@@ -100,3 +100,20 @@ def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(CalibrationError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], tokenizer_dir=tmp_path)
+
+
+def test_metrics_do_not_depend_on_the_chunking(monkeypatch):
+    """Outputs are compared a few tokens at a time (bounded memory): the result equals the one-chunk result."""
+    from sparsec.data import quality
+
+    torch.manual_seed(1)
+    ref = torch.randn(3, 7, 13)
+    cand = ref + 0.05 * torch.randn(3, 7, 13)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :2] = False
+    whole = compare_outputs([({"logits": ref}, {"logits": cand}, mask)], percentiles=[50, 99])["logits"]
+    monkeypatch.setattr(quality, "CHUNK_ENTRIES", 13 * 2)  # two tokens per chunk
+    chunked = compare_outputs([({"logits": ref}, {"logits": cand}, mask)], percentiles=[50, 99])["logits"]
+    assert chunked.keys() == whole.keys()
+    for key, value in whole.items():
+        assert chunked[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
