@@ -14,30 +14,72 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import onnx
+import onnx_ir as ir
 
 from sparsec.errors import SparsecError
 from sparsec.exporters.lowering.onnx_moe import MoeLowering, moe_translation
 from sparsec.ir.program import Program
 
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+HALF_TYPES = {ir.DataType.BFLOAT16: "bf16", ir.DataType.FLOAT16: "fp16"}
 
 
-def _name_dynamic_dims(model: onnx.ModelProto, program: Program) -> dict[str, str]:
-    """Rename export's symbolic dims (`s43`) to the program's dim names (`batch`), everywhere in the graph."""
+def upcast_to_fp32(model: ir.Model) -> dict[str, int]:
+    """Retype a half-precision (BF16 / FP16) export to FP32, in place; return what was retyped.
+
+    A program captured in the checkpoint's dtype (bf16) exports with half-precision ops, which ONNX Runtime's CPU
+    provider cannot run (it has no BF16 MatMul). This makes every half value FP32: value types, `Cast` targets,
+    constants in attributes, and initializers. Initializers become `ir.LazyTensor`s converting the program's
+    tensor when the file is written, one at a time: no FP32 copy of the model is ever held in memory.
+    The result computes the program's function in FP32 (the parity check compares it at the program's precision).
+    """
+    counts = {"values": 0, "casts": 0, "initializers": 0, "attributes": 0}
+    graph = model.graph
+    nodes = list(ir.traversal.RecursiveGraphIterator(graph))
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values(), *(o for n in nodes for o in n.outputs)]
+    for value in dict.fromkeys(values):
+        if value.dtype in HALF_TYPES:
+            value.dtype = ir.DataType.FLOAT
+            counts["values"] += 1
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype in HALF_TYPES:
+            value.const_value = ir.LazyTensor(lambda tensor=tensor: ir.tensor(tensor.numpy().astype("float32")),
+                                              dtype=ir.DataType.FLOAT, shape=tensor.shape, name=tensor.name)
+            counts["initializers"] += 1
+    for node in nodes:
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.INT and name in ("to", "dtype") and attr.value in HALF_TYPES:
+                node.attributes[name] = ir.AttrInt64(name, ir.DataType.FLOAT)
+                counts["casts"] += 1
+            elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype in HALF_TYPES:
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy().astype("float32")))
+                counts["attributes"] += 1
+    return counts
+
+
+def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
+    """Rename export's symbolic dims (`s43`) to the program's dim names (`batch`), everywhere in the graph.
+
+    Done on the exporter's in-memory `onnx_ir` model before it is saved, whose initializers still reference the
+    program's tensors: the file is written once, weights streamed to external data, never loaded back.
+    """
     renames: dict[str, str] = {}
-    inputs = {i.name: i for i in model.graph.input}
+    inputs = {v.name: v for v in model.graph.inputs}
     for name, axes in program.dynamic_dims.items():
-        if name not in inputs:
-            continue
-        dims = inputs[name].type.tensor_type.shape.dim
+        shape = inputs[name].shape if name in inputs else None
         for axis, dim_name in axes.items():
-            if axis < len(dims) and dims[axis].dim_param:
-                renames[dims[axis].dim_param] = dim_name
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in renames:
-                dim.dim_param = renames[dim.dim_param]
+            if shape is not None and axis < len(shape) and isinstance(shape[axis], ir.SymbolicDim) and shape[axis].value:
+                renames[shape[axis].value] = dim_name
+    values = [*model.graph.inputs, *model.graph.outputs]
+    values += [out for node in ir.traversal.RecursiveGraphIterator(model.graph) for out in node.outputs]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(renames[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in renames else d
+                for d in value.shape]
+        if any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
+            value.shape = ir.Shape(dims)
     return renames
 
 
@@ -49,12 +91,15 @@ def export_onnx(
     external_data: bool | Literal["auto"] = "auto",
     moe_lowering: MoeLowering = "standard",
     scatter_reduction: bool = True,
+    upcast: bool = False,
 ) -> dict:
     """Write `program` to `path` as ONNX and return facts for the report (sizes, ops, dims, seconds).
 
     `moe_lowering`: how `sparsec::moe` nodes lower (see `sparsec.exporters.lowering.onnx_moe`): `standard` (plain ONNX,
     any runtime) or `contrib` (ONNX Runtime's `com.microsoft::MoE`, standard ops where it cannot express the FFN).
     `scatter_reduction=False` lowers `standard` without `ScatterND(reduction="add")`, which TensorRT's parser lacks.
+    `upcast`: a program in BF16 / FP16 is written as an FP32 model (`upcast_to_fp32`, weights converted while
+    they are written); the facts then hold `upcast_from`.
 
     Example:
         >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]
@@ -97,13 +142,15 @@ def export_onnx(
         ) from exc
     finally:
         registration_log.setLevel(level)
-    onnx_program.save(str(path), external_data=bool(external_data))
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_program.model
     renames = _name_dynamic_dims(model, program)
-    onnx.save(model, str(path))
+    half = sorted({HALF_TYPES[v.dtype] for v in model.graph.initializers.values() if v.dtype in HALF_TYPES})
+    if upcast and half:
+        upcast_to_fp32(model)
+    onnx_program.save(str(path), external_data=bool(external_data))
     data_file = path.with_name(path.name + ".data")
     ops: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in model.graph:  # top-level ops, as in the file's graph.node
         key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
         ops[key] = ops.get(key, 0) + 1
     return {
@@ -112,8 +159,9 @@ def export_onnx(
         "external_data": data_file.name if data_file.exists() else None,
         "bytes": path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0),
         "dynamic_dims": renames,
-        "inputs": [i.name for i in model.graph.input],
-        "outputs": [o.name for o in model.graph.output],
+        "inputs": [v.name for v in model.graph.inputs],
+        "outputs": [v.name for v in model.graph.outputs],
         "op_counts": dict(sorted(ops.items())),
         "seconds": round(time.perf_counter() - start, 3),
+        **({"upcast_from": "/".join(half)} if upcast and half else {}),
     }
