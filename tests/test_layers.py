@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.compiler", "sparsec.probe", "sparsec.testing"),
     ("sparsec.runner",),
     ("sparsec.recipe",),
-    ("sparsec.capture", "sparsec.models"),
+    ("sparsec.capture", "sparsec.models", "sparsec.resources"),
     ("sparsec.passes", "sparsec.exporters", "sparsec.families"),
     ("sparsec.transform",),
     ("sparsec.analysis", "sparsec.data"),
@@ -68,21 +68,22 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
 
 def violations() -> list[str]:
     modules = _modules()
-    problems = []
+    problems: dict[tuple[str, int, str], str] = {}  # one per import statement and layer it reaches
     for module, path in sorted(modules.items()):
         own = _layer(module)
         if own is None:
             if module != "sparsec":
-                problems.append(f"{module}: in no layer; add it to LAYERS")
+                problems[(module, 0, "")] = f"{module}: in no layer; add it to LAYERS"
             continue
         for line, imported in _imports(module, path):
             target = _layer(imported)
             if target is None or target[1] == own[1]:
                 continue
-            if target[0] <= own[0]:
-                problems.append(f"{module}:{line}: {own[1]} imports {imported} ({target[1]} is "
-                                f"{'a sibling' if target[0] == own[0] else 'a layer above'})")
-    return sorted(set(problems))
+            if target[0] <= own[0] and (module, line, target[1]) not in problems:
+                problems[(module, line, target[1])] = (
+                    f"{module}:{line}: {own[1]} imports {imported} ({target[1]} is "
+                    f"{'a sibling' if target[0] == own[0] else 'a layer above'})")
+    return sorted(problems.values())
 
 
 def test_layers_depend_one_way():
