@@ -142,8 +142,8 @@ def test_generation_ffns_to_moe_all_experts_exact():
     program = sparsec.capture(model, mot_inputs(2, 16, 8))
     record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, where="**.mlp_moe_gen", calibration=_calibration())
     assert len(record.decisions["ffns"]) == 4
-    testing.assert_op_count(program, "model.layers.*.mlp_moe_gen", "sparsec.ops.moe.default", 4)
-    testing.assert_op_count(program, "model.layers.*.mlp", "sparsec.ops.moe.default", 0)
+    testing.assert_op_count(program, "model.layers.*.mlp_moe_gen", "sparsec.moe.default", 4)
+    testing.assert_op_count(program, "model.layers.*.mlp", "sparsec.moe.default", 0)
     testing.assert_equivalent(program, model, mot_inputs(3, 10, 3, seed=4), rtol=1e-5, atol=1e-5)
 
 

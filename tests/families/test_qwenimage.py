@@ -253,7 +253,7 @@ def test_text_encoder_ffn_to_moe_with_all_experts_is_exact():
     calibration = CalibrationSet(text_inputs(8, 16, seed=1), source="test inputs")
     record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, router="similarity", calibration=calibration)
     assert len(record.decisions["ffns"]) == 4
-    assert testing.op_counts(program)["sparsec.ops.moe.default"] == 4
+    assert testing.op_counts(program)["sparsec.moe.default"] == 4
     testing.assert_equivalent(program, encoder, text_inputs(3, 9, seed=5, pad_left=2), rtol=1e-5, atol=1e-5)
 
 
