@@ -1,4 +1,4 @@
-"""Early-fusion families (Chameleon, Emu3): one decoder over text and VQ image tokens.
+"""What early-fusion families (`chameleon`, `emu3`) share: one decoder over text and VQ image tokens.
 
 The captured entry is the decoder over token ids (image tokens are ordinary ids), the program that both
 understands and generates. The VQ model tokenizes images before it (encoder side) and turns generated image
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsec.families.base import Family, tiny_decoder_config
-from sparsec.ir.tags import TagRule
+from sparsec.families.base import Family
 
 # The tiny early-fusion models: a 256-token vocabulary whose last 64 ids are the VQ codebook's image tokens
 # (named as in the real tokenizers), a few special tokens at the start, text ids in between.
@@ -80,40 +79,3 @@ class EarlyFusionFamily(Family):
         vocab = int(getattr(config, "text_config", config).vocab_size)
         ids = self.image_tokens.sample_ids(config.vocabulary_map, vocab, batch, seq, torch.Generator().manual_seed(seed))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def tiny_chameleon_config():
-    """The config of `builtin:tiny-chameleon`: a tiny decoder and VQ model, `TINY_IMAGE_CODES` image tokens."""
-    import transformers
-
-    return transformers.ChameleonConfig(
-        **{k: v for k, v in tiny_decoder_config("chameleon").items() if k != "model_type"},
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocabulary_map=_chameleon_vocabulary(),
-        vq_config=dict(embed_dim=8, num_embeddings=TINY_IMAGE_CODES, latent_channels=8, resolution=16,
-                       base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=1),
-    )
-
-
-def _chameleon_vocabulary() -> dict[str, int]:
-    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<racm3:break>": 3, "<eoss>": 4, "<image>": 5}
-    first = 256 - TINY_IMAGE_CODES
-    for code in range(TINY_IMAGE_CODES):  # code 12 -> "IMGIMGBCZ" (digits spelled A-J), as Chameleon's tokenizer does
-        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"] = first + code
-    return vocabulary
-
-
-FAMILIES = (
-    EarlyFusionFamily(
-        name="chameleon",
-        model_types=("chameleon",),
-        tags=(
-            TagRule("model.vqmodel.encoder", "understanding"),
-            TagRule("model.vqmodel.quant_conv", "understanding"),
-            TagRule("model.vqmodel.quantize", "understanding"),
-            TagRule("model.vqmodel.post_quant_conv", "generation"),  # transformers has no Chameleon VQ decoder
-        ),
-        image_tokens=ImageTokenSpan("IMGIMG", "<racm3:break>", "<eoss>"),
-        architecture="ChameleonForConditionalGeneration",
-        builtin_configs={"tiny-chameleon": tiny_chameleon_config},
-    ),
-)
