@@ -31,7 +31,7 @@ from torch import nn
 
 from sparsec.ir.capture import capture_program
 from sparsec.ir.program import Program
-from sparsec.ir.tags import TagRule, Tagger
+from sparsec.ir.tags import Tagger, TagRule
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 

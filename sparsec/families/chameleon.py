@@ -9,7 +9,11 @@ whose last 64 ids are the image tokens, named as Chameleon's tokenizer names the
 from __future__ import annotations
 
 from sparsec.families.base import tiny_decoder_config
-from sparsec.families.early_fusion import TINY_IMAGE_CODES, EarlyFusionFamily, ImageTokenSpan
+from sparsec.families.early_fusion import (
+    TINY_IMAGE_CODES,
+    EarlyFusionFamily,
+    ImageTokenSpan,
+)
 from sparsec.ir.tags import TagRule
 
 

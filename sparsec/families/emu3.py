@@ -7,7 +7,11 @@ the codebook serves both. `builtin:tiny-emu3`: vocabulary 256 whose last 64 ids 
 from __future__ import annotations
 
 from sparsec.families.base import tiny_decoder_config
-from sparsec.families.early_fusion import TINY_IMAGE_CODES, EarlyFusionFamily, ImageTokenSpan
+from sparsec.families.early_fusion import (
+    TINY_IMAGE_CODES,
+    EarlyFusionFamily,
+    ImageTokenSpan,
+)
 from sparsec.ir.tags import TagRule
 
 
