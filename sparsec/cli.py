@@ -253,7 +253,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     model_help = ("a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
-                  + ", ".join(BUILTIN_PREFIX + b for b in builtin_names()) + f" (default: {DEFAULT_MODEL})")
+                  + ", ".join(BUILTIN_PREFIX + b for b in sorted(builtin_names())) + f" (default: {DEFAULT_MODEL})")
     parser = argparse.ArgumentParser(
         prog="sparsec",
         description="Capture a transformer as one FX graph, rewrite it with quality-checked passes, lower it to ONNX.",
