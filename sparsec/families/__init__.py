@@ -83,9 +83,10 @@ def detect_family(model: nn.Module) -> Family:
 def entry_points(model: nn.Module) -> Mapping[str, EntryPoint]:
     """The entry points of a model, as its family names them (`{"forward": ...}` for single-program families).
 
-    Example:
-        >>> sorted(entry_points(janus_model))
-        ['generation_step', 'understanding', 'vq_decode']
+    Example::
+
+        sorted(entry_points(janus_model))
+        # -> ['generation_step', 'understanding', 'vq_decode']
     """
     return detect_family(model).entry_points(model)
 

@@ -57,9 +57,10 @@ class JanusGenerationStep(nn.Module):
     Inputs: `input_ids` [B, S] prompt ids, `attention_mask` [B, S] (0 = padding), `image_ids` [B, T] image
     tokens generated so far (T >= 0; captured dynamic needs T >= 2 in the example). Output: `{"logits": ...}`.
 
-    Example:
-        >>> step = JanusGenerationStep(model)
-        >>> step(input_ids=ids, attention_mask=mask, image_ids=tokens)["logits"][:, -1].argmax(-1)  # next token
+    Example::
+
+        step = JanusGenerationStep(model)
+        step(input_ids=ids, attention_mask=mask, image_ids=tokens)["logits"][:, -1].argmax(-1)  # next token
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -87,9 +88,10 @@ class JanusVQDecode(nn.Module):
     Output: `{"pixel_values": [B, H, W, C]}`, in the model's normalised range; de-normalising to uint8 is the
     processor's `postprocess`, outside the program.
 
-    Example:
-        >>> JanusVQDecode(model)(image_ids=torch.randint(0, 64, (2, 16)))["pixel_values"].shape
-        torch.Size([2, 8, 8, 3])
+    Example::
+
+        JanusVQDecode(model)(image_ids=torch.randint(0, 64, (2, 16)))["pixel_values"].shape
+        # -> torch.Size([2, 8, 8, 3])
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -143,11 +145,12 @@ class JanusFamily(Family):
         generation step, a `seq`-token prompt and `max(2, seq // 2)` image tokens (at most one image's worth
         less one); VQ decode, one image's token grid (`seq` unused).
 
-        Example:
-            >>> entries = JANUS.entry_points(model)
-            >>> {name: e.dynamic_dims for name, e in entries.items()}["vq_decode"]
-            {'image_ids': {0: 'batch'}}
-            >>> program = entries["vq_decode"].capture(batch=2)
+        Example::
+
+            entries = JANUS.entry_points(model)
+            {name: e.dynamic_dims for name, e in entries.items()}["vq_decode"]
+            # -> {'image_ids': {0: 'batch'}}
+            program = entries["vq_decode"].capture(batch=2)
         """
         _require_janus(model)
         codebook = int(model.model.generation_embeddings.num_embeddings)
