@@ -15,13 +15,10 @@ from pathlib import Path
 
 from sparsec.exporters.targets import TARGETS
 from sparsec.errors import SparsecError
-from sparsec.models import BUILTIN_PREFIX, BUILTINS
+from sparsec.families import builtin_names
+from sparsec.models import BUILTIN_PREFIX
 
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
-MODEL_HELP = (
-    "a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
-    + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS) + f" (default: {DEFAULT_MODEL})"
-)
 
 
 def default_recipe_path() -> Path:
@@ -255,6 +252,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    model_help = ("a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
+                  + ", ".join(BUILTIN_PREFIX + b for b in sorted(builtin_names())) + f" (default: {DEFAULT_MODEL})")
     parser = argparse.ArgumentParser(
         prog="sparsec",
         description="Capture a transformer as one FX graph, rewrite it with quality-checked passes, lower it to ONNX.",
@@ -266,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show regions, component tags, parameters and FLOPs per component",
                        description="Capture the model and show its regions, component tags (understanding / "
                                    "generation / shared), parameters and FLOPs per component, block stacks and FFNs.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_inspect)
@@ -275,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture the model, run the recipe's passes (each verified and quality-checked on "
                                    "calibration data), save the program, export ONNX and check it in ONNX Runtime. "
                                    "Artifacts appear in --out only if every check passed.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--recipe", help="recipe YAML (default: the built-in default recipe, no compression passes)")
     p.add_argument("--out", help="output directory (created; an earlier sparsec output there is replaced)")
     p.add_argument("--dry-run", action="store_true",
@@ -298,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
         epilog="Example: sparsec analyze --model builtin:tiny-mot --task understanding=und.safetensors "
                "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--task", action="append", metavar="NAME[@ENTRY]=FILE",
                    help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
                         "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "

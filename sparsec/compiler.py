@@ -23,7 +23,7 @@ from sparsec.data.calibration import load_calibration
 from sparsec.capture import capture
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import TARGETS
-from sparsec.families.entrypoints import entry_points
+from sparsec.families import entry_points
 from sparsec.models import load_model
 from sparsec.transform.pass_manager import Pass, PassContext, PassManager
 from sparsec.recipe import Recipe
@@ -111,7 +111,7 @@ def compile_model(
     (`sparsec.data.parity`) runs the target on calibration inputs against the program.
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
-    `sparsec.families.entrypoints`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
+    `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
     with one `report.json` (per entry point under `entry_points`). Every pass runs on each program it has
     something to change in (`Pass.targets`); weights shared by several programs are changed the same way in
     all of them: the first program decides, later ones repeat its decisions (`Pass.replay`). Calibration:

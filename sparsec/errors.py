@@ -23,6 +23,11 @@ class CaptureError(SparsecError):
     partial_graph: str | None = None
 
 
+class FamilyError(SparsecError):
+    """A model family cannot be registered (not a `Family`; its name, a model_type or a built-in taken), or a
+    named family or built-in model does not exist."""
+
+
 class RecipeError(SparsecError):
     """A recipe (or a pass's options) is malformed: unknown key, wrong type, value out of range."""
 

@@ -1,10 +1,10 @@
 """Loading models: a Hugging Face `save_pretrained` directory, or a built-in tiny model.
 
 Weights load only from safetensors (`use_safetensors=True`): a directory holding only pickled
-`pytorch_model.bin` weights is refused, since unpickling runs arbitrary code. Built-in models
-(`builtin:tiny-qwen2`, `builtin:tiny-llama`, `builtin:tiny-janus`, `builtin:tiny-mot`,
-`builtin:tiny-qwenimage`, `builtin:tiny-chameleon`, `builtin:tiny-emu3`) are built from small configs with
-seeded random weights: for demos, tests and the default compile.
+`pytorch_model.bin` weights is refused, since unpickling runs arbitrary code; remote code is never trusted.
+Built-in models (`builtin:tiny-qwen2`, ...: `builtin_names()`) come from the model families
+(`sparsec.families`), built from small configs with seeded random weights: for demos, tests and the default
+compile. The model class for a config lacking `architectures` comes from its family too.
 """
 
 from __future__ import annotations
@@ -15,83 +15,18 @@ from pathlib import Path
 import torch
 
 from sparsec.errors import SparsecError
-from sparsec.families import Family, detect_family
+from sparsec.families import Family, available_families, builtin_family, builtin_names, detect_family, family_for_model_type
 
 BUILTIN_PREFIX = "builtin:"
 
 
-def _tiny_text(model_type: str) -> dict:
-    return dict(
-        model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-    )
-
-
 def builtin_config(name: str):
-    """The config of a built-in tiny model (`tiny-qwen2`, `tiny-llama`, `tiny-janus`, `tiny-chameleon`, `tiny-emu3`)."""
-    import transformers
-
-    if name == "tiny-mot":
-        from sparsec.families.mot import MOT_PRESETS, MoTConfig
-
-        return MoTConfig(**MOT_PRESETS["tiny"])
-    if name == "tiny-qwen2":
-        return transformers.Qwen2Config(**{k: v for k, v in _tiny_text("qwen2").items() if k != "model_type"})
-    if name == "tiny-llama":
-        return transformers.LlamaConfig(**{k: v for k, v in _tiny_text("llama").items() if k != "model_type"})
-    if name == "tiny-janus":
-        return transformers.JanusConfig(
-            text_config=_tiny_text("llama"),
-            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, num_image_tokens=16,
-                               patch_size=8, projection_dim=64, mlp_ratio=2.0),
-            vq_config=dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1],
-                           num_res_blocks=1, latent_channels=8, projection_dim=64, image_token_embed_dim=64,
-                           num_patches=4),
-            image_token_id=255,
-        )
-    if name == "tiny-chameleon":
-        return transformers.ChameleonConfig(
-            **{k: v for k, v in _tiny_text("chameleon").items() if k != "model_type"},
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, vocabulary_map=_chameleon_vocabulary(),
-            vq_config=dict(embed_dim=8, num_embeddings=TINY_IMAGE_CODES, latent_channels=8, resolution=16,
-                           base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=1),
-        )
-    if name == "tiny-emu3":
-        return transformers.Emu3Config(
-            text_config={**_tiny_text("emu3_text_model"), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-            vocabulary_map=_emu3_vocabulary(),
-            vq_config=dict(codebook_size=TINY_IMAGE_CODES, embed_dim=4, latent_channels=4, base_channels=32,
-                           channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
-                           num_attention_heads=1, temporal_downsample_factor=2),
-        )
-    if name == "tiny-qwenimage":
-        raise SparsecError("tiny-qwenimage is a diffusers model with no transformers config: use "
-                           "load_model('builtin:tiny-qwenimage') or sparsec.families.qwenimage.tiny_qwenimage()")
-    raise SparsecError(f"unknown built-in model {name!r}; choose one of {BUILTINS}")
-
-
-BUILTINS = ("tiny-qwen2", "tiny-llama", "tiny-janus", "tiny-mot", "tiny-qwenimage", "tiny-chameleon", "tiny-emu3")
-
-# Early-fusion tiny models (Chameleon, Emu3): a 256-token vocabulary whose last 64 ids are the VQ codebook's
-# image tokens (named as in the real tokenizers), a few special tokens at the start, text ids in between.
-TINY_IMAGE_CODES = 64
-
-
-def _chameleon_vocabulary() -> dict[str, int]:
-    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<racm3:break>": 3, "<eoss>": 4, "<image>": 5}
-    first = 256 - TINY_IMAGE_CODES
-    for code in range(TINY_IMAGE_CODES):  # code 12 -> "IMGIMGBCZ" (digits spelled A-J), as Chameleon's tokenizer does
-        vocabulary["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"] = first + code
-    return vocabulary
-
-
-def _emu3_vocabulary() -> dict[str, int]:
-    vocabulary = {"<|endoftext|>": 0, "<|extra_203|>": 1, "<|extra_204|>": 2, "<|image start|>": 3,
-                  "<|image end|>": 4, "<|image token|>": 5, "<image>": 6, "<|extra_200|>": 7, "<|extra_201|>": 8}
-    first = 256 - TINY_IMAGE_CODES
-    for code in range(TINY_IMAGE_CODES):
-        vocabulary[f"<|visual token {code:06d}|>"] = first + code
-    return vocabulary
+    """The config of a built-in tiny model (`tiny-qwen2`, `tiny-janus`, ...: `builtin_names()`)."""
+    family = builtin_family(name)
+    if name not in family.builtin_configs:
+        raise SparsecError(f"{name} has no transformers config (a {family.name} model built directly): use "
+                           f"load_model('{BUILTIN_PREFIX}{name}')")
+    return family.builtin_configs[name]()
 
 
 def build_model(config, seed: int = 0) -> torch.nn.Module:
@@ -102,21 +37,15 @@ def build_model(config, seed: int = 0) -> torch.nn.Module:
 
 
 def _model_class(config) -> type[torch.nn.Module]:
-    """The model class for `config`: from transformers, or sparsec's own (`sparsec.families.mot`)."""
-    import transformers
-
-    from sparsec.families import mot
-
+    """The model class for `config`: `config.architectures`, else its family's default, as its family resolves it."""
+    family = family_for_model_type(config.model_type)
     names = list(getattr(config, "architectures", None) or [])
-    defaults = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "janus": "JanusForConditionalGeneration", "chameleon": "ChameleonForConditionalGeneration",
-                "emu3": "Emu3ForConditionalGeneration", mot.MoTConfig.model_type: "MoTForCausalLM"}
-    if not names and config.model_type in defaults:
-        names = [defaults[config.model_type]]
+    if not names and family.architecture:
+        names = [family.architecture]
     for name in names:
-        for namespace in (transformers, mot):
-            if hasattr(namespace, name):
-                return getattr(namespace, name)
+        cls = family.model_class(name)
+        if cls is not None:
+            return cls
     raise SparsecError(
         f"cannot tell which model class to build for model_type {config.model_type!r} "
         f"(config.architectures = {names}); add the class name to config.json's `architectures`"
@@ -142,19 +71,15 @@ def load_model(spec: str | Path) -> LoadedModel:
     spec = str(spec)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
-        if name == "tiny-qwenimage":  # a diffusers model: no transformers config to build from
-            from sparsec.families.qwenimage import tiny_qwenimage
-
-            model = tiny_qwenimage()
-        else:
-            model = build_model(builtin_config(name))
+        family = builtin_family(name)
+        model = family.builtin_models[name](0) if name in family.builtin_models else build_model(builtin_config(name))
         return LoadedModel(model, detect_family(model), spec, None)
 
     directory = Path(spec)
     if not (directory / "config.json").is_file():
         raise SparsecError(
             f"{directory} is not a Hugging Face model directory (no config.json); "
-            f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in BUILTINS]}"
+            f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in builtin_names()]}"
         )
     if not any(directory.glob("*.safetensors")):
         pickled = sorted(p.name for p in directory.glob("*.bin"))
@@ -165,8 +90,7 @@ def load_model(spec: str | Path) -> LoadedModel:
         )
     import transformers
 
-    from sparsec.families import mot  # noqa: F401  (registers its config with AutoConfig)
-
+    available_families()  # family modules register their own configs with AutoConfig (sparsec.families.mot)
     config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     cls = _model_class(config)
     model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()

@@ -538,17 +538,18 @@ def _score_mask(path: str | None) -> torch.Tensor | None:
 
 
 def task_entry(entries: dict, task: str, entry_name: str | None) -> str:
-    """The entry point serving `task`: as asked, else one named like the task, else `generation_step` for
-    `generation` (Janus), else the model's first entry point (its forward)."""
+    """The entry point serving `task`: as asked, else one named like the task, else the one the family maps
+    the task to (`Family.task_entry_points`; Janus: `generation` -> `generation_step`), else the model's
+    first entry point (its forward)."""
     if entry_name is not None:
         if entry_name not in entries:
             raise AnalysisError(f"task {task!r}: unknown entry point {entry_name!r}; this model has {sorted(entries)}")
         return entry_name
     if task in entries:
         return task
-    if task == "generation" and "generation_step" in entries:
-        return "generation_step"
-    return next(iter(entries))
+    first = next(iter(entries))
+    mapped = entries[first].family.task_entry_points.get(task)
+    return mapped if mapped in entries else first
 
 
 def load_tasks(model: torch.nn.Module, specs: dict[str, tuple[str | None, str | None]], *, tags=(), capture_batch: int = 2,
@@ -557,7 +558,7 @@ def load_tasks(model: torch.nn.Module, specs: dict[str, tuple[str | None, str | 
     """Tasks from `{name: (entry point or None, calibration file or None)}`: each entry point used is captured
     once (tasks on the same entry point share its program); no file means synthetic inputs (announced)."""
     from sparsec.data.calibration import load_calibration
-    from sparsec.families.entrypoints import entry_points
+    from sparsec.families import entry_points
 
     entries = dict(entry_points(model))
     programs: dict[str, Program] = {}

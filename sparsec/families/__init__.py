@@ -1,263 +1,176 @@
-"""Supported model families: how to recognise them, their default component tags, and their inputs.
+"""Model families as plugins: the registry that recognises a model's family and finds its built-in models.
 
-A family is recognised from `config.model_type`, or, for models without one (diffusers), by the class
-of a module in the model's tree (`Family.module_classes`). Anything else is treated as a generic causal LM over
-`input_ids` / `attention_mask` with every region tagged `shared` (say how to tag it in the recipe's
-`tags:` section).
+A family (`sparsec.families.base.Family`) knows how to recognise a model, its default component tags, example
+inputs, dynamic dims, entry points and tiny built-in models. Families come from three places, registered in
+this order:
+
+1. built-in modules of this package: every module with a `FAMILIES` tuple (adding a family = adding a file);
+2. installed packages, through the entry-point group `sparsec.families` (name = the family's name, value = a
+   `Family` instance or a tuple of them), e.g. in pyproject.toml:
+   `[project.entry-points."sparsec.families"]` / `gpt2 = "mypkg.families:GPT2"`;
+3. `register_family(family)` calls.
+
+A model's family is the one claiming its `config.model_type`; if none does (diffusers models have no
+`model_type`), the first family in registration order whose `matches(model)` holds (a module class in its
+tree); else `GENERIC`, a causal LM over `input_ids` / `attention_mask` with every region tagged `shared`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points as _package_entry_points
 
-import torch
+from torch import nn
 
-from sparsec.families.qwenimage import qwenimage_example_inputs
-from sparsec.ir.tags import TagRule
+from sparsec.errors import FamilyError
+from sparsec.families.base import GENERIC, EntryPoint, Family
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+ENTRY_POINT_GROUP = "sparsec.families"
+
+_FAMILIES: dict[str, Family] = {}
+_BY_MODEL_TYPE: dict[str, Family] = {}
+_loaded = False
 
 
-@dataclass(frozen=True)
-class ImageTokenSpan:
-    """How an early-fusion tokenizer writes one image: a begin token, the VQ codes as tokens, an end token.
+def register_family(family: Family) -> Family:
+    """Register `family` after the built-in and installed ones; its name and model types must be new.
 
-    Names are keys of `config.vocabulary_map` (the tokenizer's vocabulary, stored in the config).
-
-    Attributes:
-        code_prefix: the image-code tokens are the names starting with this (`IMGIMG` in Chameleon).
-        begin: the begin-of-image token (`<racm3:break>` in Chameleon).
-        end: the end-of-image token (`<eoss>` in Chameleon).
-
-    Example:
-        >>> span = ImageTokenSpan("IMGIMG", "<racm3:break>", "<eoss>")
-        >>> span.code_ids({"<eoss>": 4, "IMGIMGAZ": 192, "IMGIMGBZ": 193})
-        [192, 193]
+    Raises:
+        FamilyError: not a `Family`, or its name or one of its `model_types` is registered already.
     """
-
-    code_prefix: str
-    begin: str
-    end: str
-
-    def code_ids(self, vocabulary_map: dict[str, int]) -> list[int]:
-        """The token ids of the image codes, sorted."""
-        return sorted(i for name, i in vocabulary_map.items() if name.startswith(self.code_prefix))
-
-    def sample_ids(self, vocabulary_map: dict[str, int], vocab: int, batch: int, seq: int,
-                   gen: torch.Generator) -> torch.Tensor:
-        """Random ids [batch, seq]: text (any non-image id), and from seq 4 on one image span in the middle,
-        begin + random image codes + end, covering half the sequence."""
-        codes = torch.tensor(self.code_ids(vocabulary_map), dtype=torch.long)
-        if len(codes) == 0:
-            raise ValueError(f"config.vocabulary_map has no image tokens (names starting with {self.code_prefix!r})")
-        is_code = torch.zeros(vocab, dtype=torch.bool)
-        is_code[codes] = True
-        text = torch.nonzero(~is_code).flatten()
-        ids = text[torch.randint(0, len(text), (batch, seq), generator=gen)]
-        if seq >= 4:
-            start, length = seq // 4, max(seq // 2, 2)
-            ids[:, start] = vocabulary_map[self.begin]
-            ids[:, start + 1 : start + length - 1] = codes[torch.randint(0, len(codes), (batch, length - 2), generator=gen)]
-            ids[:, start + length - 1] = vocabulary_map[self.end]
-        return ids
+    _load()
+    _add(family, origin="register_family")
+    return family
 
 
-@dataclass(frozen=True)
-class Family:
-    """Facts sparsec knows about one model family.
-
-    Attributes:
-        name: short name (`qwen2`, `janus`).
-        model_types: `config.model_type` values that select this family.
-        tags: default component tag rules (first match wins).
-        image_inputs: whether the forward takes `pixel_values` next to the text.
-        image_tokens: for early-fusion models (one decoder over text and VQ image tokens), how an image is
-            written in the token sequence; example inputs then hold an image span.
-        modality_mask: for Mixture-of-Transformers models, the [B, S] input that is 1 on generation tokens
-            (each token uses the weight copy of its modality); example inputs mark the second half.
-        module_classes: class names that select this family when the model has no `config.model_type`
-            (diffusers models), found anywhere in the module tree so a wrapper around the model matches too.
-        make_inputs: `(model, batch, seq, seed) -> inputs` for families whose forward does not take token
-            ids (a diffusion step); replaces the text / image example inputs.
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    tags: tuple[TagRule, ...] = ()
-    image_inputs: bool = False
-    image_tokens: ImageTokenSpan | None = None
-    modality_mask: str | None = None
-    module_classes: tuple[str, ...] = ()
-    make_inputs: Callable[[torch.nn.Module, int, int, int], dict[str, torch.Tensor]] | None = None
-
-    def example_inputs(self, model: torch.nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random but valid inputs for capture, at the given batch size and text length."""
-        if self.make_inputs is not None:
-            return self.make_inputs(model, batch, seq, seed)
-        config = model.config
-        gen = torch.Generator().manual_seed(seed)
-        text_config = getattr(config, "text_config", config)
-        vocab = int(text_config.vocab_size)
-        if self.image_tokens is not None:
-            ids = self.image_tokens.sample_ids(config.vocabulary_map, vocab, batch, seq, gen)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self.modality_mask is not None:
-            ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-            is_gen = torch.zeros_like(ids)
-            is_gen[:, seq // 2:] = 1
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), self.modality_mask: is_gen}
-        if not self.image_inputs:
-            ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        vision = config.vision_config
-        n_image = (vision.image_size // vision.patch_size) ** 2
-        image_token = int(config.image_token_id)
-        ids = torch.randint(0, min(vocab, image_token), (batch, seq + n_image), generator=gen)
-        ids[:, 1 : 1 + n_image] = image_token
-        pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
-
-    def dynamic_dims(self, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
-        """Batch is dynamic on every input; sequence length on the token-aligned text inputs."""
-        dims: dict[str, dict[int, str]] = {}
-        for name, value in inputs.items():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                continue
-            dims[name] = {0: "batch"}
-            if (name in TEXT_INPUTS or name == self.modality_mask) and value.dim() >= 2:
-                dims[name][1] = "seq"
-        return dims
-
-
-GENERIC = Family("unknown", ())
-
-# BAGEL-style Mixture-of-Transformers (`sparsec.families.mot`): each layer's `*_moe_gen` copy serves generation tokens,
-# the plain copy understanding tokens; embeddings and the head serve both.
-MOT_TAGS = (
-    TagRule("model.layers.*.*_moe_gen", "generation"),
-    TagRule("model.layers.*.self_attn.*_moe_gen", "generation"),
-    TagRule("model.norm_moe_gen", "generation"),
-    TagRule("model.layers.*.self_attn.*_proj", "understanding"),
-    TagRule("model.layers.*.self_attn.*_norm", "understanding"),
-    TagRule("model.layers.*.input_layernorm", "understanding"),
-    TagRule("model.layers.*.post_attention_layernorm", "understanding"),
-    TagRule("model.layers.*.mlp", "understanding"),
-    TagRule("model.norm", "understanding"),
-)
-
-FAMILIES: tuple[Family, ...] = (
-    Family("mot", ("sparsec_mot",), tags=MOT_TAGS, modality_mask="gen_mask"),
-    Family("qwen2", ("qwen2",)),
-    Family("llama", ("llama",)),
-    Family("mistral", ("mistral",)),
-    Family("phi3", ("phi3",)),
-    Family(
-        "janus",
-        ("janus",),
-        tags=(
-            TagRule("model.vision_model", "understanding"),
-            TagRule("model.aligner", "understanding"),
-            TagRule("model.vqmodel", "generation"),
-            TagRule("model.generation_*", "generation"),
-            TagRule("model.language_model", "shared"),
-        ),
-        image_inputs=True,  # forward() is the understanding path: pixels + ids -> logits
-    ),
-    # Early fusion: the captured entry is the decoder over token ids (image tokens are ordinary ids), the
-    # program that both understands and generates. The VQ model tokenizes images before it (encoder side)
-    # and turns generated image tokens back into pixels after it (decoder side).
-    Family(
-        "chameleon",
-        ("chameleon",),
-        tags=(
-            TagRule("model.vqmodel.encoder", "understanding"),
-            TagRule("model.vqmodel.quant_conv", "understanding"),
-            TagRule("model.vqmodel.quantize", "understanding"),
-            TagRule("model.vqmodel.post_quant_conv", "generation"),  # transformers has no Chameleon VQ decoder
-        ),
-        image_tokens=ImageTokenSpan("IMGIMG", "<racm3:break>", "<eoss>"),
-    ),
-    Family(
-        "emu3",
-        ("emu3",),
-        tags=(
-            TagRule("model.vqmodel.encoder", "understanding"),
-            TagRule("model.vqmodel.quant_conv", "understanding"),
-            TagRule("model.vqmodel.decoder", "generation"),
-            TagRule("model.vqmodel.post_quant_conv", "generation"),
-            TagRule("model.vqmodel.quantize", "shared"),  # its codebook serves encode (nearest code) and decode (lookup)
-        ),
-        image_tokens=ImageTokenSpan("<|visual token", "<|image start|>", "<|image end|>"),
-    ),
-    # Qwen-Image's MMDiT (diffusers, no model_type), captured as one denoising step (`sparsec.families.qwenimage.QwenImageStep`;
-    # example `seq` = prompt length). Each block has an image stream (generation) and a text stream (the prompt,
-    # understanding) that meet in one joint attention; timestep embedding, rotary and the attention op are shared.
-    # norm_out / proj_out read only image tokens: generation.
-    Family(
-        "qwenimage",
-        (),
-        tags=(
-            TagRule("**.img_in", "generation"),
-            TagRule("**.img_mod", "generation"),
-            TagRule("**.img_norm*", "generation"),
-            TagRule("**.img_mlp", "generation"),
-            TagRule("**.attn.to_q", "generation"),
-            TagRule("**.attn.to_k", "generation"),
-            TagRule("**.attn.to_v", "generation"),
-            TagRule("**.attn.to_out", "generation"),
-            TagRule("**.attn.norm_q", "generation"),
-            TagRule("**.attn.norm_k", "generation"),
-            TagRule("**.norm_out", "generation"),
-            TagRule("**.proj_out", "generation"),
-            TagRule("**.txt_in", "understanding"),
-            TagRule("**.txt_norm*", "understanding"),
-            TagRule("**.txt_mod", "understanding"),
-            TagRule("**.txt_mlp", "understanding"),
-            TagRule("**.attn.add_q_proj", "understanding"),
-            TagRule("**.attn.add_k_proj", "understanding"),
-            TagRule("**.attn.add_v_proj", "understanding"),
-            TagRule("**.attn.to_add_out", "understanding"),
-            TagRule("**.attn.norm_added_q", "understanding"),
-            TagRule("**.attn.norm_added_k", "understanding"),
-        ),
-        module_classes=("QwenImageTransformer2DModel",),
-        make_inputs=qwenimage_example_inputs,
-    ),
-    # Qwen2.5-VL: in Qwen-Image it is the text encoder (prompt -> last hidden states, `Qwen2_5_VLModel` on
-    # input_ids + attention_mask), the understanding side; as a stand-alone VLM it only understands too.
-    Family(
-        "qwen2_5_vl",
-        ("qwen2_5_vl",),
-        tags=(
-            TagRule("**.visual", "understanding"),
-            TagRule("**.language_model", "understanding"),
-            TagRule("lm_head", "understanding"),
-        ),
-    ),
-)
-
-
-def detect_family(model: torch.nn.Module) -> Family:
-    """The family of a model by `config.model_type`, else by a module class in its tree; `GENERIC` if unknown.
-
-    The class-name rule is for diffusers models, which have no `model_type`: it recognises the bare model
-    and any wrapper around it (`QwenImageStep`, a user's own step module) without the wrapper declaring
-    anything. `model_type` is asked first, so a Hugging Face model holding such a module keeps its family.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
-    classes = {type(m).__name__ for m in model.modules()}
-    for family in FAMILIES:
-        if classes.intersection(family.module_classes):
-            return family
-    return GENERIC
+def available_families() -> dict[str, Family]:
+    """Every registered family by name, in registration order (the order `detect_family` tries `matches`)."""
+    _load()
+    return dict(_FAMILIES)
 
 
 def family_by_name(name: str) -> Family:
-    for family in (*FAMILIES, GENERIC):
-        if family.name == name:
+    """The registered family called `name` (`unknown` is `GENERIC`)."""
+    if name == GENERIC.name:
+        return GENERIC
+    families = available_families()
+    if name not in families:
+        raise FamilyError(f"unknown model family {name!r}; registered families: {sorted(families)}")
+    return families[name]
+
+
+def family_for_model_type(model_type: str | None) -> Family:
+    """The family claiming `config.model_type`, `GENERIC` if none does."""
+    _load()
+    return _BY_MODEL_TYPE.get(model_type, GENERIC) if model_type is not None else GENERIC
+
+
+def detect_family(model: nn.Module) -> Family:
+    """The family of a model by `config.model_type`, else the first whose `matches(model)` holds; `GENERIC`.
+
+    `model_type` is asked first, so a Hugging Face model holding a module another family recognises by class
+    (e.g. a diffusers transformer) keeps its own family; a wrapper without a config (`QwenImageStep`, a user's
+    own step module) is recognised by what it holds.
+    """
+    family = family_for_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    if family is not GENERIC:
+        return family
+    return next((f for f in _FAMILIES.values() if f.matches(model)), GENERIC)
+
+
+def entry_points(model: nn.Module) -> Mapping[str, EntryPoint]:
+    """The entry points of a model, as its family names them (`{"forward": ...}` for single-program families).
+
+    Example::
+
+        sorted(entry_points(janus_model))
+        # -> ['generation_step', 'understanding', 'vq_decode']
+    """
+    return detect_family(model).entry_points(model)
+
+
+def builtin_family(name: str) -> Family:
+    """The family whose built-in tiny model is `name` (`tiny-qwen2`).
+
+    Raises:
+        FamilyError: no family has that built-in (the message lists the built-ins).
+    """
+    for family in available_families().values():
+        if name in family.builtin_names():
             return family
-    raise KeyError(name)
+    raise FamilyError(f"unknown built-in model {name!r}; choose one of {builtin_names()}")
+
+
+def builtin_names() -> list[str]:
+    """The names of every registered family's built-in tiny models."""
+    return _builtin_names(available_families().values())
+
+
+def _load() -> None:
+    """Register the built-in and installed families, once; on a failure none stays registered."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        _load_all()
+    except BaseException:
+        _FAMILIES.clear()
+        _BY_MODEL_TYPE.clear()
+        _loaded = False
+        raise
+
+
+def _load_all() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for family in getattr(module, "FAMILIES", ()):
+            _add(family, origin=module.__name__)
+    for ep in sorted(_package_entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        loaded = ep.load()
+        families = tuple(loaded) if isinstance(loaded, Iterable) else (loaded,)
+        if ep.name not in {getattr(f, "name", None) for f in families}:
+            raise FamilyError(f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} loads no family "
+                              f"named {ep.name!r}; name the entry point after the family it registers")
+        for family in families:
+            _add(family, origin=f"entry point {ep.name} ({ep.value})")
+
+
+def _add(family: Family, origin: str) -> None:
+    if not isinstance(family, Family):
+        raise FamilyError(f"{origin}: {family!r} is not a sparsec.families.base.Family")
+    if family.name in _FAMILIES or family.name == GENERIC.name:
+        raise FamilyError(f"{origin}: a model family named {family.name!r} is registered already; give it another name")
+    taken = [t for t in family.model_types if t in _BY_MODEL_TYPE]
+    if taken:
+        raise FamilyError(f"{origin}: model_type {taken[0]!r} of family {family.name!r} is claimed by family "
+                          f"{_BY_MODEL_TYPE[taken[0]].name!r} already; a model_type selects one family")
+    builtins = set(_builtin_names(_FAMILIES.values()))
+    clash = [b for b in family.builtin_names() if b in builtins]
+    if clash:
+        raise FamilyError(f"{origin}: built-in model {clash[0]!r} of family {family.name!r} exists already; rename it")
+    _FAMILIES[family.name] = family
+    _BY_MODEL_TYPE.update(dict.fromkeys(family.model_types, family))
+
+
+def _builtin_names(families: Iterable[Family]) -> list[str]:
+    return [name for family in families for name in family.builtin_names()]
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "EntryPoint",
+    "Family",
+    "FamilyError",
+    "GENERIC",
+    "available_families",
+    "builtin_family",
+    "builtin_names",
+    "detect_family",
+    "entry_points",
+    "family_by_name",
+    "family_for_model_type",
+    "register_family",
+]

@@ -42,6 +42,9 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from sparsec.families.base import Family
+from sparsec.ir.tags import TagRule
+
 GEN = "_moe_gen"
 
 MOT_PRESETS: dict[str, dict] = {
@@ -261,3 +264,45 @@ class MoTForCausalLM(PreTrainedModel):
 
 
 AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
+
+
+class MoTFamily(Family):
+    """The `mot` family: example inputs mark their second half as generation tokens (`gen_mask`)."""
+
+    def example_inputs(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        inputs = super().example_inputs(model, batch, seq, seed)
+        is_gen = torch.zeros_like(inputs["input_ids"])
+        is_gen[:, seq // 2:] = 1
+        return {**inputs, self.modality_mask: is_gen}
+
+    def model_class(self, name: str) -> type[nn.Module] | None:
+        return MoTForCausalLM if name == MoTForCausalLM.__name__ else super().model_class(name)
+
+
+def tiny_mot_config() -> MoTConfig:
+    """The config of `builtin:tiny-mot` (`MOT_PRESETS["tiny"]`)."""
+    return MoTConfig(**MOT_PRESETS["tiny"])
+
+
+# Each layer's `*_moe_gen` copy serves generation tokens, the plain copy understanding tokens; embeddings and the
+# head serve both.
+FAMILIES = (
+    MoTFamily(
+        name="mot",
+        model_types=(MoTConfig.model_type,),
+        tags=(
+            TagRule("model.layers.*.*_moe_gen", "generation"),
+            TagRule("model.layers.*.self_attn.*_moe_gen", "generation"),
+            TagRule("model.norm_moe_gen", "generation"),
+            TagRule("model.layers.*.self_attn.*_proj", "understanding"),
+            TagRule("model.layers.*.self_attn.*_norm", "understanding"),
+            TagRule("model.layers.*.input_layernorm", "understanding"),
+            TagRule("model.layers.*.post_attention_layernorm", "understanding"),
+            TagRule("model.layers.*.mlp", "understanding"),
+            TagRule("model.norm", "understanding"),
+        ),
+        modality_mask="gen_mask",
+        architecture=MoTForCausalLM.__name__,
+        builtin_configs={"tiny-mot": tiny_mot_config},
+    ),
+)

@@ -10,7 +10,8 @@ A program captured from it serves that one image size; wrap again for another si
 What stays dynamic: the batch. The text length is fixed at capture too, because diffusers slices its
 rotary table with `int(text_length)`; capture with the prompt length you deploy (pipelines pad prompts).
 
-diffusers is an optional dependency (`pip install diffusers`); only `tiny_qwenimage` imports it.
+diffusers is an optional dependency (`pip install diffusers`); only `tiny_qwenimage` imports it: the family
+recognises a model by the class name `QwenImageTransformer2DModel` in its tree, without importing diffusers.
 
 Example:
     >>> from diffusers import QwenImageTransformer2DModel
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.families.base import Family
+from sparsec.ir.tags import TagRule
 
 # A tiny QwenImageTransformer2DModel: 2 blocks, 2 heads of 16 (inner dim 32), rotary axes 4 + 6 + 6 = 16,
 # 16 input channels (4 latent channels x 2x2 patch), prompt embeddings of width 24.
@@ -92,17 +95,6 @@ def qwenimage_step_inputs(batch: int, text: int, *, image_tokens: int, in_channe
     }
 
 
-def qwenimage_example_inputs(model: torch.nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Example inputs of the `qwenimage` family: `seq` is the prompt length. `model` must hold a `QwenImageStep`."""
-    step = next((m for m in model.modules() if isinstance(m, QwenImageStep)), None)
-    if step is None:
-        raise SparsecError(
-            f"{type(model).__name__} holds a QwenImageTransformer2DModel but no QwenImageStep; its forward needs "
-            "img_shapes (a Python list), so wrap it: sparsec.families.qwenimage.QwenImageStep(transformer, height=..., width=...)"
-        )
-    return step.example_inputs(batch, seq, seed=seed)
-
-
 def tiny_qwenimage(seed: int = 0, frames: int = 1, height: int = 4, width: int = 4) -> QwenImageStep:
     """A `QwenImageStep` over a tiny random `QwenImageTransformer2DModel` (`TINY_QWENIMAGE_CONFIG`), eval mode.
 
@@ -117,3 +109,53 @@ def tiny_qwenimage(seed: int = 0, frames: int = 1, height: int = 4, width: int =
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(**TINY_QWENIMAGE_CONFIG).eval()
     return QwenImageStep(transformer, frames, height, width).eval()
+
+
+class QwenImageFamily(Family):
+    """Qwen-Image's MMDiT, captured as one denoising step (`QwenImageStep`; example `seq` = prompt length)."""
+
+    def example_inputs(self, model: torch.nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Step inputs with prompts of `seq` tokens; `model` must hold a `QwenImageStep`."""
+        step = next((m for m in model.modules() if isinstance(m, QwenImageStep)), None)
+        if step is None:
+            raise SparsecError(
+                f"{type(model).__name__} holds a QwenImageTransformer2DModel but no QwenImageStep; its forward needs "
+                "img_shapes (a Python list), so wrap it: sparsec.families.qwenimage.QwenImageStep(transformer, height=..., width=...)"
+            )
+        return step.example_inputs(batch, seq, seed=seed)
+
+
+# Each block has an image stream (generation) and a text stream (the prompt, understanding) that meet in one joint
+# attention; timestep embedding, rotary and the attention op are shared. norm_out / proj_out read only image
+# tokens: generation.
+FAMILIES = (
+    QwenImageFamily(
+        name="qwenimage",
+        module_classes=("QwenImageTransformer2DModel",),
+        tags=(
+            TagRule("**.img_in", "generation"),
+            TagRule("**.img_mod", "generation"),
+            TagRule("**.img_norm*", "generation"),
+            TagRule("**.img_mlp", "generation"),
+            TagRule("**.attn.to_q", "generation"),
+            TagRule("**.attn.to_k", "generation"),
+            TagRule("**.attn.to_v", "generation"),
+            TagRule("**.attn.to_out", "generation"),
+            TagRule("**.attn.norm_q", "generation"),
+            TagRule("**.attn.norm_k", "generation"),
+            TagRule("**.norm_out", "generation"),
+            TagRule("**.proj_out", "generation"),
+            TagRule("**.txt_in", "understanding"),
+            TagRule("**.txt_norm*", "understanding"),
+            TagRule("**.txt_mod", "understanding"),
+            TagRule("**.txt_mlp", "understanding"),
+            TagRule("**.attn.add_q_proj", "understanding"),
+            TagRule("**.attn.add_k_proj", "understanding"),
+            TagRule("**.attn.add_v_proj", "understanding"),
+            TagRule("**.attn.to_add_out", "understanding"),
+            TagRule("**.attn.norm_added_q", "understanding"),
+            TagRule("**.attn.norm_added_k", "understanding"),
+        ),
+        builtin_models={"tiny-qwenimage": tiny_qwenimage},
+    ),
+)

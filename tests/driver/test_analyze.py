@@ -8,9 +8,10 @@ import torch
 
 import sparsec
 from sparsec import testing
-from sparsec.probe import AnalysisError, Probe, Task, _mean_pairwise, write_report
+from sparsec.probe import AnalysisError, Probe, Task, _mean_pairwise, task_entry, write_report
 from sparsec.data.calibration import CalibrationSet
 from sparsec.cli import main
+from sparsec.families import entry_points
 from sparsec.models import build_model, builtin_config
 from sparsec.ir.tags import TagRule
 from conftest import mot_inputs
@@ -200,3 +201,13 @@ def test_scored_positions(tmp_path, mot_probe):
     assert torch.equal(loaded.scored, scored) and sorted(loaded.calibration.inputs) == sorted(und.calibration.inputs)
     with pytest.raises(AnalysisError, match=r"scoring mask must be \[N, S\] with N = 6 samples"):
         Task("bad", program, und.calibration, scored=scored[:2])
+
+
+def test_task_entry_follows_the_family_task_mapping():
+    """Janus maps the `generation` task to `generation_step` (`Family.task_entry_points`); others use their first."""
+    janus = dict(entry_points(build_model(builtin_config("tiny-janus"))))
+    assert task_entry(janus, "generation", None) == "generation_step"
+    assert task_entry(janus, "understanding", None) == "understanding"
+    assert task_entry(janus, "captioning", None) == "understanding"
+    assert task_entry(janus, "generation", "vq_decode") == "vq_decode"
+    assert task_entry(dict(entry_points(build_model(builtin_config("tiny-qwen2")))), "generation", None) == "forward"

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from sparsec.compiler import compile_model
-from sparsec.families.entrypoints import JanusGenerationStep, janus_entry_points
+from sparsec.families import entry_points
+from sparsec.families.janus import JanusGenerationStep
 from sparsec.errors import RecipeError, SparsecError
 from sparsec.models import build_model, builtin_config
 from sparsec.ir.program import Program
@@ -77,7 +78,7 @@ def test_generation_step_equals_the_same_edits_by_hand(compiled):
     fc1, fc2 = model.model.generation_aligner.fc1, model.model.generation_aligner.hidden_layers[0]
     fc1.weight.data, fc1.bias.data, fc2.weight.data = fc1.weight.data[kept], fc1.bias.data[kept], fc2.weight.data[:, kept]
     step = Program.load(out / "generation_step" / "program.pt2")
-    inputs = janus_entry_points(model)["generation_step"].example_inputs(batch=3, seq=5, seed=9)
+    inputs = entry_points(model)["generation_step"].example_inputs(batch=3, seq=5, seed=9)
     with torch.no_grad():
         want = JanusGenerationStep(model)(**inputs)["logits"]
     torch.testing.assert_close(step.run(inputs)["logits"], want, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@ from transformers import DynamicCache
 import sparsec
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
-from sparsec.families.entrypoints import JanusGenerationStep, entry_points, janus_entry_points
+from sparsec.families import entry_points
+from sparsec.families.janus import JANUS, JanusGenerationStep
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.analysis.inspection import inspect_program
 from sparsec.models import build_model, builtin_config
@@ -46,7 +47,7 @@ def janus():
 
 @pytest.fixture(scope="module")
 def entries(janus):
-    return janus_entry_points(janus)
+    return JANUS.entry_points(janus)
 
 
 @pytest.fixture(scope="module")
