@@ -67,29 +67,6 @@ class CalibrationOptions:
 
 
 @dataclass
-class TensorRTOptions:
-    """`export.tensorrt` (`--target tensorrt`, see `sparsec.exporters.targets.tensorrt`).
-
-    `profiles`: `{dim name: [min, opt, max]}` for the ONNX's dynamic dims (`batch`, `seq`); dims not named span
-    1 .. the calibration shapes parity runs. `workspace_mib`: the builder's workspace pool limit. `timing_cache`:
-    a file loaded before and saved after the build (reused across compiles). `typing`: `strong` (the ONNX carries
-    the precision; TensorRT 10 and 11) or `flags` (TensorRT 10 only: FP32 ONNX, FP16/BF16 builder flags).
-    """
-
-    profiles: dict[str, list[int]] = field(default_factory=dict)
-    workspace_mib: int = 4096
-    timing_cache: str | None = None
-    typing: Literal["strong", "flags"] = "strong"
-
-    def __post_init__(self) -> None:
-        if self.workspace_mib < 1:
-            raise ValueError(f"workspace_mib: must be >= 1, got {self.workspace_mib}")
-        for name, bounds in self.profiles.items():
-            if len(bounds) != 3 or not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
-                raise ValueError(f"profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, got {bounds}")
-
-
-@dataclass
 class ExportOptions:
     """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
 
@@ -114,7 +91,6 @@ class ExportOptions:
     precision: Precision = "fp32"
     keep_fp32: list[str] = field(default_factory=list)
     parity: ParityOptions = field(default_factory=ParityOptions)
-    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     _target_options: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -202,9 +178,6 @@ class Recipe:
             if cal.file and not Path(cal.file).is_absolute():
                 cal.file = str(base_dir / cal.file)
             cal.files = {k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()} or None
-            trt = recipe.export.tensorrt
-            if trt.timing_cache and not Path(trt.timing_cache).is_absolute():
-                trt.timing_cache = str(base_dir / trt.timing_cache)
         unknown = sorted(set(cal.files or {}) - set(recipe.entry_points))
         if unknown:
             raise RecipeError(f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}")
