@@ -161,22 +161,24 @@ def check_parity(
 
 
 class OnnxRuntime(Target):
-    """An ONNX Runtime target: `model.onnx` run by a session on `providers` (one provider: no silent fallback, so
-    parity measures that provider's kernels). `bf16`: whether the provider has BF16 kernels (the CPU one has no
-    BF16 MatMul). Without ONNX (`export.onnx: false`) the CPU target still compiles, to `program.pt2` alone."""
+    """The two ONNX Runtime targets: `model.onnx` run by a session on one execution provider (no silent fallback,
+    so parity measures that provider's kernels). `cuda=False`: `onnxruntime`, the CPU provider, which has no BF16
+    MatMul and still compiles a recipe without ONNX (`export.onnx: false`: `program.pt2` alone); `cuda=True`:
+    `onnxruntime-cuda`, the CUDA provider of onnxruntime-gpu."""
 
-    def __init__(self, name: str, description: str, providers: Sequence[str], *, bf16: bool, needs_onnx: bool) -> None:
-        self.name = name
-        self.description = description
-        self.providers = tuple(providers)
-        self.bf16 = bf16
-        self.needs_onnx = needs_onnx
+    def __init__(self, *, cuda: bool) -> None:
+        self.cuda = cuda
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime"
+        self.description = (f"ONNX Runtime's {CUDA} (onnxruntime-gpu, the gpu extra, and an NVIDIA GPU)" if cuda else
+                            'ONNX Runtime on CPU (default; the cpu extra: pip install -e ".[cpu]")')
+        self.providers = (CUDA,) if cuda else ("CPUExecutionProvider",)
+        self.needs_onnx = cuda
 
     def check(self, recipe) -> None:
         export = recipe.export
         if not export.onnx:
             return
-        if export.precision == "bf16" and not self.bf16:
+        if export.precision == "bf16" and not self.cuda:
             raise SparsecError("export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul "
                                "kernel); use fp16, or --target tensorrt / onnxruntime-cuda")
         require_onnxruntime(self.name)
@@ -195,7 +197,5 @@ class OnnxRuntime(Target):
                             providers=self.providers)
 
 
-register_target(OnnxRuntime("onnxruntime", 'ONNX Runtime on CPU (default; the cpu extra: pip install -e ".[cpu]")',
-                            ("CPUExecutionProvider",), bf16=False, needs_onnx=False))
-register_target(OnnxRuntime("onnxruntime-cuda", "ONNX Runtime's CUDAExecutionProvider (onnxruntime-gpu, the gpu extra, "
-                            "and an NVIDIA GPU)", (CUDA,), bf16=True, needs_onnx=True))
+register_target(OnnxRuntime(cuda=False))
+register_target(OnnxRuntime(cuda=True))

@@ -133,10 +133,20 @@ def _installed_package(site: Path, module: str, entry_points: str) -> None:
     """A package as pip leaves it in a site directory: its module and a dist-info with entry points."""
     site.mkdir()
     (site / f"{module}.py").write_text(textwrap.dedent("""
-        from sparsec.exporters.targets.onnxruntime import OnnxRuntime
+        from sparsec.exporters.targets import Target, onnxruntime
 
-        TARGET = OnnxRuntime("onnxruntime-ep", "ONNX Runtime on CPU, from an entry point", ("CPUExecutionProvider",),
-                             bf16=False, needs_onnx=True)
+
+        class OnnxFile(Target):
+            name = "onnx-file"
+            description = "the ONNX file, run by ONNX Runtime on CPU; from an entry point"
+
+            def load(self, directory):
+                session = onnxruntime.session(directory / "model.onnx")
+                return lambda inputs: onnxruntime.run(session, inputs)
+
+            def parity(self, program, directory, calibration, options, precision):
+                return onnxruntime.check_parity(program, directory / "model.onnx", calibration, options=options,
+                                                precision=precision)
     """))
     info = site / f"{module}-0.1.dist-info"
     info.mkdir()
@@ -145,20 +155,20 @@ def _installed_package(site: Path, module: str, entry_points: str) -> None:
 
 
 def test_entry_point_targets_are_discovered(tmp_path, monkeypatch, registered):
-    _installed_package(tmp_path / "site", "sparsec_ep_target", "onnxruntime-ep = sparsec_ep_target:TARGET")
-    assert "onnxruntime-ep" not in available_targets()
+    _installed_package(tmp_path / "site", "sparsec_ep_target", "onnx-file = sparsec_ep_target:OnnxFile")
+    assert "onnx-file" not in available_targets()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    registered.append("onnxruntime-ep")
-    target = get_target("onnxruntime-ep")
-    assert target.description == "ONNX Runtime on CPU, from an entry point" and target.needs_onnx
-    with pytest.raises(SparsecError, match="--target onnxruntime-ep lowers the ONNX file"):
-        check_target("onnxruntime-ep", Recipe.from_dict({"export": {"onnx": False}}))
+    registered.append("onnx-file")
+    target = get_target("onnx-file")  # the entry point names a class: registered as its instance
+    assert type(target).__module__ == "sparsec_ep_target" and target.description.endswith("from an entry point")
+    with pytest.raises(SparsecError, match="--target onnx-file lowers the ONNX file"):
+        check_target("onnx-file", Recipe.from_dict({"export": {"onnx": False}}))
 
 
 def test_an_entry_point_must_be_named_like_its_target(tmp_path, monkeypatch):
-    _installed_package(tmp_path / "site", "sparsec_misnamed_target", "other-name = sparsec_misnamed_target:TARGET")
+    _installed_package(tmp_path / "site", "sparsec_misnamed_target", "other-name = sparsec_misnamed_target:OnnxFile")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(SparsecError, match=r"entry point 'other-name' .* loads a target named 'onnxruntime-ep'"):
+    with pytest.raises(SparsecError, match=r"entry point 'other-name' .* loads a target named 'onnx-file'"):
         available_targets()
 
 
