@@ -195,3 +195,12 @@ def test_a_third_party_target_compiles_and_runs_end_to_end(tmp_path, toy):
     (out / "model.digest").write_text("md5:0")
     with pytest.raises(SparsecError, match="model.onnx does not match model.digest"):
         load_artifact(out, "toy")
+
+
+def test_path_options_of_a_target_section_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("export: {tensorrt: {timing_cache: caches/trt.cache, workspace_mib: 512}}\n")
+    options = Recipe.load(tmp_path / "recipe.yaml").export.tensorrt
+    assert options.timing_cache == str(tmp_path / "caches" / "trt.cache") and options.workspace_mib == 512
+    (tmp_path / "absolute.yaml").write_text("export: {tensorrt: {timing_cache: /var/cache/trt.cache}}\n")
+    assert Recipe.load(tmp_path / "absolute.yaml").export.tensorrt.timing_cache == "/var/cache/trt.cache"
+    assert Recipe.from_dict({"export": {"tensorrt": {"timing_cache": "trt.cache"}}}).export.tensorrt.timing_cache == "trt.cache"
