@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
-from sparsec.compiler import TARGETS, check_target, compile_model  # noqa: E402
+from sparsec.compiler import check_target, compile_model  # noqa: E402
+from sparsec.exporters.targets import available_targets, get_target  # noqa: E402
 from sparsec.errors import SparsecError  # noqa: E402
 from sparsec.analysis.inspection import flops_by_path  # noqa: E402
 from sparsec.ir.program import Program  # noqa: E402
@@ -58,7 +59,7 @@ def variant_recipe(name: str, args, target: str) -> Recipe:
     return Recipe.from_dict({
         "passes": variant_passes(name, args.layers),
         "export": {"precision": args.precision,
-                   "moe_lowering": "contrib" if target.startswith("onnxruntime") else "standard",
+                   "moe_lowering": "contrib" if "contrib" in get_target(target).moe_lowerings else "standard",
                    "tensorrt": {"profiles": {"batch": [1, 1, 8], "seq": [1, args.seq, max(args.seq, 32)]}}},
     })
 
@@ -139,7 +140,7 @@ def run(args) -> dict:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.set_defaults(layers=8, reps=50)
-    p.add_argument("--targets", default="tensorrt,onnxruntime-cuda", help=f"comma-separated, of {list(TARGETS)}")
+    p.add_argument("--targets", default="tensorrt,onnxruntime-cuda", help=f"comma-separated, of {list(available_targets())}")
     p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per artifact first (default 3)")
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])

@@ -13,7 +13,7 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from sparsec.exporters.targets import TARGETS
+from sparsec.exporters.targets import available_targets
 from sparsec.errors import SparsecError
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
@@ -281,10 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing")
     p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
                                    "(overrides the recipe's calibration.file; default: synthetic random inputs)")
-    p.add_argument("--target", default="onnxruntime", choices=TARGETS,
-                   help="backend the artifact is built and parity-checked for: onnxruntime (CPU, default), "
-                        "onnxruntime-cuda (onnxruntime-gpu), tensorrt (also writes model.engine); the GPU targets "
-                        'need the gpu extra (pip install -e ".[gpu]") and a GPU, checked before any work')
+    targets = available_targets()
+    p.add_argument("--target", default="onnxruntime", choices=list(targets),
+                   help="backend the artifact is built and parity-checked for, checked before any work: "
+                        + "; ".join(f"{name}: {t.description}" for name, t in targets.items()).replace("%", "%%")
+                        + " (entry-point group 'sparsec.targets' adds more)")
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
                            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).")
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
-        p.add_argument("--target", default="onnxruntime", choices=TARGETS,
+        p.add_argument("--target", default="onnxruntime", choices=list(targets),
                        help="backend to run it on (default: %(default)s)")
         p.add_argument("--calib", help="inputs: a .safetensors/.npz file of the model's inputs (default: synthetic)")
         p.add_argument("--samples", type=int, default=16, help="samples read from --calib (default: %(default)s)")

@@ -22,48 +22,30 @@ from sparsec import __version__
 from sparsec.data.calibration import load_calibration
 from sparsec.capture import capture
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import TARGETS
+from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points
 from sparsec.models import load_model
 from sparsec.transform.pass_manager import Pass, PassContext, PassManager
 from sparsec.recipe import Recipe
 
-ARTIFACTS = ("model.onnx", "model.onnx.data", "model.engine", "program.pt2", "report.json")
+ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")  # and each target's `Target.artifacts`
 
 
 def check_target(target: str, recipe: Recipe) -> None:
-    """Fail fast, before the model is loaded, when `target` cannot run here or does not fit the recipe.
+    """Fail fast, before the model is loaded, when `target` is not registered, cannot run here or does not fit the
+    recipe: a target that needs the ONNX file (`Target.needs_onnx`) with `export.onnx: false`, then the target's own
+    `Target.check` (e.g. `tensorrt`: the `tensorrt` module, CUDA torch and a GPU). The errors name what is missing
+    and how to install it.
 
-    `onnxruntime` (CPU) needs an ONNX Runtime build (the `cpu` extra); `onnxruntime-cuda` needs onnxruntime-gpu, no
-    other build beside it, and a CUDA device; `tensorrt` needs the `tensorrt` module, CUDA torch and a GPU (both: the
-    `gpu` extra). The errors name what is missing and how to install it.
+    Example::
 
-    Example:
-        >>> check_target("tensorrt", Recipe())
-        SparsecError: --target tensorrt needs TensorRT and an NVIDIA GPU: the Python module `tensorrt` is not installed; ...
+        check_target("tensorrt", Recipe())
+        # SparsecError: --target tensorrt needs TensorRT and an NVIDIA GPU: the Python module `tensorrt` is not ...
     """
-    if target not in TARGETS:
-        raise SparsecError(f"--target {target!r}: choose one of {list(TARGETS)}")
-    export = recipe.export
-    if target != "onnxruntime" and not export.onnx:
+    chosen = get_target(target)
+    if chosen.needs_onnx and not recipe.export.onnx:
         raise SparsecError(f"--target {target} lowers the ONNX file; the recipe turns it off (export.onnx: false)")
-    if target == "onnxruntime" and export.onnx and export.precision == "bf16":
-        raise SparsecError("export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul kernel); "
-                           "use fp16, or --target tensorrt / onnxruntime-cuda")
-    if target == "tensorrt" and export.moe_lowering == "contrib":
-        raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT does not "
-                           "parse; use moe_lowering: standard with --target tensorrt")
-    if target.startswith("onnxruntime") and export.onnx:
-        from sparsec.exporters.targets.onnxruntime import require_onnxruntime
-
-        require_onnxruntime(target)
-    elif target == "tensorrt":
-        from sparsec.exporters.targets.tensorrt import require_tensorrt, tensorrt_major
-
-        require_tensorrt()
-        if export.tensorrt.typing == "flags" and tensorrt_major() >= 11:
-            raise SparsecError("export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
-                               "networks only); use typing: strong, the precision then comes from export.precision")
+    chosen.check(recipe)
 
 
 def _jsonable(value: Any) -> Any:
@@ -80,8 +62,9 @@ def _check_out_dir(out_dir: Path, entry_names: Sequence[str] = ()) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise SparsecError(f"--out {out_dir} exists and is not a directory")
     if out_dir.is_dir():
+        ours = set(ARTIFACTS).union(*(t.artifacts for t in available_targets().values()))
         foreign = [p.name for p in out_dir.iterdir()
-                   if p.name not in ARTIFACTS and not (p.is_dir() and p.name in entry_names)]
+                   if p.name not in ours and not (p.is_dir() and p.name in entry_names)]
         if foreign:
             raise SparsecError(
                 f"--out {out_dir} holds files sparsec did not write ({foreign[:5]}); "
@@ -106,9 +89,11 @@ def compile_model(
     recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
     passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
 
-    `target` (see `check_target`, checked before any work): `onnxruntime` (CPU), `onnxruntime-cuda` or
-    `tensorrt` (also writes `model.engine`). The ONNX file is in `recipe.export.precision`; backend parity
-    (`sparsec.data.parity`) runs the target on calibration inputs against the program.
+    `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
+    `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`)), checked before any work (`check_target`). The ONNX
+    file is lowered as the target asks (`Target.lowering`: by default in `recipe.export.precision`), the target
+    builds its artifact from it (`Target.build`) and backend parity (`sparsec.data.parity`) runs the artifact on
+    calibration inputs against the program (`Target.parity`).
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
@@ -174,7 +159,7 @@ def compile_model(
         for unit in units:
             directory = stage / unit.name if recipe.entry_points else stage
             directory.mkdir(exist_ok=True)
-            unit.write(directory, recipe, target, times, say)
+            unit.write(directory, recipe, get_target(target), times, say)
         report.update(_program_reports(units, recipe))  # now with export, parity and artifacts
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
@@ -266,9 +251,9 @@ class _Unit:
             self.report["passes_skipped"] = {name: "nothing to change in this program" for name in skipped}
         self.report["parameters"] = {"before": self.captured_parameters, "after": self.program.num_parameters()}
 
-    def write(self, directory: Path, recipe: Recipe, target: str, times: dict[str, float],
+    def write(self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float],
               say: Callable[[str], None]) -> None:
-        """program.pt2, model.onnx (in the recipe's precision), model.engine for TensorRT, and backend parity."""
+        """program.pt2, model.onnx (lowered as `target` asks), the target's artifact, and backend parity."""
         label = f" ({self.name})" if recipe.entry_points else ""
         say(f"[sparsec] saving program.pt2{label}")
         self.program.save(directory / "program.pt2")
@@ -277,19 +262,19 @@ class _Unit:
             return
         from sparsec.exporters.lowering.onnx import export_onnx
 
-        export, onnx_path = recipe.export, directory / "model.onnx"
-        convert = export.precision != "fp32" and not (target == "tensorrt" and export.tensorrt.typing == "flags")
+        export, onnx_path, lowering = recipe.export, directory / "model.onnx", target.lowering(recipe)
+        convert = lowering.precision != "fp32"
         say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
         t = time.perf_counter()
         fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
         self.report["export"] = export_onnx(self.program, fp32_path, opset=export.opset,
                                             external_data=export.external_data, moe_lowering=export.moe_lowering,
-                                            scatter_reduction=target != "tensorrt")
+                                            scatter_reduction=lowering.scatter_reduction)
         if convert:
             from sparsec.exporters.lowering.precision import convert_precision
 
-            say(f"[sparsec] converting ONNX to {export.precision} (norms, softmax, router kept fp32){label}")
-            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, export.precision,
+            say(f"[sparsec] converting ONNX to {lowering.precision} (norms, softmax, router kept fp32){label}")
+            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, lowering.precision,
                                                                    keep_ops=export.keep_fp32)
             for path in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
                 path.unlink(missing_ok=True)
@@ -298,25 +283,11 @@ class _Unit:
                                          bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0))
         times["export"] = times.get("export", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        if target == "tensorrt":
-            from sparsec.exporters.targets import tensorrt
-
-            profiles = tensorrt.engine_profiles(onnx_path, export.tensorrt.profiles,
-                                                self.calibration.head(export.parity.samples).batches())
-            say(f"[sparsec] building the TensorRT engine{label}")
-            self.report["engine"] = tensorrt.build_engine(
-                onnx_path, directory / "model.engine", profiles=profiles, precision=export.precision,
-                typing=export.tensorrt.typing, workspace_mib=export.tensorrt.workspace_mib,
-                timing_cache=export.tensorrt.timing_cache)
-            say(f"[sparsec] checking the TensorRT engine against PyTorch on calibration inputs{label}")
-            self.report["parity"] = tensorrt.check_parity(self.program, directory / "model.engine", self.calibration,
-                                                          options=export.parity, precision=export.precision)
-        else:
-            from sparsec.exporters.targets.onnxruntime import check_parity, providers_for
-
-            say(f"[sparsec] checking ONNX Runtime against PyTorch on calibration inputs{label}")
-            self.report["parity"] = check_parity(self.program, onnx_path, self.calibration, options=export.parity,
-                                                 precision=export.precision, providers=providers_for(target))
+        self.report.update(target.build(self.program, onnx_path, directory, recipe, self.calibration,
+                                        log=lambda line: say(f"[sparsec] {line}{label}")))
+        say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
+        self.report["parity"] = target.parity(self.program, directory, self.calibration, export.parity,
+                                              export.precision)
         times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self._record_artifacts(directory)
 

@@ -19,6 +19,7 @@ Relative file paths are relative to the recipe file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from sparsec.errors import RecipeError
+from sparsec.exporters.targets import Target, available_targets
 from sparsec.transform.options import parse_section
 from sparsec.data.parity import ParityOptions, Precision
 from sparsec.transform.pass_manager import Pass, get_pass
@@ -65,29 +67,6 @@ class CalibrationOptions:
 
 
 @dataclass
-class TensorRTOptions:
-    """`export.tensorrt` (`--target tensorrt`, see `sparsec.exporters.targets.tensorrt`).
-
-    `profiles`: `{dim name: [min, opt, max]}` for the ONNX's dynamic dims (`batch`, `seq`); dims not named span
-    1 .. the calibration shapes parity runs. `workspace_mib`: the builder's workspace pool limit. `timing_cache`:
-    a file loaded before and saved after the build (reused across compiles). `typing`: `strong` (the ONNX carries
-    the precision; TensorRT 10 and 11) or `flags` (TensorRT 10 only: FP32 ONNX, FP16/BF16 builder flags).
-    """
-
-    profiles: dict[str, list[int]] = field(default_factory=dict)
-    workspace_mib: int = 4096
-    timing_cache: str | None = None
-    typing: Literal["strong", "flags"] = "strong"
-
-    def __post_init__(self) -> None:
-        if self.workspace_mib < 1:
-            raise ValueError(f"workspace_mib: must be >= 1, got {self.workspace_mib}")
-        for name, bounds in self.profiles.items():
-            if len(bounds) != 3 or not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
-                raise ValueError(f"profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, got {bounds}")
-
-
-@dataclass
 class ExportOptions:
     """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
 
@@ -99,6 +78,10 @@ class ExportOptions:
     the MoE router kept in FP32; inputs and outputs keep their types); `keep_fp32`: further op types to keep in
     FP32 (e.g. `[Sigmoid]`). `parity`: `sparsec.data.parity.ParityOptions`,
     whose default tolerances follow `precision`.
+
+    Target options: every registered target with an options section (`Target.section`, e.g. `tensorrt`) adds
+    that key; its parsed options (the target's defaults where the recipe has none) are the attribute of that
+    name, e.g. `recipe.export.tensorrt.profiles`. Build from a recipe's mapping with `ExportOptions.parse`.
     """
 
     onnx: bool = True
@@ -108,11 +91,52 @@ class ExportOptions:
     precision: Precision = "fp32"
     keep_fp32: list[str] = field(default_factory=list)
     parity: ParityOptions = field(default_factory=ParityOptions)
-    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    _target_options: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 17 <= self.opset <= 23:
             raise ValueError(f"opset: must be in [17, 23], got {self.opset}")
+        self._target_options = {section: target.options() for section, target in _target_sections().items()}
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("_target_options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @classmethod
+    def parse(cls, data: Any, base_dir: Path | None = None) -> "ExportOptions":
+        """The recipe's `export` mapping, target sections included; `RecipeError` naming the key otherwise.
+        Path options of the target sections (`metadata={"path": True}`) are resolved relative to `base_dir`."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"export: expected a mapping of options, got {data!r}")
+        sections = _target_sections()
+        own = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = [k for k in data if k not in own and k not in sections]
+        if unknown:
+            raise RecipeError(f"export: unknown option(s) {unknown}; allowed: {sorted(own | set(sections))}")
+        export = parse_section(cls, {k: v for k, v in data.items() if k in own}, "export")
+        for section, target in sections.items():
+            if section in data:
+                options = parse_section(target.options, data[section], f"export.{section}")
+                _resolve_paths(options, base_dir)
+                export._target_options[section] = options
+        return export
+
+
+def _target_sections() -> dict[str, Target]:
+    """The registered targets with recipe options, by their section under `export`."""
+    return {t.section: t for t in available_targets().values() if t.section is not None}
+
+
+def _resolve_paths(options: Any, base_dir: Path | None) -> None:
+    """Make the relative path options (fields with `metadata={"path": True}`) relative to `base_dir`."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if base_dir is not None and f.metadata.get("path") and value and not Path(value).is_absolute():
+            setattr(options, f.name, str(base_dir / value))
 
 
 @dataclass
@@ -144,7 +168,7 @@ class Recipe:
             capture=parse_section(CaptureOptions, data.get("capture"), "capture"),
             calibration=parse_section(CalibrationOptions, data.get("calibration"), "calibration"),
             quality=parse_section(QualityGates, data.get("quality"), "quality"),
-            export=parse_section(ExportOptions, data.get("export"), "export"),
+            export=ExportOptions.parse(data.get("export"), base_dir),
             tags=_parse_tags(data.get("tags") or []),
             entry_points=_parse_entry_points(data.get("entry_points") or []),
             source=source,
@@ -154,9 +178,6 @@ class Recipe:
             if cal.file and not Path(cal.file).is_absolute():
                 cal.file = str(base_dir / cal.file)
             cal.files = {k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()} or None
-            trt = recipe.export.tensorrt
-            if trt.timing_cache and not Path(trt.timing_cache).is_absolute():
-                trt.timing_cache = str(base_dir / trt.timing_cache)
         unknown = sorted(set(cal.files or {}) - set(recipe.entry_points))
         if unknown:
             raise RecipeError(f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}")

@@ -1,7 +1,7 @@
 """Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
 
-An artifact is a `sparsec compile` output directory: `model.onnx` (ONNX Runtime, CPU or CUDA) or `model.engine`
-(TensorRT). Inputs come from a calibration file (as for compile) or are synthesized from the ONNX file's
+An artifact is a `sparsec compile` output directory, loaded by its target (`sparsec.exporters.targets`):
+`model.onnx` (ONNX Runtime, CPU or CUDA) or `model.engine` (TensorRT). Inputs come from a calibration file (as for compile) or are synthesized from the ONNX file's
 input types, with the dynamic dims given by name (`--dims batch=1,seq=128`): integer inputs named `*mask*` are
 ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
 graph gathers them from (else 2), floats standard normal, bools true.
@@ -16,42 +16,24 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import TARGETS
-
-Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+from sparsec.exporters.targets import Runner, get_target
 
 
 def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
-    """A function running the artifact in `directory` on named torch inputs, outputs by name.
+    """A function running the artifact in `directory` on named torch inputs, outputs by name (`Target.load` of the
+    registered target `target`).
 
-    Raises `SparsecError` when the directory lacks the target's file or the target cannot run here.
+    Raises `SparsecError` when the target is not registered, the directory lacks the target's file or the target
+    cannot run here.
     """
-    if target not in TARGETS:
-        raise SparsecError(f"--target {target!r}: choose one of {list(TARGETS)}")
-    directory = Path(directory)
-    if target == "tensorrt":
-        from sparsec.exporters.targets import tensorrt
-
-        tensorrt.require_tensorrt()
-        path = directory / "model.engine"
-        if not path.is_file():
-            raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
-        return tensorrt.Engine(path).run
-    from sparsec.exporters.targets import onnxruntime as ort_backend
-
-    path = directory / "model.onnx"
-    if not path.is_file():
-        raise SparsecError(f"{directory} has no model.onnx (a `sparsec compile --out` directory holds one)")
-    ort_backend.require_onnxruntime(target)
-    sess = ort_backend.session(path, ort_backend.providers_for(target))
-    return lambda inputs: ort_backend.run(sess, inputs)
+    return get_target(target).load(Path(directory))
 
 
 def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:

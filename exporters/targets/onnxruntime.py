@@ -1,8 +1,9 @@
 """ONNX Runtime: run an exported model and check it against the PyTorch program (backend parity).
 
-Two targets: `onnxruntime` (CPUExecutionProvider, the default) and `onnxruntime-cuda` (CUDAExecutionProvider
-from onnxruntime-gpu, the `gpu` extra; `require_onnxruntime` fails fast where a target cannot run). Both run the
-same ONNX file, the contrib `com.microsoft::MoE` lowering included (ONNX Runtime has CPU and CUDA kernels for it).
+Two targets (`OnnxRuntime`): `onnxruntime` (CPUExecutionProvider, the default) and `onnxruntime-cuda`
+(CUDAExecutionProvider only, from onnxruntime-gpu, the `gpu` extra; `require_onnxruntime` fails fast where a target
+cannot run). Both run the same ONNX file, the contrib `com.microsoft::MoE` lowering included (ONNX Runtime has CPU
+and CUDA kernels for it), and build nothing beyond it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 
 from sparsec.data import parity
 from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import SparsecError
 from sparsec.data.parity import ParityOptions, Precision
+from sparsec.errors import SparsecError
+from sparsec.exporters.targets import register_target
+from sparsec.exporters.targets.base import Runner, Target
 from sparsec.ir.program import Program
 
 if TYPE_CHECKING:
@@ -30,12 +33,6 @@ CUDA = "CUDAExecutionProvider"
 # Builds of ONNX Runtime on PyPI: each ships the same `onnxruntime` module, so exactly one may be installed.
 BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
 INSTALL = {"onnxruntime": 'pip install -e ".[cpu]"', "onnxruntime-cuda": 'pip install -e ".[gpu]"'}
-
-
-def providers_for(target: str) -> tuple[str, ...]:
-    """The execution providers of a target: `onnxruntime` -> CPU, `onnxruntime-cuda` -> CUDA only (no CPU fallback,
-    so parity measures the CUDA kernels)."""
-    return (CUDA,) if target == "onnxruntime-cuda" else ("CPUExecutionProvider",)
 
 
 def installed_builds(site: str | Path | None = None) -> list[str]:
@@ -161,3 +158,44 @@ def check_parity(
     report = parity.backend_parity(program, lambda batch: run(sess, batch), calibration,
                                    backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
     return {"runtime": "onnxruntime " + __import__("onnxruntime").__version__, "provider": provider, **report}
+
+
+class OnnxRuntime(Target):
+    """The two ONNX Runtime targets: `model.onnx` run by a session on one execution provider (no silent fallback,
+    so parity measures that provider's kernels). `cuda=False`: `onnxruntime`, the CPU provider, which has no BF16
+    MatMul and still compiles a recipe without ONNX (`export.onnx: false`: `program.pt2` alone); `cuda=True`:
+    `onnxruntime-cuda`, the CUDA provider of onnxruntime-gpu."""
+
+    def __init__(self, *, cuda: bool) -> None:
+        self.cuda = cuda
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime"
+        self.description = (f"ONNX Runtime's {CUDA} (onnxruntime-gpu, the gpu extra, and an NVIDIA GPU)" if cuda else
+                            'ONNX Runtime on CPU (default; the cpu extra: pip install -e ".[cpu]")')
+        self.providers = (CUDA,) if cuda else ("CPUExecutionProvider",)
+        self.needs_onnx = cuda
+
+    def check(self, recipe) -> None:
+        export = recipe.export
+        if not export.onnx:
+            return
+        if export.precision == "bf16" and not self.cuda:
+            raise SparsecError("export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul "
+                               "kernel); use fp16, or --target tensorrt / onnxruntime-cuda")
+        require_onnxruntime(self.name)
+
+    def load(self, directory: Path) -> Runner:
+        path = Path(directory) / "model.onnx"
+        if not path.is_file():
+            raise SparsecError(f"{directory} has no model.onnx (a `sparsec compile --out` directory holds one)")
+        require_onnxruntime(self.name)
+        sess = session(path, self.providers)
+        return lambda inputs: run(sess, inputs)
+
+    def parity(self, program: Program, directory: Path, calibration: CalibrationSet, options: ParityOptions,
+               precision: Precision) -> dict:
+        return check_parity(program, Path(directory) / "model.onnx", calibration, options=options, precision=precision,
+                            providers=self.providers)
+
+
+register_target(OnnxRuntime(cuda=False))
+register_target(OnnxRuntime(cuda=True))

@@ -1,6 +1,7 @@
 """TensorRT: build a serialized engine from the compiled ONNX, run it, check it against the PyTorch program.
 
-Two parts, kept apart:
+The `tensorrt` target (`TensorRT`) and its recipe section `export.tensorrt` (`TensorRTOptions`). Two parts, kept
+apart:
 
 - CPU-side, importable anywhere and tested in CI: `require_tensorrt` (fails fast, before any work, naming what is
   missing: the `tensorrt` module, a CUDA build of torch to hold the engine's buffers, a CUDA device) and
@@ -25,19 +26,48 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from sparsec.data.calibration import CalibrationSet
+from sparsec.data.parity import ParityOptions, Precision
 from sparsec.errors import SparsecError
-from sparsec.data.parity import Precision
+from sparsec.exporters.targets import register_target
+from sparsec.exporters.targets.base import Lowering, Runner, Target
+from sparsec.ir.program import Program
 
 INSTALL = ('install the gpu extra on a machine with an NVIDIA GPU: pip install -e ".[gpu]" '
            "(the tensorrt wheels fetch their libraries from NVIDIA's package index)")
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
+
+
+@dataclass
+class TensorRTOptions:
+    """`export.tensorrt` (`--target tensorrt`).
+
+    `profiles`: `{dim name: [min, opt, max]}` for the ONNX's dynamic dims (`batch`, `seq`); dims not named span
+    1 .. the calibration shapes parity runs. `workspace_mib`: the builder's workspace pool limit. `timing_cache`:
+    a file loaded before and saved after the build (reused across compiles; relative to the recipe file). `typing`:
+    `strong` (the ONNX carries the precision; TensorRT 10 and 11) or `flags` (TensorRT 10 only: FP32 ONNX, FP16/BF16
+    builder flags).
+    """
+
+    profiles: dict[str, list[int]] = field(default_factory=dict)
+    workspace_mib: int = 4096
+    timing_cache: str | None = field(default=None, metadata={"path": True})
+    typing: Literal["strong", "flags"] = "strong"
+
+    def __post_init__(self) -> None:
+        if self.workspace_mib < 1:
+            raise ValueError(f"workspace_mib: must be >= 1, got {self.workspace_mib}")
+        for name, bounds in self.profiles.items():
+            if len(bounds) != 3 or not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
+                raise ValueError(f"profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, got {bounds}")
 
 
 def require_tensorrt() -> None:
@@ -268,7 +298,8 @@ class Engine:
         return {k: v.cpu() for k, v in outputs.items()}
 
 
-def check_parity(program, engine_path: str | Path, calibration, *, options, precision: str = "fp32") -> dict:
+def check_parity(program: Program, engine_path: str | Path, calibration: CalibrationSet, *, options: ParityOptions,
+                 precision: Precision = "fp32") -> dict:
     """Backend parity (`sparsec.data.parity`) of the engine against the program on the first `options.samples`
     calibration samples; raises `QualityError` naming each failing output and metric."""
     import tensorrt as trt
@@ -278,3 +309,52 @@ def check_parity(program, engine_path: str | Path, calibration, *, options, prec
     report = parity.backend_parity(program, Engine(engine_path).run, calibration, backend=f"TensorRT {trt.__version__}",
                                    precision=precision, options=options)
     return {"runtime": f"tensorrt {trt.__version__}", "device": torch.cuda.get_device_name(), **report}
+
+
+class TensorRT(Target):
+    """`model.engine` built from the lowered ONNX (standard MoE lowering without scatter reductions; FP32 ONNX with
+    builder flags under `typing: flags`, else in `export.precision`) and run on CUDA tensors."""
+
+    name = "tensorrt"
+    description = 'a TensorRT engine, also writes model.engine (the gpu extra: pip install -e ".[gpu]", an NVIDIA GPU)'
+    section = "tensorrt"
+    options = TensorRTOptions
+    artifacts = ("model.engine",)
+    moe_lowerings = ("standard",)
+
+    def check(self, recipe: Any) -> None:
+        if recipe.export.moe_lowering not in self.moe_lowerings:
+            raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT "
+                               "does not parse; use moe_lowering: standard with --target tensorrt")
+        require_tensorrt()
+        if self.recipe_options(recipe).typing == "flags" and tensorrt_major() >= 11:
+            raise SparsecError("export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
+                               "networks only); use typing: strong, the precision then comes from export.precision")
+
+    def lowering(self, recipe: Any) -> Lowering:
+        flags = self.recipe_options(recipe).typing == "flags"
+        return Lowering(precision="fp32" if flags else recipe.export.precision, scatter_reduction=False)
+
+    def build(self, program: Program, onnx_path: Path, directory: Path, recipe: Any, calibration: CalibrationSet,
+              log: Callable[[str], None]) -> dict[str, Any]:
+        options, export = self.recipe_options(recipe), recipe.export
+        profiles = engine_profiles(onnx_path, options.profiles, calibration.head(export.parity.samples).batches())
+        log("building the TensorRT engine")
+        return {"engine": build_engine(onnx_path, directory / "model.engine", profiles=profiles,
+                                       precision=export.precision, typing=options.typing,
+                                       workspace_mib=options.workspace_mib, timing_cache=options.timing_cache)}
+
+    def load(self, directory: Path) -> Runner:
+        require_tensorrt()
+        path = Path(directory) / "model.engine"
+        if not path.is_file():
+            raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
+        return Engine(path).run
+
+    def parity(self, program: Program, directory: Path, calibration: CalibrationSet, options: ParityOptions,
+               precision: Precision) -> dict[str, Any]:
+        return check_parity(program, Path(directory) / "model.engine", calibration, options=options,
+                            precision=precision)
+
+
+register_target(TensorRT())
