@@ -1,4 +1,5 @@
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -104,3 +105,29 @@ def slice_by_hand(model, decisions):
         else:  # ViT/SigLIP-style fc1 / act / fc2
             mlp.fc1, mlp.fc2 = sparsec.testing.linear_rows(mlp.fc1, idx), sparsec.testing.linear_columns(mlp.fc2, idx)
     return reference
+
+
+def random_moe_weights(experts=4, width=8, hidden=16, gated=True, seed=0):
+    """Random `sparsec::moe` weights (router, fc1, fc3, fc2 with biases), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
+
+    return (r(experts, hidden), r(experts), r(experts, width, hidden), r(experts, width),
+            r(experts, width, hidden) if gated else None, None, r(experts, hidden, width))
+
+
+class MoeOpModule(torch.nn.Module):
+    """One `torch.ops.sparsec.moe` call with fixed weights: the op on its own, captured and lowered."""
+
+    def __init__(self, weights, top_k, activation, gating):
+        super().__init__()
+        self.weights = [torch.nn.Parameter(w, requires_grad=False) if w is not None else None for w in weights]
+        for i, w in enumerate(self.weights):
+            if w is not None:
+                self.register_parameter(f"w{i}", w)
+        self.top_k, self.activation, self.gating = top_k, activation, gating
+
+    def forward(self, x):
+        return torch.ops.sparsec.moe(x, *self.weights, self.top_k, self.activation, self.gating)

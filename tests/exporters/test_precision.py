@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import MoeOpModule, random_moe_weights, make_inputs, make_model
 from onnx.reference import ReferenceEvaluator
 
 import sparsec
@@ -193,10 +193,9 @@ def test_refuses_what_it_cannot_convert(tmp_path):
     ("gelu_tanh", False, "unit"), ("gelu", False, "softmax"),
 ])
 def test_fp16_moe_lowerings_with_biases_match_the_op(tmp_path, lowering, activation, gated, gating):
-    from test_ffn_to_moe import _OpModule, _random_moe  # one MoE op with biases, 6 experts, 2 active
 
     torch.manual_seed(0)
-    module = _OpModule(_random_moe(experts=6, gated=gated), 2, activation, gating)
+    module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
     for_tensorrt = lowering == "standard_for_tensorrt"
     export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, make_model, make_qwenimage, qwenimage_inputs
+from conftest import MoeOpModule, random_moe_weights, make_inputs, make_model, make_qwenimage, qwenimage_inputs
 
 import sparsec
 from sparsec import testing
@@ -247,19 +247,9 @@ def test_adapt_full_tunes_experts():
 
 
 # ----- the operator ---------------------------------------------------------------------------------------
-def _random_moe(experts=4, width=8, hidden=16, gated=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
-
-    return (r(experts, hidden), r(experts), r(experts, width, hidden), r(experts, width),
-            r(experts, width, hidden) if gated else None, None, r(experts, hidden, width))
-
-
 def test_op_grouped_path_autograd_and_flops():
     x = torch.randn(3, 5, 16)
-    weights = _random_moe()
+    weights = random_moe_weights()
     loop = moe_forward(x, *weights, 2, "silu", "renormalized", grouped=False)
     grouped = moe_forward(x, *weights, 2, "silu", "renormalized", grouped=True)
     torch.testing.assert_close(grouped, loop)
@@ -295,19 +285,6 @@ def test_program_with_moe_saves_and_loads(tmp_path):
 
 
 # ----- ONNX lowerings --------------------------------------------------------------------------------------
-class _OpModule(torch.nn.Module):
-    def __init__(self, weights, top_k, activation, gating):
-        super().__init__()
-        self.weights = [torch.nn.Parameter(w, requires_grad=False) if w is not None else None for w in weights]
-        for i, w in enumerate(self.weights):
-            if w is not None:
-                self.register_parameter(f"w{i}", w)
-        self.top_k, self.activation, self.gating = top_k, activation, gating
-
-    def forward(self, x):
-        return torch.ops.sparsec.moe(x, *self.weights, self.top_k, self.activation, self.gating)
-
-
 @pytest.mark.parametrize("lowering", ["contrib", "standard", "standard_for_tensorrt"])
 @pytest.mark.parametrize("activation,gated,gating", [
     ("silu", True, "unit"), ("silu", True, "softmax"), ("relu", False, "renormalized"),
@@ -316,7 +293,7 @@ class _OpModule(torch.nn.Module):
 def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gating):
     import onnx
 
-    module = _OpModule(_random_moe(experts=6, gated=gated), 2, activation, gating)
+    module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
     for_tensorrt = lowering == "standard_for_tensorrt"  # what --target tensorrt exports: no ScatterND reduction
     info = export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,
