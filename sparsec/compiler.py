@@ -7,6 +7,7 @@ successful output in `out_dir` untouched).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ from sparsec.capture import capture
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points
-from sparsec.models import load_model
+from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
 from sparsec.transform.pass_manager import Pass, PassContext, PassManager
 from sparsec.recipe import Recipe
+from sparsec.resources import DTYPE_BYTES, GiB, available_memory, check_fits, checkpoint_facts, estimate_compile
 
 ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")  # and each target's `Target.artifacts`
 
@@ -82,6 +84,8 @@ def compile_model(
     log: Callable[[str], None] | None = None,
     dry_run: bool = False,
     target: str = "onnxruntime",
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
@@ -94,6 +98,13 @@ def compile_model(
     file is lowered as the target asks (`Target.lowering`: by default in `recipe.export.precision`), the target
     builds its artifact from it (`Target.build`) and backend parity (`sparsec.data.parity`) runs the artifact on
     calibration inputs against the program (`Target.parity`).
+
+    `dtype` / `device` (None: the recipe's `model:` section; see `sparsec.models.load_model`): the model loads in
+    the checkpoint's dtype by default and every PyTorch step runs in it. A half-precision program lowered for an
+    FP32 target is written as FP32 ONNX (weights converted as they are written), and parity uses the tolerances
+    of the coarser of the program's and the ONNX file's precision. Before loading a checkpoint directory, the
+    peak memory is estimated from its headers and printed; a compile whose weights and parity session cannot fit
+    in the available memory is refused (`sparsec.resources`).
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
@@ -122,9 +133,22 @@ def compile_model(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    dtype = dtype or recipe.model.dtype
+    device = parse_device(device or recipe.model.device)
+    parse_dtype(dtype)
+    if not str(model).startswith(BUILTIN_PREFIX) and Path(model).is_dir():
+        estimate = _memory_estimate(Path(model), recipe, dtype, target if not dry_run and recipe.export.onnx else None)
+        if estimate is not None:
+            say(f"[sparsec] {estimate.describe()}; {_available()} available")
+            check_fits(estimate, f"compiling {model}")
+
     say(f"[sparsec] loading {model}")
-    loaded = load_model(model)
+    t = time.perf_counter()
+    loaded = load_model(model, dtype=dtype, device=device)
+    times["load"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    model_facts = {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
+                   "parameters": n_params, "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(device)}
     units = _units(loaded, recipe, calib)
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
@@ -134,6 +158,9 @@ def compile_model(
     times["capture"] = time.perf_counter() - t
     for unit in units:
         unit.load_calibration(loaded, recipe, say)
+        unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
+    del loaded
+    gc.collect()
 
     say(f"[sparsec] running {len(recipe.passes)} pass(es)" + (f" on {len(units)} entry points" if recipe.entry_points else ""))
     t = time.perf_counter()
@@ -144,8 +171,7 @@ def compile_model(
 
     report: dict[str, Any] = {
         "sparsec": __version__,
-        "model": {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
-                  "parameters": n_params},
+        "model": model_facts,
         "recipe": recipe.source,
     }
     report.update(_program_reports(units, recipe))
@@ -263,13 +289,15 @@ class _Unit:
         from sparsec.exporters.lowering.onnx import export_onnx
 
         export, onnx_path, lowering = recipe.export, directory / "model.onnx", target.lowering(recipe)
-        convert = lowering.precision != "fp32"
+        program_precision = _program_precision(self.program)
+        upcast = program_precision != "fp32" and lowering.precision != program_precision
+        convert = lowering.precision not in ("fp32", program_precision)
         say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
         t = time.perf_counter()
         fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
         self.report["export"] = export_onnx(self.program, fp32_path, opset=export.opset,
                                             external_data=export.external_data, moe_lowering=export.moe_lowering,
-                                            scatter_reduction=lowering.scatter_reduction)
+                                            scatter_reduction=lowering.scatter_reduction, upcast=upcast)
         if convert:
             from sparsec.exporters.lowering.precision import convert_precision
 
@@ -286,13 +314,55 @@ class _Unit:
         self.report.update(target.build(self.program, onnx_path, directory, recipe, self.calibration,
                                         log=lambda line: say(f"[sparsec] {line}{label}")))
         say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
+        parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
         self.report["parity"] = target.parity(self.program, directory, self.calibration, export.parity,
-                                              export.precision)
+                                              parity_precision)
         times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self._record_artifacts(directory)
 
     def _record_artifacts(self, directory: Path) -> None:
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest: parity is judged at the coarser of two
+_PRECISION_OF = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _program_precision(program) -> str:
+    """`fp32`, `fp16` or `bf16`: the dtype holding most of the program's floating-point parameter bytes."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for name in program.parameter_names():
+        tensor = program.state_tensor(name)
+        if tensor.is_floating_point():
+            by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + tensor.nbytes
+    return _PRECISION_OF.get(max(by_dtype, key=by_dtype.get), "fp32") if by_dtype else "fp32"
+
+
+def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | None):
+    """The compile's `MemoryEstimate` from the checkpoint headers and config.json (None when they say too little)."""
+    elements, by_dtype = checkpoint_facts(directory)
+    if not elements:
+        return None
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"{directory}/config.json is not valid JSON: {exc}") from exc
+    text = config.get("text_config") or config.get("llm_config") or config
+    load_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else max(1, round(sum(by_dtype.values()) / elements))
+    onnx_bytes = None
+    if target is not None:
+        onnx_bytes = 4 if get_target(target).lowering(recipe).precision == "fp32" else 2
+    cal = recipe.calibration
+    return estimate_compile(
+        elements, load_bytes, onnx_bytes_per_element=onnx_bytes, calibration_tokens=cal.samples * cal.seq_len,
+        batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
+        output_width=int(text.get("vocab_size") or config.get("vocab_size") or 0),
+        hidden=int(text.get("hidden_size") or 0), layers=int(text.get("num_hidden_layers") or 0))
+
+
+def _available() -> str:
+    available = available_memory()
+    return f"{available / GiB:.1f} GiB" if available is not None else "unknown"
 
 
 def _program_reports(units: list[_Unit], recipe: Recipe) -> dict[str, Any]:

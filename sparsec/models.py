@@ -5,6 +5,12 @@ Weights load only from safetensors (`use_safetensors=True`): a directory holding
 Built-in models (`builtin:tiny-qwen2`, ...: `builtin_names()`) come from the model families
 (`sparsec.families`), built from small configs with seeded random weights: for demos, tests and the default
 compile. The model class for a config lacking `architectures` comes from its family too.
+
+Dtype: a checkpoint loads in its own dtype by default (`dtype="auto"`: a bf16 checkpoint stays bf16, never a
+silent FP32 copy at twice its size); `float32`, `bfloat16`, `float16` convert. Built-in models are FP32 unless
+told. Device: `cpu` (default) or `cuda[:N]`, checked before anything loads. Without weights (`weights=False`,
+or a directory holding only config.json) the model is built on the meta device: its structure, parameter counts
+and FLOPs are all there, nothing is read or allocated (`sparsec inspect` works so on a 14B model).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.resources import checkpoint_facts
 from sparsec.families import Family, available_families, builtin_family, builtin_names, detect_family, family_for_model_type
 
 BUILTIN_PREFIX = "builtin:"
@@ -52,28 +59,81 @@ def _model_class(config) -> type[torch.nn.Module]:
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class LoadedModel:
+    """A loaded model and where it came from.
+
+    Attributes:
+        weights: False when the model is on the meta device (structure only, see the module docstring).
+    """
+
     model: torch.nn.Module
     family: Family
     name: str
     directory: Path | None
+    weights: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point parameters (the first one's)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def load_model(spec: str | Path) -> LoadedModel:
+def parse_device(device: str | torch.device) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` as a device this machine has; `SparsecError` naming what is missing otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SparsecError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from exc
+    if parsed.type not in ("cpu", "cuda"):
+        raise SparsecError(f"--device {device!r}: sparsec runs on cpu or cuda[:N]")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SparsecError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                               "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SparsecError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return parsed
+
+
+def parse_dtype(dtype: str) -> torch.dtype | None:
+    """`auto` (None: the checkpoint's own) or one of `DTYPES`; `SparsecError` otherwise."""
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise SparsecError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu",
+               weights: bool = True) -> LoadedModel:
     """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
+
+    `dtype`, `device`, `weights`: see the module docstring. Bad values are refused before anything loads.
 
     Example:
         >>> loaded = load_model("builtin:tiny-qwen2")
-        >>> loaded.family.name
-        'qwen2'
+        >>> loaded.family.name, loaded.dtype
+        ('qwen2', torch.float32)
     """
     spec = str(spec)
+    cast = parse_dtype(dtype)
+    device = parse_device(device)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
         family = builtin_family(name)
-        model = family.builtin_models[name](0) if name in family.builtin_models else build_model(builtin_config(name))
-        return LoadedModel(model, detect_family(model), spec, None)
+        if name in family.builtin_models:
+            model = family.builtin_models[name](0)
+        elif weights:
+            model = build_model(builtin_config(name))
+        else:
+            model = _build_on_meta(builtin_config(name))
+        if weights:
+            model = model.to(device=device, dtype=cast) if cast is not None else model.to(device)
+        return LoadedModel(model, detect_family(model), spec, None, weights=weights)
 
     directory = Path(spec)
     if not (directory / "config.json").is_file():
@@ -81,7 +141,8 @@ def load_model(spec: str | Path) -> LoadedModel:
             f"{directory} is not a Hugging Face model directory (no config.json); "
             f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in builtin_names()]}"
         )
-    if not any(directory.glob("*.safetensors")):
+    has_weights = any(directory.glob("*.safetensors"))
+    if not has_weights and weights:
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise SparsecError(
             f"{directory} has no .safetensors weights"
@@ -91,7 +152,30 @@ def load_model(spec: str | Path) -> LoadedModel:
     import transformers
 
     available_families()  # family modules register their own configs with AutoConfig (sparsec.families.mot)
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SparsecError(f"{directory}/config.json cannot be read as a transformers config: {exc}") from exc
+    if not weights:
+        model = _build_on_meta(config, cast)
+        return LoadedModel(model, detect_family(model), str(directory), directory, weights=False)
+    checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     cls = _model_class(config)
-    model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+    try:
+        model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
+                                    dtype=cast if cast is not None else "auto",
+                                    device_map=str(device) if device.type == "cuda" else None).eval()
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise SparsecError(f"{directory}: cannot read its safetensors weights ({exc}); the files are truncated or "
+                           "corrupt: copy or re-save the checkpoint") from exc
     return LoadedModel(model, detect_family(model), str(directory), directory)
+
+
+def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of `config` on the meta device: every shape, no memory, no weights read."""
+    cls = _model_class(config)
+    with torch.device("meta"):
+        model = cls(config) if dtype is None else cls(config).to(dtype)
+    return model.eval()

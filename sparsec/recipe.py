@@ -3,6 +3,7 @@
 ```yaml
 passes:                      # ordered; each item is {pass_name: {options}}
   - my_pass: {threshold: 0.5}
+model:     {dtype: auto, device: cpu}                 # the checkpoint's dtype; cpu or cuda[:N]
 capture:   {batch: 2, seq: 16, dynamic: true}
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
 quality:   {min_cosine: 0.98, min_top1: 0.9}          # gates checked after every pass
@@ -47,6 +48,17 @@ class CaptureOptions:
         for name in ("batch", "seq"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2 (torch.export specializes sizes 0 and 1), got {getattr(self, name)}")
+
+
+@dataclass
+class ModelOptions:
+    """How the model is loaded (`sparsec.models.load_model`): `dtype` `auto` keeps the checkpoint's own (a bf16
+    checkpoint stays bf16), or `float32` / `bfloat16` / `float16`; `device` runs every PyTorch step (capture,
+    statistics, quality gates, routers, adaptation, the parity reference) on `cpu` or `cuda[:N]`. The command
+    line's `--dtype` / `--device` override these."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "cpu"
 
 
 @dataclass
@@ -144,6 +156,7 @@ class Recipe:
     """A parsed, validated recipe. Build with `Recipe.load(path)` or `Recipe.from_dict(data)`."""
 
     passes: list[Pass] = field(default_factory=list)
+    model: ModelOptions = field(default_factory=ModelOptions)
     capture: CaptureOptions = field(default_factory=CaptureOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     quality: QualityGates = field(default_factory=QualityGates)
@@ -152,7 +165,7 @@ class Recipe:
     entry_points: list[str] = field(default_factory=list)
     source: str = "<default>"
 
-    SECTIONS = ("passes", "capture", "calibration", "quality", "export", "tags", "entry_points")
+    SECTIONS = ("passes", "model", "capture", "calibration", "quality", "export", "tags", "entry_points")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", base_dir: Path | None = None) -> "Recipe":
@@ -165,6 +178,7 @@ class Recipe:
             raise RecipeError(f"{source}: unknown section(s) {unknown}; allowed: {list(cls.SECTIONS)}")
         recipe = cls(
             passes=_parse_passes(data.get("passes") or []),
+            model=parse_section(ModelOptions, data.get("model"), "model"),
             capture=parse_section(CaptureOptions, data.get("capture"), "capture"),
             calibration=parse_section(CalibrationOptions, data.get("calibration"), "calibration"),
             quality=parse_section(QualityGates, data.get("quality"), "quality"),

@@ -18,12 +18,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.compiler", "sparsec.probe", "sparsec.testing"),
     ("sparsec.runner",),
     ("sparsec.recipe",),
-    ("sparsec.capture", "sparsec.models", "sparsec.resources"),
+    ("sparsec.capture", "sparsec.models"),
     ("sparsec.passes", "sparsec.exporters", "sparsec.families"),
     ("sparsec.transform",),
     ("sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
+    ("sparsec.resources",),
     ("sparsec.errors",),
 ]
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}
