@@ -104,3 +104,30 @@ def slice_by_hand(model, decisions):
         else:  # ViT/SigLIP-style fc1 / act / fc2
             mlp.fc1, mlp.fc2 = sparsec.testing.linear_rows(mlp.fc1, idx), sparsec.testing.linear_columns(mlp.fc2, idx)
     return reference
+
+
+class TwoBlockMlp(torch.nn.Module):
+    """A tiny residual network for IR and pass-manager unit tests: two blocks `x + down(relu(up(x)))`, a scale
+    buffer, a head. Two plain FFNs (`blocks.0`, `blocks.1`), 8 -> 16 -> 8."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"up": torch.nn.Linear(8, 16), "down": torch.nn.Linear(16, 8)}) for _ in range(2))
+        self.head = torch.nn.Linear(8, 4)
+        self.register_buffer("scale", torch.full((8,), 0.5))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block["down"](torch.relu(block["up"](x)))
+        return {"y": self.head(x * self.scale)}
+
+
+def small_program(seed: int = 0):
+    """(model, program) of a `TwoBlockMlp` captured with a dynamic batch dim (inputs `x` [batch, 3, 8])."""
+    from sparsec import capture
+    from sparsec.ir.tags import TagRule
+
+    model = TwoBlockMlp(seed).eval()
+    return model, capture(model, {"x": torch.randn(2, 3, 8)}, tags=[TagRule("**", "shared")])
