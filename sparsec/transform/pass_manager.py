@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
 from sparsec.data.quality import QualityGates, compare_programs
@@ -370,7 +370,7 @@ class PassManager:
         return record
 
 
-def _reraise(exc: Exception, where: str, ran: list[str]) -> None:
+def _reraise(exc: Exception, where: str, ran: list[str]) -> NoReturn:
     """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept."""
     message = f"{where} ({'passes before it: ' + ', '.join(ran) if ran else 'the first pass'}): {exc}"
     try:
