@@ -106,21 +106,29 @@ def slice_by_hand(model, decisions):
     return reference
 
 
+class _ResidualMlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
 class TwoBlockMlp(torch.nn.Module):
-    """A tiny residual network for IR and pass-manager unit tests: two blocks `x + down(relu(up(x)))`, a scale
-    buffer, a head. Two plain FFNs (`blocks.0`, `blocks.1`), 8 -> 16 -> 8."""
+    """A tiny residual network for IR and pass-manager unit tests: two blocks `x + down(relu(up(x)))` (a block
+    stack `blocks.*`, each block one plain FFN 8 -> 16 -> 8), a scale buffer, a head."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.blocks = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"up": torch.nn.Linear(8, 16), "down": torch.nn.Linear(16, 8)}) for _ in range(2))
+        self.blocks = torch.nn.ModuleList(_ResidualMlp() for _ in range(2))
         self.head = torch.nn.Linear(8, 4)
         self.register_buffer("scale", torch.full((8,), 0.5))
 
     def forward(self, x):
         for block in self.blocks:
-            x = x + block["down"](torch.relu(block["up"](x)))
+            x = block(x)
         return {"y": self.head(x * self.scale)}
 
 
