@@ -27,7 +27,7 @@ from sparsec.errors import PassError
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 from sparsec.ir.program import Program
 from sparsec.analysis.regions import BlockStack
-from sparsec.analysis.structure import LINEAR, Sublayer, residual_streams, skip_noop_casts
+from sparsec.analysis.structure import LINEAR, Sublayer, residual_structure, skip_noop_casts
 from sparsec.analysis.regions import region_index
 
 
@@ -103,13 +103,13 @@ class DropLayers(Pass):
 
     def _units(self, program: Program, stack: BlockStack) -> list[_Unit]:
         """Droppable units of the stack, skipping blocks and sublayers an earlier drop already removed."""
-        ffns = region_index(program).ffns(f"{stack.path}.**")
+        structure = residual_structure(program)
         kinds = {"block": None, "attn": ("attn",), "mlp": ("mlp",), "joint": ("attn", "mlp")}[self.options.kind]
         units = []
         for region in stack.blocks:
             if not any(n.target is LINEAR for n in region.nodes):
                 continue  # dropped earlier
-            streams = residual_streams(region, ffns)
+            streams = structure.streams(region.path)
             if kinds is None:
                 units.append(_Unit(region.path, region.path, tuple(s.sublayers for s in streams)))
                 continue
@@ -144,10 +144,12 @@ class DropLayers(Pass):
                             "at least one must stay (lower count/ratio or list fewer layers)")
         return stack, units, n_drop
 
-    def requires(self, program: Program, ctx: PassContext) -> None:
-        self._plan(program)
+    def requires(self, program: Program, ctx: PassContext) -> tuple[BlockStack, list[_Unit], int]:
+        """The plan: the stack, its droppable units and how many of them go."""
+        plan = self._plan(program)
         if self.options.layers is None:
             ctx.require_calibration(self.name)
+        return plan
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @staticmethod
@@ -184,8 +186,8 @@ class DropLayers(Pass):
         sims = ctx.statistics.cosine([pair for u in units for pair in u.pairs])
         return {u.label: round(sum(sims[(a.name, b.name)] for a, b in u.pairs) / len(u.pairs), 6) for u in units}
 
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
-        stack, units, n_drop = self._plan(program)
+    def run(self, program: Program, ctx: PassContext, plan: tuple[BlockStack, list[_Unit], int]) -> PassResult:
+        stack, units, n_drop = plan
         o = self.options
         decisions: dict = {"stack": stack.path, "kind": o.kind, "units": len(units)}
         if not o.iterative:

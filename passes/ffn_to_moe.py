@@ -201,13 +201,15 @@ class FfnToMoe(Pass):
     def targets(self, program: Program) -> list[str]:
         return [f.path for f in region_index(program).ffns(self.options.where)]
 
-    def requires(self, program: Program, ctx: PassContext) -> None:
-        self._plan(program)
+    def requires(self, program: Program, ctx: PassContext) -> list[tuple[Ffn, ChannelGroup, str, int]]:
+        """The plan: per matched FFN, its channel group, activation and shared width (see `_plan`)."""
+        plan = self._plan(program)
         if self._needs_data():
             calibration = ctx.require_calibration(self.name)
             if calibration.num_tokens() == 0:
                 raise PassError(f"ffn_to_moe: the calibration set {calibration.source} has zero valid tokens "
                                 "(attention_mask is all zeros); the router and importance need real tokens")
+        return plan
 
     def _partition(self, ffn: Ffn, weights: ExpertWeights, activation: str, score: torch.Tensor, shared: int,
                    inputs: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -270,9 +272,8 @@ class FfnToMoe(Pass):
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
+    def run(self, program: Program, ctx: PassContext, plan: list[tuple[Ffn, ChannelGroup, str, int]]) -> PassResult:
         o = self.options
-        plan = self._plan(program)
         ffns = [f for f, *_ in plan]
         scores = neuron_importance(program, ffns, o.importance, ctx.statistics, o.seed)
         samples: dict[str, torch.Tensor] = {}

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch._guards import detect_fake_mode
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import InputKind
 from torch.fx import Graph, Node
 
 from sparsec.errors import PassError
@@ -146,7 +146,7 @@ class RealRotary(Pass):
 
     # ----- rewrite ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
+    def run(self, program: Program, ctx: PassContext, plan: None) -> PassResult:
         graph = program.graph
         self._fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
         if self._fake_mode is None:
@@ -261,31 +261,16 @@ class RealRotary(Pass):
         return real, imag
 
     def _split_state(self, program: Program, node: Node, tables: dict[str, list[str]]) -> tuple[Node, Node]:
-        """Replace a complex constant or buffer by two real ones (its placeholder dies in the manager's prune)."""
-        ep = program.exported
-        specs = list(ep.graph_signature.input_specs)
-        index = next(i for i, s in enumerate(specs) if s.arg.name == node.name)
-        spec = specs[index]
+        """Replace a complex constant or buffer by two real ones of the same kind (its placeholder dies in the
+        manager's prune)."""
+        spec = next(s for s in program.exported.graph_signature.input_specs if s.arg.name == node.name)
         value = program.state_tensor(spec.target)
         unit = value.numel() > 0 and bool(torch.allclose(value.abs(), torch.ones_like(value.real), atol=1e-6))
         suffixes = ("cos", "sin") if unit else ("real", "imag")
-        prefix = "b_" if spec.kind == InputKind.BUFFER else "c_"
-        in_state_dict = spec.kind == InputKind.BUFFER and spec.persistent
-        new_nodes, anchor = [], node
+        kind = "buffer" if spec.kind == InputKind.BUFFER else "constant"
+        new_nodes = []
         for suffix, part in zip(suffixes, (value.real, value.imag)):
-            name = f"{spec.target}_{suffix}"
-            if name in ep.state_dict or name in ep.constants:
-                raise PassError(f"{self.name}: cannot split {spec.target!r}: the program already has a tensor {name!r}")
-            tensor = part.clone().contiguous()
-            with program.graph.inserting_after(anchor):
-                placeholder = program.graph.placeholder(prefix + name.replace(".", "_"))
-            placeholder.meta["val"] = self._fake_mode.from_tensor(tensor, static_shapes=True)
-            index += 1
-            specs.insert(index, InputSpec(spec.kind, TensorArgument(placeholder.name), name,
-                                          spec.persistent if spec.kind == InputKind.BUFFER else None))
-            (ep.state_dict if in_state_dict else ep.constants)[name] = tensor
-            new_nodes.append(placeholder)
-            anchor = placeholder
-        ep._graph_signature = ExportGraphSignature(specs, list(ep.graph_signature.output_specs))
+            new_nodes.append(program.add_state(f"{spec.target}_{suffix}", part.contiguous(), kind,
+                                               persistent=bool(spec.persistent)))
         tables[spec.target] = [f"{spec.target}_{s}" for s in suffixes]
         return new_nodes[0], new_nodes[1]

@@ -99,10 +99,13 @@ class SliceNeurons(Pass):
             targets.append(self._round(k, ffn.intermediate_size))
         return targets
 
-    def requires(self, program: Program, ctx: PassContext) -> None:
-        self._targets(self._groups(program))
+    def requires(self, program: Program, ctx: PassContext) -> tuple[list[tuple[Ffn, ChannelGroup]], list[int]]:
+        """The plan: each matched FFN with its channel group, and the per-layer kept widths."""
+        groups = self._groups(program)
+        targets = self._targets(groups)
         if self.options.importance == "activation":
             ctx.require_calibration(self.name)
+        return groups, targets
 
     def _global_targets(self, ffns: list[Ffn], scores: list[torch.Tensor]) -> list[int]:
         total = round(self.options.keep_ratio * sum(f.intermediate_size for f in ffns))
@@ -115,12 +118,13 @@ class SliceNeurons(Pass):
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = self._groups(program)
+    def run(self, program: Program, ctx: PassContext,
+            plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int]]) -> PassResult:
+        groups, targets = plan
         ffns = [f for f, _ in groups]
         pinned = self.options.kept or {}
         scores = neuron_importance(program, ffns, self.options.importance, ctx.statistics, self.options.seed)
-        targets = self._targets(groups)
+        targets = list(targets)
         if self.options.scope == "global":
             free = [i for i, f in enumerate(ffns) if f.path not in pinned]
             for i, k in zip(free, self._global_targets([ffns[i] for i in free], [scores[i] for i in free])):

@@ -50,7 +50,7 @@ from sparsec.errors import SparsecError
 from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
 from sparsec.data.quality import compare_outputs
-from sparsec.analysis.structure import Ffn, residual_streams
+from sparsec.analysis.structure import Ffn, residual_structure
 from sparsec.analysis.regions import region_index
 
 KINDS = ("depth", "width")
@@ -138,7 +138,7 @@ def component_targets(program: Program, component: str) -> Targets:
                 token_value = 1 if component == "generation" else 0
             else:
                 continue
-            streams = tuple((s.input, s.output) for s in residual_streams(region, ffns))
+            streams = tuple((s.input, s.output) for s in residual_structure(program).streams(region.path))
             targets.blocks.append(BlockTarget(region.path, streams, token_value))
     return targets
 

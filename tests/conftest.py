@@ -131,3 +131,38 @@ class MoeOpModule(torch.nn.Module):
 
     def forward(self, x):
         return torch.ops.sparsec.moe(x, *self.weights, self.top_k, self.activation, self.gating)
+
+
+class _ResidualMlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class TwoBlockMlp(torch.nn.Module):
+    """A tiny residual network for IR and pass-manager unit tests: two blocks `x + down(relu(up(x)))` (a block
+    stack `blocks.*`, each block one plain FFN 8 -> 16 -> 8), a scale buffer, a head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = torch.nn.ModuleList(_ResidualMlp() for _ in range(2))
+        self.head = torch.nn.Linear(8, 4)
+        self.register_buffer("scale", torch.full((8,), 0.5))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return {"y": self.head(x * self.scale)}
+
+
+def small_program(seed: int = 0):
+    """(model, program) of a `TwoBlockMlp` captured with a dynamic batch dim (inputs `x` [batch, 3, 8])."""
+    from sparsec import capture
+    from sparsec.ir.tags import TagRule
+
+    model = TwoBlockMlp(seed).eval()
+    return model, capture(model, {"x": torch.randn(2, 3, 8)}, tags=[TagRule("**", "shared")])

@@ -1,9 +1,10 @@
 """An example custom pass: what a user writes to add a rewrite to sparsec.
 
 `SkipFfn` removes the FFNs matching a glob from the residual stream (`h + ffn(x)` becomes `h`). It shows the
-three parts of a pass: `requires` (check the pattern first, touch nothing otherwise), `run` (an in-place
-graph edit; the manager then prunes the now-dead FFN and its weights, verifies the program and checks
-quality on calibration data) and `ensures` (the pass's own postcondition, checked by the manager).
+three parts of a pass: `requires` (check the pattern first, touch nothing otherwise, and return what it
+found: the plan the manager hands to `run`), `run` (an in-place graph edit following the plan; the manager
+then prunes the now-dead FFN and its weights, verifies the program and checks quality on calibration data)
+and `ensures` (the pass's own postcondition, checked by the manager).
 
 Use it from Python with `register_pass(SkipFfn)`, or install this directory as a package
 (`pip install examples/custom_pass`): its `pyproject.toml` registers the pass under the `sparsec.passes`
@@ -49,11 +50,11 @@ class SkipFfn(Pass):
         return adds
 
     def requires(self, program, ctx):
-        self._residual_adds(program)
+        return self._residual_adds(program)  # the plan: the manager hands it to run()
 
-    def run(self, program, ctx):
+    def run(self, program, ctx, plan):
         skipped = []
-        for ffn, add in self._residual_adds(program):
+        for ffn, add in plan:
             residual = add.args[0] if add.args[1] is ffn.down else add.args[1]
             add.replace_all_uses_with(residual)
             program.graph.erase_node(add)

@@ -27,7 +27,7 @@ import torch
 from torch.fx import Node
 
 from sparsec.errors import PassError
-from sparsec.analysis.regions import Region, module_path
+from sparsec.analysis.regions import Region, module_path, region_index
 
 aten = torch.ops.aten
 
@@ -413,3 +413,24 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
             f"({output.target}) is not a chain of residual adds back to the block input"
         )
     return ResidualBlock(region.path, node, output, tuple(reversed(chain)))
+
+
+class ResidualStructure:
+    """`residual_streams` of a program's blocks, each computed once per graph version; get it with
+    `residual_structure(program)` (cached by `Program.analysis`, so a recompile invalidates it)."""
+
+    def __init__(self, program) -> None:
+        self.program = program
+        self._streams: dict[str, list[ResidualBlock]] = {}
+
+    def streams(self, path: str) -> list[ResidualBlock]:
+        """The residual streams of the block region at `path` (`PassError` if it has no residual structure)."""
+        if path not in self._streams:
+            regions = region_index(self.program)
+            self._streams[path] = residual_streams(regions.region(path), regions.ffns())
+        return self._streams[path]
+
+
+def residual_structure(program) -> ResidualStructure:
+    """The program's `ResidualStructure` at its current graph version."""
+    return program.analysis(ResidualStructure)

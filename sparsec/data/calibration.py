@@ -32,9 +32,10 @@ from sparsec.errors import CalibrationError
 class CalibrationSet:
     """Model inputs for calibration, `inputs[name]` of shape [N, ...], served in batches.
 
-    Example:
-        >>> calib = CalibrationSet({"input_ids": ids, "attention_mask": mask}, source="my.safetensors")
-        >>> for batch in calib.batches(): ...
+    Example::
+
+        calib = CalibrationSet({"input_ids": ids, "attention_mask": mask}, source="my.safetensors")
+        for batch in calib.batches(): ...
     """
 
     inputs: dict[str, torch.Tensor]
@@ -244,9 +245,10 @@ class StatisticsCache:
 
     Results are cached until the program's graph changes; ask for everything you need in one call.
 
-    Example:
-        >>> stats = ctx.statistics.get([ffn.down.args[0] for ffn in region_index(program).ffns()])
-        >>> sims = ctx.statistics.cosine([(block.input, block.output) for block in blocks])
+    Example::
+
+        stats = ctx.statistics.get([ffn.down.args[0] for ffn in region_index(program).ffns()])
+        sims = ctx.statistics.cosine([(block.input, block.output) for block in blocks])
     """
 
     def __init__(self, program, calibration: CalibrationSet, progress: bool = False) -> None:

@@ -5,12 +5,14 @@ the rewritten program runs end to end with autograd (ATen graphs are differentia
 ops register autograd formulas), the loss is the relative squared L2 error of every floating-point output
 against the teacher's, over valid tokens only, plus optional per-node auxiliary losses (a load-balancing
 term read off the MoE nodes' router inputs). Adam, fixed steps over the calibration batches in order,
-seeded: the same inputs give the same weights.
+seeded: the same inputs give the same weights. The trained parameters are copies put in place of the old
+ones (`Program.replace_state`), so a snapshot taken before still holds the weights as they were.
 
-Example:
-    >>> teacher = calibration.reference_outputs(program)            # before the rewrite
-    >>> history = distill(program, ["model.layers.0.mlp.moe.router_weight"], calibration, teacher, steps=100)
-    >>> history["loss_before"], history["loss_after"]   # over all calibration batches
+Example::
+
+    teacher = calibration.reference_outputs(program)            # before the rewrite
+    history = distill(program, ["model.layers.0.mlp.moe.router_weight"], calibration, teacher, steps=100)
+    history["loss_before"], history["loss_after"]               # over all calibration batches
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import SparsecError
+from sparsec.ir.program import Program
 
 NodeLoss = Callable[[Node, tuple, Any], "torch.Tensor | None"]
 
@@ -42,7 +45,7 @@ def output_loss(outputs: dict[str, torch.Tensor], teacher: dict[str, torch.Tenso
 
 
 def distill(
-    program,
+    program: Program,
     trainable: Sequence[str],
     calibration: CalibrationSet,
     teacher: Sequence[dict[str, torch.Tensor]],
@@ -53,11 +56,18 @@ def distill(
     progress: bool = False,
     description: str = "distill",
 ) -> dict[str, float]:
-    """Train the parameters named `trainable` in place; return the loss over all batches before and after.
+    """Train the parameters named `trainable` (copies replace them in `program`); return the loss over all
+    batches before and after.
 
     `teacher[i]` holds the reference outputs of calibration batch i; `node_loss(node, args, value)` may add
     a term at any node (return None elsewhere).
     """
+    parameters = set(program.parameter_names())
+    not_parameters = [name for name in trainable if name not in parameters]
+    if not_parameters:
+        raise SparsecError(f"distill trains parameters only; {not_parameters[:5]} are not parameters of the program")
+    for name in trainable:
+        program.replace_state(name, program.state_tensor(name))  # a copy: the tensor before stays as it was
     params = {name: program.state_tensor(name) for name in trainable}
     saved = {name: p.requires_grad for name, p in program.exported.state_dict.items()}
     for name, p in program.exported.state_dict.items():
@@ -83,7 +93,7 @@ def distill(
     def loss_of(index: int) -> torch.Tensor:
         student = _Student(graph_module)
         student.extra = []
-        outputs = program._named_outputs(student.run(*program._flat_args(batches[index])))
+        outputs = program.named_outputs(student.run(*program.flat_args(batches[index])))
         loss = output_loss(outputs, teacher[index], CalibrationSet.valid_mask(batches[index]))
         return loss + torch.stack(student.extra).sum() if student.extra else loss
 

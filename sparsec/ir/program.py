@@ -4,10 +4,17 @@ A `Program` owns one `ExportedProgram` (ATen-level FX graph with lifted paramete
 `program.graph` in place; the `PassManager` then calls `program.recompile()` and `program.verify()`.
 Parameters are graph inputs here, so "a weight is gone" has a precise meaning: no placeholder, no
 signature entry, no tensor in the state dict. `prune()` establishes that after a rewrite.
+
+State (parameters, buffers, constants) changes only through `add_state` / `add_parameter`, `replace_state`
+and `remove_state`, which keep placeholders, signature and tensors in step; every signature edit goes
+through one helper. Passes never change a state tensor in place: they put a new tensor in its place with
+`replace_state`. That is what makes `snapshot()` cheap (it shares the tensors) and `restore()` exact; the
+`PassManager` checks it after every pass (`changed_in_place`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -15,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.export import ExportedProgram
@@ -29,6 +36,9 @@ aten = torch.ops.aten
 T = TypeVar("T")
 
 STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+StateKind = Literal["parameter", "buffer", "constant"]
+_KIND = {"parameter": InputKind.PARAMETER, "buffer": InputKind.BUFFER, "constant": InputKind.CONSTANT_TENSOR}
+_PLACEHOLDER_PREFIX = {"parameter": "p_", "buffer": "b_", "constant": "c_"}
 
 # Checks torch.export leaves in the graph. They have no users, so plain DCE keeps them (they are impure)
 # and they would pin otherwise-dead subgraphs. A metadata check guards a `.to()` cast of the same tensor in
@@ -60,6 +70,19 @@ def _is_dead_metadata_assert(node: Node) -> bool:
 
 
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
+
+
+def _fake_mode(graph: Graph) -> Any:
+    """The fake-tensor mode of the graph's shape metadata (None if its placeholders carry none)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+
+
+def _tensor_versions(ep: ExportedProgram) -> dict[str, int]:
+    """In-place version counter of every state tensor (bumped by each in-place op on it)."""
+    tensors = {**ep.state_dict, **ep.constants}
+    return {name: t._version for name, t in tensors.items() if isinstance(t, torch.Tensor)}
 
 
 def _input_names(node: Node) -> str:
@@ -95,13 +118,33 @@ def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
 class ValueRewrite:
     """For `Program.run(rewrite=...)`: the node's value becomes `fn(value, *values of reads)`.
 
-    Example:
-        >>> skip = ValueRewrite(lambda out, inp: inp, reads=(block.input,))   # the block passes its input on
-        >>> program.run(batch, rewrite={block.output: skip})
+    Example::
+
+        skip = ValueRewrite(lambda out, inp: inp, reads=(block.input,))   # the block passes its input on
+        program.run(batch, rewrite={block.output: skip})
     """
 
     fn: Callable[..., Any]
     reads: tuple[Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProgramSnapshot:
+    """A program as it was at `Program.snapshot()`, for `Program.restore`.
+
+    The graph is a copy (nodes and their metadata dicts); signature entries and tensors are shared with the
+    program, which is safe because mutations replace them rather than edit them. `tensor_versions` holds each
+    tensor's in-place version counter, so in-place changes can be detected (`Program.changed_in_place`).
+    """
+
+    graph: Graph
+    signature: ExportGraphSignature
+    state_dict: dict[str, torch.Tensor]
+    constants: dict[str, Any]
+    family: str
+    tagger: Tagger
+    dynamic_dims: dict[str, dict[int, str]]
+    tensor_versions: dict[str, int]
 
 
 class Program:
@@ -113,12 +156,13 @@ class Program:
         tagger: component tag rules (understanding / generation / shared) for module paths.
         dynamic_dims: for each input, `{axis: name}` of its dynamic dimensions (e.g. `{0: "batch", 1: "seq"}`).
 
-    Example:
-        >>> program = sparsec.capture(model, {"input_ids": ids, "attention_mask": mask})
-        >>> region_index(program).region("model.layers.0").parameters[:2]
-        ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.q_proj.bias']
-        >>> program.run({"input_ids": ids, "attention_mask": mask})["logits"].shape
-        torch.Size([2, 16, 128])
+    Example::
+
+        program = sparsec.capture(model, {"input_ids": ids, "attention_mask": mask})
+        region_index(program).region("model.layers.0").parameters[:2]
+        # ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.q_proj.bias']
+        program.run({"input_ids": ids, "attention_mask": mask})["logits"].shape
+        # torch.Size([2, 16, 128])
     """
 
     def __init__(
@@ -169,9 +213,10 @@ class Program:
         Analyses of the graph (the region index, the FFN list, residual structure) are computed once per graph
         version instead of on every query; `compute` is the cache key, so pass the same function each time.
 
-        Example:
-            >>> program.analysis(RegionIndex) is program.analysis(RegionIndex)
-            True
+        Example::
+
+            program.analysis(RegionIndex) is program.analysis(RegionIndex)
+            # True
         """
         if self._analyses_version != self._version:
             self._analyses, self._analyses_version = {}, self._version
@@ -202,7 +247,10 @@ class Program:
         return ep.state_dict[name] if name in ep.state_dict else ep.constants[name]
 
     def replace_state(self, name: str, value: torch.Tensor) -> None:
-        """Replace a parameter/buffer tensor (e.g. with a sliced copy); shapes are re-inferred by `verify()`."""
+        """Put `value` in place of the state tensor `name` (e.g. a sliced copy); a parameter stays a parameter.
+
+        The program keeps its own copy of a new parameter. A changed shape or dtype is re-inferred by `verify()`.
+        """
         ep = self.exported
         old = self.state_tensor(name)
         if isinstance(old, torch.nn.Parameter):
@@ -211,38 +259,82 @@ class Program:
             ep.state_dict[name] = value
         else:
             ep.constants[name] = value
-        self.state_placeholders()[name].meta.pop("val", None)
+        if not same_meta(old, value):
+            self.state_placeholders()[name].meta.pop("val", None)
 
-    def add_parameter(self, name: str, value: torch.Tensor) -> Node:
-        """Add a parameter (placeholder, signature entry, state tensor) and return its placeholder node.
+    def add_state(self, name: str, value: torch.Tensor, kind: StateKind = "parameter", *,
+                  persistent: bool = True) -> Node:
+        """Add a parameter, buffer or constant tensor and return its placeholder node.
 
-        For rewrites that introduce weights (an MoE router, stacked experts); shapes are inferred by `verify()`.
+        The placeholder, its signature entry (after the other state of its kind, in torch.export's order:
+        parameters, buffers, constants) and the tensor (a copy of `value`) are added together; the placeholder
+        carries shape metadata, so new nodes reading it can be shape-inferred at once. A non-persistent buffer
+        lives with the constants, as torch.export keeps it. For rewrites that introduce tensors (an MoE router,
+        stacked experts, the real and imaginary parts of a complex table).
         """
+        if kind not in _KIND:
+            raise SparsecError(f"unknown state kind {kind!r}; use one of {sorted(_KIND)}")
         ep = self.exported
         if name in ep.state_dict or name in ep.constants:
-            raise SparsecError(f"the program already has a tensor named {name!r}")
+            raise SparsecError(f"the program already has a tensor named {name!r}; pick another name")
+        order = STATE_KINDS[: STATE_KINDS.index(_KIND[kind]) + 1]
         specs = list(ep.graph_signature.input_specs)
-        position = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1) + 1
+        position = max((i for i, s in enumerate(specs) if s.kind in order), default=-1) + 1
         placeholders = self.graph.find_nodes(op="placeholder")
         anchor = (self.graph.inserting_after(placeholders[position - 1]) if position
                   else self.graph.inserting_before(placeholders[0]))
         with anchor:
-            node = self.graph.placeholder("p_" + name.replace(".", "_"))
-        specs.insert(position, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), name, None))
-        ep._graph_signature = ExportGraphSignature(specs, list(ep.graph_signature.output_specs))
-        ep.state_dict[name] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+            node = self.graph.placeholder(_PLACEHOLDER_PREFIX[kind] + name.replace(".", "_"))
+        tensor = value.detach().clone()
+        if kind == "parameter":
+            tensor = torch.nn.Parameter(tensor, requires_grad=False)
+        fake_mode = _fake_mode(self.graph)
+        if fake_mode is not None:
+            node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+        specs.insert(position, InputSpec(_KIND[kind], TensorArgument(node.name), name,
+                                         persistent if kind == "buffer" else None))
+        self._set_signature(inputs=specs)
+        (ep.state_dict if kind == "parameter" or (kind == "buffer" and persistent) else ep.constants)[name] = tensor
         return node
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> Node:
+        """`add_state(name, value, "parameter")`: a new weight (frozen; `distill` can train it)."""
+        return self.add_state(name, value, "parameter")
+
+    def remove_state(self, name: str) -> None:
+        """Remove a state tensor nobody reads: its placeholder, signature entry and tensor.
+
+        `prune()` does this for every unread tensor after a rewrite; a tensor some node still reads is refused.
+        """
+        node = self.state_placeholders().get(name)
+        if node is None:
+            raise SparsecError(f"the program has no state tensor named {name!r}")
+        if node.users:
+            raise SparsecError(f"cannot remove {name!r}: {[u.name for u in node.users][:5]} still read it; "
+                               "rewire them first (prune() removes state once nothing reads it)")
+        self.graph.erase_node(node)
+        self._set_signature(inputs=[s for s in self.exported.graph_signature.input_specs if s.arg.name != node.name])
+        self.exported.state_dict.pop(name, None)
+        self.exported.constants.pop(name, None)
 
     def replace_uses(self, node: Node, replacement: Node, *, except_in: Node | None = None) -> None:
         """Make every user of `node` (but `except_in`) read `replacement`, program outputs included."""
         node.replace_all_uses_with(replacement, delete_user_cb=lambda user: user is not except_in)
-        ep = self.exported
         specs = []
-        for spec in ep.graph_signature.output_specs:
+        for spec in self.exported.graph_signature.output_specs:
             if isinstance(spec.arg, TensorArgument) and spec.arg.name == node.name:
                 spec = OutputSpec(spec.kind, TensorArgument(replacement.name), spec.target)
             specs.append(spec)
-        ep._graph_signature = ExportGraphSignature(list(ep.graph_signature.input_specs), specs)
+        self._set_signature(outputs=specs)
+
+    def _set_signature(self, *, inputs: list[InputSpec] | None = None, outputs: list[OutputSpec] | None = None) -> None:
+        """The one place the graph signature changes: new input and/or output specs, the others kept."""
+        ep = self.exported
+        signature = ep.graph_signature
+        ep._graph_signature = ExportGraphSignature(
+            list(signature.input_specs) if inputs is None else list(inputs),
+            list(signature.output_specs) if outputs is None else list(outputs),
+        )
 
     def parameter_names(self) -> list[str]:
         return [s.target for s in self.exported.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
@@ -255,7 +347,10 @@ class Program:
         return sum(self.exported.state_dict[n].nbytes for n in self.parameter_names())
 
     # ----- execution -------------------------------------------------------------------------------
-    def _flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+    def flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        """The graph module's positional arguments for user `inputs` by name: state tensors and inputs in
+        signature order. `named_outputs(program.graph_module(*program.flat_args(inputs)))` is `run(inputs)`
+        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`)."""
         names = self.input_names
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
@@ -277,7 +372,8 @@ class Program:
                 raise SparsecError(f"unsupported program input kind {spec.kind} ({spec.arg.name})")
         return args
 
-    def _named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
+    def named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
+        """The user outputs by name from the graph module's flat result (see `flat_args`)."""
         specs = self.exported.graph_signature.output_specs
         user = [v for v, s in zip(flat, specs) if s.kind == OutputKind.USER_OUTPUT]
         return dict(zip(self.output_names, user))
@@ -298,9 +394,9 @@ class Program:
         it: a what-if run of a change without editing the graph (`sparsec.probe` masks neurons and skips
         blocks this way).
         """
-        args = self._flat_args(inputs)
+        args = self.flat_args(inputs)
         if observe is None and not rewrite:
-            return self._named_outputs(self.graph_module(*args))
+            return self.named_outputs(self.graph_module(*args))
         rewrite = rewrite or {}
 
         class _Observer(torch.fx.Interpreter):
@@ -317,13 +413,58 @@ class Program:
         if kept:  # values a rewrite reads stay alive until the end of the run
             for freed in interpreter.user_to_last_uses.values():
                 freed[:] = [n for n in freed if n not in kept]
-        return self._named_outputs(interpreter.run(*args))
+        return self.named_outputs(interpreter.run(*args))
 
     # ----- mutation support --------------------------------------------------------------------------
     def recompile(self) -> None:
         """Regenerate the graph module's code after in-place graph edits and invalidate cached views."""
         self.graph_module.recompile()
         self._version += 1
+
+    def snapshot(self) -> ProgramSnapshot:
+        """The program as it is now, for `restore` (what the `PassManager` takes before every pass).
+
+        Cheap: the graph is copied (nodes and their metadata dicts), the tensors are shared. That is exact as
+        long as state tensors are replaced (`replace_state`), never changed in place; `changed_in_place` tells.
+        """
+        ep = self.exported
+        return ProgramSnapshot(
+            graph=copy.deepcopy(self.graph),
+            signature=ExportGraphSignature(list(ep.graph_signature.input_specs), list(ep.graph_signature.output_specs)),
+            state_dict=dict(ep.state_dict),
+            constants=dict(ep.constants),
+            family=self.family,
+            tagger=copy.deepcopy(self.tagger),
+            dynamic_dims=copy.deepcopy(self.dynamic_dims),
+            tensor_versions=_tensor_versions(ep),
+        )
+
+    def restore(self, snapshot: ProgramSnapshot) -> None:
+        """Make the program what it was at `snapshot`: graph, signature, state, metadata. The snapshot stays
+        valid (it can be restored again). Bumps `version`: the nodes are new objects, cached analyses stale."""
+        ep = self.exported
+        self.graph_module.graph = copy.deepcopy(snapshot.graph)
+        self._set_signature(inputs=snapshot.signature.input_specs, outputs=snapshot.signature.output_specs)
+        ep.state_dict.clear()
+        ep.state_dict.update(snapshot.state_dict)
+        ep.constants.clear()
+        ep.constants.update(snapshot.constants)
+        self.family = snapshot.family
+        self.tagger = copy.deepcopy(snapshot.tagger)
+        self.dynamic_dims = copy.deepcopy(snapshot.dynamic_dims)
+        self.recompile()
+
+    def changed_in_place(self, snapshot: ProgramSnapshot) -> list[str]:
+        """State tensors the program still shares with `snapshot` that were modified in place since.
+
+        Such a change survives `restore`; a pass must `replace_state` instead. (Detected by the tensors'
+        in-place version counters; writes through `.data` escape it.)
+        """
+        now = _tensor_versions(self.exported)
+        shared = {**snapshot.state_dict, **snapshot.constants}
+        current = {**self.exported.state_dict, **self.exported.constants}
+        return sorted(name for name, version in snapshot.tensor_versions.items()
+                      if current.get(name) is shared[name] and now.get(name) != version)
 
     def prune(self) -> list[str]:
         """Dead-code-eliminate and drop state nobody uses. Returns the removed state names.
@@ -338,20 +479,9 @@ class Program:
 
         while graph.eliminate_dead_code(is_impure_node=is_impure):
             pass
-        ep = self.exported
-        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
-        kept, removed = [], []
-        for spec in ep.graph_signature.input_specs:
-            node = placeholders.get(spec.arg.name)
-            if spec.kind in STATE_KINDS and node is not None and not node.users:
-                graph.erase_node(node)
-                ep.state_dict.pop(spec.target, None)
-                ep.constants.pop(spec.target, None)
-                removed.append(spec.target)
-            else:
-                kept.append(spec)
-        if removed:
-            ep._graph_signature = ExportGraphSignature(kept, list(ep.graph_signature.output_specs))
+        removed = [name for name, node in self.state_placeholders().items() if not node.users]
+        for name in removed:
+            self.remove_state(name)
         self.recompile()
         return removed
 
@@ -397,10 +527,8 @@ class Program:
         cheap, and it never re-runs ops nobody touched (some meta kernels, e.g. masked_scatter, do not
         re-run under symbolic shapes).
         """
-        from torch._guards import detect_fake_mode
-
         placeholders = self.graph.find_nodes(op="placeholder")
-        fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        fake_mode = _fake_mode(self.graph)
         changed: set[Node] = set()
         for name, node in self.state_placeholders().items():
             if "val" not in node.meta:  # replaced by `replace_state`

@@ -1,1 +1,1 @@
-"""The pass infrastructure: `Pass`, the registry, `PassManager`, recipe options."""
+"""The pass infrastructure: `Pass`, the registry, `PassManager` and its instruments (`PassInstrument`), recipe options."""

@@ -3,25 +3,39 @@
 A pass is a small object in the style of torch.fx's pass infrastructure:
 
 - `Options`: a dataclass of its recipe options (validated before any work starts, see `sparsec.transform.options`);
-- `requires(program, ctx)`: preconditions; raise `PassError` naming what is missing;
-- `run(program, ctx) -> PassResult`: rewrite `program.graph` in place and say whether anything changed;
-- `ensures(program, ctx, result)`: postconditions on the rewritten program.
+- `requires(program, ctx) -> plan`: preconditions, checked before anything changes; raise `PassError` naming
+  what is missing. What it works out on the way (the FFNs matched, the units to drop, the widths to keep) it
+  returns as its *plan* (any object, or None), and the manager hands that plan to `run`: nothing is worked
+  out twice, and `run` acts on exactly what `requires` checked;
+- `run(program, ctx, plan) -> PassResult`: rewrite `program.graph` in place and say whether anything changed.
+  State tensors are replaced (`program.replace_state`, `add_state`), never modified in place;
+- `ensures(program, ctx, result)`: postconditions on the rewritten, verified program.
 
-The manager runs them in stage order (`transform` before `lowering`, recipe order within a stage) and after
-each modifying pass recompiles, prunes dead code and unused weights, verifies the program (lint, shape
-re-propagation, parameter bookkeeping: see `Program.verify`) and checks quality on calibration data
-against the program as it was before the first pass. A failed quality gate stops the pipeline.
+The manager runs passes in stage order (`transform` before `lowering`, recipe order within a stage). After each
+modifying pass it recompiles and prunes dead code and unused weights; then its *instruments* (`PassInstrument`,
+as in TVM) check and measure it: `VerifyInstrument` (`Program.verify`: lint, shape re-propagation, parameter
+bookkeeping; then the pass's `ensures`), `QualityInstrument` (outputs on calibration data against the program
+as it was before the first pass, and the gates) and `TimingInstrument`; users add their own (e.g. one that
+dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
+instrument, is re-raised with its type kept and the pass named, with the passes before it
+(`after pass 'slice_neurons' (passes before it: drop_layers): shape propagation failed ...`), and the program
+is restored to what it was before that pass (`Program.snapshot` / `restore`): a failed gate leaves nothing
+half-rewritten.
 
-Example (a custom pass):
-    >>> @register_pass
-    ... class DropDropout(Pass):
-    ...     name = "drop_dropout"
-    ...     def run(self, program, ctx):
-    ...         nodes = program.graph.find_nodes(op="call_function", target=torch.ops.aten.dropout.default)
-    ...         for n in nodes:
-    ...             n.replace_all_uses_with(n.args[0])
-    ...             program.graph.erase_node(n)
-    ...         return PassResult(modified=bool(nodes), stats={"removed": len(nodes)})
+Example (a custom pass)::
+
+    @register_pass
+    class DropDropout(Pass):
+        name = "drop_dropout"
+
+        def requires(self, program, ctx):
+            return program.graph.find_nodes(op="call_function", target=torch.ops.aten.dropout.default)
+
+        def run(self, program, ctx, plan):
+            for n in plan:
+                n.replace_all_uses_with(n.args[0])
+                program.graph.erase_node(n)
+            return PassResult(modified=bool(plan), stats={"removed": len(plan)})
 """
 
 from __future__ import annotations
@@ -31,13 +45,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
-from sparsec.errors import PassError, QualityError, RecipeError
-from sparsec.transform.options import as_dict, parse_section
-from sparsec.ir.program import Program
 from sparsec.data.quality import QualityGates, compare_programs
+from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
+from sparsec.ir.program import Program
+from sparsec.transform.options import as_dict, parse_section
 
 ENTRY_POINT_GROUP = "sparsec.passes"
 STAGES = ("transform", "lowering")
@@ -98,10 +112,15 @@ class Pass:
     def from_recipe(cls, options: Any, where: str) -> "Pass":
         return cls(parse_section(cls.Options, options, where))
 
-    def requires(self, program: Program, ctx: PassContext) -> None:
-        """Raise `PassError` if the program is not something this pass can rewrite."""
+    def requires(self, program: Program, ctx: PassContext) -> Any:
+        """Raise `PassError` if the program is not something this pass can rewrite; return the plan for `run`.
 
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        Must not change the program. The plan (None by default) is whatever `run` needs from this analysis.
+        """
+        return None
+
+    def run(self, program: Program, ctx: PassContext, plan: Any) -> PassResult:
+        """Rewrite `program` in place following `plan` (what `requires` returned just before)."""
         raise NotImplementedError
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
@@ -185,78 +204,179 @@ class PassRecord:
     seconds: float
 
 
+
+# ----- instruments ----------------------------------------------------------------------------------------
+class PassInstrument:
+    """Hooks around every pass the `PassManager` runs (TVM's pass instruments); subclass and override either.
+
+    `before_pass` runs before the pass's `requires`; `after_pass` after its `run`, recompile and prune, with
+    the pass's result and its record, which an instrument may complete (the built-in ones set `quality` and
+    `seconds`). Instruments nest: `before_pass` is called in list order and `after_pass` in reverse, so the
+    first instrument is the outermost. An exception from a hook fails the pass like any other (re-raised
+    naming the pass; the program restored).
+
+    Example (dump the graph after every pass)::
+
+        class DumpGraph(PassInstrument):
+            def __init__(self, directory):
+                self.directory, self.count = Path(directory), 0
+
+            def after_pass(self, p, program, ctx, result, record):
+                self.count += 1
+                (self.directory / f"{self.count:02d}_{p.name}.txt").write_text(str(program.graph))
+
+        PassManager(passes, instruments=[DumpGraph()]).run(program, ctx)
+    """
+
+    def before_pass(self, p: Pass, program: Program, ctx: PassContext) -> None:
+        """Called before the pass's `requires`."""
+
+    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
+        """Called after the pass's `run`, recompile and prune (inner instruments' `after_pass` already ran)."""
+
+
+class TimingInstrument(PassInstrument):
+    """Sets `record.seconds`: wall time from before `requires` to after the inner instruments' checks."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def before_pass(self, p: Pass, program: Program, ctx: PassContext) -> None:
+        self._start = time.perf_counter()
+
+    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
+        record.seconds = round(time.perf_counter() - self._start, 3)
+
+
+class QualityInstrument(PassInstrument):
+    """After every modifying pass, compares the outputs on the calibration set with `reference` (the program's
+    outputs before the first pass) into `record.quality`, and raises `QualityError` when `gates` fail."""
+
+    def __init__(self, calibration: CalibrationSet, reference: Sequence[dict], gates: QualityGates | None) -> None:
+        self.calibration = calibration
+        self.reference = reference
+        self.gates = gates
+
+    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
+        if not result.modified:
+            return
+        record.quality = compare_programs(program, self.calibration, self.reference, progress=ctx.progress)
+        failures = self.gates.failures(record.quality) if self.gates is not None else []
+        if failures:
+            raise QualityError("quality gate failed: " + "; ".join(failures)
+                               + ". Relax the recipe's `quality:` gates or make the pass less aggressive.")
+
+
+class VerifyInstrument(PassInstrument):
+    """After every modifying pass, `Program.verify()` (the IR's invariants); then the pass's own `ensures`."""
+
+    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
+        if result.modified:
+            program.verify()
+        p.ensures(program, ctx, result)
+
+
+# ----- manager --------------------------------------------------------------------------------------------
 class PassManager:
-    """Runs passes in order with verification and quality checks after each one.
+    """Runs passes in order; instruments verify, gate and time each one; a failed pass leaves no trace.
 
     Args:
         passes: pass instances; stably sorted by stage (`transform`, then `lowering`).
         gates: quality thresholds checked after every pass (None: metrics are reported, nothing gated).
-        verify: run `Program.verify()` after every modifying pass (leave on; off only to profile).
+        verify: verify the program after every modifying pass and check the pass's `ensures` (the
+            `VerifyInstrument`; leave on, off only to profile).
         prepare: called right before each pass with the program as it is then; returns the pass to run (e.g.
             one repeating decisions made in another entry point) or None to skip it.
+        instruments: extra `PassInstrument`s, outside the built-in ones: their `after_pass` sees the program
+            verified and the record complete.
 
-    Example:
-        >>> manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99))
-        >>> records = manager.run(program, PassContext(calibration=calib))
+    Example::
+
+        manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99), instruments=[DumpGraph("dumps")])
+        records = manager.run(program, PassContext(calibration=calib))
     """
 
     def __init__(self, passes: Iterable[Pass], gates: QualityGates | None = None, verify: bool = True,
-                 prepare: Callable[[Pass, Program], Pass | None] | None = None) -> None:
+                 prepare: Callable[[Pass, Program], Pass | None] | None = None,
+                 instruments: Iterable[PassInstrument] = ()) -> None:
         passes = list(passes)
         self.passes: list[Pass] = sorted(passes, key=lambda p: STAGES.index(p.stage))
         self.gates = gates
         self.verify = verify
         self.prepare = prepare
+        self.instruments = list(instruments)
 
     def run(self, program: Program, ctx: PassContext | None = None) -> list[PassRecord]:
+        """Run every pass on `program` in place; return their records. Raises what a pass raised, naming it."""
         ctx = ctx or PassContext()
         if ctx.calibration is not None and ctx.statistics is None:
             ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
-        reference = None
+        instruments = [*self.instruments, TimingInstrument()]
         if ctx.calibration is not None and self.passes:
             reference = ctx.calibration.reference_outputs(program, progress=ctx.progress)
-        records = []
+            instruments.append(QualityInstrument(ctx.calibration, reference, self.gates))
+        if self.verify:
+            instruments.append(VerifyInstrument())
+        records: list[PassRecord] = []
         for p in self.passes:
-            run = self.prepare(p, program) if self.prepare is not None else p
-            if run is not None:
-                records.append(self._run_one(run, program, ctx, reference))
+            ran = [r.name for r in records]
+            try:
+                chosen = self.prepare(p, program) if self.prepare is not None else p
+            except Exception as exc:
+                _reraise(exc, f"before pass {p.name!r}", ran)
+            if chosen is not None:
+                records.append(self._run_one(chosen, program, ctx, instruments, ran))
         return records
 
-    def _run_one(self, p: Pass, program: Program, ctx: PassContext, reference: Sequence[dict] | None) -> PassRecord:
-        start = time.perf_counter()
-        p.requires(program, ctx)
-        before = program.num_parameters()
-        state_before = set(program.state_placeholders())
-        result = p.run(program, ctx)
-        if not isinstance(result, PassResult):
-            raise PassError(f"pass {p.name!r} returned {type(result).__name__}; run() must return a PassResult")
-        if result.modified:
-            program.recompile()
-            program.prune()
-            if self.verify:
-                program.verify()
-        removed = sorted(state_before - set(program.state_placeholders()))
-        p.ensures(program, ctx, result)
-        quality = None
-        if reference is not None and result.modified:
-            quality = compare_programs(program, ctx.calibration, reference, progress=ctx.progress)
-        record = PassRecord(
-            name=p.name,
-            options=as_dict(p.options),
-            modified=result.modified,
-            parameters_before=before,
-            parameters_after=program.num_parameters(),
-            removed_state=removed,
-            stats=result.stats,
-            decisions=result.decisions,
-            quality=quality,
-            seconds=round(time.perf_counter() - start, 3),
-        )
-        if quality is not None and self.gates is not None:
-            failures = self.gates.failures(quality)
-            if failures:
-                raise QualityError(
-                    f"quality gate failed after pass {p.name!r}: " + "; ".join(failures)
-                    + ". Relax the recipe's `quality:` gates or make the pass less aggressive."
-                )
+    def _run_one(self, p: Pass, program: Program, ctx: PassContext, instruments: list[PassInstrument],
+                 ran: list[str]) -> PassRecord:
+        snapshot = program.snapshot()
+        phase = "in"
+        try:
+            for instrument in instruments:
+                instrument.before_pass(p, program, ctx)
+            before = program.num_parameters()
+            state_before = set(program.state_placeholders())
+            plan = p.requires(program, ctx)
+            result = p.run(program, ctx, plan)
+            if not isinstance(result, PassResult):
+                raise PassError(f"run() returned {type(result).__name__}; it must return a PassResult")
+            changed = program.changed_in_place(snapshot)
+            if changed:
+                raise VerificationError(
+                    f"the pass changed state tensors in place ({changed[:5]}); replace them with "
+                    "program.replace_state(name, new_tensor) instead, so that a failed pass can be undone")
+            phase = "after"
+            if result.modified:
+                program.recompile()
+                program.prune()
+            record = PassRecord(
+                name=p.name,
+                options=as_dict(p.options),
+                modified=result.modified,
+                parameters_before=before,
+                parameters_after=program.num_parameters(),
+                removed_state=sorted(state_before - set(program.state_placeholders())),
+                stats=result.stats,
+                decisions=result.decisions,
+                quality=None,
+                seconds=0.0,
+            )
+            for instrument in reversed(instruments):
+                instrument.after_pass(p, program, ctx, result, record)
+        except Exception as exc:
+            program.restore(snapshot)
+            _reraise(exc, f"{phase} pass {p.name!r}", ran)
         return record
+
+
+def _reraise(exc: Exception, where: str, ran: list[str]) -> NoReturn:
+    """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept."""
+    message = f"{where} ({'passes before it: ' + ', '.join(ran) if ran else 'the first pass'}): {exc}"
+    try:
+        renamed = type(exc)(message)
+        renamed.__dict__.update(exc.__dict__)
+    except Exception:  # an exception type whose constructor takes something else: keep it, add a note
+        exc.add_note(message)
+        raise exc
+    raise renamed from exc

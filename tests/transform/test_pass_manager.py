@@ -1,15 +1,16 @@
-"""PassManager: custom passes by name, verification after every pass, parameter bookkeeping, quality gates."""
+"""PassManager: custom passes by name, verification after every pass, parameter bookkeeping, quality gates;
+errors naming the pass, the program restored after a failed pass, plans handed to `run`, instruments."""
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import make_inputs, make_model, small_program
 from skip_ffn import SkipFfn
 
 import sparsec
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
-from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassResult, register_pass
+from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager, PassResult, register_pass
 from sparsec.data.quality import QualityGates
 from sparsec.recipe import Recipe
 from sparsec.analysis.regions import region_index
@@ -22,7 +23,7 @@ class NoOp(Pass):
 
     name = "noop"
 
-    def run(self, program, ctx):
+    def run(self, program, ctx, plan):
         return PassResult(modified=False)
 
 
@@ -58,7 +59,7 @@ class _BreaksShapes(Pass):
 
     name = "breaks_shapes"
 
-    def run(self, program, ctx):
+    def run(self, program, ctx, plan):
         ffn = region_index(program).ffns()[0]
         ffn.down.args = (ffn.input, *ffn.down.args[1:])
         return PassResult(modified=True)
@@ -67,7 +68,7 @@ class _BreaksShapes(Pass):
 class _LeavesOrphanWeight(Pass):
     name = "leaves_orphan_weight"
 
-    def run(self, program, ctx):
+    def run(self, program, ctx, plan):
         program.exported.state_dict["ghost.weight"] = torch.zeros(3)
         return PassResult(modified=True)
 
@@ -84,7 +85,7 @@ def test_quality_gate_failure_stops_pipeline():
     model, program = _fresh()
     calib = CalibrationSet(make_inputs(model, 4, 12, seed=1), source="test")
     manager = PassManager([SkipFfn(where="model.layers.*.mlp")], gates=QualityGates(min_cosine=0.999))
-    with pytest.raises(QualityError, match=r"quality gate failed after pass 'skip_ffn': logits: cosine"):
+    with pytest.raises(QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: logits: cosine"):
         manager.run(program, PassContext(calibration=calib, progress=False))
 
 
@@ -104,3 +105,149 @@ def test_registered_pass_runs_from_recipe_and_options_are_validated():
         Recipe.from_dict({"passes": [{"skip_ffn": {"were": "x"}}]})
     with pytest.raises(RecipeError, match=r"passes\[0\]\.skip_ffn\.where: must be a non-empty"):
         Recipe.from_dict({"passes": [{"skip_ffn": {"where": ""}}]})
+
+
+# ----- on a small graph: errors in context, restore on failure, plans, instruments ----------------------------
+def _small_calibration():
+    return CalibrationSet({"x": torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1))}, source="test")
+
+
+def _fingerprint(program):
+    """What must be exactly as before a failed pass: graph code, signature, state (the tensors), size."""
+    ep = program.exported
+    return (program.graph_module.code, str(ep.graph_signature), {**ep.state_dict, **ep.constants},
+            program.num_parameters())
+
+
+def _assert_same(program, fingerprint):
+    code, signature, state, parameters = _fingerprint(program)
+    assert code == fingerprint[0] and signature == fingerprint[1] and parameters == fingerprint[3]
+    assert state.keys() == fingerprint[2].keys() and all(state[k] is v for k, v in fingerprint[2].items())
+
+
+class _Raises(Pass):
+    name = "raises"
+
+    def run(self, program, ctx, plan):
+        program.replace_state("blocks.0.up.weight", torch.zeros(16, 8))  # half done, then a bug
+        relu = program.graph.find_nodes(op="call_function", target=aten.relu.default)[0]
+        relu.replace_all_uses_with(relu.args[0])
+        program.graph.erase_node(relu)
+        raise KeyError("boom")
+
+
+def test_errors_name_the_pass_and_the_passes_before_it_and_keep_their_type():
+    _, program = small_program()
+    with pytest.raises(VerificationError, match=r"^after pass 'breaks_shapes' \(passes before it: noop, skip_ffn\): "
+                                                r"shape propagation failed") as info:
+        PassManager([NoOp(), SkipFfn(where="blocks.1"), _BreaksShapes()]).run(program, PassContext(progress=False))
+    assert isinstance(info.value.__cause__, VerificationError)
+    assert str(info.value.__cause__).startswith("shape propagation failed")
+
+    with pytest.raises(KeyError, match=r"in pass 'raises' \(the first pass\): 'boom'"):
+        PassManager([_Raises()]).run(program, PassContext(progress=False))
+    with pytest.raises(PassError, match=r"in pass 'skip_ffn' \(passes before it: noop\): skip_ffn: no FFN matches"):
+        PassManager([NoOp(), SkipFfn(where="nowhere")]).run(program, PassContext(progress=False))
+
+
+@pytest.mark.parametrize("bad", [_BreaksShapes, _LeavesOrphanWeight, _Raises])
+def test_a_failed_pass_leaves_the_program_as_it_was(bad):
+    _, program = small_program()
+    PassManager([SkipFfn(where="blocks.0")]).run(program, PassContext(progress=False))  # an earlier pass stays
+    before = _fingerprint(program)
+    with pytest.raises(Exception, match=f"pass '{bad.name}' \\(passes before it: noop\\)"):
+        PassManager([NoOp(), bad()]).run(program, PassContext(progress=False))
+    _assert_same(program, before)
+    program.verify()
+
+
+def test_a_failed_quality_gate_leaves_the_program_as_it_was():
+    _, program = small_program()
+    inputs = {"x": torch.randn(2, 3, 8)}
+    before, outputs = _fingerprint(program), program.run(inputs)["y"]
+    manager = PassManager([SkipFfn(where="blocks.*")], gates=QualityGates(min_cosine=0.99999))
+    with pytest.raises(QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: y: cosine"):
+        manager.run(program, PassContext(calibration=_small_calibration(), progress=False))
+    _assert_same(program, before)
+    torch.testing.assert_close(program.run(inputs)["y"], outputs, rtol=0, atol=0)
+
+
+class _ChangesWeightsInPlace(Pass):
+    name = "changes_weights_in_place"
+
+    def run(self, program, ctx, plan):
+        with torch.no_grad():
+            program.state_tensor("head.weight").mul_(0.5)
+        return PassResult(modified=True)
+
+
+def test_a_pass_changing_weights_in_place_is_refused():
+    _, program = small_program()
+    with pytest.raises(VerificationError, match=r"changed state tensors in place \(\['head.weight'\]\); replace them "
+                                                r"with program.replace_state"):
+        PassManager([_ChangesWeightsInPlace()]).run(program, PassContext(progress=False))
+
+
+class _Planned(Pass):
+    """Records how often its analysis runs and which plan `run` received."""
+
+    name = "planned"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.analyses, self.received = 0, []
+
+    def requires(self, program, ctx):
+        self.analyses += 1
+        return {"ffns": region_index(program).ffns()}
+
+    def run(self, program, ctx, plan):
+        self.received.append(plan)
+        return PassResult(modified=False, stats={"ffns": len(plan["ffns"])})
+
+
+def test_the_plan_from_requires_reaches_run_once():
+    _, program = small_program()
+    planned = _Planned()
+    (record,) = PassManager([planned]).run(program, PassContext(progress=False))
+    assert planned.analyses == 1 and len(planned.received) == 1
+    assert [f.path for f in planned.received[0]["ffns"]] == ["blocks.0", "blocks.1"]
+    assert record.stats == {"ffns": 2}
+
+
+class _Log(PassInstrument):
+    def __init__(self):
+        self.events = []
+
+    def before_pass(self, p, program, ctx):
+        self.events.append(("before", p.name, program.num_parameters()))
+
+    def after_pass(self, p, program, ctx, result, record):
+        self.events.append(("after", p.name, program.num_parameters(), record.quality is not None))
+
+
+def test_a_custom_instrument_sees_every_pass_after_the_built_in_checks():
+    _, program = small_program()
+    log = _Log()
+    n = program.num_parameters()
+    records = PassManager([SkipFfn(where="blocks.0"), NoOp(), SkipFfn(where="blocks.1")], instruments=[log]).run(
+        program, PassContext(calibration=_small_calibration(), progress=False))
+    m = records[0].parameters_after
+    assert log.events == [
+        ("before", "skip_ffn", n), ("after", "skip_ffn", m, True),  # the quality check ran before
+        ("before", "noop", m), ("after", "noop", m, False),          # not modified: no quality check
+        ("before", "skip_ffn", m), ("after", "skip_ffn", records[2].parameters_after, True),
+    ]
+    assert [r.name for r in records] == ["skip_ffn", "noop", "skip_ffn"] and records[0].seconds > 0
+
+
+def test_an_instrument_error_is_a_failed_pass():
+    class Refuses(PassInstrument):
+        def after_pass(self, p, program, ctx, result, record):
+            raise RecipeError(f"{p.name} is not allowed here")
+
+    _, program = small_program()
+    before = _fingerprint(program)
+    with pytest.raises(RecipeError, match=r"after pass 'skip_ffn' \(the first pass\): skip_ffn is not allowed here"):
+        PassManager([SkipFfn(where="blocks.0")], instruments=[Refuses()]).run(program, PassContext(progress=False))
+    _assert_same(program, before)
