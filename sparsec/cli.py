@@ -30,7 +30,7 @@ def default_recipe_path() -> Path:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sparsec.capture import capture
-    from sparsec.analysis.inspection import format_inspection, inspect_program
+    from sparsec.analysis.inspection import explain, format_inspection, inspect_program
     from sparsec.models import load_model
     from sparsec.recipe import Recipe
 
@@ -38,6 +38,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
     program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    if args.why:
+        why = explain(program, args.why)
+        print(json.dumps({"path": args.why, "why": why}, indent=2) if args.json else "\n".join(why))
+        return 0
     info = inspect_program(program, example)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--why", metavar="PATH",
+                   help="say whether module PATH is an FFN / a residual block, and if not which node broke which rule")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("compile", help="run a recipe's passes and write program.pt2, model.onnx and report.json",
