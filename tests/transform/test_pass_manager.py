@@ -104,3 +104,10 @@ def test_registered_pass_runs_from_recipe_and_options_are_validated():
         Recipe.from_dict({"passes": [{"skip_ffn": {"were": "x"}}]})
     with pytest.raises(RecipeError, match=r"passes\[0\]\.skip_ffn\.where: must be a non-empty"):
         Recipe.from_dict({"passes": [{"skip_ffn": {"where": ""}}]})
+
+
+def test_describe_decisions_writes_each_key_with_long_lists_summarised():
+    decisions = {"importance": "activation", "kept": list(range(20)), "ffns": [{"path": "mlp", "score": 0.123456789}]}
+    assert Pass.describe_decisions(decisions) == [
+        "  importance: activation", "  kept: <20 items>", "  ffns:", "    {'path': 'mlp', 'score': 0.123457}"]
+    assert Pass.describe_decisions([1, 2]) == ["  decisions: [1, 2]"]
