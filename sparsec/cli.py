@@ -91,6 +91,150 @@ def _pass_decisions(passes: list[dict]) -> list[str]:
     return lines
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _summary(report: dict) -> str:
+    lines = [f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})"]
+    for entry, program in _programs(report):
+        if entry:
+            lines.append(f"entry      {entry}/")
+        lines += [f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
+                  f"calibration {program['calibration']['source']}"]
+        for p in program["passes"]:
+            lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
+                         f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
+        if "parity" in program:
+            parity = program["parity"]
+            for name, m in parity["metrics"].items():
+                extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
+                tail = "".join(f" {k} {m[k]:.2e}" for k in m if k.startswith("p99") and k.endswith("_abs"))
+                lines.append(f"parity     {name}: {parity['backend']} {parity['precision']}: cosine {m['cosine']:.6f} "
+                             f"rel_l2 {m['rel_l2']:.2e} max_abs {m['max_abs']:.2e}{tail}{extra} at {parity['input_shapes']}")
+        lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in program["artifacts"].items()))
+    lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
+    from sparsec.data.calibration import load_calibration
+    from sparsec.runner import parse_dims, synthetic_inputs
+
+    onnx_path = Path(args.artifact) / "model.onnx"
+    if not onnx_path.is_file():
+        raise SparsecError(f"--artifact {args.artifact}: no model.onnx there (a `sparsec compile --out` directory)")
+    if args.calib:
+        import onnx
+
+        names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+        calibration = load_calibration(args.calib, input_names=names, batch_size=args.batch_size, samples=args.samples)
+        return list(calibration.batches()), calibration.source
+    dims = parse_dims(args.dims)
+    return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsec.runner import load_artifact
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    outputs: dict[str, list] = {}
+    for batch in batches:
+        for name, value in runner(batch).items():
+            outputs.setdefault(name, []).append(value)
+    summary = {}
+    for name, values in outputs.items():
+        value = torch.cat(values) if values[0].dim() else values[0]
+        floats = value.double()
+        summary[name] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                         "mean": float(floats.mean()), "std": float(floats.std()) if floats.numel() > 1 else 0.0,
+                         "finite": float(torch.isfinite(floats).double().mean())}
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "batches": len(batches), "outputs": summary}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, {len(batches)} batch(es) of {source}")
+        for name, m in summary.items():
+            print(f"  {name}: {m['shape']} {m['dtype']} mean {m['mean']:.4g} std {m['std']:.4g} "
+                  f"finite {100 * m['finite']:.1f}%")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sparsec.runner import load_artifact, timing
+
+    runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
+    batch = batches[0]
+    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
+              "input_shapes": {k: list(v.shape) for k, v in batch.items()},
+              **timing(runner, batch, warmup=args.warmup, runs=args.runs)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
+              f"{args.warmup} warm-up, {args.runs} timed runs")
+        print(f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+              f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}")
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from sparsec.transform.options import describe_section
+    from sparsec.transform.pass_manager import available_passes
+
+    passes = available_passes()
+    if not passes:
+        print("no passes registered")
+    for name, cls in passes.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}  [{cls.stage}]  {doc[0] if doc else ''}")
+        for opt, typ, default in describe_section(cls.Options):
+            print(f"    {opt}: {typ} = {default!r}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
+    from sparsec.models import load_model
+    from sparsec.recipe import Recipe
+
+    if not args.out:
+        raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")
+    specs: dict[str, tuple[str | None, str | None]] = {}
+    for item in args.task or ["understanding", "generation"]:
+        head, _, path = item.partition("=")
+        name, _, entry = head.partition("@")
+        if not name or name in specs:
+            raise SparsecError(f"--task {item!r}: give NAME[@ENTRY]=FILE (or NAME for synthetic inputs), each name once")
+        specs[name] = (entry or None, path or None)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError as exc:
+        raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    loaded = load_model(args.model)
+    tasks = load_tasks(loaded.model, specs, tags=recipe.tags, capture_batch=recipe.capture.batch,
+                       capture_seq=recipe.capture.seq, samples=args.samples, seq=args.seq, log=_log)
+    components = args.components.split(",") if args.components else ["understanding", "generation"]
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    probe = Probe(tasks, components=components, kinds=kinds, strict=bool(args.components or args.kinds),
+                  top_fraction=args.top_fraction, metric=args.metric, progress=not args.quiet)
+    for skipped in probe.skipped:
+        _log(f"skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
+    result = probe.run(ratios)
+    files = write_report(result, args.out)
+    if not args.quiet:
+        print(format_markdown(result))
+        print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsec",

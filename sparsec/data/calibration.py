@@ -204,7 +204,9 @@ class ChannelStats:
     max_abs: torch.Tensor
 
 
-class _Accumulator:
+class ChannelAccumulator:
+    """Sums behind `ChannelStats`, fed token vectors [T, C] batch by batch (`StatisticsCache`, the probe)."""
+
     def __init__(self) -> None:
         self.tokens = 0
         self.sum_abs = self.sum_sq = self.max_abs = None
@@ -226,6 +228,12 @@ class _Accumulator:
     def result(self) -> ChannelStats:
         n = max(self.tokens, 1)
         return ChannelStats(self.tokens, self.sum_abs / n, self.sum_sq / n, self.max_abs)
+
+
+def cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum over tokens of cos(a_t, b_t) for token vectors [T, C]: divided by T, the block redundancy score of
+    `drop_layers` (`StatisticsCache.cosine`) and the probe (`sparsec analyze`)."""
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).sum())
 
 
 def token_vectors(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -303,7 +311,7 @@ class StatisticsCache:
 
     @torch.no_grad()
     def _collect(self, nodes: set[Node], pairs: list[tuple[Node, Node]]) -> None:
-        acc = {n.name: _Accumulator() for n in nodes}
+        acc = {n.name: ChannelAccumulator() for n in nodes}
         pair_nodes = {n for pair in pairs for n in pair}
         cos_sum = {(a.name, b.name): 0.0 for a, b in pairs}
         tokens = 0
@@ -324,7 +332,7 @@ class StatisticsCache:
             held.clear()
             self.program.run(batch, observe=observe, nodes=nodes | pair_nodes)
             for a, b in pairs:
-                cos_sum[(a.name, b.name)] += float(torch.nn.functional.cosine_similarity(held[a], held[b], dim=-1).sum())
+                cos_sum[(a.name, b.name)] += cosine_sum(held[a], held[b])
             tokens += next(iter(held.values())).shape[0] if held else 0
         self.passes_run += 1
         self._stats.update({k: a.result() for k, a in acc.items() if a.sum_abs is not None})
