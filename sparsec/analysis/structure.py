@@ -201,7 +201,8 @@ class NoMatch:
     node: str = ""
 
     def __str__(self) -> str:
-        return f"{self.path or 'the top level'}: not an {self.pattern}: {self.rule}"
+        article = "an" if self.pattern[:1] in "AEFIOU" else "a"  # an FFN, a residual block
+        return f"{self.path or 'the top level'}: not {article} {self.pattern}: {self.rule}"
 
 
 def _describe(node: Node) -> str:

@@ -139,6 +139,7 @@ def test_residual_block_matches_and_a_block_without_residual_says_where_it_stops
     miss = match_residual_block(regions.region("layers.0"), regions.ffns())
     assert isinstance(miss, NoMatch) and miss.pattern == "residual block" and miss.path == "layers.0"
     assert miss.node.startswith("mul") and "is not a residual add" in miss.rule
+    assert str(miss).startswith("layers.0: not a residual block: its output ")
     info = inspect_program(program, {"x": torch.randn(2, 5, 8)})
     assert [b["path"] for b in info["unclassified_blocks"]] == ["layers.0", "layers.1"]
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
 from sparsec.errors import CalibrationError, SparsecError
-from sparsec.data.quality import QualityGates, compare_outputs
+from sparsec.data.quality import Bounds, QualityGates, compare_outputs
 from sparsec.analysis.regions import region_index
 
 
@@ -111,3 +111,10 @@ def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(CalibrationError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         load_calibration(tmp_path / "bad.jsonl", input_names=["input_ids"], tokenizer_dir=tmp_path)
+
+
+def test_bounds_select_outputs_with_the_module_path_glob_dialect():
+    bounds = Bounds({"*": {"cosine": 0.9}, "vision.**": {"rel_l2": 0.1}})
+    assert bounds.resolve(["logits", "vision.hidden"]) == {"logits": {"cosine": 0.9}, "vision.hidden": {"rel_l2": 0.1}}
+    with pytest.raises(ValueError, match=r"bounds.\*.cosin: unknown metric"):
+        Bounds({"*": {"cosin": 0.9}})

@@ -172,11 +172,14 @@ def test_inspect_shows_components_and_tags(capsys):
     tags = {r["path"]: r["tag"] for r in info["regions"]}
     assert tags["model.vision_model"] == "understanding" and tags["model.language_model"] == "shared"
     assert {s["path"] for s in info["block_stacks"]} == {"model.language_model.layers", "model.vision_model.encoder.layers"}
+    assert info["unclassified_blocks"] == [] and all(m["reason"] and m["node"] for m in info["not_ffns"])
     total = sum(c["parameters"] for c in info["components"].values())
     assert total == info["parameters"]
     assert main(["inspect", "--model", "builtin:tiny-qwen2"]) == 0
     text = capsys.readouterr().out
     assert "model.layers.[0-3]" in text and "model.layers.0.mlp  gated  width 128" in text
+    assert "linears no part of an FFN (17; why one is not: sparsec inspect --why PATH):" in text
+    assert "  model.layers.0.self_attn.o_proj: the input of linear_3 is not computed by pointwise ops" in text
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"],
@@ -185,3 +188,13 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0 and "usage: sparsec" in capsys.readouterr().out
+
+
+def test_inspect_why_names_the_rule_a_module_breaks(capsys):
+    assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0.self_attn"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "model.layers.0.self_attn: neither an FFN nor a block of a block stack"
+    assert out[4].startswith("model.layers.0.self_attn.o_proj: not an FFN: the input of ") and "reshape" in out[4]
+    assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0.mlp", "--json"]) == 0
+    why = json.loads(capsys.readouterr().out)["why"]
+    assert why == ["model.layers.0.mlp: FFN, gated, width 128 (up linear_5, down linear_6)"]
