@@ -97,31 +97,33 @@ def _block_misses(program: Program) -> list[NoMatch]:
 
 
 def explain(program: Program, path: str) -> list[str]:
-    """What the structural matchers make of module `path`: the FFN it is, the residual block it is (its
-    sublayers), and for each linear under it that is no part of an FFN, why not. `SparsecError` (with close
-    matches) for a path the program does not have.
+    """What the structural matchers make of module `path`: whether it is an FFN (if not, why each linear under
+    it is no FFN's down projection) and whether it is a residual block (if not, which node broke which rule).
+    `SparsecError` (with close matches) for a path the program does not have.
 
     Example::
 
         explain(program, "model.layers.0.self_attn")
-        # ['model.layers.0.self_attn: neither an FFN nor a block of a block stack',
-        #  'model.layers.0.self_attn.o_proj: not an FFN: the input of linear_3 is not computed by ...']
+        # ['model.layers.0.self_attn: no FFN',
+        #  'model.layers.0.self_attn.q_proj: not an FFN: the input of linear is not computed by ...', ...,
+        #  'model.layers.0.self_attn: not a residual block: its output linear_3 ...']
     """
     regions = region_index(program)
     region = regions.region(path)
-    lines = [f"{path}: FFN, {f.kind}, width {f.intermediate_size} (up {f.up.name}, down {f.down.name})"
-             for f in regions.ffns() if f.path == path]
-    if any(b.path == path for s in regions.block_stacks() for b in s.blocks):
-        found = match_residual_block(region, regions.ffns())
-        if isinstance(found, NoMatch):
-            lines.append(str(found))
-        else:
-            for stream in found:
-                kinds = ", ".join(f"{s.kind} ({s.residual_add.name})" for s in stream.sublayers)
-                lines.append(f"{path}: residual block, stream {stream.input.name} -> {stream.output.name}: {kinds}")
+    ffns = regions.ffns()
+    lines = [f"{path}: an FFN, {f.kind}, width {f.intermediate_size} (up {f.up.name}, down {f.down.name})"
+             for f in ffns if f.path == path]
+    misses = [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
     if not lines:
-        lines.append(f"{path}: neither an FFN nor a block of a block stack")
-    lines += [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
+        lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
+    lines += misses
+    found = match_residual_block(region, ffns)
+    if isinstance(found, NoMatch):
+        lines.append(str(found))
+    else:
+        for stream in found:
+            kinds = ", ".join(f"{s.kind} ({s.residual_add.name})" for s in stream.sublayers)
+            lines.append(f"{path}: a residual block, stream {stream.input.name} -> {stream.output.name}: {kinds}")
     return lines
 
 

@@ -146,11 +146,16 @@ def test_residual_block_matches_and_a_block_without_residual_says_where_it_stops
 
 def test_explain_says_what_a_path_is_and_why_not():
     program = _capture(_Stack())
-    assert explain(program, "layers.0.mlp")[0].startswith("layers.0.mlp: FFN, gated, width 16")
-    assert explain(program, "layers.0")[0].startswith("layers.0: residual block, stream ")
+    mlp = explain(program, "layers.0.mlp")
+    assert mlp[0].startswith("layers.0.mlp: an FFN, gated, width 16")
+    assert mlp[1].startswith("layers.0.mlp: not a residual block: its output ")
+    block = explain(program, "layers.0")
+    assert len(block) == 2 and block[0] == "layers.0: no FFN, and no linear outside an FFN under it"
+    assert block[1].startswith("layers.0: a residual block, stream x -> add") and block[1].endswith(": mlp (add)")
     attention = _capture(_Attention())
-    assert explain(attention, "o_proj") == ["o_proj: neither an FFN nor a block of a block stack",
-                                            str(next(m for m in ffn_misses(attention) if m.path == "o_proj"))]
+    why = explain(attention, "o_proj")
+    assert why[:2] == ["o_proj: no FFN", str(next(m for m in ffn_misses(attention) if m.path == "o_proj"))]
+    assert why[2].startswith("o_proj: not a residual block: its output ")
     with pytest.raises(SparsecError, match="no module path 'o_prj'"):
         explain(attention, "o_prj")
 
