@@ -16,8 +16,9 @@ values while the program runs (`Program.run(rewrite=...)`), never by re-capturin
   (activation importance, as `slice_neurons`), the others are zeroed at the down projection's input, which is
   exactly what slicing them away computes.
 
-The scores are the library's own: block cosines summed by `sparsec.data.calibration.cosine_sum`, neuron
-magnitudes pooled by its `ChannelAccumulator` and scored by `sparsec.analysis.importance.neuron_importance`.
+The statistics are the library's own: one `StatisticsCache.observed` pass per task (sample by sample), block
+cosines summed by `sparsec.data.calibration.cosine_sum`, neuron magnitudes pooled by its `ChannelAccumulator`
+and scored by `sparsec.analysis.importance.neuron_importance`.
 
 Rankings and importances are pooled over all tasks that run the same program, so at a given ratio every task
 sees the same compressed model. Dynamic sparsity: for each FFN and calibration sample, the set of its top
@@ -48,7 +49,7 @@ from torch.fx import Node
 from tqdm.auto import tqdm
 
 from sparsec.analysis.importance import neuron_importance
-from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, cosine_sum
+from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.errors import SparsecError
 from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
@@ -273,9 +274,7 @@ class Probe:
             ffns = region_index(program).ffns()  # every FFN, shared ones too, for the sparsity overlap
             watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
             single = CalibrationSet(task.calibration.inputs, source=task.calibration.source, batch_size=1)
-            for sample in single.batches():
-                held: dict[Node, torch.Tensor] = {}
-                program.run(sample, observe=held.__setitem__, nodes=watched)
+            for sample, held in StatisticsCache(program, single).observed(watched):
                 for b in blocks:
                     key = (b.path, b.token_value)
                     for source, result in b.streams:
