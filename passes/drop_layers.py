@@ -220,6 +220,20 @@ class DropLayers(Pass):
         decisions["dropped"] = dropped
         return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions)
 
+    @classmethod
+    def describe_decisions(cls, decisions: dict) -> list[str]:
+        """The units ranked by score, the dropped ones marked, then the other decisions (the parameters of each
+        unit and the iterative rounds are left to report.json)."""
+        lines = []
+        scores = decisions.get("scores")
+        if isinstance(scores, dict):
+            dropped = set(decisions.get("dropped", []))
+            lines.append(f"  {'rank':>4}  {'score':>9}  unit")
+            for rank, (unit, score) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), 1):
+                lines.append(f"  {rank:>4}  {score:>9.6f}  {unit}" + ("  <- dropped" if unit in dropped else ""))
+        rest = {k: v for k, v in decisions.items() if k not in ("scores", "ranking", "parameters", "rounds")}
+        return lines + super().describe_decisions(rest)
+
     def targets(self, program: Program) -> list[str]:
         return [b.path for b in region_index(program).blocks(self.options.where or "**")]
 

@@ -27,7 +27,7 @@ def default_recipe_path() -> Path:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sparsec.capture import capture
-    from sparsec.analysis.inspection import format_inspection, inspect_program
+    from sparsec.analysis.inspection import explain, format_inspection, inspect_program
     from sparsec.models import load_model
     from sparsec.recipe import Recipe
 
@@ -35,6 +35,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
     program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    if args.why:
+        why = explain(program, args.why)
+        print(json.dumps({"path": args.why, "why": why}, indent=2) if args.json else "\n".join(why))
+        return 0
     info = inspect_program(program, example)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
@@ -72,39 +76,16 @@ def _programs(report: dict) -> list[tuple[str, dict]]:
 
 
 def _pass_decisions(passes: list[dict]) -> list[str]:
+    from sparsec.transform.pass_manager import get_pass
+
     lines = []
     for p in passes:
         quality = "; ".join(f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
                             for o, m in (p["quality"] or {}).items())
         lines.append(f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
                      + (f" ({quality})" if quality else ""))
-        decisions = p["decisions"] if isinstance(p["decisions"], dict) else {"decisions": p["decisions"]}
-        scores = decisions.get("scores")
-        if isinstance(scores, dict):
-            dropped = set(decisions.get("dropped", []))
-            lines.append(f"  {'rank':>4}  {'score':>9}  unit")
-            for rank, (unit, score) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), 1):
-                lines.append(f"  {rank:>4}  {score:>9.6f}  {unit}" + ("  <- dropped" if unit in dropped else ""))
-        for key, value in decisions.items():
-            if key in ("scores", "ranking", "parameters", "rounds"):
-                continue
-            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                lines.append(f"  {key}:")
-                lines += [f"    {_compact(v)}" for v in value]
-            else:
-                lines.append(f"  {key}: {_compact(value)}")
+        lines += get_pass(p["name"]).describe_decisions(p["decisions"])
     return lines
-
-
-def _compact(value, limit: int = 8):
-    """Long lists (kept indices, expert membership) summarized as `<N items>`; report.json has them in full."""
-    if isinstance(value, dict):
-        return {k: _compact(v, limit) for k, v in value.items()}
-    if isinstance(value, list):
-        return f"<{len(value)} items>" if len(value) > limit else [_compact(v, limit) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    return value
 
 
 def _log(message: str) -> None:
@@ -268,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--why", metavar="PATH",
+                   help="say whether module PATH is an FFN / a residual block, and if not which node broke which rule")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("compile", help="run a recipe's passes and write program.pt2, model.onnx and report.json",

@@ -16,6 +16,10 @@ values while the program runs (`Program.run(rewrite=...)`), never by re-capturin
   (activation importance, as `slice_neurons`), the others are zeroed at the down projection's input, which is
   exactly what slicing them away computes.
 
+The statistics are the library's own: one `StatisticsCache.observed` pass per task (sample by sample), block
+cosines summed by `sparsec.data.calibration.cosine_sum`, neuron magnitudes pooled by its `ChannelAccumulator`
+and scored by `sparsec.analysis.importance.neuron_importance`.
+
 Rankings and importances are pooled over all tasks that run the same program, so at a given ratio every task
 sees the same compressed model. Dynamic sparsity: for each FFN and calibration sample, the set of its top
 `top_fraction` neurons by mean |activation| over the sample's tokens; the report gives the mean Jaccard overlap
@@ -44,8 +48,8 @@ import torch
 from torch.fx import Node
 from tqdm.auto import tqdm
 
-from sparsec.data.calibration import CalibrationSet
-from sparsec.analysis.dependency import linear_weight
+from sparsec.analysis.importance import neuron_importance
+from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.errors import SparsecError
 from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
@@ -180,16 +184,22 @@ def _mean_pairwise(sets_a: list[set[int]], sets_b: list[set[int]] | None) -> flo
 
 @dataclass
 class _ProgramStats:
-    """Statistics pooled over the tasks of one program."""
+    """Statistics pooled over the tasks of one program: the sum of each block's token cosines (by path and
+    token value) and the channel statistics of each FFN's down projection input, by node name.
+
+    `get` answers like `StatisticsCache.get`, so `neuron_importance` scores the neurons from these.
+    """
 
     cos_sum: dict[tuple[str, int | None], float] = field(default_factory=dict)
     cos_tokens: dict[tuple[str, int | None], int] = field(default_factory=dict)
-    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    abs_tokens: dict[str, int] = field(default_factory=dict)
+    channels: dict[str, ChannelAccumulator] = field(default_factory=dict)
 
     def cosine(self, block: BlockTarget) -> float:
         key = (block.path, block.token_value)
         return self.cos_sum.get(key, 0.0) / max(self.cos_tokens.get(key, 0), 1)
+
+    def get(self, nodes: Sequence[Node]) -> dict[str, ChannelStats]:
+        return {n.name: self.channels[n.name].result() for n in nodes if n.name in self.channels}
 
 
 class Probe:
@@ -264,23 +274,20 @@ class Probe:
             ffns = region_index(program).ffns()  # every FFN, shared ones too, for the sparsity overlap
             watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
             single = CalibrationSet(task.calibration.inputs, source=task.calibration.source, batch_size=1)
-            for sample in single.batches():
-                held: dict[Node, torch.Tensor] = {}
-                program.run(sample, observe=held.__setitem__, nodes=watched)
+            for sample, held in StatisticsCache(program, single).observed(watched):
                 for b in blocks:
                     key = (b.path, b.token_value)
                     for source, result in b.streams:
                         select = _token_select(held[result], sample, mask_name, b.token_value, valid_only=True)
                         x, y = _rows(held[source].float(), select), _rows(held[result].float(), select)
-                        pooled.cos_sum[key] = pooled.cos_sum.get(key, 0.0) + float(torch.cosine_similarity(x, y, dim=-1).sum())
+                        pooled.cos_sum[key] = pooled.cos_sum.get(key, 0.0) + cosine_sum(x, y)
                         pooled.cos_tokens[key] = pooled.cos_tokens.get(key, 0) + x.shape[0]
                 for f in ffns:
                     h = held[f.down.args[0]]
                     rows = _rows(h.float(), _token_select(h, sample, None, None, valid_only=True)).abs()
                     if rows.shape[0] == 0:
                         continue
-                    pooled.abs_sum[f.path] = pooled.abs_sum.get(f.path, 0) + rows.sum(0)
-                    pooled.abs_tokens[f.path] = pooled.abs_tokens.get(f.path, 0) + rows.shape[0]
+                    pooled.channels.setdefault(f.down.args[0].name, ChannelAccumulator()).add(rows)
                     k = max(1, math.ceil(self.top_fraction * rows.shape[1]))
                     top = set(rows.mean(0).topk(k).indices.tolist())
                     top_sets.setdefault(f.path, {}).setdefault(task.name, []).append(top)
@@ -296,12 +303,12 @@ class Probe:
             ranked = sorted(targets.blocks, key=stats.cosine, reverse=True)
             return {"skipped_blocks": ranked[: math.floor(ratio * len(ranked) + 0.5)]}
         kept = {}
+        seen = [f for f in targets.ffns if f.down.args[0].name in stats.channels]
+        importance = dict(zip(seen, neuron_importance(program, seen, "activation", stats)))
         for f in targets.ffns:
-            magnitude = stats.abs_sum.get(f.path)
-            if magnitude is None:  # never active on any task's tokens: keep its leading neurons
+            score = importance.get(f)
+            if score is None:  # never active on any task's tokens: keep its leading neurons
                 score = torch.arange(f.intermediate_size, 0, -1, dtype=torch.float32)
-            else:
-                score = magnitude / stats.abs_tokens[f.path] * linear_weight(program, f.down).float().norm(dim=0)
             keep = max(1, round((1 - ratio) * f.intermediate_size))
             kept[f] = score.topk(keep).indices.sort().values
         return {"kept_neurons": kept}

@@ -6,7 +6,8 @@ passes:                      # ordered; each item is {pass_name: {options}}
 model:     {dtype: auto, device: cpu}                 # the checkpoint's dtype; cpu or cuda[:N]
 capture:   {batch: 2, seq: 16, dynamic: true}
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
-quality:   {min_cosine: 0.98, min_top1: 0.9}          # gates checked after every pass
+quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass, and per
+            outputs: {logits: {kl: 0.05}}}               #   output glob: Bounds as in export.parity
 export:    {onnx: true, opset: 18, external_data: auto, precision: fp32,
             parity: {samples: 8, percentiles: [50, 99], tolerances: {logits: {cosine: 0.9999, p99_abs: 0.01}}}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults

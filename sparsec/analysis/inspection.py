@@ -1,5 +1,8 @@
 """`inspect`: what a captured program is made of, per component (understanding / generation / shared).
 
+It also says what the structural matchers did not recognise and why (`explain`, `sparsec inspect --why PATH`):
+the linears that are no part of an FFN and the blocks without a residual structure, each with the rule it broke.
+
 FLOPs are counted by running the program once at the example shape under torch's `FlopCounterMode` and
 attributing each node's FLOPs to its innermost module path (so they follow the same tags as parameters).
 """
@@ -12,10 +15,10 @@ from collections.abc import Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparsec.analysis.regions import module_path, region_index
+from sparsec.analysis.structure import NoMatch, ffn_misses, match_residual_block
 from sparsec.ir.program import Program
-from sparsec.analysis.regions import module_path
 from sparsec.ir.tags import COMPONENTS
-from sparsec.analysis.regions import region_index
 
 
 def flops_by_path(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -81,7 +84,47 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
             {"path": f.path, "kind": f.kind, "intermediate_size": f.intermediate_size, "tag": tagger.tag(f.path)}
             for f in regions.ffns()
         ],
+        "not_ffns": [{"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program)],
+        "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
     }
+
+
+def _block_misses(program: Program) -> list[NoMatch]:
+    regions = region_index(program)
+    ffns = regions.ffns()
+    found = (match_residual_block(b, ffns) for s in regions.block_stacks() for b in s.blocks)
+    return [m for m in found if isinstance(m, NoMatch)]
+
+
+def explain(program: Program, path: str) -> list[str]:
+    """What the structural matchers make of module `path`: whether it is an FFN (if not, why each linear under
+    it is no FFN's down projection) and whether it is a residual block (if not, which node broke which rule).
+    `SparsecError` (with close matches) for a path the program does not have.
+
+    Example::
+
+        explain(program, "model.layers.0.self_attn")
+        # ['model.layers.0.self_attn: no FFN',
+        #  'model.layers.0.self_attn.q_proj: not an FFN: the input of linear is not computed by ...', ...,
+        #  'model.layers.0.self_attn: not a residual block: its output linear_3 ...']
+    """
+    regions = region_index(program)
+    region = regions.region(path)
+    ffns = regions.ffns()
+    lines = [f"{path}: an FFN, {f.kind}, width {f.intermediate_size} (up {f.up.name}, down {f.down.name})"
+             for f in ffns if f.path == path]
+    misses = [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
+    if not lines:
+        lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
+    lines += misses
+    found = match_residual_block(region, ffns)
+    if isinstance(found, NoMatch):
+        lines.append(str(found))
+    else:
+        for stream in found:
+            kinds = ", ".join(f"{s.kind} ({s.residual_add.name})" for s in stream.sublayers)
+            lines.append(f"{path}: a residual block, stream {stream.input.name} -> {stream.output.name}: {kinds}")
+    return lines
 
 
 def _human(n: float) -> str:
@@ -110,6 +153,13 @@ def format_inspection(info: dict) -> str:
     lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or ["  none"]
     lines += ["", f"FFNs ({len(info['ffns'])}):"]
     lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or ["  none"]
+    shown = 12
+    for key, title in (("not_ffns", "linears no part of an FFN"), ("unclassified_blocks", "blocks without residual structure")):
+        misses = info[key]
+        lines += ["", f"{title} ({len(misses)}; why one is not: sparsec inspect --why PATH):"]
+        lines += [f"  {m['path']}: {m['reason']}" for m in misses[:shown]] or ["  none"]
+        if len(misses) > shown:
+            lines.append(f"  ... {len(misses) - shown} more (--json lists all)")
     lines += ["", "tag rules (first match wins, default shared): "
               + (", ".join(f"{r['glob']} -> {r['tag']}" for r in info["tag_rules"]) or "none")]
     return "\n".join(lines)

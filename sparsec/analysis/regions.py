@@ -178,12 +178,22 @@ class RegionIndex:
         return [f for f in self.program.analysis(find_ffns) if glob_match(f.path, where)]
 
     def require_ffns(self, where: str, who: str) -> list["Ffn"]:
-        """`ffns(where)`, or a `PassError` from pass `who` listing the model's FFNs when nothing matches."""
+        """`ffns(where)`, or a `PassError` from pass `who` listing the model's FFNs and, for the candidates
+        closest to `where` (linears under it, else the nearest paths), why they are not FFNs."""
         ffns = self.ffns(where)
         if not ffns:
+            from sparsec.analysis.structure import ffn_misses
+
             known = [f.path for f in self.ffns()]
             listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
-            raise PassError(f"{who}: where={where!r} matches no FFN; FFNs in this model: {listing}")
+            misses = ffn_misses(self.program)
+            close = [m for m in misses if any(glob_match(p, where) for p in ancestors(m.path))]
+            if not close:
+                near = set(difflib.get_close_matches(where, [m.path for m in misses], n=3, cutoff=0.0))
+                close = [m for m in misses if m.path in near]
+            reasons = "; ".join(str(m) for m in close[:3])
+            raise PassError(f"{who}: where={where!r} matches no FFN; FFNs in this model: {listing}"
+                            + (f". Closest candidates: {reasons}" if reasons else ""))
         return ffns
 
     def tags(self) -> dict[str, str]:

@@ -16,6 +16,9 @@ ops from one or two other linears' outputs.
 Attention projections never match (a reshape or SDPA sits between them), and neither do chains whose
 first projection also feeds something else (a timestep embedding read by every block's modulation), so
 the finder is safe to run over a whole model.
+
+Matchers say why: `match_ffn` and `match_residual_block` return a `NoMatch` (the rule broken, the node that
+broke it) instead of nothing, and `ffn_misses` lists it for every linear no FFN holds (`sparsec inspect --why`).
 """
 
 from __future__ import annotations
@@ -91,31 +94,6 @@ def _same_dtype_and_shape(a: Node, b: Node) -> bool:
     return isinstance(va, torch.Tensor) and same_meta(va, b.meta.get("val"))
 
 
-def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node]] | None:
-    """The linears feeding `root` through pointwise ops only, and the pointwise nodes in between.
-
-    None if any other op (view, matmul, softmax, ...) lies on the way.
-    """
-    linears: list[Node] = []
-    interior: list[Node] = []
-    stack, seen = [root], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_function" and node.target is LINEAR:
-            linears.append(node)
-        elif _is_pointwise(node) or _is_half_split(node):
-            interior.append(node)
-            stack.extend(node.all_input_nodes)
-        elif node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0:
-            continue  # a lifted scalar constant
-        else:
-            return None
-    return linears, interior
-
-
 @dataclass(frozen=True)
 class Ffn:
     """A feed-forward network in the graph.
@@ -183,51 +161,144 @@ def _common_path(nodes: list[Node]) -> str:
     return ".".join(common)
 
 
-def _as_ffn(down: Node) -> Ffn | None:
+def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node], Node | None]:
+    """The linears feeding `root` through pointwise ops only, the pointwise nodes in between, and the first
+    node of any other kind (view, matmul, softmax, a split not into halves, ...) met on the way, else None."""
+    linears: list[Node] = []
+    interior: list[Node] = []
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target is LINEAR:
+            linears.append(node)
+        elif _is_pointwise(node) or _is_half_split(node):
+            interior.append(node)
+            stack.extend(node.all_input_nodes)
+        elif node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0:
+            continue  # a lifted scalar constant
+        else:
+            return linears, interior, node
+    return linears, interior, None
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a structural pattern did not match: the rule that broke and the node that broke it.
+
+    Attributes:
+        pattern: what was looked for (`FFN`, `residual block`).
+        path: module path of the candidate (the linear tried as an FFN's down projection, the block).
+        rule: the requirement that failed, in words.
+        node: name of the node that broke it ('' when no single node did).
+    """
+
+    pattern: str
+    path: str
+    rule: str
+    node: str = ""
+
+    def __str__(self) -> str:
+        article = "an" if self.pattern[:1] in "AEFIOU" else "a"  # an FFN, a residual block
+        return f"{self.path or 'the top level'}: not {article} {self.pattern}: {self.rule}"
+
+
+def _describe(node: Node) -> str:
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})" if node.op == "call_function" else node.name
+
+
+def _split_source(node: Node) -> Node | None:
+    """The split a node is (or takes an item of), None if it is no split."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node if node.op == "call_function" and node.target in SPLIT_OPS else None
+
+
+def _cone_rule(down: Node, blocker: Node) -> NoMatch:
+    path = module_path(down)
+    split = _split_source(blocker)
+    if split is not None:
+        return NoMatch("FFN", path, f"the input of {down.name} splits {_describe(split)} but not into two halves of "
+                       "the last dimension, as a fused gate_up projection is", split.name)
+    return NoMatch("FFN", path, f"the input of {down.name} is not computed by pointwise ops from one or two linears: "
+                   f"{_describe(blocker)} lies on the way", blocker.name)
+
+
+def _product_sides(down: Node, hidden: Node, look_through) -> list[tuple[list[Node], list[Node]]] | NoMatch:
+    """The pointwise cones of the two factors of `hidden` (a product), or why they are not an FFN's."""
+    path = module_path(down)
+    if hidden.target is not aten.mul.Tensor or not all(isinstance(a, Node) for a in hidden.args[:2]):
+        return NoMatch("FFN", path, f"the input of {down.name} is not a product act(gate) * up: it is "
+                       f"{_describe(hidden)}", hidden.name)
+    sides = []
+    for arg in hidden.args[:2]:
+        linears, interior, blocker = _pointwise_cone(look_through(arg))
+        if blocker is not None:
+            return _cone_rule(down, blocker)
+        sides.append((linears, interior))
+    return sides
+
+
+def match_ffn(down: Node) -> Ffn | NoMatch:
+    """The FFN whose down projection is the linear `down`, or the rule it breaks (see the module docstring)."""
+    path = module_path(down)
     if not isinstance(down.args[0], Node):
-        return None
+        return NoMatch("FFN", path, f"the input of {down.name} is not a graph value", down.name)
     hidden = skip_passthrough(down.args[0])
-    cone = _pointwise_cone(down.args[0])
-    if cone is None:
-        return None
-    linears, interior = cone
+    linears, interior, blocker = _pointwise_cone(down.args[0])
+    if blocker is not None:
+        return _cone_rule(down, blocker)
     gate_half = None
     if len(linears) == 1 and any(n.target in SPLIT_OPS for n in interior):
         (up,) = linears
-        if hidden.target is not aten.mul.Tensor:
-            return None
-        sides = [_pointwise_cone(a) if isinstance(a, Node) else None for a in hidden.args[:2]]
-        if any(s is None for s in sides):
-            return None
+        sides = _product_sides(down, hidden, lambda a: a)
+        if isinstance(sides, NoMatch):
+            return sides
         activated = [any(n.target not in PASSTHROUGH and not _is_half_split(n) for n in side[1]) for side in sides]
         if activated.count(True) != 1:
-            return None
+            return NoMatch("FFN", path, f"exactly one half of the split {up.name} must go through an activation, "
+                           f"{activated.count(True)} do", hidden.name)
         picks = [n for n in sides[activated.index(True)][1] if n.target is operator.getitem]
         if len(picks) != 1:
-            return None
+            return NoMatch("FFN", path, f"the activated factor of {hidden.name} must take one half of {up.name}, "
+                           f"it takes {len(picks)}", hidden.name)
         gate, gate_half = None, int(picks[0].args[1])
     elif len(linears) == 1:
         (up,) = linears
         if all(n.target in PASSTHROUGH for n in interior):
-            return None  # two linears back to back: no activation, not an FFN
+            return NoMatch("FFN", path, f"no activation between {up.name} and {down.name}: two linears back to back",
+                           up.name)
         gate = None
-    elif len(linears) == 2 and hidden.target is aten.mul.Tensor:
-        sides = [_pointwise_cone(skip_passthrough(a)) if isinstance(a, Node) else None for a in hidden.args[:2]]
-        if any(s is None or len(s[0]) != 1 for s in sides):
-            return None
+    elif len(linears) == 2:
+        sides = _product_sides(down, hidden, skip_passthrough)
+        if isinstance(sides, NoMatch):
+            return sides
+        if any(len(s[0]) != 1 for s in sides):
+            return NoMatch("FFN", path, f"each factor of {hidden.name} must come from one linear, they come from "
+                           f"{[len(s[0]) for s in sides]}", hidden.name)
         activated = [any(n.target not in PASSTHROUGH for n in s[1]) for s in sides]
         if activated.count(True) != 1:
-            return None
+            return NoMatch("FFN", path, f"exactly one factor of {hidden.name} must go through an activation, "
+                           f"{activated.count(True)} do", hidden.name)
         gate_side = activated.index(True)
         gate, up = sides[gate_side][0][0], sides[1 - gate_side][0][0]
         if skip_passthrough(gate.args[0]) is not skip_passthrough(up.args[0]):
-            return None
+            return NoMatch("FFN", path, f"gate {gate.name} and up {up.name} read different inputs", gate.name)
+    elif not linears:
+        return NoMatch("FFN", path, f"no linear feeds the input of {down.name} through pointwise ops", hidden.name)
     else:
-        return None
+        return NoMatch("FFN", path, f"{len(linears)} linears feed the input of {down.name} "
+                       f"({', '.join(sorted(n.name for n in linears))}); an FFN has one or two", hidden.name)
     inside = set(interior) | {down}
     for producer in (up, gate):
-        if producer is not None and any(u not in inside and u.target is not _ASSERT for u in producer.users):
-            return None  # the projection also feeds something else (e.g. one embedding read by many modulations)
+        if producer is None:
+            continue
+        outside = [u for u in producer.users if u not in inside and u.target is not _ASSERT]
+        if outside:  # e.g. one timestep embedding read by every block's modulation
+            return NoMatch("FFN", path, f"{producer.name} is also read outside the FFN, by {outside[0].name}",
+                           producer.name)
     width = up.args[1].meta["val"].shape[0] // (1 if gate_half is None else 2)
     return Ffn(
         path=_common_path([n for n in (up, gate, down) if n is not None]),
@@ -306,12 +377,27 @@ def ffn_activation(ffn: Ffn) -> str:
 
 def find_ffns(program) -> list[Ffn]:
     """Every FFN of the program, in graph order."""
-    found = []
-    for node in program.graph.find_nodes(op="call_function", target=LINEAR):
-        ffn = _as_ffn(node)
-        if ffn is not None:
-            found.append(ffn)
-    return found
+    return [m for m in _ffn_matches(program) if isinstance(m, Ffn)]
+
+
+def ffn_misses(program) -> list[NoMatch]:
+    """Why each linear that is no part of an FFN is not an FFN's down projection, in graph order.
+
+    The candidates `sparsec inspect` lists and "matches no FFN" errors quote: an attention projection reads a
+    reshape, a projection read twice escapes, a split is not into halves.
+    """
+    matches = _ffn_matches(program)
+    used = {n for m in matches if isinstance(m, Ffn) for n in m.linears.values()}
+    return [m for m, node in zip(matches, program.graph.find_nodes(op="call_function", target=LINEAR))
+            if isinstance(m, NoMatch) and node not in used]
+
+
+def _ffn_matches(program) -> list[Ffn | NoMatch]:
+    return program.analysis(_match_every_linear)
+
+
+def _match_every_linear(program) -> list[Ffn | NoMatch]:
+    return [match_ffn(node) for node in program.graph.find_nodes(op="call_function", target=LINEAR)]
 
 
 ATTENTION_OPS = frozenset({
@@ -368,22 +454,36 @@ def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node
 
 def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
     """The residual structure of a block region, one chain per stream it hands on; `PassError` naming what is
-    missing if an output is not a residual chain.
+    missing if an output is not a residual chain (`match_residual_block` returns that reason instead).
 
     A decoder layer hands on one stream; a dual-stream MMDiT block (Qwen-Image, SD3, Flux) two, image and text,
     whose attention branches share one joint attention op. `ffns`: the program's FFNs (`find_ffns`), which
     tell MLP sublayers apart.
     """
+    found = match_residual_block(region, ffns)
+    if isinstance(found, NoMatch):
+        raise PassError(f"cannot find the residual structure of {region.path}: {found.rule}")
+    return found
+
+
+def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock] | NoMatch:
+    """`residual_streams` of the region, or the rule its structure breaks and the node that broke it."""
     inside = set(region.nodes)
     # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
     outputs = [n for n in region.outputs() if n.target is not _ASSERT and isinstance(n.meta.get("val"), torch.Tensor)]
     if not outputs:
-        raise PassError(f"cannot find the residual structure of {region.path}: it hands on no tensor")
+        return NoMatch("residual block", region.path, "it hands on no tensor")
     down_nodes = {f.down for f in ffns}
-    return [_residual_chain(region, inside, output, down_nodes) for output in outputs]
+    streams = []
+    for output in outputs:
+        chain = _residual_chain(region, inside, output, down_nodes)
+        if isinstance(chain, NoMatch):
+            return chain
+        streams.append(chain)
+    return streams
 
 
-def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock:
+def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
     node = skip_passthrough(output)
     while node in inside and node.target is aten.add.Tensor:
@@ -408,10 +508,16 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
         chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
         node = upstream
     if not chain or node in inside:
-        raise PassError(
-            f"cannot find the residual structure of {region.path}: its output {output.name} "
-            f"({output.target}) is not a chain of residual adds back to the block input"
-        )
+        start = f"its output {output.name} ({output.target})"
+        if not chain:
+            rule = f"{start} is not a residual add `stream + sublayer(stream)` of a value from before the block"
+        elif node.target is aten.add.Tensor:
+            rule = (f"{start} is not a chain of residual adds back to the block input: {node.name} adds two values "
+                    "computed inside the block, neither of them a residual stream")
+        else:
+            rule = (f"{start} is not a chain of residual adds back to the block input: it stops at "
+                    f"{_describe(node)}, computed inside the block")
+        return NoMatch("residual block", region.path, rule, node.name)
     return ResidualBlock(region.path, node, output, tuple(reversed(chain)))
 
 

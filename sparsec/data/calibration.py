@@ -16,7 +16,7 @@ Only valid tokens (where `attention_mask` is 1) count.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +205,9 @@ class ChannelStats:
     max_abs: torch.Tensor
 
 
-class _Accumulator:
+class ChannelAccumulator:
+    """Sums behind `ChannelStats`, fed token vectors [T, C] batch by batch (`StatisticsCache`, the probe)."""
+
     def __init__(self) -> None:
         self.tokens = 0
         self.sum_abs = self.sum_sq = self.max_abs = None
@@ -227,6 +229,12 @@ class _Accumulator:
     def result(self) -> ChannelStats:
         n = max(self.tokens, 1)
         return ChannelStats(self.tokens, self.sum_abs / n, self.sum_sq / n, self.max_abs)
+
+
+def cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum over tokens of cos(a_t, b_t) for token vectors [T, C]: divided by T, the block redundancy score of
+    `drop_layers` (`StatisticsCache.cosine`) and the probe (`sparsec analyze`)."""
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).sum())
 
 
 def token_vectors(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -279,55 +287,53 @@ class StatisticsCache:
         return {(a.name, b.name): self._cosines[(a.name, b.name)] for a, b in pairs}
 
     @torch.no_grad()
+    def observed(self, nodes: Iterable[Node], desc: str = "calibration statistics"
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[Node, torch.Tensor]]]:
+        """Each calibration batch with the floating-point values of `nodes` in it, in graph order: the one forward
+        loop behind `get`, `cosine` and `samples`, for reductions of one's own (the probe's per-modality block
+        cosines and per-sample top neurons). Not cached; one pass in `passes_run`."""
+        wanted = set(nodes)
+        self.passes_run += 1
+        for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
+                          desc=desc, disable=not self.progress, leave=False):
+            held: dict[Node, torch.Tensor] = {}
+
+            def observe(node: Node, value) -> None:
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    held[node] = value
+
+            self.program.run(batch, observe=observe, nodes=wanted)
+            yield batch, held
+
     def samples(self, nodes: Sequence[Node], max_tokens: int) -> dict[str, torch.Tensor]:
         """The first `max_tokens` valid token vectors [T, C] of each node's value, in calibration order.
 
         Not cached (they are large): for fitting (an MoE router) and checks that need the values themselves.
         """
-        wanted = set(nodes)
         held: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
         count = 0
-        mask: torch.Tensor | None = None
-
-        def observe(node: Node, value) -> None:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                held[node.name].append(token_vectors(value, mask).detach())
-
-        for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
-                          desc="calibration samples", disable=not self.progress, leave=False):
+        for batch, values in self.observed(nodes, "calibration samples"):
             mask = CalibrationSet.valid_mask(batch)
-            self.program.run(batch, observe=observe, nodes=wanted)
+            for node, value in values.items():
+                held[node.name].append(token_vectors(value, mask).detach())
             count += int(mask.sum()) if mask is not None else held[nodes[0].name][-1].shape[0]
             if count >= max_tokens:
                 break
-        self.passes_run += 1
         return {name: torch.cat(values)[:max_tokens] for name, values in held.items() if values}
 
-    @torch.no_grad()
     def _collect(self, nodes: set[Node], pairs: list[tuple[Node, Node]]) -> None:
-        acc = {n.name: _Accumulator() for n in nodes}
+        acc = {n.name: ChannelAccumulator() for n in nodes}
         pair_nodes = {n for pair in pairs for n in pair}
         cos_sum = {(a.name, b.name): 0.0 for a, b in pairs}
         tokens = 0
-        held: dict[Node, torch.Tensor] = {}
-        mask: torch.Tensor | None = None
-
-        def observe(node: Node, value) -> None:
-            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-                return
-            if node in nodes:
-                acc[node.name].add(token_vectors(value, mask))
-            if node in pair_nodes:
-                held[node] = token_vectors(value, mask).float()
-
-        for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
-                          desc="calibration statistics", disable=not self.progress, leave=False):
+        for batch, values in self.observed(nodes | pair_nodes):
             mask = CalibrationSet.valid_mask(batch)
-            held.clear()
-            self.program.run(batch, observe=observe, nodes=nodes | pair_nodes)
+            for node, value in values.items():
+                if node in nodes:
+                    acc[node.name].add(token_vectors(value, mask))
+            held = {n: token_vectors(v, mask).float() for n, v in values.items() if n in pair_nodes}
             for a, b in pairs:
-                cos_sum[(a.name, b.name)] += float(torch.nn.functional.cosine_similarity(held[a], held[b], dim=-1).sum())
+                cos_sum[(a.name, b.name)] += cosine_sum(held[a], held[b])
             tokens += next(iter(held.values())).shape[0] if held else 0
-        self.passes_run += 1
         self._stats.update({k: a.result() for k, a in acc.items() if a.sum_abs is not None})
         self._cosines.update({k: v / max(tokens, 1) for k, v in cos_sum.items()})

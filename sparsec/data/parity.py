@@ -6,7 +6,7 @@ max / mean / percentile absolute and relative errors, top-1 agreement and KL for
 output against its tolerances. A failure raises `QualityError` naming every output, metric, value and bound,
 and the compile writes nothing.
 
-A tolerance is a bound on one metric, named by the metric: a lower bound for the agreements (`cosine`,
+Tolerances are `sparsec.data.quality.Bounds`, the type the recipe's `quality:` gates use too: a bound on one metric, named by the metric, a lower bound for the agreements (`cosine`,
 `top1`), an upper bound for every error (`rel_l2`, `max_abs`, `p99_abs`, `p99_rel`, `kl`, ...). The defaults
 depend on the precision the backend computes in (`DEFAULT_TOLERANCES`), scale-free so that they hold for any
 model:
@@ -51,7 +51,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,8 +58,8 @@ from typing import Literal
 import torch
 
 from sparsec.data.calibration import CalibrationSet
+from sparsec.data.quality import Bounds, bound_failures, compare_outputs, percentile_key
 from sparsec.errors import QualityError, SparsecError
-from sparsec.data.quality import compare_outputs, percentile_key
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -70,8 +69,6 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "bf16": {"cosine": 0.99, "rel_l2": 5e-2, "top1": 0.90},
 }
 BASE_METRICS = ("cosine", "rel_l2", "max_abs", "mean_abs", "max_rel", "mean_rel", "top1", "kl")
-AGREEMENTS = ("cosine", "top1")  # bounded from below; every other metric is an error, bounded from above
-LOGITS_ONLY = ("top1", "kl")
 
 
 @dataclass
@@ -88,65 +85,29 @@ class ParityOptions:
         bad = [q for q in self.percentiles if not 0 <= q <= 100]
         if bad:
             raise ValueError(f"percentiles: each must be in [0, 100], got {bad}")
-        known = self.metric_names()
-        for pattern, bounds in self.tolerances.items():
-            for metric, limit in bounds.items():
-                if metric not in known:
-                    raise ValueError(f"tolerances.{pattern}.{metric}: unknown metric; bounds name one of {known}")
-                if limit is not None and limit < 0 and metric != "cosine":
-                    raise ValueError(f"tolerances.{pattern}.{metric}: must be >= 0, got {limit}")
+        Bounds(self.tolerances, self.metric_names(), label="tolerances")  # its ValueErrors name the key
 
     def metric_names(self) -> list[str]:
         """Every metric a bound may name, the percentile ones included."""
         return [*BASE_METRICS, *(percentile_key(q, k) for k in ("abs", "rel") for q in self.percentiles)]
 
+    def bounds(self) -> Bounds:
+        """The tolerances as `Bounds` (over the precision's defaults, see `resolve_tolerances`)."""
+        return Bounds(self.tolerances, self.metric_names(), label="export.parity.tolerances")
 
-def resolve_tolerances(precision: Precision, tolerances: Mapping[str, Mapping[str, float | None]],
-                       outputs: Sequence[str]) -> dict[str, dict[str, float]]:
-    """The bounds per output: the precision's defaults, then the recipe's entries in order (None drops a bound).
 
-    Raises `SparsecError` for an entry that matches no output.
+def resolve_tolerances(precision: Precision, bounds: Bounds, outputs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The bounds per output: the precision's defaults, then `bounds`' entries in order (None drops a bound).
+
+    Raises `SparsecError` for an unknown precision or an entry that matches no output.
 
     Example:
-        >>> resolve_tolerances("fp32", {"logits": {"max_abs": 1e-4, "top1": None}}, ["logits"])
+        >>> resolve_tolerances("fp32", Bounds({"logits": {"max_abs": 1e-4, "top1": None}}), ["logits"])
         {'logits': {'cosine': 0.9999, 'rel_l2': 0.001, 'max_abs': 0.0001}}
     """
     if precision not in DEFAULT_TOLERANCES:
         raise SparsecError(f"precision {precision!r}: choose one of {list(DEFAULT_TOLERANCES)}")
-    resolved = {name: dict(DEFAULT_TOLERANCES[precision]) for name in outputs}
-    for pattern, bounds in tolerances.items():
-        matched = [name for name in outputs if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise SparsecError(f"export.parity.tolerances.{pattern}: matches no output of the program {list(outputs)}")
-        for name in matched:
-            for metric, limit in bounds.items():
-                if limit is None:
-                    resolved[name].pop(metric, None)
-                else:
-                    resolved[name][metric] = limit
-    return resolved
-
-
-def parity_failures(metrics: Mapping[str, Mapping[str, float]],
-                    tolerances: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """`output: metric value < / > bound` for every bound a metric breaks (top1/kl bounds skip non-logits outputs).
-
-    Example:
-        >>> parity_failures({"logits": {"cosine": 0.99, "rel_l2": 0.02}}, {"logits": {"cosine": 0.999, "rel_l2": 0.01}})
-        ['logits: cosine 0.99 < 0.999', 'logits: rel_l2 0.02 > 0.01']
-    """
-    failures = []
-    for name, bounds in tolerances.items():
-        values = metrics[name]
-        for metric, limit in bounds.items():
-            if metric not in values:
-                if metric in LOGITS_ONLY:
-                    continue
-                raise SparsecError(f"parity bound on {name!r}: the output has no metric {metric!r}")
-            value, lower = values[metric], metric in AGREEMENTS
-            if value != value or (lower and value < limit) or (not lower and value > limit):  # NaN fails
-                failures.append(f"{name}: {metric} {value:.6g} {'<' if lower else '>'} {limit:g}")
-    return failures
+    return bounds.resolve(outputs, DEFAULT_TOLERANCES[precision])
 
 
 def check_parity(
@@ -164,8 +125,8 @@ def check_parity(
     metrics = compare_outputs(pairs, percentiles=options.percentiles)
     if not metrics:
         raise SparsecError("parity: the program has no floating-point outputs to compare")
-    tolerances = resolve_tolerances(precision, options.tolerances, list(metrics))
-    failures = parity_failures(metrics, tolerances)
+    tolerances = resolve_tolerances(precision, options.bounds(), list(metrics))
+    failures = bound_failures(metrics, tolerances, "parity")
     if failures:
         raise QualityError(f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances: "
                            + "; ".join(failures))

@@ -17,12 +17,15 @@ float16's lowest (-65504: where an FP16 backend clamps the same mask), are maske
 image tokens from its text logits with `finfo.min`): they count as equal and leave `cosine`, `rel_l2` and the
 absolute errors, which they would otherwise swamp (rel_l2 ~1e-46 whatever the rest does); `top1` and `kl` keep
 them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's logits) have cosine 1.
+
+`Bounds` (output glob -> metric bounds) is the one way to bound these metrics: the recipe's `quality:` gates
+(`QualityGates.bounds()`) and the backend parity tolerances (`sparsec.data.parity`) are both `Bounds`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sparsec.data.calibration import CalibrationSet
+from sparsec.errors import SparsecError
+from sparsec.ir.paths import glob_match
 
 
 PERCENTILE_SAMPLES = 1 << 22
@@ -179,19 +184,106 @@ def compare_programs(program, calibration: CalibrationSet, reference: Sequence[M
     )
 
 
+AGREEMENTS = ("cosine", "top1")  # bounded from below; every other metric is an error, bounded from above
+LOGITS_ONLY = ("top1", "kl")
+GATE_METRICS = ("cosine", "rel_l2", "max_abs", "mean_abs", "top1", "kl")  # what `compare_outputs` always reports
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Bounds on quality metrics per output, the one type behind the recipe's `quality:` gates and
+    `export.parity.tolerances`.
+
+    `entries`: `{output name or glob (sparsec.ir.paths): {metric: limit or None}}`, applied in order over the
+    defaults, later entries overriding earlier ones for the outputs they match; None drops a bound. A bound is
+    a lower one for the agreements (`cosine`, `top1`), an upper one for every error (`rel_l2`, `kl`, `max_abs`,
+    `p99_rel`, ...). `metrics`: the metric names a bound may name; `label`: the recipe key, for messages.
+
+    Example:
+        >>> bounds = Bounds({"*": {"cosine": 0.99}, "logits": {"top1": 0.9}})
+        >>> bounds.failures({"logits": {"cosine": 0.95, "top1": 0.97}, "hidden": {"cosine": 0.999}})
+        ['logits: cosine 0.95 < 0.99']
+    """
+
+    entries: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    metrics: Sequence[str] = GATE_METRICS
+    label: str = "bounds"
+
+    def __post_init__(self) -> None:
+        for pattern, bounds in self.entries.items():
+            for metric, limit in bounds.items():
+                if metric not in self.metrics:
+                    raise ValueError(f"{self.label}.{pattern}.{metric}: unknown metric; bounds name one of {list(self.metrics)}")
+                if limit is not None and limit < 0 and metric != "cosine":
+                    raise ValueError(f"{self.label}.{pattern}.{metric}: must be >= 0, got {limit}")
+
+    def resolve(self, outputs: Sequence[str], defaults: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
+        """The bounds of each output: `defaults`, then the entries in order. `SparsecError` for an entry that
+        matches none of `outputs` (when there are any).
+
+        Example:
+            >>> Bounds({"logits": {"max_abs": 1e-4, "top1": None}}).resolve(["logits"], {"cosine": 0.9999, "top1": 0.99})
+            {'logits': {'cosine': 0.9999, 'max_abs': 0.0001}}
+        """
+        resolved = {name: dict(defaults or {}) for name in outputs}
+        for pattern, bounds in self.entries.items():
+            matched = [name for name in outputs if glob_match(name, pattern)]
+            if not matched and outputs:
+                raise SparsecError(f"{self.label}.{pattern}: matches no output of the program {list(outputs)}")
+            for name in matched:
+                for metric, limit in bounds.items():
+                    if limit is None:
+                        resolved[name].pop(metric, None)
+                    else:
+                        resolved[name][metric] = limit
+        return resolved
+
+    def failures(self, metrics: Mapping[str, Mapping[str, float]], defaults: Mapping[str, float] | None = None) -> list[str]:
+        """`output: metric value < / > bound` for every bound (resolved over the outputs of `metrics`) broken."""
+        return bound_failures(metrics, self.resolve(list(metrics), defaults), self.label)
+
+
+def bound_failures(metrics: Mapping[str, Mapping[str, float]], bounds: Mapping[str, Mapping[str, float]],
+                   label: str = "bounds") -> list[str]:
+    """`output: metric value < / > bound` for every resolved bound a metric breaks; NaN breaks every bound,
+    and top1/kl bounds skip outputs that are not logits.
+
+    Example:
+        >>> bound_failures({"logits": {"cosine": 0.99, "rel_l2": 0.02}}, {"logits": {"cosine": 0.999, "rel_l2": 0.01}})
+        ['logits: cosine 0.99 < 0.999', 'logits: rel_l2 0.02 > 0.01']
+    """
+    failures = []
+    for name, limits in bounds.items():
+        values = metrics[name]
+        for metric, limit in limits.items():
+            if metric not in values:
+                if metric in LOGITS_ONLY:
+                    continue
+                raise SparsecError(f"{label} bound on {name!r}: the output has no metric {metric!r}")
+            value, lower = values[metric], metric in AGREEMENTS
+            if value != value or (lower and value < limit) or (not lower and value > limit):
+                failures.append(f"{name}: {metric} {value:.6g} {'<' if lower else '>'} {limit:g}")
+    return failures
+
+
 @dataclass
 class QualityGates:
-    """Thresholds on quality metrics; None disables a gate. Each applies to every output that has the metric.
+    """The recipe's `quality:` section: gates checked after every pass, as `Bounds`.
+
+    `min_cosine`, `max_rel_l2`, `min_top1`, `max_kl` bound every output that has the metric (top1 and kl: the
+    logits); `outputs` adds bounds per output name or glob in the `Bounds` form, e.g.
+    `quality: {min_cosine: 0.98, outputs: {logits: {top1: 0.9, cosine: null}}}`.
 
     Example:
         >>> QualityGates(min_cosine=0.99, min_top1=0.9).failures({"logits": {"cosine": 0.95, "top1": 0.97}})
-        ['logits: cosine 0.950000 < min_cosine 0.99']
+        ['logits: cosine 0.95 < 0.99']
     """
 
     min_cosine: float | None = None
     max_rel_l2: float | None = None
     min_top1: float | None = None
     max_kl: float | None = None
+    outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_top1"):
@@ -202,16 +294,16 @@ class QualityGates:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
+        Bounds(self.outputs, label="outputs")  # its ValueErrors name the key
+
+    def bounds(self) -> Bounds:
+        """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`."""
+        every = {metric: getattr(self, gate) for gate, metric in
+                 (("min_cosine", "cosine"), ("min_top1", "top1"), ("max_rel_l2", "rel_l2"), ("max_kl", "kl"))
+                 if getattr(self, gate) is not None}
+        every.update(self.outputs.get("*", {}))
+        entries = {**({"*": every} if every else {}), **{k: v for k, v in self.outputs.items() if k != "*"}}
+        return Bounds(entries, label="quality.outputs")
 
     def failures(self, metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
-        checks = (("min_cosine", "cosine", min), ("min_top1", "top1", min), ("max_rel_l2", "rel_l2", max), ("max_kl", "kl", max))
-        out = []
-        for output, values in metrics.items():
-            for gate, metric, kind in checks:
-                limit = getattr(self, gate)
-                if limit is None or metric not in values:
-                    continue
-                value = values[metric]
-                if (kind is min and value < limit) or (kind is max and value > limit):
-                    out.append(f"{output}: {metric} {value:.6f} {'<' if kind is min else '>'} {gate} {limit}")
-        return out
+        return self.bounds().failures(metrics)

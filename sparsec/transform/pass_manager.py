@@ -141,8 +141,38 @@ class Pass:
             "several; restrict the pass's `where` to one entry point's weights"
         )
 
+    @classmethod
+    def describe_decisions(cls, decisions: Any) -> list[str]:
+        """This pass's `PassResult.decisions` as indented lines, for `sparsec compile --dry-run`.
+
+        The default writes each key and its value, long lists summarised as `<N items>` (report.json has them
+        in full); a pass whose decisions read better as a table overrides it (`drop_layers`: its ranking).
+        """
+        if not isinstance(decisions, dict):
+            decisions = {"decisions": decisions}
+        lines = []
+        for key, value in decisions.items():
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                lines.append(f"  {key}:")
+                lines += [f"    {compact(v)}" for v in value]
+            else:
+                lines.append(f"  {key}: {compact(value)}")
+        return lines
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({as_dict(self.options)})"
+
+
+def compact(value: Any, limit: int = 8) -> Any:
+    """`value` with lists longer than `limit` (kept indices, expert membership) as `<N items>` and floats to 6
+    significant digits: decisions short enough to read."""
+    if isinstance(value, dict):
+        return {k: compact(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return f"<{len(value)} items>" if len(value) > limit else [compact(v, limit) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
 
 
 # ----- registry -------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from conftest import make_inputs
 from safetensors.torch import save_file
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
-from sparsec.errors import CalibrationError
-from sparsec.data.quality import QualityGates, compare_outputs
+from sparsec.errors import CalibrationError, SparsecError
+from sparsec.data.quality import Bounds, QualityGates, compare_outputs
 from sparsec.analysis.regions import region_index
 
 
@@ -81,7 +81,18 @@ def test_gates():
     metrics = {"logits": {"cosine": 0.95, "top1": 0.97, "rel_l2": 0.2, "kl": 0.01}}
     assert QualityGates(min_cosine=0.9, min_top1=0.9, max_kl=0.1).failures(metrics) == []
     failures = QualityGates(min_cosine=0.99, max_rel_l2=0.1).failures(metrics)
-    assert failures == ["logits: cosine 0.950000 < min_cosine 0.99", "logits: rel_l2 0.200000 > max_rel_l2 0.1"]
+    assert failures == ["logits: cosine 0.95 < 0.99", "logits: rel_l2 0.2 > 0.1"]
+
+
+def test_gates_per_output_are_bounds_over_the_global_gates():
+    metrics = {"logits": {"cosine": 0.95, "top1": 0.97, "rel_l2": 0.2, "kl": 0.01}, "hidden": {"cosine": 0.9, "rel_l2": 0.3}}
+    gates = QualityGates(min_cosine=0.99, outputs={"hidden": {"cosine": None, "rel_l2": 0.5}, "logits": {"top1": 0.98}})
+    assert gates.bounds().resolve(list(metrics)) == {"logits": {"cosine": 0.99, "top1": 0.98},
+                                                     "hidden": {"rel_l2": 0.5}}
+    assert gates.failures(metrics) == ["logits: cosine 0.95 < 0.99", "logits: top1 0.97 < 0.98"]
+    assert QualityGates(min_cosine=0.99, outputs={"*": {"cosine": 0.9}}).failures(metrics) == []
+    with pytest.raises(SparsecError, match=r"quality.outputs.logitz: matches no output of the program \['logits', 'hidden'\]"):
+        QualityGates(outputs={"logitz": {"top1": 0.9}}).failures(metrics)
 
 
 def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
@@ -117,3 +128,10 @@ def test_metrics_do_not_depend_on_the_chunking(monkeypatch):
     assert chunked.keys() == whole.keys()
     for key, value in whole.items():
         assert chunked[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_bounds_select_outputs_with_the_module_path_glob_dialect():
+    bounds = Bounds({"*": {"cosine": 0.9}, "vision.**": {"rel_l2": 0.1}})
+    assert bounds.resolve(["logits", "vision.hidden"]) == {"logits": {"cosine": 0.9}, "vision.hidden": {"rel_l2": 0.1}}
+    with pytest.raises(ValueError, match=r"bounds.\*.cosin: unknown metric"):
+        Bounds({"*": {"cosin": 0.9}})

@@ -9,7 +9,8 @@ import torch
 
 from sparsec.data import quality
 from sparsec.errors import QualityError, RecipeError, SparsecError
-from sparsec.data.parity import DEFAULT_TOLERANCES, ParityOptions, check_parity, parity_failures, resolve_tolerances
+from sparsec.data.parity import DEFAULT_TOLERANCES, ParityOptions, check_parity, resolve_tolerances
+from sparsec.data.quality import Bounds, bound_failures
 from sparsec.data.quality import compare_outputs
 from sparsec.recipe import Recipe
 
@@ -63,16 +64,16 @@ def test_percentiles_of_a_large_output_come_from_a_uniform_sample(monkeypatch):
 
 
 def test_default_tolerances_follow_precision_and_recipe_entries_override_in_order():
-    assert resolve_tolerances("fp32", {}, ["logits"]) == {"logits": DEFAULT_TOLERANCES["fp32"]}
+    assert resolve_tolerances("fp32", Bounds(), ["logits"]) == {"logits": DEFAULT_TOLERANCES["fp32"]}
     fp16, bf16 = DEFAULT_TOLERANCES["fp16"], DEFAULT_TOLERANCES["bf16"]
     assert DEFAULT_TOLERANCES["fp32"]["rel_l2"] < fp16["rel_l2"] < bf16["rel_l2"]
     assert DEFAULT_TOLERANCES["fp32"]["cosine"] > fp16["cosine"] > bf16["cosine"]
-    got = resolve_tolerances("fp16", {"*": {"cosine": 0.9995, "p99_abs": 0.1},
-                                      "logits": {"p99_abs": 0.01, "top1": None}}, ["logits", "hidden"])
+    options = ParityOptions(tolerances={"*": {"cosine": 0.9995, "p99_abs": 0.1}, "logits": {"p99_abs": 0.01, "top1": None}})
+    got = resolve_tolerances("fp16", options.bounds(), ["logits", "hidden"])
     assert got["logits"] == {"cosine": 0.9995, "rel_l2": 1e-2, "p99_abs": 0.01}
     assert got["hidden"] == {"cosine": 0.9995, "rel_l2": 1e-2, "top1": 0.95, "p99_abs": 0.1}
     with pytest.raises(SparsecError, match=r"tolerances.logitz: matches no output of the program \['logits'\]"):
-        resolve_tolerances("fp32", {"logitz": {"max_abs": 1.0}}, ["logits"])
+        resolve_tolerances("fp32", ParityOptions(tolerances={"logitz": {"max_abs": 1.0}}).bounds(), ["logits"])
 
 
 def test_failures_name_output_metric_value_and_bound():
@@ -80,7 +81,7 @@ def test_failures_name_output_metric_value_and_bound():
                "hidden": {"cosine": 0.99999, "rel_l2": float("nan")}}
     tolerances = {"logits": {"cosine": 0.999, "rel_l2": 0.01, "top1": 0.95, "p99_abs": 0.1},
                   "hidden": {"cosine": 0.999, "rel_l2": 0.01, "top1": 0.95}}
-    assert parity_failures(metrics, tolerances) == [
+    assert bound_failures(metrics, tolerances) == [
         "logits: cosine 0.998 < 0.999", "logits: rel_l2 0.02 > 0.01",
         "logits: p99_abs 0.5 > 0.1", "hidden: rel_l2 nan > 0.01"]  # top1 skipped on hidden
 

@@ -131,6 +131,8 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
     ("passes: [{no_such_pass: {}}]", "unknown pass 'no_such_pass'; registered passes:"),
     ("passes: [{skip_ffn: {where: 3}}]", "passes[0].skip_ffn.where: expected str, got 3"),
     ("quality: {min_cosine: 1.5}", "quality.min_cosine: must be in [-1, 1], got 1.5"),
+    ("quality: {outputs: {logits: {cos: 0.9}}}", "quality.outputs.logits.cos: unknown metric; bounds name one of"),
+    ("quality: {outputs: {logits: {kl: -1}}}", "quality.outputs.logits.kl: must be >= 0, got -1"),
     ("capture: {batch: 1}", "capture.batch: must be >= 2"),
     ("export: {opset: 9}", "export.opset: must be in [17, 23]"),
     ("export: {parity: {tolerance: 1}}", "export.parity: unknown option(s) ['tolerance']; allowed:"),
@@ -170,11 +172,14 @@ def test_inspect_shows_components_and_tags(capsys):
     tags = {r["path"]: r["tag"] for r in info["regions"]}
     assert tags["model.vision_model"] == "understanding" and tags["model.language_model"] == "shared"
     assert {s["path"] for s in info["block_stacks"]} == {"model.language_model.layers", "model.vision_model.encoder.layers"}
+    assert info["unclassified_blocks"] == [] and all(m["reason"] and m["node"] for m in info["not_ffns"])
     total = sum(c["parameters"] for c in info["components"].values())
     assert total == info["parameters"]
     assert main(["inspect", "--model", "builtin:tiny-qwen2"]) == 0
     text = capsys.readouterr().out
     assert "model.layers.[0-3]" in text and "model.layers.0.mlp  gated  width 128" in text
+    assert "linears no part of an FFN (17; why one is not: sparsec inspect --why PATH):" in text
+    assert "  model.layers.0.self_attn.o_proj: the input of linear_3 is not computed by pointwise ops" in text
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"],
@@ -183,3 +188,15 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0 and "usage: sparsec" in capsys.readouterr().out
+
+
+def test_inspect_why_names_the_rule_a_module_breaks(capsys):
+    assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0.self_attn"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "model.layers.0.self_attn: no FFN" and len(out) == 6
+    assert out[4].startswith("model.layers.0.self_attn.o_proj: not an FFN: the input of ") and "reshape" in out[4]
+    assert out[5].startswith("model.layers.0.self_attn: not a residual block: its output linear_3 ")
+    assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0", "--json"]) == 0
+    why = json.loads(capsys.readouterr().out)["why"]
+    assert why[0] == "model.layers.0: no FFN" and len(why) == 6
+    assert why[5] == "model.layers.0: a residual block, stream embedding -> add_9: attn (add_7), mlp (add_9)"

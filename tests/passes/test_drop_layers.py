@@ -9,6 +9,7 @@ import torch
 from conftest import make_inputs, make_model
 
 import sparsec
+from passes.drop_layers import DropLayers
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError
@@ -235,3 +236,12 @@ def test_compile_reports_scores_and_dry_run_writes_nothing(tmp_path, capsys):
     dropped_params = {name for names in decisions["parameters"].values() for name in names}
     assert set(record["removed_state"]) == dropped_params
     assert all(any(n.startswith(d + ".") for d in decisions["dropped"]) for n in dropped_params)
+
+
+def test_describe_decisions_ranks_units_and_marks_the_dropped():
+    decisions = {"stack": "model.layers", "kind": "block", "units": 2, "scores": {"model.layers.0": 0.5, "model.layers.1": 0.9},
+                 "ranking": ["model.layers.1", "model.layers.0"], "parameters": {"model.layers.1": ["w"]},
+                 "dropped": ["model.layers.1"]}
+    assert DropLayers.describe_decisions(decisions) == [
+        "  rank      score  unit", "     1   0.900000  model.layers.1  <- dropped", "     2   0.500000  model.layers.0",
+        "  stack: model.layers", "  kind: block", "  units: 2", "  dropped: ['model.layers.1']"]

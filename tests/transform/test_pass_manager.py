@@ -251,3 +251,10 @@ def test_an_instrument_error_is_a_failed_pass():
     with pytest.raises(RecipeError, match=r"after pass 'skip_ffn' \(the first pass\): skip_ffn is not allowed here"):
         PassManager([SkipFfn(where="blocks.0")], instruments=[Refuses()]).run(program, PassContext(progress=False))
     _assert_same(program, before)
+
+
+def test_describe_decisions_writes_each_key_with_long_lists_summarised():
+    decisions = {"importance": "activation", "kept": list(range(20)), "ffns": [{"path": "mlp", "score": 0.123456789}]}
+    assert Pass.describe_decisions(decisions) == [
+        "  importance: activation", "  kept: <20 items>", "  ffns:", "    {'path': 'mlp', 'score': 0.123457}"]
+    assert Pass.describe_decisions([1, 2]) == ["  decisions: [1, 2]"]
