@@ -52,7 +52,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
     recipe = Recipe.load(args.recipe or default_recipe_path())
     report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
-                           log=None if args.quiet else _log, dry_run=args.dry_run, target=args.target)
+                           log=None if args.quiet else _log, dry_run=args.dry_run, target=args.target,
+                           dtype=args.dtype, device=args.device)
     if args.dry_run:
         print(_decisions(report))
     elif not args.quiet:
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend the artifact is built and parity-checked for, checked before any work: "
                         + "; ".join(f"{name}: {t.description}" for name, t in targets.items()).replace("%", "%%")
                         + " (entry-point group 'sparsec.targets' adds more)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model loads and runs in (default: the recipe's model.dtype, auto: the checkpoint's "
+                        "own; a half-precision program is written as FP32 ONNX for FP32 targets)")
+    p.add_argument("--device", help="device of every PyTorch step: cpu or cuda[:N] (default: the recipe's model.device, cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 

@@ -26,7 +26,7 @@ from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points
 from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
-from sparsec.transform.pass_manager import Pass, PassContext, PassManager
+from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 from sparsec.recipe import Recipe
 from sparsec.resources import DTYPE_BYTES, GiB, available_memory, check_fits, checkpoint_facts, estimate_compile
 
@@ -265,13 +265,12 @@ class _Unit:
             return run
 
         ctx = PassContext(calibration=self.calibration, seed=recipe.calibration.seed, progress=progress)
-        records = PassManager(recipe.passes, gates=recipe.quality, prepare=prepare).run(self.program, ctx)
+        label = f" ({self.name})" if recipe.entry_points else ""
+        records = PassManager(recipe.passes, gates=recipe.quality, prepare=prepare,
+                              instruments=[_PassProgress(say, label)]).run(self.program, ctx)
         for (p, targets), record in zip(ran, records):
             if targets:
                 decided.setdefault(id(p), []).append((targets, record.decisions))
-            q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
-            say(f"[sparsec]   {record.name}{f' ({self.name})' if recipe.entry_points else ''}: params "
-                f"{record.parameters_before:,} -> {record.parameters_after:,}" + (f" ({q})" if q else ""))
         self.report["passes"] = [r.__dict__ for r in records]
         if skipped:
             self.report["passes_skipped"] = {name: "nothing to change in this program" for name in skipped}
@@ -322,6 +321,22 @@ class _Unit:
 
     def _record_artifacts(self, directory: Path) -> None:
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+class _PassProgress(PassInstrument):
+    """A line when each pass starts and one when it is done (parameters, quality, seconds): a long pipeline
+    says where it is as it goes, not after the last pass."""
+
+    def __init__(self, say: Callable[[str], None], label: str) -> None:
+        self.say, self.label = say, label
+
+    def before_pass(self, p: Pass, program, ctx: PassContext) -> None:
+        self.say(f"[sparsec]   {p.name}{self.label} ...")
+
+    def after_pass(self, p: Pass, program, ctx: PassContext, result, record) -> None:
+        q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
+        self.say(f"[sparsec]   {record.name}{self.label}: params {record.parameters_before:,} -> "
+                 f"{record.parameters_after:,}" + (f" ({q})" if q else "") + f", {record.seconds:.1f}s")
 
 
 PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest: parity is judged at the coarser of two

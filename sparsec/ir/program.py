@@ -203,6 +203,13 @@ class Program:
         return _leaf_names(self.exported.call_spec.out_spec)
 
     @property
+    def device(self) -> torch.device:
+        """Where the program's weights are (the first state tensor's device; CPU for a program without state)."""
+        for name in self.state_placeholders():
+            return self.state_tensor(name).device
+        return torch.device("cpu")
+
+    @property
     def version(self) -> int:
         """Incremented by every `recompile()`: analyses and statistics computed at an older version are stale."""
         return self._version
@@ -350,7 +357,9 @@ class Program:
     def flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
         """The graph module's positional arguments for user `inputs` by name: state tensors and inputs in
         signature order. `named_outputs(program.graph_module(*program.flat_args(inputs)))` is `run(inputs)`
-        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`)."""
+        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`).
+        Inputs on another device than the program's weights are moved to it (calibration data stays on the CPU
+        while the program runs on `cuda`)."""
         names = self.input_names
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
@@ -360,7 +369,9 @@ class Program:
                 + (f" (missing {missing})" if missing else "")
                 + (f" (unexpected {extra})" if extra else "")
             )
-        user = iter(inputs[n] for n in names)
+        device = self.device
+        user = iter(inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device
+                    else inputs[n] for n in names)
         ep = self.exported
         args: list[Any] = []
         for spec in ep.graph_signature.input_specs:
