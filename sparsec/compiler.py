@@ -112,7 +112,9 @@ def compile_model(
     a dry run, of one program, whose passes need no calibration data (`Pass.needs_calibration`: `drop_layers` by
     `layers`, `slice_neurons` by `magnitude` or `random`) and whose recipe has no `quality:` gates. Calibration
     is then skipped, so the passes report no quality metrics (the report says why), and each pass reads the
-    weights it decides from, one tensor at a time: a 14B model's weight-only dry run fits in 2 GB. Otherwise
+    weights it decides from, one tensor at a time; the tensors it puts in their place (sliced FFNs) are written
+    to scratch files in TMPDIR (`Program.spill_to`, removed after the passes): a 14B model's weight-only dry run
+    fits in 2 GB of memory. Otherwise
     the model is loaded whole, as its estimate allows. `lazy=True` insists (`SparsecError` naming what needs the
     weights in memory), `lazy=False` never reads lazily.
 
@@ -173,10 +175,12 @@ def compile_model(
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
     t = time.perf_counter()
+    spill = Path(tempfile.mkdtemp(prefix="sparsec-spill-")) if lazy else None  # TMPDIR, removed after the passes
     for unit in units:
         unit.capture(recipe)
         if lazy:
             loaded.attach_weights(unit.program)
+            unit.program.spill_to(spill)  # sliced weights go to scratch files, not into memory
     times["capture"] = time.perf_counter() - t
     for unit in units:
         if lazy:
@@ -191,8 +195,12 @@ def compile_model(
     say(f"[sparsec] running {len(recipe.passes)} pass(es)" + (f" on {len(units)} entry points" if recipe.entry_points else ""))
     t = time.perf_counter()
     decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
-    for unit in units:
-        unit.run_passes(recipe, decided, progress, say)
+    try:
+        for unit in units:
+            unit.run_passes(recipe, decided, progress, say)
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     times["passes"] = time.perf_counter() - t
 
     report: dict[str, Any] = {

@@ -15,7 +15,9 @@ Weights read lazily: a program captured without its weights in memory (`sparsec.
 weights="lazy")`) is backed by the checkpoint's files (`attach_weights`): its state dict holds meta tensors (shapes
 and dtypes), `state_tensor` reads a weight from its file on each call (not cached), `replace_state` stores the new
 (small) tensor, `prune` drops entries, and `num_parameters` / `parameter_bytes` / `state_shape` never read.
-Running it (`run`) reads every weight for each call: `materialize()` first to run it repeatedly; `save` and the
+With `spill_to(directory)`, the tensors a pass puts in place
+of lazily backed ones (a sliced FFN: half the weights of a 14B model) are written there and read back lazily too,
+so memory stays at one tensor. Running it (`run`) reads every weight for each call: `materialize()` first to run it repeatedly; `save` and the
 ONNX exporter materialise it before they write. Passes call `state_tensor` and cannot tell the difference.
 """
 
@@ -191,6 +193,7 @@ class Program:
         self._analyses: dict[Callable, Any] = {}
         self._analyses_version = 0
         self._stored: dict[str, StoredTensor | None] = {}
+        self._spill: Path | None = None
         for node in self.graph.nodes:
             node.meta[_INPUTS_KEY] = _input_names(node)
 
@@ -293,6 +296,11 @@ class Program:
             (ep.state_dict if name in ep.state_dict else ep.constants)[name] = meta
             self._stored[name] = stored
 
+    def spill_to(self, directory: str | os.PathLike | None) -> None:
+        """Write the tensors `replace_state` puts in place of lazily backed ones into safetensors files in
+        `directory` (which the caller owns and removes) and back them lazily, instead of holding them; None stops."""
+        self._spill = Path(directory) if directory is not None else None
+
     def lazy_state(self) -> list[str]:
         """Names of the state tensors not in memory (read from their files when asked for)."""
         return sorted(self._stored)
@@ -320,13 +328,28 @@ class Program:
         """
         ep = self.exported
         old = self._held(name)
-        self._stored.pop(name, None)
+        if self._stored.pop(name, None) is not None and self._spill is not None:
+            self._replace_spilled(name, old, value)
+            return
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
         if name in ep.state_dict:
             ep.state_dict[name] = value
         else:
             ep.constants[name] = value
+        if not same_meta(old, value):
+            self.state_placeholders()[name].meta.pop("val", None)
+
+    def _replace_spilled(self, name: str, old: torch.Tensor, value: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._spill / f"{name}.{self._version}.{len(os.listdir(self._spill))}.safetensors"
+        save_file({name: value.detach().contiguous().cpu()}, str(path))
+        held = torch.empty_like(value, device="meta")
+        if isinstance(old, torch.nn.Parameter):
+            held = torch.nn.Parameter(held, requires_grad=old.requires_grad)
+        (self.exported.state_dict if name in self.exported.state_dict else self.exported.constants)[name] = held
+        self._stored[name] = StoredTensor(path, name, tuple(value.shape), value.dtype)
         if not same_meta(old, value):
             self.state_placeholders()[name].meta.pop("val", None)
 
@@ -636,7 +659,13 @@ class Program:
         changed: set[Node] = set()
         for name, node in self.state_placeholders().items():
             if "val" not in node.meta:  # replaced by `replace_state`
-                node.meta["val"] = fake_mode.from_tensor(self._held(name), static_shapes=True)
+                held = self._held(name)
+                if held.device.type == "meta":  # spilled to a file: fake it on the device the graph was captured on
+                    device = next((p.meta["val"].device for p in placeholders
+                                   if isinstance(p.meta.get("val"), torch.Tensor)), torch.device("cpu"))
+                    node.meta["val"] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, held, device)
+                else:
+                    node.meta["val"] = fake_mode.from_tensor(held, static_shapes=True)
                 changed.add(node)
         env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
         with fake_mode:

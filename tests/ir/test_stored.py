@@ -73,3 +73,20 @@ def test_weights_without_a_file_and_mismatched_files_are_refused(tmp_path):
     with pytest.raises(SparsecError, match="captured from a config"):
         program.save(tmp_path / "p.pt2")
     assert program.num_parameters() > 0
+
+
+def test_replaced_lazy_tensors_spill_to_files(tmp_path):
+    model, program, weights = _lazy(tmp_path)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    program.spill_to(spill)
+    name = program.parameter_names()[0]
+    sliced = weights[name][:, :4].contiguous() if weights[name].dim() == 2 else weights[name][:4].contiguous()
+    program.replace_state(name, sliced)
+    assert name in program.lazy_state() and len(list(spill.iterdir())) == 1
+    assert program.exported.state_dict[name].device.type == "meta"
+    assert torch.equal(program.state_tensor(name), sliced) and program.state_shape(name) == sliced.shape
+    program.replace_state(name, weights[name])  # back to the original shape: spilled again, shapes re-inferred
+    program.verify()
+    x = {"x": torch.randn(2, 3, 8)}
+    assert torch.allclose(program.run(x)["y"], model(**x)["y"])
