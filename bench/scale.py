@@ -12,6 +12,7 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --sizes 0.5b,1.5b --cache ~/.cache/sparsec-scale --json bench/results/scale.json
     python bench/scale.py --sizes 0.5b --phases inspect            # one command only
     python bench/scale.py --quick                                   # a 10M model: checks that the script runs
+    python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity). A phase killed for memory or failing is reported with its exit status and the
@@ -131,8 +132,12 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def recipe_text(layers: int) -> str:
+def recipe_text(layers: int, spread: bool = False) -> str:
+    """The recipe: the last quarter of the blocks dropped (`spread`: every fourth block, for the MoT, whose
+    consecutive blocks drop_layers cannot bypass yet), every FFN sliced to half by magnitude."""
     dropped = list(range(layers - layers // 4, layers))[: layers // 4] or [layers - 1]
+    if spread:
+        dropped = list(range(3, layers, 4))
     return (f"passes:\n  - drop_layers: {{layers: {dropped}}}\n"
             "  - slice_neurons: {keep_ratio: 0.5, importance: magnitude}\n"
             "calibration: {samples: 8, seq_len: 64}\n")
@@ -154,7 +159,7 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
     directory = write_checkpoint(cache / (f"mot-{size}-bf16" if size in MOT_SIZES else f"qwen2-{size}-bf16"), size)
     layers = model_config(size).num_hidden_layers
     recipe = work / f"recipe-{size}.yaml"
-    recipe.write_text(recipe_text(layers))
+    recipe.write_text(recipe_text(layers, spread=size in MOT_SIZES))
     ckpt = checkpoint_bytes(directory)
     row: dict = {"size": size, "checkpoint_bytes": ckpt, "phases": {}}
     sparsec = [sys.executable, "-m", "sparsec.cli"]

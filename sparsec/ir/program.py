@@ -519,7 +519,7 @@ class Program:
             return self._interpret(args, observe, nodes, rewrite)
 
     def _interpret(self, args: list[Any], observe: Callable[[Node, Any], None] | None, nodes: set[Node] | None,
-                   rewrite: Mapping[Node, "ValueRewrite"] | None) -> dict[str, torch.Tensor]:
+                   rewrite: Mapping[Node, ValueRewrite] | None) -> dict[str, torch.Tensor]:
         if observe is None and not rewrite:
             return self.named_outputs(self.graph_module(*args))
         rewrite = rewrite or {}

@@ -63,10 +63,10 @@ def test_weight_only_passes_decide_and_compute_the_same_on_a_lazy_program(tmp_pa
     recipe = Recipe.from_dict(WEIGHT_ONLY)
     eager = compile_model(str(directory), recipe, None, dry_run=True, progress=False, lazy=False)
     lazy = compile_model(str(directory), recipe, None, dry_run=True, progress=False, lazy=True)
-    for e, l in zip(eager["passes"], lazy["passes"]):
-        assert l["decisions"] == e["decisions"]
-        assert (l["parameters_before"], l["parameters_after"]) == (e["parameters_before"], e["parameters_after"])
-        assert l["quality"] is None and e["quality"] is not None
+    for e, z in zip(eager["passes"], lazy["passes"]):
+        assert z["decisions"] == e["decisions"]
+        assert (z["parameters_before"], z["parameters_after"]) == (e["parameters_before"], e["parameters_after"])
+        assert z["quality"] is None and e["quality"] is not None
     assert lazy["parameters"] == eager["parameters"]
     assert "skipped" in lazy["calibration"]
 
