@@ -12,7 +12,7 @@ told. Device: `cpu` (default) or `cuda[:N]`, checked before anything loads. With
 or a directory holding only config.json) the model is built on the meta device: its structure, parameter counts
 and FLOPs are all there, nothing is read or allocated.
 
-Lazily (`weights="lazy"`, a directory): the model is built with its parameters never allocated (CPU tensors that
+Lazily (`weights="lazy"`, a directory; on the CPU, `device` aside): the model is built with its parameters never allocated (CPU tensors that
 are never written: capture sees the same devices, dtypes and shapes as with the weights, and its non-persistent
 buffers, e.g. rotary frequencies, are computed for real) and `LoadedModel.stored` maps each parameter to its tensor
 in the safetensors files (tied weights such as a shared `lm_head` / `embed_tokens` map to the one stored key).
