@@ -12,6 +12,7 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --sizes 0.5b,1.5b --cache ~/.cache/sparsec-scale --json bench/results/scale.json
     python bench/scale.py --sizes 0.5b --phases inspect            # one command only
     python bench/scale.py --quick                                   # a 10M model: checks that the script runs
+    python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity). A phase killed for memory or failing is reported with its exit status and the
@@ -47,20 +48,35 @@ PRESETS: dict[str, dict] = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
+# BAGEL-7B-MoT's language model (`sparsec.families.mot.MOT_PRESETS["bagel-7b"]`, 14B, 28 GB): phases `inspect` and
+# `dry-run` only on a 24 GiB machine (the weights are read lazily; a full compile cannot fit).
+MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
 PHASES = ("inspect", "dry-run", "compile")
 
 
 def checkpoint_tensors(config) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Name -> (shape, is_norm) of every tensor `save_pretrained` writes for a Qwen2ForCausalLM of `config`."""
-    import transformers
+    """Name -> (shape, is_norm) of every tensor `save_pretrained` writes for the model of `config`."""
+    from sparsec.models import build_model
 
     with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(config)
+        model = build_model(config)
     tensors = {name: (tuple(t.shape), "norm" in name) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     return tensors
+
+
+def model_config(size: str):
+    """The transformers config of `size`: a Qwen2 preset, or a `MOT_SIZES` MoT shape."""
+    import transformers
+
+    if size in MOT_SIZES:
+        from sparsec.families.mot import MOT_PRESETS, MoTConfig
+
+        return MoTConfig(**MOT_PRESETS[MOT_SIZES[size]], torch_dtype="bfloat16", architectures=["MoTForCausalLM"])
+    return transformers.Qwen2Config(**PRESETS[size], max_position_embeddings=4096, torch_dtype="bfloat16",
+                                    architectures=["Qwen2ForCausalLM"])
 
 
 def write_checkpoint(directory: Path, size: str, seed: int = 0) -> Path:
@@ -69,13 +85,11 @@ def write_checkpoint(directory: Path, size: str, seed: int = 0) -> Path:
     Weights are N(0, 0.02) (norm weights 1, biases 0.02-scaled too), written shard by shard: peak memory is one
     shard (1 GiB), never the model. Staged and renamed, so an interrupted write leaves no half checkpoint.
     """
-    import transformers
     from safetensors.torch import save_file
 
     if (directory / "config.json").is_file():
         return directory
-    config = transformers.Qwen2Config(**PRESETS[size], max_position_embeddings=4096, torch_dtype="bfloat16",
-                                      architectures=["Qwen2ForCausalLM"])
+    config = model_config(size)
     tensors = checkpoint_tensors(config)
     shards: list[list[str]] = [[]]
     size_now = 0
@@ -118,8 +132,12 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def recipe_text(layers: int) -> str:
+def recipe_text(layers: int, spread: bool = False) -> str:
+    """The recipe: the last quarter of the blocks dropped (`spread`: every fourth block, for the MoT, whose
+    consecutive blocks drop_layers cannot bypass yet), every FFN sliced to half by magnitude."""
     dropped = list(range(layers - layers // 4, layers))[: layers // 4] or [layers - 1]
+    if spread:
+        dropped = list(range(3, layers, 4))
     return (f"passes:\n  - drop_layers: {{layers: {dropped}}}\n"
             "  - slice_neurons: {keep_ratio: 0.5, importance: magnitude}\n"
             "calibration: {samples: 8, seq_len: 64}\n")
@@ -138,10 +156,10 @@ def run_measured(command: list[str], log: Path) -> dict:
 
 
 def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
-    directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
-    layers = PRESETS[size]["num_hidden_layers"]
+    directory = write_checkpoint(cache / (f"mot-{size}-bf16" if size in MOT_SIZES else f"qwen2-{size}-bf16"), size)
+    layers = model_config(size).num_hidden_layers
     recipe = work / f"recipe-{size}.yaml"
-    recipe.write_text(recipe_text(layers))
+    recipe.write_text(recipe_text(layers, spread=size in MOT_SIZES))
     ckpt = checkpoint_bytes(directory)
     row: dict = {"size": size, "checkpoint_bytes": ckpt, "phases": {}}
     sparsec = [sys.executable, "-m", "sparsec.cli"]
@@ -185,7 +203,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="0.5b,1.5b", help=f"comma-separated, of {list(PRESETS)} (default: %(default)s)")
+    p.add_argument("--sizes", default="0.5b,1.5b", help=f"comma-separated, of {[*PRESETS, *MOT_SIZES]} (default: %(default)s)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "sparsec-scale"),
                    help="where the checkpoints are written once (default: %(default)s)")
@@ -194,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     phases = args.phases.split(",")
-    bad = [s for s in sizes if s not in PRESETS] + [f for f in phases if f not in PHASES]
+    bad = [s for s in sizes if s not in PRESETS and s not in MOT_SIZES] + [f for f in phases if f not in PHASES]
     if bad:
-        p.error(f"unknown size or phase {bad}; sizes {list(PRESETS)}, phases {list(PHASES)}")
+        p.error(f"unknown size or phase {bad}; sizes {[*PRESETS, *MOT_SIZES]}, phases {list(PHASES)}")
     with tempfile.TemporaryDirectory(prefix="sparsec-scale-") as work:
         rows = [measure(size, Path(args.cache).expanduser(), phases, Path(work)) for size in sizes]
     table = markdown(rows)

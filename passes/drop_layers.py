@@ -147,9 +147,13 @@ class DropLayers(Pass):
     def requires(self, program: Program, ctx: PassContext) -> tuple[BlockStack, list[_Unit], int]:
         """The plan: the stack, its droppable units and how many of them go."""
         plan = self._plan(program)
-        if self.options.layers is None:
+        if self.needs_calibration():
             ctx.require_calibration(self.name)
         return plan
+
+    def needs_calibration(self) -> bool:
+        """Scores need data; explicit `layers` do not."""
+        return self.options.layers is None
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @staticmethod

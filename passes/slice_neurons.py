@@ -103,9 +103,13 @@ class SliceNeurons(Pass):
         """The plan: each matched FFN with its channel group, and the per-layer kept widths."""
         groups = self._groups(program)
         targets = self._targets(groups)
-        if self.options.importance == "activation":
+        if self.needs_calibration():
             ctx.require_calibration(self.name)
         return groups, targets
+
+    def needs_calibration(self) -> bool:
+        """Activation importance needs data; magnitude and random do not."""
+        return self.options.importance == "activation"
 
     def _global_targets(self, ffns: list[Ffn], scores: list[torch.Tensor]) -> list[int]:
         total = round(self.options.keep_ratio * sum(f.intermediate_size for f in ffns))

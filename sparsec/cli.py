@@ -32,9 +32,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from sparsec.recipe import Recipe
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
-    loaded = load_model(args.model)
+    lazy = not args.model.startswith(BUILTIN_PREFIX)  # a directory: shapes only, no weight is read
+    loaded = load_model(args.model, weights="lazy" if lazy else True)
     example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
     program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    if lazy:
+        loaded.attach_weights(program)
     if args.why:
         why = explain(program, args.why)
         print(json.dumps({"path": args.why, "why": why}, indent=2) if args.json else "\n".join(why))

@@ -86,6 +86,7 @@ def compile_model(
     target: str = "onnxruntime",
     dtype: str | None = None,
     device: str | None = None,
+    lazy: bool | None = None,
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
@@ -105,6 +106,17 @@ def compile_model(
     of the coarser of the program's and the ONNX file's precision. Before loading a checkpoint directory, the
     peak memory is estimated from its headers and printed; a compile whose weights and parity session cannot fit
     in the available memory is refused (`sparsec.resources`).
+
+    Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds the available
+    memory is captured without its weights (`load_model(weights="lazy")`) when nothing needs to run the model:
+    a dry run, of one program, whose passes need no calibration data (`Pass.needs_calibration`: `drop_layers` by
+    `layers`, `slice_neurons` by `magnitude` or `random`) and whose recipe has no `quality:` gates. Calibration
+    is then skipped, so the passes report no quality metrics (the report says why), and each pass reads the
+    weights it decides from, one tensor at a time; the tensors it puts in their place (sliced FFNs) are written
+    to scratch files in TMPDIR (`Program.spill_to`, removed after the passes): a 14B model's weight-only dry run
+    fits in 2 GB of memory. Otherwise
+    the model is loaded whole, as its estimate allows. `lazy=True` insists (`SparsecError` naming what needs the
+    weights in memory), `lazy=False` never reads lazily.
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
@@ -136,15 +148,25 @@ def compile_model(
     dtype = dtype or recipe.model.dtype
     device = parse_device(device or recipe.model.device)
     parse_dtype(dtype)
+    blocker = _lazy_blocker(recipe, dry_run)
+    if lazy and (blocker or str(model).startswith(BUILTIN_PREFIX)):
+        raise SparsecError(f"cannot read the weights of {model} lazily: "
+                           + (blocker or "a built-in model has no checkpoint files"))
     if not str(model).startswith(BUILTIN_PREFIX) and Path(model).is_dir():
         estimate = _memory_estimate(Path(model), recipe, dtype, target if not dry_run and recipe.export.onnx else None)
         if estimate is not None:
             say(f"[sparsec] {estimate.describe()}; {_available()} available")
-            check_fits(estimate, f"compiling {model}")
+            if lazy is None:
+                available = available_memory()
+                lazy = blocker is None and available is not None and estimate.total > available
+            if not lazy:
+                check_fits(estimate, f"compiling {model}")
+    lazy = bool(lazy)
 
-    say(f"[sparsec] loading {model}")
+    say(f"[sparsec] loading {model}" + (" (weights read lazily from its files: nothing needs to run the model)"
+                                        if lazy else ""))
     t = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, weights="lazy" if lazy else True)
     times["load"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in loaded.model.parameters())
     model_facts = {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
@@ -153,10 +175,18 @@ def compile_model(
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
     t = time.perf_counter()
+    spill = Path(tempfile.mkdtemp(prefix="sparsec-spill-")) if lazy else None  # TMPDIR, removed after the passes
     for unit in units:
         unit.capture(recipe)
+        if lazy:
+            loaded.attach_weights(unit.program)
+            unit.program.spill_to(spill)  # sliced weights go to scratch files, not into memory
     times["capture"] = time.perf_counter() - t
     for unit in units:
+        if lazy:
+            unit.report["calibration"] = {"skipped": "weights read lazily: no pass needs data and no quality gate "
+                                                     "is set, so the model is not run (no quality metrics)"}
+            continue
         unit.load_calibration(loaded, recipe, say)
         unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
     del loaded
@@ -165,8 +195,12 @@ def compile_model(
     say(f"[sparsec] running {len(recipe.passes)} pass(es)" + (f" on {len(units)} entry points" if recipe.entry_points else ""))
     t = time.perf_counter()
     decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
-    for unit in units:
-        unit.run_passes(recipe, decided, progress, say)
+    try:
+        for unit in units:
+            unit.run_passes(recipe, decided, progress, say)
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     times["passes"] = time.perf_counter() - t
 
     report: dict[str, Any] = {
@@ -341,6 +375,21 @@ class _PassProgress(PassInstrument):
 
 PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest: parity is judged at the coarser of two
 _PRECISION_OF = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _lazy_blocker(recipe: Recipe, dry_run: bool) -> str | None:
+    """Why this compile needs the weights in memory (None: it can read them lazily; see `compile_model`)."""
+    if not dry_run:
+        return "a compile writes the program and its ONNX file, which hold every weight (only --dry-run reads lazily)"
+    if recipe.entry_points:
+        return "the recipe compiles several entry points"
+    needing = [p.name for p in recipe.passes if p.needs_calibration()]
+    if needing:
+        return f"pass(es) {needing} decide from calibration data, which runs the model"
+    q = recipe.quality
+    if q.outputs or any(v is not None for v in (q.min_cosine, q.max_rel_l2, q.min_top1, q.max_kl)):
+        return "the recipe's quality: gates run the model after every pass"
+    return None
 
 
 def _program_precision(program) -> str:

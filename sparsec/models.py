@@ -10,17 +10,30 @@ Dtype: a checkpoint loads in its own dtype by default (`dtype="auto"`: a bf16 ch
 silent FP32 copy at twice its size); `float32`, `bfloat16`, `float16` convert. Built-in models are FP32 unless
 told. Device: `cpu` (default) or `cuda[:N]`, checked before anything loads. Without weights (`weights=False`,
 or a directory holding only config.json) the model is built on the meta device: its structure, parameter counts
-and FLOPs are all there, nothing is read or allocated (`sparsec inspect` works so on a 14B model).
+and FLOPs are all there, nothing is read or allocated.
+
+Lazily (`weights="lazy"`, a directory; on the CPU, `device` aside): the model is built with its parameters never allocated (CPU tensors that
+are never written: capture sees the same devices, dtypes and shapes as with the weights, and its non-persistent
+buffers, e.g. rotary frequencies, are computed for real) and `LoadedModel.stored` maps each parameter to its tensor
+in the safetensors files (tied weights such as a shared `lm_head` / `embed_tokens` map to the one stored key).
+After capture, `LoadedModel.attach_weights(program)` backs the program by those files (`Program.attach_weights`):
+a pass reads a weight when it asks for it, one at a time. `sparsec inspect` and a weight-only
+`sparsec compile --dry-run` work so on a 14B model; with only config.json the program knows shapes alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.ir.program import Program
+from sparsec.ir.stored import StoredTensor
 from sparsec.resources import checkpoint_facts
 from sparsec.families import Family, available_families, builtin_family, builtin_names, detect_family, family_for_model_type
 
@@ -67,14 +80,33 @@ class LoadedModel:
     """A loaded model and where it came from.
 
     Attributes:
-        weights: False when the model is on the meta device (structure only, see the module docstring).
+        weights: False when the model is on the meta device (structure only), "lazy" when its parameters were never
+            allocated and `stored` says where each one lies (see the module docstring).
+        stored: for a lazy model, parameter name -> its tensor in the checkpoint (absent names: not in a file).
     """
 
     model: torch.nn.Module
     family: Family
     name: str
     directory: Path | None
-    weights: bool = True
+    weights: bool | Literal["lazy"] = True
+    stored: dict[str, StoredTensor] = field(default_factory=dict)
+
+    def attach_weights(self, program: Program) -> None:
+        """Back `program` (captured from this lazy model) by the checkpoint's files: `Program.attach_weights`.
+
+        Every parameter the program holds must be in the checkpoint, unless the directory has no weights at all
+        (config.json only: the program then knows shapes alone); `SparsecError` naming the missing ones otherwise.
+        """
+        if self.weights != "lazy":
+            raise SparsecError("attach_weights: the model was loaded with its weights; the program already holds them")
+        parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        names = [n for n in program.state_placeholders() if n in parameters]
+        missing = [n for n in names if n not in self.stored]
+        if self.stored and missing:
+            raise SparsecError(f"{self.directory}: the checkpoint has no tensor for {len(missing)} parameter(s) "
+                               f"({missing[:3]}); it does not match config.json: re-save the model")
+        program.attach_weights({n: self.stored.get(n) for n in names})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,7 +141,7 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
 
 
 def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu",
-               weights: bool = True) -> LoadedModel:
+               weights: bool | Literal["lazy"] = True) -> LoadedModel:
     """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
 
     `dtype`, `device`, `weights`: see the module docstring. Bad values are refused before anything loads.
@@ -122,7 +154,11 @@ def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.dev
     spec = str(spec)
     cast = parse_dtype(dtype)
     device = parse_device(device)
+    if weights not in (True, False, "lazy"):
+        raise SparsecError(f"weights={weights!r}: use True, False or 'lazy'")
     if spec.startswith(BUILTIN_PREFIX):
+        if weights == "lazy":
+            raise SparsecError(f"{spec}: a built-in model has no checkpoint to read lazily; use weights=True")
         name = spec[len(BUILTIN_PREFIX):]
         family = builtin_family(name)
         if name in family.builtin_models:
@@ -142,7 +178,7 @@ def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.dev
             f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in builtin_names()]}"
         )
     has_weights = any(directory.glob("*.safetensors"))
-    if not has_weights and weights:
+    if not has_weights and weights is True:
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise SparsecError(
             f"{directory} has no .safetensors weights"
@@ -159,6 +195,11 @@ def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.dev
     if not weights:
         model = _build_on_meta(config, cast)
         return LoadedModel(model, detect_family(model), str(directory), directory, weights=False)
+    if weights == "lazy":
+        checkpoint_facts(directory)
+        model = _build_unallocated(config, cast or _checkpoint_dtype(directory))
+        return LoadedModel(model, detect_family(model), str(directory), directory, weights="lazy",
+                           stored=_stored_tensors(model, directory))
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     cls = _model_class(config)
     try:
@@ -179,3 +220,90 @@ def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls(config) if dtype is None else cls(config).to(dtype)
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _checkpoint_dtype(directory: Path) -> torch.dtype:
+    """The floating-point dtype holding most of the checkpoint's bytes (float32 without weights)."""
+    _, by_dtype = checkpoint_facts(directory)
+    floating = {d: n for d, n in by_dtype.items() if d in _SAFETENSORS_DTYPES}
+    return _SAFETENSORS_DTYPES[max(floating, key=floating.get)] if floating else torch.float32
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters registered in this block go to the meta device (their initialisation writes nothing); buffers
+    and everything else are built for real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # a meta one is kept: tying shares the object
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _build_unallocated(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of `config` in `dtype` with CPU parameters that are never written (`torch.empty`: no page is
+    touched, so nothing is resident) and real buffers; tied parameters stay one tensor."""
+    cls = _model_class(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained builds: buffers keep the dtypes the model code gives them
+    try:
+        with _parameters_on_meta():
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    empty: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in empty:
+                    empty[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                          requires_grad=param.requires_grad)
+                module._parameters[name] = empty[id(param)]
+    return model.eval()
+
+
+def _stored_tensors(model: torch.nn.Module, directory: Path) -> dict[str, StoredTensor]:
+    """Parameter name -> its tensor in the directory's safetensors files, read from the headers only.
+
+    A name is looked up as is, then with the model's `base_model_prefix` removed or added (a checkpoint of the
+    bare base model); tied parameters (one tensor under several names) share whichever of their names is stored.
+    """
+    from safetensors import safe_open
+
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                where[key] = (path, tuple(f.get_slice(key).get_shape()))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def lookup(name: str) -> str | None:
+        candidates = [name]
+        if prefix:
+            candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+        return next((c for c in candidates if c in where), None)
+
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+    stored: dict[str, StoredTensor] = {}
+    for key_id, names in aliases.items():
+        key = next((k for k in map(lookup, names) if k is not None), None)
+        if key is None:
+            continue
+        path, shape = where[key]
+        for name in names:
+            stored[name] = StoredTensor(path, key, shape, tensors[key_id].dtype)
+    return stored

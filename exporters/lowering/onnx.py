@@ -99,7 +99,8 @@ def export_onnx(
     any runtime) or `contrib` (ONNX Runtime's `com.microsoft::MoE`, standard ops where it cannot express the FFN).
     `scatter_reduction=False` lowers `standard` without `ScatterND(reduction="add")`, which TensorRT's parser lacks.
     `upcast`: a program in BF16 / FP16 is written as an FP32 model (`upcast_to_fp32`, weights converted while
-    they are written); the facts then hold `upcast_from`.
+    they are written); the facts then hold `upcast_from`. A lazily backed program (weights read from the
+    checkpoint, `Program.lazy_state`) is materialised first: its weights are read into memory.
 
     Example:
         >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]
@@ -118,6 +119,7 @@ def export_onnx(
     if external_data == "auto":
         external_data = program.parameter_bytes() > EXTERNAL_DATA_THRESHOLD
     start = time.perf_counter()
+    program.materialize()
     lowered = program.without_runtime_asserts()
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level

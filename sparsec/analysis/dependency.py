@@ -54,7 +54,7 @@ class ChannelGroup:
     splits: tuple[Node, ...] = ()
 
     def num_parameters(self, program) -> int:
-        return sum(program.state_tensor(p.name).numel() for p in self.params)
+        return sum(program.state_shape(p.name).numel() for p in self.params)
 
     def apply(self, program, kept: torch.Tensor) -> None:
         """Keep only channels `kept` (sorted, unique) in every coupled tensor."""
@@ -103,14 +103,14 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
     params.append(ParamSlice(program.state_name(ffn.down.args[1]), 1))  # columns of down; its bias is not coupled
     for node in carrying - set(producers):
         for arg in _state_args(program, node):
-            value = program.state_tensor(program.state_name(arg))
-            if value.dim() == 0 or value.numel() == 1:
+            shape = program.state_shape(program.state_name(arg))
+            if len(shape) == 0 or shape.numel() == 1:
                 continue  # a scalar broadcasts over every neuron
-            if value.shape[-1] == ffn.intermediate_size and all(d == 1 for d in value.shape[:-1]):
-                params.append(ParamSlice(program.state_name(arg), value.dim() - 1))
+            if shape[-1] == ffn.intermediate_size and all(d == 1 for d in shape[:-1]):
+                params.append(ParamSlice(program.state_name(arg), len(shape) - 1))
             else:
                 raise PassError(f"{ffn.path}: {node.name} reads {program.state_name(arg)} of shape "
-                                f"{tuple(value.shape)}, which is not per-neuron; cannot slice this FFN")
+                                f"{tuple(shape)}, which is not per-neuron; cannot slice this FFN")
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise PassError(f"{ffn.path}: a weight is shared between the FFN's projections ({names}); cannot slice it")

@@ -4,7 +4,10 @@ It also says what the structural matchers did not recognise and why (`explain`, 
 the linears that are no part of an FFN and the blocks without a residual structure, each with the rule it broke.
 
 FLOPs are counted by running the program once at the example shape under torch's `FlopCounterMode` and
-attributing each node's FLOPs to its innermost module path (so they follow the same tags as parameters).
+attributing each node's FLOPs to its innermost module path (so they follow the same tags as parameters). A
+program whose weights are not in memory (`Program.lazy_state`: read lazily, or captured from a config alone) is
+run on fake tensors instead (shapes only, nothing read); where that cannot run (an op whose output shape depends
+on values, such as the MoT's `aten.nonzero` token routing) FLOPs are absent and `flops_absent` says why.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from sparsec.ir.tags import COMPONENTS
 
 
 def flops_by_path(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """FLOPs of one forward pass at the shape of `inputs`, by innermost module path ('' for top level)."""
+    """FLOPs of one forward pass at the shape of `inputs`, by innermost module path ('' for top level).
+
+    A lazily backed program runs on fake tensors (see the module docstring)."""
     out: dict[str, int] = defaultdict(int)
     counter = FlopCounterMode(display=False)
     last = [0]
@@ -34,7 +39,7 @@ def flops_by_path(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict[
             last[0] = total
 
     with counter:
-        program.run(inputs, observe=observe)
+        program.run(inputs, observe=observe, shapes_only=bool(program.lazy_state()))
     return dict(out)
 
 
@@ -45,8 +50,16 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     params: dict[str, int] = defaultdict(int)
     for name in program.parameter_names():
         path = name.rsplit(".", 1)[0]
-        params[tagger.tag(path)] += program.state_tensor(name).numel()
-    flops = flops_by_path(program, inputs)
+        params[tagger.tag(path)] += program.state_shape(name).numel()
+    flops_absent = None
+    try:
+        flops = flops_by_path(program, inputs)
+    except Exception as exc:
+        if not program.lazy_state():
+            raise
+        flops = {}
+        flops_absent = (f"the weights are not in memory and the program cannot run on shapes alone "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
     component_flops: dict[str, int] = defaultdict(int)
     for path, f in flops.items():
         component_flops[tagger.tag(path)] += f
@@ -61,7 +74,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
             "type": region.type_name.rsplit(".", 1)[-1],
             "tag": region.tag,
             "parameters": region.num_parameters(),
-            "flops": sum(f for p, f in flops.items() if p == path or p.startswith(path + ".")),
+            "flops": None if flops_absent else sum(f for p, f in flops.items() if p == path or p.startswith(path + ".")),
         })
     return {
         "family": program.family,
@@ -69,9 +82,12 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         "dynamic_dims": program.dynamic_dims,
         "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
         "parameters": program.num_parameters(),
-        "flops": sum(flops.values()),
+        "weights": "not in memory: counts come from shapes, no weight was read" if program.lazy_state() else "in memory",
+        "flops": None if flops_absent else sum(flops.values()),
+        "flops_absent": flops_absent,
         "components": {
-            c: {"parameters": params.get(c, 0), "flops": component_flops.get(c, 0)} for c in COMPONENTS
+            c: {"parameters": params.get(c, 0), "flops": None if flops_absent else component_flops.get(c, 0)}
+            for c in COMPONENTS
         },
         "tag_rules": program.tagger.to_list(),
         "regions": summary,
@@ -127,7 +143,9 @@ def explain(program: Program, path: str) -> list[str]:
     return lines
 
 
-def _human(n: float) -> str:
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.3g}{unit}"
@@ -141,6 +159,8 @@ def format_inspection(info: dict) -> str:
         f"family: {info['family']}   ops: {info['ops']}   parameters: {info['parameters']:,}   "
         f"FLOPs at {info['inputs']}: {_human(info['flops'])}",
         f"dynamic dims: {info['dynamic_dims']}",
+        f"weights: {info['weights']}",
+        *([f"FLOPs absent: {info['flops_absent']}"] if info["flops_absent"] else []),
         "",
         f"{'component':<15}{'parameters':>14}{'FLOPs':>10}",
     ]

@@ -88,7 +88,7 @@ class Region:
 
     def num_parameters(self) -> int:
         names = set(self._program.parameter_names())
-        return sum(self._program.state_tensor(p).numel() for p in self.parameters if p in names)
+        return sum(self._program.state_shape(p).numel() for p in self.parameters if p in names)
 
 
 @dataclass

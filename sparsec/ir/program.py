@@ -10,10 +10,20 @@ and `remove_state`, which keep placeholders, signature and tensors in step; ever
 through one helper. Passes never change a state tensor in place: they put a new tensor in its place with
 `replace_state`. That is what makes `snapshot()` cheap (it shares the tensors) and `restore()` exact; the
 `PassManager` checks it after every pass (`changed_in_place`).
+
+Weights read lazily: a program captured without its weights in memory (`sparsec.models.load_model(...,
+weights="lazy")`) is backed by the checkpoint's files (`attach_weights`): its state dict holds meta tensors (shapes
+and dtypes), `state_tensor` reads a weight from its file on each call (not cached), `replace_state` stores the new
+(small) tensor, `prune` drops entries, and `num_parameters` / `parameter_bytes` / `state_shape` never read.
+With `spill_to(directory)`, the tensors a pass puts in place
+of lazily backed ones (a sliced FFN: half the weights of a 14B model) are written there and read back lazily too,
+so memory stays at one tensor. Running it (`run`) reads every weight for each call: `materialize()` first to run it repeatedly; `save` and the
+ONNX exporter materialise it before they write. Passes call `state_tensor` and cannot tell the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -30,6 +40,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.fx import Graph, GraphModule, Node
 
 from sparsec.errors import SparsecError, VerificationError
+from sparsec.ir.stored import StoredTensor
 from sparsec.ir.tags import Tagger
 
 aten = torch.ops.aten
@@ -145,6 +156,7 @@ class ProgramSnapshot:
     tagger: Tagger
     dynamic_dims: dict[str, dict[int, str]]
     tensor_versions: dict[str, int]
+    stored: dict[str, StoredTensor | None]
 
 
 class Program:
@@ -180,6 +192,8 @@ class Program:
         self._version = 0
         self._analyses: dict[Callable, Any] = {}
         self._analyses_version = 0
+        self._stored: dict[str, StoredTensor | None] = {}
+        self._spill: Path | None = None
         for node in self.graph.nodes:
             node.meta[_INPUTS_KEY] = _input_names(node)
 
@@ -204,9 +218,12 @@ class Program:
 
     @property
     def device(self) -> torch.device:
-        """Where the program's weights are (the first state tensor's device; CPU for a program without state)."""
-        for name in self.state_placeholders():
-            return self.state_tensor(name).device
+        """Where the program's weights are (the first materialised state tensor's device; CPU for a program
+        without any: a lazily backed program reads its weights onto the CPU)."""
+        ep = self.exported
+        for tensor in [*ep.state_dict.values(), *ep.constants.values()]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                return tensor.device
         return torch.device("cpu")
 
     @property
@@ -250,8 +267,69 @@ class Program:
         return None
 
     def state_tensor(self, name: str) -> torch.Tensor:
+        """The state tensor `name`; a lazily backed one is read from its file now (see the module docstring)."""
+        if name in self._stored:
+            stored = self._stored[name]
+            if stored is None:
+                raise SparsecError(f"{name} has no weights: the program was captured from a config without a "
+                                   "checkpoint; a decision that reads weights needs the model's .safetensors files")
+            return stored.read()
+        return self._held(name)
+
+    def _held(self, name: str) -> torch.Tensor:
+        """The tensor the exported program holds for `name` (a meta tensor for a lazily backed one)."""
         ep = self.exported
         return ep.state_dict[name] if name in ep.state_dict else ep.constants[name]
+
+    def state_shape(self, name: str) -> torch.Size:
+        """The shape of state tensor `name`, never read from a file (parameter counts of lazily backed programs)."""
+        return self._held(name).shape
+
+    def attach_weights(self, sources: Mapping[str, StoredTensor | None]) -> None:
+        """Back state tensors by tensors stored on disk, read when needed (None: there is no tensor, only its shape).
+
+        The program drops what it held for them (e.g. the never-written parameters of a model built without
+        weights) and keeps a meta tensor of the same shape and dtype. `SparsecError` for an unknown name or a
+        stored tensor of another shape or dtype.
+        """
+        ep = self.exported
+        for name, stored in sources.items():
+            if name not in ep.state_dict and name not in ep.constants:
+                raise SparsecError(f"attach_weights: the program has no state tensor named {name!r}")
+            held = self._held(name)
+            if stored is not None and (tuple(held.shape) != stored.shape or held.dtype != stored.dtype):
+                raise SparsecError(f"{stored.file}: {stored.key!r} is {list(stored.shape)} {stored.dtype}, the program's "
+                                   f"{name} is {list(held.shape)} {held.dtype}; the checkpoint does not fit the config")
+            meta = held.detach().to("meta")
+            if isinstance(held, torch.nn.Parameter):
+                meta = torch.nn.Parameter(meta, requires_grad=held.requires_grad)
+            (ep.state_dict if name in ep.state_dict else ep.constants)[name] = meta
+            self._stored[name] = stored
+
+    def spill_to(self, directory: str | os.PathLike | None) -> None:
+        """Write the tensors `replace_state` puts in place of lazily backed ones into safetensors files in
+        `directory` (which the caller owns and removes) and back them lazily, instead of holding them; None stops."""
+        self._spill = Path(directory) if directory is not None else None
+
+    def lazy_state(self) -> list[str]:
+        """Names of the state tensors not in memory (read from their files when asked for)."""
+        return sorted(self._stored)
+
+    def materialize(self) -> None:
+        """Read every lazily backed state tensor into memory, one at a time; afterwards the program is ordinary.
+
+        `SparsecError` (nothing read) when some tensor has no stored weights (captured from a config only).
+        """
+        missing = [name for name, stored in self._stored.items() if stored is None]
+        if missing:
+            raise SparsecError(f"{len(missing)} state tensors have no weights ({missing[:3]}...): the program was "
+                               "captured from a config without a checkpoint and cannot run or be written")
+        ep = self.exported
+        for name in list(self._stored):
+            held, tensor = self._held(name), self._stored.pop(name).read()
+            if isinstance(held, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=held.requires_grad)
+            (ep.state_dict if name in ep.state_dict else ep.constants)[name] = tensor
 
     def replace_state(self, name: str, value: torch.Tensor) -> None:
         """Put `value` in place of the state tensor `name` (e.g. a sliced copy); a parameter stays a parameter.
@@ -259,13 +337,29 @@ class Program:
         The program keeps its own copy of a new parameter. A changed shape or dtype is re-inferred by `verify()`.
         """
         ep = self.exported
-        old = self.state_tensor(name)
+        old = self._held(name)
+        if self._stored.pop(name, None) is not None and self._spill is not None:
+            self._replace_spilled(name, old, value)
+            return
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
         if name in ep.state_dict:
             ep.state_dict[name] = value
         else:
             ep.constants[name] = value
+        if not same_meta(old, value):
+            self.state_placeholders()[name].meta.pop("val", None)
+
+    def _replace_spilled(self, name: str, old: torch.Tensor, value: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._spill / f"{name}.{self._version}.{len(os.listdir(self._spill))}.safetensors"
+        save_file({name: value.detach().contiguous().cpu()}, str(path))
+        held = torch.empty_like(value, device="meta")
+        if isinstance(old, torch.nn.Parameter):
+            held = torch.nn.Parameter(held, requires_grad=old.requires_grad)
+        (self.exported.state_dict if name in self.exported.state_dict else self.exported.constants)[name] = held
+        self._stored[name] = StoredTensor(path, name, tuple(value.shape), value.dtype)
         if not same_meta(old, value):
             self.state_placeholders()[name].meta.pop("val", None)
 
@@ -323,6 +417,7 @@ class Program:
         self._set_signature(inputs=[s for s in self.exported.graph_signature.input_specs if s.arg.name != node.name])
         self.exported.state_dict.pop(name, None)
         self.exported.constants.pop(name, None)
+        self._stored.pop(name, None)
 
     def replace_uses(self, node: Node, replacement: Node, *, except_in: Node | None = None) -> None:
         """Make every user of `node` (but `except_in`) read `replacement`, program outputs included."""
@@ -360,6 +455,10 @@ class Program:
         without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`).
         Inputs on another device than the program's weights are moved to it (calibration data stays on the CPU
         while the program runs on `cuda`)."""
+        self._check_inputs(inputs)
+        return self._args(inputs, self.state_tensor)
+
+    def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         names = self.input_names
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
@@ -369,19 +468,33 @@ class Program:
                 + (f" (missing {missing})" if missing else "")
                 + (f" (unexpected {extra})" if extra else "")
             )
+
+    def _args(self, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor]) -> list[Any]:
         device = self.device
         user = iter(inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device
-                    else inputs[n] for n in names)
-        ep = self.exported
+                    else inputs[n] for n in self.input_names)
         args: list[Any] = []
-        for spec in ep.graph_signature.input_specs:
+        for spec in self.exported.graph_signature.input_specs:
             if spec.kind == InputKind.USER_INPUT:
                 args.append(next(user))
             elif spec.kind in STATE_KINDS:
-                args.append(self.state_tensor(spec.target))
+                args.append(state(spec.target))
             else:
                 raise SparsecError(f"unsupported program input kind {spec.kind} ({spec.arg.name})")
         return args
+
+    def _fake_args(self, inputs: Mapping[str, torch.Tensor], mode: Any) -> list[Any]:
+        """`flat_args` as fake tensors of `mode`: shapes and dtypes only, nothing read (state on the inputs' device)."""
+        self._check_inputs(inputs)
+        device = next((v.device for v in inputs.values()), torch.device("cpu"))
+
+        def fake(name: str) -> Any:
+            held = self._held(name)
+            if held.device.type == "meta":
+                return mode.fake_tensor_converter.from_meta_and_device(mode, held.detach(), device)
+            return mode.from_tensor(held)
+
+        return self._args({n: mode.from_tensor(v) for n, v in inputs.items()}, fake)
 
     def named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
         """The user outputs by name from the graph module's flat result (see `flat_args`)."""
@@ -396,6 +509,7 @@ class Program:
         observe: Callable[[Node, Any], None] | None = None,
         nodes: set[Node] | None = None,
         rewrite: Mapping[Node, "ValueRewrite"] | None = None,
+        shapes_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run the graph on `inputs` (by name) and return the outputs by name.
 
@@ -404,8 +518,22 @@ class Program:
         With `rewrite`, the value of each node in it is replaced by its `ValueRewrite` before any user reads
         it: a what-if run of a change without editing the graph (`sparsec.probe` masks neurons and skips
         blocks this way).
+        With `shapes_only`, the graph runs on fake tensors: values carry shapes and dtypes, no weight is read or
+        computed with (FLOP counting of a lazily backed program); ops whose output shape depends on values
+        (`aten.nonzero`) then fail.
         """
-        args = self.flat_args(inputs)
+        if shapes_only:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode()
+            args = self._fake_args(inputs, mode)
+        else:
+            mode, args = contextlib.nullcontext(), self.flat_args(inputs)
+        with mode:
+            return self._interpret(args, observe, nodes, rewrite)
+
+    def _interpret(self, args: list[Any], observe: Callable[[Node, Any], None] | None, nodes: set[Node] | None,
+                   rewrite: Mapping[Node, ValueRewrite] | None) -> dict[str, torch.Tensor]:
         if observe is None and not rewrite:
             return self.named_outputs(self.graph_module(*args))
         rewrite = rewrite or {}
@@ -448,6 +576,7 @@ class Program:
             tagger=copy.deepcopy(self.tagger),
             dynamic_dims=copy.deepcopy(self.dynamic_dims),
             tensor_versions=_tensor_versions(ep),
+            stored=dict(self._stored),
         )
 
     def restore(self, snapshot: ProgramSnapshot) -> None:
@@ -460,6 +589,7 @@ class Program:
         ep.state_dict.update(snapshot.state_dict)
         ep.constants.clear()
         ep.constants.update(snapshot.constants)
+        self._stored = dict(snapshot.stored)
         self.family = snapshot.family
         self.tagger = copy.deepcopy(snapshot.tagger)
         self.dynamic_dims = copy.deepcopy(snapshot.dynamic_dims)
@@ -543,7 +673,13 @@ class Program:
         changed: set[Node] = set()
         for name, node in self.state_placeholders().items():
             if "val" not in node.meta:  # replaced by `replace_state`
-                node.meta["val"] = fake_mode.from_tensor(self.state_tensor(name), static_shapes=True)
+                held = self._held(name)
+                if held.device.type == "meta":  # spilled to a file: fake it on the device the graph was captured on
+                    device = next((p.meta["val"].device for p in placeholders
+                                   if isinstance(p.meta.get("val"), torch.Tensor)), torch.device("cpu"))
+                    node.meta["val"] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, held, device)
+                else:
+                    node.meta["val"] = fake_mode.from_tensor(held, static_shapes=True)
                 changed.add(node)
         env: dict[Node, Any] = {n: n.meta.get("val") for n in placeholders}
         with fake_mode:
@@ -588,11 +724,16 @@ class Program:
             constants=ep.constants,
             verifiers=ep.verifiers,  # the captured IR's own verifier: it admits in-place ops such as index_put_
         )
-        return Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
+        program = Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
+        program._stored = dict(self._stored)
+        return program
 
     # ----- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files."""
+        """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files.
+
+        A lazily backed program is materialised first (`materialize`: its weights are read into memory)."""
+        self.materialize()
         path = Path(path)
         meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
         stage = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)  # the archive is named after the file

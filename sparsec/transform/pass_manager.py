@@ -112,6 +112,14 @@ class Pass:
     def from_recipe(cls, options: Any, where: str) -> "Pass":
         return cls(parse_section(cls.Options, options, where))
 
+    def needs_calibration(self) -> bool:
+        """Whether this pass, with its options, decides from calibration data (`requires` asks for it).
+
+        True unless a pass says otherwise; `sparsec.compiler` reads weights lazily (a model too big for memory,
+        `compile --dry-run`) only when no pass needs data. A pass that overrides it asks for data exactly then.
+        """
+        return True
+
     def requires(self, program: Program, ctx: PassContext) -> Any:
         """Raise `PassError` if the program is not something this pass can rewrite; return the plan for `run`.
 
