@@ -23,6 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from torch.fx import Node
+
 from sparsec.errors import PassError
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 from sparsec.ir.program import Program
@@ -157,11 +159,20 @@ class DropLayers(Pass):
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @staticmethod
-    def _bypass(program: Program, unit: _Unit) -> None:
-        """Replace each residual add by the stream it adds to (no-op casts on the way die with the branch)."""
+    def _bypass(program: Program, unit: _Unit, replaced: dict[Node, Node]) -> None:
+        """Replace each residual add by the stream it adds to (no-op casts on the way die with the branch).
+
+        `replaced` maps the adds already bypassed to what took their place: a unit's stream input may be the
+        output of a unit dropped just before it (consecutive blocks), which is gone from the graph by then.
+        """
         for sub in reversed(unit.sublayers):
-            sub.residual_add.replace_all_uses_with(skip_noop_casts(sub.stream_in))
+            stream = sub.stream_in
+            while stream in replaced:
+                stream = replaced[stream]
+            stream = skip_noop_casts(stream)
+            sub.residual_add.replace_all_uses_with(stream)
             program.graph.erase_node(sub.residual_add)
+            replaced[sub.residual_add] = stream
 
     @staticmethod
     def _live_state(program: Program) -> set[str]:
@@ -180,8 +191,9 @@ class DropLayers(Pass):
         before = self._live_state(program)
         read = {u.label: {program.state_name(a) for s in u.sublayers for n in s.nodes for a in n.all_input_nodes}
                 for u in units}
+        replaced: dict[Node, Node] = {}
         for unit in units:
-            self._bypass(program, unit)
+            self._bypass(program, unit, replaced)
         gone = before - self._live_state(program)
         return {label: sorted(n for n in names if n in gone) for label, names in read.items()}
 
