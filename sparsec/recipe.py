@@ -83,8 +83,9 @@ class CalibrationOptions:
 class ExportOptions:
     """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
 
-    `pt2`: write `program.pt2` (the transformed program, `torch.export.load`-able); `false` skips it (it holds a
-    second copy of the weights on disk, and `torch.export.save` serialises them in memory first).
+    `pt2`: write `program.pt2` (the transformed program, `torch.export.load`-able); `false` skips it (a second
+    copy of the weights on disk; `torch.export.save` writes it one tensor at a time, so memory grows by about the
+    largest tensor only).
 
     `moe_lowering`: MoE nodes become plain ONNX ops (`standard`, the default: any runtime, and the faster of
     the two on ONNX Runtime CPU in bench/ffn_to_moe.py) or ONNX Runtime's contrib `com.microsoft::MoE`
