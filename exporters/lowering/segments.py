@@ -104,7 +104,6 @@ def segment_model(model, outputs: list[str], stops: set[str]):
     """The subgraph of `model` (an `onnx.ModelProto`, external data not loaded) computing `outputs` from the values
     in `stops`, the graph inputs and the initializers it needs, as a `ModelProto` (initializers still referring to
     the original external data file). Returns it and its input names."""
-    import onnx
     from onnx import helper
 
     graph = model.graph

@@ -4,6 +4,9 @@ Two targets (`OnnxRuntime`): `onnxruntime` (CPUExecutionProvider, the default) a
 (CUDAExecutionProvider only, from onnxruntime-gpu, the `gpu` extra; `require_onnxruntime` fails fast where a target
 cannot run). Both run the same ONNX file, the contrib `com.microsoft::MoE` lowering included (ONNX Runtime has CPU
 and CUDA kernels for it), and build nothing beyond it.
+
+Parity (`check_parity`) computes the program's side first and releases the program, then opens a session: of the
+whole model, or, where that would not fit (`parity_mode`; `export.parity.mode`), of one block at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import torch
 from sparsec.data import parity
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import register_target
 from sparsec.exporters.lowering.segments import BOUNDARY_PREFIX as BOUNDARY
+from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Runner, Target
 from sparsec.resources import available_memory
 
@@ -197,8 +200,13 @@ def _block_parity(reference: ProgramReference, onnx_path: Path, options: ParityO
     with the program's boundary values; written next to the ONNX file (its external data resolves) and removed."""
     import onnx
 
-    from sparsec.exporters.lowering.segments import (HEAD, boundary_name, onnx_dtype_to_torch, read_segments,
-                                                     segment_model)
+    from sparsec.exporters.lowering.segments import (
+        HEAD,
+        boundary_name,
+        onnx_dtype_to_torch,
+        read_segments,
+        segment_model,
+    )
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     segments = read_segments(model)

@@ -6,8 +6,8 @@ import weakref
 import numpy as np
 import onnx
 import pytest
-
 from conftest import make_inputs, make_model
+
 from sparsec.capture import capture
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, ProgramReference
