@@ -21,6 +21,7 @@ import torch
 
 from sparsec import __version__
 from sparsec.data.calibration import load_calibration
+from sparsec.data.parity import ProgramReference
 from sparsec.capture import capture
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
@@ -90,7 +91,7 @@ def compile_model(
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
-    Writes `program.pt2` (the transformed program, `torch.export.load`-able), `model.onnx` (unless the
+    Writes `program.pt2` (the transformed program, `torch.export.load`-able; unless `export.pt2: false`), `model.onnx` (unless the
     recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
     passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
 
@@ -312,10 +313,12 @@ class _Unit:
 
     def write(self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float],
               say: Callable[[str], None]) -> None:
-        """program.pt2, model.onnx (lowered as `target` asks), the target's artifact, and backend parity."""
+        """program.pt2 (unless `export.pt2: false`), model.onnx (lowered as `target` asks), the target's artifact, and
+        backend parity, which releases the program (`self.program` is None afterwards)."""
         label = f" ({self.name})" if recipe.entry_points else ""
-        say(f"[sparsec] saving program.pt2{label}")
-        self.program.save(directory / "program.pt2")
+        if recipe.export.pt2:
+            say(f"[sparsec] saving program.pt2{label}")
+            self.program.save(directory / "program.pt2")
         if not recipe.export.onnx:
             self._record_artifacts(directory)
             return
@@ -348,10 +351,16 @@ class _Unit:
                                         log=lambda line: say(f"[sparsec] {line}{label}")))
         say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
         parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
-        self.report["parity"] = target.parity(self.program, directory, self.calibration, export.parity,
-                                              parity_precision)
+        reference = ProgramReference(self.program, self.calibration, export.parity.samples, release=self._release)
+        self.report["parity"] = target.parity(reference, directory, export.parity, parity_precision)
         times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self._record_artifacts(directory)
+
+    def _release(self) -> None:
+        """Drop the program once parity holds its reference outputs: nothing after parity reads it (the report keeps
+        plain facts), so its weights are freed before the backend's session opens."""
+        self.program = None
+        gc.collect()
 
     def _record_artifacts(self, directory: Path) -> None:
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}

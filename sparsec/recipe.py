@@ -8,7 +8,7 @@ capture:   {batch: 2, seq: 16, dynamic: true}
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
 quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass, and per
             outputs: {logits: {kl: 0.05}}}               #   output glob: Bounds as in export.parity
-export:    {onnx: true, opset: 18, external_data: auto, precision: fp32,
+export:    {onnx: true, pt2: true, opset: 18, external_data: auto, precision: fp32,
             parity: {samples: 8, percentiles: [50, 99], tolerances: {logits: {cosine: 0.9999, p99_abs: 0.01}}}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
 entry_points: [understanding, generation_step]          # several programs from one recipe (Janus)
@@ -83,6 +83,10 @@ class CalibrationOptions:
 class ExportOptions:
     """Lowering: ONNX through `torch.onnx.export(dynamo=True)`, checked in ONNX Runtime.
 
+    `pt2`: write `program.pt2` (the transformed program, `torch.export.load`-able); `false` skips it (a second
+    copy of the weights on disk; `torch.export.save` writes it one tensor at a time, so memory grows by about the
+    largest tensor only).
+
     `moe_lowering`: MoE nodes become plain ONNX ops (`standard`, the default: any runtime, and the faster of
     the two on ONNX Runtime CPU in bench/ffn_to_moe.py) or ONNX Runtime's contrib `com.microsoft::MoE`
     (`contrib`); see `sparsec.exporters.lowering.onnx_moe`.
@@ -98,6 +102,7 @@ class ExportOptions:
     """
 
     onnx: bool = True
+    pt2: bool = True
     opset: int = 18
     external_data: bool | Literal["auto"] = "auto"
     moe_lowering: Literal["standard", "contrib"] = "standard"
@@ -107,6 +112,8 @@ class ExportOptions:
     _target_options: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not (self.onnx or self.pt2):
+            raise ValueError("pt2: false with onnx: false leaves no model to write; keep one of them")
         if not 17 <= self.opset <= 23:
             raise ValueError(f"opset: must be in [17, 23], got {self.opset}")
         self._target_options = {section: target.options() for section, target in _target_sections().items()}

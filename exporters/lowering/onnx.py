@@ -3,7 +3,8 @@
 The program's runtime-assert nodes are dropped on a copy first (ONNX has no meaning for them; Janus does
 not lower with them). Dynamic dimensions keep the program's names (`batch`, `seq`) in the ONNX file,
 inputs and outputs keep the program's names (`input_ids`, `logits`). Models over 1.5 GiB of weights are
-written with external data (`model.onnx.data`) unless told otherwise.
+written with external data (`model.onnx.data`) unless told otherwise. Block boundaries are marked in the file for
+block-by-block parity (`sparsec.exporters.lowering.segments`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx_ir as ir
 
 from sparsec.errors import SparsecError
 from sparsec.exporters.lowering.onnx_moe import MoeLowering, moe_translation
+from sparsec.exporters.lowering.segments import METADATA_KEY, boundary_name, parity_segments, segments_metadata
 from sparsec.ir.program import Program
 
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
@@ -120,7 +122,8 @@ def export_onnx(
         external_data = program.parameter_bytes() > EXTERNAL_DATA_THRESHOLD
     start = time.perf_counter()
     program.materialize()
-    lowered = program.without_runtime_asserts()
+    segments, boundaries = parity_segments(program)  # marked for block-by-block parity (exporters.lowering.segments)
+    lowered = program.without_runtime_asserts(extra_outputs=boundaries)
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
@@ -131,7 +134,7 @@ def export_onnx(
                 lowered.exported,
                 (),
                 input_names=program.input_names,
-                output_names=program.output_names,
+                output_names=[*program.output_names, *map(boundary_name, boundaries)],
                 opset_version=opset,
                 dynamo=True,
                 custom_translation_table={torch.ops.sparsec.moe.default: moe_translation(moe_lowering, scatter_reduction)},
@@ -145,6 +148,10 @@ def export_onnx(
     finally:
         registration_log.setLevel(level)
     model = onnx_program.model
+    for _ in boundaries:  # the values stay in the graph under their boundary names; the file has the real outputs
+        model.graph.outputs.pop()
+    if segments:
+        model.metadata_props[METADATA_KEY] = segments_metadata(segments)
     renames = _name_dynamic_dims(model, program)
     half = sorted({HALF_TYPES[v.dtype] for v in model.graph.initializers.values() if v.dtype in HALF_TYPES})
     if upcast and half:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparsec.data.calibration import CalibrationSet
-from sparsec.data.parity import ParityOptions, Precision
+from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.ir.program import Program
 
 Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -67,9 +67,9 @@ class Target(abc.ABC):
                 sess = onnxruntime.session(directory / "model.onnx")
                 return lambda inputs: onnxruntime.run(sess, inputs)
 
-            def parity(self, program, directory, calibration, options, precision):
-                return onnxruntime.check_parity(program, directory / "model.onnx", calibration,
-                                                options=options, precision=precision)
+            def parity(self, reference, directory, options, precision):
+                return onnxruntime.check_parity(reference, directory / "model.onnx", options=options,
+                                                precision=precision)
 
         register_target(OnnxFile())
     """
@@ -108,11 +108,12 @@ class Target(abc.ABC):
         lacks the target's file or the target cannot run here."""
 
     @abc.abstractmethod
-    def parity(self, program: Program, directory: Path, calibration: CalibrationSet, options: ParityOptions,
+    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
                precision: Precision) -> dict[str, Any]:
-        """Backend parity (`sparsec.data.parity.backend_parity`) of the artifact in `directory` against `program` on
-        the first `options.samples` calibration samples. Raises `QualityError` naming each output and metric outside
-        its tolerance; returns the parity report."""
+        """Backend parity (`sparsec.data.parity`) of the artifact in `directory` against the program of `reference`
+        on its calibration samples. Call `reference.compute()` (the program's outputs, then the program is released)
+        before opening the backend's session, so the two never hold memory together. Raises `QualityError` naming
+        each output and metric outside its tolerance; returns the parity report."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

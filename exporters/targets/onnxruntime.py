@@ -4,6 +4,9 @@ Two targets (`OnnxRuntime`): `onnxruntime` (CPUExecutionProvider, the default) a
 (CUDAExecutionProvider only, from onnxruntime-gpu, the `gpu` extra; `require_onnxruntime` fails fast where a target
 cannot run). Both run the same ONNX file, the contrib `com.microsoft::MoE` lowering included (ONNX Runtime has CPU
 and CUDA kernels for it), and build nothing beyond it.
+
+Parity (`check_parity`) computes the program's side first and releases the program, then opens a session: of the
+whole model, or, where that would not fit (`parity_mode`; `export.parity.mode`), of one block at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import numpy as np
 import torch
 
 from sparsec.data import parity
-from sparsec.data.calibration import CalibrationSet
-from sparsec.data.parity import ParityOptions, Precision
+from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
+from sparsec.exporters.lowering.segments import BOUNDARY_PREFIX as BOUNDARY
 from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Runner, Target
-from sparsec.ir.program import Program
+from sparsec.resources import available_memory
 
 if TYPE_CHECKING:
     import onnx
@@ -134,30 +137,109 @@ def run(sess, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, sess.run(names, feed))}
 
 
+SESSION_BYTES_PER_FILE_BYTE = 2.0
+"""ONNX Runtime's CPU session holds the initializers and, for MatMul, prepacked copies of their weights: about twice
+the ONNX file's bytes at its peak (the estimate `parity_mode` judges a whole-model session by)."""
+
+
+def onnx_bytes(onnx_path: str | Path) -> int:
+    """Bytes of an ONNX file and its external data file."""
+    path = Path(onnx_path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def parity_mode(onnx_path: str | Path, options: ParityOptions) -> str:
+    """`whole` or `blocks`: `options.mode` unless `auto`, which checks block by block when a session of the whole
+    model (`SESSION_BYTES_PER_FILE_BYTE` x the file's bytes) would not fit in `available_memory()`."""
+    if options.mode != "auto":
+        return options.mode
+    available = available_memory()
+    needed = onnx_bytes(onnx_path) * SESSION_BYTES_PER_FILE_BYTE
+    return "blocks" if available is not None and needed > available else "whole"
+
+
 def check_parity(
-    program: Program,
+    reference: ProgramReference,
     onnx_path: str | Path,
-    calibration: CalibrationSet,
     *,
     options: ParityOptions,
     precision: Precision = "fp32",
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    open_session=None,
 ) -> dict:
-    """Backend parity (`sparsec.data.parity`) of ONNX Runtime against the program on the first `options.samples`
-    calibration samples.
+    """Backend parity (`sparsec.data.parity`) of ONNX Runtime against the program of `reference` on its calibration
+    samples: the program's side is computed (and the program released) before any session opens. The whole model
+    in one session, or block by block (`parity_mode`, `check_block_parity`) where it would not fit.
 
-    Raises `QualityError` naming every output and metric outside its tolerance. Returns the parity report
-    (metrics and tolerances per output) with the runtime, provider and input shapes used.
+    Raises `QualityError` naming every output (and block) and metric outside its tolerance. Returns the parity
+    report (mode, metrics and tolerances per output, per block in blocks mode) with the runtime, provider and input
+    shapes used. `open_session(path)`: how sessions are opened (by default `session(path, providers)`).
 
-    Example:
-        >>> check_parity(program, "out/model.onnx", calib, options=ParityOptions(), precision="fp16")["metrics"]["logits"]["p99_abs"]
-        0.0012
+    Example::
+
+        check_parity(ProgramReference(program, calib, 8), "out/model.onnx", options=ParityOptions(),
+                     precision="fp16")["metrics"]["logits"]["p99_abs"]
+        # 0.0012
     """
-    sess = session(onnx_path, providers)
-    provider = sess.get_providers()[0]
-    report = parity.backend_parity(program, lambda batch: run(sess, batch), calibration,
-                                   backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
-    return {"runtime": "onnxruntime " + __import__("onnxruntime").__version__, "provider": provider, **report}
+    open_session = open_session or (lambda path: session(path, providers))
+    runtime = "onnxruntime " + __import__("onnxruntime").__version__
+    if parity_mode(onnx_path, options) == "whole":
+        program_side = reference.compute()
+        sess = open_session(onnx_path)
+        provider = sess.get_providers()[0]
+        report = parity.backend_parity(program_side, lambda batch: run(sess, batch),
+                                       backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
+        return {"runtime": runtime, "provider": provider, **report}
+    return _block_parity(reference, Path(onnx_path), options, precision, open_session, runtime)
+
+
+def _block_parity(reference: ProgramReference, onnx_path: Path, options: ParityOptions, precision: Precision,
+                  open_session, runtime: str) -> dict:
+    """Each segment's ONNX subgraph (`sparsec.exporters.lowering.segments`) in its own session, one at a time, fed
+    with the program's boundary values; written next to the ONNX file (its external data resolves) and removed."""
+    import onnx
+
+    from sparsec.exporters.lowering.segments import (
+        HEAD,
+        boundary_name,
+        onnx_dtype_to_torch,
+        read_segments,
+        segment_model,
+    )
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    segments = read_segments(model)
+    boundaries = {o.removeprefix(BOUNDARY): o for n in model.graph.node for o in n.output if o.startswith(BOUNDARY)}
+    program_side = reference.compute(values=list(boundaries))
+    stops = set(boundaries.values())
+    blocks, head, provider = {}, [], ""
+    for index, segment in enumerate(segments):
+        outputs = list(segment.outputs) if segment.name == HEAD else [boundary_name(o) for o in segment.outputs]
+        sub, feeds = segment_model(model, outputs, stops)
+        path = onnx_path.with_name(f".parity-segment-{index}.onnx")
+        try:
+            onnx.save(sub, str(path))
+            sess = open_session(path)
+            provider = sess.get_providers()[0]
+            kinds = {i.name: onnx_dtype_to_torch(i.type.tensor_type.elem_type) for i in sub.graph.input}
+            for batch, values, outs, mask in zip(program_side.inputs, program_side.values, program_side.outputs,
+                                                  program_side.masks):
+                feed = {name: (batch[name] if name in batch else values[name.removeprefix(BOUNDARY)]).to(kinds[name])
+                        for name in feeds}
+                got = run(sess, feed)
+                if segment.name == HEAD:
+                    head.append((outs, got, mask))
+                else:
+                    for name, onnx_name in zip(segment.outputs, outputs):
+                        key = segment.name if len(segment.outputs) == 1 else f"{segment.name}:{name}"
+                        blocks.setdefault(key, []).append((values[name], got[onnx_name], mask))
+            del sess
+        finally:
+            path.unlink(missing_ok=True)
+    report = parity.check_block_parity(blocks, head, backend=f"ONNX Runtime ({provider})", precision=precision,
+                                       options=options, input_shapes=program_side.input_shapes)
+    return {"runtime": runtime, "provider": provider, **report}
 
 
 class OnnxRuntime(Target):
@@ -191,10 +273,14 @@ class OnnxRuntime(Target):
         sess = session(path, self.providers)
         return lambda inputs: run(sess, inputs)
 
-    def parity(self, program: Program, directory: Path, calibration: CalibrationSet, options: ParityOptions,
+    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
                precision: Precision) -> dict:
-        return check_parity(program, Path(directory) / "model.onnx", calibration, options=options, precision=precision,
-                            providers=self.providers)
+        return check_parity(reference, Path(directory) / "model.onnx", options=options, precision=precision,
+                            providers=self.providers, open_session=self.open_session)
+
+    def open_session(self, path: Path):
+        """The session parity runs `path` in (one execution provider, no fallback)."""
+        return session(path, self.providers)
 
 
 register_target(OnnxRuntime(cuda=False))

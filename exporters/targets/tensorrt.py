@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from sparsec.data.calibration import CalibrationSet
-from sparsec.data.parity import ParityOptions, Precision
+from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Lowering, Runner, Target
@@ -298,15 +298,17 @@ class Engine:
         return {k: v.cpu() for k, v in outputs.items()}
 
 
-def check_parity(program: Program, engine_path: str | Path, calibration: CalibrationSet, *, options: ParityOptions,
+def check_parity(reference: ProgramReference, engine_path: str | Path, *, options: ParityOptions,
                  precision: Precision = "fp32") -> dict:
-    """Backend parity (`sparsec.data.parity`) of the engine against the program on the first `options.samples`
-    calibration samples; raises `QualityError` naming each failing output and metric."""
+    """Backend parity (`sparsec.data.parity`) of the engine against the program of `reference` (computed, and the
+    program released, before the engine loads); raises `QualityError` naming each failing output and metric. The
+    engine runs whole (`export.parity.mode` does not apply)."""
     import tensorrt as trt
 
     from sparsec.data import parity
 
-    report = parity.backend_parity(program, Engine(engine_path).run, calibration, backend=f"TensorRT {trt.__version__}",
+    program_side = reference.compute()
+    report = parity.backend_parity(program_side, Engine(engine_path).run, backend=f"TensorRT {trt.__version__}",
                                    precision=precision, options=options)
     return {"runtime": f"tensorrt {trt.__version__}", "device": torch.cuda.get_device_name(), **report}
 
@@ -351,10 +353,9 @@ class TensorRT(Target):
             raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
         return Engine(path).run
 
-    def parity(self, program: Program, directory: Path, calibration: CalibrationSet, options: ParityOptions,
+    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
                precision: Precision) -> dict[str, Any]:
-        return check_parity(program, Path(directory) / "model.engine", calibration, options=options,
-                            precision=precision)
+        return check_parity(reference, Path(directory) / "model.engine", options=options, precision=precision)
 
 
 register_target(TensorRT())

@@ -33,6 +33,7 @@ export:
   precision: fp16
   parity:
     samples: 8                      # calibration samples run through both
+    mode: auto                      # whole | blocks (block by block, when one session would not fit) | auto
     percentiles: [50, 90, 99]       # reported as p50_abs ... p99_rel
     tolerances:                     # output name or glob -> bounds over the precision's defaults
       "*": {cosine: 0.9995}
@@ -41,12 +42,18 @@ export:
 
 Entries apply in order, later ones override earlier ones for the outputs they match.
 
-Example:
-    >>> pairs = [(program.run(batch), engine_outputs(batch), CalibrationSet.valid_mask(batch)) for batch in batches]
-    >>> report = check_parity(pairs, backend="onnxruntime CPUExecutionProvider", precision="fp16",
-    ...                       options=ParityOptions())
-    >>> report["metrics"]["logits"]["p99_abs"], report["tolerances"]["logits"]
-    (0.0021, {'cosine': 0.999, 'rel_l2': 0.01, 'top1': 0.95})
+The program side is computed first (`ProgramReference.compute`: outputs on the host), then the program is let go
+and only then does a backend open its session (`backend_parity`), so the two never share memory. Where the whole
+backend model would not fit, a target checks block by block instead (`check_block_parity`; ONNX Runtime's
+`export.parity.mode`).
+
+Example::
+
+    pairs = [(program.run(batch), engine_outputs(batch), CalibrationSet.valid_mask(batch)) for batch in batches]
+    report = check_parity(pairs, backend="onnxruntime CPUExecutionProvider", precision="fp16",
+                          options=ParityOptions())
+    report["metrics"]["logits"]["p99_abs"], report["tolerances"]["logits"]
+    # (0.0021, {'cosine': 0.999, 'rel_l2': 0.01, 'top1': 0.95})
 """
 
 from __future__ import annotations
@@ -73,11 +80,15 @@ BASE_METRICS = ("cosine", "rel_l2", "max_abs", "mean_abs", "max_rel", "mean_rel"
 
 @dataclass
 class ParityOptions:
-    """`export.parity`: how many calibration samples, which percentiles, tolerances per output (module doc)."""
+    """`export.parity`: how many calibration samples, which percentiles, tolerances per output (module doc), and
+    `mode`: `whole` (the whole model in one backend session), `blocks` (block by block, for a model whose session
+    would not fit; targets that cannot split a model run it whole) or `auto` (the target decides from the model's
+    size and the memory available)."""
 
     samples: int = 8
     percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     tolerances: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    mode: Literal["auto", "whole", "blocks"] = "auto"
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -133,24 +144,118 @@ def check_parity(
     return {"backend": backend, "precision": precision, "tolerances": tolerances, "metrics": metrics}
 
 
+@dataclass
+class ParityReference:
+    """The program's side of a parity check, on the host: per batch, its inputs, its outputs, the valid-token mask
+    and the intermediate values asked for (`values`, by FX node name). Everything the backend is compared with, so
+    the program itself can be let go before the backend's session opens."""
+
+    inputs: list[dict[str, torch.Tensor]]
+    outputs: list[dict[str, torch.Tensor]]
+    masks: list[torch.Tensor | None]
+    values: list[dict[str, torch.Tensor]]
+    input_shapes: dict[str, list[int]]
+
+
+class ProgramReference:
+    """The program a backend is checked against, handed to `Target.parity`: `compute` runs it once on the first
+    `samples` calibration samples and then lets it go (`release`), so no backend session ever shares memory with it.
+
+    A target reads `program` (the graph, e.g. to find block boundaries) before `compute`; afterwards it is None.
+    `release`: called after `compute` to free the program's weights (the compiler drops its own reference there).
+    """
+
+    def __init__(self, program, calibration: CalibrationSet, samples: int,
+                 release: Callable[[], None] | None = None) -> None:
+        self.program = program
+        self.calibration = calibration.head(samples)
+        self._release = release
+
+    def compute(self, values: Sequence[str] = ()) -> ParityReference:
+        """The program's outputs (and the values of the FX nodes named in `values`) on every batch, moved to the
+        host in their dtype; then the program is released. Raises `SparsecError` for a name the graph lacks."""
+        if self.program is None:
+            raise SparsecError("ProgramReference.compute: already computed (the program was released)")
+        nodes = {n.name: n for n in self.program.graph.nodes}
+        missing = [v for v in values if v not in nodes]
+        if missing:
+            raise SparsecError(f"parity: the program has no values named {missing[:5]}")
+        wanted = {nodes[v] for v in values}
+        inputs, outputs, masks, observed = [], [], [], []
+        for batch in self.calibration.batches():
+            seen: dict[str, torch.Tensor] = {}
+
+            def observe(node, value, seen=seen) -> None:
+                seen[node.name] = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
+
+            result = self.program.run(batch, observe=observe if wanted else None, nodes=wanted)
+            inputs.append({k: v.cpu() for k, v in batch.items()})
+            outputs.append({k: v.detach().cpu() for k, v in result.items()})
+            masks.append(CalibrationSet.valid_mask(batch))
+            observed.append(seen)
+        shapes = {k: list(v.shape) for k, v in self.calibration.inputs.items()}
+        self.program = None
+        if self._release is not None:
+            self._release()
+        return ParityReference(inputs, outputs, masks, observed, shapes)
+
+
 def backend_parity(
-    program,
+    reference: ParityReference,
     run: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
-    calibration: CalibrationSet,
     *,
     backend: str,
     precision: Precision,
     options: ParityOptions,
 ) -> dict:
-    """`check_parity` of a backend's `run` (named inputs -> outputs) against `program` on the first
-    `options.samples` calibration samples; the report also holds the input shapes used.
+    """`check_parity` of a backend's `run` (named inputs -> outputs) against the program's `reference`
+    (`ProgramReference.compute`); the report also holds the parity mode (`whole`) and the input shapes used.
 
-    Example:
-        >>> backend_parity(program, lambda b: ort_backend.run(sess, b), calib, backend="ONNX Runtime",
-        ...                precision="fp32", options=ParityOptions())["input_shapes"]
-        {'input_ids': [8, 24], 'attention_mask': [8, 24]}
+    Example::
+
+        reference = ProgramReference(program, calib, samples=8).compute()
+        backend_parity(reference, lambda b: ort_backend.run(sess, b), backend="ONNX Runtime", precision="fp32",
+                       options=ParityOptions())["input_shapes"]
+        # {'input_ids': [8, 24], 'attention_mask': [8, 24]}
     """
-    subset = calibration.head(options.samples)
-    pairs = [(program.run(b), run(b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
+    pairs = [(ref, run(batch), mask) for batch, ref, mask in zip(reference.inputs, reference.outputs, reference.masks)]
     report = check_parity(pairs, backend=backend, precision=precision, options=options)
-    return {"input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()}, **report}
+    return {"mode": "whole", "input_shapes": reference.input_shapes, **report}
+
+
+def check_block_parity(
+    blocks: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]],
+    head: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    *,
+    backend: str,
+    precision: Precision,
+    options: ParityOptions,
+    input_shapes: Mapping[str, list[int]],
+) -> dict:
+    """Parity checked block by block: `blocks` maps each block (by module path, in order) to its
+    `(program output, backend output, valid mask)` per batch, the backend having run the block on the program's own
+    boundary activations; `head` holds the model outputs of the last segment, compared as in `check_parity`.
+
+    A block is judged by the precision's default tolerances (`DEFAULT_TOLERANCES`, less `top1`, which is for logits);
+    the head by `options.tolerances` too. Raises `QualityError` naming every block and output outside its bounds;
+    returns the report: `mode: blocks`, the per-block metrics and tolerances, and the head's as in whole mode.
+    """
+    block_bounds = {k: v for k, v in DEFAULT_TOLERANCES[precision].items() if k != "top1"} \
+        if precision in DEFAULT_TOLERANCES else {}
+    metrics: dict[str, dict[str, float]] = {}
+    failures: list[str] = []
+    for name, pairs in blocks.items():
+        found = compare_outputs([({name: ref}, {name: got}, mask) for ref, got, mask in pairs],
+                                percentiles=options.percentiles)
+        metrics[name] = found[name]
+        failures += bound_failures({name: found[name]}, {name: block_bounds}, "parity")
+    try:
+        head_report = check_parity(head, backend=backend, precision=precision, options=options)
+    except QualityError as exc:
+        failures.append(f"head: {exc}")
+        head_report = None
+    if failures:
+        raise QualityError(f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances, "
+                           "checked block by block: " + "; ".join(failures))
+    return {"mode": "blocks", "input_shapes": dict(input_shapes), **head_report,
+            "blocks": {"tolerances": block_bounds, "metrics": metrics}}

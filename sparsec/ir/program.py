@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -699,15 +700,30 @@ class Program:
                 env[node] = node.meta["val"]
                 node.meta[_INPUTS_KEY] = inputs
 
-    def without_runtime_asserts(self) -> "Program":
+    def without_runtime_asserts(self, extra_outputs: Sequence[str] = ()) -> "Program":
         """A copy of this program without runtime-assert nodes, sharing the weight tensors (no copy).
 
         ONNX has no meaning for these checks (`aten._assert_scalar`, `aten._is_all_true` feeding them, ...),
         and some models (Janus) only lower once they are gone. The original program keeps them.
+        `extra_outputs`: node names whose values the copy's graph also returns, after the user outputs (the ONNX
+        export marks block boundaries this way); its `output_names` stay the program's.
         """
         ep = self.exported
         graph = Graph()
-        outputs = graph.graph_copy(self.graph, {})
+        env: dict[Node, Node] = {}
+        outputs = graph.graph_copy(self.graph, env)
+        signature, call_graph = ep.graph_signature, list(ep.module_call_graph)
+        if extra_outputs:
+            by_name = {new.name: new for old, new in env.items() if old.name in extra_outputs}
+            missing = [n for n in extra_outputs if n not in by_name]
+            if missing:
+                raise SparsecError(f"without_runtime_asserts: the program has no nodes {missing[:5]}")
+            outputs = (*outputs, *(by_name[n] for n in extra_outputs))
+            extra_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=n), None) for n in extra_outputs]
+            signature = ExportGraphSignature(list(signature.input_specs), [*signature.output_specs, *extra_specs])
+            flat = torch.utils._pytree.tree_structure(tuple(range(len(outputs))))  # the copy returns a flat tuple
+            top = dataclasses.replace(call_graph[0], signature=dataclasses.replace(call_graph[0].signature, out_spec=flat))
+            call_graph = [top, *call_graph[1:]]
         graph.output(outputs)
         for node in reversed(list(graph.nodes)):
             if node.target in RUNTIME_ASSERTS:
@@ -717,10 +733,10 @@ class Program:
         copy = ExportedProgram(
             root=gm,
             graph=gm.graph,
-            graph_signature=ep.graph_signature,
+            graph_signature=signature,
             state_dict=ep.state_dict,
             range_constraints=ep.range_constraints,
-            module_call_graph=ep.module_call_graph,
+            module_call_graph=call_graph,
             constants=ep.constants,
             verifiers=ep.verifiers,  # the captured IR's own verifier: it admits in-place ops such as index_put_
         )

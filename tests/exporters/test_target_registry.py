@@ -49,8 +49,8 @@ class OnnxFile(Target):
         session = onnxruntime.session(directory / "model.onnx")
         return lambda inputs: onnxruntime.run(session, inputs)
 
-    def parity(self, program, directory, calibration, options, precision):
-        return onnxruntime.check_parity(program, directory / "model.onnx", calibration, options=options,
+    def parity(self, reference, directory, options, precision):
+        return onnxruntime.check_parity(reference, directory / "model.onnx", options=options,
                                         precision=precision)
 
 
@@ -144,8 +144,8 @@ def _installed_package(site: Path, module: str, entry_points: str) -> None:
                 session = onnxruntime.session(directory / "model.onnx")
                 return lambda inputs: onnxruntime.run(session, inputs)
 
-            def parity(self, program, directory, calibration, options, precision):
-                return onnxruntime.check_parity(program, directory / "model.onnx", calibration, options=options,
+            def parity(self, reference, directory, options, precision):
+                return onnxruntime.check_parity(reference, directory / "model.onnx", options=options,
                                                 precision=precision)
     """))
     info = site / f"{module}-0.1.dist-info"
