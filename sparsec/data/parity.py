@@ -151,6 +151,6 @@ def backend_parity(
         {'input_ids': [8, 24], 'attention_mask': [8, 24]}
     """
     subset = calibration.head(options.samples)
-    pairs = [(program.run(b), run(b), CalibrationSet.valid_mask(b)) for b in subset.batches()]
+    pairs = [(ref, run(b), CalibrationSet.valid_mask(b)) for b, ref in subset.run(program, desc="parity reference")]
     report = check_parity(pairs, backend=backend, precision=precision, options=options)
     return {"input_shapes": {k: list(v.shape) for k, v in subset.inputs.items()}, **report}
