@@ -68,10 +68,10 @@ class CalibrationOptions:
 
     `sequential`: run the program over the calibration set block by block (`CalibrationSet.cuts` at
     `block_boundaries`) for statistics, quality gates and the parity reference, instead of batch by batch
-    through the whole model; the results are the same. Off by default: with every weight in memory, the
-    whole-model run holds one batch's activations while the sequential one holds the block-boundary values of
-    all batches, so it pays off only once a block's weights are loaded for it alone (and `auto` can be decided
-    from the weights that do not fit); until then it is a choice, not a default.
+    through the whole model; the results are the same. Off by default, and no `auto` yet: while every weight is
+    in memory both hold about the same (one batch's activations, against the block-boundary values of all
+    batches plus one batch's activations within a block; measured equal at 0.5B), so it pays off only once a
+    block's weights are loaded for it alone, and `auto` is to be decided then from the weights that do not fit.
     """
 
     file: str | None = None

@@ -446,17 +446,16 @@ class Program:
         segments = [order[start + 1:end + 1] for start, end in zip([-1, *ends], ends)]
 
         interpreter = torch.fx.Interpreter(self.graph_module, garbage_collect_values=False)
-        placeholders = iter(())
+        argument = {n: j for j, n in enumerate(self.graph.find_nodes(op="placeholder"))}
+        args = [self.flat_args(batch) for batch in batches]  # references to the state and the batches' inputs
         envs: list[dict[Node, Any] | None] = [None] * len(batches)
         for k, segment in enumerate(segments):
             last = k == len(segments) - 1
-            for i, batch in enumerate(batches):
+            for i in range(len(batches)):
                 env = envs[i] if envs[i] is not None else {}
-                if k == 0:
-                    placeholders = iter(self.flat_args(batch))
                 interpreter.env = env
                 for node in segment:
-                    value = next(placeholders) if node.op == "placeholder" else interpreter.run_node(node)
+                    value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
                     if node in rewrite:
                         value = rewrite[node].fn(value, *(env[r] for r in rewrite[node].reads))
                     if observe is not None and (nodes is None or node in nodes):

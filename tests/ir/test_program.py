@@ -194,7 +194,7 @@ def test_segmented_run_equals_run_with_observers_segment_by_segment():
         (i, n) for i in range(3) for n in order[split:]]
     for index, batch in enumerate(batches):
         whole = {}
-        program.run(batch, observe=lambda n, v: whole.setdefault(n, v))
+        program.run(batch, observe=whole.setdefault)
         for i, node, value in seen:
             if i == index and isinstance(value, torch.Tensor):
                 torch.testing.assert_close(value, whole[node], rtol=0, atol=0)
@@ -238,3 +238,12 @@ def test_segmented_run_refuses_a_cut_from_another_graph():
     _, other = small_program()
     with pytest.raises(SparsecError, match=r"cut node\(s\) \['add'\] are not in the program's graph"):
         next(program.run_segmented([_x()], [_block_output(other, "blocks.0")]))
+
+
+def test_segmented_run_cuts_anywhere_even_between_placeholders():
+    _, program = small_program()
+    batches = [_x(batch=2, seed=s) for s in (0, 1)]
+    order = list(program.graph.nodes)
+    for cuts in ([order[1]], [order[1], order[-2]], [order[-1]], order[:-1]):
+        for batch, got in zip(batches, program.run_segmented(batches, cuts)):
+            torch.testing.assert_close(got["y"], program.run(batch)["y"], rtol=0, atol=0)
