@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sparsec import __version__
+from sparsec.analysis.regions import block_boundaries
 from sparsec.data.calibration import load_calibration
 from sparsec.data.parity import ProgramReference
 from sparsec.capture import capture
@@ -270,6 +271,8 @@ class _Unit:
             seq_len=cal.seq_len,
             batch_size=cal.batch_size,
         )
+        if cal.sequential:
+            self.calibration.cuts = block_boundaries
         label = f"[sparsec] calibration{f' ({self.name})' if recipe.entry_points else ''}"
         if self.calibration.synthetic:
             say(f"{label}: {self.calibration.source}: no calibration file given, so importance scores are "

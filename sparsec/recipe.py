@@ -64,7 +64,15 @@ class ModelOptions:
 
 @dataclass
 class CalibrationOptions:
-    """Where calibration inputs come from (see `sparsec.data.calibration`) and how they are batched."""
+    """Where calibration inputs come from (see `sparsec.data.calibration`), how they are batched and run.
+
+    `sequential`: run the program over the calibration set block by block (`CalibrationSet.cuts` at
+    `block_boundaries`) for statistics, quality gates and the parity reference, instead of batch by batch
+    through the whole model; the results are the same. Off by default, and no `auto` yet: while every weight is
+    in memory both hold about the same (one batch's activations, against the block-boundary values of all
+    batches plus one batch's activations within a block; measured equal at 0.5B), so it pays off only once a
+    block's weights are loaded for it alone, and `auto` is to be decided then from the weights that do not fit.
+    """
 
     file: str | None = None
     files: dict[str, str] | None = None
@@ -72,6 +80,7 @@ class CalibrationOptions:
     seq_len: int = 32
     batch_size: int = 8
     seed: int = 0
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):

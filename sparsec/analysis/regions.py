@@ -204,3 +204,12 @@ class RegionIndex:
 def region_index(program: "Program") -> RegionIndex:
     """The `RegionIndex` of the program's current graph, computed once per graph version (`Program.analysis`)."""
     return program.analysis(RegionIndex)
+
+
+def block_boundaries(program: "Program") -> list[Node]:
+    """The last output node of every block of every block stack, in graph order: the cuts of layer-sequential
+    calibration (`CalibrationSet.cuts`, `Program.run_segmented`), so that between two blocks only the values
+    crossing the boundary (the residual stream, masks, rotary tables) are held for all batches."""
+    position = {n: i for i, n in enumerate(program.graph.nodes)}
+    cuts = {block.outputs()[-1] for block in region_index(program).blocks() if block.outputs()}
+    return sorted(cuts, key=position.__getitem__)

@@ -11,14 +11,22 @@ Calibration inputs come from (in this order of preference):
 Statistics are collected at graph nodes by running the program once over the set (`StatisticsCache`):
 passes ask for all the nodes they need in one call, and results are cached until the graph changes.
 Only valid tokens (where `attention_mask` is 1) count.
+
+Every run of a program over the set (statistics, reference outputs, quality checks, the parity reference) goes
+through `CalibrationSet.run`: batch by batch through the whole model, or, when the set has `cuts`,
+layer-sequentially (`Program.run_segmented`: each block for all batches before the next). Both give the same
+values bit for bit. The data layer does not know what a block is: `cuts` is a function of the program chosen by
+the caller (the compiler passes `sparsec.analysis.regions.block_boundaries` for `calibration.sequential`),
+called again for every graph version, since a rewrite changes the nodes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +40,9 @@ from sparsec.errors import CalibrationError
 class CalibrationSet:
     """Model inputs for calibration, `inputs[name]` of shape [N, ...], served in batches.
 
+    `cuts`: None to run a program over the set batch by batch through the whole model (the fast path), or a
+    function giving the nodes to cut the program at for layer-sequential runs (see `run`).
+
     Example::
 
         calib = CalibrationSet({"input_ids": ids, "attention_mask": mask}, source="my.safetensors")
@@ -42,6 +53,7 @@ class CalibrationSet:
     source: str
     batch_size: int = 8
     synthetic: bool = False
+    cuts: Callable[[Any], Sequence[Node]] | None = None
 
     def __post_init__(self) -> None:
         sizes = {k: int(v.shape[0]) for k, v in self.inputs.items()}
@@ -64,7 +76,7 @@ class CalibrationSet:
     def head(self, samples: int) -> "CalibrationSet":
         """The first `samples` samples, same source and batch size (what backend parity runs)."""
         return CalibrationSet({k: v[:samples] for k, v in self.inputs.items()}, self.source,
-                              batch_size=self.batch_size, synthetic=self.synthetic)
+                              batch_size=self.batch_size, synthetic=self.synthetic, cuts=self.cuts)
 
     @property
     def num_batches(self) -> int:
@@ -91,13 +103,36 @@ class CalibrationSet:
             "tokens": self.num_tokens(),
             "shapes": {k: list(v.shape) for k, v in self.inputs.items()},
             "batch_size": self.batch_size,
+            "sequential": self.cuts is not None,
         }
 
     @torch.no_grad()
+    def run(self, program, observe: Callable[[int, Node, Any], None] | None = None, nodes: set[Node] | None = None,
+            progress: bool = False, desc: str = "calibration run"
+            ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """Run `program` over every batch and yield `(batch, outputs)` in batch order; the one loop behind the
+        statistics, reference outputs, quality checks and parity reference.
+
+        Without `cuts`, batch by batch through the whole model (`Program.run`). With `cuts`, layer-sequentially
+        (`Program.run_segmented` at `cuts(program)`): memory holds the values live at one cut for all batches
+        instead of any batch's values across the whole graph, and the outputs are the same bit for bit.
+        `observe(batch_index, node, value)` sees the values of `nodes` (all if None) as they are computed,
+        batch by batch in the first case, segment by segment (batches 0..N-1 each) in the second.
+        """
+        batches = list(self.batches())
+        results = (program.run_segmented(batches, self.cuts(program), observe=observe, nodes=nodes)
+                   if self.cuts is not None else self._whole_model(program, batches, observe, nodes))
+        yield from tqdm(zip(batches, results), total=len(batches), desc=desc, disable=not progress, leave=False)
+
+    @staticmethod
+    def _whole_model(program, batches: list[dict[str, torch.Tensor]], observe, nodes) -> Iterator[dict[str, torch.Tensor]]:
+        for i, batch in enumerate(batches):
+            report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
+            yield program.run(batch, observe=report, nodes=nodes)
+
     def reference_outputs(self, program, progress: bool = False) -> list[dict[str, torch.Tensor]]:
         """The program's outputs on every batch (the reference later quality checks compare against)."""
-        return [program.run(b) for b in tqdm(self.batches(), total=self.num_batches, desc="reference outputs",
-                                              disable=not progress, leave=False)]
+        return [outputs for _, outputs in self.run(program, progress=progress, desc="reference outputs")]
 
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
@@ -289,51 +324,86 @@ class StatisticsCache:
     @torch.no_grad()
     def observed(self, nodes: Iterable[Node], desc: str = "calibration statistics"
                  ) -> Iterator[tuple[dict[str, torch.Tensor], dict[Node, torch.Tensor]]]:
-        """Each calibration batch with the floating-point values of `nodes` in it, in graph order: the one forward
-        loop behind `get`, `cosine` and `samples`, for reductions of one's own (the probe's per-modality block
-        cosines and per-sample top neurons). Not cached; one pass in `passes_run`."""
-        wanted = set(nodes)
+        """Each calibration batch with the floating-point values of `nodes` in it, in graph order, for reductions
+        of one's own (the probe's per-modality block cosines and per-sample top neurons). Not cached; one pass in
+        `passes_run`. Layer-sequential (`CalibrationSet.cuts`), a batch's values are held until its last segment
+        ran, so every batch's are held at once: `get`, `cosine` and `samples` reduce as values come instead."""
+        held: dict[int, dict[Node, torch.Tensor]] = {}
+
+        def observe(index: int, node: Node, value) -> None:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                held.setdefault(index, {})[node] = value
+
+        for index, (batch, _) in enumerate(self._run(observe, set(nodes), desc)):
+            yield batch, held.pop(index, {})
+
+    def _run(self, observe: Callable[[int, Node, Any], None], nodes: set[Node], desc: str,
+             calibration: CalibrationSet | None = None) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
         self.passes_run += 1
-        for batch in tqdm(self.calibration.batches(), total=self.calibration.num_batches,
-                          desc=desc, disable=not self.progress, leave=False):
-            held: dict[Node, torch.Tensor] = {}
-
-            def observe(node: Node, value) -> None:
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    held[node] = value
-
-            self.program.run(batch, observe=observe, nodes=wanted)
-            yield batch, held
+        return (calibration or self.calibration).run(self.program, observe=observe, nodes=nodes,
+                                                      progress=self.progress, desc=desc)
 
     def samples(self, nodes: Sequence[Node], max_tokens: int) -> dict[str, torch.Tensor]:
         """The first `max_tokens` valid token vectors [T, C] of each node's value, in calibration order.
 
         Not cached (they are large): for fitting (an MoE router) and checks that need the values themselves.
         """
-        held: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
-        count = 0
-        for batch, values in self.observed(nodes, "calibration samples"):
+        needed = total = 0  # the batches up to the one that completes max_tokens valid tokens
+        for batch in self.calibration.batches():
             mask = CalibrationSet.valid_mask(batch)
-            for node, value in values.items():
-                held[node.name].append(token_vectors(value, mask).detach())
-            count += int(mask.sum()) if mask is not None else held[nodes[0].name][-1].shape[0]
-            if count >= max_tokens:
+            needed, total = needed + 1, total + (int(mask.sum()) if mask is not None else 0)
+            if mask is not None and total >= max_tokens:
                 break
-        return {name: torch.cat(values)[:max_tokens] for name, values in held.items() if values}
+        subset = self.calibration.head(needed * self.calibration.batch_size)
+        held: dict[Node, list[torch.Tensor]] = {n: [] for n in nodes}
+        rows = dict.fromkeys(nodes, 0)
+        masks = [CalibrationSet.valid_mask(b) for b in subset.batches()]
+
+        def observe(index: int, node: Node, value) -> None:
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and rows[node] < max_tokens:
+                held[node].append(token_vectors(value, masks[index]).detach())
+                rows[node] += held[node][-1].shape[0]
+
+        for _ in self._run(observe, set(nodes), "calibration samples", subset):
+            pass
+        return {n.name: torch.cat(values)[:max_tokens] for n, values in held.items() if values}
 
     def _collect(self, nodes: set[Node], pairs: list[tuple[Node, Node]]) -> None:
-        acc = {n.name: ChannelAccumulator() for n in nodes}
+        """Channel statistics of `nodes` and the cosine sums of `pairs`, reduced as values are computed.
+
+        A pair's first value of a batch waits (as valid-token vectors) for the second; the sums add batch after
+        batch in the same order in both kinds of run, so whole-model and layer-sequential results are equal."""
+        acc = {n: ChannelAccumulator() for n in nodes}
         pair_nodes = {n for pair in pairs for n in pair}
+        partners: dict[Node, list[tuple[Node, Node]]] = {}
+        for pair in dict.fromkeys(pairs):
+            for n in dict.fromkeys(pair):
+                partners.setdefault(n, []).append(pair)
         cos_sum = {(a.name, b.name): 0.0 for a, b in pairs}
-        tokens = 0
-        for batch, values in self.observed(nodes | pair_nodes):
-            mask = CalibrationSet.valid_mask(batch)
-            for node, value in values.items():
-                if node in nodes:
-                    acc[node.name].add(token_vectors(value, mask))
-            held = {n: token_vectors(v, mask).float() for n, v in values.items() if n in pair_nodes}
-            for a, b in pairs:
-                cos_sum[(a.name, b.name)] += cosine_sum(held[a], held[b])
-            tokens += next(iter(held.values())).shape[0] if held else 0
-        self._stats.update({k: a.result() for k, a in acc.items() if a.sum_abs is not None})
-        self._cosines.update({k: v / max(tokens, 1) for k, v in cos_sum.items()})
+        tokens = [0]
+        masks = [CalibrationSet.valid_mask(b) for b in self.calibration.batches()]
+        waiting: dict[int, dict[Node, torch.Tensor]] = {}
+        done: dict[int, set[tuple[Node, Node]]] = {}
+
+        def observe(index: int, node: Node, value) -> None:
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                return
+            if node in acc:
+                acc[node].add(token_vectors(value, masks[index]))
+            if node not in pair_nodes:
+                return
+            held, finished = waiting.setdefault(index, {}), done.setdefault(index, set())
+            if not held and not finished:  # the first pair value of this batch counts its tokens
+                tokens[0] += token_vectors(value, masks[index]).shape[0]
+            held[node] = token_vectors(value, masks[index])
+            for a, b in partners[node]:
+                if (a, b) not in finished and a in held and b in held:
+                    cos_sum[(a.name, b.name)] += cosine_sum(held[a].float(), held[b].float())
+                    finished.add((a, b))
+            for n in [n for n in held if all(p in finished for p in partners[n])]:
+                del held[n]
+
+        for _ in self._run(observe, nodes | pair_nodes, "calibration statistics"):
+            pass
+        self._stats.update({n.name: a.result() for n, a in acc.items() if a.sum_abs is not None})
+        self._cosines.update({k: v / max(tokens[0], 1) for k, v in cos_sum.items()})

@@ -181,18 +181,17 @@ class ProgramReference:
         if missing:
             raise SparsecError(f"parity: the program has no values named {missing[:5]}")
         wanted = {nodes[v] for v in values}
-        inputs, outputs, masks, observed = [], [], [], []
-        for batch in self.calibration.batches():
-            seen: dict[str, torch.Tensor] = {}
+        observed: list[dict[str, torch.Tensor]] = [{} for _ in range(self.calibration.num_batches)]
 
-            def observe(node, value, seen=seen) -> None:
-                seen[node.name] = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        def observe(index: int, node, value) -> None:
+            observed[index][node.name] = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
 
-            result = self.program.run(batch, observe=observe if wanted else None, nodes=wanted)
+        inputs, outputs, masks = [], [], []
+        for batch, result in self.calibration.run(self.program, observe=observe if wanted else None, nodes=wanted,
+                                                  desc="parity reference"):
             inputs.append({k: v.cpu() for k, v in batch.items()})
             outputs.append({k: v.detach().cpu() for k, v in result.items()})
             masks.append(CalibrationSet.valid_mask(batch))
-            observed.append(seen)
         shapes = {k: list(v.shape) for k, v in self.calibration.inputs.items()}
         self.program = None
         if self._release is not None:

@@ -24,13 +24,12 @@ them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import SparsecError
@@ -151,7 +150,7 @@ class OutputComparison:
 
 
 def compare_outputs(
-    pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    pairs: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
     percentiles: Sequence[float] = (),
 ) -> dict[str, dict[str, float]]:
     """Metrics per output name over `(reference, candidate, valid_mask)` batches.
@@ -176,12 +175,10 @@ def compare_outputs(
 
 def compare_programs(program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]],
                      progress: bool = False) -> dict[str, dict[str, float]]:
-    """Run `program` over the calibration set and compare with the reference outputs of each batch."""
-    batches = tqdm(calibration.batches(), total=calibration.num_batches, desc="quality check",
-                   disable=not progress, leave=False)
-    return compare_outputs(
-        [(ref, program.run(b), CalibrationSet.valid_mask(b)) for ref, b in zip(reference, batches)]
-    )
+    """Run `program` over the calibration set (`CalibrationSet.run`: whole-model or layer-sequential) and compare
+    with the reference outputs of each batch, one batch's outputs at a time."""
+    runs = calibration.run(program, progress=progress, desc="quality check")
+    return compare_outputs((ref, outputs, CalibrationSet.valid_mask(b)) for ref, (b, outputs) in zip(reference, runs))
 
 
 AGREEMENTS = ("cosine", "top1")  # bounded from below; every other metric is an error, bounded from above

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -531,29 +531,86 @@ class Program:
         else:
             mode, args = contextlib.nullcontext(), self.flat_args(inputs)
         with mode:
-            return self._interpret(args, observe, nodes, rewrite)
+            if observe is None and not rewrite:
+                return self.named_outputs(self.graph_module(*args))
+            report = None if observe is None else (lambda _index, node, value: observe(node, value))
+            return next(self._interpret([args], (), report, nodes, rewrite))
 
-    def _interpret(self, args: list[Any], observe: Callable[[Node, Any], None] | None, nodes: set[Node] | None,
-                   rewrite: Mapping[Node, ValueRewrite] | None) -> dict[str, torch.Tensor]:
-        if observe is None and not rewrite:
-            return self.named_outputs(self.graph_module(*args))
+    @torch.no_grad()
+    def run_segmented(
+        self,
+        batches: Sequence[Mapping[str, torch.Tensor]],
+        cuts: Iterable[Node],
+        observe: Callable[[int, Node, Any], None] | None = None,
+        nodes: set[Node] | None = None,
+        rewrite: Mapping[Node, "ValueRewrite"] | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Run the graph over all `batches` segment by segment and yield each batch's outputs by name, in order.
+
+        The nodes (in graph order) are split after each node of `cuts` (e.g. the last output of every block
+        of a block stack). Segment k runs for every batch before segment k+1 starts, and between segments
+        only the values live across the cut are kept, for every batch (the residual stream, masks, rotary
+        tables): memory holds one cut's live set for all batches plus one batch's values within a segment,
+        never every batch's activations of the whole graph, and each segment's weights are used for all
+        batches in a row (layer-sequential calibration, llm-compressor's "sequential onloading").
+
+        Every node computes exactly what `run` computes (the same ops on the same values), so outputs and
+        observed values are equal to `run`'s bit for bit. `observe(batch_index, node, value)` is called for
+        every node in `nodes` (all nodes if None) as soon as it is computed, segment by segment: batch 0..N-1
+        of the first segment, then of the second, ...; `rewrite` works as in `run`. The outputs of batch i
+        are yielded when the last segment finishes it; earlier segments run on the first `next()`.
+
+        Example::
+
+            blocks = [block.outputs()[-1] for block in region_index(program).blocks()]
+            outputs = list(program.run_segmented(list(calibration.batches()), blocks))
+        """
+        # references to the state and the batches' inputs, no copies
+        yield from self._interpret([self.flat_args(batch) for batch in batches], cuts, observe, nodes, rewrite)
+
+    def _interpret(self, args: list[list[Any]], cuts: Iterable[Node], observe: Callable[[int, Node, Any], None] | None,
+                   nodes: set[Node] | None, rewrite: Mapping[Node, "ValueRewrite"] | None
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+        """`run_segmented` on the graph module's flat arguments of each batch (`flat_args`, or fake ones)."""
+        cuts = list(cuts)
+        order = list(self.graph.nodes)
+        position = {n: i for i, n in enumerate(order)}
+        strangers = [c for c in cuts if c not in position]
+        if strangers:
+            raise SparsecError(f"cut node(s) {[c.name for c in strangers][:5]} are not in the program's graph; "
+                               "compute the cuts from the program as it is now")
         rewrite = rewrite or {}
+        last_use = {n: max([position[n]] + [position[u] for u in n.users]) for n in order}
+        for target, rw in rewrite.items():  # a value a rewrite reads stays alive until the rewrite ran
+            for read in rw.reads:
+                last_use[read] = max(last_use[read], position[target])
+        freed_after: dict[int, list[Node]] = {}
+        for n, last in last_use.items():
+            freed_after.setdefault(last, []).append(n)
+        ends = sorted({position[c] for c in cuts} | {len(order) - 1})
+        segments = [order[start + 1:end + 1] for start, end in zip([-1, *ends], ends)]
 
-        class _Observer(torch.fx.Interpreter):
-            def run_node(self, n: Node) -> Any:
-                value = super().run_node(n)
-                if n in rewrite:
-                    value = rewrite[n].fn(value, *(self.env[r] for r in rewrite[n].reads))
-                if observe is not None and (nodes is None or n in nodes):
-                    observe(n, value)
-                return value
-
-        interpreter = _Observer(self.graph_module)
-        kept = {r for rw in rewrite.values() for r in rw.reads}
-        if kept:  # values a rewrite reads stay alive until the end of the run
-            for freed in interpreter.user_to_last_uses.values():
-                freed[:] = [n for n in freed if n not in kept]
-        return self.named_outputs(interpreter.run(*args))
+        interpreter = torch.fx.Interpreter(self.graph_module, garbage_collect_values=False)
+        argument = {n: j for j, n in enumerate(self.graph.find_nodes(op="placeholder"))}
+        envs: list[dict[Node, Any] | None] = [None] * len(args)
+        for k, segment in enumerate(segments):
+            last = k == len(segments) - 1
+            for i in range(len(args)):
+                env = envs[i] if envs[i] is not None else {}
+                interpreter.env = env
+                for node in segment:
+                    value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
+                    if node in rewrite:
+                        value = rewrite[node].fn(value, *(env[r] for r in rewrite[node].reads))
+                    if observe is not None and (nodes is None or node in nodes):
+                        observe(i, node, value)
+                    env[node] = value
+                    for dead in freed_after.get(position[node], ()):
+                        if dead.op != "output":
+                            env.pop(dead, None)
+                envs[i] = None if last else env
+                if last:
+                    yield self.named_outputs(value)
 
     # ----- mutation support --------------------------------------------------------------------------
     def recompile(self) -> None:

@@ -7,7 +7,7 @@ from conftest import small_program
 from torch.export.graph_signature import InputKind
 
 from sparsec.errors import SparsecError
-from sparsec.ir.program import Program
+from sparsec.ir.program import Program, ValueRewrite
 
 aten = torch.ops.aten
 
@@ -165,3 +165,85 @@ def test_changed_in_place_names_tensors_modified_in_place():
     with torch.no_grad():
         program.state_tensor("blocks.1.down.bias").add_(1.0)
     assert program.changed_in_place(snapshot) == ["blocks.1.down.bias"]
+
+
+def _in_block(node, path):
+    stack = node.meta.get("nn_module_stack")
+    return bool(stack) and list(stack.values())[-1][0] == path
+
+
+def _block_output(program, path):
+    """The residual add `x + down(relu(up(x)))` of block `path`: where a layer-sequential run cuts."""
+    (add,) = [n for n in program.graph.nodes if n.target is aten.add.Tensor and _in_block(n, path)]
+    return add
+
+
+def test_segmented_run_equals_run_with_observers_segment_by_segment():
+    _, program = small_program()
+    batches = [_x(batch=b, seed=b) for b in (3, 1, 2)]
+    cut = _block_output(program, "blocks.0")
+    seen = []
+    outputs = list(program.run_segmented(batches, [cut], observe=lambda i, n, v: seen.append((i, n, v))))
+    assert len(outputs) == 3
+    for batch, got in zip(batches, outputs):
+        torch.testing.assert_close(got["y"], program.run(batch)["y"], rtol=0, atol=0)
+    order = list(program.graph.nodes)
+    split = order.index(cut) + 1
+    # every node of the first segment for batches 0, 1, 2, then the rest for batches 0, 1, 2
+    assert [(i, n) for i, n, _ in seen] == [(i, n) for i in range(3) for n in order[:split]] + [
+        (i, n) for i in range(3) for n in order[split:]]
+    for index, batch in enumerate(batches):
+        whole = {}
+        program.run(batch, observe=whole.setdefault)
+        for i, node, value in seen:
+            if i == index and isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, whole[node], rtol=0, atol=0)
+
+
+def test_segmented_run_keeps_only_values_live_across_the_cut():
+    import weakref
+
+    _, program = small_program()
+    cut = _block_output(program, "blocks.0")
+    inside = {n for n in program.graph.nodes if _in_block(n, "blocks.0") and n is not cut}
+    order = list(program.graph.nodes)
+    hidden, alive_after_cut = [], []
+
+    def observe(index, node, value):
+        if node in inside:
+            hidden.append(weakref.ref(value))
+        elif order.index(node) > order.index(cut) and not alive_after_cut:  # the first node past the cut
+            alive_after_cut.append(sum(ref() is not None for ref in hidden))
+
+    list(program.run_segmented([_x(seed=s) for s in range(3)], [cut], observe=observe))
+    assert len(hidden) == 3 * len(inside) and alive_after_cut == [0]  # block 0's insides of no batch survive
+
+
+def test_segmented_run_rewrites_and_observes_chosen_nodes_only():
+    _, program = small_program()
+    batches = [_x(batch=2, seed=s) for s in (0, 1)]
+    out_0, out_1 = _block_output(program, "blocks.0"), _block_output(program, "blocks.1")
+    skip_block_1 = {out_1: ValueRewrite(lambda out, stream: stream, reads=(out_0,))}
+    seen = []
+    got = list(program.run_segmented(batches, [out_0], observe=lambda i, n, v: seen.append((i, n.name)),
+                                     nodes={out_1}, rewrite=skip_block_1))
+    assert seen == [(0, out_1.name), (1, out_1.name)]
+    for batch, outputs in zip(batches, got):
+        torch.testing.assert_close(outputs["y"], program.run(batch, rewrite=skip_block_1)["y"], rtol=0, atol=0)
+        assert not torch.equal(outputs["y"], program.run(batch)["y"])
+
+
+def test_segmented_run_refuses_a_cut_from_another_graph():
+    _, program = small_program()
+    _, other = small_program()
+    with pytest.raises(SparsecError, match=r"cut node\(s\) \['add'\] are not in the program's graph"):
+        next(program.run_segmented([_x()], [_block_output(other, "blocks.0")]))
+
+
+def test_segmented_run_cuts_anywhere_even_between_placeholders():
+    _, program = small_program()
+    batches = [_x(batch=2, seed=s) for s in (0, 1)]
+    order = list(program.graph.nodes)
+    for cuts in ([order[1]], [order[1], order[-2]], [order[-1]], order[:-1]):
+        for batch, got in zip(batches, program.run_segmented(batches, cuts)):
+            torch.testing.assert_close(got["y"], program.run(batch)["y"], rtol=0, atol=0)
