@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import sparsec
-from sparsec.exporters.targets import onnxruntime as ort_backend
-from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.analysis.inspection import flops_by_path
+from sparsec.exporters.lowering.onnx import export_onnx
+from sparsec.exporters.targets import onnxruntime as ort_backend
 from sparsec.models import build_model
 from sparsec.transform.pass_manager import Pass, PassManager
 
@@ -41,12 +41,18 @@ def parser(description: str) -> argparse.ArgumentParser:
 def qwen2_model(args: argparse.Namespace) -> torch.nn.Module:
     import transformers
 
-    return build_model(transformers.Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=max(4096, args.seq),
-        tie_word_embeddings=False,
-    ))
+    return build_model(
+        transformers.Qwen2Config(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=max(1, args.hidden // 256),
+            max_position_embeddings=max(4096, args.seq),
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def time_interleaved(runs: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -75,9 +81,14 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 
 
-def compare_variants(model: torch.nn.Module, variants: dict[str, Sequence[Pass]], args: argparse.Namespace,
-                     describe: Callable[[sparsec.Program], str], session_config: dict[str, str] | None = None,
-                     moe_lowering: str = "standard") -> dict:
+def compare_variants(
+    model: torch.nn.Module,
+    variants: dict[str, Sequence[Pass]],
+    args: argparse.Namespace,
+    describe: Callable[[sparsec.Program], str],
+    session_config: dict[str, str] | None = None,
+    moe_lowering: str = "standard",
+) -> dict:
     """Compile each variant (its passes applied to a fresh capture), time them interleaved, print a table."""
     ids = torch.randint(0, args.vocab, (1, args.seq))
     bench_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -91,8 +102,11 @@ def compare_variants(model: torch.nn.Module, variants: dict[str, Sequence[Pass]]
             export_onnx(program, path, moe_lowering=moe_lowering)
             sess = ort_backend.session(path, config=session_config)
             runs[name] = lambda s=sess: ort_backend.run(s, bench_inputs)
-            facts[name] = {"shape": describe(program), "parameters": program.num_parameters(),
-                           "flops": sum(flops_by_path(program, bench_inputs).values())}
+            facts[name] = {
+                "shape": describe(program),
+                "parameters": program.num_parameters(),
+                "flops": sum(flops_by_path(program, bench_inputs).values()),
+            }
             print(f"compiled {name}: {facts[name]}", file=sys.stderr, flush=True)
         times = time_interleaved(runs, reps=args.reps)
 
@@ -103,16 +117,46 @@ def compare_variants(model: torch.nn.Module, variants: dict[str, Sequence[Pass]]
         latency = statistics.median(times[name])
         ideal = facts[dense_name]["flops"] / facts[name]["flops"]
         measured = dense_latency / latency
-        results[name] = {**facts[name], "median_s": latency, "ideal_speedup": ideal, "measured_speedup": measured,
-                         "fraction_of_ideal": measured / ideal, "times_s": times[name]}
-        rows.append([name, facts[name]["shape"], f"{facts[name]['parameters'] / 1e6:.1f}M",
-                     f"{facts[name]['flops'] / 1e9:.1f}", f"{latency * 1e3:.0f}", f"{ideal:.3f}x", f"{measured:.3f}x",
-                     f"{measured / ideal:.2f}"])
-    print(f"ONNX Runtime {__import__('onnxruntime').__version__} CPU, {torch.get_num_threads()} threads, batch 1 x seq "
-          f"{args.seq}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} layers, median of {args.reps} "
-          "interleaved runs")
-    print(markdown_table(["variant", "shape", "params", "GFLOPs", "median ms", "ideal speedup", "measured speedup",
-                          "measured / ideal"], rows))
+        results[name] = {
+            **facts[name],
+            "median_s": latency,
+            "ideal_speedup": ideal,
+            "measured_speedup": measured,
+            "fraction_of_ideal": measured / ideal,
+            "times_s": times[name],
+        }
+        rows.append(
+            [
+                name,
+                facts[name]["shape"],
+                f"{facts[name]['parameters'] / 1e6:.1f}M",
+                f"{facts[name]['flops'] / 1e9:.1f}",
+                f"{latency * 1e3:.0f}",
+                f"{ideal:.3f}x",
+                f"{measured:.3f}x",
+                f"{measured / ideal:.2f}",
+            ]
+        )
+    print(
+        f"ONNX Runtime {__import__('onnxruntime').__version__} CPU, {torch.get_num_threads()} threads, batch 1 x seq "
+        f"{args.seq}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} layers, median of {args.reps} "
+        "interleaved runs"
+    )
+    print(
+        markdown_table(
+            [
+                "variant",
+                "shape",
+                "params",
+                "GFLOPs",
+                "median ms",
+                "ideal speedup",
+                "measured speedup",
+                "measured / ideal",
+            ],
+            rows,
+        )
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return results

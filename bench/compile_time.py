@@ -47,8 +47,13 @@ OPSET = 18
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-reps", type=int, default=3, help="repetitions of each pipeline (default %(default)s)")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences for the separate "
-                   "calibration measurement (default %(default)s, of --calib-seq tokens)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=8,
+        help="calibration sequences for the separate "
+        "calibration measurement (default %(default)s, of --calib-seq tokens)",
+    )
     p.add_argument("--calib-seq", type=int, default=128, help="tokens per calibration sequence (default %(default)s)")
 
 
@@ -70,9 +75,15 @@ def bare_export(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, opset_version=OPSET,
-                                         input_names=list(inputs), verbose=False,
-                                         dynamic_shapes=tuple({0: batch, 1: seq} for _ in inputs))
+        onnx_program = torch.onnx.export(
+            model,
+            tuple(inputs.values()),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(inputs),
+            verbose=False,
+            dynamic_shapes=tuple({0: batch, 1: seq} for _ in inputs),
+        )
     onnx_program.save(str(path))
     return {"total": time.perf_counter() - start}
 
@@ -83,12 +94,20 @@ def pipeline_passes(args: argparse.Namespace, calibrated: bool) -> list:
     count = max(1, args.layers // 4)
     if calibrated:
         return [drop(count=count), slice_(keep_ratio=0.5, importance="activation", round_to=64)]
-    return [drop(layers=list(range(1, args.layers, 2))[:count]),
-            slice_(keep_ratio=0.5, importance="magnitude", round_to=64)]
+    return [
+        drop(layers=list(range(1, args.layers, 2))[:count]),
+        slice_(keep_ratio=0.5, importance="magnitude", round_to=64),
+    ]
 
 
-def sparsec_compile(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path, args: argparse.Namespace,
-                    calibration: CalibrationSet | None = None, passes: bool = True) -> dict[str, float]:
+def sparsec_compile(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    args: argparse.Namespace,
+    calibration: CalibrationSet | None = None,
+    passes: bool = True,
+) -> dict[str, float]:
     """Seconds per phase of capture -> passes -> export. `calibration` given: the passes choose by data and
     nothing is exported (only their time counts); `passes` False: capture and export only."""
     times = {}
@@ -122,12 +141,19 @@ def run(args: argparse.Namespace) -> dict:
         sparsec_compile(tiny, _inputs(warm, 2, 16), Path(tmp) / "warm.onnx", warm)  # off the clock for both
         for rep in range(args.compile_reps):
             runs["bare"].append(bare_export(model, inputs, Path(tmp) / "bare.onnx"))
-            runs["sparsec, no passes"].append(sparsec_compile(model, inputs, Path(tmp) / "plain.onnx", args, passes=False))
+            runs["sparsec, no passes"].append(
+                sparsec_compile(model, inputs, Path(tmp) / "plain.onnx", args, passes=False)
+            )
             runs["sparsec"].append(sparsec_compile(model, inputs, Path(tmp) / "sparsec.onnx", args))
-            runs["sparsec (calibrated passes)"].append(sparsec_compile(model, inputs, Path(tmp) / "x.onnx", args,
-                                                                       calibration))
-            print(f"rep {rep + 1}/{args.compile_reps}: " + ", ".join(f"{name} {r[-1]['total']:.1f} s" for name, r in runs.items()),
-                  file=sys.stderr, flush=True)
+            runs["sparsec (calibrated passes)"].append(
+                sparsec_compile(model, inputs, Path(tmp) / "x.onnx", args, calibration)
+            )
+            print(
+                f"rep {rep + 1}/{args.compile_reps}: "
+                + ", ".join(f"{name} {r[-1]['total']:.1f} s" for name, r in runs.items()),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def median(name: str, phase: str) -> float:
         return statistics.median(r[phase] for r in runs[name])
@@ -150,18 +176,39 @@ def run(args: argparse.Namespace) -> dict:
         "calibration_tokens": calibration.num_tokens(),
         "runs": runs,
     }
-    print(f"Compile time, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, vocab {args.vocab}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.compile_reps} interleaved runs")
-    print(markdown_table(["pipeline", "capture s", "passes s", "export s", "total s", "vs bare export"], [
-        ["bare torch.onnx.export", "", "", "", f"{bare:.1f}", "1.00x"],
-        ["sparsec capture + export (no passes)", f"{plain['capture']:.1f}", "", f"{plain['export']:.1f}",
-         f"{plain['total']:.1f}", f"{plain['total'] / bare:.2f}x"],
-        ["sparsec capture + passes + export", f"{ours['capture']:.1f}", f"{ours['passes']:.1f}",
-         f"{ours['export']:.1f}", f"{ours['total']:.1f}", f"{ours['total'] / bare:.2f}x (target <= 1.5x)"],
-    ]))
-    print(f"Calibration forward passes (reported separately): the same passes choosing by data on "
-          f"{calibration.num_tokens()} tokens took {calibrated_passes:.1f} s instead of {ours['passes']:.1f} s "
-          f"(+{calibration_seconds:.1f} s).")
+    print(
+        f"Compile time, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, vocab {args.vocab}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.compile_reps} interleaved runs"
+    )
+    print(
+        markdown_table(
+            ["pipeline", "capture s", "passes s", "export s", "total s", "vs bare export"],
+            [
+                ["bare torch.onnx.export", "", "", "", f"{bare:.1f}", "1.00x"],
+                [
+                    "sparsec capture + export (no passes)",
+                    f"{plain['capture']:.1f}",
+                    "",
+                    f"{plain['export']:.1f}",
+                    f"{plain['total']:.1f}",
+                    f"{plain['total'] / bare:.2f}x",
+                ],
+                [
+                    "sparsec capture + passes + export",
+                    f"{ours['capture']:.1f}",
+                    f"{ours['passes']:.1f}",
+                    f"{ours['export']:.1f}",
+                    f"{ours['total']:.1f}",
+                    f"{ours['total'] / bare:.2f}x (target <= 1.5x)",
+                ],
+            ],
+        )
+    )
+    print(
+        f"Calibration forward passes (reported separately): the same passes choosing by data on "
+        f"{calibration.num_tokens()} tokens took {calibrated_passes:.1f} s instead of {ours['passes']:.1f} s "
+        f"(+{calibration_seconds:.1f} s)."
+    )
     return results
 
 

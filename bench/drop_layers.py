@@ -9,6 +9,7 @@ other block is dropped. See bench/common.py for how variants are compiled, timed
 
 import sys
 from pathlib import Path
+
 from sparsec.analysis.regions import region_index
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -26,7 +27,9 @@ def run(args) -> dict:
         "drop 25%": [drop(layers=odd[: args.layers // 4])],
         "drop 50%": [drop(layers=odd[: args.layers // 2])],
     }
-    return compare_variants(qwen2_model(args), variants, args, describe=lambda p: f"{len(region_index(p).blocks())} blocks")
+    return compare_variants(
+        qwen2_model(args), variants, args, describe=lambda p: f"{len(region_index(p).blocks())} blocks"
+    )
 
 
 def main() -> None:

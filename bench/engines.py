@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
-from sparsec.compiler import check_target, compile_model  # noqa: E402
-from sparsec.exporters.targets import available_targets, get_target  # noqa: E402
-from sparsec.errors import SparsecError  # noqa: E402
 from sparsec.analysis.inspection import flops_by_path  # noqa: E402
+from sparsec.compiler import check_target, compile_model  # noqa: E402
+from sparsec.errors import SparsecError  # noqa: E402
+from sparsec.exporters.targets import available_targets, get_target  # noqa: E402
 from sparsec.ir.program import Program  # noqa: E402
 from sparsec.recipe import Recipe  # noqa: E402
 from sparsec.runner import latency_summary, load_artifact  # noqa: E402
@@ -56,12 +56,16 @@ def variant_passes(name: str, layers: int) -> list[dict]:
 
 def variant_recipe(name: str, args, target: str) -> Recipe:
     """Random weights: no quality gate (the table reports backend parity, which is gated per precision)."""
-    return Recipe.from_dict({
-        "passes": variant_passes(name, args.layers),
-        "export": {"precision": args.precision,
-                   "moe_lowering": "contrib" if "contrib" in get_target(target).moe_lowerings else "standard",
-                   "tensorrt": {"profiles": {"batch": [1, 1, 8], "seq": [1, args.seq, max(args.seq, 32)]}}},
-    })
+    return Recipe.from_dict(
+        {
+            "passes": variant_passes(name, args.layers),
+            "export": {
+                "precision": args.precision,
+                "moe_lowering": "contrib" if "contrib" in get_target(target).moe_lowerings else "standard",
+                "tensorrt": {"profiles": {"batch": [1, 1, 8], "seq": [1, args.seq, max(args.seq, 32)]}},
+            },
+        }
+    )
 
 
 def run(args) -> dict:
@@ -87,8 +91,9 @@ def run(args) -> dict:
                 out = Path(tmp) / target / name
                 start = time.perf_counter()
                 try:  # one failing cell (parity, a backend error) is reported in its row; the others go on
-                    report = compile_model(model_dir, variant_recipe(name, args, target), out, progress=False,
-                                           target=target)
+                    report = compile_model(
+                        model_dir, variant_recipe(name, args, target), out, progress=False, target=target
+                    )
                     runners[(target, name)] = load_artifact(out, target)
                 except Exception as exc:  # noqa: BLE001
                     results[target][name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -96,18 +101,27 @@ def run(args) -> dict:
                     continue
                 logits = report["parity"]["metrics"]["logits"]
                 results[target][name] = {
-                    "parameters": report["parameters"]["after"], "compile_s": round(time.perf_counter() - start, 1),
+                    "parameters": report["parameters"]["after"],
+                    "compile_s": round(time.perf_counter() - start, 1),
                     "flops": sum(flops_by_path(Program.load(out / "program.pt2"), inputs).values()),
                     "parity": {k: logits[k] for k in ("cosine", "rel_l2", "max_abs", "top1") if k in logits},
-                    "runtime": report["parity"].get("runtime"), "device": report["parity"].get("device"),
+                    "runtime": report["parity"].get("runtime"),
+                    "device": report["parity"].get("device"),
                     "provider": report["parity"].get("provider"),
                 }
-                print(f"{target} / {name}: compiled in {results[target][name]['compile_s']} s, parity "
-                      f"{results[target][name]['parity']}", file=sys.stderr, flush=True)
-        calls = time_interleaved({key: lambda r=runner: r(inputs) for key, runner in runners.items()},
-                                 reps=args.reps, warmup=args.warmup)
-        times = {key: {**latency_summary([t * 1e3 for t in seconds]), "calls": len(seconds)}
-                 for key, seconds in calls.items()}
+                print(
+                    f"{target} / {name}: compiled in {results[target][name]['compile_s']} s, parity "
+                    f"{results[target][name]['parity']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        calls = time_interleaved(
+            {key: lambda r=runner: r(inputs) for key, runner in runners.items()}, reps=args.reps, warmup=args.warmup
+        )
+        times = {
+            key: {**latency_summary([t * 1e3 for t in seconds]), "calls": len(seconds)}
+            for key, seconds in calls.items()
+        }
     rows = []
     for target in targets:
         dense = results[target].get("dense", {})
@@ -121,17 +135,42 @@ def run(args) -> dict:
             if "p50_ms" in dense:
                 result["ideal_speedup"] = dense["flops"] / result["flops"]
                 result["measured_speedup"] = dense["p50_ms"] / result["p50_ms"]
-                speed = [f"{result['ideal_speedup']:.2f}x", f"{result['measured_speedup']:.2f}x",
-                         f"{result['measured_speedup'] / result['ideal_speedup']:.2f}"]
+                speed = [
+                    f"{result['ideal_speedup']:.2f}x",
+                    f"{result['measured_speedup']:.2f}x",
+                    f"{result['measured_speedup'] / result['ideal_speedup']:.2f}",
+                ]
             parity = result["parity"]
-            rows.append([target, name, f"{result['parameters'] / 1e6:.1f}M",
-                         f"{parity['cosine']:.6f} / {parity['rel_l2']:.1e} / {parity.get('top1', float('nan')):.3f}",
-                         f"{result['p50_ms']:.3f} / {result['p90_ms']:.3f}", *speed])
-    print(f"{args.precision}, batch 1 x seq {args.seq}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} "
-          f"layers; p50 of {args.reps} interleaved calls per artifact after {args.warmup} warm-up; "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    print(markdown_table(["target", "variant", "params", "parity cosine / rel L2 / top-1", "p50 / p90 ms",
-                          "ideal speedup", "measured speedup", "measured / ideal"], rows))
+            rows.append(
+                [
+                    target,
+                    name,
+                    f"{result['parameters'] / 1e6:.1f}M",
+                    f"{parity['cosine']:.6f} / {parity['rel_l2']:.1e} / {parity.get('top1', float('nan')):.3f}",
+                    f"{result['p50_ms']:.3f} / {result['p90_ms']:.3f}",
+                    *speed,
+                ]
+            )
+    print(
+        f"{args.precision}, batch 1 x seq {args.seq}, hidden {args.hidden}, FFN {args.intermediate}, {args.layers} "
+        f"layers; p50 of {args.reps} interleaved calls per artifact after {args.warmup} warm-up; "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+    )
+    print(
+        markdown_table(
+            [
+                "target",
+                "variant",
+                "params",
+                "parity cosine / rel L2 / top-1",
+                "p50 / p90 ms",
+                "ideal speedup",
+                "measured speedup",
+                "measured / ideal",
+            ],
+            rows,
+        )
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return results
@@ -140,11 +179,15 @@ def run(args) -> dict:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.set_defaults(layers=8, reps=50)
-    p.add_argument("--targets", default="tensorrt,onnxruntime-cuda", help=f"comma-separated, of {list(available_targets())}")
+    p.add_argument(
+        "--targets", default="tensorrt,onnxruntime-cuda", help=f"comma-separated, of {list(available_targets())}"
+    )
     p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per artifact first (default 3)")
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs, says nothing of speed")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that the benchmark runs, says nothing of speed"
+    )
     try:
         run(p.parse_args())
     except SparsecError as exc:

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import NO_SPIN, compare_variants, markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.exporters.targets import onnxruntime as ort_backend  # noqa: E402
-from sparsec.exporters.lowering.onnx import export_onnx  # noqa: E402
 from sparsec.analysis.inspection import flops_by_path  # noqa: E402
+from sparsec.exporters.lowering.onnx import export_onnx  # noqa: E402
+from sparsec.exporters.targets import onnxruntime as ort_backend  # noqa: E402
 from sparsec.transform.pass_manager import PassManager, get_pass  # noqa: E402
 
 
@@ -51,8 +51,13 @@ def mixtral_block(hidden: int, width: int, experts: int, top_k: int, implementat
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    config = MixtralConfig(hidden_size=hidden, intermediate_size=width, num_local_experts=experts,
-                           num_experts_per_tok=top_k, experts_implementation=implementation)
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=width,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        experts_implementation=implementation,
+    )
     block = MixtralSparseMoeBlock(config).eval()
     with torch.no_grad():
         for p in block.parameters():
@@ -116,13 +121,21 @@ def layer_benchmark(args) -> dict:
         dense_name = "PyTorch dense" if engine in ("PyTorch", "transformers") else "ORT dense"
         speedup = medians[dense_name] / medians[name]
         ideal = 1.0 if variant == "dense" else args.experts / int(variant.split("/")[1])
-        results[name] = {"median_s": medians[name], "speedup": speedup, "ideal": ideal, "fraction_of_ideal": speedup / ideal,
-                         "flop_ratio": flops["dense"] / flops[variant], "times_s": times[name]}
+        results[name] = {
+            "median_s": medians[name],
+            "speedup": speedup,
+            "ideal": ideal,
+            "fraction_of_ideal": speedup / ideal,
+            "flop_ratio": flops["dense"] / flops[variant],
+            "times_s": times[name],
+        }
         rows.append([name, f"{medians[name] * 1e3:.1f}", f"{speedup:.2f}x", f"{ideal:.0f}x", f"{speedup / ideal:.2f}"])
-    print(f"\nFFN layer: hidden {args.hidden}, intermediate {args.ffn_intermediate}, {args.tokens} tokens, "
-          f"{args.experts} experts of {width}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"ONNX Runtime {__import__('onnxruntime').__version__} CPU; median of {args.reps} interleaved runs; "
-          "speedup vs the dense FFN on the same engine (transformers vs PyTorch dense)")
+    print(
+        f"\nFFN layer: hidden {args.hidden}, intermediate {args.ffn_intermediate}, {args.tokens} tokens, "
+        f"{args.experts} experts of {width}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"ONNX Runtime {__import__('onnxruntime').__version__} CPU; median of {args.reps} interleaved runs; "
+        "speedup vs the dense FFN on the same engine (transformers vs PyTorch dense)"
+    )
     print(markdown_table(["variant", "median ms", "speedup", "ideal (E/k)", "speedup / ideal"], rows))
     return results
 
@@ -132,14 +145,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-intermediate", type=int, default=4096, help="FFN width of the layer benchmark")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--top-k", type=int, nargs="+", default=[8, 4])
-    p.add_argument("--hf-experts", nargs="*", default=["eager", "grouped_mm"],
-                   help="transformers experts implementations to compare against (batched_mm copies every token's "
-                        "expert weights: 19 s per call at the default shapes here, so it is not in the default list)")
+    p.add_argument(
+        "--hf-experts",
+        nargs="*",
+        default=["eager", "grouped_mm"],
+        help="transformers experts implementations to compare against (batched_mm copies every token's "
+        "expert weights: 19 s per call at the default shapes here, so it is not in the default list)",
+    )
     p.add_argument("--model-reps", type=int, default=7, help="repetitions of the model part (the layer part: --reps)")
     p.add_argument("--skip-model", action="store_true", help="only the layer benchmark")
     p.add_argument("--skip-layer", action="store_true", help="only the model benchmark")
-    p.add_argument("--lowering", choices=["standard", "contrib"], default="standard",
-                   help="MoE lowering of the model benchmark (the layer benchmark times both)")
+    p.add_argument(
+        "--lowering",
+        choices=["standard", "contrib"],
+        default="standard",
+        help="MoE lowering of the model benchmark (the layer benchmark times both)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -147,12 +168,23 @@ def run(args: argparse.Namespace) -> dict:
     results = {} if args.skip_layer else {"layer": layer_benchmark(args)}
     if not args.skip_model:
         moe = get_pass("ffn_to_moe")
-        variants = {"dense": [], f"MoE {args.experts}/{args.experts // 2}": [
-            moe(experts=args.experts, top_k=args.experts // 2, router="random", importance="magnitude")]}
+        variants = {
+            "dense": [],
+            f"MoE {args.experts}/{args.experts // 2}": [
+                moe(experts=args.experts, top_k=args.experts // 2, router="random", importance="magnitude")
+            ],
+        }
         model_args = argparse.Namespace(**{**vars(args), "reps": args.model_reps, "json": None})
-        results["model"] = compare_variants(qwen2_model(model_args), variants, model_args,
-                                            describe=lambda prog: f"{len(prog.graph.find_nodes(op='call_function', target=torch.ops.sparsec.moe.default))} MoE FFNs",
-                                            session_config=NO_SPIN, moe_lowering=args.lowering)
+        results["model"] = compare_variants(
+            qwen2_model(model_args),
+            variants,
+            model_args,
+            describe=lambda prog: (
+                f"{len(prog.graph.find_nodes(op='call_function', target=torch.ops.sparsec.moe.default))} MoE FFNs"
+            ),
+            session_config=NO_SPIN,
+            moe_lowering=args.lowering,
+        )
     return results
 
 

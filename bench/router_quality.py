@@ -33,8 +33,9 @@ def clustered() -> None:
         errors = {}
         for router in ROUTERS:
             program = sparsec.capture(model, model.tokens(2, 8, seed=0))
-            testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router,
-                               calibration=calib)
+            testing.apply_pass(
+                program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib
+            )
             errors[router] = round(_rel_error(program, model, held_out), 3)
         print(f"  {partition:12s} {errors}")
     program = sparsec.capture(model, model.tokens(2, 8, seed=0))
@@ -47,9 +48,14 @@ def tiny_qwen2() -> None:
     calib = CalibrationSet(make_inputs(model, 64, 32, seed=1), source="synthetic tokens")
     held = make_inputs(model, 16, 32, seed=7)
     seen = {}
-    hooks = [layer.mlp.register_forward_hook(
-        lambda _m, args, out, i=i: seen.__setitem__(i, (args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1]))))
-        for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_hook(
+            lambda _m, args, out, i=i: seen.__setitem__(
+                i, (args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1]))
+            )
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
     with torch.no_grad():
         model(**held)
     for h in hooks:
@@ -63,12 +69,17 @@ def tiny_qwen2() -> None:
     for partition in PARTITIONS:
         for router in ROUTERS:
             program = sparsec.capture(model, make_inputs(model, 2, 16))
-            testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=4, router=router, partition=partition,
-                               calibration=calib)
+            testing.apply_pass(
+                program, "ffn_to_moe", experts=8, top_k=4, router=router, partition=partition, calibration=calib
+            )
             errors = []
-            for i, node in enumerate(program.graph.find_nodes(op="call_function", target=torch.ops.sparsec.moe.default)):
-                args = [program.state_tensor(program.state_name(a)) if isinstance(a, torch.fx.Node) else a
-                        for a in node.args[1:]]
+            for i, node in enumerate(
+                program.graph.find_nodes(op="call_function", target=torch.ops.sparsec.moe.default)
+            ):
+                args = [
+                    program.state_tensor(program.state_name(a)) if isinstance(a, torch.fx.Node) else a
+                    for a in node.args[1:]
+                ]
                 with torch.no_grad():
                     errors.append(error(torch.ops.sparsec.moe(seen[i][0], *args), i))
             print(f"  {partition:12s} {router:10s} {errors}")

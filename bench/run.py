@@ -30,26 +30,59 @@ import ffn_to_moe  # noqa: E402
 import slice_neurons  # noqa: E402
 from common import markdown_table, parser  # noqa: E402
 
-BENCHMARKS: dict[str, Callable] = {"depth": drop_layers.run, "width": slice_neurons.run, "moe": ffn_to_moe.run,
-                                   "compile": compile_time.run}
-QUICK = {"layers": 4, "hidden": 128, "intermediate": 256, "vocab": 512, "seq": 64, "reps": 2, "model_reps": 2,
-         "compile_reps": 1,
-         "tokens": 64, "ffn_intermediate": 512, "experts": 8, "top_k": [4], "hf_experts": ["eager"],
-         "calib_samples": 2, "calib_seq": 32}
+BENCHMARKS: dict[str, Callable] = {
+    "depth": drop_layers.run,
+    "width": slice_neurons.run,
+    "moe": ffn_to_moe.run,
+    "compile": compile_time.run,
+}
+QUICK = {
+    "layers": 4,
+    "hidden": 128,
+    "intermediate": 256,
+    "vocab": 512,
+    "seq": 64,
+    "reps": 2,
+    "model_reps": 2,
+    "compile_reps": 1,
+    "tokens": 64,
+    "ffn_intermediate": 512,
+    "experts": 8,
+    "top_k": [4],
+    "hf_experts": ["eager"],
+    "calib_samples": 2,
+    "calib_seq": 32,
+}
 
 
 def summary_rows(name: str, result: dict) -> list[list[str]]:
     """[benchmark, variant, measured, ideal, measured / ideal] for every compressed variant of one benchmark."""
+
     def speedups(label: str, variants: dict, measured: str, ideal: str) -> list[list[str]]:
-        return [[label, variant, f"{r[measured]:.2f}x", f"{r[ideal]:.2f}x", f"{r['fraction_of_ideal']:.2f}"]
-                for variant, r in variants.items() if r[ideal] != 1.0]
+        return [
+            [label, variant, f"{r[measured]:.2f}x", f"{r[ideal]:.2f}x", f"{r['fraction_of_ideal']:.2f}"]
+            for variant, r in variants.items()
+            if r[ideal] != 1.0
+        ]
 
     if name == "compile":
         ratio = result["ratio_to_bare"]
-        return [["compile", "capture + passes + export, time vs bare torch.onnx.export", f"{ratio:.2f}x",
-                 "1.00x (target <= 1.50x)", f"{1 / ratio:.2f}"],
-                ["compile", "capture + export, no passes, time vs bare", f"{result['no_passes_ratio_to_bare']:.2f}x",
-                 "1.00x", f"{1 / result['no_passes_ratio_to_bare']:.2f}"]]
+        return [
+            [
+                "compile",
+                "capture + passes + export, time vs bare torch.onnx.export",
+                f"{ratio:.2f}x",
+                "1.00x (target <= 1.50x)",
+                f"{1 / ratio:.2f}",
+            ],
+            [
+                "compile",
+                "capture + export, no passes, time vs bare",
+                f"{result['no_passes_ratio_to_bare']:.2f}x",
+                "1.00x",
+                f"{1 / result['no_passes_ratio_to_bare']:.2f}",
+            ],
+        ]
     if name == "moe":
         rows = speedups("moe layer", result.get("layer", {}), "speedup", "ideal")
         return rows + speedups("moe model", result.get("model", {}), "measured_speedup", "ideal_speedup")
@@ -60,10 +93,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     ffn_to_moe.add_arguments(p)
     compile_time.add_arguments(p)
-    p.add_argument("--only", default=",".join(BENCHMARKS),
-                   help=f"comma-separated benchmarks to run (default: all of {','.join(BENCHMARKS)})")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 reps, to check the suite runs: "
-                   + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument(
+        "--only",
+        default=",".join(BENCHMARKS),
+        help=f"comma-separated benchmarks to run (default: all of {','.join(BENCHMARKS)})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and 2 reps, to check the suite runs: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
     p.set_defaults(reps=7)
     args = p.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
@@ -85,8 +124,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"\n## Summary ({', '.join(f'{n} {s:.0f} s' for n, s in seconds.items())})\n")
     print(markdown_table(["benchmark", "variant", "measured", "ideal", "measured / ideal"], rows))
     if suite_json:
-        Path(suite_json).write_text(json.dumps({"args": {**vars(args), "json": suite_json}, "seconds": seconds,
-                                                "results": results}, indent=2, default=str))
+        Path(suite_json).write_text(
+            json.dumps(
+                {"args": {**vars(args), "json": suite_json}, "seconds": seconds, "results": results},
+                indent=2,
+                default=str,
+            )
+        )
     return {"results": results, "seconds": seconds, "summary": rows}
 
 

@@ -37,16 +37,51 @@ import torch
 
 # Qwen2 / Qwen2.5 base configs (hidden, FFN, layers, heads, KV heads, vocab, tied embeddings).
 PRESETS: dict[str, dict] = {
-    "quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "quick": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 # BAGEL-7B-MoT's language model (`sparsec.families.mot.MOT_PRESETS["bagel-7b"]`, 14B, 28 GB): phases `inspect` and
 # `dry-run` only on a 24 GiB machine (the weights are read lazily; a full compile cannot fit).
@@ -75,8 +110,9 @@ def model_config(size: str):
         from sparsec.families.mot import MOT_PRESETS, MoTConfig
 
         return MoTConfig(**MOT_PRESETS[MOT_SIZES[size]], torch_dtype="bfloat16", architectures=["MoTForCausalLM"])
-    return transformers.Qwen2Config(**PRESETS[size], max_position_embeddings=4096, torch_dtype="bfloat16",
-                                    architectures=["Qwen2ForCausalLM"])
+    return transformers.Qwen2Config(
+        **PRESETS[size], max_position_embeddings=4096, torch_dtype="bfloat16", architectures=["Qwen2ForCausalLM"]
+    )
 
 
 def write_checkpoint(directory: Path, size: str, seed: int = 0) -> Path:
@@ -138,9 +174,11 @@ def recipe_text(layers: int, spread: bool = False) -> str:
     dropped = list(range(layers - layers // 4, layers))[: layers // 4] or [layers - 1]
     if spread:
         dropped = list(range(3, layers, 4))
-    return (f"passes:\n  - drop_layers: {{layers: {dropped}}}\n"
-            "  - slice_neurons: {keep_ratio: 0.5, importance: magnitude}\n"
-            "calibration: {samples: 8, seq_len: 64}\n")
+    return (
+        f"passes:\n  - drop_layers: {{layers: {dropped}}}\n"
+        "  - slice_neurons: {keep_ratio: 0.5, importance: magnitude}\n"
+        "calibration: {samples: 8, seq_len: 64}\n"
+    )
 
 
 def run_measured(command: list[str], log: Path) -> dict:
@@ -150,9 +188,12 @@ def run_measured(command: list[str], log: Path) -> dict:
         proc = subprocess.run(["/usr/bin/time", "-v", *command], stdout=out, stderr=subprocess.STDOUT)
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
-            "tail": [line for line in text.splitlines() if line.strip() and not line.startswith("\t")][-4:]}
+    return {
+        "rc": proc.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "tail": [line for line in text.splitlines() if line.strip() and not line.startswith("\t")][-4:],
+    }
 
 
 def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
@@ -182,31 +223,42 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
             result["parity_cosine"] = data.get("parity", {}).get("metrics", {}).get("logits", {}).get("cosine")
         shutil.rmtree(out, ignore_errors=True)
         row["phases"][phase] = result
-        print(f"[scale] {size}: {phase} rc {result['rc']}, {result['seconds']} s, peak "
-              f"{(result['peak_rss_bytes'] or 0) / 2**30:.2f} GiB ({result.get('peak_over_checkpoint')}x checkpoint)",
-              flush=True)
+        print(
+            f"[scale] {size}: {phase} rc {result['rc']}, {result['seconds']} s, peak "
+            f"{(result['peak_rss_bytes'] or 0) / 2**30:.2f} GiB ({result.get('peak_over_checkpoint')}x checkpoint)",
+            flush=True,
+        )
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| checkpoint | on disk | phase | exit | peak RSS | peak / disk | seconds | ONNX | parity cosine |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| checkpoint | on disk | phase | exit | peak RSS | peak / disk | seconds | ONNX | parity cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         for phase, r in row["phases"].items():
             peak = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else "-"
             onnx = f"{r['onnx_bytes'] / 1e9:.2f} GB" if r.get("onnx_bytes") else "-"
             cos = f"{r['parity_cosine']:.6f}" if r.get("parity_cosine") is not None else "-"
-            lines.append(f"| {row['size']} bf16 | {row['checkpoint_bytes'] / 1e9:.2f} GB | {phase} | {r['rc']} | {peak} | "
-                         f"{r.get('peak_over_checkpoint', '-')}x | {r['seconds']} | {onnx} | {cos} |")
+            lines.append(
+                f"| {row['size']} bf16 | {row['checkpoint_bytes'] / 1e9:.2f} GB | {phase} | {r['rc']} | {peak} | "
+                f"{r.get('peak_over_checkpoint', '-')}x | {r['seconds']} | {onnx} | {cos} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="0.5b,1.5b", help=f"comma-separated, of {[*PRESETS, *MOT_SIZES]} (default: %(default)s)")
+    p.add_argument(
+        "--sizes", default="0.5b,1.5b", help=f"comma-separated, of {[*PRESETS, *MOT_SIZES]} (default: %(default)s)"
+    )
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sparsec-scale"),
-                   help="where the checkpoints are written once (default: %(default)s)")
+    p.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "sparsec-scale"),
+        help="where the checkpoints are written once (default: %(default)s)",
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")
     args = p.parse_args(argv)

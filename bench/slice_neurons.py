@@ -8,6 +8,7 @@ importance is `magnitude`, so no calibration data is needed). See bench/common.p
 
 import sys
 from pathlib import Path
+
 from sparsec.analysis.regions import region_index
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,8 +25,9 @@ def run(args) -> dict:
         "FFN 50%": [slice_(keep_ratio=0.5, importance="magnitude", round_to=64)],
         "FFN 25%": [slice_(keep_ratio=0.25, importance="magnitude", round_to=64)],
     }
-    return compare_variants(qwen2_model(args), variants, args,
-                            describe=lambda p: f"FFN width {region_index(p).ffns()[0].intermediate_size}")
+    return compare_variants(
+        qwen2_model(args), variants, args, describe=lambda p: f"FFN width {region_index(p).ffns()[0].intermediate_size}"
+    )
 
 
 def main() -> None:

@@ -25,12 +25,11 @@ from typing import Literal
 
 from torch.fx import Node
 
-from sparsec.errors import PassError
-from sparsec.transform.pass_manager import Pass, PassContext, PassResult
-from sparsec.ir.program import Program
-from sparsec.analysis.regions import BlockStack
+from sparsec.analysis.regions import BlockStack, region_index
 from sparsec.analysis.structure import LINEAR, Sublayer, residual_structure, skip_noop_casts
-from sparsec.analysis.regions import region_index
+from sparsec.errors import PassError
+from sparsec.ir.program import Program
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
 @dataclass(frozen=True)
@@ -95,12 +94,16 @@ class DropLayers(Pass):
         matched = [(BlockStack(s.path, [b for b in s.blocks if b.path in selected]), len(s.blocks)) for s in stacks]
         matched = [(s, n) for s, n in matched if s.blocks]
         if not matched:
-            raise PassError(f"drop_layers: where={self.options.where!r} matches no block; "
-                            f"block stacks in this model: {names or 'none'}")
+            raise PassError(
+                f"drop_layers: where={self.options.where!r} matches no block; "
+                f"block stacks in this model: {names or 'none'}"
+            )
         if len(matched) > 1:
             where = f"where={self.options.where!r}" if self.options.where else "this model"
-            raise PassError(f"drop_layers: {where} spans {len(matched)} block stacks {[s.path for s, _ in matched]}; "
-                            f"choose one with `where:`, e.g. {names[0]!r}")
+            raise PassError(
+                f"drop_layers: {where} spans {len(matched)} block stacks {[s.path for s, _ in matched]}; "
+                f"choose one with `where:`, e.g. {names[0]!r}"
+            )
         return matched[0]
 
     def _units(self, program: Program, stack: BlockStack) -> list[_Unit]:
@@ -132,8 +135,10 @@ class DropLayers(Pass):
             indices = [b.index for b in stack.blocks]
             bad = [i for i in o.layers if i not in indices]
             if bad:
-                raise PassError(f"drop_layers: layers {bad} out of range; the selected blocks of {stack.path} "
-                                f"are {indices[0]}..{indices[-1]}" + (f" (where={o.where!r})" if o.where else ""))
+                raise PassError(
+                    f"drop_layers: layers {bad} out of range; the selected blocks of {stack.path} "
+                    f"are {indices[0]}..{indices[-1]}" + (f" (where={o.where!r})" if o.where else "")
+                )
             n_drop = len(o.layers)
         else:
             n_drop = o.count if o.count is not None else round(o.ratio * len(units))
@@ -142,8 +147,10 @@ class DropLayers(Pass):
             if n_drop > len(units):
                 raise PassError(f"drop_layers: count {n_drop} exceeds the {len(units)} {o.kind} units selected")
         if n_drop >= len(units) and len(stack.blocks) == stack_size:
-            raise PassError(f"drop_layers: would drop all {len(units)} {o.kind} units of {stack.path}; "
-                            "at least one must stay (lower count/ratio or list fewer layers)")
+            raise PassError(
+                f"drop_layers: would drop all {len(units)} {o.kind} units of {stack.path}; "
+                "at least one must stay (lower count/ratio or list fewer layers)"
+            )
         return stack, units, n_drop
 
     def requires(self, program: Program, ctx: PassContext) -> tuple[BlockStack, list[_Unit], int]:
@@ -189,8 +196,10 @@ class DropLayers(Pass):
         """Bypass the units; per unit, the weights that left with it (shared ones, such as an MMDiT block's
         modulation read by both its attention and MLP sublayers, stay while another sublayer reads them)."""
         before = self._live_state(program)
-        read = {u.label: {program.state_name(a) for s in u.sublayers for n in s.nodes for a in n.all_input_nodes}
-                for u in units}
+        read = {
+            u.label: {program.state_name(a) for s in u.sublayers for n in s.nodes for a in n.all_input_nodes}
+            for u in units
+        }
         replaced: dict[Node, Node] = {}
         for unit in units:
             self._bypass(program, unit, replaced)
@@ -215,8 +224,11 @@ class DropLayers(Pass):
                 scores = self._scores(units, ctx)
                 ranking = sorted(units, key=lambda u: -scores[u.label])
                 chosen = ranking[:n_drop]
-                decisions.update(scores=scores, ranking=[u.label for u in ranking],
-                                 reason=f"highest {o.score} similarity of input and output (most redundant)")
+                decisions.update(
+                    scores=scores,
+                    ranking=[u.label for u in ranking],
+                    reason=f"highest {o.score} similarity of input and output (most redundant)",
+                )
             decisions["parameters"] = self._drop(program, chosen)
             dropped = [u.label for u in chosen]
         else:
@@ -229,12 +241,21 @@ class DropLayers(Pass):
                 program.recompile()
                 program.prune()
                 dropped.append(best.label)
-                fresh = BlockStack(stack.path, [region_index(program).region(b.path) for b in stack.blocks if b.path in region_index(program)])
+                fresh = BlockStack(
+                    stack.path,
+                    [region_index(program).region(b.path) for b in stack.blocks if b.path in region_index(program)],
+                )
                 units = self._units(program, fresh)
-            decisions.update(scores=rounds[0]["scores"], rounds=rounds, parameters=parameters,
-                             reason=f"iterative: highest {o.score} similarity, re-scored after each drop")
+            decisions.update(
+                scores=rounds[0]["scores"],
+                rounds=rounds,
+                parameters=parameters,
+                reason=f"iterative: highest {o.score} similarity, re-scored after each drop",
+            )
         decisions["dropped"] = dropped
-        return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions)
+        return PassResult(
+            modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions
+        )
 
     @classmethod
     def describe_decisions(cls, decisions: dict) -> list[str]:
@@ -253,14 +274,19 @@ class DropLayers(Pass):
     def targets(self, program: Program) -> list[str]:
         return [b.path for b in region_index(program).blocks(self.options.where or "**")]
 
-    def replay(self, decisions: dict, shared: list[str]) -> "DropLayers":
+    def replay(self, decisions: dict, shared: list[str]) -> DropLayers:
         """The same blocks (or sublayers of them) dropped, as explicit `layers` of the same stack."""
         if self.options.kind == "joint":
-            raise PassError("drop_layers: kind joint cannot be repeated in another entry point (it may drop only one "
-                            "sublayer of a block); use kind attn or mlp, or restrict `where` to one entry point")
+            raise PassError(
+                "drop_layers: kind joint cannot be repeated in another entry point (it may drop only one "
+                "sublayer of a block); use kind attn or mlp, or restrict `where` to one entry point"
+            )
         layers = sorted({int(label.split(":")[0].rsplit(".", 1)[1]) for label in decisions["dropped"]})
-        return DropLayers(dataclasses.replace(self.options, layers=layers, count=None, ratio=None, iterative=False,
-                                              where=f"{decisions['stack']}.*"))
+        return DropLayers(
+            dataclasses.replace(
+                self.options, layers=layers, count=None, ratio=None, iterative=False, where=f"{decisions['stack']}.*"
+            )
+        )
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         left = set(program.state_placeholders())

@@ -42,14 +42,14 @@ from torch.fx import Node
 from tqdm.auto import tqdm
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.analysis.importance import Importance, neuron_importance
+from sparsec.analysis.regions import region_index
+from sparsec.analysis.structure import Ffn, ffn_activation
 from sparsec.data.distill import distill
 from sparsec.errors import PassError
-from sparsec.analysis.importance import Importance, neuron_importance
+from sparsec.ir.program import Program
 from sparsec.ops.moe import Gating, moe_dense_reference, route, router_logits
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
-from sparsec.ir.program import Program
-from sparsec.analysis.structure import Ffn, ffn_activation
-from sparsec.analysis.regions import region_index
 
 aten = torch.ops.aten
 MOE = torch.ops.sparsec.moe.default
@@ -68,12 +68,16 @@ class ExpertWeights:
     fc2: torch.Tensor  # [H, I]: down columns
 
     @classmethod
-    def of(cls, program: Program, ffn: Ffn) -> "ExpertWeights":
+    def of(cls, program: Program, ffn: Ffn) -> ExpertWeights:
         def rows(linear: Node, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             offset, size = ffn.row_blocks(role)
             weight = linear_weight(program, linear).narrow(0, offset, size)
             bias_node = linear.args[2] if len(linear.args) > 2 else None
-            bias = program.state_tensor(program.state_name(bias_node)).narrow(0, offset, size) if bias_node is not None else None
+            bias = (
+                program.state_tensor(program.state_name(bias_node)).narrow(0, offset, size)
+                if bias_node is not None
+                else None
+            )
             return weight, bias
 
         down = linear_weight(program, ffn.down)
@@ -90,8 +94,10 @@ class ExpertWeights:
             return None if t is None else t[index].contiguous()
 
         return {
-            "fc1_weight": pick(self.fc1), "fc1_bias": pick(self.fc1_bias),
-            "fc3_weight": pick(self.fc3), "fc3_bias": pick(self.fc3_bias),
+            "fc1_weight": pick(self.fc1),
+            "fc1_bias": pick(self.fc1_bias),
+            "fc3_weight": pick(self.fc3),
+            "fc3_bias": pick(self.fc3_bias),
             "fc2_weight": self.fc2[:, index].permute(1, 0, 2).contiguous(),
         }
 
@@ -176,7 +182,9 @@ class FfnToMoe(Pass):
     # ----- analysis ---------------------------------------------------------------------------------------
     def _needs_data(self) -> bool:
         o = self.options
-        return o.importance == "activation" or o.partition == "coactivation" or o.router == "learned" or o.adapt != "none"
+        return (
+            o.importance == "activation" or o.partition == "coactivation" or o.router == "learned" or o.adapt != "none"
+        )
 
     def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
         """(ffn, its channel group, activation, shared width) per matched FFN; PassError before any change."""
@@ -187,14 +195,18 @@ class FfnToMoe(Pass):
             group = ffn_channel_group(program, ffn)
             activation = ffn_activation(ffn)
             if ffn.gate is not None and ffn.gate.args[0] is not ffn.up.args[0]:
-                raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: gate and up read different values; "
-                                "one MoE node cannot take both")
+                raise PassError(
+                    f"ffn_to_moe: FFN {ffn.describe()}: gate and up read different values; "
+                    "one MoE node cannot take both"
+                )
             width = ffn.intermediate_size
             shared = round(o.shared * width)
             shared += (width - shared) % o.experts
             if width - shared < o.experts:
-                raise PassError(f"ffn_to_moe: FFN {ffn.describe()} has {width} neurons, too few for {o.experts} experts "
-                                f"after {shared} shared; use fewer experts")
+                raise PassError(
+                    f"ffn_to_moe: FFN {ffn.describe()} has {width} neurons, too few for {o.experts} experts "
+                    f"after {shared} shared; use fewer experts"
+                )
             plan.append((ffn, group, activation, shared))
         return plan
 
@@ -207,12 +219,21 @@ class FfnToMoe(Pass):
         if self._needs_data():
             calibration = ctx.require_calibration(self.name)
             if calibration.num_tokens() == 0:
-                raise PassError(f"ffn_to_moe: the calibration set {calibration.source} has zero valid tokens "
-                                "(attention_mask is all zeros); the router and importance need real tokens")
+                raise PassError(
+                    f"ffn_to_moe: the calibration set {calibration.source} has zero valid tokens "
+                    "(attention_mask is all zeros); the router and importance need real tokens"
+                )
         return plan
 
-    def _partition(self, ffn: Ffn, weights: ExpertWeights, activation: str, score: torch.Tensor, shared: int,
-                   inputs: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _partition(
+        self,
+        ffn: Ffn,
+        weights: ExpertWeights,
+        activation: str,
+        score: torch.Tensor,
+        shared: int,
+        inputs: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         o = self.options
         order = score.argsort(descending=True, stable=True)
         shared_idx, rest = order[:shared].sort().values, order[shared:]
@@ -229,8 +250,9 @@ class FfnToMoe(Pass):
         labels = _balanced_kmeans(features, o.experts, o.seed)
         return shared_idx, [rest[labels == e].sort().values for e in range(o.experts)]
 
-    def _router(self, experts: dict, activation: str, inputs: torch.Tensor | None,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _router(
+        self, experts: dict, activation: str, inputs: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         o = self.options
         num, hidden = experts["fc1_weight"].shape[0], experts["fc1_weight"].shape[2]
         if o.router == "random":
@@ -239,14 +261,27 @@ class FfnToMoe(Pass):
             return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num), {}
         return self._fit_router(experts, activation, inputs)
 
-    def _fit_router(self, experts: dict, activation: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _fit_router(
+        self, experts: dict, activation: str, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """MoEfication: predict each token's top-k experts by output norm (BCE), on standardized inputs."""
         o = self.options
         x = inputs.float()
         stacked = _float(experts)
-        mass = torch.cat([moe_dense_reference(chunk, stacked["fc1_weight"], stacked["fc1_bias"], stacked["fc3_weight"],
-                                              stacked["fc3_bias"], stacked["fc2_weight"], activation).norm(dim=-1)
-                          for chunk in x.split(1024)])
+        mass = torch.cat(
+            [
+                moe_dense_reference(
+                    chunk,
+                    stacked["fc1_weight"],
+                    stacked["fc1_bias"],
+                    stacked["fc3_weight"],
+                    stacked["fc3_bias"],
+                    stacked["fc2_weight"],
+                    activation,
+                ).norm(dim=-1)
+                for chunk in x.split(1024)
+            ]
+        )
         target = torch.zeros_like(mass).scatter_(1, mass.topk(o.top_k, dim=1).indices, 1.0)
         held_out = max(1, len(x) // 10) if len(x) >= 20 else 0
         train_x, train_t = x[: len(x) - held_out], target[: len(x) - held_out]
@@ -282,8 +317,9 @@ class FfnToMoe(Pass):
         teacher = ctx.calibration.reference_outputs(program, progress=ctx.progress) if o.adapt != "none" else None
         generator = torch.Generator().manual_seed(o.seed)
         decisions, trainable = [], []
-        for (ffn, group, activation, shared), score in tqdm(list(zip(plan, scores)), desc="ffn_to_moe: experts and routers",
-                                                            disable=not ctx.progress, leave=False):
+        for (ffn, group, activation, shared), score in tqdm(
+            list(zip(plan, scores)), desc="ffn_to_moe: experts and routers", disable=not ctx.progress, leave=False
+        ):
             weights = ExpertWeights.of(program, ffn)
             inputs = samples.get(ffn.up.args[0].name)
             shared_idx, experts = self._partition(ffn, weights, activation, score, shared, inputs)
@@ -291,47 +327,72 @@ class FfnToMoe(Pass):
             router_weight, router_bias, fit = self._router(stacked, activation, inputs, generator)
             error = None
             if inputs is not None:
-                error = self._exactness(program, ffn, weights, shared_idx, stacked, activation, inputs,
-                                        samples[ffn.down.name])
+                error = self._exactness(
+                    program, ffn, weights, shared_idx, stacked, activation, inputs, samples[ffn.down.name]
+                )
             before = group.num_parameters(program)
-            names = self._rewrite(program, ffn, group, shared_idx, stacked, router_weight.to(weights.fc1.dtype),
-                                  router_bias.to(weights.fc1.dtype), activation)
+            names = self._rewrite(
+                program,
+                ffn,
+                group,
+                shared_idx,
+                stacked,
+                router_weight.to(weights.fc1.dtype),
+                router_bias.to(weights.fc1.dtype),
+                activation,
+            )
             trainable += [n for k, n in names.items() if k.startswith("router") or o.adapt == "full"]
-            after = sum(program.state_tensor(n).numel() for n in names.values()) + (group.num_parameters(program) if shared else 0)
+            after = sum(program.state_tensor(n).numel() for n in names.values()) + (
+                group.num_parameters(program) if shared else 0
+            )
             width = ffn.intermediate_size
-            decisions.append({
-                "path": ffn.path,
-                "kind": ffn.kind,
-                "activation": activation,
-                "width": width,
-                "experts": o.experts,
-                "expert_size": len(experts[0]),
-                "top_k": o.top_k,
-                "shared_neurons": int(shared),
-                "active_neurons_per_token": int(shared + o.top_k * len(experts[0])),
-                "active_fraction": (shared + o.top_k * len(experts[0])) / width,
-                "parameters_before": before,
-                "parameters_after": after,
-                "exactness_rel_l2": error,
-                "router": {"kind": o.router, **fit},
-                "shared_indices": shared_idx.tolist(),
-                "expert_indices": [e.tolist() for e in experts],
-            })
+            decisions.append(
+                {
+                    "path": ffn.path,
+                    "kind": ffn.kind,
+                    "activation": activation,
+                    "width": width,
+                    "experts": o.experts,
+                    "expert_size": len(experts[0]),
+                    "top_k": o.top_k,
+                    "shared_neurons": int(shared),
+                    "active_neurons_per_token": int(shared + o.top_k * len(experts[0])),
+                    "active_fraction": (shared + o.top_k * len(experts[0])) / width,
+                    "parameters_before": before,
+                    "parameters_after": after,
+                    "exactness_rel_l2": error,
+                    "router": {"kind": o.router, **fit},
+                    "shared_indices": shared_idx.tolist(),
+                    "expert_indices": [e.tolist() for e in experts],
+                }
+            )
         adaptation = None
         if o.adapt != "none":
             program.recompile()
             program.prune()
-            adaptation = distill(program, trainable, ctx.calibration, teacher, steps=o.adapt_steps, lr=o.lr,
-                                 node_loss=self._balance_loss if o.balance else None, progress=ctx.progress,
-                                 description=f"ffn_to_moe adapt ({o.adapt})")
+            adaptation = distill(
+                program,
+                trainable,
+                ctx.calibration,
+                teacher,
+                steps=o.adapt_steps,
+                lr=o.lr,
+                node_loss=self._balance_loss if o.balance else None,
+                progress=ctx.progress,
+                description=f"ffn_to_moe adapt ({o.adapt})",
+            )
         stats = {
             "ffns": len(decisions),
             "experts": o.experts,
             "top_k": o.top_k,
-            "active_fraction": sum(d["active_neurons_per_token"] for d in decisions) / sum(d["width"] for d in decisions),
+            "active_fraction": sum(d["active_neurons_per_token"] for d in decisions)
+            / sum(d["width"] for d in decisions),
         }
-        return PassResult(modified=True, stats=stats, decisions={"partition": o.partition, "gating": o.gating,
-                                                                 "adapt": adaptation, "ffns": decisions})
+        return PassResult(
+            modified=True,
+            stats=stats,
+            decisions={"partition": o.partition, "gating": o.gating, "adapt": adaptation, "ffns": decisions},
+        )
 
     def _balance_loss(self, node: Node, args: tuple, _value) -> torch.Tensor | None:
         """Switch load-balancing term E * sum_e f_e * P_e at an MoE node, scaled by `balance`."""
@@ -345,8 +406,17 @@ class FfnToMoe(Pass):
         fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
         return self.options.balance * fc1.shape[0] * (fraction * probs.mean(0)).sum()
 
-    def _exactness(self, program: Program, ffn: Ffn, weights: ExpertWeights, shared_idx: torch.Tensor, stacked: dict,
-                   activation: str, inputs: torch.Tensor, dense: torch.Tensor) -> float:
+    def _exactness(
+        self,
+        program: Program,
+        ffn: Ffn,
+        weights: ExpertWeights,
+        shared_idx: torch.Tensor,
+        stacked: dict,
+        activation: str,
+        inputs: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> float:
         """Relative L2 error of all experts + shared part + down bias against the FFN's observed outputs."""
         x = inputs[:2048].float()
         y = moe_dense_reference(x, *_float(stacked).values(), activation).sum(-2)
@@ -358,13 +428,24 @@ class FfnToMoe(Pass):
         want = dense[: len(x)].float()
         error = float((y - want).norm() / want.norm().clamp_min(1e-12))
         if error > EXACTNESS_TOLERANCE.get(dense.dtype, 3e-2):
-            raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: its experts do not reproduce the dense FFN on calibration tokens "
-                            f"(relative error {error:.2e} with every expert on); the FFN computes something the MoE "
-                            "operator does not model, so it is left alone")
+            raise PassError(
+                f"ffn_to_moe: FFN {ffn.describe()}: its experts do not reproduce the dense FFN on calibration tokens "
+                f"(relative error {error:.2e} with every expert on); the FFN computes something the MoE "
+                "operator does not model, so it is left alone"
+            )
         return error
 
-    def _rewrite(self, program: Program, ffn: Ffn, group: ChannelGroup, shared_idx: torch.Tensor, stacked: dict,
-                 router_weight: torch.Tensor, router_bias: torch.Tensor, activation: str) -> dict[str, str]:
+    def _rewrite(
+        self,
+        program: Program,
+        ffn: Ffn,
+        group: ChannelGroup,
+        shared_idx: torch.Tensor,
+        stacked: dict,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor,
+        activation: str,
+    ) -> dict[str, str]:
         """Add the MoE node (and keep the dense FFN sliced to the shared neurons, if any); return new state names."""
         o = self.options
         graph = program.graph
@@ -377,9 +458,22 @@ class FfnToMoe(Pass):
         if len(shared_idx):
             group.apply(program, shared_idx)
         with graph.inserting_after(ffn.down):
-            moe = graph.call_function(MOE, (ffn.up.args[0], nodes["router_weight"], nodes["router_bias"],
-                                            nodes["fc1_weight"], nodes["fc1_bias"], nodes["fc3_weight"],
-                                            nodes["fc3_bias"], nodes["fc2_weight"], o.top_k, activation, o.gating))
+            moe = graph.call_function(
+                MOE,
+                (
+                    ffn.up.args[0],
+                    nodes["router_weight"],
+                    nodes["router_bias"],
+                    nodes["fc1_weight"],
+                    nodes["fc1_bias"],
+                    nodes["fc3_weight"],
+                    nodes["fc3_bias"],
+                    nodes["fc2_weight"],
+                    o.top_k,
+                    activation,
+                    o.gating,
+                ),
+            )
         out = moe
         if len(shared_idx) or down_bias is not None:
             with graph.inserting_after(moe):

@@ -40,10 +40,10 @@ from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind
 from torch.fx import Graph, Node
 
-from sparsec.errors import PassError
-from sparsec.transform.pass_manager import Pass, PassContext, PassResult
-from sparsec.ir.program import RUNTIME_ASSERTS, Program
 from sparsec.analysis.regions import module_path
+from sparsec.errors import PassError
+from sparsec.ir.program import RUNTIME_ASSERTS, Program
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 
@@ -51,17 +51,52 @@ REAL_DTYPE = {torch.complex32: torch.float16, torch.complex64: torch.float32, to
 
 # Complex in, complex out, applied to the real and imaginary parts alike (they move, select or cast elements,
 # or are linear with real coefficients).
-PARTWISE = frozenset({
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-    aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.permute.default,
-    aten.transpose.int, aten.t.default, aten.slice.Tensor, aten.select.int, aten.narrow.default,
-    aten.index_select.default, aten.index.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.chunk.default, aten.unbind.int, aten.cat.default, aten.stack.default, aten.flatten.using_ints,
-    aten.unflatten.int, aten.repeat.default, aten.flip.default, aten.roll.default, aten.clone.default,
-    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
-    aten.resolve_conj.default, aten.resolve_neg.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten._to_copy.default, aten.neg.default, aten.add.Tensor, aten.sub.Tensor, operator.getitem,
-})
+PARTWISE = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.expand.default,
+        aten.unsqueeze.default,
+        aten.squeeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.t.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.narrow.default,
+        aten.index_select.default,
+        aten.index.Tensor,
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.chunk.default,
+        aten.unbind.int,
+        aten.cat.default,
+        aten.stack.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+        aten.repeat.default,
+        aten.flip.default,
+        aten.roll.default,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.lift_fresh_copy.default,
+        aten.resolve_conj.default,
+        aten.resolve_neg.default,
+        aten.to.dtype,
+        aten.to.dtype_layout,
+        aten.to.device,
+        aten._to_copy.default,
+        aten.neg.default,
+        aten.add.Tensor,
+        aten.sub.Tensor,
+        operator.getitem,
+    }
+)
 CONJUGATE = frozenset({aten._conj.default, aten.conj_physical.default})
 MULTIPLY = frozenset({aten.mul.Tensor, aten.mul.Scalar})
 ENTRY = frozenset({aten.view_as_complex.default, aten.polar.default, aten.complex.default})  # real in, complex out
@@ -133,16 +168,23 @@ class RealRotary(Pass):
             if is_complex_node(value):
                 problems.append(f"program output {value.name!r} is complex (the program's outputs cannot change)")
         unsupported = [
-            _describe(n) for n in program.graph.nodes
-            if n.op == "call_function" and (is_complex_node(n) or any(is_complex_node(a) for a in n.all_input_nodes))
+            _describe(n)
+            for n in program.graph.nodes
+            if n.op == "call_function"
+            and (is_complex_node(n) or any(is_complex_node(a) for a in n.all_input_nodes))
             and _rule(n) is None
         ]
         if unsupported:
-            problems.append("complex op(s) it cannot rewrite: " + ", ".join(unsupported[:12])
-                            + (f" and {len(unsupported) - 12} more" if len(unsupported) > 12 else ""))
+            problems.append(
+                "complex op(s) it cannot rewrite: "
+                + ", ".join(unsupported[:12])
+                + (f" and {len(unsupported) - 12} more" if len(unsupported) > 12 else "")
+            )
         if problems:
-            raise PassError(f"{self.name}: " + "; ".join(problems) + ". It rewrites complex rotary embeddings "
-                            "(view_as_complex, complex multiply, view_as_real, and the layout ops between them).")
+            raise PassError(
+                f"{self.name}: " + "; ".join(problems) + ". It rewrites complex rotary embeddings "
+                "(view_as_complex, complex multiply, view_as_real, and the layout ops between them)."
+            )
 
     # ----- rewrite ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,8 +192,10 @@ class RealRotary(Pass):
         graph = program.graph
         self._fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
         if self._fake_mode is None:
-            raise PassError(f"{self.name}: the program's placeholders carry no shape metadata (meta['val']); "
-                            "capture it with sparsec.capture")
+            raise PassError(
+                f"{self.name}: the program's placeholders carry no shape metadata (meta['val']); "
+                "capture it with sparsec.capture"
+            )
         parts: dict[Node, tuple[Any, Any]] = {}  # complex node -> (real part, imaginary part)
         tables: dict[str, list[str]] = {}
         multiplies: list[str] = []  # module paths of the complex multiplies (the rotations)
@@ -181,8 +225,9 @@ class RealRotary(Pass):
                     real, imag = parts[node.args[0]]
                     parts[node] = (real, self._emit(graph, node, aten.neg.default, (imag,)))
                 elif rule == "partwise":
-                    parts[node] = tuple(self._emit(graph, node, node.target, *self._on_part(node, parts, i))
-                                        for i in (0, 1))
+                    parts[node] = tuple(
+                        self._emit(graph, node, node.target, *self._on_part(node, parts, i)) for i in (0, 1)
+                    )
                 else:  # requires() refuses these; reaching here means the graph changed in between
                     raise PassError(f"{self.name}: cannot rewrite complex op {_describe(node)}")
             rewritten.append(node)
@@ -190,12 +235,18 @@ class RealRotary(Pass):
             if not node.users:
                 graph.erase_node(node)
         stats = {"complex_ops_rewritten": len(rewritten), "complex_multiplies": len(multiplies), "tables": len(tables)}
-        return PassResult(modified=bool(rewritten) or bool(tables), stats=stats,
-                          decisions={"tables": tables, "complex_multiplies": multiplies})
+        return PassResult(
+            modified=bool(rewritten) or bool(tables),
+            stats=stats,
+            decisions={"tables": tables, "complex_multiplies": multiplies},
+        )
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
-        left = [_describe(n) if n.op == "call_function" else n.name for n in program.graph.nodes
-                if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)]
+        left = [
+            _describe(n) if n.op == "call_function" else n.name
+            for n in program.graph.nodes
+            if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)
+        ]
         if left:
             raise PassError(f"{self.name}: complex values remain after the rewrite: {', '.join(left[:12])}")
 
@@ -215,6 +266,7 @@ class RealRotary(Pass):
     def _on_part(self, node: Node, parts: dict[Node, tuple[Any, Any]], index: int) -> tuple[tuple, dict]:
         """`node`'s arguments with complex nodes replaced by their real (0) or imaginary (1) part, complex
         dtypes by the matching real dtype."""
+
         def convert(arg: Any) -> Any:
             if isinstance(arg, Node) and arg in parts:
                 return parts[arg][index]
@@ -234,8 +286,10 @@ class RealRotary(Pass):
             modulus, angle = node.args
             cos = self._emit(graph, node, aten.cos.default, (angle,))
             sin = self._emit(graph, node, aten.sin.default, (angle,))
-            return (self._emit(graph, node, aten.mul.Tensor, (modulus, cos)),
-                    self._emit(graph, node, aten.mul.Tensor, (modulus, sin)))
+            return (
+                self._emit(graph, node, aten.mul.Tensor, (modulus, cos)),
+                self._emit(graph, node, aten.mul.Tensor, (modulus, sin)),
+            )
         real, imag = node.args  # aten.complex
         return real, imag
 
@@ -247,8 +301,14 @@ class RealRotary(Pass):
 
     def _multiply(self, graph: Graph, node: Node, parts: dict[Node, tuple[Any, Any]]) -> tuple[Node, Node]:
         """(a + ib)(c + id) = (ac - bd) + i(ad + bc); with a real factor c: ac + i(bc)."""
-        a, b = (parts[x] if isinstance(x, Node) and x in parts else
-                (x.real, x.imag) if isinstance(x, complex) else (x, None) for x in node.args[:2])
+        a, b = (
+            parts[x]
+            if isinstance(x, Node) and x in parts
+            else (x.real, x.imag)
+            if isinstance(x, complex)
+            else (x, None)
+            for x in node.args[:2]
+        )
         (x_re, x_im), (y_re, y_im) = (a, b) if a[1] is not None else (b, a)
 
         def mul(p: Any, q: Any) -> Any:
@@ -270,7 +330,8 @@ class RealRotary(Pass):
         kind = "buffer" if spec.kind == InputKind.BUFFER else "constant"
         new_nodes = []
         for suffix, part in zip(suffixes, (value.real, value.imag)):
-            new_nodes.append(program.add_state(f"{spec.target}_{suffix}", part.contiguous(), kind,
-                                               persistent=bool(spec.persistent)))
+            new_nodes.append(
+                program.add_state(f"{spec.target}_{suffix}", part.contiguous(), kind, persistent=bool(spec.persistent))
+            )
         tables[spec.target] = [f"{spec.target}_{s}" for s in suffixes]
         return new_nodes[0], new_nodes[1]

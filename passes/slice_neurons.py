@@ -29,11 +29,11 @@ import torch
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group
 from sparsec.analysis.importance import Importance, neuron_importance
-from sparsec.errors import PassError
-from sparsec.transform.pass_manager import Pass, PassContext, PassResult
-from sparsec.ir.program import Program
-from sparsec.analysis.structure import Ffn
 from sparsec.analysis.regions import region_index
+from sparsec.analysis.structure import Ffn
+from sparsec.errors import PassError
+from sparsec.ir.program import Program
+from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
 class SliceNeurons(Pass):
@@ -71,8 +71,10 @@ class SliceNeurons(Pass):
         paths = {f.path: f for f in ffns}
         for path, indices in pinned.items():
             if path not in paths:
-                raise PassError(f"slice_neurons: kept names {path!r}, which is not an FFN matched by where="
-                                f"{self.options.where!r} (matched: {sorted(paths)[:6]})")
+                raise PassError(
+                    f"slice_neurons: kept names {path!r}, which is not an FFN matched by where="
+                    f"{self.options.where!r} (matched: {sorted(paths)[:6]})"
+                )
             width = paths[path].intermediate_size
             if not indices or len(set(indices)) != len(indices) or not all(0 <= i < width for i in indices):
                 raise PassError(f"slice_neurons: kept[{path!r}] must list distinct neuron indices in [0, {width})")
@@ -92,8 +94,10 @@ class SliceNeurons(Pass):
                 continue
             k = o.keep if o.keep is not None else round(o.keep_ratio * ffn.intermediate_size)
             if k < 1:
-                raise PassError(f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {ffn.intermediate_size} "
-                                f"neurons of {ffn.path}; raise it")
+                raise PassError(
+                    f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {ffn.intermediate_size} "
+                    f"neurons of {ffn.path}; raise it"
+                )
             if k > ffn.intermediate_size:
                 raise PassError(f"slice_neurons: keep {k} exceeds the {ffn.intermediate_size} neurons of {ffn.path}")
             targets.append(self._round(k, ffn.intermediate_size))
@@ -115,15 +119,18 @@ class SliceNeurons(Pass):
         total = round(self.options.keep_ratio * sum(f.intermediate_size for f in ffns))
         floor = max(1, self.options.round_to)
         if total < floor * len(ffns):
-            raise PassError(f"slice_neurons: keep_ratio {self.options.keep_ratio} keeps {total} neurons in all, "
-                            f"fewer than {floor} per FFN for {len(ffns)} FFNs; raise it")
+            raise PassError(
+                f"slice_neurons: keep_ratio {self.options.keep_ratio} keeps {total} neurons in all, "
+                f"fewer than {floor} per FFN for {len(ffns)} FFNs; raise it"
+            )
         threshold = torch.cat(scores).topk(total).values.min()
         return [self._round(max(floor, int((s >= threshold).sum())), f.intermediate_size) for f, s in zip(ffns, scores)]
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext,
-            plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int]]) -> PassResult:
+    def run(
+        self, program: Program, ctx: PassContext, plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int]]
+    ) -> PassResult:
         groups, targets = plan
         ffns = [f for f, _ in groups]
         pinned = self.options.kept or {}
@@ -140,30 +147,40 @@ class SliceNeurons(Pass):
             if k < ffn.intermediate_size:
                 group.apply(program, kept)
             q = torch.quantile(score.double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.double)).tolist()
-            decisions.append({
-                "path": ffn.path,
-                "kind": ffn.kind,
-                "width_before": ffn.intermediate_size,
-                "width_after": k,
-                "parameters_before": before,
-                "parameters_after": group.num_parameters(program),
-                "importance": {"min": q[0], "median": q[1], "max": q[2], "mean": float(score.mean()),
-                               "kept_min": float(score[kept].min())},
-                "kept_indices": kept.tolist(),
-            })
+            decisions.append(
+                {
+                    "path": ffn.path,
+                    "kind": ffn.kind,
+                    "width_before": ffn.intermediate_size,
+                    "width_after": k,
+                    "parameters_before": before,
+                    "parameters_after": group.num_parameters(program),
+                    "importance": {
+                        "min": q[0],
+                        "median": q[1],
+                        "max": q[2],
+                        "mean": float(score.mean()),
+                        "kept_min": float(score[kept].min()),
+                    },
+                    "kept_indices": kept.tolist(),
+                }
+            )
         modified = any(d["width_after"] < d["width_before"] for d in decisions)
         stats = {
             "ffns": len(decisions),
             "neurons_before": sum(d["width_before"] for d in decisions),
             "neurons_after": sum(d["width_after"] for d in decisions),
         }
-        return PassResult(modified=modified, stats=stats, decisions={"importance": self.options.importance,
-                                                                      "scope": self.options.scope, "ffns": decisions})
+        return PassResult(
+            modified=modified,
+            stats=stats,
+            decisions={"importance": self.options.importance, "scope": self.options.scope, "ffns": decisions},
+        )
 
     def targets(self, program: Program) -> list[str]:
         return [f.path for f in region_index(program).ffns(self.options.where)]
 
-    def replay(self, decisions: dict, shared: list[str]) -> "SliceNeurons":
+    def replay(self, decisions: dict, shared: list[str]) -> SliceNeurons:
         """The same neurons kept in the `shared` FFNs (as `kept`); the others decided by the options."""
         kept = {d["path"]: d["kept_indices"] for d in decisions["ffns"] if d["path"] in shared}
         return SliceNeurons(dataclasses.replace(self.options, kept={**(self.options.kept or {}), **kept}))
@@ -172,4 +189,6 @@ class SliceNeurons(Pass):
         for decision in result.decisions["ffns"]:
             ffn = next((f for f in region_index(program).ffns() if f.path == decision["path"]), None)
             if ffn is None or ffn.intermediate_size != decision["width_after"]:
-                raise PassError(f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}")
+                raise PassError(
+                    f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}"
+                )

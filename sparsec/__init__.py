@@ -12,10 +12,9 @@ from sparsec.errors import (
     SparsecError,
     VerificationError,
 )
-from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe: programs holding it load and run)
 from sparsec.ir.program import Program
-from sparsec.ir.tags import TagRule, Tagger
-
+from sparsec.ir.tags import Tagger, TagRule
+from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe: programs holding it load and run)
 
 __all__ = [
     "capture",

@@ -14,7 +14,7 @@ import torch
 from sparsec.families import GENERIC, Family, detect_family
 from sparsec.ir.capture import capture_program, check_example_inputs
 from sparsec.ir.program import Program
-from sparsec.ir.tags import TagRule, Tagger
+from sparsec.ir.tags import Tagger, TagRule
 
 DynamicSpec = bool | Mapping[str, Mapping[int, str]]
 
@@ -44,9 +44,9 @@ def capture(
     Raises:
         CaptureError: naming the failing module, the line of model code and a hint.
 
-    Example:
-        >>> ids = torch.randint(0, 100, (2, 16))
-        >>> program = sparsec.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    Example::
+        ids = torch.randint(0, 100, (2, 16))
+        program = sparsec.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     """
     check_example_inputs(example_inputs)
     family = family or detect_family(model)
@@ -64,5 +64,7 @@ def capture(
             f"{type(model).__name__} (model_type {model_type!r}) is not a family sparsec knows: every region is tagged "
             "'shared'. Mark its components with tag rules, e.g. capture(..., tags=[TagRule('model.vision_tower', "
             "'understanding')]) or a recipe `tags:` section ([{glob: 'model.vision_tower', tag: understanding}])",
-            UnknownFamilyWarning, stacklevel=2)
+            UnknownFamilyWarning,
+            stacklevel=2,
+        )
     return program

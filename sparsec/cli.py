@@ -13,8 +13,8 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from sparsec.exporters.targets import available_targets
 from sparsec.errors import SparsecError
+from sparsec.exporters.targets import available_targets
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
 
@@ -26,8 +26,8 @@ def default_recipe_path() -> Path:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sparsec.capture import capture
     from sparsec.analysis.inspection import explain, format_inspection, inspect_program
+    from sparsec.capture import capture
     from sparsec.models import load_model
     from sparsec.recipe import Recipe
 
@@ -54,9 +54,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if not args.out and not args.dry_run:
         raise SparsecError("--out DIR is required (or --dry-run to see the passes' decisions without writing)")
     recipe = Recipe.load(args.recipe or default_recipe_path())
-    report = compile_model(args.model, recipe, args.out, calib=args.calib, progress=not args.quiet,
-                           log=None if args.quiet else _log, dry_run=args.dry_run, target=args.target,
-                           dtype=args.dtype, device=args.device)
+    report = compile_model(
+        args.model,
+        recipe,
+        args.out,
+        calib=args.calib,
+        progress=not args.quiet,
+        log=None if args.quiet else _log,
+        dry_run=args.dry_run,
+        target=args.target,
+        dtype=args.dtype,
+        device=args.device,
+    )
     if args.dry_run:
         print(_decisions(report))
     elif not args.quiet:
@@ -84,10 +93,14 @@ def _pass_decisions(passes: list[dict]) -> list[str]:
 
     lines = []
     for p in passes:
-        quality = "; ".join(f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
-                            for o, m in (p["quality"] or {}).items())
-        lines.append(f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
-                     + (f" ({quality})" if quality else ""))
+        quality = "; ".join(
+            f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
+            for o, m in (p["quality"] or {}).items()
+        )
+        lines.append(
+            f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
+            + (f" ({quality})" if quality else "")
+        )
         lines += get_pass(p["name"]).describe_decisions(p["decisions"])
     return lines
 
@@ -101,18 +114,24 @@ def _summary(report: dict) -> str:
     for entry, program in _programs(report):
         if entry:
             lines.append(f"entry      {entry}/")
-        lines += [f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
-                  f"calibration {program['calibration']['source']}"]
+        lines += [
+            f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
+            f"calibration {program['calibration']['source']}",
+        ]
         for p in program["passes"]:
-            lines.append(f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
-                         f"{p['parameters_after']:,} ({p['seconds']:.2f}s)")
+            lines.append(
+                f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
+                f"{p['parameters_after']:,} ({p['seconds']:.2f}s)"
+            )
         if "parity" in program:
             parity = program["parity"]
             for name, m in parity["metrics"].items():
                 extra = f" top1 {m['top1']:.4f}" if "top1" in m else ""
                 tail = "".join(f" {k} {m[k]:.2e}" for k in m if k.startswith("p99") and k.endswith("_abs"))
-                lines.append(f"parity     {name}: {parity['backend']} {parity['precision']}: cosine {m['cosine']:.6f} "
-                             f"rel_l2 {m['rel_l2']:.2e} max_abs {m['max_abs']:.2e}{tail}{extra} at {parity['input_shapes']}")
+                lines.append(
+                    f"parity     {name}: {parity['backend']} {parity['precision']}: cosine {m['cosine']:.6f} "
+                    f"rel_l2 {m['rel_l2']:.2e} max_abs {m['max_abs']:.2e}{tail}{extra} at {parity['input_shapes']}"
+                )
         lines.append("artifacts  " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in program["artifacts"].items()))
     lines.append("seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
@@ -151,18 +170,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name, values in outputs.items():
         value = torch.cat(values) if values[0].dim() else values[0]
         floats = value.double()
-        summary[name] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
-                         "mean": float(floats.mean()), "std": float(floats.std()) if floats.numel() > 1 else 0.0,
-                         "finite": float(torch.isfinite(floats).double().mean())}
-    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
-              "batches": len(batches), "outputs": summary}
+        summary[name] = {
+            "shape": list(value.shape),
+            "dtype": str(value.dtype).replace("torch.", ""),
+            "mean": float(floats.mean()),
+            "std": float(floats.std()) if floats.numel() > 1 else 0.0,
+            "finite": float(torch.isfinite(floats).double().mean()),
+        }
+    result = {
+        "artifact": str(args.artifact),
+        "target": args.target,
+        "inputs": source,
+        "batches": len(batches),
+        "outputs": summary,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{args.artifact} on {args.target}, {len(batches)} batch(es) of {source}")
         for name, m in summary.items():
-            print(f"  {name}: {m['shape']} {m['dtype']} mean {m['mean']:.4g} std {m['std']:.4g} "
-                  f"finite {100 * m['finite']:.1f}%")
+            print(
+                f"  {name}: {m['shape']} {m['dtype']} mean {m['mean']:.4g} std {m['std']:.4g} "
+                f"finite {100 * m['finite']:.1f}%"
+            )
     return 0
 
 
@@ -172,16 +202,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     runner = load_artifact(args.artifact, args.target)
     batches, source = _artifact_inputs(args)
     batch = batches[0]
-    result = {"artifact": str(args.artifact), "target": args.target, "inputs": source,
-              "input_shapes": {k: list(v.shape) for k, v in batch.items()},
-              **timing(runner, batch, warmup=args.warmup, runs=args.runs)}
+    result = {
+        "artifact": str(args.artifact),
+        "target": args.target,
+        "inputs": source,
+        "input_shapes": {k: list(v.shape) for k, v in batch.items()},
+        **timing(runner, batch, warmup=args.warmup, runs=args.runs),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
-              f"{args.warmup} warm-up, {args.runs} timed runs")
-        print(f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
-              f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}")
+        print(
+            f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
+            f"{args.warmup} warm-up, {args.runs} timed runs"
+        )
+        print(
+            f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+            f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}"
+        )
     return 0
 
 
@@ -201,8 +239,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
     from sparsec.models import load_model
+    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
     from sparsec.recipe import Recipe
 
     if not args.out:
@@ -212,7 +250,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         head, _, path = item.partition("=")
         name, _, entry = head.partition("@")
         if not name or name in specs:
-            raise SparsecError(f"--task {item!r}: give NAME[@ENTRY]=FILE (or NAME for synthetic inputs), each name once")
+            raise SparsecError(
+                f"--task {item!r}: give NAME[@ENTRY]=FILE (or NAME for synthetic inputs), each name once"
+            )
         specs[name] = (entry or None, path or None)
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
@@ -220,12 +260,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     loaded = load_model(args.model)
-    tasks = load_tasks(loaded.model, specs, tags=recipe.tags, capture_batch=recipe.capture.batch,
-                       capture_seq=recipe.capture.seq, samples=args.samples, seq=args.seq, log=_log)
+    tasks = load_tasks(
+        loaded.model,
+        specs,
+        tags=recipe.tags,
+        capture_batch=recipe.capture.batch,
+        capture_seq=recipe.capture.seq,
+        samples=args.samples,
+        seq=args.seq,
+        log=_log,
+    )
     components = args.components.split(",") if args.components else ["understanding", "generation"]
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
-    probe = Probe(tasks, components=components, kinds=kinds, strict=bool(args.components or args.kinds),
-                  top_fraction=args.top_fraction, metric=args.metric, progress=not args.quiet)
+    probe = Probe(
+        tasks,
+        components=components,
+        kinds=kinds,
+        strict=bool(args.components or args.kinds),
+        top_fraction=args.top_fraction,
+        metric=args.metric,
+        progress=not args.quiet,
+    )
     for skipped in probe.skipped:
         _log(f"skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
     result = probe.run(ratios)
@@ -237,73 +292,118 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    model_help = ("a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
-                  + ", ".join(BUILTIN_PREFIX + b for b in sorted(builtin_names())) + f" (default: {DEFAULT_MODEL})")
+    model_help = (
+        "a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
+        + ", ".join(BUILTIN_PREFIX + b for b in sorted(builtin_names()))
+        + f" (default: {DEFAULT_MODEL})"
+    )
     parser = argparse.ArgumentParser(
         prog="sparsec",
         description="Capture a transformer as one FX graph, rewrite it with quality-checked passes, lower it to ONNX.",
         epilog="Run 'sparsec COMMAND --help' for a command's options. Exit codes: 0 ok, 1 quality/parity "
-               "check failed (nothing written), 2 bad input, 3 internal error.",
+        "check failed (nothing written), 2 bad input, 3 internal error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show regions, component tags, parameters and FLOPs per component",
-                       description="Capture the model and show its regions, component tags (understanding / "
-                                   "generation / shared), parameters and FLOPs per component, block stacks and FFNs.")
+    p = sub.add_parser(
+        "inspect",
+        help="show regions, component tags, parameters and FLOPs per component",
+        description="Capture the model and show its regions, component tags (understanding / "
+        "generation / shared), parameters and FLOPs per component, block stacks and FFNs.",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--why", metavar="PATH",
-                   help="say whether module PATH is an FFN / a residual block, and if not which node broke which rule")
+    p.add_argument(
+        "--why",
+        metavar="PATH",
+        help="say whether module PATH is an FFN / a residual block, and if not which node broke which rule",
+    )
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("compile", help="run a recipe's passes and write program.pt2, model.onnx and report.json",
-                       description="Capture the model, run the recipe's passes (each verified and quality-checked on "
-                                   "calibration data), save the program, export ONNX and check it in ONNX Runtime. "
-                                   "Artifacts appear in --out only if every check passed.")
+    p = sub.add_parser(
+        "compile",
+        help="run a recipe's passes and write program.pt2, model.onnx and report.json",
+        description="Capture the model, run the recipe's passes (each verified and quality-checked on "
+        "calibration data), save the program, export ONNX and check it in ONNX Runtime. "
+        "Artifacts appear in --out only if every check passed.",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--recipe", help="recipe YAML (default: the built-in default recipe, no compression passes)")
     p.add_argument("--out", help="output directory (created; an earlier sparsec output there is replaced)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing")
-    p.add_argument("--calib", help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
-                                   "(overrides the recipe's calibration.file; default: synthetic random inputs)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the passes and print their decisions (e.g. layer rankings) and quality; write nothing",
+    )
+    p.add_argument(
+        "--calib",
+        help="calibration inputs: .safetensors/.npz of model inputs, or .txt/.jsonl text "
+        "(overrides the recipe's calibration.file; default: synthetic random inputs)",
+    )
     targets = available_targets()
-    p.add_argument("--target", default="onnxruntime", choices=list(targets),
-                   help="backend the artifact is built and parity-checked for, checked before any work: "
-                        + "; ".join(f"{name}: {t.description}" for name, t in targets.items()).replace("%", "%%")
-                        + " (entry-point group 'sparsec.targets' adds more)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype the model loads and runs in (default: the recipe's model.dtype, auto: the checkpoint's "
-                        "own; a half-precision program is written as FP32 ONNX for FP32 targets)")
-    p.add_argument("--device", help="device of every PyTorch step: cpu or cuda[:N] (default: the recipe's model.device, cpu)")
+    p.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=list(targets),
+        help="backend the artifact is built and parity-checked for, checked before any work: "
+        + "; ".join(f"{name}: {t.description}" for name, t in targets.items()).replace("%", "%%")
+        + " (entry-point group 'sparsec.targets' adds more)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype the model loads and runs in (default: the recipe's model.dtype, auto: the checkpoint's "
+        "own; a half-precision program is written as FP32 ONNX for FP32 targets)",
+    )
+    p.add_argument(
+        "--device", help="device of every PyTorch step: cpu or cuda[:N] (default: the recipe's model.device, cpu)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser(
-        "analyze", help="probe which component (understanding / generation) tolerates depth and width compression",
+        "analyze",
+        help="probe which component (understanding / generation) tolerates depth and width compression",
         description="Compress one component at a time (by component tags), in depth (skip its most redundant blocks) "
-                    "or width (zero its least important FFN neurons), over a sweep of ratios, and measure each task's "
-                    "quality relative to the uncompressed model; also the dynamic sparsity of every FFN (Jaccard "
-                    "overlap of each sample's top neurons, within and across tasks). Training-free: one statistics "
-                    "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
+        "or width (zero its least important FFN neurons), over a sweep of ratios, and measure each task's "
+        "quality relative to the uncompressed model; also the dynamic sparsity of every FFN (Jaccard "
+        "overlap of each sample's top neurons, within and across tasks). Training-free: one statistics "
+        "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
         epilog="Example: sparsec analyze --model builtin:tiny-mot --task understanding=und.safetensors "
-               "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe")
+        "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--task", action="append", metavar="NAME[@ENTRY]=FILE",
-                   help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
-                        "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "
-                        "both synthetic). ENTRY: the entry point serving it (Janus: understanding, generation_step; "
-                        "default: the one named like the task, generation_step for 'generation', else forward)")
-    p.add_argument("--components", help="comma-separated components to compress (default: understanding,generation; "
-                                        "given explicitly, one with nothing to compress is an error)")
+    p.add_argument(
+        "--task",
+        action="append",
+        metavar="NAME[@ENTRY]=FILE",
+        help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
+        "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "
+        "both synthetic). ENTRY: the entry point serving it (Janus: understanding, generation_step; "
+        "default: the one named like the task, generation_step for 'generation', else forward)",
+    )
+    p.add_argument(
+        "--components",
+        help="comma-separated components to compress (default: understanding,generation; "
+        "given explicitly, one with nothing to compress is an error)",
+    )
     p.add_argument("--kinds", help="comma-separated: depth, width (default: both)")
-    p.add_argument("--ratios", default="0.125,0.25,0.375,0.5",
-                   help="fractions removed, each in (0, 1) (default: %(default)s)")
-    p.add_argument("--metric", default="auto", choices=["auto", "top1", "cosine", "kl", "rel_l2"],
-                   help="headline quality metric (auto: top-1 agreement for logits, else cosine)")
-    p.add_argument("--top-fraction", type=float, default=0.1,
-                   help="share of an FFN's neurons counted as highly active for the overlap (default: %(default)s)")
+    p.add_argument(
+        "--ratios", default="0.125,0.25,0.375,0.5", help="fractions removed, each in (0, 1) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--metric",
+        default="auto",
+        choices=["auto", "top1", "cosine", "kl", "rel_l2"],
+        help="headline quality metric (auto: top-1 agreement for logits, else cosine)",
+    )
+    p.add_argument(
+        "--top-fraction",
+        type=float,
+        default=0.1,
+        help="share of an FFN's neurons counted as highly active for the overlap (default: %(default)s)",
+    )
     p.add_argument("--samples", type=int, default=16, help="synthetic samples per task (default: %(default)s)")
     p.add_argument("--seq", type=int, default=32, help="synthetic sequence length (default: %(default)s)")
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
@@ -311,26 +411,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_cmd_analyze)
 
-    for name, helptext in (("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
-                           ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles")):
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
-                           "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).")
+    for name, helptext in (
+        ("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
+        ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
+            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).",
+        )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
-        p.add_argument("--target", default="onnxruntime", choices=list(targets),
-                       help="backend to run it on (default: %(default)s)")
+        p.add_argument(
+            "--target", default="onnxruntime", choices=list(targets), help="backend to run it on (default: %(default)s)"
+        )
         p.add_argument("--calib", help="inputs: a .safetensors/.npz file of the model's inputs (default: synthetic)")
         p.add_argument("--samples", type=int, default=16, help="samples read from --calib (default: %(default)s)")
         p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
-        p.add_argument("--dims", default="batch=1,seq=128",
-                       help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)")
+        p.add_argument(
+            "--dims",
+            default="batch=1,seq=128",
+            help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
         if name == "bench":
             p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
             p.add_argument("--runs", type=int, default=20, help="timed runs (default: %(default)s)")
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
-    p = sub.add_parser("passes", help="list registered passes and their options",
-                       description="List every registered pass (built-in, entry point 'sparsec.passes') with options.")
+    p = sub.add_parser(
+        "passes",
+        help="list registered passes and their options",
+        description="List every registered pass (built-in, entry point 'sparsec.passes') with options.",
+    )
     p.set_defaults(func=_cmd_passes)
     return parser
 

@@ -21,16 +21,16 @@ import torch
 
 from sparsec import __version__
 from sparsec.analysis.regions import block_boundaries
+from sparsec.capture import capture
 from sparsec.data.calibration import load_calibration
 from sparsec.data.parity import ProgramReference
-from sparsec.capture import capture
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points
 from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
-from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 from sparsec.recipe import Recipe
 from sparsec.resources import DTYPE_BYTES, GiB, available_memory, check_fits, checkpoint_facts, estimate_compile
+from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 
 ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")  # and each target's `Target.artifacts`
 
@@ -67,8 +67,9 @@ def _check_out_dir(out_dir: Path, entry_names: Sequence[str] = ()) -> None:
         raise SparsecError(f"--out {out_dir} exists and is not a directory")
     if out_dir.is_dir():
         ours = set(ARTIFACTS).union(*(t.artifacts for t in available_targets().values()))
-        foreign = [p.name for p in out_dir.iterdir()
-                   if p.name not in ours and not (p.is_dir() and p.name in entry_names)]
+        foreign = [
+            p.name for p in out_dir.iterdir() if p.name not in ours and not (p.is_dir() and p.name in entry_names)
+        ]
         if foreign:
             raise SparsecError(
                 f"--out {out_dir} holds files sparsec did not write ({foreign[:5]}); "
@@ -132,10 +133,10 @@ def compile_model(
         SparsecError: bad model, recipe, calibration data or output directory (before any work where possible).
         QualityError: a quality gate or the backend parity check failed; nothing is written.
 
-    Example:
-        >>> report = compile_model("builtin:tiny-qwen2", Recipe.load("recipe.yaml"), "out/")
-        >>> report["parity"]["metrics"]["logits"]["cosine"] > 0.9999
-        True
+    Example::
+        report = compile_model("builtin:tiny-qwen2", Recipe.load("recipe.yaml"), "out/")
+        report["parity"]["metrics"]["logits"]["cosine"] > 0.9999
+        # True
     """
     say = log or (lambda _: None)
     if not dry_run:
@@ -152,8 +153,9 @@ def compile_model(
     parse_dtype(dtype)
     blocker = _lazy_blocker(recipe, dry_run)
     if lazy and (blocker or str(model).startswith(BUILTIN_PREFIX)):
-        raise SparsecError(f"cannot read the weights of {model} lazily: "
-                           + (blocker or "a built-in model has no checkpoint files"))
+        raise SparsecError(
+            f"cannot read the weights of {model} lazily: " + (blocker or "a built-in model has no checkpoint files")
+        )
     if not str(model).startswith(BUILTIN_PREFIX) and Path(model).is_dir():
         estimate = _memory_estimate(Path(model), recipe, dtype, target if not dry_run and recipe.export.onnx else None)
         if estimate is not None:
@@ -165,14 +167,22 @@ def compile_model(
                 check_fits(estimate, f"compiling {model}")
     lazy = bool(lazy)
 
-    say(f"[sparsec] loading {model}" + (" (weights read lazily from its files: nothing needs to run the model)"
-                                        if lazy else ""))
+    say(
+        f"[sparsec] loading {model}"
+        + (" (weights read lazily from its files: nothing needs to run the model)" if lazy else "")
+    )
     t = time.perf_counter()
     loaded = load_model(model, dtype=dtype, device=device, weights="lazy" if lazy else True)
     times["load"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    model_facts = {"source": loaded.name, "family": loaded.family.name, "class": type(loaded.model).__name__,
-                   "parameters": n_params, "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(device)}
+    model_facts = {
+        "source": loaded.name,
+        "family": loaded.family.name,
+        "class": type(loaded.model).__name__,
+        "parameters": n_params,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(device),
+    }
     units = _units(loaded, recipe, calib)
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
@@ -186,15 +196,20 @@ def compile_model(
     times["capture"] = time.perf_counter() - t
     for unit in units:
         if lazy:
-            unit.report["calibration"] = {"skipped": "weights read lazily: no pass needs data and no quality gate "
-                                                     "is set, so the model is not run (no quality metrics)"}
+            unit.report["calibration"] = {
+                "skipped": "weights read lazily: no pass needs data and no quality gate "
+                "is set, so the model is not run (no quality metrics)"
+            }
             continue
         unit.load_calibration(loaded, recipe, say)
         unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
     del loaded
     gc.collect()
 
-    say(f"[sparsec] running {len(recipe.passes)} pass(es)" + (f" on {len(units)} entry points" if recipe.entry_points else ""))
+    say(
+        f"[sparsec] running {len(recipe.passes)} pass(es)"
+        + (f" on {len(units)} entry points" if recipe.entry_points else "")
+    )
     t = time.perf_counter()
     decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
     try:
@@ -275,14 +290,21 @@ class _Unit:
             self.calibration.cuts = block_boundaries
         label = f"[sparsec] calibration{f' ({self.name})' if recipe.entry_points else ''}"
         if self.calibration.synthetic:
-            say(f"{label}: {self.calibration.source}: no calibration file given, so importance scores are "
-                "not meaningful (pass --calib FILE)")
+            say(
+                f"{label}: {self.calibration.source}: no calibration file given, so importance scores are "
+                "not meaningful (pass --calib FILE)"
+            )
         else:
             say(f"{label}: {len(self.calibration)} samples from {self.calibration.source}")
         self.report["calibration"] = self.calibration.describe()
 
-    def run_passes(self, recipe: Recipe, decided: dict[int, list[tuple[list[str], Any]]], progress: bool,
-                   say: Callable[[str], None]) -> None:
+    def run_passes(
+        self,
+        recipe: Recipe,
+        decided: dict[int, list[tuple[list[str], Any]]],
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> None:
         """Run the recipe's passes; a pass repeats earlier programs' decisions on the weights it shares with them."""
         ran: list[tuple[Pass, list[str] | None]] = []
         skipped: list[str] = []
@@ -296,7 +318,9 @@ class _Unit:
             for earlier_targets, decisions in decided.get(id(p), []) if targets else []:
                 shared = sorted(set(targets) & set(earlier_targets))
                 if shared:
-                    say(f"[sparsec]   {p.name} ({self.name}): repeating the decisions on {len(shared)} shared target(s)")
+                    say(
+                        f"[sparsec]   {p.name} ({self.name}): repeating the decisions on {len(shared)} shared target(s)"
+                    )
                     run = p.replay(decisions, shared)
                     break
             ran.append((p, targets))
@@ -304,8 +328,9 @@ class _Unit:
 
         ctx = PassContext(calibration=self.calibration, seed=recipe.calibration.seed, progress=progress)
         label = f" ({self.name})" if recipe.entry_points else ""
-        records = PassManager(recipe.passes, gates=recipe.quality, prepare=prepare,
-                              instruments=[_PassProgress(say, label)]).run(self.program, ctx)
+        records = PassManager(
+            recipe.passes, gates=recipe.quality, prepare=prepare, instruments=[_PassProgress(say, label)]
+        ).run(self.program, ctx)
         for (p, targets), record in zip(ran, records):
             if targets:
                 decided.setdefault(id(p), []).append((targets, record.decisions))
@@ -314,8 +339,9 @@ class _Unit:
             self.report["passes_skipped"] = {name: "nothing to change in this program" for name in skipped}
         self.report["parameters"] = {"before": self.captured_parameters, "after": self.program.num_parameters()}
 
-    def write(self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float],
-              say: Callable[[str], None]) -> None:
+    def write(
+        self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float], say: Callable[[str], None]
+    ) -> None:
         """program.pt2 (unless `export.pt2: false`), model.onnx (lowered as `target` asks), the target's artifact, and
         backend parity, which releases the program (`self.program` is None afterwards)."""
         label = f" ({self.name})" if recipe.entry_points else ""
@@ -334,24 +360,42 @@ class _Unit:
         say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
         t = time.perf_counter()
         fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
-        self.report["export"] = export_onnx(self.program, fp32_path, opset=export.opset,
-                                            external_data=export.external_data, moe_lowering=export.moe_lowering,
-                                            scatter_reduction=lowering.scatter_reduction, upcast=upcast)
+        self.report["export"] = export_onnx(
+            self.program,
+            fp32_path,
+            opset=export.opset,
+            external_data=export.external_data,
+            moe_lowering=export.moe_lowering,
+            scatter_reduction=lowering.scatter_reduction,
+            upcast=upcast,
+        )
         if convert:
             from sparsec.exporters.lowering.precision import convert_precision
 
             say(f"[sparsec] converting ONNX to {lowering.precision} (norms, softmax, router kept fp32){label}")
-            self.report["export"]["precision"] = convert_precision(fp32_path, onnx_path, lowering.precision,
-                                                                   keep_ops=export.keep_fp32)
+            self.report["export"]["precision"] = convert_precision(
+                fp32_path, onnx_path, lowering.precision, keep_ops=export.keep_fp32
+            )
             for path in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
                 path.unlink(missing_ok=True)
             data = onnx_path.with_name(onnx_path.name + ".data")  # the export facts now describe the converted file
-            self.report["export"].update(path=onnx_path.name, external_data=data.name if data.exists() else None,
-                                         bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0))
+            self.report["export"].update(
+                path=onnx_path.name,
+                external_data=data.name if data.exists() else None,
+                bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0),
+            )
         times["export"] = times.get("export", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        self.report.update(target.build(self.program, onnx_path, directory, recipe, self.calibration,
-                                        log=lambda line: say(f"[sparsec] {line}{label}")))
+        self.report.update(
+            target.build(
+                self.program,
+                onnx_path,
+                directory,
+                recipe,
+                self.calibration,
+                log=lambda line: say(f"[sparsec] {line}{label}"),
+            )
+        )
         say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
         parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
         reference = ProgramReference(self.program, self.calibration, export.parity.samples, release=self._release)
@@ -381,8 +425,10 @@ class _PassProgress(PassInstrument):
 
     def after_pass(self, p: Pass, program, ctx: PassContext, result, record) -> None:
         q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
-        self.say(f"[sparsec]   {record.name}{self.label}: params {record.parameters_before:,} -> "
-                 f"{record.parameters_after:,}" + (f" ({q})" if q else "") + f", {record.seconds:.1f}s")
+        self.say(
+            f"[sparsec]   {record.name}{self.label}: params {record.parameters_before:,} -> "
+            f"{record.parameters_after:,}" + (f" ({q})" if q else "") + f", {record.seconds:.1f}s"
+        )
 
 
 PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest: parity is judged at the coarser of two
@@ -430,10 +476,15 @@ def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | 
         onnx_bytes = 4 if get_target(target).lowering(recipe).precision == "fp32" else 2
     cal = recipe.calibration
     return estimate_compile(
-        elements, load_bytes, onnx_bytes_per_element=onnx_bytes, calibration_tokens=cal.samples * cal.seq_len,
+        elements,
+        load_bytes,
+        onnx_bytes_per_element=onnx_bytes,
+        calibration_tokens=cal.samples * cal.seq_len,
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         output_width=int(text.get("vocab_size") or config.get("vocab_size") or 0),
-        hidden=int(text.get("hidden_size") or 0), layers=int(text.get("num_hidden_layers") or 0))
+        hidden=int(text.get("hidden_size") or 0),
+        layers=int(text.get("num_hidden_layers") or 0),
+    )
 
 
 def _available() -> str:
@@ -456,10 +507,13 @@ def _units(loaded, recipe: Recipe, calib: str | Path | None) -> list[_Unit]:
         return [_Unit(name, entry, calib or recipe.calibration.file)]
     unknown = [e for e in recipe.entry_points if e not in entries]
     if unknown:
-        raise SparsecError(f"entry_points: {unknown} are not entry points of this {loaded.family.name} model; it has "
-                           f"{sorted(entries)}")
+        raise SparsecError(
+            f"entry_points: {unknown} are not entry points of this {loaded.family.name} model; it has {sorted(entries)}"
+        )
     files = recipe.calibration.files or {}
-    return [_Unit(name, entries[name], files.get(name) or calib or recipe.calibration.file) for name in recipe.entry_points]
+    return [
+        _Unit(name, entries[name], files.get(name) or calib or recipe.calibration.file) for name in recipe.entry_points
+    ]
 
 
 def _move_into_place(stage: Path, out_dir: Path) -> None:

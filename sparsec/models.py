@@ -32,10 +32,17 @@ from typing import Literal
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.families import (
+    Family,
+    available_families,
+    builtin_family,
+    builtin_names,
+    detect_family,
+    family_for_model_type,
+)
 from sparsec.ir.program import Program
 from sparsec.ir.stored import StoredTensor
 from sparsec.resources import checkpoint_facts
-from sparsec.families import Family, available_families, builtin_family, builtin_names, detect_family, family_for_model_type
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -44,8 +51,10 @@ def builtin_config(name: str):
     """The config of a built-in tiny model (`tiny-qwen2`, `tiny-janus`, ...: `builtin_names()`)."""
     family = builtin_family(name)
     if name not in family.builtin_configs:
-        raise SparsecError(f"{name} has no transformers config (a {family.name} model built directly): use "
-                           f"load_model('{BUILTIN_PREFIX}{name}')")
+        raise SparsecError(
+            f"{name} has no transformers config (a {family.name} model built directly): use "
+            f"load_model('{BUILTIN_PREFIX}{name}')"
+        )
     return family.builtin_configs[name]()
 
 
@@ -104,8 +113,10 @@ class LoadedModel:
         names = [n for n in program.state_placeholders() if n in parameters]
         missing = [n for n in names if n not in self.stored]
         if self.stored and missing:
-            raise SparsecError(f"{self.directory}: the checkpoint has no tensor for {len(missing)} parameter(s) "
-                               f"({missing[:3]}); it does not match config.json: re-save the model")
+            raise SparsecError(
+                f"{self.directory}: the checkpoint has no tensor for {len(missing)} parameter(s) "
+                f"({missing[:3]}); it does not match config.json: re-save the model"
+            )
         program.attach_weights({n: self.stored.get(n) for n in names})
 
     @property
@@ -124,8 +135,10 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise SparsecError(f"--device {device!r}: sparsec runs on cpu or cuda[:N]")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise SparsecError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
-                               "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+            raise SparsecError(
+                f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise SparsecError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return parsed
@@ -140,8 +153,9 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu",
-               weights: bool | Literal["lazy"] = True) -> LoadedModel:
+def load_model(
+    spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu", weights: bool | Literal["lazy"] = True
+) -> LoadedModel:
     """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
 
     `dtype`, `device`, `weights`: see the module docstring. Bad values are refused before anything loads.
@@ -159,7 +173,7 @@ def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.dev
     if spec.startswith(BUILTIN_PREFIX):
         if weights == "lazy":
             raise SparsecError(f"{spec}: a built-in model has no checkpoint to read lazily; use weights=True")
-        name = spec[len(BUILTIN_PREFIX):]
+        name = spec[len(BUILTIN_PREFIX) :]
         family = builtin_family(name)
         if name in family.builtin_models:
             model = family.builtin_models[name](0)
@@ -198,19 +212,31 @@ def load_model(spec: str | Path, *, dtype: str = "auto", device: str | torch.dev
     if weights == "lazy":
         checkpoint_facts(directory)
         model = _build_unallocated(config, cast or _checkpoint_dtype(directory))
-        return LoadedModel(model, detect_family(model), str(directory), directory, weights="lazy",
-                           stored=_stored_tensors(model, directory))
+        return LoadedModel(
+            model,
+            detect_family(model),
+            str(directory),
+            directory,
+            weights="lazy",
+            stored=_stored_tensors(model, directory),
+        )
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     cls = _model_class(config)
     try:
-        model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
-                                    dtype=cast if cast is not None else "auto",
-                                    device_map=str(device) if device.type == "cuda" else None).eval()
+        model = cls.from_pretrained(
+            str(directory),
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=cast if cast is not None else "auto",
+            device_map=str(device) if device.type == "cuda" else None,
+        ).eval()
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
             raise
-        raise SparsecError(f"{directory}: cannot read its safetensors weights ({exc}); the files are truncated or "
-                           "corrupt: copy or re-save the checkpoint") from exc
+        raise SparsecError(
+            f"{directory}: cannot read its safetensors weights ({exc}); the files are truncated or "
+            "corrupt: copy or re-save the checkpoint"
+        ) from exc
     return LoadedModel(model, detect_family(model), str(directory), directory)
 
 
@@ -266,8 +292,9 @@ def _build_unallocated(config, dtype: torch.dtype) -> torch.nn.Module:
         for name, param in module._parameters.items():
             if param is not None:
                 if id(param) not in empty:
-                    empty[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
-                                                          requires_grad=param.requires_grad)
+                    empty[id(param)] = torch.nn.Parameter(
+                        torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+                    )
                 module._parameters[name] = empty[id(param)]
     return model.eval()
 

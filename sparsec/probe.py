@@ -26,10 +26,10 @@ sees the same compressed model. Dynamic sparsity: for each FFN and calibration s
 of these sets between samples of one task and between samples of different tasks, per FFN (low overlap:
 activations vary by input, the signal that motivates converting an FFN to a mixture of experts).
 
-Example:
-    >>> probe = Probe([Task("understanding", program, und_calib), Task("generation", program, gen_calib)])
-    >>> result = probe.run(ratios=(0.25, 0.5))
-    >>> write_report(result, "out/analysis")   # analysis.json, analysis.md, quality_*.png, sparsity.png
+Example::
+    probe = Probe([Task("understanding", program, und_calib), Task("generation", program, gen_calib)])
+    result = probe.run(ratios=(0.25, 0.5))
+    write_report(result, "out/analysis")   # analysis.json, analysis.md, quality_*.png, sparsity.png
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ from torch.fx import Node
 from tqdm.auto import tqdm
 
 from sparsec.analysis.importance import neuron_importance
+from sparsec.analysis.regions import region_index
+from sparsec.analysis.structure import Ffn, residual_structure
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
+from sparsec.data.quality import compare_outputs
 from sparsec.errors import SparsecError
 from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
-from sparsec.data.quality import compare_outputs
-from sparsec.analysis.structure import Ffn, residual_structure
-from sparsec.analysis.regions import region_index
 
 KINDS = ("depth", "width")
 COMPONENTS = ("understanding", "generation")
@@ -84,9 +84,11 @@ class Task:
         if self.scored is not None:
             first = next(iter(self.calibration.inputs.values()))
             if self.scored.dim() != 2 or self.scored.shape[0] != len(self.calibration) or not self.scored.any():
-                raise AnalysisError(f"task {self.name!r}: the scoring mask must be [N, S] with N = {len(self.calibration)} "
-                                    f"samples and at least one position set, got {tuple(self.scored.shape)}"
-                                    f" (inputs {tuple(first.shape)})")
+                raise AnalysisError(
+                    f"task {self.name!r}: the scoring mask must be [N, S] with N = {len(self.calibration)} "
+                    f"samples and at least one position set, got {tuple(self.scored.shape)}"
+                    f" (inputs {tuple(first.shape)})"
+                )
             self.scored = self.scored.bool()
 
     def score_masks(self) -> list[torch.Tensor | None]:
@@ -97,7 +99,7 @@ class Task:
             valid = CalibrationSet.valid_mask(batch)
             size = next(iter(batch.values())).shape[0]
             if self.scored is not None:
-                scored = self.scored[start:start + size]
+                scored = self.scored[start : start + size]
                 valid = scored if valid is None else valid & scored
             masks.append(valid)
             start += size
@@ -137,8 +139,11 @@ def component_targets(program: Program, component: str) -> Targets:
         for region in stack.blocks:
             if tag(region.path) == component:
                 token_value = None
-            elif (tag(region.path) == "shared" and modality_mask is not None
-                  and any(tag(p) == component for p in paths if p.startswith(region.path + "."))):
+            elif (
+                tag(region.path) == "shared"
+                and modality_mask is not None
+                and any(tag(p) == component for p in paths if p.startswith(region.path + "."))
+            ):
                 token_value = 1 if component == "generation" else 0
             else:
                 continue
@@ -151,8 +156,13 @@ def _modality_mask(program: Program) -> str | None:
     return family_by_name(program.family).modality_mask
 
 
-def _token_select(value: torch.Tensor, batch: dict[str, torch.Tensor], modality_mask: str | None,
-                  token_value: int | None, valid_only: bool) -> torch.Tensor | None:
+def _token_select(
+    value: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    modality_mask: str | None,
+    token_value: int | None,
+    valid_only: bool,
+) -> torch.Tensor | None:
     """Bool mask over `value`'s token positions ([B, S] or packed [B*S]) of the wanted tokens; None when the
     value's rows are already one modality's gathered tokens (nothing to select)."""
     mask = CalibrationSet.valid_mask(batch) if valid_only else None
@@ -215,9 +225,17 @@ class Probe:
         metric: the headline quality metric (`auto`: top-1 agreement for logits, cosine otherwise).
     """
 
-    def __init__(self, tasks: Sequence[Task], *, components: Sequence[str] = COMPONENTS,
-                 kinds: Sequence[str] = KINDS, strict: bool = False, top_fraction: float = 0.1,
-                 metric: str = "auto", progress: bool = False) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        *,
+        components: Sequence[str] = COMPONENTS,
+        kinds: Sequence[str] = KINDS,
+        strict: bool = False,
+        top_fraction: float = 0.1,
+        metric: str = "auto",
+        progress: bool = False,
+    ) -> None:
         if not tasks:
             raise AnalysisError("no tasks to analyse: give at least one task (a program and its calibration set)")
         names = [t.name for t in tasks]
@@ -234,7 +252,9 @@ class Probe:
         for task in tasks:
             have, want = sorted(task.calibration.inputs), sorted(task.program.input_names)
             if have != want:
-                raise AnalysisError(f"task {task.name!r}: calibration inputs {have} do not match the program's inputs {want}")
+                raise AnalysisError(
+                    f"task {task.name!r}: calibration inputs {have} do not match the program's inputs {want}"
+                )
         self.tasks = list(tasks)
         self.top_fraction = top_fraction
         self.metric = metric
@@ -250,10 +270,17 @@ class Probe:
                 self.combos.append((component, kind))
                 continue
             what = "blocks" if kind == "depth" else "FFNs"
-            reason = (f"component {component!r} has no {what} in any task's program, so there is nothing to "
-                      f"compress in {kind}" + (" (depth needs residual blocks tagged with it, or per-modality weight "
-                      "copies in a Mixture-of-Transformers layer)" if kind == "depth" else "")
-                      + "; check `sparsec inspect` and tag its regions with a recipe `tags:` section")
+            reason = (
+                f"component {component!r} has no {what} in any task's program, so there is nothing to "
+                f"compress in {kind}"
+                + (
+                    " (depth needs residual blocks tagged with it, or per-modality weight "
+                    "copies in a Mixture-of-Transformers layer)"
+                    if kind == "depth"
+                    else ""
+                )
+                + "; check `sparsec inspect` and tag its regions with a recipe `tags:` section"
+            )
             if strict:
                 raise AnalysisError(reason)
             self.skipped.append({"component": component, "kind": kind, "reason": reason})
@@ -269,8 +296,12 @@ class Probe:
             program = task.program
             mask_name = _modality_mask(program)
             pooled = stats[id(program)]
-            blocks = {(b.path, b.token_value): b for c in COMPONENTS if (id(program), c) in self.targets
-                      for b in self.targets[(id(program), c)].blocks}.values()
+            blocks = {
+                (b.path, b.token_value): b
+                for c in COMPONENTS
+                if (id(program), c) in self.targets
+                for b in self.targets[(id(program), c)].blocks
+            }.values()
             ffns = region_index(program).ffns()  # every FFN, shared ones too, for the sparsity overlap
             watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
             single = CalibrationSet(task.calibration.inputs, source=task.calibration.source, batch_size=1)
@@ -319,6 +350,7 @@ class Probe:
         mask_name = _modality_mask(program)
         out: dict[Node, ValueRewrite] = {}
         for block in plan.get("skipped_blocks", []):
+
             def skip(value, source, block=block):
                 if block.token_value is None:
                     return source
@@ -326,6 +358,7 @@ class Probe:
                 if select is None:
                     raise AnalysisError(f"cannot tell the tokens of {block.path}'s stream {tuple(value.shape)} apart")
                 return torch.where(select.reshape(*select.shape, *([1] * (value.dim() - select.dim()))), source, value)
+
             for source, result in block.streams:
                 out[result] = ValueRewrite(skip, reads=(source,))
         for ffn, kept in plan.get("kept_neurons", {}).items():
@@ -340,14 +373,16 @@ class Probe:
             self._stats, self._top_sets = self._collect()
         return self._stats
 
-    def compressed(self, task: Task, component: str, kind: str, ratio: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def compressed(
+        self, task: Task, component: str, kind: str, ratio: float
+    ) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """The task's program with `component` compressed in `kind` by `ratio`, as a callable `inputs -> outputs`.
 
         It is the model a sweep point measures, to score with a metric of your own (e.g. sampling images from
         a generator and judging them) instead of agreement with the uncompressed outputs:
 
-            >>> step = probe.compressed(task, "generation", "width", 0.5)
-            >>> logits = step(batch)["logits"]
+            step = probe.compressed(task, "generation", "width", 0.5)
+            logits = step(batch)["logits"]
         """
         if (component, kind) not in self.combos:
             raise AnalysisError(f"({component}, {kind}) is not probed here; probed: {self.combos}")
@@ -395,13 +430,27 @@ class Probe:
                 row["actual_ratio"] = 1 - sum(len(k) for k in kept.values()) / total if total else ratio
             rows.append(row)
         return {
-            "tasks": {t.name: {"program_inputs": t.program.input_names, "calibration": t.calibration.describe()}
-                      for t in self.tasks},
+            "tasks": {
+                t.name: {"program_inputs": t.program.input_names, "calibration": t.calibration.describe()}
+                for t in self.tasks
+            },
             "metric": next((r["metric"] for r in rows if r.get("metric")), self.metric),
             "ratios": list(ratios),
-            "targets": {c: {k: sorted({x.path for p in self.programs for x in
-                                       (self.targets[(id(p), c)].blocks if k == "depth" else self.targets[(id(p), c)].ffns)})
-                            for k in KINDS} for c in {c for c, _ in self.combos}},
+            "targets": {
+                c: {
+                    k: sorted(
+                        {
+                            x.path
+                            for p in self.programs
+                            for x in (
+                                self.targets[(id(p), c)].blocks if k == "depth" else self.targets[(id(p), c)].ffns
+                            )
+                        }
+                    )
+                    for k in KINDS
+                }
+                for c in {c for c, _ in self.combos}
+            },
             "sweep": rows,
             "skipped": self.skipped,
             "sparsity": self._sparsity(self._top_sets),
@@ -411,10 +460,16 @@ class Probe:
         component_of = {f.path: c for (_, c), t in self.targets.items() for f in t.ffns}
         out = []
         for path, by_task in top_sets.items():
-            entry = {"ffn": path, "component": component_of.get(path, "shared"), "top_fraction": self.top_fraction,
-                     "within": {name: _mean_pairwise(sets, None) for name, sets in by_task.items()},
-                     "across": {f"{a}|{b}": _mean_pairwise(by_task[a], by_task[b])
-                                for a, b in itertools.combinations(sorted(by_task), 2)}}
+            entry = {
+                "ffn": path,
+                "component": component_of.get(path, "shared"),
+                "top_fraction": self.top_fraction,
+                "within": {name: _mean_pairwise(sets, None) for name, sets in by_task.items()},
+                "across": {
+                    f"{a}|{b}": _mean_pairwise(by_task[a], by_task[b])
+                    for a, b in itertools.combinations(sorted(by_task), 2)
+                },
+            }
             out.append(entry)
         return out
 
@@ -427,28 +482,49 @@ def _fmt(value: float | None) -> str:
 def format_markdown(result: dict) -> str:
     """The sweep and the sparsity overlap as markdown tables."""
     tasks = list(result["tasks"])
-    lines = [f"# sparsec analyze: quality relative to the uncompressed model ({result['metric']})", "",
-             "| component | kind | ratio (actual) | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    lines = [
+        f"# sparsec analyze: quality relative to the uncompressed model ({result['metric']})",
+        "",
+        "| component | kind | ratio (actual) | " + " | ".join(tasks) + " |",
+        "|---|---|---|" + "---|" * len(tasks),
+    ]
     by_key: dict[tuple, dict[str, dict]] = {}
     for row in result["sweep"]:
         by_key.setdefault((row["component"], row["kind"], row["ratio"]), {})[row["task"]] = row
     for (component, kind, ratio), cells in by_key.items():
-        values = [_fmt(cells[t]["value"]) + ("" if cells[t]["in_program"] else " (n/a)") if t in cells else "-"
-                  for t in tasks]
+        values = [
+            _fmt(cells[t]["value"]) + ("" if cells[t]["in_program"] else " (n/a)") if t in cells else "-" for t in tasks
+        ]
         actual = sorted({f"{c['actual_ratio']:.3g}" for c in cells.values() if c["in_program"]})
         lines.append(f"| {component} | {kind} | {ratio:g} ({', '.join(actual) or '-'}) | " + " | ".join(values) + " |")
-    lines += ["", "Ratio: the fraction asked for; in brackets the fraction removed (whole blocks, whole neurons). "
-              "(n/a): the task's program does not hold that component, so its quality is unchanged.", ""]
+    lines += [
+        "",
+        "Ratio: the fraction asked for; in brackets the fraction removed (whole blocks, whole neurons). "
+        "(n/a): the task's program does not hold that component, so its quality is unchanged.",
+        "",
+    ]
     for skipped in result["skipped"]:
         lines.append(f"- skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
     if result["sparsity"]:
         across = sorted({k for e in result["sparsity"] for k in e["across"]})
-        lines += ["", f"## Dynamic sparsity: Jaccard overlap of each sample's top {result['sparsity'][0]['top_fraction']:.0%} "
-                  "neurons", "", "| FFN | component | " + " | ".join(f"within {t}" for t in tasks)
-                  + "".join(f" | across {a}" for a in across) + " |", "|---|---|" + "---|" * (len(tasks) + len(across))]
+        lines += [
+            "",
+            f"## Dynamic sparsity: Jaccard overlap of each sample's top {result['sparsity'][0]['top_fraction']:.0%} "
+            "neurons",
+            "",
+            "| FFN | component | "
+            + " | ".join(f"within {t}" for t in tasks)
+            + "".join(f" | across {a}" for a in across)
+            + " |",
+            "|---|---|" + "---|" * (len(tasks) + len(across)),
+        ]
         for e in result["sparsity"]:
-            lines.append(f"| {e['ffn']} | {e['component']} | " + " | ".join(_fmt(e["within"].get(t)) for t in tasks)
-                         + "".join(f" | {_fmt(e['across'].get(a))}" for a in across) + " |")
+            lines.append(
+                f"| {e['ffn']} | {e['component']} | "
+                + " | ".join(_fmt(e["within"].get(t)) for t in tasks)
+                + "".join(f" | {_fmt(e['across'].get(a))}" for a in across)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -464,11 +540,18 @@ def _plots(result: dict, directory: Path) -> list[str]:
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (component, task), group in itertools.groupby(sorted(rows, key=lambda r: (r["component"], r["task"], r["ratio"])),
-                                                          key=lambda r: (r["component"], r["task"])):
+        for (component, task), group in itertools.groupby(
+            sorted(rows, key=lambda r: (r["component"], r["task"], r["ratio"])),
+            key=lambda r: (r["component"], r["task"]),
+        ):
             group = list(group)
-            ax.plot([0] + [r["actual_ratio"] for r in group], [1.0] + [r["value"] for r in group], marker="o",
-                    linestyle="-" if component == "understanding" else "--", label=f"compress {component}, task {task}")
+            ax.plot(
+                [0] + [r["actual_ratio"] for r in group],
+                [1.0] + [r["value"] for r in group],
+                marker="o",
+                linestyle="-" if component == "understanding" else "--",
+                label=f"compress {component}, task {task}",
+            )
         ax.set_xlabel("blocks skipped (fraction)" if kind == "depth" else "FFN neurons removed (fraction)")
         ax.set_ylabel(f"{result['metric']} vs uncompressed")
         ax.set_title(f"{kind} compression")
@@ -529,7 +612,7 @@ def synthetic_task_inputs(entry, task: str, samples: int, seq: int, seed: int = 
     if mask is not None and mask in inputs:
         is_gen = torch.zeros_like(inputs[mask])
         if task == "generation":
-            is_gen[:, max(1, seq // 4):] = 1
+            is_gen[:, max(1, seq // 4) :] = 1
         inputs[mask] = is_gen
     return inputs
 
@@ -559,9 +642,18 @@ def task_entry(entries: dict, task: str, entry_name: str | None) -> str:
     return mapped if mapped in entries else first
 
 
-def load_tasks(model: torch.nn.Module, specs: dict[str, tuple[str | None, str | None]], *, tags=(), capture_batch: int = 2,
-               capture_seq: int = 16, samples: int = 16, seq: int = 32, batch_size: int = 8,
-               log: Callable[[str], None] = print) -> list[Task]:
+def load_tasks(
+    model: torch.nn.Module,
+    specs: dict[str, tuple[str | None, str | None]],
+    *,
+    tags=(),
+    capture_batch: int = 2,
+    capture_seq: int = 16,
+    samples: int = 16,
+    seq: int = 32,
+    batch_size: int = 8,
+    log: Callable[[str], None] = print,
+) -> list[Task]:
     """Tasks from `{name: (entry point or None, calibration file or None)}`: each entry point used is captured
     once (tasks on the same entry point share its program); no file means synthetic inputs (announced)."""
     from sparsec.data.calibration import load_calibration
@@ -576,9 +668,13 @@ def load_tasks(model: torch.nn.Module, specs: dict[str, tuple[str | None, str | 
             programs[entry.name] = entry.capture(capture_batch, capture_seq, tags=tags)
         program = programs[entry.name]
         synthetic = None if path else synthetic_task_inputs(entry, name, samples, seq, seed=len(tasks) + 1)
-        calibration = load_calibration(path, input_names=program.input_names, synthetic=synthetic, batch_size=batch_size)
+        calibration = load_calibration(
+            path, input_names=program.input_names, synthetic=synthetic, batch_size=batch_size
+        )
         if calibration.synthetic:
-            log(f"task {name} ({entry.name}): no calibration file, using {calibration.source}: the probe runs, "
-                "its findings mean nothing")
+            log(
+                f"task {name} ({entry.name}): no calibration file, using {calibration.source}: the probe runs, "
+                "its findings mean nothing"
+            )
         tasks.append(Task(name, program, calibration, scored=_score_mask(path)))
     return tasks

@@ -28,13 +28,13 @@ from typing import Any, Literal
 
 import yaml
 
+from sparsec.data.parity import ParityOptions, Precision
+from sparsec.data.quality import QualityGates
 from sparsec.errors import RecipeError
 from sparsec.exporters.targets import Target, available_targets
-from sparsec.transform.options import parse_section
-from sparsec.data.parity import ParityOptions, Precision
-from sparsec.transform.pass_manager import Pass, get_pass
-from sparsec.data.quality import QualityGates
 from sparsec.ir.tags import TagRule
+from sparsec.transform.options import parse_section
+from sparsec.transform.pass_manager import Pass, get_pass
 
 
 @dataclass
@@ -48,7 +48,9 @@ class CaptureOptions:
     def __post_init__(self) -> None:
         for name in ("batch", "seq"):
             if getattr(self, name) < 2:
-                raise ValueError(f"{name}: must be >= 2 (torch.export specializes sizes 0 and 1), got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name}: must be >= 2 (torch.export specializes sizes 0 and 1), got {getattr(self, name)}"
+                )
 
 
 @dataclass
@@ -134,7 +136,7 @@ class ExportOptions:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @classmethod
-    def parse(cls, data: Any, base_dir: Path | None = None) -> "ExportOptions":
+    def parse(cls, data: Any, base_dir: Path | None = None) -> ExportOptions:
         """The recipe's `export` mapping, target sections included; `RecipeError` naming the key otherwise.
         Path options of the target sections (`metadata={"path": True}`) are resolved relative to `base_dir`."""
         if data is None:
@@ -185,7 +187,7 @@ class Recipe:
     SECTIONS = ("passes", "model", "capture", "calibration", "quality", "export", "tags", "entry_points")
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>", base_dir: Path | None = None) -> "Recipe":
+    def from_dict(cls, data: Any, source: str = "<dict>", base_dir: Path | None = None) -> Recipe:
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -208,14 +210,18 @@ class Recipe:
         if base_dir is not None:
             if cal.file and not Path(cal.file).is_absolute():
                 cal.file = str(base_dir / cal.file)
-            cal.files = {k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()} or None
+            cal.files = {
+                k: v if Path(v).is_absolute() else str(base_dir / v) for k, v in (cal.files or {}).items()
+            } or None
         unknown = sorted(set(cal.files or {}) - set(recipe.entry_points))
         if unknown:
-            raise RecipeError(f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}")
+            raise RecipeError(
+                f"calibration.files: entry point(s) {unknown} are not in entry_points {recipe.entry_points}"
+            )
         return recipe
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe {path} does not exist")
@@ -236,15 +242,17 @@ def _parse_passes(items: Any) -> list[Pass]:
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
             raise RecipeError(f"{where}: expected one {{pass_name: {{options}}}} mapping, got {item!r}")
-        (name, options), = item.items()
+        ((name, options),) = item.items()
         passes.append(get_pass(name).from_recipe(options, f"{where}.{name}"))
     return passes
 
 
 def _parse_entry_points(items: Any) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items) or len(set(items)) != len(items):
-        raise RecipeError(f"entry_points: expected a list of distinct entry point names "
-                          f"(e.g. [understanding, generation_step, vq_decode]), got {items!r}")
+        raise RecipeError(
+            f"entry_points: expected a list of distinct entry point names "
+            f"(e.g. [understanding, generation_step, vq_decode]), got {items!r}"
+        )
     return list(items)
 
 

@@ -23,8 +23,21 @@ from pathlib import Path
 
 from sparsec.errors import SparsecError
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8,
-               "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 GiB = 2**30
 
 
@@ -46,8 +59,10 @@ class MemoryEstimate:
         return self.weights + self.parity_session
 
     def describe(self) -> str:
-        return (f"estimated peak {self.total / GiB:.1f} GiB (weights {self.weights / GiB:.1f}, calibration "
-                f"{self.calibration / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})")
+        return (
+            f"estimated peak {self.total / GiB:.1f} GiB (weights {self.weights / GiB:.1f}, calibration "
+            f"{self.calibration / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})"
+        )
 
 
 def checkpoint_facts(directory: str | Path) -> tuple[int, dict[str, int]]:
@@ -57,8 +72,10 @@ def checkpoint_facts(directory: str | Path) -> tuple[int, dict[str, int]]:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 100 * 2**20:
-                raise SparsecError(f"{path} is not a safetensors file (header size {size}); re-save the model "
-                                   "with save_pretrained(dir, safe_serialization=True)")
+                raise SparsecError(
+                    f"{path} is not a safetensors file (header size {size}); re-save the model "
+                    "with save_pretrained(dir, safe_serialization=True)"
+                )
             try:
                 header = json.loads(f.read(size))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -6,11 +6,11 @@ input types, with the dynamic dims given by name (`--dims batch=1,seq=128`): int
 ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
 graph gathers them from (else 2), floats standard normal, bools true.
 
-Example:
-    >>> runner = load_artifact("out/demo", target="onnxruntime")
-    >>> inputs = synthetic_inputs(Path("out/demo/model.onnx"), {"batch": 1, "seq": 128})
-    >>> timing(runner, inputs, warmup=3, runs=20)["p50_ms"]
-    1.9
+Example::
+    runner = load_artifact("out/demo", target="onnxruntime")
+    inputs = synthetic_inputs(Path("out/demo/model.onnx"), {"batch": 1, "seq": 128})
+    timing(runner, inputs, warmup=3, runs=20)["p50_ms"]
+    # 1.9
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) ->
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     tables = {i.name: list(i.dims) for i in model.graph.initializer}
-    vocab = {n.input[1]: tables[n.input[0]][0] for n in model.graph.node
-             if n.op_type == "Gather" and n.input[0] in tables and len(n.input) > 1}
+    vocab = {
+        n.input[1]: tables[n.input[0]][0]
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in tables and len(n.input) > 1
+    }
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     for value in model.graph.input:
@@ -57,8 +60,10 @@ def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) ->
             elif dim.dim_param in dims:
                 shape.append(int(dims[dim.dim_param]))
             else:
-                raise SparsecError(f"input {value.name!r} axis {axis} is dynamic ({dim.dim_param or 'unnamed'}); give its "
-                                   f"size with --dims {dim.dim_param or 'NAME'}=N (sized here: {dict(dims)})")
+                raise SparsecError(
+                    f"input {value.name!r} axis {axis} is dynamic ({dim.dim_param or 'unnamed'}); give its "
+                    f"size with --dims {dim.dim_param or 'NAME'}=N (sized here: {dict(dims)})"
+                )
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.integer):
             if "mask" in value.name:
@@ -111,5 +116,12 @@ def latency_summary(times_ms: Sequence[float]) -> dict:
     """
     values = np.asarray(times_ms, dtype=float)
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"mean_ms": float(values.mean()), "min_ms": float(values.min()), "p50_ms": float(p50), "p90_ms": float(p90),
-            "p99_ms": float(p99), "max_ms": float(values.max()), "runs_ms": [float(t) for t in values]}
+    return {
+        "mean_ms": float(values.mean()),
+        "min_ms": float(values.min()),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "max_ms": float(values.max()),
+        "runs_ms": [float(t) for t in values],
+    }

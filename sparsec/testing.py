@@ -1,14 +1,14 @@
 """Helpers for verifying graph rewrites in unit tests.
 
-Example:
-    >>> from sparsec import testing
-    >>> program = testing.capture(model, inputs)
-    >>> before = testing.parameter_names(program)
-    >>> testing.apply_pass(program, "my_pass", where="model.layers.1.mlp")
-    >>> testing.assert_parameters_removed(before, program, ["model.layers.1.mlp.*"])
-    >>> testing.assert_op_count(program, "model.layers.1.**", "aten.linear.default", 4)
-    >>> testing.assert_equivalent(program, reference_model, other_shape_inputs)
-    >>> testing.assert_onnx_equivalent("model.onnx", reference_model, other_shape_inputs, output="logits")
+Example::
+    from sparsec import testing
+    program = testing.capture(model, inputs)
+    before = testing.parameter_names(program)
+    testing.apply_pass(program, "my_pass", where="model.layers.1.mlp")
+    testing.assert_parameters_removed(before, program, ["model.layers.1.mlp.*"])
+    testing.assert_op_count(program, "model.layers.1.**", "aten.linear.default", 4)
+    testing.assert_equivalent(program, reference_model, other_shape_inputs)
+    testing.assert_onnx_equivalent("model.onnx", reference_model, other_shape_inputs, output="logits")
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from sparsec.data.calibration import CalibrationSet
+from sparsec.analysis.regions import region_index
 from sparsec.capture import capture  # noqa: F401  (re-exported: a test imports this one module)
-from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+from sparsec.data.calibration import CalibrationSet
+from sparsec.data.quality import QualityGates
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
-from sparsec.data.quality import QualityGates
-from sparsec.analysis.regions import region_index
+from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
 
 
 def apply_pass(
@@ -122,8 +122,14 @@ def _leaf(result: Any, name: str) -> Any:
     return value
 
 
-def _assert_close_on_valid(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                           inputs: Mapping[str, torch.Tensor], names: list[str], rtol, atol) -> None:
+def _assert_close_on_valid(
+    got: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+    names: list[str],
+    rtol,
+    atol,
+) -> None:
     mask = CalibrationSet.valid_mask(inputs)
     for name in names:
         a, b = got[name], expected[name]
@@ -163,9 +169,9 @@ def assert_onnx_equivalent(
 ) -> None:
     """Like `assert_equivalent`, for an ONNX file run in ONNX Runtime (CPU) against the reference.
 
-    Example:
-        >>> export_onnx(program, "m.onnx")
-        >>> testing.assert_onnx_equivalent("m.onnx", hand_edited_model, other_shape_inputs, output="logits")
+    Example::
+        export_onnx(program, "m.onnx")
+        testing.assert_onnx_equivalent("m.onnx", hand_edited_model, other_shape_inputs, output="logits")
     """
     from sparsec.exporters.targets import onnxruntime as ort_backend
 
@@ -178,8 +184,8 @@ def linear_rows(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Linear:
     """A copy of `linear` keeping only output features `kept` (rows of weight and bias): an FFN's up / gate
     projection sliced by hand, the reference a neuron-slicing rewrite is compared with.
 
-    Example:
-        >>> mlp.up_proj = testing.linear_rows(mlp.up_proj, kept)
+    Example::
+        mlp.up_proj = testing.linear_rows(mlp.up_proj, kept)
     """
     out = torch.nn.Linear(linear.in_features, len(kept), bias=linear.bias is not None)
     with torch.no_grad():
@@ -193,8 +199,8 @@ def linear_columns(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Line
     """A copy of `linear` reading only input features `kept` (weight columns; bias unchanged): an FFN's down
     projection sliced by hand.
 
-    Example:
-        >>> mlp.down_proj = testing.linear_columns(mlp.down_proj, kept)
+    Example::
+        mlp.down_proj = testing.linear_columns(mlp.down_proj, kept)
     """
     out = torch.nn.Linear(len(kept), linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():

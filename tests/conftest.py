@@ -8,7 +8,6 @@ import torch
 
 import sparsec.testing  # noqa: E402
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "custom_pass"))  # the example pass, SkipFfn
 
 from sparsec.families import detect_family  # noqa: E402
@@ -54,8 +53,9 @@ def make_qwenimage(seed: int = 0) -> QwenImageStep:
 def qwenimage_inputs(batch: int, text: int, seed: int = 0) -> dict:
     """Step inputs for `make_qwenimage()`: 16 latent tokens, prompts of `text` tokens."""
     c = TINY_QWENIMAGE_CONFIG
-    return qwenimage_step_inputs(batch, text, image_tokens=16, in_channels=c["in_channels"],
-                                 text_dim=c["joint_attention_dim"], seed=seed)
+    return qwenimage_step_inputs(
+        batch, text, image_tokens=16, in_channels=c["in_channels"], text_dim=c["joint_attention_dim"], seed=seed
+    )
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config, items):
     reason = gpu_unavailable_reason()
     if reason is None:
         return
-    skip = pytest.mark.skip(reason=f"gpu test: {reason} (pip install -e \".[gpu]\" on an NVIDIA GPU machine)")
+    skip = pytest.mark.skip(reason=f'gpu test: {reason} (pip install -e ".[gpu]" on an NVIDIA GPU machine)')
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -101,7 +101,11 @@ def slice_by_hand(model, decisions):
         mlp = reference.get_submodule(d["path"])
         idx = torch.tensor(d["kept_indices"])
         if hasattr(mlp, "gate_proj"):  # Llama / Qwen2 gated MLP
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj = sparsec.testing.linear_rows(mlp.gate_proj, idx), sparsec.testing.linear_rows(mlp.up_proj, idx), sparsec.testing.linear_columns(mlp.down_proj, idx)
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+                sparsec.testing.linear_rows(mlp.gate_proj, idx),
+                sparsec.testing.linear_rows(mlp.up_proj, idx),
+                sparsec.testing.linear_columns(mlp.down_proj, idx),
+            )
         else:  # ViT/SigLIP-style fc1 / act / fc2
             mlp.fc1, mlp.fc2 = sparsec.testing.linear_rows(mlp.fc1, idx), sparsec.testing.linear_columns(mlp.fc2, idx)
     return reference
@@ -114,8 +118,15 @@ def random_moe_weights(experts=4, width=8, hidden=16, gated=True, seed=0):
     def r(*shape):
         return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
 
-    return (r(experts, hidden), r(experts), r(experts, width, hidden), r(experts, width),
-            r(experts, width, hidden) if gated else None, None, r(experts, hidden, width))
+    return (
+        r(experts, hidden),
+        r(experts),
+        r(experts, width, hidden),
+        r(experts, width),
+        r(experts, width, hidden) if gated else None,
+        None,
+        r(experts, hidden, width),
+    )
 
 
 class MoeOpModule(torch.nn.Module):

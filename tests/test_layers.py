@@ -83,7 +83,8 @@ def violations() -> list[str]:
             if target[0] <= own[0] and (module, line, target[1]) not in problems:
                 problems[(module, line, target[1])] = (
                     f"{module}:{line}: {own[1]} imports {imported} ({target[1]} is "
-                    f"{'a sibling' if target[0] == own[0] else 'a layer above'})")
+                    f"{'a sibling' if target[0] == own[0] else 'a layer above'})"
+                )
     return sorted(problems.values())
 
 

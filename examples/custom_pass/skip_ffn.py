@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsec.analysis.regions import region_index
 from sparsec.errors import PassError
 from sparsec.transform.pass_manager import Pass, PassResult
-from sparsec.analysis.regions import region_index
 
 aten = torch.ops.aten
 
@@ -62,6 +62,10 @@ class SkipFfn(Pass):
         return PassResult(modified=True, stats={"skipped": len(skipped)}, decisions={"skipped": skipped})
 
     def ensures(self, program, ctx, result):
-        left = [p for p in result.decisions["skipped"] if p in region_index(program) and region_index(program).region(p).nodes]
+        left = [
+            p
+            for p in result.decisions["skipped"]
+            if p in region_index(program) and region_index(program).region(p).nodes
+        ]
         if left:
             raise PassError(f"skip_ffn: nodes of {left} are still in the graph")

@@ -34,12 +34,14 @@ def test_skip_ffn_matches_the_hand_edited_model(tmp_path):
     before = testing.parameter_names(program)
     n_before = program.num_parameters()
 
-    record = testing.apply_pass(program, "skip_ffn", where="model.layers.[12].mlp",
-                                calibration=inputs(model, 4, 12, seed=3))
+    record = testing.apply_pass(
+        program, "skip_ffn", where="model.layers.[12].mlp", calibration=inputs(model, 4, 12, seed=3)
+    )
 
     # exactly the MLPs' weights went, and the norm that only fed them
-    testing.assert_parameters_removed(before, program, ["model.layers.[12].mlp.**",
-                                                        "model.layers.[12].post_attention_layernorm.*"])
+    testing.assert_parameters_removed(
+        before, program, ["model.layers.[12].mlp.**", "model.layers.[12].post_attention_layernorm.*"]
+    )
     assert set(record.removed_state) == before - testing.parameter_names(program)
     removed = sum(p.numel() for i in (1, 2) for p in model.model.layers[i].mlp.parameters())
     removed += sum(model.model.layers[i].post_attention_layernorm.weight.numel() for i in (1, 2))

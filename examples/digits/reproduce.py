@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from sparsec.analysis.regions import region_index
 
 HERE = Path(__file__).resolve().parent
@@ -47,10 +48,10 @@ if str(HERE) not in sys.path:
 import testbed as tb  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.probe import COMPONENTS, KINDS, Probe, Task  # noqa: E402
 from sparsec.data.calibration import CalibrationSet  # noqa: E402
 from sparsec.data.distill import distill  # noqa: E402
 from sparsec.models import load_model  # noqa: E402
+from sparsec.probe import COMPONENTS, KINDS, Probe, Task  # noqa: E402
 from sparsec.testing import apply_pass  # noqa: E402
 
 GEN_FFNS = "model.layers.*.mlp_moe_gen"
@@ -81,30 +82,69 @@ def variants(adapt_steps: int) -> list[Variant]:
     gen_slice = {"where": GEN_FFNS, "keep_ratio": 0.5, "importance": "activation"}
     return [
         Variant("dense", "no pass"),
-        Variant("gen slice 0.5", "generation FFNs: slice_neurons keep_ratio 0.5 (activation)", "slice_neurons",
-                gen_slice),
-        Variant("gen slice 0.5 + fine-tune", f"as above, then the sliced FFNs distilled to the dense model "
-                f"({adapt_steps} steps, lr {FINETUNE_LR:g}, as adapt full)", "slice_neurons", gen_slice,
-                finetune=True),
-        Variant("gen MoE 8/16", "generation FFNs: ffn_to_moe 16 experts, top 8, learned router, adapt none",
-                "ffn_to_moe", {**moe, "adapt": "none"}),
-        Variant("gen MoE 8/16 + router adapt", f"as above, adapt router ({adapt_steps} steps, lr 1e-3)",
-                "ffn_to_moe", {**moe, "adapt": "router", "lr": 1e-3}, adapted=True),
-        Variant("gen MoE 8/16 + full adapt", f"as above, adapt full ({adapt_steps} steps, lr {FINETUNE_LR:g})",
-                "ffn_to_moe", {**moe, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
-        Variant("gen MoE shared + 4/12 + full adapt", "as above, with a shared expert: the 25% most important "
-                f"neurons always on, the rest as 12 experts, top 4 (still 128 active); adapt full ({adapt_steps} "
-                f"steps, lr {FINETUNE_LR:g})", "ffn_to_moe",
-                {**moe, "experts": 12, "top_k": 4, "shared": 0.25, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
-        Variant("und slice 0.5", "understanding FFNs: slice_neurons keep_ratio 0.5 (activation)", "slice_neurons",
-                {"where": UND_FFNS, "keep_ratio": 0.5, "importance": "activation"}),
+        Variant(
+            "gen slice 0.5", "generation FFNs: slice_neurons keep_ratio 0.5 (activation)", "slice_neurons", gen_slice
+        ),
+        Variant(
+            "gen slice 0.5 + fine-tune",
+            f"as above, then the sliced FFNs distilled to the dense model "
+            f"({adapt_steps} steps, lr {FINETUNE_LR:g}, as adapt full)",
+            "slice_neurons",
+            gen_slice,
+            finetune=True,
+        ),
+        Variant(
+            "gen MoE 8/16",
+            "generation FFNs: ffn_to_moe 16 experts, top 8, learned router, adapt none",
+            "ffn_to_moe",
+            {**moe, "adapt": "none"},
+        ),
+        Variant(
+            "gen MoE 8/16 + router adapt",
+            f"as above, adapt router ({adapt_steps} steps, lr 1e-3)",
+            "ffn_to_moe",
+            {**moe, "adapt": "router", "lr": 1e-3},
+            adapted=True,
+        ),
+        Variant(
+            "gen MoE 8/16 + full adapt",
+            f"as above, adapt full ({adapt_steps} steps, lr {FINETUNE_LR:g})",
+            "ffn_to_moe",
+            {**moe, "adapt": "full", "lr": FINETUNE_LR},
+            adapted=True,
+        ),
+        Variant(
+            "gen MoE shared + 4/12 + full adapt",
+            "as above, with a shared expert: the 25% most important "
+            f"neurons always on, the rest as 12 experts, top 4 (still 128 active); adapt full ({adapt_steps} "
+            f"steps, lr {FINETUNE_LR:g})",
+            "ffn_to_moe",
+            {**moe, "experts": 12, "top_k": 4, "shared": 0.25, "adapt": "full", "lr": FINETUNE_LR},
+            adapted=True,
+        ),
+        Variant(
+            "und slice 0.5",
+            "understanding FFNs: slice_neurons keep_ratio 0.5 (activation)",
+            "slice_neurons",
+            {"where": UND_FFNS, "keep_ratio": 0.5, "importance": "activation"},
+        ),
         # a quarter of the generation FFN active per token: where static slicing starts to cost
-        Variant("gen slice 0.25 + fine-tune", f"generation FFNs: slice_neurons keep_ratio 0.25, then fine-tuned "
-                f"({adapt_steps} steps, lr {FINETUNE_LR:g})", "slice_neurons", {**gen_slice, "keep_ratio": 0.25},
-                finetune=True),
-        Variant("gen MoE 4/16 + full adapt", f"generation FFNs: ffn_to_moe 16 experts, top 4, learned router, adapt "
-                f"full ({adapt_steps} steps, lr {FINETUNE_LR:g})", "ffn_to_moe",
-                {**moe, "top_k": 4, "adapt": "full", "lr": FINETUNE_LR}, adapted=True),
+        Variant(
+            "gen slice 0.25 + fine-tune",
+            f"generation FFNs: slice_neurons keep_ratio 0.25, then fine-tuned "
+            f"({adapt_steps} steps, lr {FINETUNE_LR:g})",
+            "slice_neurons",
+            {**gen_slice, "keep_ratio": 0.25},
+            finetune=True,
+        ),
+        Variant(
+            "gen MoE 4/16 + full adapt",
+            f"generation FFNs: ffn_to_moe 16 experts, top 4, learned router, adapt "
+            f"full ({adapt_steps} steps, lr {FINETUNE_LR:g})",
+            "ffn_to_moe",
+            {**moe, "top_k": 4, "adapt": "full", "lr": FINETUNE_LR},
+            adapted=True,
+        ),
     ]
 
 
@@ -122,7 +162,9 @@ def capture(loaded) -> sparsec.Program:
 
 def score(logits: tb.Logits, judge: tb.Judge, seeds: Sequence[int], per_label: int) -> dict[str, Any]:
     """Understanding accuracy and, per seed and on their mean, the generation metrics of one model."""
-    per_seed = [{"seed": seed, **tb.generation_quality(logits, judge, per_label=per_label, seed=seed)} for seed in seeds]
+    per_seed = [
+        {"seed": seed, **tb.generation_quality(logits, judge, per_label=per_label, seed=seed)} for seed in seeds
+    ]
     return {
         "understanding_accuracy": tb.understanding_accuracy(logits),
         "judge_accuracy": statistics.fmean(s["judge_accuracy"] for s in per_seed),
@@ -133,18 +175,35 @@ def score(logits: tb.Logits, judge: tb.Judge, seeds: Sequence[int], per_label: i
 
 def retained(result: dict[str, Any], dense: dict[str, Any]) -> dict[str, float]:
     """Quality as a fraction of the dense model's, per task."""
-    return {"retained_understanding": result["understanding_accuracy"] / dense["understanding_accuracy"],
-            "retained_generation": result["judge_accuracy"] / dense["judge_accuracy"]}
+    return {
+        "retained_understanding": result["understanding_accuracy"] / dense["understanding_accuracy"],
+        "retained_generation": result["judge_accuracy"] / dense["judge_accuracy"],
+    }
 
 
 # ----- part 1: the sweep -------------------------------------------------------------------------------------
-def sweep(loaded, judge, samples_per_task: int, ratios: Sequence[float], seeds: Sequence[int], per_label: int,
-          dense: dict[str, Any], log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def sweep(
+    loaded,
+    judge,
+    samples_per_task: int,
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    per_label: int,
+    dense: dict[str, Any],
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (component, kind, ratio) of the probe, scored on both tasks with the testbed's metrics; and the
     probe's dynamic-sparsity overlap per FFN (how much the top neurons of one sample agree with another's)."""
     program = capture(loaded)
-    tasks = [Task(name, program, CalibrationSet(tb.task_inputs(name, "train", samples_per_task), source=f"train {name}"),
-                  scored=tb.score_mask(name, samples_per_task)) for name in tb.TASKS]
+    tasks = [
+        Task(
+            name,
+            program,
+            CalibrationSet(tb.task_inputs(name, "train", samples_per_task), source=f"train {name}"),
+            scored=tb.score_mask(name, samples_per_task),
+        )
+        for name in tb.TASKS
+    ]
     probe = Probe(tasks)
     analysis = probe.run(ratios)
     agreement = {(r["component"], r["kind"], r["ratio"], r["task"]): r for r in analysis["sweep"]}
@@ -153,17 +212,31 @@ def sweep(loaded, judge, samples_per_task: int, ratios: Sequence[float], seeds: 
     for i, (component, kind, ratio) in enumerate(points, 1):
         start = time.perf_counter()
         step = probe.compressed(tasks[0], component, kind, ratio)
-        result = score(lambda batch: step(batch)["logits"], judge, seeds, per_label)
+        result = score(lambda batch, step=step: step(batch)["logits"], judge, seeds, per_label)
         probe_row = agreement[(component, kind, ratio, tb.TASKS[0])]
-        removed = ({"skipped_blocks": probe_row["skipped_blocks"]} if kind == "depth"
-                   else {"kept_width": probe_row["kept_width"]})
-        rows.append({"component": component, "kind": kind, "ratio": ratio, "actual_ratio": probe_row["actual_ratio"],
-                     **removed, **result, **retained(result, dense),
-                     "token_agreement": {t: agreement[(component, kind, ratio, t)]["value"] for t in tb.TASKS},
-                     "seconds": time.perf_counter() - start})
-        log(f"  [{i}/{len(points)}] compress {component} {kind} {ratio:g}: understanding "
+        removed = (
+            {"skipped_blocks": probe_row["skipped_blocks"]}
+            if kind == "depth"
+            else {"kept_width": probe_row["kept_width"]}
+        )
+        rows.append(
+            {
+                "component": component,
+                "kind": kind,
+                "ratio": ratio,
+                "actual_ratio": probe_row["actual_ratio"],
+                **removed,
+                **result,
+                **retained(result, dense),
+                "token_agreement": {t: agreement[(component, kind, ratio, t)]["value"] for t in tb.TASKS},
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        log(
+            f"  [{i}/{len(points)}] compress {component} {kind} {ratio:g}: understanding "
             f"{result['understanding_accuracy']:.3f}, judge {result['judge_accuracy']:.3f}, "
-            f"Frechet {result['frechet_distance']:.1f}")
+            f"Frechet {result['frechet_distance']:.1f}"
+        )
     return rows, analysis["sparsity"]
 
 
@@ -183,16 +256,21 @@ def ffn_widths(record, variant: Variant, dense_width: int) -> tuple[int, int]:
     return gen, und
 
 
-def finetune(program: sparsec.Program, calib: CalibrationSet, teacher: list[dict[str, torch.Tensor]],
-             steps: int) -> dict[str, float]:
+def finetune(
+    program: sparsec.Program, calib: CalibrationSet, teacher: list[dict[str, torch.Tensor]], steps: int
+) -> dict[str, float]:
     """Distill the generation FFNs' weights of `program` to `teacher` (the dense outputs), like adapt full."""
-    trainable = [program.state_name(linear.args[1]) for ffn in region_index(program).ffns(GEN_FFNS)
-                 for linear in ffn.linears.values()]
+    trainable = [
+        program.state_name(linear.args[1])
+        for ffn in region_index(program).ffns(GEN_FFNS)
+        for linear in ffn.linears.values()
+    ]
     return distill(program, trainable, calib, teacher, steps=steps, lr=FINETUNE_LR, description="fine-tune")
 
 
-def evaluate_variant(loaded, judge, calib: CalibrationSet, variant: Variant, adapt_steps: int, per_label: int,
-                     seeds: Sequence[int]) -> dict[str, Any]:
+def evaluate_variant(
+    loaded, judge, calib: CalibrationSet, variant: Variant, adapt_steps: int, per_label: int, seeds: Sequence[int]
+) -> dict[str, Any]:
     """Capture afresh, apply the variant's pass (and fine-tuning), score; the dense row is scored in `main`."""
     start = time.perf_counter()
     program = capture(loaded)
@@ -244,10 +322,12 @@ def sweep_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
     ]
     for r in rows:
         agree = r["token_agreement"]
-        lines.append(f"| {r['component']} | {r['kind']} | {r['ratio']:g} ({r['actual_ratio']:.3g}) | "
-                     f"{r['understanding_accuracy']:.3f} | {100 * r['retained_understanding']:.1f} | "
-                     f"{r['judge_accuracy']:.3f} | {100 * r['retained_generation']:.1f} | {r['frechet_distance']:.1f} | "
-                     f"{agree['understanding']:.3f} / {agree['generation']:.3f} | {_seeds_cell(r)} |")
+        lines.append(
+            f"| {r['component']} | {r['kind']} | {r['ratio']:g} ({r['actual_ratio']:.3g}) | "
+            f"{r['understanding_accuracy']:.3f} | {100 * r['retained_understanding']:.1f} | "
+            f"{r['judge_accuracy']:.3f} | {100 * r['retained_generation']:.1f} | {r['frechet_distance']:.1f} | "
+            f"{agree['understanding']:.3f} / {agree['generation']:.3f} | {_seeds_cell(r)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -255,12 +335,16 @@ def sparsity_table(entries: list[dict[str, Any]]) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = ["| FFN | component | within understanding samples | within generation samples | across the tasks |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| FFN | component | within understanding samples | within generation samples | across the tasks |",
+        "|---|---|---|---|---|",
+    ]
     for e in entries:
         across = next(iter(e["across"].values()), None)
-        lines.append(f"| {e['ffn']} | {e['component']} | {cell(e['within'].get('understanding'))} | "
-                     f"{cell(e['within'].get('generation'))} | {cell(across)} |")
+        lines.append(
+            f"| {e['ffn']} | {e['component']} | {cell(e['within'].get('understanding'))} | "
+            f"{cell(e['within'].get('generation'))} | {cell(across)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -271,9 +355,11 @@ def variants_table(results: list[dict[str, Any]], dense_width: int) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['name']} | {r['gen_ffn_active_width']} | {r['understanding_accuracy']:.3f} | "
-                     f"{r['judge_accuracy']:.3f} | {100 * r['retained_generation']:.1f} | "
-                     f"{r['frechet_distance']:.1f} | {_seeds_cell(r)} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['gen_ffn_active_width']} | {r['understanding_accuracy']:.3f} | "
+            f"{r['judge_accuracy']:.3f} | {100 * r['retained_generation']:.1f} | "
+            f"{r['frechet_distance']:.1f} | {_seeds_cell(r)} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -296,10 +382,17 @@ def plot_sweep(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) ->
             if not group:
                 continue
             x = [0.0] + [r["actual_ratio"] for r in group]
-            for task, key, marker in (("understanding", "retained_understanding", "o"),
-                                      ("generation", "retained_generation", "s")):
-                ax.plot(x, [1.0] + [r[key] for r in group], linestyle=styles[component], marker=marker,
-                        label=f"compress {component}, task {task}")
+            for task, key, marker in (
+                ("understanding", "retained_understanding", "o"),
+                ("generation", "retained_generation", "s"),
+            ):
+                ax.plot(
+                    x,
+                    [1.0] + [r[key] for r in group],
+                    linestyle=styles[component],
+                    marker=marker,
+                    label=f"compress {component}, task {task}",
+                )
         ax.set_xlabel("layers skipped (fraction)" if kind == "depth" else "FFN neurons removed (fraction)")
         ax.set_ylabel("quality retained (accuracy / dense)")
         ax.set_ylim(0, 1.1)
@@ -311,9 +404,13 @@ def plot_sweep(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) ->
         for kind, marker in zip(KINDS, ("o", "s")):
             group = [r for r in rows if r["kind"] == kind and r["component"] == component]
             if group:
-                ax.plot([0.0] + [r["actual_ratio"] for r in group],
-                        [dense["frechet_distance"]] + [r["frechet_distance"] for r in group],
-                        linestyle=styles[component], marker=marker, label=f"compress {component}, {kind}")
+                ax.plot(
+                    [0.0] + [r["actual_ratio"] for r in group],
+                    [dense["frechet_distance"]] + [r["frechet_distance"] for r in group],
+                    linestyle=styles[component],
+                    marker=marker,
+                    label=f"compress {component}, {kind}",
+                )
     ax.set_yscale("log")
     ax.set_xlabel("fraction removed")
     ax.set_ylabel("Frechet distance (log; lower is better)")
@@ -331,11 +428,22 @@ def plot_variants(results: list[dict[str, Any]], path: Path) -> None:
     x = range(len(results))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.4
-    left.bar([i - width / 2 for i in x], [r["judge_accuracy"] for r in results], width, label="generation: judge accuracy")
-    left.bar([i + width / 2 for i in x], [r["understanding_accuracy"] for r in results], width,
-             label="understanding accuracy")
-    left.axhline(0.97 * results[0]["judge_accuracy"], color="gray", linestyle="--", linewidth=1,
-                 label="97% of dense judge accuracy")
+    left.bar(
+        [i - width / 2 for i in x], [r["judge_accuracy"] for r in results], width, label="generation: judge accuracy"
+    )
+    left.bar(
+        [i + width / 2 for i in x],
+        [r["understanding_accuracy"] for r in results],
+        width,
+        label="understanding accuracy",
+    )
+    left.axhline(
+        0.97 * results[0]["judge_accuracy"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="97% of dense judge accuracy",
+    )
     left.set_ylim(0, 1.25)
     left.set_xticks(list(x), names, rotation=30, ha="right")
     left.set_title("accuracy (held-out; judge: mean over seeds)")
@@ -356,18 +464,28 @@ def _number_list(text: str, kind: type) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Defaults are the full run (about 10 minutes on one thread here); "
-                                     "--quick: 5 digits per label, seed 0, ratio 0.5, 16 calibration samples per "
-                                     "task, 5 adapt steps.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults are the full run (about 10 minutes on one thread here); "
+        "--quick: 5 digits per label, seed 0, ratio 0.5, 16 calibration samples per "
+        "task, 5 adapt steps.",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
     parser.add_argument("--quick", action="store_true", help="small fast run (see below)")
     parser.add_argument("--per-label", type=int, default=None, help="generated digits per label and seed (default 20)")
-    parser.add_argument("--seeds", type=lambda t: _number_list(t, int), default=None,
-                        help="generation sampling seeds, comma-separated (default 0,1,2)")
-    parser.add_argument("--ratios", type=lambda t: _number_list(t, float), default=None,
-                        help="sweep: fractions removed, comma-separated (default 0.25,0.5,0.75)")
+    parser.add_argument(
+        "--seeds",
+        type=lambda t: _number_list(t, int),
+        default=None,
+        help="generation sampling seeds, comma-separated (default 0,1,2)",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=lambda t: _number_list(t, float),
+        default=None,
+        help="sweep: fractions removed, comma-separated (default 0.25,0.5,0.75)",
+    )
     parser.add_argument("--calib-samples", type=int, default=None, help="train samples per task (default 128)")
     parser.add_argument("--adapt-steps", type=int, default=None, help="adaptation / fine-tuning steps (default 100)")
     parser.add_argument("--parts", default="sweep,variants", help="which parts to run: sweep, variants or both")
@@ -402,56 +520,89 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaded.model.eval()
     judge = tb.load_judge()
     dense_width = loaded.model.config.intermediate_size
-    log(f"digits reproduction: parts {parts}, {per_label} digits per label x seeds {seeds}, "
-        f"{calib_samples} train sequences per task, adapt steps {adapt_steps}")
+    log(
+        f"digits reproduction: parts {parts}, {per_label} digits per label x seeds {seeds}, "
+        f"{calib_samples} train sequences per task, adapt steps {adapt_steps}"
+    )
 
     log("[dense] scoring the uncompressed program ...")
     dense_start = time.perf_counter()
     program = capture(loaded)
     dense = score(lambda batch: program.run(batch)["logits"], judge, seeds, per_label)
     dense_seconds = time.perf_counter() - dense_start
-    log(f"    understanding {dense['understanding_accuracy']:.3f}, judge {dense['judge_accuracy']:.3f}, "
-        f"Frechet {dense['frechet_distance']:.1f}")
+    log(
+        f"    understanding {dense['understanding_accuracy']:.3f}, judge {dense['judge_accuracy']:.3f}, "
+        f"Frechet {dense['frechet_distance']:.1f}"
+    )
     summary: dict[str, Any] = {
-        "settings": {"parts": parts, "per_label": per_label, "seeds": seeds, "ratios": ratios,
-                     "calibration_samples_per_task": calib_samples, "adapt_steps": adapt_steps, "quick": args.quick,
-                     "threads": args.threads, "generation_ffns": GEN_FFNS, "understanding_ffns": UND_FFNS,
-                     "dense_ffn_width": dense_width},
+        "settings": {
+            "parts": parts,
+            "per_label": per_label,
+            "seeds": seeds,
+            "ratios": ratios,
+            "calibration_samples_per_task": calib_samples,
+            "adapt_steps": adapt_steps,
+            "quick": args.quick,
+            "threads": args.threads,
+            "generation_ffns": GEN_FFNS,
+            "understanding_ffns": UND_FFNS,
+            "dense_ffn_width": dense_width,
+        },
         "reference_frechet_distance": tb.reference_frechet_distance(judge, per_label),
         "dense": dense,
     }
     sections = []
     if "sweep" in parts:
         log(f"[sweep] {len(COMPONENTS)} components x {len(KINDS)} kinds x ratios {ratios} ...")
-        summary["sweep"], summary["sparsity"] = sweep(loaded, judge, calib_samples, ratios, seeds, per_label, dense, log)
-        sections.append("## Sweep: one component compressed at a time (the probe's what-if rewrites)\n\n"
-                        + sweep_table(summary["sweep"], dense))
-        sections.append("## Dynamic sparsity: mean Jaccard overlap of two samples' top 10% FFN neurons\n\n"
-                        + sparsity_table(summary["sparsity"]))
+        summary["sweep"], summary["sparsity"] = sweep(
+            loaded, judge, calib_samples, ratios, seeds, per_label, dense, log
+        )
+        sections.append(
+            "## Sweep: one component compressed at a time (the probe's what-if rewrites)\n\n"
+            + sweep_table(summary["sweep"], dense)
+        )
+        sections.append(
+            "## Dynamic sparsity: mean Jaccard overlap of two samples' top 10% FFN neurons\n\n"
+            + sparsity_table(summary["sparsity"])
+        )
     if "variants" in parts:
         calib = calibration_set(calib_samples)
         results = []
         for i, variant in enumerate(chosen, 1):
             log(f"[variant {i}/{len(chosen)}] {variant.name}: {variant.description} ...")
             if variant.pass_name is None:  # scored once above
-                result = {"name": variant.name, "description": variant.description, "pass": None, "options": {},
-                          "gen_ffn_active_width": dense_width, "und_ffn_width": dense_width, **dense,
-                          "seconds": dense_seconds}
+                result = {
+                    "name": variant.name,
+                    "description": variant.description,
+                    "pass": None,
+                    "options": {},
+                    "gen_ffn_active_width": dense_width,
+                    "und_ffn_width": dense_width,
+                    **dense,
+                    "seconds": dense_seconds,
+                }
             else:
                 result = evaluate_variant(loaded, judge, calib, variant, adapt_steps, per_label, seeds)
             result.update(retained(result, dense))
             results.append(result)
-            log(f"    understanding {result['understanding_accuracy']:.3f}, judge {result['judge_accuracy']:.3f}, "
-                f"Frechet {result['frechet_distance']:.1f}, {result['seconds']:.0f} s")
+            log(
+                f"    understanding {result['understanding_accuracy']:.3f}, judge {result['judge_accuracy']:.3f}, "
+                f"Frechet {result['frechet_distance']:.1f}, {result['seconds']:.0f} s"
+            )
         summary["variants"] = results
-        sections.append("## Variants: the generation FFNs at half (and a quarter) active width\n\n" + variants_table(results, dense_width))
+        sections.append(
+            "## Variants: the generation FFNs at half (and a quarter) active width\n\n"
+            + variants_table(results, dense_width)
+        )
     summary["total_seconds"] = time.perf_counter() - start
-    report = (f"# Digits reproduction ({'quick' if args.quick else 'full'} run)\n\n"
-              f"Held-out split; {per_label} generated digits per label for each seed in {seeds} (judge accuracy and "
-              f"Frechet distance: means over the seeds); calibration {calib_samples} train sequences per task; "
-              f"adapt steps {adapt_steps}. Reference Frechet distance (real train digits, same count): "
-              f"{summary['reference_frechet_distance']:.1f}. Retained % = accuracy / dense accuracy.\n\n"
-              + "\n".join(sections))
+    report = (
+        f"# Digits reproduction ({'quick' if args.quick else 'full'} run)\n\n"
+        f"Held-out split; {per_label} generated digits per label for each seed in {seeds} (judge accuracy and "
+        f"Frechet distance: means over the seeds); calibration {calib_samples} train sequences per task; "
+        f"adapt steps {adapt_steps}. Reference Frechet distance (real train digits, same count): "
+        f"{summary['reference_frechet_distance']:.1f}. Retained % = accuracy / dense accuracy.\n\n"
+        + "\n".join(sections)
+    )
     log(report)
 
     args.out.mkdir(parents=True, exist_ok=True)

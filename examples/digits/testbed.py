@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -62,14 +62,15 @@ class Split:
     labels: torch.Tensor
 
 
-@lru_cache(maxsize=None)
+@cache
 def _splits(seed: int = 0) -> dict[str, Split]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     train_x, held_x, train_y, held_y = train_test_split(
-        digits.data, digits.target, test_size=0.2, stratify=digits.target, random_state=seed)
+        digits.data, digits.target, test_size=0.2, stratify=digits.target, random_state=seed
+    )
     return {
         "train": Split(torch.tensor(train_x, dtype=torch.float32), torch.tensor(train_y, dtype=torch.long)),
         "heldout": Split(torch.tensor(held_x, dtype=torch.float32), torch.tensor(held_y, dtype=torch.long)),
@@ -97,11 +98,14 @@ def dequantize(levels: torch.Tensor) -> torch.Tensor:
 def understanding_inputs(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """[N, 64] gray levels -> `bos, image_start, pixels, image_end, classify` ([N, 68]), all understanding tokens."""
     n = images.shape[0]
-    ids = torch.cat([
-        torch.tensor([BOS, IMAGE_START]).expand(n, 2),
-        PIXEL0 + quantize(images),
-        torch.tensor([IMAGE_END, CLASSIFY]).expand(n, 2),
-    ], dim=1)
+    ids = torch.cat(
+        [
+            torch.tensor([BOS, IMAGE_START]).expand(n, 2),
+            PIXEL0 + quantize(images),
+            torch.tensor([IMAGE_END, CLASSIFY]).expand(n, 2),
+        ],
+        dim=1,
+    )
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "gen_mask": torch.zeros_like(ids)}
 
 
@@ -111,8 +115,9 @@ def generation_inputs(labels: torch.Tensor, images: torch.Tensor | None = None) 
     `gen_mask` is 1 on the pixel tokens (the image being generated), 0 on the prompt.
     """
     n = labels.shape[0]
-    prompt = torch.stack([torch.full((n,), BOS), torch.full((n,), DRAW), LABEL0 + labels.long(),
-                          torch.full((n,), IMAGE_START)], dim=1)
+    prompt = torch.stack(
+        [torch.full((n,), BOS), torch.full((n,), DRAW), LABEL0 + labels.long(), torch.full((n,), IMAGE_START)], dim=1
+    )
     pixels = PIXEL0 + quantize(images) if images is not None else prompt[:, :0]
     ids = torch.cat([prompt, pixels], dim=1)
     gen_mask = torch.zeros_like(ids)
@@ -180,14 +185,16 @@ def as_logits_fn(model: nn.Module | Logits) -> Logits:
 def _batches(inputs: Mapping[str, torch.Tensor], batch_size: int):
     n = next(iter(inputs.values())).shape[0]
     for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in inputs.items()}
+        yield {k: v[start : start + batch_size] for k, v in inputs.items()}
 
 
 def predict_labels(model: nn.Module | Logits, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Labels [N] the model reads from [N, 64] images: argmax over the 10 label tokens at the last position."""
     fn = as_logits_fn(model)
-    preds = [fn(b)[:, -1, LABEL0:LABEL0 + NUM_LABELS].argmax(-1)
-             for b in _batches(understanding_inputs(images), batch_size)]
+    preds = [
+        fn(b)[:, -1, LABEL0 : LABEL0 + NUM_LABELS].argmax(-1)
+        for b in _batches(understanding_inputs(images), batch_size)
+    ]
     return torch.cat(preds)
 
 
@@ -209,7 +216,7 @@ def generate(model: nn.Module | Logits, labels: torch.Tensor, seed: int = 0, tem
     generator = torch.Generator().manual_seed(seed)
     inputs = generation_inputs(labels)
     for _ in range(PIXELS):
-        logits = fn(inputs)[:, -1, PIXEL0:PIXEL0 + LEVELS].float()
+        logits = fn(inputs)[:, -1, PIXEL0 : PIXEL0 + LEVELS].float()
         if temperature == 0:
             level = logits.argmax(-1, keepdim=True)
         else:
@@ -277,7 +284,9 @@ def load_judge(directory: str | Path = WEIGHTS) -> Judge:
     directory = Path(directory)
     weights, config = directory / "judge.safetensors", directory / "judge.json"
     if not weights.is_file() or not config.is_file():
-        raise FileNotFoundError(f"no judge in {directory} (judge.safetensors + judge.json); run examples/digits/train.py")
+        raise FileNotFoundError(
+            f"no judge in {directory} (judge.safetensors + judge.json); run examples/digits/train.py"
+        )
     judge = Judge(**json.loads(config.read_text()))
     judge.load_state_dict(load_file(str(weights)))
     return judge.eval()
@@ -306,8 +315,9 @@ def judge_features(judge: Judge, images: torch.Tensor) -> torch.Tensor:
         return judge.features(images)
 
 
-def generation_quality(model: nn.Module | Logits, judge: Judge, per_label: int = 20, seed: int = 0,
-                       temperature: float = 1.0) -> dict[str, float | list[float]]:
+def generation_quality(
+    model: nn.Module | Logits, judge: Judge, per_label: int = 20, seed: int = 0, temperature: float = 1.0
+) -> dict[str, float | list[float]]:
     """Draw `per_label` digits of each label and score them with the judge.
 
     Returns `judge_accuracy` (fraction judged as the requested label), `per_label_accuracy` (10 values) and

@@ -20,14 +20,22 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import testbed as tb  # noqa: E402
+
 from sparsec.families.mot import MoTConfig, MoTForCausalLM  # noqa: E402
 
-MOT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128)
+MOT_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
-def joint_loss(model: MoTForCausalLM, und: dict[str, torch.Tensor], und_labels: torch.Tensor,
-               gen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_loss(
+    model: MoTForCausalLM, und: dict[str, torch.Tensor], und_labels: torch.Tensor, gen: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over a mixed batch; (understanding loss, generation loss).
 
     Understanding: cross-entropy of the label token at the last position (the classify token), the only
@@ -38,9 +46,10 @@ def joint_loss(model: MoTForCausalLM, und: dict[str, torch.Tensor], und_labels: 
     batch = {k: torch.cat([und[k], gen[k]]) for k in und}
     logits = model(**batch).logits
     und_loss = F.cross_entropy(logits[:n_und, -1], tb.LABEL0 + und_labels)
-    gen_logits = logits[n_und:, tb.PROMPT_LEN - 1:-1]
-    gen_loss = F.cross_entropy(gen_logits.reshape(-1, gen_logits.shape[-1]),
-                               gen["input_ids"][:, tb.PROMPT_LEN:].reshape(-1))
+    gen_logits = logits[n_und:, tb.PROMPT_LEN - 1 : -1]
+    gen_loss = F.cross_entropy(
+        gen_logits.reshape(-1, gen_logits.shape[-1]), gen["input_ids"][:, tb.PROMPT_LEN :].reshape(-1)
+    )
     return und_loss, gen_loss
 
 
@@ -52,7 +61,8 @@ def train_mot(steps: int, batch_size: int, lr: float, seed: int, log_every: int 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     order = torch.Generator().manual_seed(seed)
     half = batch_size // 2
     start, und_avg, gen_avg = time.time(), 0.0, 0.0
@@ -60,8 +70,11 @@ def train_mot(steps: int, batch_size: int, lr: float, seed: int, log_every: int 
         pick = torch.randint(0, len(data.labels), (batch_size,), generator=order)
         und_pick, gen_pick = pick[:half], pick[half:]
         und_loss, gen_loss = joint_loss(
-            model, tb.understanding_inputs(data.images[und_pick]), data.labels[und_pick],
-            tb.generation_inputs(data.labels[gen_pick], data.images[gen_pick]))
+            model,
+            tb.understanding_inputs(data.images[und_pick]),
+            data.labels[und_pick],
+            tb.generation_inputs(data.labels[gen_pick], data.images[gen_pick]),
+        )
         optimizer.zero_grad()
         (und_loss + gen_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -73,8 +86,11 @@ def train_mot(steps: int, batch_size: int, lr: float, seed: int, log_every: int 
             model.eval()
             accuracy = tb.understanding_accuracy(model)
             model.train()
-            print(f"step {step:5d}/{steps}  und loss {und_avg / count:.3f}  gen loss {gen_avg / count:.3f}  "
-                  f"held-out acc {accuracy:.3f}  {time.time() - start:.0f} s", flush=True)
+            print(
+                f"step {step:5d}/{steps}  und loss {und_avg / count:.3f}  gen loss {gen_avg / count:.3f}  "
+                f"held-out acc {accuracy:.3f}  {time.time() - start:.0f} s",
+                flush=True,
+            )
             und_avg, gen_avg = 0.0, 0.0
     return model.eval()
 

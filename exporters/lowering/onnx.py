@@ -46,8 +46,12 @@ def upcast_to_fp32(model: ir.Model) -> dict[str, int]:
     for value in graph.initializers.values():
         tensor = value.const_value
         if tensor is not None and tensor.dtype in HALF_TYPES:
-            value.const_value = ir.LazyTensor(lambda tensor=tensor: ir.tensor(tensor.numpy().astype("float32")),
-                                              dtype=ir.DataType.FLOAT, shape=tensor.shape, name=tensor.name)
+            value.const_value = ir.LazyTensor(
+                lambda tensor=tensor: ir.tensor(tensor.numpy().astype("float32")),
+                dtype=ir.DataType.FLOAT,
+                shape=tensor.shape,
+                name=tensor.name,
+            )
             counts["initializers"] += 1
     for node in nodes:
         for name, attr in list(node.attributes.items()):
@@ -71,15 +75,22 @@ def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
     for name, axes in program.dynamic_dims.items():
         shape = inputs[name].shape if name in inputs else None
         for axis, dim_name in axes.items():
-            if shape is not None and axis < len(shape) and isinstance(shape[axis], ir.SymbolicDim) and shape[axis].value:
+            if (
+                shape is not None
+                and axis < len(shape)
+                and isinstance(shape[axis], ir.SymbolicDim)
+                and shape[axis].value
+            ):
                 renames[shape[axis].value] = dim_name
     values = [*model.graph.inputs, *model.graph.outputs]
     values += [out for node in ir.traversal.RecursiveGraphIterator(model.graph) for out in node.outputs]
     for value in values:
         if value.shape is None:
             continue
-        dims = [ir.SymbolicDim(renames[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in renames else d
-                for d in value.shape]
+        dims = [
+            ir.SymbolicDim(renames[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in renames else d
+            for d in value.shape
+        ]
         if any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
             value.shape = ir.Shape(dims)
     return renames
@@ -104,15 +115,18 @@ def export_onnx(
     they are written); the facts then hold `upcast_from`. A lazily backed program (weights read from the
     checkpoint, `Program.lazy_state`) is materialised first: its weights are read into memory.
 
-    Example:
-        >>> export_onnx(program, "out/model.onnx")["dynamic_dims"]
-        {'s43': 'batch', 's53': 'seq'}
+    Example::
+        export_onnx(program, "out/model.onnx")["dynamic_dims"]
+        # {'s43': 'batch', 's53': 'seq'}
     """
     import torch
 
     path = Path(path)
-    complex_nodes = [n.name for n in program.graph.nodes
-                     if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype.is_complex]
+    complex_nodes = [
+        n.name
+        for n in program.graph.nodes
+        if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype.is_complex
+    ]
     if complex_nodes:
         raise SparsecError(
             f"the program computes complex values ({', '.join(complex_nodes[:5])}{', ...' if len(complex_nodes) > 5 else ''}), "
@@ -137,7 +151,9 @@ def export_onnx(
                 output_names=[*program.output_names, *map(boundary_name, boundaries)],
                 opset_version=opset,
                 dynamo=True,
-                custom_translation_table={torch.ops.sparsec.moe.default: moe_translation(moe_lowering, scatter_reduction)},
+                custom_translation_table={
+                    torch.ops.sparsec.moe.default: moe_translation(moe_lowering, scatter_reduction)
+                },
                 verbose=False,
             )
     except Exception as exc:

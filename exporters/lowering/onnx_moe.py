@@ -40,15 +40,32 @@ def _contrib_moe_schema() -> onnx.defs.OpSchema:
     """The subset of ORT's MoE schema we emit (ONNX itself has no schema for contrib ops)."""
     P = onnx.defs.OpSchema.FormalParameter
     optional = onnx.defs.OpSchema.FormalParameterOption.Optional
-    inputs = [P("input", "T"), P("router_probs", "T"), P("fc1_experts_weights", "T"),
-              P("fc1_experts_bias", "T", param_option=optional), P("fc2_experts_weights", "T")]
+    inputs = [
+        P("input", "T"),
+        P("router_probs", "T"),
+        P("fc1_experts_weights", "T"),
+        P("fc1_experts_bias", "T", param_option=optional),
+        P("fc2_experts_weights", "T"),
+    ]
     A = onnx.defs.OpSchema.Attribute
     kinds = onnx.defs.OpSchema.AttrType
-    attributes = [A("k", kinds.INT, ""), A("activation_type", kinds.STRING, ""),
-                  A("normalize_routing_weights", kinds.INT, ""), A("swiglu_fusion", kinds.INT, ""),
-                  A("activation_alpha", kinds.FLOAT, ""), A("activation_beta", kinds.FLOAT, "")]
-    return onnx.defs.OpSchema("MoE", "com.microsoft", 1, inputs=inputs, outputs=[P("output", "T")],
-                              type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")], attributes=attributes)
+    attributes = [
+        A("k", kinds.INT, ""),
+        A("activation_type", kinds.STRING, ""),
+        A("normalize_routing_weights", kinds.INT, ""),
+        A("swiglu_fusion", kinds.INT, ""),
+        A("activation_alpha", kinds.FLOAT, ""),
+        A("activation_beta", kinds.FLOAT, ""),
+    ]
+    return onnx.defs.OpSchema(
+        "MoE",
+        "com.microsoft",
+        1,
+        inputs=inputs,
+        outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=attributes,
+    )
 
 
 CONTRIB_MOE = Op(MICROSOFT, "MoE", _contrib_moe_schema())
@@ -85,22 +102,36 @@ def _interleave(a, b):
     return op.Reshape(pair, shape)
 
 
-def moe_contrib(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                top_k: int, activation: str, gating: str):
+def moe_contrib(
+    x,
+    router_weight,
+    router_bias,
+    fc1_weight,
+    fc1_bias,
+    fc3_weight,
+    fc3_bias,
+    fc2_weight,
+    top_k: int,
+    activation: str,
+    gating: str,
+):
     x2 = _rows(x)
     logits = _router_logits(x2, router_weight, router_bias)
     if gating == "unit":
         _, chosen = op.TopK(logits, op.Constant(value_ints=[top_k]), axis=-1)
         masked = op.Expand(op.CastLike(op.Constant(value_float=MASKED_LOGIT), logits), op.Shape(logits))
-        logits = op.ScatterElements(masked, chosen, op.Expand(op.CastLike(op.Constant(value_float=0.0), logits),
-                                                              op.Shape(chosen)), axis=1)
+        logits = op.ScatterElements(
+            masked, chosen, op.Expand(op.CastLike(op.Constant(value_float=0.0), logits), op.Shape(chosen)), axis=1
+        )
     attributes = {"k": top_k, "normalize_routing_weights": int(gating == "renormalized")}
     fc1, bias1 = fc1_weight, fc1_bias
     if fc3_weight is not None:
         fc1 = _interleave(fc1_weight, fc3_weight)
         if fc1_bias is not None or fc3_bias is not None:
-            zeros = op.Mul(op.ReduceSum(fc1_weight, op.Constant(value_ints=[2]), keepdims=0),
-                           op.CastLike(op.Constant(value_float=0.0), fc1_weight))
+            zeros = op.Mul(
+                op.ReduceSum(fc1_weight, op.Constant(value_ints=[2]), keepdims=0),
+                op.CastLike(op.Constant(value_float=0.0), fc1_weight),
+            )
             bias1 = _interleave(zeros if fc1_bias is None else fc1_bias, zeros if fc3_bias is None else fc3_bias)
         attributes.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
     else:
@@ -141,20 +172,78 @@ def _expert_bias(bias, weight, index):
     return op.ConstantOfShape(op.Constant(value_ints=[_static_dim(weight, 1)]))
 
 
-def moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                 top_k: int, activation: str, gating: str):
-    return _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                         top_k, activation, gating, scatter_reduction=True)
+def moe_standard(
+    x,
+    router_weight,
+    router_bias,
+    fc1_weight,
+    fc1_bias,
+    fc3_weight,
+    fc3_bias,
+    fc2_weight,
+    top_k: int,
+    activation: str,
+    gating: str,
+):
+    return _moe_standard(
+        x,
+        router_weight,
+        router_bias,
+        fc1_weight,
+        fc1_bias,
+        fc3_weight,
+        fc3_bias,
+        fc2_weight,
+        top_k,
+        activation,
+        gating,
+        scatter_reduction=True,
+    )
 
 
-def moe_standard_without_scatter_reduction(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias,
-                                           fc2_weight, top_k: int, activation: str, gating: str):
-    return _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                         top_k, activation, gating, scatter_reduction=False)
+def moe_standard_without_scatter_reduction(
+    x,
+    router_weight,
+    router_bias,
+    fc1_weight,
+    fc1_bias,
+    fc3_weight,
+    fc3_bias,
+    fc2_weight,
+    top_k: int,
+    activation: str,
+    gating: str,
+):
+    return _moe_standard(
+        x,
+        router_weight,
+        router_bias,
+        fc1_weight,
+        fc1_bias,
+        fc3_weight,
+        fc3_bias,
+        fc2_weight,
+        top_k,
+        activation,
+        gating,
+        scatter_reduction=False,
+    )
 
 
-def _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                  top_k: int, activation: str, gating: str, scatter_reduction: bool):
+def _moe_standard(
+    x,
+    router_weight,
+    router_bias,
+    fc1_weight,
+    fc1_bias,
+    fc3_weight,
+    fc3_bias,
+    fc2_weight,
+    top_k: int,
+    activation: str,
+    gating: str,
+    scatter_reduction: bool,
+):
     x2 = _rows(x)
     logits = _router_logits(x2, router_weight, router_bias)
     probs = op.Softmax(op.Cast(logits, to=onnxscript.FLOAT.dtype), axis=-1)
@@ -167,8 +256,10 @@ def _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weigh
     for e in range(_static_dim(fc1_weight, 0)):
         index = op.Constant(value_int=e)
         hit = op.Equal(chosen, op.Constant(value_ints=[e]))
-        routed = op.Greater(op.ReduceSum(op.Cast(hit, to=onnxscript.INT64.dtype), op.Constant(value_ints=[1]), keepdims=0),
-                            op.Constant(value_int=0))
+        routed = op.Greater(
+            op.ReduceSum(op.Cast(hit, to=onnxscript.INT64.dtype), op.Constant(value_ints=[1]), keepdims=0),
+            op.Constant(value_int=0),
+        )
         if not scatter_reduction:
             routed = op.Cast(routed, to=onnxscript.FLOAT.dtype)
         tokens = op.Reshape(op.NonZero(routed), op.Constant(value_ints=[-1]))
@@ -179,13 +270,20 @@ def _moe_standard(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weigh
             gate_up = op.Concat(op.Gather(fc1_weight, index, axis=0), op.Gather(fc3_weight, index, axis=0), axis=0)
             projected = op.Gemm(xs, gate_up, transB=1)
             if fc1_bias is not None or fc3_bias is not None:
-                projected = op.Add(projected, op.Concat(*(_expert_bias(b, w, index) for b, w in
-                                                          ((fc1_bias, fc1_weight), (fc3_bias, fc3_weight))), axis=0))
+                projected = op.Add(
+                    projected,
+                    op.Concat(
+                        *(_expert_bias(b, w, index) for b, w in ((fc1_bias, fc1_weight), (fc3_bias, fc3_weight))),
+                        axis=0,
+                    ),
+                )
             gate, up = op.Split(projected, num_outputs=2, axis=1)
             h = op.Mul(_activation(gate, activation), up)
         y = op.Gemm(h, op.Gather(fc2_weight, index, axis=0), transB=1)
         if gating != "unit":
-            weight = op.ReduceSum(op.Where(hit, top_p, op.CastLike(zero, top_p)), op.Constant(value_ints=[1]), keepdims=0)
+            weight = op.ReduceSum(
+                op.Where(hit, top_p, op.CastLike(zero, top_p)), op.Constant(value_ints=[1]), keepdims=0
+            )
             y = op.Mul(y, op.CastLike(op.Unsqueeze(op.Gather(weight, tokens, axis=0), [1]), y))
         if scatter_reduction:
             out = op.ScatterND(out, op.Unsqueeze(tokens, [1]), y, reduction="add")
@@ -203,11 +301,33 @@ def moe_translation(lowering: MoeLowering, scatter_reduction: bool = True):
     if lowering == "standard":
         return moe_standard if scatter_reduction else moe_standard_without_scatter_reduction
 
-    def moe_auto(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                 top_k: int, activation: str, gating: str):
+    def moe_auto(
+        x,
+        router_weight,
+        router_bias,
+        fc1_weight,
+        fc1_bias,
+        fc3_weight,
+        fc3_bias,
+        fc2_weight,
+        top_k: int,
+        activation: str,
+        gating: str,
+    ):
         same_width = _static_dim(fc2_weight, 1) == _static_dim(fc1_weight, 2)
         lower = moe_contrib if contrib_supports(activation, fc3_weight is not None, same_width) else moe_standard
-        return lower(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                     top_k, activation, gating)
+        return lower(
+            x,
+            router_weight,
+            router_bias,
+            fc1_weight,
+            fc1_bias,
+            fc3_weight,
+            fc3_bias,
+            fc2_weight,
+            top_k,
+            activation,
+            gating,
+        )
 
     return moe_auto

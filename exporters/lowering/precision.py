@@ -30,10 +30,10 @@ rewrites an FP32 model (written by `sparsec.exporters.lowering.onnx.export_onnx`
 
 Graphs with subgraphs (`If`, `Loop`, `Scan`) or local functions are refused (our exports have none).
 
-Example:
-    >>> report = convert_precision("out/model.onnx", "out/model.fp16.onnx", "fp16")
-    >>> report["kept_fp32"]["Softmax"], report["converted_nodes"] > 0
-    (4, True)
+Example::
+    report = convert_precision("out/model.onnx", "out/model.fp16.onnx", "fp16")
+    report["kept_fp32"]["Softmax"], report["converted_nodes"] > 0
+    # (4, True)
 """
 
 from __future__ import annotations
@@ -46,18 +46,28 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sparsec.errors import SparsecError
 from sparsec.data.parity import Precision
+from sparsec.errors import SparsecError
 
 TARGETS = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 TYPE_STRINGS = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
 FP32 = ir.DataType.FLOAT
 
-SENSITIVE_OPS = frozenset({
-    "Softmax", "LogSoftmax", "TopK", "Exp", "LayerNormalization", "SimplifiedLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization",
-    "BatchNormalization",
-})
+SENSITIVE_OPS = frozenset(
+    {
+        "Softmax",
+        "LogSoftmax",
+        "TopK",
+        "Exp",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RMSNormalization",
+        "GroupNormalization",
+        "InstanceNormalization",
+        "BatchNormalization",
+    }
+)
 NORM_CHAIN_OPS = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Cast"})
 ROUTER_CHAIN_OPS = frozenset({"Softmax", "Cast", "Add", "Transpose"})
 TRIG_OPS = frozenset({"Cos", "Sin"})
@@ -80,10 +90,10 @@ def convert_precision(
     The result passes `onnx.checker.check_model(full_check=True)` (strict type and shape inference), checked
     before returning. Raises `SparsecError` for a model it cannot convert (subgraphs, not FP32).
 
-    Example:
-        >>> convert_precision("model.onnx", "model.bf16.onnx", "bf16", keep_ops=["Sigmoid"])["kept_fp32"]
-        {'Add': 9, 'Cast': 1, 'Concat': 1, 'Cos': 1, 'Mul': 19, 'Pow': 9, 'Reciprocal': 9, 'ReduceMean': 9,
-         'Sigmoid': 4, 'Sin': 1, 'Softmax': 4, 'Sqrt': 9}
+    Example::
+        convert_precision("model.onnx", "model.bf16.onnx", "bf16", keep_ops=["Sigmoid"])["kept_fp32"]
+        # {'Add': 9, 'Cast': 1, 'Concat': 1, 'Cos': 1, 'Mul': 19, 'Pow': 9, 'Reciprocal': 9, 'ReduceMean': 9,
+         # 'Sigmoid': 4, 'Sin': 1, 'Softmax': 4, 'Sqrt': 9}
     """
     source, target = Path(source), Path(target)
     if precision not in ("fp32", "fp16", "bf16"):
@@ -99,8 +109,10 @@ def convert_precision(
     nodes = list(graph)
     subgraphs = sorted({n.op_type for n in nodes if n.op_type in SUBGRAPH_OPS})
     if subgraphs or model.functions:
-        raise SparsecError(f"{source}: precision conversion does not handle subgraphs or local functions "
-                           f"(found {subgraphs or 'functions'})")
+        raise SparsecError(
+            f"{source}: precision conversion does not handle subgraphs or local functions "
+            f"(found {subgraphs or 'functions'})"
+        )
     if not any(v.dtype == FP32 for n in nodes for v in n.outputs):
         raise SparsecError(f"{source}: no FP32 values to convert")
     opset = model.opset_imports.get("", 18)
@@ -147,7 +159,8 @@ def convert_precision(
 
 def _touches_float(node: ir.Node) -> bool:
     return any(v is not None and v.dtype == FP32 for v in (*node.inputs, *node.outputs)) or (
-        node.op_type == "Cast" and node.attributes.get_int("to") == FP32.value)
+        node.op_type == "Cast" and node.attributes.get_int("to") == FP32.value
+    )
 
 
 def _sensitive_nodes(nodes: list[ir.Node], keep_ops: set[str]) -> set[ir.Node]:
@@ -166,7 +179,9 @@ def _sensitive_nodes(nodes: list[ir.Node], keep_ops: set[str]) -> set[ir.Node]:
 
 def _accumulates(node: ir.Node) -> bool:
     """A scatter with a reduction (the MoE lowering's ScatterND add of expert outputs)."""
-    return node.op_type in ("ScatterND", "ScatterElements") and node.attributes.get_string("reduction", "none") != "none"
+    return (
+        node.op_type in ("ScatterND", "ScatterElements") and node.attributes.get_string("reduction", "none") != "none"
+    )
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
@@ -175,8 +190,9 @@ def _single_consumer(value: ir.Value) -> ir.Node | None:
 
 
 def _is_constant(value: ir.Value | None) -> bool:
-    return value is not None and (value.const_value is not None or
-                                  (value.producer() is not None and value.producer().op_type == "Constant"))
+    return value is not None and (
+        value.const_value is not None or (value.producer() is not None and value.producer().op_type == "Constant")
+    )
 
 
 def _norm_nodes(reduce: ir.Node) -> set[ir.Node]:
@@ -202,7 +218,9 @@ def _norm_nodes(reduce: ir.Node) -> set[ir.Node]:
         if user is None:
             return set()
         chain.append(user)
-        if user.op_type in ("Mul", "Div") and any(v in roots or (v.producer() in pre) for v in user.inputs if v is not None):
+        if user.op_type in ("Mul", "Div") and any(
+            v in roots or (v.producer() in pre) for v in user.inputs if v is not None
+        ):
             break
         if user.op_type not in NORM_CHAIN_OPS:
             return set()
@@ -210,8 +228,11 @@ def _norm_nodes(reduce: ir.Node) -> set[ir.Node]:
     else:
         return set()
     value = chain[-1].outputs[0]
-    while (user := _single_consumer(value)) is not None and user.op_type in ("Mul", "Add") and any(
-            _is_constant(v) for v in user.inputs):
+    while (
+        (user := _single_consumer(value)) is not None
+        and user.op_type in ("Mul", "Add")
+        and any(_is_constant(v) for v in user.inputs)
+    ):
         chain.append(user)
         value = user.outputs[0]
     return set(chain) | pre
@@ -279,7 +300,9 @@ def _fixed_type_inputs(node: ir.Node, opset: int) -> set[int]:
         return set()
     constraints = {c.type_param_str for c in schema.type_constraints}
     params = schema.inputs
-    return {i for i in range(len(node.inputs)) if params and params[min(i, len(params) - 1)].type_str not in constraints}
+    return {
+        i for i in range(len(node.inputs)) if params and params[min(i, len(params) - 1)].type_str not in constraints
+    }
 
 
 def _convert_array(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
@@ -312,8 +335,12 @@ class _Casts:
     def __init__(self, graph: ir.Graph, dtype: ir.DataType) -> None:
         self.graph, self.dtype = graph, dtype
         self.suffix = "fp16" if dtype == ir.DataType.FLOAT16 else "bf16"
-        self._taken = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs} | {
-            v.name for n in graph for v in n.outputs} | {n.name for n in graph}
+        self._taken = (
+            {v.name for v in graph.initializers.values()}
+            | {v.name for v in graph.inputs}
+            | {v.name for n in graph for v in n.outputs}
+            | {n.name for n in graph}
+        )
         self._down: dict[ir.Value, ir.Value] = {}
         self._up: dict[ir.Value, ir.Value] = {}
         self.count = 0
@@ -328,8 +355,9 @@ class _Casts:
 
     def _cast(self, value: ir.Value, to: ir.DataType, name: str) -> ir.Value:
         out = ir.Value(name=self._name(name), type=ir.TensorType(to), shape=value.shape)
-        node = ir.Node("", "Cast", [value], {"to": ir.AttrInt64("to", to.value)}, outputs=[out],
-                       name=self._name(f"{name}_cast"))
+        node = ir.Node(
+            "", "Cast", [value], {"to": ir.AttrInt64("to", to.value)}, outputs=[out], name=self._name(f"{name}_cast")
+        )
         producer = value.producer()
         if producer is None:
             self.graph.insert_before(next(iter(self.graph)), node)
@@ -343,8 +371,12 @@ class _Casts:
             if value.is_initializer() and value.const_value is not None:
                 array = _convert_array(value.const_value.numpy(), self.dtype)
                 name = self._name(f"{value.name}_{self.suffix}")
-                new = ir.Value(name=name, type=ir.TensorType(self.dtype), shape=value.shape,
-                               const_value=ir.tensor(array, name=name))
+                new = ir.Value(
+                    name=name,
+                    type=ir.TensorType(self.dtype),
+                    shape=value.shape,
+                    const_value=ir.tensor(array, name=name),
+                )
                 self.graph.register_initializer(new)
                 self.initializers += 1
                 self._down[value] = new

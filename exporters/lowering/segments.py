@@ -81,9 +81,11 @@ def read_segments(model) -> list[Segment]:
     """The segments an ONNX `ModelProto` was exported with; `SparsecError` if it has none."""
     found = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in found:
-        raise SparsecError("block-by-block parity needs the block boundaries export_onnx marks in the ONNX file "
-                           f"(metadata {METADATA_KEY}), and this file has none (no block stack was found, or it was "
-                           "written by another tool); use export.parity.mode: whole")
+        raise SparsecError(
+            "block-by-block parity needs the block boundaries export_onnx marks in the ONNX file "
+            f"(metadata {METADATA_KEY}), and this file has none (no block stack was found, or it was "
+            "written by another tool); use export.parity.mode: whole"
+        )
     return [Segment(name, tuple(outputs)) for name, outputs in json.loads(found[METADATA_KEY])]
 
 
@@ -113,8 +115,10 @@ def segment_model(model, outputs: list[str], stops: set[str]):
     types = {v.name: v for v in [*graph.input, *graph.output, *graph.value_info]}
     missing = [o for o in outputs if o not in producers]
     if missing:
-        raise SparsecError(f"the ONNX graph has no values {missing[:3]} (a boundary lost in a later rewrite of the "
-                           "file); use export.parity.mode: whole")
+        raise SparsecError(
+            f"the ONNX graph has no values {missing[:3]} (a boundary lost in a later rewrite of the "
+            "file); use export.parity.mode: whole"
+        )
     nodes, feeds, used, seen = set(), {}, {}, set()
     stack = list(outputs)
     while stack:
@@ -134,10 +138,16 @@ def segment_model(model, outputs: list[str], stops: set[str]):
     untyped = [n for n in [*feeds, *outputs] if n not in types]
     if untyped:
         raise SparsecError(f"the ONNX graph has no type for {untyped[:3]}; use export.parity.mode: whole")
-    sub = helper.make_graph([n for n in graph.node if id(n) in nodes], f"{graph.name}_segment",
-                            [types[n] for n in feeds], [types[n] for n in outputs], list(used.values()))
-    result = helper.make_model(sub, ir_version=model.ir_version, opset_imports=list(model.opset_import),
-                               functions=list(model.functions))
+    sub = helper.make_graph(
+        [n for n in graph.node if id(n) in nodes],
+        f"{graph.name}_segment",
+        [types[n] for n in feeds],
+        [types[n] for n in outputs],
+        list(used.values()),
+    )
+    result = helper.make_model(
+        sub, ir_version=model.ir_version, opset_imports=list(model.opset_import), functions=list(model.functions)
+    )
     return result, list(feeds)
 
 
@@ -145,8 +155,14 @@ def onnx_dtype_to_torch(elem_type: int) -> torch.dtype:
     """The torch dtype of an ONNX tensor element type."""
     import onnx
 
-    return {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
-            onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64,
-            onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
-            onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.INT8: torch.int8,
-            onnx.TensorProto.UINT8: torch.uint8}[elem_type]
+    return {
+        onnx.TensorProto.FLOAT: torch.float32,
+        onnx.TensorProto.FLOAT16: torch.float16,
+        onnx.TensorProto.BFLOAT16: torch.bfloat16,
+        onnx.TensorProto.DOUBLE: torch.float64,
+        onnx.TensorProto.INT64: torch.int64,
+        onnx.TensorProto.INT32: torch.int32,
+        onnx.TensorProto.BOOL: torch.bool,
+        onnx.TensorProto.INT8: torch.int8,
+        onnx.TensorProto.UINT8: torch.uint8,
+    }[elem_type]

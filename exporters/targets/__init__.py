@@ -23,8 +23,16 @@ from importlib.metadata import entry_points
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets.base import Lowering, Runner, Target
 
-__all__ = ["ENTRY_POINT_GROUP", "Lowering", "Runner", "Target", "available_targets", "get_target", "register_target",
-           "unregister_target"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Lowering",
+    "Runner",
+    "Target",
+    "available_targets",
+    "get_target",
+    "register_target",
+    "unregister_target",
+]
 
 ENTRY_POINT_GROUP = "sparsec.targets"
 
@@ -41,7 +49,9 @@ def register_target(target: Target | type[Target]) -> Target | type[Target]:
     """
     instance = target() if isinstance(target, type) and issubclass(target, Target) else target
     if not isinstance(instance, Target) or not instance.name:
-        raise TypeError(f"register_target takes a Target (instance or subclass) with a non-empty `name`, got {target!r}")
+        raise TypeError(
+            f"register_target takes a Target (instance or subclass) with a non-empty `name`, got {target!r}"
+        )
     if (instance.section is None) != (instance.options is None):
         raise TypeError(f"target {instance.name!r}: `section` and `options` go together (both set or both None)")
     if instance.options is not None and not dataclasses.is_dataclass(instance.options):
@@ -76,8 +86,10 @@ def _load_entry_points() -> None:
             continue
         loaded = ep.load()
         if getattr(loaded, "name", None) != ep.name:
-            raise SparsecError(f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP} loads a target named "
-                               f"{getattr(loaded, 'name', None)!r}; the entry point's name must be the target's")
+            raise SparsecError(
+                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP} loads a target named "
+                f"{getattr(loaded, 'name', None)!r}; the entry point's name must be the target's"
+            )
         register_target(loaded)
 
 

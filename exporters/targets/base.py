@@ -85,6 +85,7 @@ class Target(abc.ABC):
     def check(self, recipe: Any) -> None:
         """Raise `SparsecError` naming what is missing here (module, device) or what in `recipe` the target cannot
         run, and the fix. Cheap: called before the model is loaded. The compiler has already checked `needs_onnx`."""
+        return None
 
     def recipe_options(self, recipe: Any) -> Any:
         """This target's parsed `export.<section>` options in `recipe` (its defaults where the recipe has none)."""
@@ -96,8 +97,15 @@ class Target(abc.ABC):
         """How to lower the program to ONNX for this target; by default in `export.precision`."""
         return Lowering(precision=recipe.export.precision)
 
-    def build(self, program: Program, onnx_path: Path, directory: Path, recipe: Any, calibration: CalibrationSet,
-              log: Callable[[str], None]) -> dict[str, Any]:
+    def build(
+        self,
+        program: Program,
+        onnx_path: Path,
+        directory: Path,
+        recipe: Any,
+        calibration: CalibrationSet,
+        log: Callable[[str], None],
+    ) -> dict[str, Any]:
         """Build the artifact in `directory` from the lowered `onnx_path` (or the program); return the report sections
         it adds (TensorRT: `{"engine": {...}}`). `log` takes progress lines. By default nothing is built."""
         return {}
@@ -108,8 +116,9 @@ class Target(abc.ABC):
         lacks the target's file or the target cannot run here."""
 
     @abc.abstractmethod
-    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
-               precision: Precision) -> dict[str, Any]:
+    def parity(
+        self, reference: ProgramReference, directory: Path, options: ParityOptions, precision: Precision
+    ) -> dict[str, Any]:
         """Backend parity (`sparsec.data.parity`) of the artifact in `directory` against the program of `reference`
         on its calibration samples. Call `reference.compute()` (the program's outputs, then the program is released)
         before opening the backend's session, so the two never hold memory together. Raises `QualityError` naming

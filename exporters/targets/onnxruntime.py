@@ -51,7 +51,9 @@ def installed_builds(site: str | Path | None = None) -> list[str]:
         if spec is None or not spec.submodule_search_locations:
             return []
         site = Path(next(iter(spec.submodule_search_locations))).parent
-    names = {dist.metadata["Name"].lower().replace("_", "-") for dist in importlib.metadata.distributions(path=[str(site)])}
+    names = {
+        dist.metadata["Name"].lower().replace("_", "-") for dist in importlib.metadata.distributions(path=[str(site)])
+    }
     return [name for name in BUILDS if name in names]
 
 
@@ -63,9 +65,9 @@ def require_onnxruntime(target: str = "onnxruntime") -> None:
     Two builds overwrite each other's files in the one `onnxruntime` module: which one loads depends on the install
     order, and uninstalling either breaks the other. Any build runs the CPU target.
 
-    Example:
-        >>> require_onnxruntime("onnxruntime-cuda")
-        SparsecError: --target onnxruntime-cuda needs ONNX Runtime's CUDAExecutionProvider, and onnxruntime 1.32.0 ...
+    Example::
+        require_onnxruntime("onnxruntime-cuda")
+        # SparsecError: --target onnxruntime-cuda needs ONNX Runtime's CUDAExecutionProvider, and onnxruntime 1.32.0 ...
     """
     builds = installed_builds()
     if not builds:
@@ -77,18 +79,24 @@ def require_onnxruntime(target: str = "onnxruntime") -> None:
 
         ort.InferenceSession  # noqa: B018  (missing from a module half removed by uninstalling another build)
     except (ImportError, AttributeError) as exc:
-        raise SparsecError(f"the `onnxruntime` module ({' + '.join(builds)}) does not import ({exc}); {reinstall}") from exc
+        raise SparsecError(
+            f"the `onnxruntime` module ({' + '.join(builds)}) does not import ({exc}); {reinstall}"
+        ) from exc
     if target != "onnxruntime-cuda":
         return
     if len(builds) > 1:
-        raise SparsecError(f"--target onnxruntime-cuda: {' and '.join(builds)} are both installed; they ship the same "
-                           f"`onnxruntime` module (the one loading here, {ort.__version__}, offers "
-                           f"{ort.get_available_providers()}); {reinstall}")
+        raise SparsecError(
+            f"--target onnxruntime-cuda: {' and '.join(builds)} are both installed; they ship the same "
+            f"`onnxruntime` module (the one loading here, {ort.__version__}, offers "
+            f"{ort.get_available_providers()}); {reinstall}"
+        )
     available = ort.get_available_providers()
     if CUDA not in available:
-        raise SparsecError(f"--target onnxruntime-cuda needs ONNX Runtime's {CUDA}, and {builds[0]} {ort.__version__} "
-                           f"here offers only {available}; replace it with onnxruntime-gpu on a machine with an NVIDIA "
-                           f"GPU, CUDA and cuDNN: pip uninstall -y {builds[0]} && {INSTALL[target]}")
+        raise SparsecError(
+            f"--target onnxruntime-cuda needs ONNX Runtime's {CUDA}, and {builds[0]} {ort.__version__} "
+            f"here offers only {available}; replace it with onnxruntime-gpu on a machine with an NVIDIA "
+            f"GPU, CUDA and cuDNN: pip uninstall -y {builds[0]} && {INSTALL[target]}"
+        )
     try:
         got = ort.InferenceSession(cuda_probe_model().SerializeToString(), providers=[CUDA]).get_providers()
     except Exception as exc:  # onnxruntime raises when the CUDA libraries or the device are missing
@@ -96,9 +104,11 @@ def require_onnxruntime(target: str = "onnxruntime") -> None:
     else:
         why = "; ONNX Runtime's log above names what it could not load"
     if CUDA not in got:
-        raise SparsecError(f"--target onnxruntime-cuda: onnxruntime-gpu {ort.__version__} is installed but no CUDA device "
-                           f"is usable (a session with {CUDA} got {got}{why}); check nvidia-smi and the CUDA/cuDNN "
-                           "versions onnxruntime-gpu needs")
+        raise SparsecError(
+            f"--target onnxruntime-cuda: onnxruntime-gpu {ort.__version__} is installed but no CUDA device "
+            f"is usable (a session with {CUDA} got {got}{why}); check nvidia-smi and the CUDA/cuDNN "
+            "versions onnxruntime-gpu needs"
+        )
 
 
 def cuda_probe_model() -> onnx.ModelProto:
@@ -106,14 +116,18 @@ def cuda_probe_model() -> onnx.ModelProto:
     run ahead of onnxruntime: onnx 1.23 writes IR 14, which onnxruntime-gpu 1.31 refuses)."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "cuda_probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "cuda_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-            config: Mapping[str, str] | None = None):
+def session(
+    path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), config: Mapping[str, str] | None = None
+):
     """An `onnxruntime.InferenceSession` for `path`; `config`: session config entries
     (e.g. `{"session.intra_op.allow_spinning": "0"}`)."""
     try:
@@ -188,14 +202,25 @@ def check_parity(
         program_side = reference.compute()
         sess = open_session(onnx_path)
         provider = sess.get_providers()[0]
-        report = parity.backend_parity(program_side, lambda batch: run(sess, batch),
-                                       backend=f"ONNX Runtime ({provider})", precision=precision, options=options)
+        report = parity.backend_parity(
+            program_side,
+            lambda batch: run(sess, batch),
+            backend=f"ONNX Runtime ({provider})",
+            precision=precision,
+            options=options,
+        )
         return {"runtime": runtime, "provider": provider, **report}
     return _block_parity(reference, Path(onnx_path), options, precision, open_session, runtime)
 
 
-def _block_parity(reference: ProgramReference, onnx_path: Path, options: ParityOptions, precision: Precision,
-                  open_session, runtime: str) -> dict:
+def _block_parity(
+    reference: ProgramReference,
+    onnx_path: Path,
+    options: ParityOptions,
+    precision: Precision,
+    open_session,
+    runtime: str,
+) -> dict:
     """Each segment's ONNX subgraph (`sparsec.exporters.lowering.segments`) in its own session, one at a time, fed
     with the program's boundary values; written next to the ONNX file (its external data resolves) and removed."""
     import onnx
@@ -223,10 +248,13 @@ def _block_parity(reference: ProgramReference, onnx_path: Path, options: ParityO
             sess = open_session(path)
             provider = sess.get_providers()[0]
             kinds = {i.name: onnx_dtype_to_torch(i.type.tensor_type.elem_type) for i in sub.graph.input}
-            for batch, values, outs, mask in zip(program_side.inputs, program_side.values, program_side.outputs,
-                                                  program_side.masks):
-                feed = {name: (batch[name] if name in batch else values[name.removeprefix(BOUNDARY)]).to(kinds[name])
-                        for name in feeds}
+            for batch, values, outs, mask in zip(
+                program_side.inputs, program_side.values, program_side.outputs, program_side.masks
+            ):
+                feed = {
+                    name: (batch[name] if name in batch else values[name.removeprefix(BOUNDARY)]).to(kinds[name])
+                    for name in feeds
+                }
                 got = run(sess, feed)
                 if segment.name == HEAD:
                     head.append((outs, got, mask))
@@ -237,8 +265,14 @@ def _block_parity(reference: ProgramReference, onnx_path: Path, options: ParityO
             del sess
         finally:
             path.unlink(missing_ok=True)
-    report = parity.check_block_parity(blocks, head, backend=f"ONNX Runtime ({provider})", precision=precision,
-                                       options=options, input_shapes=program_side.input_shapes)
+    report = parity.check_block_parity(
+        blocks,
+        head,
+        backend=f"ONNX Runtime ({provider})",
+        precision=precision,
+        options=options,
+        input_shapes=program_side.input_shapes,
+    )
     return {"runtime": runtime, "provider": provider, **report}
 
 
@@ -251,8 +285,11 @@ class OnnxRuntime(Target):
     def __init__(self, *, cuda: bool) -> None:
         self.cuda = cuda
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime"
-        self.description = (f"ONNX Runtime's {CUDA} (onnxruntime-gpu, the gpu extra, and an NVIDIA GPU)" if cuda else
-                            'ONNX Runtime on CPU (default; the cpu extra: pip install -e ".[cpu]")')
+        self.description = (
+            f"ONNX Runtime's {CUDA} (onnxruntime-gpu, the gpu extra, and an NVIDIA GPU)"
+            if cuda
+            else 'ONNX Runtime on CPU (default; the cpu extra: pip install -e ".[cpu]")'
+        )
         self.providers = (CUDA,) if cuda else ("CPUExecutionProvider",)
         self.needs_onnx = cuda
 
@@ -261,8 +298,10 @@ class OnnxRuntime(Target):
         if not export.onnx:
             return
         if export.precision == "bf16" and not self.cuda:
-            raise SparsecError("export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul "
-                               "kernel); use fp16, or --target tensorrt / onnxruntime-cuda")
+            raise SparsecError(
+                "export.precision: bf16 does not run on ONNX Runtime's CPU provider (no BF16 MatMul "
+                "kernel); use fp16, or --target tensorrt / onnxruntime-cuda"
+            )
         require_onnxruntime(self.name)
 
     def load(self, directory: Path) -> Runner:
@@ -273,10 +312,17 @@ class OnnxRuntime(Target):
         sess = session(path, self.providers)
         return lambda inputs: run(sess, inputs)
 
-    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
-               precision: Precision) -> dict:
-        return check_parity(reference, Path(directory) / "model.onnx", options=options, precision=precision,
-                            providers=self.providers, open_session=self.open_session)
+    def parity(
+        self, reference: ProgramReference, directory: Path, options: ParityOptions, precision: Precision
+    ) -> dict:
+        return check_parity(
+            reference,
+            Path(directory) / "model.onnx",
+            options=options,
+            precision=precision,
+            providers=self.providers,
+            open_session=self.open_session,
+        )
 
     def open_session(self, path: Path):
         """The session parity runs `path` in (one execution provider, no fallback)."""

@@ -15,11 +15,11 @@ strongly typed network: TensorRT 11 only has those (its `STRONGLY_TYPED` flag is
 TensorRT 10 the flag is set. `typing="flags"` (TensorRT 10 only) builds the FP32 ONNX weakly typed with
 `BuilderFlag.FP16` / `BF16` instead, leaving the choice of layer precision to TensorRT.
 
-Example:
-    >>> require_tensorrt()
-    >>> profiles = derive_profiles({"input_ids": ["batch", "seq"]}, {"seq": [1, 128, 512]},
-    ...                            {"input_ids": [(8, 24)]})
-    >>> build_engine("out/model.onnx", "out/model.engine", profiles=profiles, precision="fp16")
+Example::
+    require_tensorrt()
+    profiles = derive_profiles({"input_ids": ["batch", "seq"]}, {"seq": [1, 128, 512]},
+                               {"input_ids": [(8, 24)]})
+    build_engine("out/model.onnx", "out/model.engine", profiles=profiles, precision="fp16")
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Lowering, Runner, Target
 from sparsec.ir.program import Program
 
-INSTALL = ('install the gpu extra on a machine with an NVIDIA GPU: pip install -e ".[gpu]" '
-           "(the tensorrt wheels fetch their libraries from NVIDIA's package index)")
+INSTALL = (
+    'install the gpu extra on a machine with an NVIDIA GPU: pip install -e ".[gpu]" '
+    "(the tensorrt wheels fetch their libraries from NVIDIA's package index)"
+)
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
@@ -79,9 +81,13 @@ def require_tensorrt() -> None:
     if importlib.util.find_spec("tensorrt") is None:
         missing.append("the Python module `tensorrt` is not installed")
     if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no device is visible"
-        missing.append(f"torch {torch.__version__} has no usable CUDA device ({build}); the engine's input and "
-                       "output buffers are CUDA tensors")
+        build = (
+            "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no device is visible"
+        )
+        missing.append(
+            f"torch {torch.__version__} has no usable CUDA device ({build}); the engine's input and "
+            "output buffers are CUDA tensors"
+        )
     if missing:
         raise SparsecError("--target tensorrt needs TensorRT and an NVIDIA GPU: " + "; ".join(missing) + f". {INSTALL}")
 
@@ -120,12 +126,16 @@ def derive_profiles(
     names = {d for dims in inputs.values() for d in dims if isinstance(d, str)}
     unknown = sorted(set(ranges) - names)
     if unknown:
-        raise SparsecError(f"export.tensorrt.profiles: {unknown} name no dynamic dim of the model; its dynamic dims are "
-                           f"{sorted(names)}")
+        raise SparsecError(
+            f"export.tensorrt.profiles: {unknown} name no dynamic dim of the model; its dynamic dims are "
+            f"{sorted(names)}"
+        )
     for name, bounds in ranges.items():
         if len(bounds) != 3 or not 0 <= bounds[0] <= bounds[1] <= bounds[2]:
-            raise SparsecError(f"export.tensorrt.profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, "
-                               f"got {list(bounds)}")
+            raise SparsecError(
+                f"export.tensorrt.profiles.{name}: expected [min, opt, max] with 0 <= min <= opt <= max, "
+                f"got {list(bounds)}"
+            )
     largest: dict[str, int] = {}
     smallest: dict[str, int] = {}
     for input_name, dims in inputs.items():
@@ -134,18 +144,24 @@ def derive_profiles(
             raise SparsecError(f"TensorRT profile: no shape observed for input {input_name!r}")
         for shape in shapes:
             if len(shape) != len(dims):
-                raise SparsecError(f"TensorRT profile: input {input_name!r} has rank {len(dims)}, fed shape {list(shape)}")
+                raise SparsecError(
+                    f"TensorRT profile: input {input_name!r} has rank {len(dims)}, fed shape {list(shape)}"
+                )
             for axis, (dim, size) in enumerate(zip(dims, shape)):
                 if isinstance(dim, int) and dim != size:
-                    raise SparsecError(f"TensorRT profile: input {input_name!r} axis {axis} is static {dim}, fed {size}")
+                    raise SparsecError(
+                        f"TensorRT profile: input {input_name!r} axis {axis} is static {dim}, fed {size}"
+                    )
                 key = dim if isinstance(dim, str) else f"{input_name}:{axis}"
                 largest[key] = max(largest.get(key, 0), int(size))
                 smallest[key] = min(smallest.get(key, int(size)), int(size))
     for name, (low, _, high) in ranges.items():
         if name in largest and not low <= smallest[name] <= largest[name] <= high:
-            raise SparsecError(f"export.tensorrt.profiles.{name}: [{low}, ..., {high}] does not hold the calibration "
-                               f"shapes parity runs ({smallest[name]} to {largest[name]}); widen it or change the "
-                               "calibration inputs")
+            raise SparsecError(
+                f"export.tensorrt.profiles.{name}: [{low}, ..., {high}] does not hold the calibration "
+                f"shapes parity runs ({smallest[name]} to {largest[name]}); widen it or change the "
+                "calibration inputs"
+            )
     profile: Profile = {}
     for input_name, dims in inputs.items():
         low, opt, high = [], [], []
@@ -174,13 +190,14 @@ def onnx_input_dims(onnx_path: str | Path) -> dict[str, list[int | str | None]]:
     return out
 
 
-def engine_profiles(onnx_path: str | Path, ranges: Mapping[str, Sequence[int]] | None,
-                    batches: Iterable[Mapping[str, torch.Tensor]]) -> Profile:
+def engine_profiles(
+    onnx_path: str | Path, ranges: Mapping[str, Sequence[int]] | None, batches: Iterable[Mapping[str, torch.Tensor]]
+) -> Profile:
     """`derive_profiles` for the inputs of `onnx_path` fed `batches` (the batches parity will run).
 
-    Example:
-        >>> engine_profiles("out/model.onnx", {"seq": [1, 64, 512]}, calibration.head(8).batches())
-        {'input_ids': ((1, 1), (8, 64), (8, 512)), 'attention_mask': ((1, 1), (8, 64), (8, 512))}
+    Example::
+        engine_profiles("out/model.onnx", {"seq": [1, 64, 512]}, calibration.head(8).batches())
+        # {'input_ids': ((1, 1), (8, 64), (8, 512)), 'attention_mask': ((1, 1), (8, 64), (8, 512))}
     """
     observed: dict[str, list[Shape]] = {}
     for batch in batches:
@@ -211,8 +228,10 @@ def build_engine(
 
     major = tensorrt_major()
     if typing == "flags" and major >= 11:
-        raise SparsecError(f"export.tensorrt.typing: flags needs TensorRT 10 (builder precision flags are gone in "
-                           f"TensorRT {trt.__version__}, strongly typed only); use typing: strong")
+        raise SparsecError(
+            f"export.tensorrt.typing: flags needs TensorRT 10 (builder precision flags are gone in "
+            f"TensorRT {trt.__version__}, strongly typed only); use typing: strong"
+        )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -228,7 +247,9 @@ def build_engine(
             name = error.node_name() if hasattr(error, "node_name") else "?"  # node_name/node_operator: TensorRT >= 10
             operator = error.node_operator() if hasattr(error, "node_operator") else "?"
             errors.append(f"node {error.node()} ({name}, {operator}): {error.desc()}")
-        raise SparsecError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {len(errors)} error(s): " + "; ".join(errors))
+        raise SparsecError(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path}: {len(errors)} error(s): " + "; ".join(errors)
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if typing == "flags" and precision != "fp32":
@@ -247,18 +268,25 @@ def build_engine(
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return {"path": Path(engine_path).name, "tensorrt": trt.__version__, "typing": typing, "precision": precision,
-            "profiles": {k: [list(s) for s in v] for k, v in profiles.items()}, "workspace_mib": workspace_mib,
-            "timing_cache": str(cache_path) if cache_path else None, "bytes": Path(engine_path).stat().st_size,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "path": Path(engine_path).name,
+        "tensorrt": trt.__version__,
+        "typing": typing,
+        "precision": precision,
+        "profiles": {k: [list(s) for s in v] for k, v in profiles.items()},
+        "workspace_mib": workspace_mib,
+        "timing_cache": str(cache_path) if cache_path else None,
+        "bytes": Path(engine_path).stat().st_size,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 class Engine:
     """A deserialized engine run on CUDA torch tensors: `Engine(path).run({"input_ids": ...})` -> outputs by name.
 
-    Example:
-        >>> Engine("out/model.engine").run({"input_ids": ids, "attention_mask": mask})["logits"].shape
-        torch.Size([8, 24, 256])
+    Example::
+        Engine("out/model.engine").run({"input_ids": ids, "attention_mask": mask})["logits"].shape
+        # torch.Size([8, 24, 256])
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -276,8 +304,14 @@ class Engine:
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
-        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}[self.engine.get_tensor_dtype(name)]
+        return {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.bfloat16: torch.bfloat16,
+            trt.int64: torch.int64,
+            trt.int32: torch.int32,
+            trt.bool: torch.bool,
+        }[self.engine.get_tensor_dtype(name)]
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream()
@@ -298,8 +332,9 @@ class Engine:
         return {k: v.cpu() for k, v in outputs.items()}
 
 
-def check_parity(reference: ProgramReference, engine_path: str | Path, *, options: ParityOptions,
-                 precision: Precision = "fp32") -> dict:
+def check_parity(
+    reference: ProgramReference, engine_path: str | Path, *, options: ParityOptions, precision: Precision = "fp32"
+) -> dict:
     """Backend parity (`sparsec.data.parity`) of the engine against the program of `reference` (computed, and the
     program released, before the engine loads); raises `QualityError` naming each failing output and metric. The
     engine runs whole (`export.parity.mode` does not apply)."""
@@ -308,8 +343,13 @@ def check_parity(reference: ProgramReference, engine_path: str | Path, *, option
     from sparsec.data import parity
 
     program_side = reference.compute()
-    report = parity.backend_parity(program_side, Engine(engine_path).run, backend=f"TensorRT {trt.__version__}",
-                                   precision=precision, options=options)
+    report = parity.backend_parity(
+        program_side,
+        Engine(engine_path).run,
+        backend=f"TensorRT {trt.__version__}",
+        precision=precision,
+        options=options,
+    )
     return {"runtime": f"tensorrt {trt.__version__}", "device": torch.cuda.get_device_name(), **report}
 
 
@@ -326,25 +366,44 @@ class TensorRT(Target):
 
     def check(self, recipe: Any) -> None:
         if recipe.export.moe_lowering not in self.moe_lowerings:
-            raise SparsecError("export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT "
-                               "does not parse; use moe_lowering: standard with --target tensorrt")
+            raise SparsecError(
+                "export.moe_lowering: contrib emits ONNX Runtime's com.microsoft::MoE, which TensorRT "
+                "does not parse; use moe_lowering: standard with --target tensorrt"
+            )
         require_tensorrt()
         if self.recipe_options(recipe).typing == "flags" and tensorrt_major() >= 11:
-            raise SparsecError("export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
-                               "networks only); use typing: strong, the precision then comes from export.precision")
+            raise SparsecError(
+                "export.tensorrt.typing: flags needs TensorRT 10 (TensorRT 11 builds strongly typed "
+                "networks only); use typing: strong, the precision then comes from export.precision"
+            )
 
     def lowering(self, recipe: Any) -> Lowering:
         flags = self.recipe_options(recipe).typing == "flags"
         return Lowering(precision="fp32" if flags else recipe.export.precision, scatter_reduction=False)
 
-    def build(self, program: Program, onnx_path: Path, directory: Path, recipe: Any, calibration: CalibrationSet,
-              log: Callable[[str], None]) -> dict[str, Any]:
+    def build(
+        self,
+        program: Program,
+        onnx_path: Path,
+        directory: Path,
+        recipe: Any,
+        calibration: CalibrationSet,
+        log: Callable[[str], None],
+    ) -> dict[str, Any]:
         options, export = self.recipe_options(recipe), recipe.export
         profiles = engine_profiles(onnx_path, options.profiles, calibration.head(export.parity.samples).batches())
         log("building the TensorRT engine")
-        return {"engine": build_engine(onnx_path, directory / "model.engine", profiles=profiles,
-                                       precision=export.precision, typing=options.typing,
-                                       workspace_mib=options.workspace_mib, timing_cache=options.timing_cache)}
+        return {
+            "engine": build_engine(
+                onnx_path,
+                directory / "model.engine",
+                profiles=profiles,
+                precision=export.precision,
+                typing=options.typing,
+                workspace_mib=options.workspace_mib,
+                timing_cache=options.timing_cache,
+            )
+        }
 
     def load(self, directory: Path) -> Runner:
         require_tensorrt()
@@ -353,8 +412,9 @@ class TensorRT(Target):
             raise SparsecError(f"{directory} has no model.engine; compile with --target tensorrt")
         return Engine(path).run
 
-    def parity(self, reference: ProgramReference, directory: Path, options: ParityOptions,
-               precision: Precision) -> dict[str, Any]:
+    def parity(
+        self, reference: ProgramReference, directory: Path, options: ParityOptions, precision: Precision
+    ) -> dict[str, Any]:
         return check_parity(reference, Path(directory) / "model.engine", options=options, precision=precision)
 
 

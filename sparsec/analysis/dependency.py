@@ -18,8 +18,8 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from sparsec.errors import PassError
 from sparsec.analysis.structure import SPLIT_OPS, Ffn
+from sparsec.errors import PassError
 
 aten = torch.ops.aten
 
@@ -40,12 +40,12 @@ class ParamSlice:
 class ChannelGroup:
     """Parameters coupled through one channel dimension of size `width` (an FFN's neurons).
 
-    Example:
-        >>> group = ffn_channel_group(program, ffn)
-        >>> [(p.name, p.dim) for p in group.params]
-        [('model.layers.0.mlp.gate_proj.weight', 0), ('model.layers.0.mlp.up_proj.weight', 0),
-         ('model.layers.0.mlp.down_proj.weight', 1)]
-        >>> group.apply(program, kept=torch.arange(64))   # keep the first 64 neurons
+    Example::
+        group = ffn_channel_group(program, ffn)
+        [(p.name, p.dim) for p in group.params]
+        # [('model.layers.0.mlp.gate_proj.weight', 0), ('model.layers.0.mlp.up_proj.weight', 0),
+         # ('model.layers.0.mlp.down_proj.weight', 1)]
+        group.apply(program, kept=torch.arange(64))   # keep the first 64 neurons
     """
 
     path: str
@@ -109,8 +109,10 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
             if shape[-1] == ffn.intermediate_size and all(d == 1 for d in shape[:-1]):
                 params.append(ParamSlice(program.state_name(arg), len(shape) - 1))
             else:
-                raise PassError(f"{ffn.path}: {node.name} reads {program.state_name(arg)} of shape "
-                                f"{tuple(shape)}, which is not per-neuron; cannot slice this FFN")
+                raise PassError(
+                    f"{ffn.path}: {node.name} reads {program.state_name(arg)} of shape "
+                    f"{tuple(shape)}, which is not per-neuron; cannot slice this FFN"
+                )
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise PassError(f"{ffn.path}: a weight is shared between the FFN's projections ({names}); cannot slice it")

@@ -5,10 +5,10 @@
 - `magnitude` (no data): ||W_down[:, j]||_2 * ||W_up[j, :]||_2 (* ||W_gate[j, :]||_2 if gated);
 - `random`: a seeded baseline.
 
-Example:
-    >>> scores = neuron_importance(program, region_index(program).ffns(), "activation", ctx.statistics)
-    >>> scores[0].shape   # one score per neuron of the first FFN
-    torch.Size([128])
+Example::
+    scores = neuron_importance(program, region_index(program).ffns(), "activation", ctx.statistics)
+    scores[0].shape   # one score per neuron of the first FFN
+    # torch.Size([128])
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ Importance = Literal["activation", "magnitude", "random"]
 IMPORTANCES = ("activation", "magnitude", "random")
 
 
-def neuron_importance(program, ffns: Sequence[Ffn], kind: Importance, statistics=None, seed: int = 0) -> list[torch.Tensor]:
+def neuron_importance(
+    program, ffns: Sequence[Ffn], kind: Importance, statistics=None, seed: int = 0
+) -> list[torch.Tensor]:
     """One float score per neuron for each FFN in `ffns` (`statistics`: a `StatisticsCache`, for `activation`)."""
     if kind == "activation":
         if statistics is None:

@@ -58,8 +58,10 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         if not program.lazy_state():
             raise
         flops = {}
-        flops_absent = (f"the weights are not in memory and the program cannot run on shapes alone "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
+        flops_absent = (
+            f"the weights are not in memory and the program cannot run on shapes alone "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        )
     component_flops: dict[str, int] = defaultdict(int)
     for path, f in flops.items():
         component_flops[tagger.tag(path)] += f
@@ -69,20 +71,26 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     summary = []
     for path in top:
         region = regions.region(path)
-        summary.append({
-            "path": path,
-            "type": region.type_name.rsplit(".", 1)[-1],
-            "tag": region.tag,
-            "parameters": region.num_parameters(),
-            "flops": None if flops_absent else sum(f for p, f in flops.items() if p == path or p.startswith(path + ".")),
-        })
+        summary.append(
+            {
+                "path": path,
+                "type": region.type_name.rsplit(".", 1)[-1],
+                "tag": region.tag,
+                "parameters": region.num_parameters(),
+                "flops": None
+                if flops_absent
+                else sum(f for p, f in flops.items() if p == path or p.startswith(path + ".")),
+            }
+        )
     return {
         "family": program.family,
         "inputs": {k: list(v.shape) for k, v in inputs.items()},
         "dynamic_dims": program.dynamic_dims,
         "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
         "parameters": program.num_parameters(),
-        "weights": "not in memory: counts come from shapes, no weight was read" if program.lazy_state() else "in memory",
+        "weights": "not in memory: counts come from shapes, no weight was read"
+        if program.lazy_state()
+        else "in memory",
         "flops": None if flops_absent else sum(flops.values()),
         "flops_absent": flops_absent,
         "components": {
@@ -92,8 +100,12 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         "tag_rules": program.tagger.to_list(),
         "regions": summary,
         "block_stacks": [
-            {"path": s.path, "blocks": len(s.blocks), "type": s.blocks[0].type_name.rsplit(".", 1)[-1],
-             "tag": s.blocks[0].tag}
+            {
+                "path": s.path,
+                "blocks": len(s.blocks),
+                "type": s.blocks[0].type_name.rsplit(".", 1)[-1],
+                "tag": s.blocks[0].tag,
+            }
             for s in regions.block_stacks()
         ],
         "ffns": [
@@ -127,8 +139,11 @@ def explain(program: Program, path: str) -> list[str]:
     regions = region_index(program)
     region = regions.region(path)
     ffns = regions.ffns()
-    lines = [f"{path}: an FFN, {f.kind}, width {f.intermediate_size} (up {f.up.name}, down {f.down.name})"
-             for f in ffns if f.path == path]
+    lines = [
+        f"{path}: an FFN, {f.kind}, width {f.intermediate_size} (up {f.up.name}, down {f.down.name})"
+        for f in ffns
+        if f.path == path
+    ]
     misses = [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
     if not lines:
         lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
@@ -170,16 +185,26 @@ def format_inspection(info: dict) -> str:
     for r in info["regions"]:
         lines.append(f"{r['path']:<40}{r['type'][:27]:<28}{r['tag']:<15}{r['parameters']:>12,}{_human(r['flops']):>10}")
     lines += ["", "block stacks:"]
-    lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or ["  none"]
+    lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or [
+        "  none"
+    ]
     lines += ["", f"FFNs ({len(info['ffns'])}):"]
-    lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or ["  none"]
+    lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or [
+        "  none"
+    ]
     shown = 12
-    for key, title in (("not_ffns", "linears no part of an FFN"), ("unclassified_blocks", "blocks without residual structure")):
+    for key, title in (
+        ("not_ffns", "linears no part of an FFN"),
+        ("unclassified_blocks", "blocks without residual structure"),
+    ):
         misses = info[key]
         lines += ["", f"{title} ({len(misses)}; why one is not: sparsec inspect --why PATH):"]
         lines += [f"  {m['path']}: {m['reason']}" for m in misses[:shown]] or ["  none"]
         if len(misses) > shown:
             lines.append(f"  ... {len(misses) - shown} more (--json lists all)")
-    lines += ["", "tag rules (first match wins, default shared): "
-              + (", ".join(f"{r['glob']} -> {r['tag']}" for r in info["tag_rules"]) or "none")]
+    lines += [
+        "",
+        "tag rules (first match wins, default shared): "
+        + (", ".join(f"{r['glob']} -> {r['tag']}" for r in info["tag_rules"]) or "none"),
+    ]
     return "\n".join(lines)

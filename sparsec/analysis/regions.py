@@ -6,11 +6,11 @@ state whose name starts with that path. Module stacks sometimes skip a level (Qw
 encoder: a node under `encoder.layers.0.mlp.fc1` with no `encoder` entry); every ancestor of every path
 on the stack is therefore a region too, so queries never depend on which levels the stack kept.
 
-Example:
-    >>> layer = region_index(program).region("model.layers.3")
-    >>> [n.name for n in layer.inputs()]          # residual stream in, rotary cos/sin, mask
-    >>> region_index(program).blocks("model.layers.*")   # the decoder blocks, in order
-    >>> region_index(program).ffns("**.mlp")             # structural FFNs (gated or plain) under any `mlp`
+Example::
+    layer = region_index(program).region("model.layers.3")
+    [n.name for n in layer.inputs()]          # residual stream in, rotary cos/sin, mask
+    region_index(program).blocks("model.layers.*")   # the decoder blocks, in order
+    region_index(program).ffns("**.mlp")             # structural FFNs (gated or plain) under any `mlp`
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from sparsec.errors import PassError, SparsecError
 from sparsec.ir.paths import ancestors, glob_match, normalize
 
 if TYPE_CHECKING:
-    from sparsec.ir.program import Program
     from sparsec.analysis.structure import Ffn
+    from sparsec.ir.program import Program
 
 
 _EXPORT_PLACEHOLDER = "_empty_nn_module_stack_from_metadata_hook"
@@ -61,7 +61,7 @@ class Region:
     nodes: list[Node]
     parameters: list[str]
     tag: str
-    _program: "Program" = field(repr=False)
+    _program: Program = field(repr=False)
 
     @cached_property
     def _node_set(self) -> set[Node]:
@@ -102,7 +102,7 @@ class BlockStack:
 class RegionIndex:
     """Every module path of a program, with its nodes and state. Get it with `region_index(program)` (cached)."""
 
-    def __init__(self, program: "Program") -> None:
+    def __init__(self, program: Program) -> None:
         self.program = program
         self._types: dict[str, str] = {}
         self._nodes: dict[str, list[Node]] = defaultdict(list)
@@ -171,13 +171,13 @@ class RegionIndex:
         """Blocks of every block stack whose block paths match `where` (e.g. `model.layers.*`)."""
         return [b for s in self.block_stacks() for b in s.blocks if glob_match(b.path, where)]
 
-    def ffns(self, where: str = "**") -> list["Ffn"]:
+    def ffns(self, where: str = "**") -> list[Ffn]:
         """Feed-forward networks found by graph structure (see `sparsec.analysis.structure.find_ffns`)."""
         from sparsec.analysis.structure import find_ffns
 
         return [f for f in self.program.analysis(find_ffns) if glob_match(f.path, where)]
 
-    def require_ffns(self, where: str, who: str) -> list["Ffn"]:
+    def require_ffns(self, where: str, who: str) -> list[Ffn]:
         """`ffns(where)`, or a `PassError` from pass `who` listing the model's FFNs and, for the candidates
         closest to `where` (linears under it, else the nearest paths), why they are not FFNs."""
         ffns = self.ffns(where)
@@ -192,8 +192,10 @@ class RegionIndex:
                 near = set(difflib.get_close_matches(where, [m.path for m in misses], n=3, cutoff=0.0))
                 close = [m for m in misses if m.path in near]
             reasons = "; ".join(str(m) for m in close[:3])
-            raise PassError(f"{who}: where={where!r} matches no FFN; FFNs in this model: {listing}"
-                            + (f". Closest candidates: {reasons}" if reasons else ""))
+            raise PassError(
+                f"{who}: where={where!r} matches no FFN; FFNs in this model: {listing}"
+                + (f". Closest candidates: {reasons}" if reasons else "")
+            )
         return ffns
 
     def tags(self) -> dict[str, str]:
@@ -201,12 +203,12 @@ class RegionIndex:
         return {p: self.program.tagger.tag(p) for p in self.paths}
 
 
-def region_index(program: "Program") -> RegionIndex:
+def region_index(program: Program) -> RegionIndex:
     """The `RegionIndex` of the program's current graph, computed once per graph version (`Program.analysis`)."""
     return program.analysis(RegionIndex)
 
 
-def block_boundaries(program: "Program") -> list[Node]:
+def block_boundaries(program: Program) -> list[Node]:
     """The last output node of every block of every block stack, in graph order: the cuts of layer-sequential
     calibration (`CalibrationSet.cuts`, `Program.run_segmented`), so that between two blocks only the values
     crossing the boundary (the residual stream, masks, rotary tables) are held for all batches."""

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from sparsec.errors import PassError
 from sparsec.analysis.regions import Region, module_path, region_index
+from sparsec.errors import PassError
 
 aten = torch.ops.aten
 
@@ -81,8 +81,12 @@ def skip_passthrough(node: Node) -> Node:
 
 def skip_noop_casts(node: Node) -> Node:
     """Follow casts and copies that change neither dtype nor shape back to their source (same value)."""
-    while (node.op == "call_function" and node.target in PASSTHROUGH - {aten.dropout.default}
-           and isinstance(node.args[0], Node) and _same_dtype_and_shape(node, node.args[0])):
+    while (
+        node.op == "call_function"
+        and node.target in PASSTHROUGH - {aten.dropout.default}
+        and isinstance(node.args[0], Node)
+        and _same_dtype_and_shape(node, node.args[0])
+    ):
         node = node.args[0]
     return node
 
@@ -220,18 +224,32 @@ def _cone_rule(down: Node, blocker: Node) -> NoMatch:
     path = module_path(down)
     split = _split_source(blocker)
     if split is not None:
-        return NoMatch("FFN", path, f"the input of {down.name} splits {_describe(split)} but not into two halves of "
-                       "the last dimension, as a fused gate_up projection is", split.name)
-    return NoMatch("FFN", path, f"the input of {down.name} is not computed by pointwise ops from one or two linears: "
-                   f"{_describe(blocker)} lies on the way", blocker.name)
+        return NoMatch(
+            "FFN",
+            path,
+            f"the input of {down.name} splits {_describe(split)} but not into two halves of "
+            "the last dimension, as a fused gate_up projection is",
+            split.name,
+        )
+    return NoMatch(
+        "FFN",
+        path,
+        f"the input of {down.name} is not computed by pointwise ops from one or two linears: "
+        f"{_describe(blocker)} lies on the way",
+        blocker.name,
+    )
 
 
 def _product_sides(down: Node, hidden: Node, look_through) -> list[tuple[list[Node], list[Node]]] | NoMatch:
     """The pointwise cones of the two factors of `hidden` (a product), or why they are not an FFN's."""
     path = module_path(down)
     if hidden.target is not aten.mul.Tensor or not all(isinstance(a, Node) for a in hidden.args[:2]):
-        return NoMatch("FFN", path, f"the input of {down.name} is not a product act(gate) * up: it is "
-                       f"{_describe(hidden)}", hidden.name)
+        return NoMatch(
+            "FFN",
+            path,
+            f"the input of {down.name} is not a product act(gate) * up: it is {_describe(hidden)}",
+            hidden.name,
+        )
     sides = []
     for arg in hidden.args[:2]:
         linears, interior, blocker = _pointwise_cone(look_through(arg))
@@ -258,30 +276,47 @@ def match_ffn(down: Node) -> Ffn | NoMatch:
             return sides
         activated = [any(n.target not in PASSTHROUGH and not _is_half_split(n) for n in side[1]) for side in sides]
         if activated.count(True) != 1:
-            return NoMatch("FFN", path, f"exactly one half of the split {up.name} must go through an activation, "
-                           f"{activated.count(True)} do", hidden.name)
+            return NoMatch(
+                "FFN",
+                path,
+                f"exactly one half of the split {up.name} must go through an activation, {activated.count(True)} do",
+                hidden.name,
+            )
         picks = [n for n in sides[activated.index(True)][1] if n.target is operator.getitem]
         if len(picks) != 1:
-            return NoMatch("FFN", path, f"the activated factor of {hidden.name} must take one half of {up.name}, "
-                           f"it takes {len(picks)}", hidden.name)
+            return NoMatch(
+                "FFN",
+                path,
+                f"the activated factor of {hidden.name} must take one half of {up.name}, it takes {len(picks)}",
+                hidden.name,
+            )
         gate, gate_half = None, int(picks[0].args[1])
     elif len(linears) == 1:
         (up,) = linears
         if all(n.target in PASSTHROUGH for n in interior):
-            return NoMatch("FFN", path, f"no activation between {up.name} and {down.name}: two linears back to back",
-                           up.name)
+            return NoMatch(
+                "FFN", path, f"no activation between {up.name} and {down.name}: two linears back to back", up.name
+            )
         gate = None
     elif len(linears) == 2:
         sides = _product_sides(down, hidden, skip_passthrough)
         if isinstance(sides, NoMatch):
             return sides
         if any(len(s[0]) != 1 for s in sides):
-            return NoMatch("FFN", path, f"each factor of {hidden.name} must come from one linear, they come from "
-                           f"{[len(s[0]) for s in sides]}", hidden.name)
+            return NoMatch(
+                "FFN",
+                path,
+                f"each factor of {hidden.name} must come from one linear, they come from {[len(s[0]) for s in sides]}",
+                hidden.name,
+            )
         activated = [any(n.target not in PASSTHROUGH for n in s[1]) for s in sides]
         if activated.count(True) != 1:
-            return NoMatch("FFN", path, f"exactly one factor of {hidden.name} must go through an activation, "
-                           f"{activated.count(True)} do", hidden.name)
+            return NoMatch(
+                "FFN",
+                path,
+                f"exactly one factor of {hidden.name} must go through an activation, {activated.count(True)} do",
+                hidden.name,
+            )
         gate_side = activated.index(True)
         gate, up = sides[gate_side][0][0], sides[1 - gate_side][0][0]
         if skip_passthrough(gate.args[0]) is not skip_passthrough(up.args[0]):
@@ -289,16 +324,22 @@ def match_ffn(down: Node) -> Ffn | NoMatch:
     elif not linears:
         return NoMatch("FFN", path, f"no linear feeds the input of {down.name} through pointwise ops", hidden.name)
     else:
-        return NoMatch("FFN", path, f"{len(linears)} linears feed the input of {down.name} "
-                       f"({', '.join(sorted(n.name for n in linears))}); an FFN has one or two", hidden.name)
+        return NoMatch(
+            "FFN",
+            path,
+            f"{len(linears)} linears feed the input of {down.name} "
+            f"({', '.join(sorted(n.name for n in linears))}); an FFN has one or two",
+            hidden.name,
+        )
     inside = set(interior) | {down}
     for producer in (up, gate):
         if producer is None:
             continue
         outside = [u for u in producer.users if u not in inside and u.target is not _ASSERT]
         if outside:  # e.g. one timestep embedding read by every block's modulation
-            return NoMatch("FFN", path, f"{producer.name} is also read outside the FFN, by {outside[0].name}",
-                           producer.name)
+            return NoMatch(
+                "FFN", path, f"{producer.name} is also read outside the FFN, by {outside[0].name}", producer.name
+            )
     width = up.args[1].meta["val"].shape[0] // (1 if gate_half is None else 2)
     return Ffn(
         path=_common_path([n for n in (up, gate, down) if n is not None]),
@@ -331,8 +372,12 @@ def ffn_activation(ffn: Ffn) -> str:
         return _same_dtype_and_shape(node, node.args[0])
 
     def strip(node: Node) -> Node:
-        while (node.op == "call_function" and node.target in PASSTHROUGH and isinstance(node.args[0], Node)
-               and identity(node)):
+        while (
+            node.op == "call_function"
+            and node.target in PASSTHROUGH
+            and isinstance(node.args[0], Node)
+            and identity(node)
+        ):
             seen.add(node)
             node = node.args[0]
         return node
@@ -362,7 +407,11 @@ def ffn_activation(ffn: Ffn) -> str:
     found = None
     if ffn.kind == "plain":
         found = activation(hidden, up_source)
-    elif hidden.op == "call_function" and hidden.target is aten.mul.Tensor and all(isinstance(a, Node) for a in hidden.args):
+    elif (
+        hidden.op == "call_function"
+        and hidden.target is aten.mul.Tensor
+        and all(isinstance(a, Node) for a in hidden.args)
+    ):
         seen.add(hidden)
         a, b = (strip(arg) for arg in hidden.args)
         found = activation(a, gate_source) if up_source(b) else activation(b, gate_source) if up_source(a) else None
@@ -388,8 +437,11 @@ def ffn_misses(program) -> list[NoMatch]:
     """
     matches = _ffn_matches(program)
     used = {n for m in matches if isinstance(m, Ffn) for n in m.linears.values()}
-    return [m for m, node in zip(matches, program.graph.find_nodes(op="call_function", target=LINEAR))
-            if isinstance(m, NoMatch) and node not in used]
+    return [
+        m
+        for m, node in zip(matches, program.graph.find_nodes(op="call_function", target=LINEAR))
+        if isinstance(m, NoMatch) and node not in used
+    ]
 
 
 def _ffn_matches(program) -> list[Ffn | NoMatch]:
@@ -400,12 +452,14 @@ def _match_every_linear(program) -> list[Ffn | NoMatch]:
     return [match_ffn(node) for node in program.graph.find_nodes(op="call_function", target=LINEAR)]
 
 
-ATTENTION_OPS = frozenset({
-    aten.scaled_dot_product_attention.default,
-    aten._softmax.default,
-    aten.softmax.int,
-    aten._safe_softmax.default,
-})
+ATTENTION_OPS = frozenset(
+    {
+        aten.scaled_dot_product_attention.default,
+        aten._softmax.default,
+        aten.softmax.int,
+        aten._safe_softmax.default,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -512,11 +566,15 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
         if not chain:
             rule = f"{start} is not a residual add `stream + sublayer(stream)` of a value from before the block"
         elif node.target is aten.add.Tensor:
-            rule = (f"{start} is not a chain of residual adds back to the block input: {node.name} adds two values "
-                    "computed inside the block, neither of them a residual stream")
+            rule = (
+                f"{start} is not a chain of residual adds back to the block input: {node.name} adds two values "
+                "computed inside the block, neither of them a residual stream"
+            )
         else:
-            rule = (f"{start} is not a chain of residual adds back to the block input: it stops at "
-                    f"{_describe(node)}, computed inside the block")
+            rule = (
+                f"{start} is not a chain of residual adds back to the block input: it stops at "
+                f"{_describe(node)}, computed inside the block"
+            )
         return NoMatch("residual block", region.path, rule, node.name)
     return ResidualBlock(region.path, node, output, tuple(reversed(chain)))
 

@@ -73,10 +73,15 @@ class CalibrationSet:
         for start in range(0, len(self), self.batch_size):
             yield {k: v[start : start + self.batch_size] for k, v in self.inputs.items()}
 
-    def head(self, samples: int) -> "CalibrationSet":
+    def head(self, samples: int) -> CalibrationSet:
         """The first `samples` samples, same source and batch size (what backend parity runs)."""
-        return CalibrationSet({k: v[:samples] for k, v in self.inputs.items()}, self.source,
-                              batch_size=self.batch_size, synthetic=self.synthetic, cuts=self.cuts)
+        return CalibrationSet(
+            {k: v[:samples] for k, v in self.inputs.items()},
+            self.source,
+            batch_size=self.batch_size,
+            synthetic=self.synthetic,
+            cuts=self.cuts,
+        )
 
     @property
     def num_batches(self) -> int:
@@ -107,9 +112,14 @@ class CalibrationSet:
         }
 
     @torch.no_grad()
-    def run(self, program, observe: Callable[[int, Node, Any], None] | None = None, nodes: set[Node] | None = None,
-            progress: bool = False, desc: str = "calibration run"
-            ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    def run(
+        self,
+        program,
+        observe: Callable[[int, Node, Any], None] | None = None,
+        nodes: set[Node] | None = None,
+        progress: bool = False,
+        desc: str = "calibration run",
+    ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """Run `program` over every batch and yield `(batch, outputs)` in batch order; the one loop behind the
         statistics, reference outputs, quality checks and parity reference.
 
@@ -120,12 +130,17 @@ class CalibrationSet:
         batch by batch in the first case, segment by segment (batches 0..N-1 each) in the second.
         """
         batches = list(self.batches())
-        results = (program.run_segmented(batches, self.cuts(program), observe=observe, nodes=nodes)
-                   if self.cuts is not None else self._whole_model(program, batches, observe, nodes))
+        results = (
+            program.run_segmented(batches, self.cuts(program), observe=observe, nodes=nodes)
+            if self.cuts is not None
+            else self._whole_model(program, batches, observe, nodes)
+        )
         yield from tqdm(zip(batches, results), total=len(batches), desc=desc, disable=not progress, leave=False)
 
     @staticmethod
-    def _whole_model(program, batches: list[dict[str, torch.Tensor]], observe, nodes) -> Iterator[dict[str, torch.Tensor]]:
+    def _whole_model(
+        program, batches: list[dict[str, torch.Tensor]], observe, nodes
+    ) -> Iterator[dict[str, torch.Tensor]]:
         for i, batch in enumerate(batches):
             report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
             yield program.run(batch, observe=report, nodes=nodes)
@@ -180,7 +195,9 @@ def load_calibration(
         if synthetic is None:
             raise CalibrationError("no calibration file given and no synthetic inputs available")
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in synthetic.items())
-        return CalibrationSet(dict(synthetic), source=f"synthetic random inputs ({shapes})", batch_size=batch_size, synthetic=True)
+        return CalibrationSet(
+            dict(synthetic), source=f"synthetic random inputs ({shapes})", batch_size=batch_size, synthetic=True
+        )
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")
@@ -192,7 +209,9 @@ def load_calibration(
     elif path.suffix in (".txt", ".jsonl"):
         inputs = _tokenize(_read_texts(path)[:samples], tokenizer_dir, seq_len, path)
     else:
-        raise CalibrationError(f"calibration file {path}: unsupported type {path.suffix!r}; use .safetensors, .npz, .txt or .jsonl")
+        raise CalibrationError(
+            f"calibration file {path}: unsupported type {path.suffix!r}; use .safetensors, .npz, .txt or .jsonl"
+        )
     if "attention_mask" in input_names and "attention_mask" not in inputs and "input_ids" in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     missing = [n for n in input_names if n not in inputs]
@@ -322,8 +341,9 @@ class StatisticsCache:
         return {(a.name, b.name): self._cosines[(a.name, b.name)] for a, b in pairs}
 
     @torch.no_grad()
-    def observed(self, nodes: Iterable[Node], desc: str = "calibration statistics"
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[Node, torch.Tensor]]]:
+    def observed(
+        self, nodes: Iterable[Node], desc: str = "calibration statistics"
+    ) -> Iterator[tuple[dict[str, torch.Tensor], dict[Node, torch.Tensor]]]:
         """Each calibration batch with the floating-point values of `nodes` in it, in graph order, for reductions
         of one's own (the probe's per-modality block cosines and per-sample top neurons). Not cached; one pass in
         `passes_run`. Layer-sequential (`CalibrationSet.cuts`), a batch's values are held until its last segment
@@ -337,11 +357,17 @@ class StatisticsCache:
         for index, (batch, _) in enumerate(self._run(observe, set(nodes), desc)):
             yield batch, held.pop(index, {})
 
-    def _run(self, observe: Callable[[int, Node, Any], None], nodes: set[Node], desc: str,
-             calibration: CalibrationSet | None = None) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+    def _run(
+        self,
+        observe: Callable[[int, Node, Any], None],
+        nodes: set[Node],
+        desc: str,
+        calibration: CalibrationSet | None = None,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
         self.passes_run += 1
-        return (calibration or self.calibration).run(self.program, observe=observe, nodes=nodes,
-                                                      progress=self.progress, desc=desc)
+        return (calibration or self.calibration).run(
+            self.program, observe=observe, nodes=nodes, progress=self.progress, desc=desc
+        )
 
     def samples(self, nodes: Sequence[Node], max_tokens: int) -> dict[str, torch.Tensor]:
         """The first `max_tokens` valid token vectors [T, C] of each node's value, in calibration order.

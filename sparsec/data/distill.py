@@ -31,7 +31,9 @@ from sparsec.ir.program import Program
 NodeLoss = Callable[[Node, tuple, Any], "torch.Tensor | None"]
 
 
-def output_loss(outputs: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+def output_loss(
+    outputs: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], mask: torch.Tensor | None
+) -> torch.Tensor:
     """Mean over float outputs of ||student - teacher||^2 / ||teacher||^2 on valid tokens."""
     losses = []
     for name, ref in teacher.items():

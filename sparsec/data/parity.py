@@ -139,8 +139,10 @@ def check_parity(
     tolerances = resolve_tolerances(precision, options.bounds(), list(metrics))
     failures = bound_failures(metrics, tolerances, "parity")
     if failures:
-        raise QualityError(f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances: "
-                           + "; ".join(failures))
+        raise QualityError(
+            f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances: "
+            + "; ".join(failures)
+        )
     return {"backend": backend, "precision": precision, "tolerances": tolerances, "metrics": metrics}
 
 
@@ -165,8 +167,9 @@ class ProgramReference:
     `release`: called after `compute` to free the program's weights (the compiler drops its own reference there).
     """
 
-    def __init__(self, program, calibration: CalibrationSet, samples: int,
-                 release: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, program, calibration: CalibrationSet, samples: int, release: Callable[[], None] | None = None
+    ) -> None:
         self.program = program
         self.calibration = calibration.head(samples)
         self._release = release
@@ -184,11 +187,14 @@ class ProgramReference:
         observed: list[dict[str, torch.Tensor]] = [{} for _ in range(self.calibration.num_batches)]
 
         def observe(index: int, node, value) -> None:
-            observed[index][node.name] = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
+            observed[index][node.name] = (
+                value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(value)
+            )
 
         inputs, outputs, masks = [], [], []
-        for batch, result in self.calibration.run(self.program, observe=observe if wanted else None, nodes=wanted,
-                                                  desc="parity reference"):
+        for batch, result in self.calibration.run(
+            self.program, observe=observe if wanted else None, nodes=wanted, desc="parity reference"
+        ):
             inputs.append({k: v.cpu() for k, v in batch.items()})
             outputs.append({k: v.detach().cpu() for k, v in result.items()})
             masks.append(CalibrationSet.valid_mask(batch))
@@ -239,13 +245,17 @@ def check_block_parity(
     the head by `options.tolerances` too. Raises `QualityError` naming every block and output outside its bounds;
     returns the report: `mode: blocks`, the per-block metrics and tolerances, and the head's as in whole mode.
     """
-    block_bounds = {k: v for k, v in DEFAULT_TOLERANCES[precision].items() if k != "top1"} \
-        if precision in DEFAULT_TOLERANCES else {}
+    block_bounds = (
+        {k: v for k, v in DEFAULT_TOLERANCES[precision].items() if k != "top1"}
+        if precision in DEFAULT_TOLERANCES
+        else {}
+    )
     metrics: dict[str, dict[str, float]] = {}
     failures: list[str] = []
     for name, pairs in blocks.items():
-        found = compare_outputs([({name: ref}, {name: got}, mask) for ref, got, mask in pairs],
-                                percentiles=options.percentiles)
+        found = compare_outputs(
+            [({name: ref}, {name: got}, mask) for ref, got, mask in pairs], percentiles=options.percentiles
+        )
         metrics[name] = found[name]
         failures += bound_failures({name: found[name]}, {name: block_bounds}, "parity")
     try:
@@ -254,7 +264,13 @@ def check_block_parity(
         failures.append(f"head: {exc}")
         head_report = None
     if failures:
-        raise QualityError(f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances, "
-                           "checked block by block: " + "; ".join(failures))
-    return {"mode": "blocks", "input_shapes": dict(input_shapes), **head_report,
-            "blocks": {"tolerances": block_bounds, "metrics": metrics}}
+        raise QualityError(
+            f"{backend} ({precision}) differs from the PyTorch program beyond the parity tolerances, "
+            "checked block by block: " + "; ".join(failures)
+        )
+    return {
+        "mode": "blocks",
+        "input_shapes": dict(input_shapes),
+        **head_report,
+        "blocks": {"tolerances": block_bounds, "metrics": metrics},
+    }

@@ -35,7 +35,6 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import SparsecError
 from sparsec.ir.paths import glob_match
 
-
 PERCENTILE_SAMPLES = 1 << 22
 REL_FLOOR = 1e-3
 CHUNK_ENTRIES = 1 << 20  # entries per metric chunk: 8 MiB per float64 temporary
@@ -46,8 +45,10 @@ def _token_chunks(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | No
     one token at least), without copying the whole batch first."""
     if mask is not None and ref.dim() >= 3 and tuple(ref.shape[:2]) == tuple(mask.shape):
         mask = mask.bool()
-        rows = ((ref[b][mask[b]].reshape(-1, ref.shape[-1]), cand[b][mask[b]].reshape(-1, ref.shape[-1]))
-                for b in range(ref.shape[0]))
+        rows = (
+            (ref[b][mask[b]].reshape(-1, ref.shape[-1]), cand[b][mask[b]].reshape(-1, ref.shape[-1]))
+            for b in range(ref.shape[0])
+        )
     elif ref.dim():
         rows = [(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))]
     else:
@@ -55,7 +56,7 @@ def _token_chunks(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | No
     for r, c in rows:
         step = max(1, CHUNK_ENTRIES // max(1, r.shape[-1]))
         for start in range(0, r.shape[0], step):
-            yield r[start:start + step], c[start:start + step]
+            yield r[start : start + step], c[start : start + step]
 
 
 def percentile_key(q: float, kind: str) -> str:
@@ -130,7 +131,7 @@ class OutputComparison:
         n = max(self.tokens, 1)
         out = {
             "cosine": self.cos_sum / n,
-            "rel_l2": (self.err_sq ** 0.5) / max(self.ref_sq ** 0.5, 1e-30),
+            "rel_l2": (self.err_sq**0.5) / max(self.ref_sq**0.5, 1e-30),
             "max_abs": self.max_abs,
             "mean_abs": self.abs_sum / max(self.elements, 1),
             "tokens": self.tokens,
@@ -169,12 +170,15 @@ def compare_outputs(
                 continue
             if name not in cand:
                 raise ValueError(f"candidate lacks output {name!r}")
-            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, torch.as_tensor(cand[name]), mask)
+            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(
+                r, torch.as_tensor(cand[name]), mask
+            )
     return {name: c.result() for name, c in comps.items()}
 
 
-def compare_programs(program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]],
-                     progress: bool = False) -> dict[str, dict[str, float]]:
+def compare_programs(
+    program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]], progress: bool = False
+) -> dict[str, dict[str, float]]:
     """Run `program` over the calibration set (`CalibrationSet.run`: whole-model or layer-sequential) and compare
     with the reference outputs of each batch, one batch's outputs at a time."""
     runs = calibration.run(program, progress=progress, desc="quality check")
@@ -210,11 +214,15 @@ class Bounds:
         for pattern, bounds in self.entries.items():
             for metric, limit in bounds.items():
                 if metric not in self.metrics:
-                    raise ValueError(f"{self.label}.{pattern}.{metric}: unknown metric; bounds name one of {list(self.metrics)}")
+                    raise ValueError(
+                        f"{self.label}.{pattern}.{metric}: unknown metric; bounds name one of {list(self.metrics)}"
+                    )
                 if limit is not None and limit < 0 and metric != "cosine":
                     raise ValueError(f"{self.label}.{pattern}.{metric}: must be >= 0, got {limit}")
 
-    def resolve(self, outputs: Sequence[str], defaults: Mapping[str, float] | None = None) -> dict[str, dict[str, float]]:
+    def resolve(
+        self, outputs: Sequence[str], defaults: Mapping[str, float] | None = None
+    ) -> dict[str, dict[str, float]]:
         """The bounds of each output: `defaults`, then the entries in order. `SparsecError` for an entry that
         matches none of `outputs` (when there are any).
 
@@ -235,13 +243,16 @@ class Bounds:
                         resolved[name][metric] = limit
         return resolved
 
-    def failures(self, metrics: Mapping[str, Mapping[str, float]], defaults: Mapping[str, float] | None = None) -> list[str]:
+    def failures(
+        self, metrics: Mapping[str, Mapping[str, float]], defaults: Mapping[str, float] | None = None
+    ) -> list[str]:
         """`output: metric value < / > bound` for every bound (resolved over the outputs of `metrics`) broken."""
         return bound_failures(metrics, self.resolve(list(metrics), defaults), self.label)
 
 
-def bound_failures(metrics: Mapping[str, Mapping[str, float]], bounds: Mapping[str, Mapping[str, float]],
-                   label: str = "bounds") -> list[str]:
+def bound_failures(
+    metrics: Mapping[str, Mapping[str, float]], bounds: Mapping[str, Mapping[str, float]], label: str = "bounds"
+) -> list[str]:
     """`output: metric value < / > bound` for every resolved bound a metric breaks; NaN breaks every bound,
     and top1/kl bounds skip outputs that are not logits.
 
@@ -295,9 +306,16 @@ class QualityGates:
 
     def bounds(self) -> Bounds:
         """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`."""
-        every = {metric: getattr(self, gate) for gate, metric in
-                 (("min_cosine", "cosine"), ("min_top1", "top1"), ("max_rel_l2", "rel_l2"), ("max_kl", "kl"))
-                 if getattr(self, gate) is not None}
+        every = {
+            metric: getattr(self, gate)
+            for gate, metric in (
+                ("min_cosine", "cosine"),
+                ("min_top1", "top1"),
+                ("max_rel_l2", "rel_l2"),
+                ("max_kl", "kl"),
+            )
+            if getattr(self, gate) is not None
+        }
         every.update(self.outputs.get("*", {}))
         entries = {**({"*": every} if every else {}), **{k: v for k, v in self.outputs.items() if k != "*"}}
         return Bounds(entries, label="quality.outputs")

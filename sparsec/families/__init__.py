@@ -132,8 +132,10 @@ def _load_all() -> None:
         loaded = ep.load()
         families = tuple(loaded) if isinstance(loaded, Iterable) else (loaded,)
         if ep.name not in {getattr(f, "name", None) for f in families}:
-            raise FamilyError(f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} loads no family "
-                              f"named {ep.name!r}; name the entry point after the family it registers")
+            raise FamilyError(
+                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} loads no family "
+                f"named {ep.name!r}; name the entry point after the family it registers"
+            )
         for family in families:
             _add(family, origin=f"entry point {ep.name} ({ep.value})")
 
@@ -145,8 +147,10 @@ def _add(family: Family, origin: str) -> None:
         raise FamilyError(f"{origin}: a model family named {family.name!r} is registered already; give it another name")
     taken = [t for t in family.model_types if t in _BY_MODEL_TYPE]
     if taken:
-        raise FamilyError(f"{origin}: model_type {taken[0]!r} of family {family.name!r} is claimed by family "
-                          f"{_BY_MODEL_TYPE[taken[0]].name!r} already; a model_type selects one family")
+        raise FamilyError(
+            f"{origin}: model_type {taken[0]!r} of family {family.name!r} is claimed by family "
+            f"{_BY_MODEL_TYPE[taken[0]].name!r} already; a model_type selects one family"
+        )
     builtins = set(_builtin_names(_FAMILIES.values()))
     clash = [b for b in family.builtin_names() if b in builtins]
     if clash:

@@ -137,13 +137,19 @@ class EntryPoint:
         """Random valid inputs; what `seq` sizes depends on the entry point (see its `description`)."""
         return self.make_inputs(batch, seq, seed)
 
-    def capture(self, batch: int = 2, seq: int = 16, seed: int = 0, *, dynamic: bool = True,
-                tags: Sequence[TagRule] = ()) -> Program:
+    def capture(
+        self, batch: int = 2, seq: int = 16, seed: int = 0, *, dynamic: bool = True, tags: Sequence[TagRule] = ()
+    ) -> Program:
         """Capture `module` at example inputs of this size, with this entry point's dynamic dims (or static
         shapes with `dynamic=False`) and its family's component tags, `tags` in front."""
         tagger = Tagger(self.family.tags).with_overrides(tags)
-        return capture_program(self.module, self.example_inputs(batch, seq, seed),
-                               self.dynamic_dims if dynamic else {}, family=self.family.name, tagger=tagger)
+        return capture_program(
+            self.module,
+            self.example_inputs(batch, seq, seed),
+            self.dynamic_dims if dynamic else {},
+            family=self.family.name,
+            tagger=tagger,
+        )
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -154,6 +160,13 @@ def _vocab_size(model: nn.Module) -> int:
 def tiny_decoder_config(model_type: str) -> dict:
     """Config fields of the tiny decoders the built-in models use (4 layers, width 64, vocabulary 256)."""
     return dict(
-        model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        model_type=model_type,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )

@@ -23,9 +23,19 @@ def tiny_chameleon_config():
 
     return transformers.ChameleonConfig(
         **{k: v for k, v in tiny_decoder_config("chameleon").items() if k != "model_type"},
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocabulary_map=_chameleon_vocabulary(),
-        vq_config=dict(embed_dim=8, num_embeddings=TINY_IMAGE_CODES, latent_channels=8, resolution=16,
-                       base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=1),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        vocabulary_map=_chameleon_vocabulary(),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=TINY_IMAGE_CODES,
+            latent_channels=8,
+            resolution=16,
+            base_channels=32,
+            channel_multiplier=[1, 1, 1],
+            num_res_blocks=1,
+        ),
     )
 
 

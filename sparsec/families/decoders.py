@@ -25,10 +25,18 @@ def tiny_llama_config():
 
 
 FAMILIES = (
-    Family(name="qwen2", model_types=("qwen2",), architecture="Qwen2ForCausalLM",
-           builtin_configs={"tiny-qwen2": tiny_qwen2_config}),
-    Family(name="llama", model_types=("llama",), architecture="LlamaForCausalLM",
-           builtin_configs={"tiny-llama": tiny_llama_config}),
+    Family(
+        name="qwen2",
+        model_types=("qwen2",),
+        architecture="Qwen2ForCausalLM",
+        builtin_configs={"tiny-qwen2": tiny_qwen2_config},
+    ),
+    Family(
+        name="llama",
+        model_types=("llama",),
+        architecture="LlamaForCausalLM",
+        builtin_configs={"tiny-llama": tiny_llama_config},
+    ),
     Family(name="mistral", model_types=("mistral",), architecture="MistralForCausalLM"),
     Family(name="phi3", model_types=("phi3",), architecture="Phi3ForCausalLM"),
 )

@@ -45,8 +45,9 @@ class ImageTokenSpan:
         """The token ids of the image codes, sorted."""
         return sorted(i for name, i in vocabulary_map.items() if name.startswith(self.code_prefix))
 
-    def sample_ids(self, vocabulary_map: dict[str, int], vocab: int, batch: int, seq: int,
-                   gen: torch.Generator) -> torch.Tensor:
+    def sample_ids(
+        self, vocabulary_map: dict[str, int], vocab: int, batch: int, seq: int, gen: torch.Generator
+    ) -> torch.Tensor:
         """Random ids [batch, seq]: text (any non-image id), and from seq 4 on one image span in the middle,
         begin + random image codes + end, covering half the sequence."""
         codes = torch.tensor(self.code_ids(vocabulary_map), dtype=torch.long)
@@ -59,7 +60,9 @@ class ImageTokenSpan:
         if seq >= 4:
             start, length = seq // 4, max(seq // 2, 2)
             ids[:, start] = vocabulary_map[self.begin]
-            ids[:, start + 1 : start + length - 1] = codes[torch.randint(0, len(codes), (batch, length - 2), generator=gen)]
+            ids[:, start + 1 : start + length - 1] = codes[
+                torch.randint(0, len(codes), (batch, length - 2), generator=gen)
+            ]
             ids[:, start + length - 1] = vocabulary_map[self.end]
         return ids
 
@@ -77,5 +80,7 @@ class EarlyFusionFamily(Family):
     def example_inputs(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
         config = model.config
         vocab = int(getattr(config, "text_config", config).vocab_size)
-        ids = self.image_tokens.sample_ids(config.vocabulary_map, vocab, batch, seq, torch.Generator().manual_seed(seed))
+        ids = self.image_tokens.sample_ids(
+            config.vocabulary_map, vocab, batch, seq, torch.Generator().manual_seed(seed)
+        )
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -77,7 +77,7 @@ class JanusGenerationStep(nn.Module):
         mask = torch.cat([attention_mask, attention_mask.new_ones(image_ids.shape)], dim=1)
         hidden = janus.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         prompt_length = input_ids.shape[1]
-        return {"logits": janus.generation_head(hidden[:, prompt_length - 1:])}
+        return {"logits": janus.generation_head(hidden[:, prompt_length - 1 :])}
 
 
 class JanusVQDecode(nn.Module):
@@ -107,8 +107,11 @@ class JanusVQDecode(nn.Module):
 
 def _require_janus(model: nn.Module) -> None:
     inner = getattr(model, "model", None)
-    missing = [n for n in ("language_model", "generation_embeddings", "generation_aligner", "generation_head", "vqmodel")
-               if not hasattr(inner, n)]
+    missing = [
+        n
+        for n in ("language_model", "generation_embeddings", "generation_aligner", "generation_head", "vqmodel")
+        if not hasattr(inner, n)
+    ]
     if missing:
         raise SparsecError(
             f"{type(model).__name__} is not a transformers JanusForConditionalGeneration (model.model lacks {missing}); "
@@ -164,8 +167,11 @@ class JanusFamily(Family):
             gen = torch.Generator().manual_seed(seed)
             image_count = max(2, min(seq // 2, grid - 1))
             ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "image_ids": torch.randint(0, codebook, (batch, image_count), generator=gen)}
+            return {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "image_ids": torch.randint(0, codebook, (batch, image_count), generator=gen),
+            }
 
         def vq_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
             gen = torch.Generator().manual_seed(seed)
@@ -175,15 +181,29 @@ class JanusFamily(Family):
         text = {0: "batch", 1: "seq"}
         return {
             "understanding": EntryPoint(
-                "understanding", model, understanding_inputs, understanding_dims, self,
-                "forward(): pixels + prompt ids -> text logits"),
+                "understanding",
+                model,
+                understanding_inputs,
+                understanding_dims,
+                self,
+                "forward(): pixels + prompt ids -> text logits",
+            ),
             "generation_step": EntryPoint(
-                "generation_step", JanusGenerationStep(model), step_inputs,
-                {"input_ids": dict(text), "attention_mask": dict(text), "image_ids": {0: "batch", 1: "image_seq"}}, self,
-                "prompt ids + image tokens so far -> next-image-token logits (conditional branch, no KV cache)"),
+                "generation_step",
+                JanusGenerationStep(model),
+                step_inputs,
+                {"input_ids": dict(text), "attention_mask": dict(text), "image_ids": {0: "batch", 1: "image_seq"}},
+                self,
+                "prompt ids + image tokens so far -> next-image-token logits (conditional branch, no KV cache)",
+            ),
             "vq_decode": EntryPoint(
-                "vq_decode", JanusVQDecode(model), vq_inputs, {"image_ids": {0: "batch"}}, self,
-                f"{grid} image tokens -> pixels [B, H, W, C] (decode_image_tokens)"),
+                "vq_decode",
+                JanusVQDecode(model),
+                vq_inputs,
+                {"image_ids": {0: "batch"}},
+                self,
+                f"{grid} image tokens -> pixels [B, H, W, C] (decode_image_tokens)",
+            ),
         }
 
 
@@ -193,11 +213,27 @@ def tiny_janus_config():
 
     return transformers.JanusConfig(
         text_config=tiny_decoder_config("llama"),
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, num_image_tokens=16,
-                           patch_size=8, projection_dim=64, mlp_ratio=2.0),
-        vq_config=dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1],
-                       num_res_blocks=1, latent_channels=8, projection_dim=64, image_token_embed_dim=64,
-                       num_patches=4),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            num_image_tokens=16,
+            patch_size=8,
+            projection_dim=64,
+            mlp_ratio=2.0,
+        ),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=64,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            latent_channels=8,
+            projection_dim=64,
+            image_token_embed_dim=64,
+            num_patches=4,
+        ),
         image_token_id=255,
     )
 

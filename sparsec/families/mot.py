@@ -48,12 +48,25 @@ from sparsec.ir.tags import TagRule
 GEN = "_moe_gen"
 
 MOT_PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # BAGEL-7B-MoT's language model (Qwen2.5-7B shapes; 7B active, about 14B with both copies).
-    "bagel-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, rope_theta=1_000_000.0,
-                     max_position_embeddings=32768),
+    "bagel-7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=32768,
+    ),
 }
 
 
@@ -130,8 +143,12 @@ class Modality:
     und: torch.Tensor
     gen: torch.Tensor
 
-    def apply(self, und_fn: Callable[[torch.Tensor], torch.Tensor], gen_fn: Callable[[torch.Tensor], torch.Tensor],
-              x: torch.Tensor) -> torch.Tensor:
+    def apply(
+        self,
+        und_fn: Callable[[torch.Tensor], torch.Tensor],
+        gen_fn: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+    ) -> torch.Tensor:
         """[N, C] -> [N, C']: rows of each modality through that modality's function."""
         y_und = und_fn(x.index_select(0, self.und))
         y_gen = gen_fn(x.index_select(0, self.gen))
@@ -166,8 +183,15 @@ class MoTAttention(nn.Module):
         v = getattr(self, "v_proj" + suffix)(x)
         return torch.cat((q.reshape(n, self.heads * d), k.reshape(n, self.kv_heads * d), v), dim=-1)
 
-    def forward(self, x: torch.Tensor, modality: Modality, shape: tuple[int, int], cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality: Modality,
+        shape: tuple[int, int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         batch, seq = shape
         d = self.head_dim
         qkv = modality.apply(lambda t: self._project("", t), lambda t: self._project(GEN, t), x)
@@ -192,13 +216,23 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, "post_attention_layernorm" + suffix, RMSNorm(h, eps))
             setattr(self, "mlp" + suffix, MLP(h, config.intermediate_size))
 
-    def forward(self, flat: torch.Tensor, modality: Modality, shape: tuple[int, int], cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        flat: torch.Tensor,
+        modality: Modality,
+        shape: tuple[int, int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """`flat`: the packed residual stream [B*S, H]; `shape`: (B, S) for attention."""
         normed = modality.apply(self.input_layernorm, self.input_layernorm_moe_gen, flat)
         flat = flat + self.self_attn(normed, modality, shape, cos, sin, mask)
-        return flat + modality.apply(lambda t: self.mlp(self.post_attention_layernorm(t)),
-                                     lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)), flat)
+        return flat + modality.apply(
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
+            flat,
+        )
 
 
 class MoTModel(nn.Module):
@@ -217,7 +251,9 @@ class MoTModel(nn.Module):
         modality = Modality(und=torch.nonzero(~is_gen).squeeze(1), gen=torch.nonzero(is_gen).squeeze(1))
         d = self.config.head_dim
         # computed here, not held in a buffer: from_pretrained leaves non-persistent buffers uninitialised
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d))
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d)
+        )
         positions = torch.arange(seq, device=input_ids.device, dtype=torch.float32)
         angles = positions[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
@@ -253,8 +289,9 @@ class MoTForCausalLM(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                gen_mask: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, gen_mask: torch.Tensor | None = None
+    ) -> CausalLMOutput:
         """`gen_mask` [B, S]: 1 where the token is a generation token (default: none are)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -272,7 +309,7 @@ class MoTFamily(Family):
     def example_inputs(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
         inputs = super().example_inputs(model, batch, seq, seed)
         is_gen = torch.zeros_like(inputs["input_ids"])
-        is_gen[:, seq // 2:] = 1
+        is_gen[:, seq // 2 :] = 1
         return {**inputs, self.modality_mask: is_gen}
 
     def model_class(self, name: str) -> type[nn.Module] | None:

@@ -13,10 +13,10 @@ rotary table with `int(text_length)`; capture with the prompt length you deploy 
 diffusers is an optional dependency (`pip install diffusers`); only `tiny_qwenimage` imports it: the family
 recognises a model by the class name `QwenImageTransformer2DModel` in its tree, without importing diffusers.
 
-Example:
-    >>> from diffusers import QwenImageTransformer2DModel
-    >>> step = QwenImageStep(QwenImageTransformer2DModel.from_pretrained(...), height=64, width=64)
-    >>> program = sparsec.capture(step, step.example_inputs(batch=2, text=77))   # batch stays dynamic
+Example::
+    from diffusers import QwenImageTransformer2DModel
+    step = QwenImageStep(QwenImageTransformer2DModel.from_pretrained(...), height=64, width=64)
+    program = sparsec.capture(step, step.example_inputs(batch=2, text=77))   # batch stays dynamic
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ from sparsec.ir.tags import TagRule
 # A tiny QwenImageTransformer2DModel: 2 blocks, 2 heads of 16 (inner dim 32), rotary axes 4 + 6 + 6 = 16,
 # 16 input channels (4 latent channels x 2x2 patch), prompt embeddings of width 24.
 TINY_QWENIMAGE_CONFIG: dict = dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    axes_dims_rope=(4, 6, 6),
 )
 
 
@@ -49,16 +55,18 @@ class QwenImageStep(torch.nn.Module):
     first entry of `img_shapes`, and a list as long as the batch would make the batch a Python int and fix it
     at capture (`[grid] * batch` computes the same step; the tests check that).
 
-    Example:
-        >>> step = QwenImageStep(transformer, height=4, width=4)
-        >>> step(**step.example_inputs(batch=2, text=7)).shape    # [batch, 16 tokens, patch*patch*out_channels]
+    Example::
+        step = QwenImageStep(transformer, height=4, width=4)
+        step(**step.example_inputs(batch=2, text=7)).shape    # [batch, 16 tokens, patch*patch*out_channels]
     """
 
     def __init__(self, transformer: torch.nn.Module, frames: int = 1, height: int = 4, width: int = 4) -> None:
         super().__init__()
         if getattr(getattr(transformer, "config", None), "zero_cond_t", False):
-            raise SparsecError("QwenImageStep wraps text-to-image transformers; this one has zero_cond_t=True "
-                               "(an image-edit model, whose img_shapes list several images per sample)")
+            raise SparsecError(
+                "QwenImageStep wraps text-to-image transformers; this one has zero_cond_t=True "
+                "(an image-edit model, whose img_shapes list several images per sample)"
+            )
         self.transformer = transformer
         self.grid = (int(frames), int(height), int(width))
 
@@ -68,23 +76,38 @@ class QwenImageStep(torch.nn.Module):
         frames, height, width = self.grid
         return frames * height * width
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_hidden_states_mask: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> torch.Tensor:
         return self.transformer(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-            encoder_hidden_states_mask=encoder_hidden_states_mask, timestep=timestep,
-            img_shapes=[self.grid], return_dict=False,
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            timestep=timestep,
+            img_shapes=[self.grid],
+            return_dict=False,
         )[0]
 
     def example_inputs(self, batch: int, text: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random valid step inputs: `batch` samples, prompts of `text` tokens (all valid), timesteps in [0, 1)."""
         config = self.transformer.config
-        return qwenimage_step_inputs(batch, text, image_tokens=self.image_tokens, in_channels=config.in_channels,
-                                     text_dim=config.joint_attention_dim, seed=seed)
+        return qwenimage_step_inputs(
+            batch,
+            text,
+            image_tokens=self.image_tokens,
+            in_channels=config.in_channels,
+            text_dim=config.joint_attention_dim,
+            seed=seed,
+        )
 
 
-def qwenimage_step_inputs(batch: int, text: int, *, image_tokens: int, in_channels: int, text_dim: int,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
+def qwenimage_step_inputs(
+    batch: int, text: int, *, image_tokens: int, in_channels: int, text_dim: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random inputs of a `QwenImageStep` with the given sizes (seeded; the prompt mask is all ones)."""
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -98,9 +121,9 @@ def qwenimage_step_inputs(batch: int, text: int, *, image_tokens: int, in_channe
 def tiny_qwenimage(seed: int = 0, frames: int = 1, height: int = 4, width: int = 4) -> QwenImageStep:
     """A `QwenImageStep` over a tiny random `QwenImageTransformer2DModel` (`TINY_QWENIMAGE_CONFIG`), eval mode.
 
-    Example:
-        >>> step = tiny_qwenimage()
-        >>> program = sparsec.capture(step, step.example_inputs(batch=2, text=7))
+    Example::
+        step = tiny_qwenimage()
+        program = sparsec.capture(step, step.example_inputs(batch=2, text=7))
     """
     try:
         from diffusers import QwenImageTransformer2DModel

@@ -26,15 +26,21 @@ from sparsec.ir.tags import Tagger
 DynamicDims = Mapping[str, Mapping[int, str]]
 
 _HINTS = (
-    (("DynamicCache", "Cache'>", "past_key_values"),
-     "the model returns a KV cache; capture with the cache disabled (config.use_cache = False on the model "
-     "and every sub-config; sparsec does this for Hugging Face models)"),
-    (("Constraints violated", "specializ", "not in range", "Not all values of"),
-     "a dimension marked dynamic is fixed by the model's code; pass dynamic=False (or a dict naming only "
-     "the dims that really vary), or capture with a different example size"),
-    (("data-dependent", "DataDependent", "GuardOnDataDependent", "unbacked"),
-     "the model branches on tensor values; pass concrete example inputs that take the path you deploy, or "
-     "guard the value with torch._check in the model code"),
+    (
+        ("DynamicCache", "Cache'>", "past_key_values"),
+        "the model returns a KV cache; capture with the cache disabled (config.use_cache = False on the model "
+        "and every sub-config; sparsec does this for Hugging Face models)",
+    ),
+    (
+        ("Constraints violated", "specializ", "not in range", "Not all values of"),
+        "a dimension marked dynamic is fixed by the model's code; pass dynamic=False (or a dict naming only "
+        "the dims that really vary), or capture with a different example size",
+    ),
+    (
+        ("data-dependent", "DataDependent", "GuardOnDataDependent", "unbacked"),
+        "the model branches on tensor values; pass concrete example inputs that take the path you deploy, or "
+        "guard the value with torch._check in the model code",
+    ),
 )
 _DEFAULT_HINT = "check that the example inputs match the model's forward() signature and run in eager mode"
 
@@ -68,6 +74,7 @@ def kv_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _module_tracker(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
     """Keep `stack` equal to the module paths currently executing (hooks run under non-strict export)."""
+
     def enter(label: str) -> None:
         stack.append(label)
 
@@ -143,7 +150,9 @@ def capture_program(
     dims = {k: {int(a): str(n) for a, n in v.items()} for k, v in dynamic_dims.items()}
     for name, axes in dims.items():
         if name not in example_inputs:
-            raise CaptureError(f"dynamic dims given for {name!r}, which is not an example input ({sorted(example_inputs)})")
+            raise CaptureError(
+                f"dynamic dims given for {name!r}, which is not an example input ({sorted(example_inputs)})"
+            )
         shape = tuple(example_inputs[name].shape)
         for axis, dim_name in axes.items():
             if axis >= len(shape) or shape[axis] < 2:
@@ -160,7 +169,12 @@ def capture_program(
     # torch.export prints the partial graph of a failed export to stderr; keep it on the error instead.
     printed = io.StringIO()
     try:
-        with kv_cache_disabled(model), _module_tracker(model, stack), torch.no_grad(), contextlib.redirect_stderr(printed):
+        with (
+            kv_cache_disabled(model),
+            _module_tracker(model, stack),
+            torch.no_grad(),
+            contextlib.redirect_stderr(printed),
+        ):
             exported = torch.export.export(
                 model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes if dims else None, strict=False
             )

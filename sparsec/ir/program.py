@@ -37,7 +37,14 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputKind,
+    OutputSpec,
+    TensorArgument,
+)
 from torch.fx import Graph, GraphModule, Node
 
 from sparsec.errors import SparsecError, VerificationError
@@ -232,7 +239,7 @@ class Program:
         """Incremented by every `recompile()`: analyses and statistics computed at an older version are stale."""
         return self._version
 
-    def analysis(self, compute: Callable[["Program"], T]) -> T:
+    def analysis(self, compute: Callable[[Program], T]) -> T:
         """`compute(self)`, cached until the next `recompile()`.
 
         Analyses of the graph (the region index, the FFN list, residual structure) are computed once per graph
@@ -272,8 +279,10 @@ class Program:
         if name in self._stored:
             stored = self._stored[name]
             if stored is None:
-                raise SparsecError(f"{name} has no weights: the program was captured from a config without a "
-                                   "checkpoint; a decision that reads weights needs the model's .safetensors files")
+                raise SparsecError(
+                    f"{name} has no weights: the program was captured from a config without a "
+                    "checkpoint; a decision that reads weights needs the model's .safetensors files"
+                )
             return stored.read()
         return self._held(name)
 
@@ -299,8 +308,10 @@ class Program:
                 raise SparsecError(f"attach_weights: the program has no state tensor named {name!r}")
             held = self._held(name)
             if stored is not None and (tuple(held.shape) != stored.shape or held.dtype != stored.dtype):
-                raise SparsecError(f"{stored.file}: {stored.key!r} is {list(stored.shape)} {stored.dtype}, the program's "
-                                   f"{name} is {list(held.shape)} {held.dtype}; the checkpoint does not fit the config")
+                raise SparsecError(
+                    f"{stored.file}: {stored.key!r} is {list(stored.shape)} {stored.dtype}, the program's "
+                    f"{name} is {list(held.shape)} {held.dtype}; the checkpoint does not fit the config"
+                )
             meta = held.detach().to("meta")
             if isinstance(held, torch.nn.Parameter):
                 meta = torch.nn.Parameter(meta, requires_grad=held.requires_grad)
@@ -323,8 +334,10 @@ class Program:
         """
         missing = [name for name, stored in self._stored.items() if stored is None]
         if missing:
-            raise SparsecError(f"{len(missing)} state tensors have no weights ({missing[:3]}...): the program was "
-                               "captured from a config without a checkpoint and cannot run or be written")
+            raise SparsecError(
+                f"{len(missing)} state tensors have no weights ({missing[:3]}...): the program was "
+                "captured from a config without a checkpoint and cannot run or be written"
+            )
         ep = self.exported
         for name in list(self._stored):
             held, tensor = self._held(name), self._stored.pop(name).read()
@@ -364,8 +377,9 @@ class Program:
         if not same_meta(old, value):
             self.state_placeholders()[name].meta.pop("val", None)
 
-    def add_state(self, name: str, value: torch.Tensor, kind: StateKind = "parameter", *,
-                  persistent: bool = True) -> Node:
+    def add_state(
+        self, name: str, value: torch.Tensor, kind: StateKind = "parameter", *, persistent: bool = True
+    ) -> Node:
         """Add a parameter, buffer or constant tensor and return its placeholder node.
 
         The placeholder, its signature entry (after the other state of its kind, in torch.export's order:
@@ -383,8 +397,11 @@ class Program:
         specs = list(ep.graph_signature.input_specs)
         position = max((i for i, s in enumerate(specs) if s.kind in order), default=-1) + 1
         placeholders = self.graph.find_nodes(op="placeholder")
-        anchor = (self.graph.inserting_after(placeholders[position - 1]) if position
-                  else self.graph.inserting_before(placeholders[0]))
+        anchor = (
+            self.graph.inserting_after(placeholders[position - 1])
+            if position
+            else self.graph.inserting_before(placeholders[0])
+        )
         with anchor:
             node = self.graph.placeholder(_PLACEHOLDER_PREFIX[kind] + name.replace(".", "_"))
         tensor = value.detach().clone()
@@ -393,8 +410,9 @@ class Program:
         fake_mode = _fake_mode(self.graph)
         if fake_mode is not None:
             node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-        specs.insert(position, InputSpec(_KIND[kind], TensorArgument(node.name), name,
-                                         persistent if kind == "buffer" else None))
+        specs.insert(
+            position, InputSpec(_KIND[kind], TensorArgument(node.name), name, persistent if kind == "buffer" else None)
+        )
         self._set_signature(inputs=specs)
         (ep.state_dict if kind == "parameter" or (kind == "buffer" and persistent) else ep.constants)[name] = tensor
         return node
@@ -412,8 +430,10 @@ class Program:
         if node is None:
             raise SparsecError(f"the program has no state tensor named {name!r}")
         if node.users:
-            raise SparsecError(f"cannot remove {name!r}: {[u.name for u in node.users][:5]} still read it; "
-                               "rewire them first (prune() removes state once nothing reads it)")
+            raise SparsecError(
+                f"cannot remove {name!r}: {[u.name for u in node.users][:5]} still read it; "
+                "rewire them first (prune() removes state once nothing reads it)"
+            )
         self.graph.erase_node(node)
         self._set_signature(inputs=[s for s in self.exported.graph_signature.input_specs if s.arg.name != node.name])
         self.exported.state_dict.pop(name, None)
@@ -472,8 +492,10 @@ class Program:
 
     def _args(self, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor]) -> list[Any]:
         device = self.device
-        user = iter(inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device
-                    else inputs[n] for n in self.input_names)
+        user = iter(
+            inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device else inputs[n]
+            for n in self.input_names
+        )
         args: list[Any] = []
         for spec in self.exported.graph_signature.input_specs:
             if spec.kind == InputKind.USER_INPUT:
@@ -509,7 +531,7 @@ class Program:
         inputs: Mapping[str, torch.Tensor],
         observe: Callable[[Node, Any], None] | None = None,
         nodes: set[Node] | None = None,
-        rewrite: Mapping[Node, "ValueRewrite"] | None = None,
+        rewrite: Mapping[Node, ValueRewrite] | None = None,
         shapes_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run the graph on `inputs` (by name) and return the outputs by name.
@@ -543,7 +565,7 @@ class Program:
         cuts: Iterable[Node],
         observe: Callable[[int, Node, Any], None] | None = None,
         nodes: set[Node] | None = None,
-        rewrite: Mapping[Node, "ValueRewrite"] | None = None,
+        rewrite: Mapping[Node, ValueRewrite] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Run the graph over all `batches` segment by segment and yield each batch's outputs by name, in order.
 
@@ -568,17 +590,24 @@ class Program:
         # references to the state and the batches' inputs, no copies
         yield from self._interpret([self.flat_args(batch) for batch in batches], cuts, observe, nodes, rewrite)
 
-    def _interpret(self, args: list[list[Any]], cuts: Iterable[Node], observe: Callable[[int, Node, Any], None] | None,
-                   nodes: set[Node] | None, rewrite: Mapping[Node, "ValueRewrite"] | None
-                   ) -> Iterator[dict[str, torch.Tensor]]:
+    def _interpret(
+        self,
+        args: list[list[Any]],
+        cuts: Iterable[Node],
+        observe: Callable[[int, Node, Any], None] | None,
+        nodes: set[Node] | None,
+        rewrite: Mapping[Node, ValueRewrite] | None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """`run_segmented` on the graph module's flat arguments of each batch (`flat_args`, or fake ones)."""
         cuts = list(cuts)
         order = list(self.graph.nodes)
         position = {n: i for i, n in enumerate(order)}
         strangers = [c for c in cuts if c not in position]
         if strangers:
-            raise SparsecError(f"cut node(s) {[c.name for c in strangers][:5]} are not in the program's graph; "
-                               "compute the cuts from the program as it is now")
+            raise SparsecError(
+                f"cut node(s) {[c.name for c in strangers][:5]} are not in the program's graph; "
+                "compute the cuts from the program as it is now"
+            )
         rewrite = rewrite or {}
         last_use = {n: max([position[n]] + [position[u] for u in n.users]) for n in order}
         for target, rw in rewrite.items():  # a value a rewrite reads stays alive until the rewrite ran
@@ -588,7 +617,7 @@ class Program:
         for n, last in last_use.items():
             freed_after.setdefault(last, []).append(n)
         ends = sorted({position[c] for c in cuts} | {len(order) - 1})
-        segments = [order[start + 1:end + 1] for start, end in zip([-1, *ends], ends)]
+        segments = [order[start + 1 : end + 1] for start, end in zip([-1, *ends], ends)]
 
         interpreter = torch.fx.Interpreter(self.graph_module, garbage_collect_values=False)
         argument = {n: j for j, n in enumerate(self.graph.find_nodes(op="placeholder"))}
@@ -662,8 +691,11 @@ class Program:
         now = _tensor_versions(self.exported)
         shared = {**snapshot.state_dict, **snapshot.constants}
         current = {**self.exported.state_dict, **self.exported.constants}
-        return sorted(name for name, version in snapshot.tensor_versions.items()
-                      if current.get(name) is shared[name] and now.get(name) != version)
+        return sorted(
+            name
+            for name, version in snapshot.tensor_versions.items()
+            if current.get(name) is shared[name] and now.get(name) != version
+        )
 
     def prune(self) -> list[str]:
         """Dead-code-eliminate and drop state nobody uses. Returns the removed state names.
@@ -705,14 +737,18 @@ class Program:
                 f"{sorted(set(placeholders) - set(signature))}, only in signature {sorted(set(signature) - set(placeholders))}"
             )
         state_specs = {s.target for s in ep.graph_signature.input_specs if s.kind in STATE_KINDS}
-        orphans = (set(ep.state_dict) | {k for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}) - state_specs
+        orphans = (
+            set(ep.state_dict) | {k for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+        ) - state_specs
         if orphans:
             raise VerificationError(f"tensors kept in the program that no graph input uses: {sorted(orphans)[:8]}")
 
         try:
             self._infer_shapes()
         except Exception as exc:
-            raise VerificationError(f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise VerificationError(
+                f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from exc
         try:
             ep.validate()
         except Exception as exc:
@@ -733,8 +769,10 @@ class Program:
             if "val" not in node.meta:  # replaced by `replace_state`
                 held = self._held(name)
                 if held.device.type == "meta":  # spilled to a file: fake it on the device the graph was captured on
-                    device = next((p.meta["val"].device for p in placeholders
-                                   if isinstance(p.meta.get("val"), torch.Tensor)), torch.device("cpu"))
+                    device = next(
+                        (p.meta["val"].device for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)),
+                        torch.device("cpu"),
+                    )
                     node.meta["val"] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, held, device)
                 else:
                     node.meta["val"] = fake_mode.from_tensor(held, static_shapes=True)
@@ -757,7 +795,7 @@ class Program:
                 env[node] = node.meta["val"]
                 node.meta[_INPUTS_KEY] = inputs
 
-    def without_runtime_asserts(self, extra_outputs: Sequence[str] = ()) -> "Program":
+    def without_runtime_asserts(self, extra_outputs: Sequence[str] = ()) -> Program:
         """A copy of this program without runtime-assert nodes, sharing the weight tensors (no copy).
 
         ONNX has no meaning for these checks (`aten._assert_scalar`, `aten._is_all_true` feeding them, ...),
@@ -779,7 +817,9 @@ class Program:
             extra_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=n), None) for n in extra_outputs]
             signature = ExportGraphSignature(list(signature.input_specs), [*signature.output_specs, *extra_specs])
             flat = torch.utils._pytree.tree_structure(tuple(range(len(outputs))))  # the copy returns a flat tuple
-            top = dataclasses.replace(call_graph[0], signature=dataclasses.replace(call_graph[0].signature, out_spec=flat))
+            top = dataclasses.replace(
+                call_graph[0], signature=dataclasses.replace(call_graph[0].signature, out_spec=flat)
+            )
             call_graph = [top, *call_graph[1:]]
         graph.output(outputs)
         for node in reversed(list(graph.nodes)):
@@ -811,19 +851,26 @@ class Program:
         meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
         stage = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)  # the archive is named after the file
         try:
-            torch.export.save(self.exported, os.path.join(stage, path.name), extra_files={"sparsec.json": json.dumps(meta)})
+            torch.export.save(
+                self.exported, os.path.join(stage, path.name), extra_files={"sparsec.json": json.dumps(meta)}
+            )
             os.replace(os.path.join(stage, path.name), path)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Program":
+    def load(cls, path: str | os.PathLike) -> Program:
         extra = {"sparsec.json": ""}
         exported = torch.export.load(path, extra_files=extra)
         meta = json.loads(extra["sparsec.json"] or "{}")
         dims = {k: {int(a): n for a, n in v.items()} for k, v in meta.get("dynamic_dims", {}).items()}
-        return cls(exported, family=meta.get("family", "unknown"), tagger=Tagger.from_list(meta.get("tags", [])), dynamic_dims=dims)
+        return cls(
+            exported,
+            family=meta.get("family", "unknown"),
+            tagger=Tagger.from_list(meta.get("tags", [])),
+            dynamic_dims=dims,
+        )
 
     def __repr__(self) -> str:
         n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")

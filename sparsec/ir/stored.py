@@ -34,9 +34,13 @@ class StoredTensor:
             with safe_open(str(self.file), framework="pt") as f:
                 tensor = f.get_tensor(self.key)
         except Exception as exc:
-            raise SparsecError(f"cannot read {self.key!r} from {self.file} ({exc}); the checkpoint changed or is "
-                               "corrupt since the program was captured: capture it again") from exc
+            raise SparsecError(
+                f"cannot read {self.key!r} from {self.file} ({exc}); the checkpoint changed or is "
+                "corrupt since the program was captured: capture it again"
+            ) from exc
         if tuple(tensor.shape) != self.shape:
-            raise SparsecError(f"{self.file}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
-                               f"{self.shape}; the checkpoint changed since the program was captured: capture it again")
+            raise SparsecError(
+                f"{self.file}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
+                f"{self.shape}; the checkpoint changed since the program was captured: capture it again"
+            )
         return tensor.to(self.dtype)

@@ -44,12 +44,12 @@ class Tagger:
                 return rule.tag
         return "shared"
 
-    def with_overrides(self, rules: Sequence[TagRule]) -> "Tagger":
+    def with_overrides(self, rules: Sequence[TagRule]) -> Tagger:
         return Tagger([*rules, *self.rules])
 
     def to_list(self) -> list[dict[str, str]]:
         return [{"glob": r.glob, "tag": r.tag} for r in self.rules]
 
     @classmethod
-    def from_list(cls, items: Iterable[dict[str, str]]) -> "Tagger":
+    def from_list(cls, items: Iterable[dict[str, str]]) -> Tagger:
         return cls(TagRule(i["glob"], i["tag"]) for i in items)

@@ -26,8 +26,8 @@ tokens only (`torch._grouped_mm` on CUDA for bfloat16, a loop of matmuls elsewhe
 implementation (export, shape propagation), an autograd formula (recomputation through the differentiable
 kernel) and a FLOP formula (`FlopCounterMode` counts what the op really computes: k experts per token).
 
-Example:
-    >>> y = torch.ops.sparsec.moe(x, router_w, None, fc1, None, fc3, None, fc2, 2, "silu", "unit")
+Example::
+    y = torch.ops.sparsec.moe(x, router_w, None, fc1, None, fc3, None, fc2, 2, "silu", "unit")
 """
 
 from __future__ import annotations
@@ -153,13 +153,25 @@ def moe(
 ) -> Tensor:
     """Mixture-of-experts FFN; see the module docstring for layouts and routing."""
     with torch.no_grad():
-        return moe_forward(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight,
-                           top_k, activation, gating)
+        return moe_forward(
+            x,
+            router_weight,
+            router_bias,
+            fc1_weight,
+            fc1_bias,
+            fc3_weight,
+            fc3_bias,
+            fc2_weight,
+            top_k,
+            activation,
+            gating,
+        )
 
 
 @moe.register_fake
-def _moe_fake(x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight, top_k, activation,
-              gating):
+def _moe_fake(
+    x, router_weight, router_bias, fc1_weight, fc1_bias, fc3_weight, fc3_bias, fc2_weight, top_k, activation, gating
+):
     torch._check(router_weight.shape[0] == fc1_weight.shape[0], lambda: "router and experts disagree on E")
     torch._check(fc1_weight.shape[2] == x.shape[-1], lambda: "fc1_weight must be [E, I_e, H]")
     return x.new_empty(*x.shape[:-1], fc2_weight.shape[1])
@@ -178,13 +190,17 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: Tensor):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
-    leaves = [None if t is None else t.detach().requires_grad_(need)
-              for t, need in zip(tensors, ctx.needs_input_grad[:_TENSOR_ARGS])]
+    leaves = [
+        None if t is None else t.detach().requires_grad_(need)
+        for t, need in zip(tensors, ctx.needs_input_grad[:_TENSOR_ARGS])
+    ]
     wanted = [t for t, need in zip(leaves, ctx.needs_input_grad) if t is not None and need]
     with torch.enable_grad():
         out = moe_forward(*leaves, *ctx.attrs)
         # no token reached an expert (e.g. a batch without generation tokens in a MoT): no gradient flows
-        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if out.requires_grad else [None] * len(wanted))
+        found = iter(
+            torch.autograd.grad(out, wanted, grad, allow_unused=True) if out.requires_grad else [None] * len(wanted)
+        )
     grads = [next(found) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad)]
     return (*grads, None, None, None)
 
@@ -202,14 +218,21 @@ def _moe_flops(x_shape, router_shape, _rb, fc1_shape, _b1, fc3_shape, _b3, fc2_s
     return 2 * tokens * hidden * num_experts + 2 * tokens * top_k * matrices * width * hidden
 
 
-def moe_dense_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc3_weight: Tensor | None,
-                        fc3_bias: Tensor | None, fc2_weight: Tensor, activation: str, hidden: bool = False) -> Tensor:
+def moe_dense_reference(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc3_weight: Tensor | None,
+    fc3_bias: Tensor | None,
+    fc2_weight: Tensor,
+    activation: str,
+    hidden: bool = False,
+) -> Tensor:
     """Every expert on every token: outputs [..., E, O] (or the activations [..., E, I_e] with `hidden`).
 
     An all-experts computation for fitting routers and for tests, not for serving.
     """
-    h = ACTIVATIONS[activation](torch.einsum("...h,eih->...ei", x, fc1_weight)
-                                + (0 if fc1_bias is None else fc1_bias))
+    h = ACTIVATIONS[activation](torch.einsum("...h,eih->...ei", x, fc1_weight) + (0 if fc1_bias is None else fc1_bias))
     if fc3_weight is not None:
         h = h * (torch.einsum("...h,eih->...ei", x, fc3_weight) + (0 if fc3_bias is None else fc3_bias))
     return h if hidden else torch.einsum("...ei,ehi->...eh", h, fc2_weight)

@@ -92,7 +92,8 @@ def parse_section(cls: type[T], data: Any, where: str) -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     missing = [
-        name for name, f in fields.items()
+        name
+        for name, f in fields.items()
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -110,8 +111,10 @@ def describe_section(cls: type) -> list[tuple[str, str, Any]]:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         )
         out.append((f.name, _type_name(hints[f.name]), default))
     return out

@@ -106,10 +106,12 @@ class Pass:
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
             raise TypeError("pass either an Options instance or keyword options, not both")
-        self.options = options if options is not None else parse_section(self.Options, kwargs, self.name or type(self).__name__)
+        self.options = (
+            options if options is not None else parse_section(self.Options, kwargs, self.name or type(self).__name__)
+        )
 
     @classmethod
-    def from_recipe(cls, options: Any, where: str) -> "Pass":
+    def from_recipe(cls, options: Any, where: str) -> Pass:
         return cls(parse_section(cls.Options, options, where))
 
     def needs_calibration(self) -> bool:
@@ -140,7 +142,7 @@ class Pass:
         default `None` runs it on every entry point on its own. A pass that returns paths implements `replay`."""
         return None
 
-    def replay(self, decisions: Any, shared: list[str]) -> "Pass":
+    def replay(self, decisions: Any, shared: list[str]) -> Pass:
         """A pass that repeats `decisions` (this pass's `PassResult.decisions` in another entry point) on the
         `shared` target paths, so weights shared by entry points are changed the same way in every program;
         targets not in `shared` are decided as usual."""
@@ -242,7 +244,6 @@ class PassRecord:
     seconds: float
 
 
-
 # ----- instruments ----------------------------------------------------------------------------------------
 class PassInstrument:
     """Hooks around every pass the `PassManager` runs (TVM's pass instruments); subclass and override either.
@@ -301,8 +302,11 @@ class QualityInstrument(PassInstrument):
         record.quality = compare_programs(program, self.calibration, self.reference, progress=ctx.progress)
         failures = self.gates.failures(record.quality) if self.gates is not None else []
         if failures:
-            raise QualityError("quality gate failed: " + "; ".join(failures)
-                               + ". Relax the recipe's `quality:` gates or make the pass less aggressive.")
+            raise QualityError(
+                "quality gate failed: "
+                + "; ".join(failures)
+                + ". Relax the recipe's `quality:` gates or make the pass less aggressive."
+            )
 
 
 class VerifyInstrument(PassInstrument):
@@ -334,9 +338,14 @@ class PassManager:
         records = manager.run(program, PassContext(calibration=calib))
     """
 
-    def __init__(self, passes: Iterable[Pass], gates: QualityGates | None = None, verify: bool = True,
-                 prepare: Callable[[Pass, Program], Pass | None] | None = None,
-                 instruments: Iterable[PassInstrument] = ()) -> None:
+    def __init__(
+        self,
+        passes: Iterable[Pass],
+        gates: QualityGates | None = None,
+        verify: bool = True,
+        prepare: Callable[[Pass, Program], Pass | None] | None = None,
+        instruments: Iterable[PassInstrument] = (),
+    ) -> None:
         passes = list(passes)
         self.passes: list[Pass] = sorted(passes, key=lambda p: STAGES.index(p.stage))
         self.gates = gates
@@ -366,8 +375,9 @@ class PassManager:
                 records.append(self._run_one(chosen, program, ctx, instruments, ran))
         return records
 
-    def _run_one(self, p: Pass, program: Program, ctx: PassContext, instruments: list[PassInstrument],
-                 ran: list[str]) -> PassRecord:
+    def _run_one(
+        self, p: Pass, program: Program, ctx: PassContext, instruments: list[PassInstrument], ran: list[str]
+    ) -> PassRecord:
         snapshot = program.snapshot()
         phase = "in"
         try:
@@ -383,7 +393,8 @@ class PassManager:
             if changed:
                 raise VerificationError(
                     f"the pass changed state tensors in place ({changed[:5]}); replace them with "
-                    "program.replace_state(name, new_tensor) instead, so that a failed pass can be undone")
+                    "program.replace_state(name, new_tensor) instead, so that a failed pass can be undone"
+                )
             phase = "after"
             if result.modified:
                 program.recompile()
@@ -415,6 +426,8 @@ def _reraise(exc: Exception, where: str, ran: list[str]) -> NoReturn:
         renamed = type(exc)(message)
         renamed.__dict__.update(exc.__dict__)
     except Exception:  # an exception type whose constructor takes something else: keep it, add a note
+        renamed = None
+    if renamed is None:
         exc.add_note(message)
         raise exc
     raise renamed from exc

@@ -7,11 +7,10 @@ import torch
 from conftest import make_inputs, make_model
 
 import sparsec
+from sparsec.analysis.regions import RegionIndex, region_index
 from sparsec.capture import UnknownFamilyWarning
 from sparsec.errors import SparsecError
-from sparsec.analysis.regions import RegionIndex
 from sparsec.ir.tags import TagRule
-from sparsec.analysis.regions import region_index
 
 aten = torch.ops.aten
 

@@ -165,7 +165,9 @@ def test_where_matching_no_ffn_quotes_the_closest_candidates_reasons():
     with pytest.raises(PassError) as info:
         region_index(program).require_ffns("o_proj", "slice_neurons")
     message = str(info.value)
-    assert message.startswith("slice_neurons: where='o_proj' matches no FFN; FFNs in this model: none. Closest candidates: ")
+    assert message.startswith(
+        "slice_neurons: where='o_proj' matches no FFN; FFNs in this model: none. Closest candidates: "
+    )
     assert "o_proj: not an FFN: the input of " in message and "lies on the way" in message
     (ffn,) = region_index(_capture(_Gated())).require_ffns("**", "slice_neurons")
     assert ffn.kind == "gated"

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from conftest import make_inputs
 from safetensors.torch import save_file
 
-from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
-from sparsec.errors import CalibrationError, SparsecError
-from sparsec.data.quality import Bounds, QualityGates, compare_outputs
 from sparsec.analysis.regions import region_index
+from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
+from sparsec.data.quality import Bounds, QualityGates, compare_outputs
+from sparsec.errors import CalibrationError, SparsecError
 
 
 def test_files_load_and_are_checked(tmp_path):
@@ -85,13 +85,20 @@ def test_gates():
 
 
 def test_gates_per_output_are_bounds_over_the_global_gates():
-    metrics = {"logits": {"cosine": 0.95, "top1": 0.97, "rel_l2": 0.2, "kl": 0.01}, "hidden": {"cosine": 0.9, "rel_l2": 0.3}}
+    metrics = {
+        "logits": {"cosine": 0.95, "top1": 0.97, "rel_l2": 0.2, "kl": 0.01},
+        "hidden": {"cosine": 0.9, "rel_l2": 0.3},
+    }
     gates = QualityGates(min_cosine=0.99, outputs={"hidden": {"cosine": None, "rel_l2": 0.5}, "logits": {"top1": 0.98}})
-    assert gates.bounds().resolve(list(metrics)) == {"logits": {"cosine": 0.99, "top1": 0.98},
-                                                     "hidden": {"rel_l2": 0.5}}
+    assert gates.bounds().resolve(list(metrics)) == {
+        "logits": {"cosine": 0.99, "top1": 0.98},
+        "hidden": {"rel_l2": 0.5},
+    }
     assert gates.failures(metrics) == ["logits: cosine 0.95 < 0.99", "logits: top1 0.97 < 0.98"]
     assert QualityGates(min_cosine=0.99, outputs={"*": {"cosine": 0.9}}).failures(metrics) == []
-    with pytest.raises(SparsecError, match=r"quality.outputs.logitz: matches no output of the program \['logits', 'hidden'\]"):
+    with pytest.raises(
+        SparsecError, match=r"quality.outputs.logitz: matches no output of the program \['logits', 'hidden'\]"
+    ):
         QualityGates(outputs={"logitz": {"top1": 0.9}}).failures(metrics)
 
 
@@ -104,8 +111,9 @@ def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
     (tmp_path / "c.jsonl").write_text('{"text": "the cat sat"}\n{"text": "the dog sat down now"}\n{"text": "x"}\n')
-    calib = load_calibration(tmp_path / "c.jsonl", input_names=["input_ids", "attention_mask"],
-                             tokenizer_dir=tmp_path, samples=2, seq_len=4)
+    calib = load_calibration(
+        tmp_path / "c.jsonl", input_names=["input_ids", "attention_mask"], tokenizer_dir=tmp_path, samples=2, seq_len=4
+    )
     assert calib.inputs["input_ids"].tolist() == [[2, 3, 4, 0], [2, 1, 4, 5]]
     assert calib.inputs["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')

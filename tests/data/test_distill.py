@@ -11,8 +11,9 @@ from sparsec.errors import SparsecError
 
 
 def _calibration():
-    return CalibrationSet({"x": torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(2))}, source="test",
-                          batch_size=4)
+    return CalibrationSet(
+        {"x": torch.randn(8, 3, 8, generator=torch.Generator().manual_seed(2))}, source="test", batch_size=4
+    )
 
 
 def test_distill_recovers_a_shifted_bias_on_copies_of_the_weights():

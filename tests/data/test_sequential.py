@@ -66,8 +66,14 @@ def test_sequential_reference_quality_and_parity_equal_whole_model(captured, nam
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], **EXACT)
     # against a perturbed reference, so the metrics are not trivially perfect
-    noisy = [{k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in ref.items()
-              if v.is_floating_point()} for i, ref in enumerate(reference)]
+    noisy = [
+        {
+            k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+            for k, v in ref.items()
+            if v.is_floating_point()
+        }
+        for i, ref in enumerate(reference)
+    ]
     quality = compare_programs(program, whole, noisy)
     assert quality["logits"]["cosine"] < 1 and compare_programs(program, sequential, noisy) == quality
     options = ParityOptions(samples=4)
@@ -84,4 +90,5 @@ def test_cuts_follow_the_program_and_are_reported(captured):
     assert sequential.head(2).cuts is block_boundaries
     ends = block_boundaries(program)
     assert [n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0] for n in ends] == [
-        f"model.layers.{i}" for i in range(len(ends))]
+        f"model.layers.{i}" for i in range(len(ends))
+    ]

@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import mot_inputs
 
 import sparsec
 from sparsec import testing
-from sparsec.probe import AnalysisError, Probe, Task, _mean_pairwise, task_entry, write_report
-from sparsec.data.calibration import CalibrationSet
 from sparsec.cli import main
+from sparsec.data.calibration import CalibrationSet
 from sparsec.families import entry_points
-from sparsec.models import build_model, builtin_config
 from sparsec.ir.tags import TagRule
-from conftest import mot_inputs
+from sparsec.models import build_model, builtin_config
+from sparsec.probe import AnalysisError, Probe, Task, _mean_pairwise, task_entry, write_report
 
 
 def _set(batches: list[dict]) -> CalibrationSet:
@@ -57,7 +57,9 @@ def test_width_point_equals_hand_sliced_generation_ffns(mot_probe):
     for ffn, kept in plan["kept_neurons"].items():
         # importance as slice_neurons defines it, pooled over both tasks, recomputed with hooks on the eager model
         mlp = model.get_submodule(ffn.path)
-        score = _hooked_mean_abs(model, ffn.path, [t.calibration for t in probe.tasks]) * mlp.down_proj.weight.norm(dim=0)
+        score = _hooked_mean_abs(model, ffn.path, [t.calibration for t in probe.tasks]) * mlp.down_proj.weight.norm(
+            dim=0
+        )
         assert kept.tolist() == score.topk(64).indices.sort().values.tolist()
         ref_mlp = reference.get_submodule(ffn.path)
         for name in ("gate_proj", "up_proj"):
@@ -88,6 +90,7 @@ def test_mot_depth_point_skips_only_the_components_tokens(mot_probe):
             und_rows = torch.zeros(flat.shape[0], 1, dtype=torch.bool)
             und_rows[modality.und] = True
             return torch.where(und_rows, flat, out)
+
         layer.forward = forward
     task = probe.tasks[1]
     for out, batch in zip(probe.outputs(task, plan), task.calibration.batches()):
@@ -135,7 +138,8 @@ def test_errors_before_work(mot_probe):
         Probe([Task("t", plain, calib)], components=["generation"], kinds=["depth"], strict=True)
     lenient = Probe([Task("t", plain, calib)])
     assert {(s["component"], s["kind"]) for s in lenient.skipped} == {
-        (c, k) for c in ("understanding", "generation") for k in ("depth", "width")}
+        (c, k) for c in ("understanding", "generation") for k in ("depth", "width")
+    }
     with pytest.raises(AnalysisError, match="do not match the program's inputs"):
         Probe([Task("t", program, calib)])
     with pytest.raises(AnalysisError, match="unknown component"):
@@ -165,12 +169,42 @@ def test_report_files(tmp_path, mot_probe):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "probe"
-    code = main(["analyze", "--model", "builtin:tiny-mot", "--out", str(out), "--ratios", "0.5", "--samples", "4",
-                 "--seq", "12", "--quiet"])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "builtin:tiny-mot",
+            "--out",
+            str(out),
+            "--ratios",
+            "0.5",
+            "--samples",
+            "4",
+            "--seq",
+            "12",
+            "--quiet",
+        ]
+    )
     assert code == 0 and (out / "analysis.md").is_file()
     assert "no calibration file" in capsys.readouterr().err
-    code = main(["analyze", "--model", "builtin:tiny-qwen2", "--out", str(tmp_path / "x"), "--components", "generation",
-                 "--kinds", "depth", "--samples", "2", "--seq", "8", "--quiet"])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "builtin:tiny-qwen2",
+            "--out",
+            str(tmp_path / "x"),
+            "--components",
+            "generation",
+            "--kinds",
+            "depth",
+            "--samples",
+            "2",
+            "--seq",
+            "8",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "component 'generation' has no blocks" in err and "tags:" in err
     assert not (tmp_path / "x").exists()
@@ -190,8 +224,10 @@ def test_scored_positions(tmp_path, mot_probe):
     result = Probe([task], components=["understanding"], kinds=["width"]).run(ratios=[0.5])
     (row,) = result["sweep"]
     plan = probe.plan(program, "understanding", "width", 0.5, stats[id(program)])
-    agree = [(out["logits"][:, -1].argmax(-1) == program.run(b)["logits"][:, -1].argmax(-1)).float()
-             for out, b in zip(probe.outputs(und, plan), und.calibration.batches())]
+    agree = [
+        (out["logits"][:, -1].argmax(-1) == program.run(b)["logits"][:, -1].argmax(-1)).float()
+        for out, b in zip(probe.outputs(und, plan), und.calibration.batches())
+    ]
     assert row["metrics"]["logits"]["tokens"] == len(und.calibration)
     assert row["value"] == pytest.approx(float(torch.cat(agree).mean()))
 

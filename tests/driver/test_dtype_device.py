@@ -14,8 +14,10 @@ from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
 from sparsec.recipe import Recipe
 
-RECIPE = {"passes": [{"drop_layers": {"layers": [3]}}, {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude"}}],
-          "calibration": {"samples": 4, "seq_len": 12}}
+RECIPE = {
+    "passes": [{"drop_layers": {"layers": [3]}}, {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude"}}],
+    "calibration": {"samples": 4, "seq_len": 12},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,9 @@ def test_bf16_checkpoint_stays_bf16_and_lowers_to_fp32_onnx(tmp_path, bf16_check
 
 
 def test_dtype_option_converts_and_dry_run_reports_it(bf16_checkpoint):
-    report = compile_model(bf16_checkpoint, Recipe.from_dict(RECIPE), None, dry_run=True, progress=False,
-                           dtype="float32")
+    report = compile_model(
+        bf16_checkpoint, Recipe.from_dict(RECIPE), None, dry_run=True, progress=False, dtype="float32"
+    )
     assert report["model"]["dtype"] == "float32"
     recipe = Recipe.from_dict({**RECIPE, "model": {"dtype": "float16"}})
     assert compile_model(bf16_checkpoint, recipe, None, dry_run=True, progress=False)["model"]["dtype"] == "float16"

@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from sparsec.compiler import compile_model
+from sparsec.errors import RecipeError, SparsecError
 from sparsec.families import entry_points
 from sparsec.families.janus import JanusGenerationStep
-from sparsec.errors import RecipeError, SparsecError
-from sparsec.models import build_model, builtin_config
 from sparsec.ir.program import Program
+from sparsec.models import build_model, builtin_config
 from sparsec.recipe import Recipe
 
 LLM = "model.language_model"
@@ -39,9 +39,16 @@ def test_layout_and_skipped_passes(compiled):
     assert sorted(p.name for p in out.iterdir()) == ["generation_step", "report.json", "understanding", "vq_decode"]
     entries = report["entry_points"]
     assert [p["name"] for p in entries["understanding"]["passes"]] == ["slice_neurons", "drop_layers"]
-    assert [p["name"] for p in entries["generation_step"]["passes"]] == ["slice_neurons", "drop_layers", "slice_neurons"]
+    assert [p["name"] for p in entries["generation_step"]["passes"]] == [
+        "slice_neurons",
+        "drop_layers",
+        "slice_neurons",
+    ]
     # the VQ decoder holds none of the targets: every pass skipped, weights untouched
-    assert entries["vq_decode"]["passes"] == [] and set(entries["vq_decode"]["passes_skipped"]) == {"slice_neurons", "drop_layers"}
+    assert entries["vq_decode"]["passes"] == [] and set(entries["vq_decode"]["passes_skipped"]) == {
+        "slice_neurons",
+        "drop_layers",
+    }
     assert entries["vq_decode"]["parameters"]["before"] == entries["vq_decode"]["parameters"]["after"]
 
 
@@ -50,12 +57,18 @@ def test_shared_weights_are_identical_in_both_programs(compiled):
     und = Program.load(out / "understanding" / "program.pt2")
     step = Program.load(out / "generation_step" / "program.pt2")
     shared = sorted(n for n in und.parameter_names() if n.startswith(f"{LLM}.layers."))
-    assert shared == sorted(n for n in step.parameter_names() if n.startswith(f"{LLM}.layers.")) and len(shared) == 3 * 9
+    assert (
+        shared == sorted(n for n in step.parameter_names() if n.startswith(f"{LLM}.layers.")) and len(shared) == 3 * 9
+    )
     for name in shared:
         torch.testing.assert_close(und.state_tensor(name), step.state_tensor(name), rtol=0, atol=0)
-    und_slice, step_slice = (report["entry_points"][e]["passes"][0]["decisions"]["ffns"] for e in ("understanding", "generation_step"))
+    und_slice, step_slice = (
+        report["entry_points"][e]["passes"][0]["decisions"]["ffns"] for e in ("understanding", "generation_step")
+    )
     assert [d["kept_indices"] for d in und_slice] == [d["kept_indices"] for d in step_slice]
-    und_drop, step_drop = (report["entry_points"][e]["passes"][1]["decisions"]["dropped"] for e in ("understanding", "generation_step"))
+    und_drop, step_drop = (
+        report["entry_points"][e]["passes"][1]["decisions"]["dropped"] for e in ("understanding", "generation_step")
+    )
     assert und_drop == step_drop and len(und_drop) == 1
 
 
@@ -76,7 +89,11 @@ def test_generation_step_equals_the_same_edits_by_hand(compiled):
     assert aligner["path"] == "model.generation_aligner"
     kept = torch.tensor(aligner["kept_indices"])
     fc1, fc2 = model.model.generation_aligner.fc1, model.model.generation_aligner.hidden_layers[0]
-    fc1.weight.data, fc1.bias.data, fc2.weight.data = fc1.weight.data[kept], fc1.bias.data[kept], fc2.weight.data[:, kept]
+    fc1.weight.data, fc1.bias.data, fc2.weight.data = (
+        fc1.weight.data[kept],
+        fc1.bias.data[kept],
+        fc2.weight.data[:, kept],
+    )
     step = Program.load(out / "generation_step" / "program.pt2")
     inputs = entry_points(model)["generation_step"].example_inputs(batch=3, seq=5, seed=9)
     with torch.no_grad():
@@ -85,9 +102,15 @@ def test_generation_step_equals_the_same_edits_by_hand(compiled):
 
 
 def test_unshareable_pass_on_shared_weights_is_refused(tmp_path):
-    recipe = Recipe.from_dict({"entry_points": ["understanding", "generation_step"], "quality": {},
-                               "passes": [{"ffn_to_moe": {"experts": 2, "top_k": 2, "router": "similarity",
-                                                          "where": f"{LLM}.layers.0.mlp"}}]})
+    recipe = Recipe.from_dict(
+        {
+            "entry_points": ["understanding", "generation_step"],
+            "quality": {},
+            "passes": [
+                {"ffn_to_moe": {"experts": 2, "top_k": 2, "router": "similarity", "where": f"{LLM}.layers.0.mlp"}}
+            ],
+        }
+    )
     with pytest.raises(SparsecError, match=r"ffn_to_moe: cannot repeat its decisions in another entry point.*restrict"):
         compile_model("builtin:tiny-janus", recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -95,10 +118,14 @@ def test_unshareable_pass_on_shared_weights_is_refused(tmp_path):
 
 def test_bad_entry_points_fail_before_work(tmp_path):
     with pytest.raises(SparsecError, match=r"\['decode'\] are not entry points of this janus model"):
-        compile_model("builtin:tiny-janus", Recipe.from_dict({"entry_points": ["understanding", "decode"]}), tmp_path / "o")
+        compile_model(
+            "builtin:tiny-janus", Recipe.from_dict({"entry_points": ["understanding", "decode"]}), tmp_path / "o"
+        )
     with pytest.raises(SparsecError, match=r"are not entry points of this qwen2 model; it has \['forward'\]"):
         compile_model("builtin:tiny-qwen2", Recipe.from_dict({"entry_points": ["generation_step"]}), tmp_path / "o")
-    with pytest.raises(RecipeError, match=r"calibration.files: entry point\(s\) \['vq_decode'\] are not in entry_points"):
+    with pytest.raises(
+        RecipeError, match=r"calibration.files: entry point\(s\) \['vq_decode'\] are not in entry_points"
+    ):
         Recipe.from_dict(yaml.safe_load("entry_points: [understanding]\ncalibration: {files: {vq_decode: x.npz}}"))
     with pytest.raises(RecipeError, match="entry_points: expected a list of distinct"):
         Recipe.from_dict({"entry_points": ["understanding", "understanding"]})

@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 from conftest import make_inputs, make_model
-from skip_ffn import SkipFfn
 from safetensors.torch import save_file
+from skip_ffn import SkipFfn
 
 from sparsec import testing
 from sparsec.cli import main
 from sparsec.compiler import compile_model
-from sparsec.transform.pass_manager import register_pass
 from sparsec.ir.program import Program
 from sparsec.recipe import Recipe
+from sparsec.transform.pass_manager import register_pass
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,21 @@ def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, 
         "export: {external_data: true}\n"
     )
     out = tmp_path / "out"
-    assert main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--model",
+                str(directory),
+                "--recipe",
+                str(tmp_path / "recipe.yaml"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     (record,) = report["passes"]
     assert record["name"] == "skip_ffn" and record["options"] == {"where": "model.layers.3.mlp"}
@@ -64,7 +78,10 @@ def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, 
     assert report["calibration"]["source"].endswith("calib.safetensors") and report["calibration"]["tokens"] == 115
     assert 0.5 < record["quality"]["logits"]["cosine"] < 1.0
     assert report["parity"]["input_shapes"]["input_ids"] == [6, 20]
-    assert report["export"]["external_data"] == "model.onnx.data" and (out / "model.onnx.data").stat().st_size > 0.95 * 4 * report["parameters"]["after"]
+    assert (
+        report["export"]["external_data"] == "model.onnx.data"
+        and (out / "model.onnx.data").stat().st_size > 0.95 * 4 * report["parameters"]["after"]
+    )
 
     # program.pt2 is a plain torch.export artifact with the rewrite in it
     exported = torch.export.load(out / "program.pt2")
@@ -87,15 +104,35 @@ def test_failing_quality_gate_leaves_no_artifact(tmp_path, model_dir, capsys):
     directory, _ = model_dir
     out = tmp_path / "out"
     (tmp_path / "ok.yaml").write_text("export: {onnx: false}\n")
-    assert main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "ok.yaml"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["compile", "--model", str(directory), "--recipe", str(tmp_path / "ok.yaml"), "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     earlier = (out / "report.json").read_text()
-    (tmp_path / "strict.yaml").write_text("passes: [{skip_ffn: {where: 'model.layers.*.mlp'}}]\nquality: {min_cosine: 0.999}\n")
-    code = main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "strict.yaml"), "--out", str(out), "--quiet"])
+    (tmp_path / "strict.yaml").write_text(
+        "passes: [{skip_ffn: {where: 'model.layers.*.mlp'}}]\nquality: {min_cosine: 0.999}\n"
+    )
+    code = main(
+        ["compile", "--model", str(directory), "--recipe", str(tmp_path / "strict.yaml"), "--out", str(out), "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "after pass 'skip_ffn' (the first pass): quality gate failed" in err
     assert (out / "report.json").read_text() == earlier  # the earlier output is untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
-    code = main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "strict.yaml"), "--out", str(tmp_path / "new"), "--quiet"])
+    code = main(
+        [
+            "compile",
+            "--model",
+            str(directory),
+            "--recipe",
+            str(tmp_path / "strict.yaml"),
+            "--out",
+            str(tmp_path / "new"),
+            "--quiet",
+        ]
+    )
     assert code == 1 and not (tmp_path / "new").exists()
 
 
@@ -103,10 +140,28 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
     directory, model = model_dir
     out = tmp_path / "out"
     (tmp_path / "fp16.yaml").write_text("export: {precision: fp16, parity: {percentiles: [50, 99]}}\n")
-    assert main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "fp16.yaml"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--model",
+                str(directory),
+                "--recipe",
+                str(tmp_path / "fp16.yaml"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     parity = report["parity"]
-    assert parity["precision"] == "fp16" and parity["tolerances"]["logits"] == {"cosine": 0.999, "rel_l2": 0.01, "top1": 0.95}
+    assert parity["precision"] == "fp16" and parity["tolerances"]["logits"] == {
+        "cosine": 0.999,
+        "rel_l2": 0.01,
+        "top1": 0.95,
+    }
     logits = parity["metrics"]["logits"]
     assert 1e-5 < logits["rel_l2"] < 1e-2 and logits["p50_abs"] <= logits["p99_abs"] <= logits["max_abs"]
     assert report["export"]["precision"]["kept_fp32"]["Softmax"] == 4
@@ -116,36 +171,61 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
     testing.assert_onnx_equivalent(out / "model.onnx", model, inputs, output="logits", rtol=0.05, atol=0.01)
     earlier = (out / "report.json").read_text()
 
-    (tmp_path / "strict.yaml").write_text("export: {precision: fp16, parity: {tolerances: {logits: {rel_l2: 1.0e-6}}}}\n")
+    (tmp_path / "strict.yaml").write_text(
+        "export: {precision: fp16, parity: {tolerances: {logits: {rel_l2: 1.0e-6}}}}\n"
+    )
     for target in (out, tmp_path / "new"):
-        code = main(["compile", "--model", str(directory), "--recipe", str(tmp_path / "strict.yaml"), "--out", str(target), "--quiet"])
+        code = main(
+            [
+                "compile",
+                "--model",
+                str(directory),
+                "--recipe",
+                str(tmp_path / "strict.yaml"),
+                "--out",
+                str(target),
+                "--quiet",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 1, err
-        assert "ONNX Runtime (CPUExecutionProvider) (fp16) differs from the PyTorch program beyond the parity tolerances: " \
-               "logits: rel_l2 " in err and "> 1e-06" in err
+        assert (
+            "ONNX Runtime (CPUExecutionProvider) (fp16) differs from the PyTorch program beyond the parity tolerances: "
+            "logits: rel_l2 "
+            in err
+            and "> 1e-06" in err
+        )
     assert (out / "report.json").read_text() == earlier and not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging directory left
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("passes: [{no_such_pass: {}}]", "unknown pass 'no_such_pass'; registered passes:"),
-    ("passes: [{skip_ffn: {where: 3}}]", "passes[0].skip_ffn.where: expected str, got 3"),
-    ("quality: {min_cosine: 1.5}", "quality.min_cosine: must be in [-1, 1], got 1.5"),
-    ("quality: {outputs: {logits: {cos: 0.9}}}", "quality.outputs.logits.cos: unknown metric; bounds name one of"),
-    ("quality: {outputs: {logits: {kl: -1}}}", "quality.outputs.logits.kl: must be >= 0, got -1"),
-    ("capture: {batch: 1}", "capture.batch: must be >= 2"),
-    ("export: {opset: 9}", "export.opset: must be in [17, 23]"),
-    ("export: {parity: {tolerance: 1}}", "export.parity: unknown option(s) ['tolerance']; allowed:"),
-    ("export: {parity: {tolerances: {logits: {cos: 1}}}}", "export.parity.tolerances.logits.cos: unknown metric"),
-    ("export: {precision: int8}", "export.precision: 'int8' is not allowed; choose one of ['fp32', 'fp16', 'bf16']"),
-    ("calibrate: {}", "unknown section(s) ['calibrate']"),
-    ("tags: [{glob: 'x', tag: vision}]", "tags[0].tag: must be one of ['understanding', 'generation', 'shared']"),
-    ("passes: [", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("passes: [{no_such_pass: {}}]", "unknown pass 'no_such_pass'; registered passes:"),
+        ("passes: [{skip_ffn: {where: 3}}]", "passes[0].skip_ffn.where: expected str, got 3"),
+        ("quality: {min_cosine: 1.5}", "quality.min_cosine: must be in [-1, 1], got 1.5"),
+        ("quality: {outputs: {logits: {cos: 0.9}}}", "quality.outputs.logits.cos: unknown metric; bounds name one of"),
+        ("quality: {outputs: {logits: {kl: -1}}}", "quality.outputs.logits.kl: must be >= 0, got -1"),
+        ("capture: {batch: 1}", "capture.batch: must be >= 2"),
+        ("export: {opset: 9}", "export.opset: must be in [17, 23]"),
+        ("export: {parity: {tolerance: 1}}", "export.parity: unknown option(s) ['tolerance']; allowed:"),
+        ("export: {parity: {tolerances: {logits: {cos: 1}}}}", "export.parity.tolerances.logits.cos: unknown metric"),
+        (
+            "export: {precision: int8}",
+            "export.precision: 'int8' is not allowed; choose one of ['fp32', 'fp16', 'bf16']",
+        ),
+        ("calibrate: {}", "unknown section(s) ['calibrate']"),
+        ("tags: [{glob: 'x', tag: vision}]", "tags[0].tag: must be one of ['understanding', 'generation', 'shared']"),
+        ("passes: [", "is not valid YAML"),
+    ],
+)
 def test_bad_recipes_fail_before_any_work(tmp_path, capsys, recipe, message):
     register_pass(SkipFfn)
     (tmp_path / "r.yaml").write_text(recipe)
-    code = main(["compile", "--model", "/nonexistent/model", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")])
+    code = main(
+        ["compile", "--model", "/nonexistent/model", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "o").exists()
@@ -171,7 +251,10 @@ def test_inspect_shows_components_and_tags(capsys):
     assert info["components"]["understanding"]["parameters"] > 0 and info["components"]["shared"]["flops"] > 0
     tags = {r["path"]: r["tag"] for r in info["regions"]}
     assert tags["model.vision_model"] == "understanding" and tags["model.language_model"] == "shared"
-    assert {s["path"] for s in info["block_stacks"]} == {"model.language_model.layers", "model.vision_model.encoder.layers"}
+    assert {s["path"] for s in info["block_stacks"]} == {
+        "model.language_model.layers",
+        "model.vision_model.encoder.layers",
+    }
     assert info["unclassified_blocks"] == [] and all(m["reason"] and m["node"] for m in info["not_ffns"])
     total = sum(c["parameters"] for c in info["components"].values())
     assert total == info["parameters"]
@@ -182,8 +265,17 @@ def test_inspect_shows_components_and_tags(capsys):
     assert "  model.layers.0.self_attn.o_proj: the input of linear_3 is not computed by pointwise ops" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"], ["inspect", "--help"], ["passes", "--help"],
-                                  ["run", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["compile", "--help"],
+        ["inspect", "--help"],
+        ["passes", "--help"],
+        ["run", "--help"],
+        ["bench", "--help"],
+    ],
+)
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -19,8 +19,9 @@ from sparsec.families.mot import MOT_PRESETS, MoTConfig, MoTForCausalLM
 from sparsec.models import build_model, builtin_config, load_model
 from sparsec.recipe import Recipe
 
-WEIGHT_ONLY = {"passes": [{"drop_layers": {"layers": [2]}},
-                          {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude"}}]}
+WEIGHT_ONLY = {
+    "passes": [{"drop_layers": {"layers": [2]}}, {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude"}}]
+}
 
 
 def _checkpoint(tmp_path, kind: str):
@@ -38,8 +39,11 @@ def _checkpoint(tmp_path, kind: str):
 
 def _structure(program):
     ep = program.exported
-    return ([str(n.target) for n in program.graph.nodes], str(ep.graph_signature),
-            {k: (tuple(v.shape), v.dtype) for k, v in {**ep.state_dict, **ep.constants}.items()})
+    return (
+        [str(n.target) for n in program.graph.nodes],
+        str(ep.graph_signature),
+        {k: (tuple(v.shape), v.dtype) for k, v in {**ep.state_dict, **ep.constants}.items()},
+    )
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2-tied", "mot"])
@@ -101,11 +105,14 @@ def test_inspect_of_a_config_only_directory(tmp_path, capsys):
     assert info["flops"] > 0 and info["flops_absent"] is None and info["weights"].startswith("not in memory")
 
 
-@pytest.mark.parametrize("recipe, dry_run, message", [
-    ({"passes": [{"slice_neurons": {"keep_ratio": 0.5}}]}, True, "decide from calibration data"),
-    ({**WEIGHT_ONLY, "quality": {"min_cosine": 0.9}}, True, "quality: gates run the model"),
-    (WEIGHT_ONLY, False, "only --dry-run reads lazily"),
-])
+@pytest.mark.parametrize(
+    "recipe, dry_run, message",
+    [
+        ({"passes": [{"slice_neurons": {"keep_ratio": 0.5}}]}, True, "decide from calibration data"),
+        ({**WEIGHT_ONLY, "quality": {"min_cosine": 0.9}}, True, "quality: gates run the model"),
+        (WEIGHT_ONLY, False, "only --dry-run reads lazily"),
+    ],
+)
 def test_lazy_reading_is_refused_where_the_model_must_run(tmp_path, recipe, dry_run, message):
     with pytest.raises(SparsecError, match=message):
         compile_model(str(tmp_path), Recipe.from_dict(recipe), tmp_path / "out", dry_run=dry_run, lazy=True)

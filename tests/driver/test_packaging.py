@@ -12,14 +12,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("sparsec-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {"sparsec"} <= top and not top & {"passes", "exporters", "tests", "examples"}
-    for required in ("sparsec/__init__.py", "sparsec/passes/__init__.py", "sparsec/exporters/lowering/onnx.py",
-                     "sparsec/exporters/targets/onnxruntime.py", "sparsec/recipes/default.yaml"):
+    for required in (
+        "sparsec/__init__.py",
+        "sparsec/passes/__init__.py",
+        "sparsec/exporters/lowering/onnx.py",
+        "sparsec/exporters/targets/onnxruntime.py",
+        "sparsec/recipes/default.yaml",
+    ):
         assert required in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -15,7 +15,8 @@ def test_compile_with_block_parity_and_without_program_pt2(tmp_path):
     parity = report["parity"]
     assert parity["mode"] == "blocks" and parity["metrics"]["logits"]["cosine"] > 0.9999
     assert [k for k in parity["blocks"]["metrics"] if k.startswith("model.layers.")] == [
-        f"model.layers.{i}" for i in range(4)]
+        f"model.layers.{i}" for i in range(4)
+    ]
     assert all(m["cosine"] > 0.9999 for m in parity["blocks"]["metrics"].values())
 
 

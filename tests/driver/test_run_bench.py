@@ -28,8 +28,21 @@ def test_run_on_a_calibration_file_gives_the_programs_outputs(tmp_path, artifact
     model = make_model("tiny-qwen2")
     inputs = make_inputs(model, 5, 11, seed=3)  # no padding: the summary covers every position
     save_file(inputs, str(tmp_path / "calib.safetensors"))
-    assert main(["run", "--artifact", str(artifact), "--calib", str(tmp_path / "calib.safetensors"),
-                 "--batch-size", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--artifact",
+                str(artifact),
+                "--calib",
+                str(tmp_path / "calib.safetensors"),
+                "--batch-size",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["batches"] == 3 and result["outputs"]["logits"]["shape"] == [5, 11, 256]
     with torch.no_grad():
@@ -48,8 +61,12 @@ def test_synthetic_inputs_follow_the_onnx_inputs(artifact):
 
 
 def test_bench_reports_percentiles_of_real_runs(artifact, capsys):
-    assert main(["bench", "--artifact", str(artifact), "--dims", "batch=2,seq=32", "--warmup", "1", "--runs", "7",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["bench", "--artifact", str(artifact), "--dims", "batch=2,seq=32", "--warmup", "1", "--runs", "7", "--json"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["input_shapes"] == {"input_ids": [2, 32], "attention_mask": [2, 32]}
     assert result["warmup"] == 1 and result["runs"] == 7 and len(result["runs_ms"]) == 7
@@ -60,13 +77,19 @@ def test_bench_reports_percentiles_of_real_runs(artifact, capsys):
     assert "2 timed runs" in text and "p99" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "--dims", "batch=2"], "input 'input_ids' axis 1 is dynamic (seq); give its size with --dims seq=N"),
-    (["run", "--dims", "batch:2"], "--dims 'batch:2': expected NAME=N"),
-    (["bench", "--runs", "0"], "--runs >= 1"),
-    pytest.param(["run", "--target", "tensorrt"], "--target tensorrt needs TensorRT",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed")),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--dims", "batch=2"], "input 'input_ids' axis 1 is dynamic (seq); give its size with --dims seq=N"),
+        (["run", "--dims", "batch:2"], "--dims 'batch:2': expected NAME=N"),
+        (["bench", "--runs", "0"], "--runs >= 1"),
+        pytest.param(
+            ["run", "--target", "tensorrt"],
+            "--target tensorrt needs TensorRT",
+            marks=pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed"),
+        ),
+    ],
+)
 def test_errors(artifact, capsys, argv, message):
     assert main([argv[0], "--artifact", str(artifact), *argv[1:]]) == 2
     assert message in capsys.readouterr().err
@@ -86,8 +109,24 @@ def test_the_engines_benchmark_runs_on_the_cpu_target(tmp_path):
 
     script = Path(__file__).parents[2] / "bench" / "engines.py"
     out = tmp_path / "engines.json"
-    done = subprocess.run([sys.executable, str(script), "--targets", "onnxruntime", "--precision", "fp32", "--quick",
-                           "--variants", "dense,slice-50", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--targets",
+            "onnxruntime",
+            "--precision",
+            "fp32",
+            "--quick",
+            "--variants",
+            "dense,slice-50",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| onnxruntime | slice-50 |" in done.stdout
     results = json.loads(out.read_text())["results"]["onnxruntime"]
@@ -97,6 +136,7 @@ def test_the_engines_benchmark_runs_on_the_cpu_target(tmp_path):
     assert dense["calls"] == sliced["calls"] == 4 and 0 < dense["p50_ms"] <= dense["p90_ms"]
 
     if importlib.util.find_spec("tensorrt") is None:  # a GPU target that cannot run stops before any work
-        done = subprocess.run([sys.executable, str(script), "--targets", "tensorrt"], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), "--targets", "tensorrt"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 1 and "--target tensorrt needs TensorRT" in done.stderr

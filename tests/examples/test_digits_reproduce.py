@@ -15,9 +15,18 @@ import testbed as tb  # noqa: E402
 from sparsec.models import load_model  # noqa: E402
 from sparsec.ops.moe import moe_forward  # noqa: E402, F401  (registers torch.ops.sparsec.moe)
 
-EXPECTED = ["dense", "gen slice 0.5", "gen slice 0.5 + fine-tune", "gen MoE 8/16", "gen MoE 8/16 + router adapt",
-            "gen MoE 8/16 + full adapt", "gen MoE shared + 4/12 + full adapt", "und slice 0.5",
-            "gen slice 0.25 + fine-tune", "gen MoE 4/16 + full adapt"]
+EXPECTED = [
+    "dense",
+    "gen slice 0.5",
+    "gen slice 0.5 + fine-tune",
+    "gen MoE 8/16",
+    "gen MoE 8/16 + router adapt",
+    "gen MoE 8/16 + full adapt",
+    "gen MoE shared + 4/12 + full adapt",
+    "und slice 0.5",
+    "gen slice 0.25 + fine-tune",
+    "gen MoE 4/16 + full adapt",
+]
 SWEEP = [(c, k) for c in ("understanding", "generation") for k in ("depth", "width")]
 
 
@@ -35,8 +44,11 @@ def loaded():
 
 def _rows(table: str, header: str) -> list[list[str]]:
     section = table.split(header, 1)[1].split("\n## ", 1)[0]
-    return [line.strip("| ").split(" | ") for line in section.splitlines()
-            if line.startswith("| ") and not line.startswith(("| variant", "| compress"))]
+    return [
+        line.strip("| ").split(" | ")
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith(("| variant", "| compress"))
+    ]
 
 
 def test_writes_the_four_files_and_nothing_else(run):
@@ -52,7 +64,9 @@ def test_writes_the_four_files_and_nothing_else(run):
 
 def test_variants_structure_and_widths(run):
     _, summary = run
-    assert summary["settings"]["quick"] and summary["settings"]["per_label"] == 5 and summary["settings"]["seeds"] == [0]
+    assert (
+        summary["settings"]["quick"] and summary["settings"]["per_label"] == 5 and summary["settings"]["seeds"] == [0]
+    )
     results = {r["name"]: r for r in summary["variants"]}
     assert list(results) == EXPECTED
     width = summary["settings"]["dense_ffn_width"]
@@ -74,13 +88,22 @@ def test_variants_structure_and_widths(run):
         assert seed["seed"] == 0 and len(seed["per_label_accuracy"]) == tb.NUM_LABELS
         assert r["judge_accuracy"] == seed["judge_accuracy"] and r["frechet_distance"] == seed["frechet_distance"]
         assert r["retained_generation"] == pytest.approx(r["judge_accuracy"] / results["dense"]["judge_accuracy"])
-    for name in ("gen MoE 8/16", "gen MoE 8/16 + router adapt", "gen MoE 8/16 + full adapt",
-                 "gen MoE shared + 4/12 + full adapt"):
+    for name in (
+        "gen MoE 8/16",
+        "gen MoE 8/16 + router adapt",
+        "gen MoE 8/16 + full adapt",
+        "gen MoE shared + 4/12 + full adapt",
+    ):
         assert results[name]["stats"]["active_fraction"] == 0.5 and len(results[name]["routers"]) == 4
     assert results["gen MoE 8/16"].get("adaptation") is None
     assert results["gen MoE 4/16 + full adapt"]["stats"]["active_fraction"] == 0.25
-    for name in ("gen MoE 8/16 + full adapt", "gen MoE shared + 4/12 + full adapt", "gen slice 0.5 + fine-tune",
-                 "gen slice 0.25 + fine-tune", "gen MoE 4/16 + full adapt"):
+    for name in (
+        "gen MoE 8/16 + full adapt",
+        "gen MoE shared + 4/12 + full adapt",
+        "gen slice 0.5 + fine-tune",
+        "gen slice 0.25 + fine-tune",
+        "gen MoE 4/16 + full adapt",
+    ):
         assert results[name]["adaptation"]["steps"] == summary["settings"]["adapt_steps"]
     tuned = results["gen slice 0.5 + fine-tune"]["adaptation"]
     assert tuned["loss_after"] < tuned["loss_before"]  # the distillation trained the sliced FFNs
@@ -141,8 +164,12 @@ def test_moe_backward_with_no_tokens_routed():
     """A MoT batch without generation tokens gives the generation MoE zero tokens: backward must still run."""
     torch.manual_seed(0)
     experts, size, hidden = 4, 3, 5
-    params = [torch.randn(experts, hidden, requires_grad=True), torch.randn(experts, size, hidden, requires_grad=True),
-              torch.randn(experts, size, hidden, requires_grad=True), torch.randn(experts, hidden, size, requires_grad=True)]
+    params = [
+        torch.randn(experts, hidden, requires_grad=True),
+        torch.randn(experts, size, hidden, requires_grad=True),
+        torch.randn(experts, size, hidden, requires_grad=True),
+        torch.randn(experts, hidden, size, requires_grad=True),
+    ]
     router, fc1, fc3, fc2 = params
     for tokens in (0, 2):
         x = torch.randn(tokens, hidden, requires_grad=True)

@@ -35,10 +35,13 @@ def test_example_recipe_runs(recipe, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, passes_run", [
-    ("janus_entry_points.yaml", {"understanding": 2, "generation_step": 3, "vq_decode": 0}),
-    ("qwenimage_mmdit.yaml", {None: 2}),
-])
+@pytest.mark.parametrize(
+    "name, passes_run",
+    [
+        ("janus_entry_points.yaml", {"understanding": 2, "generation_step": 3, "vq_decode": 0}),
+        ("qwenimage_mmdit.yaml", {None: 2}),
+    ],
+)
 def test_example_compiles_to_onnx_with_parity(name, passes_run, tmp_path):
     """Each program's ONNX file agrees with its PyTorch program (the compile's parity check, cosine > 0.9999)."""
     recipe = ROOT / "examples" / name
@@ -63,8 +66,19 @@ def test_custom_pass_package_installs_and_registers_by_entry_point(tmp_path):
     """`pip install examples/custom_pass` (into a target directory here) makes `skip_ffn` a pass name."""
     source, target = tmp_path / "custom_pass", tmp_path / "site"
     shutil.copytree(CUSTOM_PASS, source, ignore=shutil.ignore_patterns("__pycache__"))  # pip builds in the source tree
-    installed = _run("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-                     str(source), env=os.environ.copy(), cwd=tmp_path)
+    installed = _run(
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        str(source),
+        env=os.environ.copy(),
+        cwd=tmp_path,
+    )
     assert installed.returncode == 0, installed.stderr
     assert sorted(p.name for p in target.glob("sparsec_skip_ffn-*.dist-info"))  # installed as a distribution
 
@@ -74,8 +88,18 @@ def test_custom_pass_package_installs_and_registers_by_entry_point(tmp_path):
     assert "skip_ffn" in listed.stdout
 
     out = tmp_path / "out"
-    compiled = _run("-m", "sparsec.cli", "compile", "--recipe", str(CUSTOM_PASS / "recipe.yaml"), "--out", str(out),
-                    "--quiet", env=env, cwd=tmp_path)
+    compiled = _run(
+        "-m",
+        "sparsec.cli",
+        "compile",
+        "--recipe",
+        str(CUSTOM_PASS / "recipe.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+        env=env,
+        cwd=tmp_path,
+    )
     assert compiled.returncode == 0, compiled.stderr
     (record,) = json.loads((out / "report.json").read_text())["passes"]
     assert record["name"] == "skip_ffn" and record["decisions"] == {"skipped": ["model.layers.3.mlp"]}

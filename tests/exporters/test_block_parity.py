@@ -29,8 +29,9 @@ def exported(tmp_path_factory):
 
 
 def parity(program, path, calibration, mode, **kwargs):
-    return ort_target.check_parity(ProgramReference(program, calibration, 4), path,
-                                   options=ParityOptions(mode=mode), **kwargs)
+    return ort_target.check_parity(
+        ProgramReference(program, calibration, 4), path, options=ParityOptions(mode=mode), **kwargs
+    )
 
 
 def test_the_file_lists_the_segments_and_keeps_only_the_real_outputs(exported):
@@ -47,8 +48,15 @@ def test_block_parity_agrees_with_whole_parity(exported):
     whole = parity(program, path, calibration, "whole")
     blocks = parity(program, path, calibration, "blocks")
     assert (whole["mode"], blocks["mode"]) == ("whole", "blocks")
-    assert list(blocks["blocks"]["metrics"]) == ["stem:embedding", "stem:to_5", "stem:to_6", "model.layers.0",
-                                                 "model.layers.1", "model.layers.2", "model.layers.3"]
+    assert list(blocks["blocks"]["metrics"]) == [
+        "stem:embedding",
+        "stem:to_5",
+        "stem:to_6",
+        "model.layers.0",
+        "model.layers.1",
+        "model.layers.2",
+        "model.layers.3",
+    ]
     for name, metrics in blocks["blocks"]["metrics"].items():
         assert metrics["cosine"] > 0.99999 and metrics["rel_l2"] < 1e-5, name
     head, full = blocks["metrics"]["logits"], whole["metrics"]["logits"]
@@ -60,8 +68,15 @@ def test_block_parity_names_a_corrupted_block(exported, tmp_path):
     program, path, calibration = exported
     model = onnx.load(str(path))
     initializers = {i.name: i for i in model.graph.initializer}
-    down = next(n for n in model.graph.node if n.op_type == "MatMul" and any(
-        p.key == "pkg.torch.onnx.name_scopes" and "model.layers.2.mlp.down_proj" in p.value for p in n.metadata_props))
+    down = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and any(
+            p.key == "pkg.torch.onnx.name_scopes" and "model.layers.2.mlp.down_proj" in p.value
+            for p in n.metadata_props
+        )
+    )
     weight = next(initializers[i] for i in down.input if i in initializers)
     assert sum(weight.name in n.input for n in model.graph.node) == 1
     values = onnx.numpy_helper.to_array(weight)
@@ -70,7 +85,11 @@ def test_block_parity_names_a_corrupted_block(exported, tmp_path):
     onnx.save(model, str(corrupted))
     with pytest.raises(QualityError, match=r"checked block by block: model\.layers\.2: cosine") as err:
         parity(program, corrupted, calibration, "blocks")
-    assert "model.layers.1" not in str(err.value) and "model.layers.3" not in str(err.value) and "head" not in str(err.value)
+    assert (
+        "model.layers.1" not in str(err.value)
+        and "model.layers.3" not in str(err.value)
+        and "head" not in str(err.value)
+    )
 
 
 def test_the_program_is_released_before_the_session_opens(exported):

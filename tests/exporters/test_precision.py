@@ -8,17 +8,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import MoeOpModule, random_moe_weights, make_inputs, make_model
+from conftest import MoeOpModule, make_inputs, make_model, random_moe_weights
 from onnx.reference import ReferenceEvaluator
 
 import sparsec
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
+from sparsec.data.parity import ParityOptions, check_parity
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import onnxruntime as ort_backend
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.exporters.lowering.precision import convert_precision
-from sparsec.data.parity import ParityOptions, check_parity
+from sparsec.exporters.targets import onnxruntime as ort_backend
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,19 @@ def exported(tmp_path_factory):
     testing.apply_pass(moe, "ffn_to_moe", experts=4, top_k=2, calibration=calib)
     export_onnx(moe, root / "moe.onnx")
     export_onnx(moe, root / "moe_contrib.onnx", moe_lowering="contrib")
-    return {"dense": dense, "moe": moe, "moe_contrib": moe}, model, {n: root / f"{n}.onnx" for n in ("dense", "moe", "moe_contrib")}
+    return (
+        {"dense": dense, "moe": moe, "moe_contrib": moe},
+        model,
+        {n: root / f"{n}.onnx" for n in ("dense", "moe", "moe_contrib")},
+    )
 
 
 def _types(path) -> dict[str, int]:
     """Element type of every value, from strict type inference on the file."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)
+    }
     types.update({i.name: i.data_type for i in model.graph.initializer})
     return types
 
@@ -81,7 +87,9 @@ def test_fp16_keeps_sensitive_ops_fp32_and_matches_pytorch_in_onnx_runtime(tmp_p
     graph = onnx.load(str(out)).graph
 
     assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [
-        ("input_ids", onnx.TensorProto.INT64), ("attention_mask", onnx.TensorProto.INT64)]
+        ("input_ids", onnx.TensorProto.INT64),
+        ("attention_mask", onnx.TensorProto.INT64),
+    ]
     assert [(o.name, o.type.tensor_type.elem_type) for o in graph.output] == [("logits", FLOAT)]
     for op in ("Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Cos", "Sin", "TopK"):
         for node in _nodes(out, op):
@@ -113,8 +121,12 @@ def test_fp16_keeps_sensitive_ops_fp32_and_matches_pytorch_in_onnx_runtime(tmp_p
     inputs = _other_shape_inputs(model)
     program = programs[name]
     got = ort_backend.run(ort_backend.session(out), inputs)
-    parity = check_parity([(program.run(inputs), got, CalibrationSet.valid_mask(inputs))], backend="ORT fp16",
-                          precision="fp16", options=ParityOptions(percentiles=[99]))
+    parity = check_parity(
+        [(program.run(inputs), got, CalibrationSet.valid_mask(inputs))],
+        backend="ORT fp16",
+        precision="fp16",
+        options=ParityOptions(percentiles=[99]),
+    )
     metrics = parity["metrics"]["logits"]
     assert metrics["rel_l2"] > 1e-5  # it does compute in FP16 (an FP32 run is ~3e-7)
     assert got["logits"].dtype == torch.float32
@@ -133,13 +145,21 @@ def test_bf16_matches_pytorch_in_the_reference_evaluator(tmp_path, exported):
     assert logits.dtype == np.float32
     mask = CalibrationSet.valid_mask(inputs)
     ref = programs["dense"].run(inputs)
-    parity = check_parity([(ref, {"logits": torch.from_numpy(logits)}, mask)], backend="reference bf16",
-                          precision="bf16", options=ParityOptions())
+    parity = check_parity(
+        [(ref, {"logits": torch.from_numpy(logits)}, mask)],
+        backend="reference bf16",
+        precision="bf16",
+        options=ParityOptions(),
+    )
     fp16 = tmp_path / "fp16.onnx"
     convert_precision(paths["dense"], fp16, "fp16")
     (logits16,) = ReferenceEvaluator(str(fp16)).run(None, feed)
-    fp16_metrics = check_parity([(ref, {"logits": torch.from_numpy(logits16)}, mask)], backend="reference fp16",
-                                precision="fp16", options=ParityOptions())["metrics"]["logits"]
+    fp16_metrics = check_parity(
+        [(ref, {"logits": torch.from_numpy(logits16)}, mask)],
+        backend="reference fp16",
+        precision="fp16",
+        options=ParityOptions(),
+    )["metrics"]["logits"]
     assert parity["metrics"]["logits"]["rel_l2"] > 3 * fp16_metrics["rel_l2"]  # 8 mantissa bits against 11
 
 
@@ -157,7 +177,9 @@ def test_external_data_and_fp32_copy(tmp_path, exported):
     again = tmp_path / "again.onnx"
     convert_precision(out, again, "fp16")
     assert (tmp_path / "again.onnx.data").exists()
-    torch.testing.assert_close(ort_backend.run(ort_backend.session(again), inputs)["logits"], external, rtol=0, atol=2e-3)
+    torch.testing.assert_close(
+        ort_backend.run(ort_backend.session(again), inputs)["logits"], external, rtol=0, atol=2e-3
+    )
     copy = tmp_path / "copy.onnx"
     assert convert_precision(paths["dense"], copy, "fp32")["converted_nodes"] == 0
     testing.assert_onnx_equivalent(copy, programs["dense"], inputs, output="logits")
@@ -177,9 +199,12 @@ def test_refuses_what_it_cannot_convert(tmp_path):
     y = onnx.helper.make_tensor_value_info("y", FLOAT, [2])
     branch = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "b", [], [y])
     cond = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
-                                   "g", [cond, x], [y])
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(tmp_path / "if.onnx"))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], "g", [cond, x], [y]
+    )
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(tmp_path / "if.onnx")
+    )
     with pytest.raises(SparsecError, match=r"does not handle subgraphs .*\['If'\]"):
         convert_precision(tmp_path / "if.onnx", tmp_path / "out.onnx", "fp16")
     with pytest.raises(SparsecError, match="precision 'int8': choose fp32, fp16 or bf16"):
@@ -188,21 +213,32 @@ def test_refuses_what_it_cannot_convert(tmp_path):
 
 
 @pytest.mark.parametrize("lowering", ["contrib", "standard", "standard_for_tensorrt"])
-@pytest.mark.parametrize("activation,gated,gating", [
-    ("silu", True, "unit"), ("silu", True, "softmax"), ("relu", False, "renormalized"),
-    ("gelu_tanh", False, "unit"), ("gelu", False, "softmax"),
-])
+@pytest.mark.parametrize(
+    "activation,gated,gating",
+    [
+        ("silu", True, "unit"),
+        ("silu", True, "softmax"),
+        ("relu", False, "renormalized"),
+        ("gelu_tanh", False, "unit"),
+        ("gelu", False, "softmax"),
+    ],
+)
 def test_fp16_moe_lowerings_with_biases_match_the_op(tmp_path, lowering, activation, gated, gating):
 
     torch.manual_seed(0)
     module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
     for_tensorrt = lowering == "standard_for_tensorrt"
-    export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,
-                scatter_reduction=not for_tensorrt)
+    export_onnx(
+        program,
+        tmp_path / "moe.onnx",
+        moe_lowering="standard" if for_tensorrt else lowering,
+        scatter_reduction=not for_tensorrt,
+    )
     convert_precision(tmp_path / "moe.onnx", tmp_path / "moe16.onnx", "fp16")
     assert _router_matmuls(tmp_path / "moe16.onnx") and all(
-        _types(tmp_path / "moe16.onnx")[n.output[0]] == FLOAT for n in _nodes(tmp_path / "moe16.onnx", "TopK"))
+        _types(tmp_path / "moe16.onnx")[n.output[0]] == FLOAT for n in _nodes(tmp_path / "moe16.onnx", "TopK")
+    )
     x = {"x": torch.randn(3, 5, 16)}
     got = ort_backend.run(ort_backend.session(tmp_path / "moe16.onnx"), x)
     report = check_parity([(program.run(x), got, None)], backend="ORT", precision="fp16", options=ParityOptions())

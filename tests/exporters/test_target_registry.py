@@ -14,8 +14,14 @@ from conftest import make_inputs, make_model
 from sparsec.cli import build_parser
 from sparsec.compiler import check_target, compile_model
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import (Target, available_targets, get_target, onnxruntime, register_target,
-                                       unregister_target)
+from sparsec.exporters.targets import (
+    Target,
+    available_targets,
+    get_target,
+    onnxruntime,
+    register_target,
+    unregister_target,
+)
 from sparsec.recipe import Recipe
 from sparsec.runner import load_artifact
 
@@ -50,8 +56,7 @@ class OnnxFile(Target):
         return lambda inputs: onnxruntime.run(session, inputs)
 
     def parity(self, reference, directory, options, precision):
-        return onnxruntime.check_parity(reference, directory / "model.onnx", options=options,
-                                        precision=precision)
+        return onnxruntime.check_parity(reference, directory / "model.onnx", options=options, precision=precision)
 
 
 @pytest.fixture
@@ -132,7 +137,8 @@ def test_register_target_rejects_incomplete_targets():
 def _installed_package(site: Path, module: str, entry_points: str) -> None:
     """A package as pip leaves it in a site directory: its module and a dist-info with entry points."""
     site.mkdir()
-    (site / f"{module}.py").write_text(textwrap.dedent("""
+    (site / f"{module}.py").write_text(
+        textwrap.dedent("""
         from sparsec.exporters.targets import Target, onnxruntime
 
 
@@ -147,7 +153,8 @@ def _installed_package(site: Path, module: str, entry_points: str) -> None:
             def parity(self, reference, directory, options, precision):
                 return onnxruntime.check_parity(reference, directory / "model.onnx", options=options,
                                                 precision=precision)
-    """))
+    """)
+    )
     info = site / f"{module}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
@@ -203,4 +210,7 @@ def test_path_options_of_a_target_section_are_relative_to_the_recipe(tmp_path):
     assert options.timing_cache == str(tmp_path / "caches" / "trt.cache") and options.workspace_mib == 512
     (tmp_path / "absolute.yaml").write_text("export: {tensorrt: {timing_cache: /var/cache/trt.cache}}\n")
     assert Recipe.load(tmp_path / "absolute.yaml").export.tensorrt.timing_cache == "/var/cache/trt.cache"
-    assert Recipe.from_dict({"export": {"tensorrt": {"timing_cache": "trt.cache"}}}).export.tensorrt.timing_cache == "trt.cache"
+    assert (
+        Recipe.from_dict({"export": {"tensorrt": {"timing_cache": "trt.cache"}}}).export.tensorrt.timing_cache
+        == "trt.cache"
+    )

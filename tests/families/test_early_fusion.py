@@ -5,26 +5,33 @@ import copy
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
-from conftest import slice_by_hand
+from conftest import make_inputs, make_model, slice_by_hand
 
 import sparsec
 from sparsec import testing
-from sparsec.data.calibration import CalibrationSet
-from sparsec.exporters.lowering.onnx import export_onnx
-from sparsec.data.quality import compare_outputs
 from sparsec.analysis.regions import region_index
+from sparsec.data.calibration import CalibrationSet
+from sparsec.data.quality import compare_outputs
+from sparsec.exporters.lowering.onnx import export_onnx
 
 NAMES = ("tiny-chameleon", "tiny-emu3")
 STACKS = {"tiny-chameleon": "model.layers", "tiny-emu3": "model.text_model.layers"}
 # VQ model module paths -> default tag. Chameleon's VQ model in transformers has no decoder (post_quant_conv has
 # no consumer); Emu3's codebook (quantize) serves both encode and decode.
 VQ_TAGS = {
-    "tiny-chameleon": {"model.vqmodel.encoder": "understanding", "model.vqmodel.quant_conv": "understanding",
-                       "model.vqmodel.quantize": "understanding", "model.vqmodel.post_quant_conv": "generation"},
-    "tiny-emu3": {"model.vqmodel.encoder": "understanding", "model.vqmodel.quant_conv": "understanding",
-                  "model.vqmodel.quantize": "shared", "model.vqmodel.decoder": "generation",
-                  "model.vqmodel.post_quant_conv": "generation"},
+    "tiny-chameleon": {
+        "model.vqmodel.encoder": "understanding",
+        "model.vqmodel.quant_conv": "understanding",
+        "model.vqmodel.quantize": "understanding",
+        "model.vqmodel.post_quant_conv": "generation",
+    },
+    "tiny-emu3": {
+        "model.vqmodel.encoder": "understanding",
+        "model.vqmodel.quant_conv": "understanding",
+        "model.vqmodel.quantize": "shared",
+        "model.vqmodel.decoder": "generation",
+        "model.vqmodel.post_quant_conv": "generation",
+    },
 }
 LOWEST = torch.finfo(torch.float32).min
 
@@ -110,7 +117,9 @@ def test_drop_layers_equals_hf_model_without_those_layers(tmp_path, name):
     kept = torch.nn.ModuleList([layers[0], layers[2]])
     for index, layer in enumerate(kept):  # KV-cache slots follow the new numbering
         layer.self_attn.layer_idx = index
-    assert record.parameters_before - record.parameters_after == sum(p.numel() for i in (1, 3) for p in layers[i].parameters())
+    assert record.parameters_before - record.parameters_after == sum(
+        p.numel() for i in (1, 3) for p in layers[i].parameters()
+    )
     parent, _, attr = stack.rpartition(".")
     setattr(reference.get_submodule(parent), attr, kept)
     reference.get_submodule(parent).config.num_hidden_layers = 2  # Emu3 runs layers[:num_hidden_layers]
@@ -133,9 +142,14 @@ def test_drop_attention_sublayers_takes_the_qk_norms(name):
     stack = STACKS[name]
     before = testing.parameter_names(program)
     testing.apply_pass(program, "drop_layers", layers=[0, 2], kind="attn")
-    testing.assert_parameters_removed(before, program, [f"{stack}.{i}.{m}.**" for i in (0, 2) for m in ("self_attn", "input_layernorm")])
+    testing.assert_parameters_removed(
+        before, program, [f"{stack}.{i}.{m}.**" for i in (0, 2) for m in ("self_attn", "input_layernorm")]
+    )
     if name == "tiny-chameleon":
-        assert f"{stack}.0.self_attn.q_norm.weight" in before and f"{stack}.1.self_attn.k_norm.bias" in program.parameter_names()
+        assert (
+            f"{stack}.0.self_attn.q_norm.weight" in before
+            and f"{stack}.1.self_attn.k_norm.bias" in program.parameter_names()
+        )
     for i in (0, 2):
         model.get_submodule(stack)[i].self_attn = ZeroAttention()
     testing.assert_equivalent(program, model, make_inputs(model, 2, 9, seed=1, pad_left=2), rtol=1e-5, atol=1e-5)
@@ -157,13 +171,20 @@ def test_slice_neurons_equals_hand_sliced_hf_model(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_ffn_to_moe_with_every_expert_active_equals_dense(name):
     model, program = _capture(name)
-    record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, router="similarity",  # no fitting: k == E
-                                calibration=_calibration(model))
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=4,
+        top_k=4,
+        router="similarity",  # no fitting: k == E
+        calibration=_calibration(model),
+    )
     ffns = record.decisions["ffns"]
     assert len(ffns) == 4 and all(d["exactness_rel_l2"] < 1e-5 for d in ffns)
     assert len(program.graph.find_nodes(op="call_function", target=torch.ops.sparsec.moe.default)) == 4
-    testing.assert_equivalent(program, model, make_inputs(model, 3, 11, seed=4, pad_left=2), output="logits",
-                              rtol=1e-4, atol=1e-5)
+    testing.assert_equivalent(
+        program, model, make_inputs(model, 3, 11, seed=4, pad_left=2), output="logits", rtol=1e-4, atol=1e-5
+    )
 
 
 def test_quality_metrics_leave_out_banned_logits(captured):

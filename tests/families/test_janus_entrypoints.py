@@ -9,13 +9,13 @@ from transformers import DynamicCache
 
 import sparsec
 from sparsec import testing
+from sparsec.analysis.inspection import inspect_program
+from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet
+from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.families import entry_points
 from sparsec.families.janus import JANUS, JanusGenerationStep
-from sparsec.exporters.lowering.onnx import export_onnx
-from sparsec.analysis.inspection import inspect_program
 from sparsec.models import build_model, builtin_config
-from sparsec.analysis.regions import region_index
 
 MOE = torch.ops.sparsec.moe.default
 BOS, BOI, PAD = 1, 3, 0
@@ -102,13 +102,21 @@ def test_step_program_reproduces_generate_tokens_and_scores(janus, step_program)
     """All 16 greedy CFG steps of generate(generation_mode="image") from one program call (teacher forcing):
     its logits, mixed as CFG mixes them, pick generate's tokens; the last position is generate's last scores."""
     ids, mask = prompts(2, 6, seed=3, pad_left=2)
-    out = janus.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False, guidance_scale=GUIDANCE,
-                         return_dict_in_generate=True, output_scores=True)
+    out = janus.generate(
+        ids,
+        attention_mask=mask,
+        generation_mode="image",
+        do_sample=False,
+        guidance_scale=GUIDANCE,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     tokens = out.sequences
     assert tokens.shape == (2, 16) and len(set(tokens.flatten().tolist())) > 3
     both_ids, both_mask = with_unconditional(ids, mask)
-    logits = step_program.run({"input_ids": both_ids, "attention_mask": both_mask,
-                               "image_ids": tokens[:, :-1].repeat(2, 1)})["logits"]
+    logits = step_program.run(
+        {"input_ids": both_ids, "attention_mask": both_mask, "image_ids": tokens[:, :-1].repeat(2, 1)}
+    )["logits"]
     assert logits.shape == (4, 16, 64)
     cond, uncond = logits.split(2)
     assert torch.equal((uncond + (cond - uncond) * GUIDANCE).argmax(-1), tokens)
@@ -124,8 +132,9 @@ def kv_cache_steps(janus, ids, mask, image_ids):
     scores = []
     with torch.no_grad():
         for i in range(image_ids.shape[1] + 1):
-            hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
-                                          use_cache=True).last_hidden_state
+            hidden = model.language_model(
+                inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True
+            ).last_hidden_state
             scores.append(model.generation_head(hidden[:, -1]))
             if i < image_ids.shape[1]:
                 embeds = janus.prepare_embeddings_for_image_generation(image_ids[:, i : i + 1])
@@ -161,7 +170,9 @@ def test_component_tags(janus, step_program, vq_program, entries):
     step_info = inspect_program(step_program, entries["generation_step"].example_inputs(2, 8))
     generation_params = sum(p.numel() for m in GENERATION_MODULES for p in janus.get_submodule(m).parameters())
     assert step_info["components"]["generation"]["parameters"] == generation_params
-    assert step_info["components"]["shared"]["parameters"] == sum(p.numel() for p in janus.model.language_model.parameters())
+    assert step_info["components"]["shared"]["parameters"] == sum(
+        p.numel() for p in janus.model.language_model.parameters()
+    )
     assert step_info["components"]["understanding"] == {"parameters": 0, "flops": 0}
 
     vq_tags = {p: t for p, t in region_index(vq_program).tags().items() if p.startswith("model.")}
@@ -169,8 +180,6 @@ def test_component_tags(janus, step_program, vq_program, entries):
     vq_info = inspect_program(vq_program, entries["vq_decode"].example_inputs(2))
     assert vq_info["components"]["generation"]["parameters"] == vq_program.num_parameters() > 0
     assert vq_info["components"]["generation"]["flops"] == vq_info["flops"] > 0
-
-
 
 
 def _up_down(module):
@@ -214,19 +223,30 @@ def slice_by_hand(model, kept):
 def test_slice_neurons_on_generation_and_language_ffns(janus, entries):
     program = entries["generation_step"].capture(batch=2, seq=8)
     ffns = {f.path: f.kind for f in region_index(program).ffns()}
-    assert ffns == {"model.generation_aligner": "plain", "model.generation_head": "plain",
-                    **{f"model.language_model.layers.{i}.mlp": "gated" for i in range(4)}}
-    generation = testing.apply_pass(program, "slice_neurons", keep=24, where="model.generation_*", importance="magnitude")
-    language = testing.apply_pass(program, "slice_neurons", keep=48, where="model.language_model.**", importance="magnitude")
+    assert ffns == {
+        "model.generation_aligner": "plain",
+        "model.generation_head": "plain",
+        **{f"model.language_model.layers.{i}.mlp": "gated" for i in range(4)},
+    }
+    generation = testing.apply_pass(
+        program, "slice_neurons", keep=24, where="model.generation_*", importance="magnitude"
+    )
+    language = testing.apply_pass(
+        program, "slice_neurons", keep=48, where="model.language_model.**", importance="magnitude"
+    )
     kept = {d["path"]: d["kept_indices"] for r in (generation, language) for d in r.decisions["ffns"]}
     assert set(kept) == set(ffns)
     for path, idx in kept.items():
         assert idx == magnitude_keep(janus.get_submodule(path), 24 if "generation" in path else 48), path
     reference = slice_by_hand(janus, kept)
-    assert program.num_parameters() == sum(p.numel() for n, p in reference.named_parameters()
-                                           if n.startswith(("model.language_model", *GENERATION_MODULES)))
-    testing.assert_equivalent(program, JanusGenerationStep(reference), step_inputs(3, 5, 7, seed=2, pad_left=1),
-                              rtol=1e-5, atol=1e-5)
+    assert program.num_parameters() == sum(
+        p.numel()
+        for n, p in reference.named_parameters()
+        if n.startswith(("model.language_model", *GENERATION_MODULES))
+    )
+    testing.assert_equivalent(
+        program, JanusGenerationStep(reference), step_inputs(3, 5, 7, seed=2, pad_left=1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_ffn_to_moe_with_every_expert_active_is_exact(janus, entries):
@@ -246,14 +266,21 @@ def test_step_onnx_matches_the_model_at_other_shapes(tmp_path, step_program, ent
     facts = export_onnx(step_program, tmp_path / "step.onnx")
     assert {"batch", "seq", "image_seq"} <= set(facts["dynamic_dims"].values())
     for batch, seq, image in [(3, 5, 7), (1, 11, 0)]:
-        testing.assert_onnx_equivalent(tmp_path / "step.onnx", entries["generation_step"].module,
-                                       step_inputs(batch, seq, image, seed=4), output="logits")
+        testing.assert_onnx_equivalent(
+            tmp_path / "step.onnx",
+            entries["generation_step"].module,
+            step_inputs(batch, seq, image, seed=4),
+            output="logits",
+        )
 
 
 @pytest.mark.slow
 def test_vq_decode_onnx_matches_decode_image_tokens(tmp_path, janus, vq_program):
     export_onnx(vq_program, tmp_path / "vq.onnx")
     image_ids = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(6))
-    testing.assert_onnx_equivalent(tmp_path / "vq.onnx", lambda image_ids: janus.decode_image_tokens(image_ids),
-                                   {"image_ids": image_ids}, output="pixel_values")
-
+    testing.assert_onnx_equivalent(
+        tmp_path / "vq.onnx",
+        lambda image_ids: janus.decode_image_tokens(image_ids),
+        {"image_ids": image_ids},
+        output="pixel_values",
+    )

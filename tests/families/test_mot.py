@@ -5,15 +5,14 @@ import copy
 import pytest
 import torch
 import transformers
-
 from conftest import mot_inputs
 
 import sparsec
 from sparsec import testing
-from sparsec.data.calibration import CalibrationSet
-from sparsec.models import build_model, builtin_config, load_model
-from sparsec.families.mot import GEN, MOT_PRESETS, MoTConfig, MoTForCausalLM
 from sparsec.analysis.regions import region_index
+from sparsec.data.calibration import CalibrationSet
+from sparsec.families.mot import GEN, MOT_PRESETS, MoTConfig, MoTForCausalLM
+from sparsec.models import build_model, builtin_config, load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,21 @@ def mot():
 def qwen3_from_copy(model: MoTForCausalLM, suffix: str) -> torch.nn.Module:
     """transformers' Qwen3 (qk-norm, biased q/k/v) carrying one weight copy of the MoT: the independent reference."""
     c = model.config
-    ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta, attention_bias=True, tie_word_embeddings=False)).eval()
+    ref = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta,
+            attention_bias=True,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     state = {k: v for k, v in model.state_dict().items() if GEN not in k}  # understanding copy + shared
     if suffix:  # the generation copy's tensors under the plain names
         state.update({k.replace(GEN, ""): v for k, v in model.state_dict().items() if GEN in k})
@@ -85,8 +94,11 @@ def test_tags_and_regions(mot):
     assert tags["model.norm"] == "understanding" and tags["model.norm_moe_gen"] == "generation"
     assert tags["model.embed_tokens"] == tags["lm_head"] == tags["model.layers.0"] == "shared"
     ffns = {f.path: program.tagger.tag(f.path) for f in region_index(program).ffns()}
-    assert ffns == {f"model.layers.{i}.{m}": t for i in range(4)
-                    for m, t in (("mlp", "understanding"), ("mlp_moe_gen", "generation"))}
+    assert ffns == {
+        f"model.layers.{i}.{m}": t
+        for i in range(4)
+        for m, t in (("mlp", "understanding"), ("mlp_moe_gen", "generation"))
+    }
     per_tag = {}
     for name in program.parameter_names():
         tag = program.tagger.tag(name.rsplit(".", 1)[0])
@@ -124,7 +136,9 @@ def _calibration(n: int = 8) -> CalibrationSet:
 def test_slice_generation_ffns_equals_hand_sliced():
     model = build_model(builtin_config("tiny-mot"))
     program = sparsec.capture(model, mot_inputs(2, 16, 8))
-    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, where="**.mlp_moe_gen", calibration=_calibration())
+    record = testing.apply_pass(
+        program, "slice_neurons", keep_ratio=0.5, where="**.mlp_moe_gen", calibration=_calibration()
+    )
     reference = copy.deepcopy(model)
     for entry in record.decisions["ffns"]:
         mlp = reference.get_submodule(entry["path"])
@@ -140,7 +154,9 @@ def test_slice_generation_ffns_equals_hand_sliced():
 def test_generation_ffns_to_moe_all_experts_exact():
     model = build_model(builtin_config("tiny-mot"))
     program = sparsec.capture(model, mot_inputs(2, 16, 8))
-    record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, where="**.mlp_moe_gen", calibration=_calibration())
+    record = testing.apply_pass(
+        program, "ffn_to_moe", experts=4, top_k=4, where="**.mlp_moe_gen", calibration=_calibration()
+    )
     assert len(record.decisions["ffns"]) == 4
     testing.assert_op_count(program, "model.layers.*.mlp_moe_gen", "sparsec.moe.default", 4)
     testing.assert_op_count(program, "model.layers.*.mlp", "sparsec.moe.default", 0)
@@ -164,4 +180,6 @@ def test_onnx_parity_including_no_generation_tokens(tmp_path, mot):
     model, program = mot
     export_onnx(program, tmp_path / "mot.onnx")
     for gen_from in (None, 0, 6):
-        testing.assert_onnx_equivalent(tmp_path / "mot.onnx", model, mot_inputs(3, 13, gen_from, seed=5), output="logits")
+        testing.assert_onnx_equivalent(
+            tmp_path / "mot.onnx", model, mot_inputs(3, 13, gen_from, seed=5), output="logits"
+        )

@@ -12,25 +12,32 @@ from conftest import make_qwenimage, qwenimage_inputs
 
 import sparsec
 from sparsec import testing
+from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet
-from sparsec.families.qwenimage import QwenImageStep
 from sparsec.errors import PassError, SparsecError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.families import detect_family
-from sparsec.transform.pass_manager import PassContext, PassManager, get_pass
+from sparsec.families.qwenimage import QwenImageStep
 from sparsec.passes.real_rotary import is_complex_node
-from sparsec.analysis.regions import region_index
+from sparsec.transform.pass_manager import PassContext, PassManager, get_pass
 
 aten = torch.ops.aten
 
 
 def diffusers_step(step: QwenImageStep):
     """The diffusers model called as the Qwen-Image pipeline calls it: one `img_shapes` entry per sample."""
+
     def run(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep):
         with torch.no_grad():
-            return step.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                    encoder_hidden_states_mask=encoder_hidden_states_mask, timestep=timestep,
-                                    img_shapes=[step.grid] * hidden_states.shape[0], return_dict=False)[0]
+            return step.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                timestep=timestep,
+                img_shapes=[step.grid] * hidden_states.shape[0],
+                return_dict=False,
+            )[0]
+
     return run
 
 
@@ -42,10 +49,11 @@ def padded_inputs(batch: int, seed: int) -> dict:
 
 
 def complex_ops(program) -> list[str]:
-    return [n.name for n in program.graph.nodes
-            if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)]
-
-
+    return [
+        n.name
+        for n in program.graph.nodes
+        if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)
+    ]
 
 
 # ----- the MMDiT step --------------------------------------------------------------------------------------
@@ -61,21 +69,34 @@ def test_family_tags_and_dynamic_batch():
     step = make_qwenimage()
     assert detect_family(step).name == detect_family(step.transformer).name == "qwenimage"
     inputs = detect_family(step).example_inputs(step, 2, 7)
-    assert {k: tuple(v.shape) for k, v in inputs.items()} == {k: tuple(v.shape) for k, v in qwenimage_inputs(2, 7).items()}
+    assert {k: tuple(v.shape) for k, v in inputs.items()} == {
+        k: tuple(v.shape) for k, v in qwenimage_inputs(2, 7).items()
+    }
     program = sparsec.capture(step, inputs)
     assert program.family == "qwenimage"
     assert program.dynamic_dims == {name: {0: "batch"} for name in inputs}  # grid and prompt length are fixed
     tags = region_index(program).tags()
     block = "transformer.transformer_blocks.0"
     expected = {
-        f"{block}.img_mlp": "generation", f"{block}.img_mod": "generation", f"{block}.img_norm1": "generation",
-        f"{block}.attn.to_q": "generation", f"{block}.attn.to_out.0": "generation", f"{block}.attn.norm_k": "generation",
-        "transformer.img_in": "generation", "transformer.proj_out": "generation",
-        f"{block}.txt_mlp": "understanding", f"{block}.txt_mod": "understanding", f"{block}.txt_norm2": "understanding",
-        f"{block}.attn.add_v_proj": "understanding", f"{block}.attn.to_add_out": "understanding",
-        f"{block}.attn.norm_added_q": "understanding", "transformer.txt_in": "understanding",
+        f"{block}.img_mlp": "generation",
+        f"{block}.img_mod": "generation",
+        f"{block}.img_norm1": "generation",
+        f"{block}.attn.to_q": "generation",
+        f"{block}.attn.to_out.0": "generation",
+        f"{block}.attn.norm_k": "generation",
+        "transformer.img_in": "generation",
+        "transformer.proj_out": "generation",
+        f"{block}.txt_mlp": "understanding",
+        f"{block}.txt_mod": "understanding",
+        f"{block}.txt_norm2": "understanding",
+        f"{block}.attn.add_v_proj": "understanding",
+        f"{block}.attn.to_add_out": "understanding",
+        f"{block}.attn.norm_added_q": "understanding",
+        "transformer.txt_in": "understanding",
         "transformer.txt_norm": "understanding",
-        f"{block}.attn": "shared", block: "shared", "transformer.time_text_embed": "shared",
+        f"{block}.attn": "shared",
+        block: "shared",
+        "transformer.time_text_embed": "shared",
     }
     assert {path: tags[path] for path in expected} == expected
     for rule in program.tagger.rules:  # every default rule names modules that exist in diffusers' model
@@ -88,7 +109,9 @@ def test_real_rotary_rewrites_the_complex_rotary_exactly(tmp_path):
     with pytest.raises(SparsecError, match="complex values .* run the `real_rotary` pass first"):
         export_onnx(program, tmp_path / "step.onnx")
     targets = testing.op_counts(program)
-    assert targets["aten.view_as_complex.default"] == targets["aten.view_as_real.default"] == 8  # q, k x img, txt x 2 blocks
+    assert (
+        targets["aten.view_as_complex.default"] == targets["aten.view_as_real.default"] == 8
+    )  # q, k x img, txt x 2 blocks
     splits = [n for n in program.graph.nodes if n.target == aten.split_with_sizes.default and is_complex_node(n)]
     assert len(splits) == 2  # the complex frequency tables, cut into the frame / height / width axes
 
@@ -100,8 +123,9 @@ def test_real_rotary_rewrites_the_complex_rotary_exactly(tmp_path):
     torch.testing.assert_close(program.state_tensor("transformer.pos_embed.pos_freqs_cos"), table.real, rtol=0, atol=0)
     torch.testing.assert_close(program.state_tensor("transformer.pos_embed.pos_freqs_sin"), table.imag, rtol=0, atol=0)
     for batch in (2, 3, 1):  # the capture batch and others: batch stayed dynamic
-        testing.assert_equivalent(program, diffusers_step(step), padded_inputs(batch, seed=10 + batch),
-                                  rtol=1e-6, atol=1e-6)
+        testing.assert_equivalent(
+            program, diffusers_step(step), padded_inputs(batch, seed=10 + batch), rtol=1e-6, atol=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -112,15 +136,19 @@ def test_real_rotary_program_exports_to_onnx_and_matches(tmp_path):
     facts = export_onnx(program, tmp_path / "step.onnx")
     assert facts["inputs"] == list(qwenimage_inputs(2, 7)) and set(facts["dynamic_dims"].values()) == {"batch"}
     assert {"Cos", "Sin"} <= set(facts["op_counts"])  # the time embedding's; the rotary tables are constants
-    testing.assert_onnx_equivalent(tmp_path / "step.onnx", diffusers_step(step), padded_inputs(3, seed=7),
-                                   rtol=1e-4, atol=1e-5)
+    testing.assert_onnx_equivalent(
+        tmp_path / "step.onnx", diffusers_step(step), padded_inputs(3, seed=7), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_sliced_img_mlp_then_real_rotary_exports_and_matches_hand_sliced(tmp_path):
     step = make_qwenimage()
     program = sparsec.capture(step, qwenimage_inputs(2, 7))
-    passes = [get_pass("real_rotary")(), get_pass("slice_neurons")(keep_ratio=0.5, where="**.img_mlp", importance="magnitude")]
+    passes = [
+        get_pass("real_rotary")(),
+        get_pass("slice_neurons")(keep_ratio=0.5, where="**.img_mlp", importance="magnitude"),
+    ]
     records = PassManager(passes).run(program, PassContext(progress=False))
     assert [r.name for r in records] == ["slice_neurons", "real_rotary"]  # lowering runs after transform
     assert complex_ops(program) == []
@@ -201,14 +229,35 @@ def tiny_text_encoder(seed: int = 0):
     import transformers
 
     config = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[1]),
-        image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252,
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=255,
+        video_token_id=254,
+        vision_start_token_id=253,
+        vision_end_token_id=252,
     )
     torch.manual_seed(seed)
     return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -224,9 +273,13 @@ def text_inputs(batch: int, seq: int, seed: int, pad_left: int = 0) -> dict:
 
 def last_hidden_state_of(full_model):
     """Qwen-Image's prompt encoding on the full model: `hidden_states[-1]` with output_hidden_states=True."""
+
     def run(input_ids, attention_mask):
         with torch.no_grad():
-            return full_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+            return full_model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+            ).hidden_states[-1]
+
     return run
 
 
@@ -284,7 +337,9 @@ def test_mmdit_drop_block_equals_hand_removed_and_attn_keeps_modulation():
     calib = CalibrationSet(qwenimage_inputs(4, 7, seed=1), source="test", batch_size=2)
     program = sparsec.capture(step, qwenimage_inputs(2, 7))
     before = program.num_parameters()
-    record = testing.apply_pass(program, "drop_layers", count=1, where="transformer.transformer_blocks.*", calibration=calib)
+    record = testing.apply_pass(
+        program, "drop_layers", count=1, where="transformer.transformer_blocks.*", calibration=calib
+    )
     (dropped,) = record.decisions["dropped"]
     reference = copy.deepcopy(step)
     index = int(dropped.rsplit(".", 1)[1])
@@ -294,10 +349,18 @@ def test_mmdit_drop_block_equals_hand_removed_and_attn_keeps_modulation():
     assert before - program.num_parameters() == sum(p.numel() for p in blocks[index].parameters())
 
     attn_only = sparsec.capture(step, qwenimage_inputs(2, 7))
-    record = testing.apply_pass(attn_only, "drop_layers", layers=[0], kind="attn", where="transformer.transformer_blocks.*")
+    record = testing.apply_pass(
+        attn_only, "drop_layers", layers=[0], kind="attn", where="transformer.transformer_blocks.*"
+    )
     left = set(attn_only.parameter_names())
     gone = set(record.decisions["parameters"]["transformer.transformer_blocks.0:attn"])
-    assert {"transformer.transformer_blocks.0.attn.to_q.weight", "transformer.transformer_blocks.0.attn.add_q_proj.weight"} <= gone
+    assert {
+        "transformer.transformer_blocks.0.attn.to_q.weight",
+        "transformer.transformer_blocks.0.attn.add_q_proj.weight",
+    } <= gone
     assert not gone & left
-    assert {"transformer.transformer_blocks.0.img_mod.1.weight", "transformer.transformer_blocks.0.txt_mod.1.weight",
-            "transformer.transformer_blocks.0.img_mlp.net.0.proj.weight"} <= left
+    assert {
+        "transformer.transformer_blocks.0.img_mod.1.weight",
+        "transformer.transformer_blocks.0.txt_mod.1.weight",
+        "transformer.transformer_blocks.0.img_mlp.net.0.proj.weight",
+    } <= left

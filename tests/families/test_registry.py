@@ -29,7 +29,7 @@ from sparsec.families import (
 from sparsec.models import build_model, builtin_config, load_model
 
 # A whole family plugin: what a third-party package (or a new built-in module) writes.
-GPT2_FAMILY_MODULE = '''
+GPT2_FAMILY_MODULE = """
 import transformers
 
 from sparsec.families.base import Family
@@ -47,7 +47,7 @@ FAMILY = Family(
     architecture="GPT2LMHeadModel",
     builtin_configs={"tiny-gpt2": tiny_gpt2_config},
 )
-'''
+"""
 
 
 @pytest.fixture
@@ -175,8 +175,9 @@ def test_qwenimage_is_detected_by_class_name_alone():
     assert detect_family(_holding(QwenImageTransformer2DModel(), model_type="llama")).name == "llama"
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama", "tiny-janus", "tiny-mot", "tiny-qwenimage",
-                                  "tiny-chameleon", "tiny-emu3"])
+@pytest.mark.parametrize(
+    "name", ["tiny-qwen2", "tiny-llama", "tiny-janus", "tiny-mot", "tiny-qwenimage", "tiny-chameleon", "tiny-emu3"]
+)
 def test_every_builtin_is_detected_as_its_family(name):
     assert name in builtin_names()
     loaded = load_model(f"builtin:{name}")
@@ -214,7 +215,13 @@ def test_importing_sparsec_and_detecting_families_does_not_import_diffusers():
         assert detect_family(type("QwenImageTransformer2DModel", (torch.nn.Module,), {})()).name == "qwenimage"
         print("diffusers" in sys.modules)
     """)
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -27,15 +27,21 @@ def _scale_output(program, node):
 
 
 def _kinds(program):
-    return {s.target: (s.kind, s.persistent) for s in program.exported.graph_signature.input_specs
-            if s.kind != InputKind.USER_INPUT}
+    return {
+        s.target: (s.kind, s.persistent)
+        for s in program.exported.graph_signature.input_specs
+        if s.kind != InputKind.USER_INPUT
+    }
 
 
-@pytest.mark.parametrize("kind, stored_in, spec", [
-    ("parameter", "state_dict", (InputKind.PARAMETER, None)),
-    ("buffer", "state_dict", (InputKind.BUFFER, True)),
-    ("constant", "constants", (InputKind.CONSTANT_TENSOR, None)),
-])
+@pytest.mark.parametrize(
+    "kind, stored_in, spec",
+    [
+        ("parameter", "state_dict", (InputKind.PARAMETER, None)),
+        ("buffer", "state_dict", (InputKind.BUFFER, True)),
+        ("constant", "constants", (InputKind.CONSTANT_TENSOR, None)),
+    ],
+)
 def test_add_state_wires_placeholder_signature_and_tensor(tmp_path, kind, stored_in, spec):
     _, program = small_program()
     inputs = _x()
@@ -191,7 +197,8 @@ def test_segmented_run_equals_run_with_observers_segment_by_segment():
     split = order.index(cut) + 1
     # every node of the first segment for batches 0, 1, 2, then the rest for batches 0, 1, 2
     assert [(i, n) for i, n, _ in seen] == [(i, n) for i in range(3) for n in order[:split]] + [
-        (i, n) for i in range(3) for n in order[split:]]
+        (i, n) for i in range(3) for n in order[split:]
+    ]
     for index, batch in enumerate(batches):
         whole = {}
         program.run(batch, observe=whole.setdefault)
@@ -225,8 +232,11 @@ def test_segmented_run_rewrites_and_observes_chosen_nodes_only():
     out_0, out_1 = _block_output(program, "blocks.0"), _block_output(program, "blocks.1")
     skip_block_1 = {out_1: ValueRewrite(lambda out, stream: stream, reads=(out_0,))}
     seen = []
-    got = list(program.run_segmented(batches, [out_0], observe=lambda i, n, v: seen.append((i, n.name)),
-                                     nodes={out_1}, rewrite=skip_block_1))
+    got = list(
+        program.run_segmented(
+            batches, [out_0], observe=lambda i, n, v: seen.append((i, n.name)), nodes={out_1}, rewrite=skip_block_1
+        )
+    )
     assert seen == [(0, out_1.name), (1, out_1.name)]
     for batch, outputs in zip(batches, got):
         torch.testing.assert_close(outputs["y"], program.run(batch, rewrite=skip_block_1)["y"], rtol=0, atol=0)

@@ -15,8 +15,9 @@ def _lazy(tmp_path):
     names = program.parameter_names()
     weights = {n: program.state_tensor(n).detach().clone() for n in names}
     save_file(weights, str(tmp_path / "w.safetensors"))
-    program.attach_weights({n: StoredTensor(tmp_path / "w.safetensors", n, tuple(w.shape), w.dtype)
-                            for n, w in weights.items()})
+    program.attach_weights(
+        {n: StoredTensor(tmp_path / "w.safetensors", n, tuple(w.shape), w.dtype) for n, w in weights.items()}
+    )
     return model, program, weights
 
 

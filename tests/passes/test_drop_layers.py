@@ -11,11 +11,11 @@ from conftest import make_inputs, make_model
 import sparsec
 from passes.drop_layers import DropLayers
 from sparsec import testing
+from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.recipe import Recipe
-from sparsec.analysis.regions import region_index
 
 STACKS = {"tiny-qwen2": "model.layers", "tiny-llama": "model.layers", "tiny-janus": "model.language_model.layers"}
 
@@ -101,7 +101,9 @@ def test_sublayer_drop_equals_zeroed_sublayer(kind, replacement):
     before = testing.parameter_names(program)
     testing.apply_pass(program, "drop_layers", layers=[0, 2], kind=kind)
     attr, norm = ("self_attn", "input_layernorm") if kind == "attn" else ("mlp", "post_attention_layernorm")
-    testing.assert_parameters_removed(before, program, [f"model.layers.{i}.{m}.**" for i in (0, 2) for m in (attr, norm)])
+    testing.assert_parameters_removed(
+        before, program, [f"model.layers.{i}.{m}.**" for i in (0, 2) for m in (attr, norm)]
+    )
     for i in (0, 2):
         setattr(model.model.layers[i], attr, replacement())
     testing.assert_equivalent(program, model, make_inputs(model, 2, 9, seed=1, pad_left=2), rtol=1e-5, atol=1e-5)
@@ -134,8 +136,16 @@ def test_cosine_scores_match_hooks_on_the_hf_model():
     ins, outs = {}, {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(lambda m, a, o, i=i: ins.setdefault(i, []).append(a[0])))
-        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: outs.setdefault(i, []).append(o[0] if isinstance(o, tuple) else o)))
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda m, a, o, i=i: ins.setdefault(i, []).append(a[0])
+            )
+        )
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: outs.setdefault(i, []).append(o[0] if isinstance(o, tuple) else o)
+            )
+        )
     with torch.no_grad():
         for batch in calib.batches():
             model(**batch)
@@ -181,7 +191,9 @@ def test_ratio_rounds_to_units():
 class _NoResidual(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8)) for _ in range(3))
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8)) for _ in range(3)
+        )
 
     def forward(self, x):
         for layer in self.layers:
@@ -189,13 +201,19 @@ class _NoResidual(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"layers": [1, 4]}, "layers [4] out of range; the selected blocks of model.layers are 0..3"),
-    ({"layers": [0, 1, 2, 3]}, "would drop all 4 block units of model.layers"),
-    ({"count": 4}, "would drop all 4 block units"),
-    ({"count": 9, "where": "model.layers.[01]"}, "count 9 exceeds the 2 block units selected"),
-    ({"layers": [1], "where": "model.decoder.*"}, "where='model.decoder.*' matches no block; block stacks in this model: ['model.layers.*']"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"layers": [1, 4]}, "layers [4] out of range; the selected blocks of model.layers are 0..3"),
+        ({"layers": [0, 1, 2, 3]}, "would drop all 4 block units of model.layers"),
+        ({"count": 4}, "would drop all 4 block units"),
+        ({"count": 9, "where": "model.layers.[01]"}, "count 9 exceeds the 2 block units selected"),
+        (
+            {"layers": [1], "where": "model.decoder.*"},
+            "where='model.decoder.*' matches no block; block stacks in this model: ['model.layers.*']",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_leaves_program_untouched(options, message):
     model, program = _capture("tiny-qwen2")
     nodes = [n.name for n in program.graph.nodes]
@@ -214,13 +232,19 @@ def test_missing_residual_structure_and_ambiguous_stacks():
         testing.apply_pass(janus, "drop_layers", layers=[1])
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"layers": [1], "count": 2}, "give exactly one of layers, count, ratio (got ['layers', 'count'])"),
-    ({"ratio": 1.0}, "drop_layers.ratio: must be in (0, 1), got 1.0"),
-    ({"layers": [1, 1]}, "drop_layers.layers: duplicate indices"),
-    ({"count": 2, "kind": "heads"}, "drop_layers.kind: 'heads' is not allowed; choose one of ['block', 'attn', 'mlp', 'joint']"),
-    ({"layers": [1], "kind": "joint"}, "use count or ratio with it"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"layers": [1], "count": 2}, "give exactly one of layers, count, ratio (got ['layers', 'count'])"),
+        ({"ratio": 1.0}, "drop_layers.ratio: must be in (0, 1), got 1.0"),
+        ({"layers": [1, 1]}, "drop_layers.layers: duplicate indices"),
+        (
+            {"count": 2, "kind": "heads"},
+            "drop_layers.kind: 'heads' is not allowed; choose one of ['block', 'attn', 'mlp', 'joint']",
+        ),
+        ({"layers": [1], "kind": "joint"}, "use count or ratio with it"),
+    ],
+)
 def test_bad_options_fail_when_the_recipe_is_read(options, message):
     with pytest.raises(RecipeError) as info:
         Recipe.from_dict({"passes": [{"drop_layers": options}]})
@@ -237,7 +261,9 @@ def test_scored_drop_needs_calibration():
 def test_compile_reports_scores_and_dry_run_writes_nothing(tmp_path, capsys):
     from sparsec.cli import main
 
-    (tmp_path / "r.yaml").write_text("passes:\n  - drop_layers: {ratio: 0.5, kind: block}\nquality: {min_cosine: 0.5}\n")
+    (tmp_path / "r.yaml").write_text(
+        "passes:\n  - drop_layers: {ratio: 0.5, kind: block}\nquality: {min_cosine: 0.5}\n"
+    )
     argv = ["compile", "--model", "builtin:tiny-llama", "--recipe", str(tmp_path / "r.yaml")]
     assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -255,9 +281,21 @@ def test_compile_reports_scores_and_dry_run_writes_nothing(tmp_path, capsys):
 
 
 def test_describe_decisions_ranks_units_and_marks_the_dropped():
-    decisions = {"stack": "model.layers", "kind": "block", "units": 2, "scores": {"model.layers.0": 0.5, "model.layers.1": 0.9},
-                 "ranking": ["model.layers.1", "model.layers.0"], "parameters": {"model.layers.1": ["w"]},
-                 "dropped": ["model.layers.1"]}
+    decisions = {
+        "stack": "model.layers",
+        "kind": "block",
+        "units": 2,
+        "scores": {"model.layers.0": 0.5, "model.layers.1": 0.9},
+        "ranking": ["model.layers.1", "model.layers.0"],
+        "parameters": {"model.layers.1": ["w"]},
+        "dropped": ["model.layers.1"],
+    }
     assert DropLayers.describe_decisions(decisions) == [
-        "  rank      score  unit", "     1   0.900000  model.layers.1  <- dropped", "     2   0.500000  model.layers.0",
-        "  stack: model.layers", "  kind: block", "  units: 2", "  dropped: ['model.layers.1']"]
+        "  rank      score  unit",
+        "     1   0.900000  model.layers.1  <- dropped",
+        "     2   0.500000  model.layers.0",
+        "  stack: model.layers",
+        "  kind: block",
+        "  units: 2",
+        "  dropped: ['model.layers.1']",
+    ]

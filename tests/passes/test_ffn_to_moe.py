@@ -1,12 +1,11 @@
 """ffn_to_moe against Hugging Face models whose FFNs were turned into MoEs by hand, plus the op and its lowerings."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MoeOpModule, random_moe_weights, make_inputs, make_model, make_qwenimage, qwenimage_inputs
+from conftest import MoeOpModule, make_inputs, make_model, make_qwenimage, qwenimage_inputs, random_moe_weights
 
 import sparsec
 from sparsec import testing
@@ -45,7 +44,9 @@ class HandMoe(torch.nn.Module):
         for t in range(len(flat)):
             probs = torch.softmax(F.linear(flat[t], self.router_weight, self.router_bias), -1)
             top = probs.topk(k)
-            weights = {"unit": torch.ones(k), "softmax": top.values, "renormalized": top.values / top.values.sum()}[self.gating]
+            weights = {"unit": torch.ones(k), "softmax": top.values, "renormalized": top.values / top.values.sum()}[
+                self.gating
+            ]
             for w, e in zip(weights, top.indices.tolist()):
                 out[t] += w * self._part(flat[t], self.parts[e])
         if self.shared is not None:
@@ -95,8 +96,9 @@ def test_all_experts_active_equals_dense(name):
         assert_true_partition(d)
         assert d["shared_neurons"] == round(0.1 * d["width"]) + (d["width"] - round(0.1 * d["width"])) % 4
         assert d["exactness_rel_l2"] < 1e-5
-    testing.assert_equivalent(program, model, make_inputs(model, 3, 11, seed=4, pad_left=2), output="logits",
-                              rtol=1e-4, atol=1e-5)
+    testing.assert_equivalent(
+        program, model, make_inputs(model, 3, 11, seed=4, pad_left=2), output="logits", rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("partition", ["balanced", "kmeans", "coactivation"])
@@ -105,14 +107,16 @@ def test_top_k_equals_moe_by_hand(partition, gating):
     """top_k < experts: the program equals the HF model with each FFN replaced by a hand-written MoE."""
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    record = testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=3, partition=partition, gating=gating,
-                                calibration=calibration(model))
+    record = testing.apply_pass(
+        program, "ffn_to_moe", experts=8, top_k=3, partition=partition, gating=gating, calibration=calibration(model)
+    )
     for d in record.decisions["ffns"]:
         assert_true_partition(d)
         assert d["shared_neurons"] == 0 and d["expert_size"] == 16 and d["active_neurons_per_token"] == 48
     reference = moe_by_hand(model, program, record.decisions)
-    testing.assert_equivalent(program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits",
-                              rtol=1e-4, atol=1e-5)
+    testing.assert_equivalent(
+        program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits", rtol=1e-4, atol=1e-5
+    )
 
 
 def test_bfloat16_model_keeps_its_dtype_and_stays_close():
@@ -141,8 +145,17 @@ def test_remainder_joins_the_shared_expert():
 def test_fused_gate_up_all_experts_equal_dense():
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    config = Phi3Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config).eval()
     inputs = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
@@ -175,7 +188,9 @@ class ClusteredFfn(torch.nn.Module):
         self.fc1 = torch.nn.Linear(hidden, clusters * per_cluster)
         self.fc2 = torch.nn.Linear(clusters * per_cluster, hidden)
         with torch.no_grad():
-            rows = self.centers.repeat_interleave(per_cluster, 0) + 0.3 * torch.randn(clusters * per_cluster, hidden, generator=gen)
+            rows = self.centers.repeat_interleave(per_cluster, 0) + 0.3 * torch.randn(
+                clusters * per_cluster, hidden, generator=gen
+            )
             self.fc1.weight.copy_(rows)
             self.fc1.bias.fill_(-4.5)
             self.fc2.weight.copy_(torch.randn(hidden, clusters * per_cluster, generator=gen) / 4)
@@ -204,7 +219,9 @@ def test_learned_router_beats_random_router_and_static_slice(partition):
     errors = {}
     for router in ("learned", "random"):
         program = sparsec.capture(model, model.tokens(2, 8, seed=0))
-        testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib)
+        testing.apply_pass(
+            program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib
+        )
         errors[router] = _rel_error(program, model, held_out)
     program = sparsec.capture(model, model.tokens(2, 8, seed=0))
     testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calib)  # same active width
@@ -219,8 +236,9 @@ def test_adapt_router_tunes_only_routers_deterministically():
     results = []
     for _ in range(2):
         program = sparsec.capture(model, make_inputs(model, 2, 16))
-        record = testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=4, adapt="router", adapt_steps=12,
-                                    lr=1e-2, calibration=calib)
+        record = testing.apply_pass(
+            program, "ffn_to_moe", experts=8, top_k=4, adapt="router", adapt_steps=12, lr=1e-2, calibration=calib
+        )
         results.append((program, record))
     (a, record), (b, _) = results
     assert all(torch.equal(a.state_tensor(n), b.state_tensor(n)) for n in a.parameter_names())
@@ -236,8 +254,16 @@ def test_adapt_full_tunes_experts():
     model = make_model("tiny-qwen2")
     calib = calibration(model, samples=16, seq=16)
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    record = testing.apply_pass(program, "ffn_to_moe", experts=8, top_k=4, adapt="full", adapt_steps=12,
-                                where="model.layers.0.mlp", calibration=calib)
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=8,
+        top_k=4,
+        adapt="full",
+        adapt_steps=12,
+        where="model.layers.0.mlp",
+        calibration=calib,
+    )
     assert record.decisions["adapt"]["loss_after"] < record.decisions["adapt"]["loss_before"]
     fresh = sparsec.capture(model, make_inputs(model, 2, 16))
     testing.apply_pass(fresh, "ffn_to_moe", experts=8, top_k=4, where="model.layers.0.mlp", calibration=calib)
@@ -286,23 +312,38 @@ def test_program_with_moe_saves_and_loads(tmp_path):
 
 # ----- ONNX lowerings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lowering", ["contrib", "standard", "standard_for_tensorrt"])
-@pytest.mark.parametrize("activation,gated,gating", [
-    ("silu", True, "unit"), ("silu", True, "softmax"), ("relu", False, "renormalized"),
-    ("gelu_tanh", False, "unit"), ("gelu", False, "softmax"),  # erf GELU: the contrib path falls back
-])
+@pytest.mark.parametrize(
+    "activation,gated,gating",
+    [
+        ("silu", True, "unit"),
+        ("silu", True, "softmax"),
+        ("relu", False, "renormalized"),
+        ("gelu_tanh", False, "unit"),
+        ("gelu", False, "softmax"),  # erf GELU: the contrib path falls back
+    ],
+)
 def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gating):
     import onnx
 
     module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
     for_tensorrt = lowering == "standard_for_tensorrt"  # what --target tensorrt exports: no ScatterND reduction
-    info = export_onnx(program, tmp_path / "moe.onnx", moe_lowering="standard" if for_tensorrt else lowering,
-                       scatter_reduction=not for_tensorrt)
+    info = export_onnx(
+        program,
+        tmp_path / "moe.onnx",
+        moe_lowering="standard" if for_tensorrt else lowering,
+        scatter_reduction=not for_tensorrt,
+    )
     contrib = lowering == "contrib" and activation != "gelu"
     assert ("com.microsoft::MoE" in info["op_counts"]) == contrib
     assert ("NonZero" in info["op_counts"]) == (not contrib)
-    reductions = {a.s.decode() for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node if n.op_type == "ScatterND"
-                  for a in n.attribute if a.name == "reduction"}
+    reductions = {
+        a.s.decode()
+        for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node
+        if n.op_type == "ScatterND"
+        for a in n.attribute
+        if a.name == "reduction"
+    }
     assert reductions - {"none"} == (set() if for_tensorrt or contrib else {"add"})
     testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": torch.randn(3, 5, 16)}, rtol=1e-5, atol=1e-5)
 
@@ -314,8 +355,14 @@ def test_onnx_model_with_moe_matches_pytorch_at_another_shape(tmp_path, lowering
     program = sparsec.capture(model, make_inputs(model, 2, 16))
     testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, calibration=calibration(model))
     export_onnx(program, tmp_path / "m.onnx", moe_lowering=lowering)
-    testing.assert_onnx_equivalent(tmp_path / "m.onnx", program, make_inputs(model, 3, 11, seed=9, pad_left=2),
-                                   output="logits", rtol=1e-4, atol=1e-5)
+    testing.assert_onnx_equivalent(
+        tmp_path / "m.onnx",
+        program,
+        make_inputs(model, 3, 11, seed=9, pad_left=2),
+        output="logits",
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 # ----- bad input -------------------------------------------------------------------------------------------
@@ -323,12 +370,15 @@ def _untouched(program, before_code, before_params):
     assert program.graph_module.code == before_code and set(program.parameter_names()) == before_params
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"experts": 4, "top_k": 5}, "top_k: must be in [1, experts=4]"),
-    ({"experts": 1}, "experts: must be >= 2"),
-    ({"shared": 1.0}, "shared: a fraction"),
-    ({"partition": "spectral"}, "partition"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"experts": 4, "top_k": 5}, "top_k: must be in [1, experts=4]"),
+        ({"experts": 1}, "experts: must be >= 2"),
+        ({"shared": 1.0}, "shared: a fraction"),
+        ({"partition": "spectral"}, "partition"),
+    ],
+)
 def test_bad_options_are_named(options, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         sparsec.transform.pass_manager.get_pass("ffn_to_moe")(**options)

@@ -26,7 +26,8 @@ def _compile(name, sequential):
         calibration = dataclasses.replace(calibration, cuts=block_boundaries)
     passes = [DropLayers(count=2, iterative=True), SliceNeurons(keep_ratio=0.5, importance="activation")]
     records = PassManager(passes, gates=QualityGates(min_cosine=-1.0)).run(
-        program, PassContext(calibration=calibration, progress=False))
+        program, PassContext(calibration=calibration, progress=False)
+    )
     return [(r.name, r.decisions, r.quality, r.parameters_after) for r in records]
 
 
@@ -38,13 +39,19 @@ def test_sequential_calibration_gives_the_same_decisions_and_quality(name):
 
 
 def _recipe(sequential):
-    return Recipe.from_dict({"passes": [{"drop_layers": {"count": 1}}],
-                             "calibration": {"samples": 6, "seq_len": 8, "batch_size": 4, "sequential": sequential}})
+    return Recipe.from_dict(
+        {
+            "passes": [{"drop_layers": {"count": 1}}],
+            "calibration": {"samples": 6, "seq_len": 8, "batch_size": 4, "sequential": sequential},
+        }
+    )
 
 
 def test_recipe_calibration_sequential_runs_the_compile_layer_sequentially():
-    reports = [compile_model("builtin:tiny-qwen2", _recipe(s), None, dry_run=True, progress=False, log=lambda _: None)
-               for s in (False, True)]
+    reports = [
+        compile_model("builtin:tiny-qwen2", _recipe(s), None, dry_run=True, progress=False, log=lambda _: None)
+        for s in (False, True)
+    ]
     assert [r["calibration"]["sequential"] for r in reports] == [False, True]
     whole, sequential = ([(p["decisions"], p["quality"]) for p in r["passes"]] for r in reports)
     assert sequential == whole and len(whole) == 1

@@ -4,17 +4,15 @@ import copy
 
 import pytest
 import torch
-from conftest import slice_by_hand, make_inputs, make_model
+from conftest import make_inputs, make_model, slice_by_hand
 
 import sparsec
 from sparsec import testing
+from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.recipe import Recipe
-from sparsec.analysis.regions import region_index
-
-
 
 
 def _calibration(model, seed=4):
@@ -26,7 +24,9 @@ def _calibration(model, seed=4):
 def test_slice_equals_hand_sliced_hf_model(tmp_path, name):
     model = make_model(name)
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, where="**.mlp", calibration=_calibration(model))
+    record = testing.apply_pass(
+        program, "slice_neurons", keep_ratio=0.5, where="**.mlp", calibration=_calibration(model)
+    )
     decisions = record.decisions
     paths = {d["path"] for d in decisions["ffns"]}
     if name == "tiny-janus":
@@ -61,8 +61,14 @@ def test_neuron_with_zeroed_down_column_is_ranked_last(importance):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[:, 37] = 0
     program = sparsec.capture(model, make_inputs(model, 2, 8))
-    record = testing.apply_pass(program, "slice_neurons", keep=127, where="model.layers.1.mlp", importance=importance,
-                                calibration=_calibration(model))
+    record = testing.apply_pass(
+        program,
+        "slice_neurons",
+        keep=127,
+        where="model.layers.1.mlp",
+        importance=importance,
+        calibration=_calibration(model),
+    )
     (d,) = record.decisions["ffns"]
     assert 37 not in d["kept_indices"] and len(d["kept_indices"]) == 127
     assert d["importance"]["min"] == 0.0
@@ -73,8 +79,9 @@ def test_global_scope_takes_more_from_a_layer_of_small_neurons():
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(0.05)
     program = sparsec.capture(model, make_inputs(model, 2, 8))
-    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, scope="global", round_to=8,
-                                calibration=_calibration(model))
+    record = testing.apply_pass(
+        program, "slice_neurons", keep_ratio=0.5, scope="global", round_to=8, calibration=_calibration(model)
+    )
     widths = {d["path"]: d["width_after"] for d in record.decisions["ffns"]}
     assert widths["model.layers.2.mlp"] == 8  # the floor: round_to
     assert all(w > 64 for p, w in widths.items() if p != "model.layers.2.mlp")
@@ -144,8 +151,11 @@ def test_qwenimage_mmdit_feedforward_equals_hand_sliced():
     calib = CalibrationSet(qwenimage_inputs(2, 7, seed=1), source="test")
     record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.25, where="**.*_mlp", calibration=calib)
     paths = [d["path"] for d in record.decisions["ffns"]]
-    assert paths == ["transformer.transformer_blocks.0.img_mlp", "transformer.transformer_blocks.0.txt_mlp",
-                     "transformer.transformer_blocks.1.img_mlp"]
+    assert paths == [
+        "transformer.transformer_blocks.0.img_mlp",
+        "transformer.transformer_blocks.0.txt_mlp",
+        "transformer.transformer_blocks.1.img_mlp",
+    ]
     reference = copy.deepcopy(step)
     for d in record.decisions["ffns"]:
         ff = reference.get_submodule(d["path"])  # diffusers FeedForward: net = [GELU(proj), Dropout, Linear]
@@ -158,9 +168,19 @@ def test_qwenimage_mmdit_feedforward_equals_hand_sliced():
 def test_fused_gate_up_projection_equals_hand_sliced(tmp_path):
     import transformers
 
-    config = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                     pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    config = transformers.Phi3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 16))
@@ -185,19 +205,34 @@ def test_kept_pins_exact_neurons_and_is_checked():
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 8))
     pinned = [3, 1, 120, 64]
-    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.25, importance="magnitude",
-                                kept={"model.layers.0.mlp": pinned})
+    record = testing.apply_pass(
+        program, "slice_neurons", keep_ratio=0.25, importance="magnitude", kept={"model.layers.0.mlp": pinned}
+    )
     widths = {d["path"]: (d["width_after"], d["kept_indices"]) for d in record.decisions["ffns"]}
     assert widths["model.layers.0.mlp"] == (4, sorted(pinned)) and widths["model.layers.1.mlp"][0] == 32
     reference = copy.deepcopy(model)
     mlp, idx = reference.model.layers[0].mlp, torch.tensor(sorted(pinned))
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx), testing.linear_columns(mlp.down_proj, idx)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+        testing.linear_rows(mlp.gate_proj, idx),
+        testing.linear_rows(mlp.up_proj, idx),
+        testing.linear_columns(mlp.down_proj, idx),
+    )
     for i in (1, 2, 3):
         mlp, idx = reference.model.layers[i].mlp, torch.tensor(widths[f"model.layers.{i}.mlp"][1])
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj = testing.linear_rows(mlp.gate_proj, idx), testing.linear_rows(mlp.up_proj, idx), testing.linear_columns(mlp.down_proj, idx)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+            testing.linear_rows(mlp.gate_proj, idx),
+            testing.linear_rows(mlp.up_proj, idx),
+            testing.linear_columns(mlp.down_proj, idx),
+        )
     testing.assert_equivalent(program, reference, make_inputs(model, 3, 7, seed=2), rtol=1e-5, atol=1e-5)
     fresh = sparsec.capture(model, make_inputs(model, 2, 8))
     with pytest.raises(PassError, match="kept names 'model.layers.9.mlp', which is not an FFN matched"):
-        testing.apply_pass(fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.9.mlp": [0]})
-    with pytest.raises(PassError, match=r"kept\['model.layers.0.mlp'\] must list distinct neuron indices in \[0, 128\)"):
-        testing.apply_pass(fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.0.mlp": [0, 128]})
+        testing.apply_pass(
+            fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.9.mlp": [0]}
+        )
+    with pytest.raises(
+        PassError, match=r"kept\['model.layers.0.mlp'\] must list distinct neuron indices in \[0, 128\)"
+    ):
+        testing.apply_pass(
+            fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.0.mlp": [0, 128]}
+        )

@@ -8,12 +8,12 @@ from skip_ffn import SkipFfn
 
 import sparsec
 from sparsec import testing
-from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
-from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager, PassResult, register_pass
-from sparsec.data.quality import QualityGates
-from sparsec.recipe import Recipe
 from sparsec.analysis.regions import region_index
+from sparsec.data.calibration import CalibrationSet
+from sparsec.data.quality import QualityGates
+from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
+from sparsec.recipe import Recipe
+from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager, PassResult, register_pass
 
 aten = torch.ops.aten
 
@@ -73,8 +73,9 @@ class _LeavesOrphanWeight(Pass):
         return PassResult(modified=True)
 
 
-@pytest.mark.parametrize("bad, message", [(_BreaksShapes, "shape propagation failed"),
-                                          (_LeavesOrphanWeight, "ghost.weight")])
+@pytest.mark.parametrize(
+    "bad, message", [(_BreaksShapes, "shape propagation failed"), (_LeavesOrphanWeight, "ghost.weight")]
+)
 def test_verification_catches_broken_passes(bad, message):
     _, program = _fresh()
     with pytest.raises(VerificationError, match=message):
@@ -85,7 +86,9 @@ def test_quality_gate_failure_stops_pipeline():
     model, program = _fresh()
     calib = CalibrationSet(make_inputs(model, 4, 12, seed=1), source="test")
     manager = PassManager([SkipFfn(where="model.layers.*.mlp")], gates=QualityGates(min_cosine=0.999))
-    with pytest.raises(QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: logits: cosine"):
+    with pytest.raises(
+        QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: logits: cosine"
+    ):
         manager.run(program, PassContext(calibration=calib, progress=False))
 
 
@@ -101,7 +104,9 @@ def test_manager_orders_lowering_after_transform():
 def test_registered_pass_runs_from_recipe_and_options_are_validated():
     recipe = Recipe.from_dict({"passes": [{"skip_ffn": {"where": "model.layers.0.mlp"}}, "noop"]})
     assert [p.name for p in recipe.passes] == ["skip_ffn", "noop"]
-    with pytest.raises(RecipeError, match=r"passes\[0\]\.skip_ffn: unknown option\(s\) \['were'\]; allowed: \['where'\]"):
+    with pytest.raises(
+        RecipeError, match=r"passes\[0\]\.skip_ffn: unknown option\(s\) \['were'\]; allowed: \['where'\]"
+    ):
         Recipe.from_dict({"passes": [{"skip_ffn": {"were": "x"}}]})
     with pytest.raises(RecipeError, match=r"passes\[0\]\.skip_ffn\.where: must be a non-empty"):
         Recipe.from_dict({"passes": [{"skip_ffn": {"where": ""}}]})
@@ -115,8 +120,12 @@ def _small_calibration():
 def _fingerprint(program):
     """What must be exactly as before a failed pass: graph code, signature, state (the tensors), size."""
     ep = program.exported
-    return (program.graph_module.code, str(ep.graph_signature), {**ep.state_dict, **ep.constants},
-            program.num_parameters())
+    return (
+        program.graph_module.code,
+        str(ep.graph_signature),
+        {**ep.state_dict, **ep.constants},
+        program.num_parameters(),
+    )
 
 
 def _assert_same(program, fingerprint):
@@ -138,8 +147,11 @@ class _Raises(Pass):
 
 def test_errors_name_the_pass_and_the_passes_before_it_and_keep_their_type():
     _, program = small_program()
-    with pytest.raises(VerificationError, match=r"^after pass 'breaks_shapes' \(passes before it: noop, skip_ffn\): "
-                                                r"shape propagation failed") as info:
+    with pytest.raises(
+        VerificationError,
+        match=r"^after pass 'breaks_shapes' \(passes before it: noop, skip_ffn\): "
+        r"shape propagation failed",
+    ) as info:
         PassManager([NoOp(), SkipFfn(where="blocks.1"), _BreaksShapes()]).run(program, PassContext(progress=False))
     assert isinstance(info.value.__cause__, VerificationError)
     assert str(info.value.__cause__).startswith("shape propagation failed")
@@ -183,8 +195,11 @@ class _ChangesWeightsInPlace(Pass):
 
 def test_a_pass_changing_weights_in_place_is_refused():
     _, program = small_program()
-    with pytest.raises(VerificationError, match=r"changed state tensors in place \(\['head.weight'\]\); replace them "
-                                                r"with program.replace_state"):
+    with pytest.raises(
+        VerificationError,
+        match=r"changed state tensors in place \(\['head.weight'\]\); replace them "
+        r"with program.replace_state",
+    ):
         PassManager([_ChangesWeightsInPlace()]).run(program, PassContext(progress=False))
 
 
@@ -231,12 +246,16 @@ def test_a_custom_instrument_sees_every_pass_after_the_built_in_checks():
     log = _Log()
     n = program.num_parameters()
     records = PassManager([SkipFfn(where="blocks.0"), NoOp(), SkipFfn(where="blocks.1")], instruments=[log]).run(
-        program, PassContext(calibration=_small_calibration(), progress=False))
+        program, PassContext(calibration=_small_calibration(), progress=False)
+    )
     m = records[0].parameters_after
     assert log.events == [
-        ("before", "skip_ffn", n), ("after", "skip_ffn", m, True),  # the quality check ran before
-        ("before", "noop", m), ("after", "noop", m, False),          # not modified: no quality check
-        ("before", "skip_ffn", m), ("after", "skip_ffn", records[2].parameters_after, True),
+        ("before", "skip_ffn", n),
+        ("after", "skip_ffn", m, True),  # the quality check ran before
+        ("before", "noop", m),
+        ("after", "noop", m, False),  # not modified: no quality check
+        ("before", "skip_ffn", m),
+        ("after", "skip_ffn", records[2].parameters_after, True),
     ]
     assert [r.name for r in records] == ["skip_ffn", "noop", "skip_ffn"] and records[0].seconds > 0
 
@@ -256,5 +275,9 @@ def test_an_instrument_error_is_a_failed_pass():
 def test_describe_decisions_writes_each_key_with_long_lists_summarised():
     decisions = {"importance": "activation", "kept": list(range(20)), "ffns": [{"path": "mlp", "score": 0.123456789}]}
     assert Pass.describe_decisions(decisions) == [
-        "  importance: activation", "  kept: <20 items>", "  ffns:", "    {'path': 'mlp', 'score': 0.123457}"]
+        "  importance: activation",
+        "  kept: <20 items>",
+        "  ffns:",
+        "    {'path': 'mlp', 'score': 0.123457}",
+    ]
     assert Pass.describe_decisions([1, 2]) == ["  decisions: [1, 2]"]
