@@ -9,7 +9,7 @@ from conftest import make_inputs
 
 from sparsec.analysis.regions import block_boundaries, region_index
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
-from sparsec.data.parity import ParityOptions, backend_parity
+from sparsec.data.parity import ParityOptions, ProgramReference, backend_parity
 from sparsec.data.quality import compare_programs
 
 EXACT = {"rtol": 0, "atol": 0}
@@ -78,9 +78,14 @@ def test_sequential_reference_quality_and_parity_equal_whole_model(captured, nam
     assert quality["logits"]["cosine"] < 1 and compare_programs(program, sequential, noisy) == quality
     options = ParityOptions(samples=4)
     backend = lambda batch: {k: v * 1.0001 for k, v in program.run(batch).items()}  # noqa: E731
-    parity = backend_parity(program, backend, whole, backend="test", precision="fp32", options=options)
+
+    def parity_on(calibration):
+        reference = ProgramReference(program, calibration, samples=options.samples).compute()
+        return backend_parity(reference, backend, backend="test", precision="fp32", options=options)
+
+    parity = parity_on(whole)
     assert parity["metrics"]["logits"]["max_abs"] > 0
-    assert parity == backend_parity(program, backend, sequential, backend="test", precision="fp32", options=options)
+    assert parity == parity_on(sequential)
 
 
 def test_cuts_follow_the_program_and_are_reported(captured):

@@ -40,3 +40,12 @@ def test_installed_namespaces_resolve_to_repo_folders():
 
     assert Path(sparsec.passes.__file__).parent.name == "passes"
     assert Path(sparsec.exporters.__file__).parent.name == "exporters"
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the README's test command (lint, format check, import contract, the suite)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Run the tests (this is exactly what `.ci/run` runs):", 1)[1].split("```bash\n", 1)[1]
+    command = block.split("\n```", 1)[0].strip()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command
