@@ -10,6 +10,7 @@ block-by-block parity (`sparsec.exporters.lowering.segments`).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from sparsec.exporters.lowering.onnx_moe import MoeLowering, moe_translation
 from sparsec.exporters.lowering.segments import METADATA_KEY, boundary_name, parity_segments, segments_metadata
 from sparsec.ir.program import Program
 
+MATCH_STATE = ("_graph", "_match", "_current_node", "_tracer")  # onnxscript 0.5-0.7
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
 HALF_TYPES = {ir.DataType.BFLOAT16: "bf16", ir.DataType.FLOAT16: "fp16"}
 
@@ -96,6 +98,28 @@ def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
     return renames
 
 
+def _forget_matched_graphs() -> None:
+    """Drop what onnxscript's module-level rewrite rules keep from their last match.
+
+    `SimplePatternMatcher.match` stores the graph it matched and the match (`MATCH_STATE`) and never lets go; the
+    rules live at module level in `onnxscript.rewriter`, and that graph's values hold the program's weights (torch
+    tensors), so without this the program could not be freed before the parity session opens (tested in
+    `tests/exporters/test_export_memory.py`: a weight of the exported program is freed with the program).
+    """
+    from onnxscript.rewriter import RewriteRule, RewriteRuleSet
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("onnxscript.rewriter"):
+            continue
+        for value in list(vars(module).values()):
+            rules = value.rules if isinstance(value, RewriteRuleSet) else [value]
+            for rule in rules:
+                matcher = getattr(rule, "_matcher", None) if isinstance(rule, RewriteRule) else None
+                for state in MATCH_STATE if matcher is not None else ():
+                    if getattr(matcher, state, None) is not None:
+                        setattr(matcher, state, None)  # match() sets each of them anew
+
+
 def export_onnx(
     program: Program,
     path: str | Path,
@@ -163,6 +187,7 @@ def export_onnx(
         ) from exc
     finally:
         registration_log.setLevel(level)
+        _forget_matched_graphs()
     model = onnx_program.model
     for _ in boundaries:  # the values stay in the graph under their boundary names; the file has the real outputs
         model.graph.outputs.pop()
