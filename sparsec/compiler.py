@@ -7,7 +7,6 @@ successful output in `out_dir` untouched).
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -29,7 +28,15 @@ from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points
 from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
 from sparsec.recipe import Recipe
-from sparsec.resources import DTYPE_BYTES, GiB, available_memory, check_fits, checkpoint_facts, estimate_compile
+from sparsec.resources import (
+    DTYPE_BYTES,
+    GiB,
+    available_memory,
+    check_fits,
+    checkpoint_facts,
+    estimate_compile,
+    release_freed_memory,
+)
 from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 
 ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")  # and each target's `Target.artifacts`
@@ -204,7 +211,7 @@ def compile_model(
         unit.load_calibration(loaded, recipe, say)
         unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
     del loaded
-    gc.collect()
+    release_freed_memory()
 
     say(
         f"[sparsec] running {len(recipe.passes)} pass(es)"
@@ -407,7 +414,7 @@ class _Unit:
         """Drop the program once parity holds its reference outputs: nothing after parity reads it (the report keeps
         plain facts), so its weights are freed before the backend's session opens."""
         self.program = None
-        gc.collect()
+        release_freed_memory()
 
     def _record_artifacts(self, directory: Path) -> None:
         self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
@@ -424,6 +431,7 @@ class _PassProgress(PassInstrument):
         self.say(f"[sparsec]   {p.name}{self.label} ...")
 
     def after_pass(self, p: Pass, program, ctx: PassContext, result, record) -> None:
+        release_freed_memory()  # the weights the pass dropped or replaced (and its snapshot of them)
         q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
         self.say(
             f"[sparsec]   {record.name}{self.label}: params {record.parameters_before:,} -> "

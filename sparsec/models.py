@@ -221,6 +221,10 @@ def load_model(
             stored=_stored_tensors(model, directory),
         )
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
+    if device.type == "cpu":
+        model = _read_parameters(config, directory, cast or _checkpoint_dtype(directory))
+        if model is not None:
+            return LoadedModel(model, detect_family(model), str(directory), directory)
     cls = _model_class(config)
     try:
         model = cls.from_pretrained(
@@ -238,6 +242,47 @@ def load_model(
             "corrupt: copy or re-save the checkpoint"
         ) from exc
     return LoadedModel(model, detect_family(model), str(directory), directory)
+
+
+def _read_parameters(config, directory: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The model of `config` with each parameter read from the checkpoint into memory of its own, one at a time;
+    None when the checkpoint's names do not map one to one onto the model's (`from_pretrained` then converts).
+
+    `from_pretrained` memory-maps each file: every parameter is a view of its file's mapping, so a weight a pass
+    drops or slices stays resident (as mapped file pages) while any other tensor of that file lives, and a
+    compile's peak holds the whole checkpoint to the end. Read this way, dropped and sliced weights are freed.
+    Persistent buffers found in the files (which this does not load) and modules a class keeps in FP32 also leave
+    it to `from_pretrained`; the result equals its load bit for bit (`tests/driver/test_load_reads.py`).
+    """
+    if getattr(_model_class(config), "_keep_in_fp32_modules", None):
+        return None  # from_pretrained keeps those modules in FP32 whatever the dtype
+    model = _build_unallocated(config, dtype)
+    stored = _stored_tensors(model, directory)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    buffers = set(model.state_dict()) - set(parameters)
+    stored_keys = set(_checkpoint_keys(directory))
+    if set(parameters) - set(stored) or buffers & stored_keys:
+        return None
+    read: dict[str, torch.Tensor] = {}  # stored key -> tensor: tied parameters read once
+    for name, param in parameters.items():
+        where = stored[name]
+        if where.key not in read:
+            tensor = where.read()
+            if tensor.dtype != param.dtype:
+                tensor = tensor.to(param.dtype)
+            read[where.key] = tensor
+        param.data = read[where.key]
+    return model.eval()
+
+
+def _checkpoint_keys(directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            keys += f.keys()
+    return keys
 
 
 def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:

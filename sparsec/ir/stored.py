@@ -2,8 +2,8 @@
 
 A `Program` captured from a model whose parameters were never allocated (`sparsec.models.load_model(...,
 weights="lazy")`) holds each weight as a `StoredTensor`: where it lies (file and key) and what the program sees
-(shape, dtype). `read()` memory-maps the file and copies out that one tensor (never unpickling anything), converted
-to the program's dtype; nothing is cached, so a pass that scores weights by magnitude holds one FFN's tensors at a
+(shape, dtype). `read()` reads that one tensor from the file into memory of its own (`pread`, no mapping of the
+file that would keep it resident; never unpickling anything), converted to the program's dtype; nothing is cached, so a pass that scores weights by magnitude holds one FFN's tensors at a
 time.
 """
 
@@ -31,7 +31,7 @@ class StoredTensor:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(self.file), framework="pt") as f:
+            with safe_open(str(self.file), framework="pt", backend="pread") as f:
                 tensor = f.get_tensor(self.key)
         except Exception as exc:
             raise SparsecError(

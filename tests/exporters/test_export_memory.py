@@ -8,8 +8,9 @@ they matched, whose values hold the program's tensors (`exporters.lowering.onnx.
 import gc
 import weakref
 
-from sparsec.exporters.lowering.onnx import export_onnx
 from conftest import small_program
+
+from sparsec.exporters.lowering.onnx import export_onnx
 
 
 def test_program_weights_are_freed_after_export(tmp_path):
