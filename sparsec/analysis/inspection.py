@@ -86,6 +86,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         "family": program.family,
         "inputs": {k: list(v.shape) for k, v in inputs.items()},
         "dynamic_dims": program.dynamic_dims,
+        "dim_bounds": program.dim_bounds,
         "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
         "parameters": program.num_parameters(),
         "weights": "not in memory: counts come from shapes, no weight was read"
@@ -173,7 +174,7 @@ def format_inspection(info: dict) -> str:
     lines = [
         f"family: {info['family']}   ops: {info['ops']}   parameters: {info['parameters']:,}   "
         f"FLOPs at {info['inputs']}: {_human(info['flops'])}",
-        f"dynamic dims: {info['dynamic_dims']}",
+        f"dynamic dims: {info['dynamic_dims']}" + (f"   bounds: {info['dim_bounds']}" if info["dim_bounds"] else ""),
         f"weights: {info['weights']}",
         *([f"FLOPs absent: {info['flops_absent']}"] if info["flops_absent"] else []),
         "",

@@ -1,9 +1,13 @@
 """Structural patterns found in the graph itself, not by module class names.
 
 Residual blocks: a block (decoder layer, encoder layer) hands on its residual streams (one; two in a
-dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`.
-`residual_streams` finds those chains and classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
-dependency model depth rewrites use: dropping a sublayer means replacing its add by the stream it adds to.
+dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`, where a
+post-norm block (BERT, the original Transformer) normalizes the stream after each add
+(`stream = layer_norm(stream + sublayer(stream))`). `residual_streams` finds those chains and classifies each
+sublayer as `attn` (it holds an attention op), `mlp` (it holds an FFN) or `parallel` (both: a parallel-residual
+block, GPT-NeoX / Phi / Falcon, adds `attn(x) + mlp(x)` to the stream once). This is the dependency model depth
+rewrites use: dropping a sublayer means replacing its add by the stream it adds to; dropping a block, replacing
+its output by its input.
 
 An FFN is found from its *down* projection backwards: a linear whose input is computed only by pointwise
 ops from one or two other linears' outputs.
@@ -467,7 +471,8 @@ class Sublayer:
     """One residual branch of a block: `residual_add = stream_in + branch`.
 
     Attributes:
-        kind: `attn` (holds an attention op), `mlp` (holds an FFN) or `other`.
+        kind: `attn` (holds an attention op), `mlp` (holds an FFN), `parallel` (both, added to the stream by
+            one add: a parallel-residual block) or `other`.
         residual_add: the add that puts the branch on the stream.
         stream_in: the residual stream the branch reads and is added to.
         branch: the branch's output (e.g. the o_proj / down_proj linear).
@@ -483,12 +488,17 @@ class Sublayer:
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
+    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`.
+
+    `norms`: the layer norms a post-norm block applies to the stream after its residual adds (empty for
+    pre-norm blocks); they belong to no sublayer, so dropping a sublayer keeps them.
+    """
 
     path: str
     input: Node
     output: Node
     sublayers: tuple[Sublayer, ...]
+    norms: tuple[Node, ...] = ()
 
     def sublayer(self, kind: str) -> Sublayer | None:
         found = [s for s in self.sublayers if s.kind == kind]
@@ -537,28 +547,44 @@ def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]
     return streams
 
 
+def _post_norm(node: Node, inside: set[Node]) -> bool:
+    """A layer norm of a residual add computed in the block: a post-norm block's stream (BERT)."""
+    if node.op != "call_function" or node.target is not aten.layer_norm.default:
+        return False
+    source = skip_passthrough(node.args[0])
+    return source in inside and source.target is aten.add.Tensor
+
+
 def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
+    norms: list[Node] = []
+
+    def on_stream(n: Node) -> bool:  # an earlier residual add, or the post-norm of one
+        return n.target is aten.add.Tensor or _post_norm(n, inside)
+
     node = skip_passthrough(output)
-    while node in inside and node.target is aten.add.Tensor:
+    while node in inside:
+        if _post_norm(node, inside):
+            norms.append(node)
+            node = skip_passthrough(node.args[0])
+            continue
+        if node.target is not aten.add.Tensor:
+            break
         a, b = node.args[:2]
         if not (isinstance(a, Node) and isinstance(b, Node)):
             break
         # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
         sa, sb = skip_passthrough(a), skip_passthrough(b)
-        if sa not in inside or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor):
+        if sa not in inside or (sb in inside and on_stream(sa) and not on_stream(sb)):
             stream, branch, upstream = a, b, sa
-        elif sb not in inside or sb.target is aten.add.Tensor:
+        elif sb not in inside or on_stream(sb):
             stream, branch, upstream = b, a, sb
         else:
             break
         nodes = _branch_nodes(branch, stream, inside)
-        if any(n.target in ATTENTION_OPS for n in nodes):
-            kind = "attn"
-        elif any(n in down_nodes for n in nodes):
-            kind = "mlp"
-        else:
-            kind = "other"
+        attention = any(n.target in ATTENTION_OPS for n in nodes)
+        ffn = any(n in down_nodes for n in nodes)
+        kind = "parallel" if attention and ffn else "attn" if attention else "mlp" if ffn else "other"
         chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
         node = upstream
     if not chain or node in inside:
@@ -576,7 +602,7 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
                 f"{_describe(node)}, computed inside the block"
             )
         return NoMatch("residual block", region.path, rule, node.name)
-    return ResidualBlock(region.path, node, output, tuple(reversed(chain)))
+    return ResidualBlock(region.path, node, output, tuple(reversed(chain)), tuple(reversed(norms)))
 
 
 class ResidualStructure:
