@@ -547,26 +547,47 @@ def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]
     return streams
 
 
-def _post_norm(node: Node, inside: set[Node]) -> bool:
-    """A layer norm of a residual add computed in the block: a post-norm block's stream (BERT)."""
-    if node.op != "call_function" or node.target is not aten.layer_norm.default:
-        return False
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+
+
+def _stream_step(node: Node, inside: set[Node]) -> Node | None:
+    """The residual add a stream node is computed from, if it is a layer norm of one (a post-norm block,
+    BERT) or a per-token relayout of one (OPT flattens the stream to [tokens, hidden] for its FFN); else None."""
+    if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, Node):
+        return None
     source = skip_passthrough(node.args[0])
-    return source in inside and source.target is aten.add.Tensor
+    if source not in inside:
+        return None
+    if node.target is aten.layer_norm.default:
+        pass
+    elif node.target in RESHAPES:
+        value, before = node.meta.get("val"), source.meta.get("val")
+        if (
+            not (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor))
+            or value.shape[-1:] != before.shape[-1:]
+        ):
+            return None
+    else:
+        return None
+    if source.target is aten.add.Tensor or _stream_step(source, inside) is not None:
+        return source
+    return None
 
 
 def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
     norms: list[Node] = []
 
-    def on_stream(n: Node) -> bool:  # an earlier residual add, or the post-norm of one
-        return n.target is aten.add.Tensor or _post_norm(n, inside)
+    def on_stream(n: Node) -> bool:  # an earlier residual add, or its post-norm or relayout
+        return n.target is aten.add.Tensor or _stream_step(n, inside) is not None
 
     node = skip_passthrough(output)
     while node in inside:
-        if _post_norm(node, inside):
-            norms.append(node)
-            node = skip_passthrough(node.args[0])
+        source = _stream_step(node, inside)
+        if source is not None:
+            if node.target is aten.layer_norm.default:
+                norms.append(node)
+            node = source
             continue
         if node.target is not aten.add.Tensor:
             break

@@ -4,7 +4,8 @@ This is the IR's front door and knows no model families: the caller passes the d
 (`sparsec.capture` derives both from the model's family; `EntryPoint.capture` from its entry point).
 
 transformers 5 has no torch.fx tracer and `torch.fx.symbolic_trace` fails on these models; non-strict
-export captures them whole, with `nn_module_stack` on every node. When it fails, the error names the
+export captures them whole, with `nn_module_stack` on every node. Projections written without `nn.Linear`
+(GPT-2's Conv1D, `x @ weight.T`) are made `aten.linear` nodes (`sparsec.ir.canonical`). When it fails, the error names the
 innermost module that was running, the line of model code, and a hint.
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from sparsec.errors import CaptureError
+from sparsec.ir.canonical import canonicalize_linears
 from sparsec.ir.program import Program
 from sparsec.ir.tags import Tagger
 
@@ -200,6 +202,8 @@ def capture_program(
         model.train(was_training)
     sys.stderr.write(printed.getvalue())
 
+    signature = exported.graph_signature
+    canonicalize_linears(exported.graph, {*signature.inputs_to_parameters, *signature.inputs_to_buffers})
     program = Program(exported, family=family, tagger=tagger or Tagger(), dynamic_dims=dims, dim_bounds=bounds)
     program.prune()  # drop state the graph never reads (e.g. unused rotary buffers)
     return program

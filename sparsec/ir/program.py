@@ -88,6 +88,18 @@ def _is_dead_metadata_assert(node: Node) -> bool:
     return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
 
 
+def _is_dead_private_update(node: Node) -> bool:
+    """An in-place op (`add_`, Falcon's `mlp_out += attn_out`) on a value only it reads, not a view of another
+    one: when its result is unused too, nothing can observe the update."""
+    schema = getattr(node.target, "_schema", None)
+    target = node.args[0] if node.args else None
+    if schema is None or not schema.is_mutable or not isinstance(target, Node) or target.op != "call_function":
+        return False
+    produced_by = getattr(target.target, "_schema", None)
+    is_view = produced_by is None or any(r.alias_info is not None for r in produced_by.returns)
+    return not is_view and set(target.users) == {node}
+
+
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
 
 
@@ -710,7 +722,11 @@ class Program:
 
         def is_impure(node: Node) -> bool:
             # An unused random op (SDPA carries the `nondeterministic_seeded` tag for dropout) is dead in inference.
-            return node.is_impure(impure_random=False) and not _is_dead_metadata_assert(node)
+            return (
+                node.is_impure(impure_random=False)
+                and not _is_dead_metadata_assert(node)
+                and not _is_dead_private_update(node)
+            )
 
         while graph.eliminate_dead_code(is_impure_node=is_impure):
             pass
