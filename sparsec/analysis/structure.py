@@ -366,7 +366,8 @@ def ffn_activation(ffn: Ffn) -> str:
     `down(act(gate x) * up x)` (gated, fused gated) or `down(act(up x))` (plain) and nothing else.
 
     Rewrites that re-implement the FFN (the MoE operator) need this; `PassError` names the ops otherwise.
-    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through.
+    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through; an activation
+    spelled out as arithmetic (`gelu_new`) is recognised by what its ops compute.
     """
     seen: set[Node] = set()
 
@@ -420,12 +421,58 @@ def ffn_activation(ffn: Ffn) -> str:
         a, b = (strip(arg) for arg in hidden.args)
         found = activation(a, gate_source) if up_source(b) else activation(b, gate_source) if up_source(a) else None
     if found is None or set(ffn.interior) - seen:
+        found = _computed_activation(ffn)
+    if found is None:
         ops = sorted({str(n.target) for n in ffn.interior})
         raise PassError(
             f"FFN {ffn.describe()}: the ops between its projections ({ops}) are not act(gate x) * up x or act(fc1 x) with "
             f"a supported activation ({sorted(set(ACTIVATION_OPS.values()) | {'gelu_tanh'})})"
         )
     return found
+
+
+_ACTIVATION_FUNCTIONS = {
+    "silu": torch.nn.functional.silu,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+def _computed_activation(ffn: Ffn) -> str | None:
+    """The supported activation an FFN's pointwise ops compute when they spell it out as arithmetic (GPT-2's
+    and Phi's `gelu_new`, BLOOM's GELU: `tanh`, `pow`, `mul`, `add`), found by running those ops on probe
+    values in float64: `act(g) * u` (gated) or `act(u)` (plain) within 1e-6 of one activation, else None."""
+    if ffn.gate_half is not None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.linspace(-8, 8, 257, dtype=torch.float64)
+    values = {ffn.gate if ffn.gate is not None else ffn.up: probe}
+    if ffn.gate is not None:
+        values[ffn.up] = torch.randn(probe.shape, generator=gen, dtype=torch.float64)
+    order = {n: i for i, n in enumerate(ffn.down.graph.nodes)}
+
+    def value(arg):
+        if isinstance(arg, Node):
+            if arg not in values:
+                raise LookupError(arg.name)
+            return values[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    try:
+        for node in sorted(ffn.interior, key=order.__getitem__):
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "device", "layout")}
+            values[node] = node.target(*value(node.args), **value(kwargs))
+        out = values[ffn.down.args[0]].to(torch.float64)
+    except (LookupError, RuntimeError, TypeError):
+        return None
+    up = values[ffn.up] if ffn.gate is not None else 1.0
+    for name, act in _ACTIVATION_FUNCTIONS.items():
+        if out.shape == probe.shape and torch.allclose(out, act(probe) * up, rtol=1e-6, atol=1e-6):
+            return name
+    return None
 
 
 def find_ffns(program) -> list[Ffn]:

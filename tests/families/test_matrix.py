@@ -22,6 +22,7 @@ from conftest import make_inputs, make_model, slice_by_hand
 
 import sparsec
 from sparsec import testing
+from sparsec.analysis.inspection import inspect_program
 from sparsec.analysis.regions import region_index
 from sparsec.errors import PassError
 from sparsec.exporters.lowering.onnx import export_onnx
@@ -42,7 +43,7 @@ class Arch:
     stack: str
     roles: dict = field(default_factory=lambda: LLAMA_MLP)
     parallel: bool = False  # attention and MLP in one residual branch: sublayer drops are refused
-    activation_written_out: bool = False  # GELU spelled as tanh arithmetic: ffn_to_moe refuses it, naming the ops
+    post_norm: bool = False  # the stream is layer-normed after each residual add (BERT)
 
 
 def _hf(model_class, config_class, **kw):
@@ -93,7 +94,6 @@ ARCHS = {
         "model.layers",
         {"up": "fc1", "down": "fc2"},
         parallel=True,
-        activation_written_out=True,
     ),
     "cohere (parallel as a chain, tied)": Arch(
         _hf(T.CohereForCausalLM, T.CohereConfig, **dict(DECODER, tie_word_embeddings=True)), "model.layers"
@@ -102,7 +102,6 @@ ARCHS = {
         _hf(T.BloomForCausalLM, T.BloomConfig, vocab_size=256, hidden_size=64, n_layer=4, n_head=4),
         "transformer.h",
         {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
-        activation_written_out=True,
     ),
     "opt (learned absolute positions, flat FFN)": Arch(
         _hf(
@@ -123,7 +122,6 @@ ARCHS = {
         _hf(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256),
         "transformer.h",
         {"up": "c_fc", "down": "c_proj"},
-        activation_written_out=True,
     ),
     "falcon (parallel attention, x @ weight.T)": Arch(
         _hf(
@@ -142,17 +140,22 @@ ARCHS = {
         parallel=True,
     ),
     "bert (post-norm encoder, pooled)": Arch(
-        _hf(T.BertModel, T.BertConfig, **ENCODER), "encoder.layer", {"up": "intermediate.dense", "down": "output.dense"}
+        _hf(T.BertModel, T.BertConfig, **ENCODER),
+        "encoder.layer",
+        {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
     ),
     "roberta (post-norm, padding-offset positions)": Arch(
         _hf(T.RobertaModel, T.RobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
         "encoder.layer",
         {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
     ),
     "xlm_roberta": Arch(
         _hf(T.XLMRobertaModel, T.XLMRobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
         "encoder.layer",
         {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
     ),
     "vit (vision tower)": Arch(
         _hf(T.ViTModel, T.ViTConfig, **VISION, patch_size=8), "layers", {"up": "fc1", "down": "fc2"}
@@ -290,12 +293,7 @@ def _check_structure(family: Family, name: str, program, record) -> None:
         testing.assert_op_count(program, "**", "aten.linear.default", linears - in_ffns)
 
 
-CASES = [
-    (arch, name)
-    for arch, spec in ARCHS.items()
-    for name in PASSES
-    if not (name == "ffn_to_moe" and spec.activation_written_out)
-]
+CASES = [(arch, name) for arch in ARCHS for name in PASSES]
 
 
 @pytest.mark.parametrize("arch, pass_name", CASES)
@@ -325,12 +323,15 @@ def test_sublayer_drop_in_a_parallel_block_is_refused_naming_the_block(families,
     assert program.graph_module.code == before
 
 
-@pytest.mark.parametrize("arch", [a for a, spec in ARCHS.items() if spec.activation_written_out])
-def test_moe_of_a_written_out_activation_is_refused_naming_the_ops(families, arch):
-    """Phi's and GPT-2's `gelu_new` and BLOOM's GELU are tanh arithmetic in the graph, not one activation op; the MoE
-    operator cannot re-implement them, so the pass stops before any change, naming the FFN and its ops."""
-    program = families(arch).capture()
-    before = program.graph_module.code
-    with pytest.raises(PassError, match=r"FFN .*\.0\.mlp: the ops between its projections \(\[.*aten.tanh.default"):
-        testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, router="random", importance="magnitude")
-    assert program.graph_module.code == before
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_inspect_reads_every_block_and_ffn(families, arch):
+    """Each block is a residual block read as its shape is (attention then MLP, post-norm, or one parallel
+    branch), and nothing is left unclassified."""
+    family = families(arch)
+    info = inspect_program(family.program, family.inputs)
+    spec = family.arch
+    expected = "parallel" if spec.parallel else "attn + mlp" + (" (post-norm)" if spec.post_norm else "")
+    (stack,) = [s for s in info["block_stacks"] if s["path"] == spec.stack]
+    assert stack["structure"] == expected and stack["blocks"] == 4
+    assert info["unclassified_blocks"] == [] and info["unclassified_sublayers"] == []
+    assert len(info["ffns"]) >= 4
