@@ -1,9 +1,11 @@
 """`drop_layers`: depth pruning. Remove whole blocks, attention sublayers or MLP sublayers from a block stack.
 
 A dropped sublayer becomes the identity on the residual stream: its residual add `stream + branch` is
-replaced by `stream`, and the branch (norm, projections, attention or FFN) dies with its weights. A dropped
-block is all of its sublayers. Shared inputs (rotary cos/sin, masks) are untouched and keep serving the
-remaining blocks.
+replaced by `stream`, and the branch (norm, projections, attention or FFN) dies with its weights; in a
+post-norm block (BERT) the layer norm after that add stays, as if the sublayer output zeros. A dropped block
+hands on its input: each stream's output is replaced by the stream entering it, and the whole block (post-norms
+included) dies. A parallel-residual block (attention and MLP summed into one add) drops only as a whole. Shared
+inputs (rotary cos/sin, masks) are untouched and keep serving the remaining blocks.
 
 Selection is explicit (`layers: [i, ...]`, block indices in the stack) or by score (`count:` / `ratio:`):
 with `score: cosine`, a unit's score is the mean over valid calibration tokens of cos(X_in, X_out), its
@@ -26,7 +28,14 @@ from typing import Literal
 from torch.fx import Node
 
 from sparsec.analysis.regions import BlockStack, region_index
-from sparsec.analysis.structure import LINEAR, Sublayer, residual_structure, skip_noop_casts
+from sparsec.analysis.structure import (
+    LINEAR,
+    ResidualBlock,
+    Sublayer,
+    residual_structure,
+    skip_noop_casts,
+    skip_passthrough,
+)
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
@@ -34,12 +43,14 @@ from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 @dataclass(frozen=True)
 class _Unit:
-    """Something that can be dropped: a whole block, or one kind of sublayer of a block (in every stream of a
-    multi-stream block: both attention branches of an MMDiT block's joint attention)."""
+    """Something that can be dropped: a whole block (`blocks`: its residual streams), or one kind of sublayer
+    of a block (in every stream of a multi-stream block: both attention branches of an MMDiT block's joint
+    attention)."""
 
     label: str  # "model.layers.3" or "model.layers.3:attn"
     path: str
     streams: tuple[tuple[Sublayer, ...], ...]  # per residual stream, its sublayers in this unit
+    blocks: tuple[ResidualBlock, ...] = ()  # a whole block: each stream's output is replaced by its input
 
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
@@ -48,7 +59,16 @@ class _Unit:
     @property
     def pairs(self) -> list[tuple]:
         """(input, output) of the unit on each stream: the values its score compares."""
+        if self.blocks:
+            return [(b.sublayers[0].stream_in, b.output) for b in self.blocks]
         return [(stream[0].stream_in, stream[-1].residual_add) for stream in self.streams]
+
+    def bypassed(self) -> list[tuple[Node, Node]]:
+        """(node replaced, the stream value that takes its place): a block's last stream node (its final
+        residual add, or a post-norm's layer norm) by its input; a sublayer's residual add by its stream."""
+        if self.blocks:
+            return [(skip_passthrough(b.output), b.sublayers[0].stream_in) for b in self.blocks]
+        return [(s.residual_add, s.stream_in) for s in reversed(self.sublayers)]
 
 
 class DropLayers(Pass):
@@ -116,8 +136,14 @@ class DropLayers(Pass):
                 continue  # dropped earlier
             streams = structure.streams(region.path)
             if kinds is None:
-                units.append(_Unit(region.path, region.path, tuple(s.sublayers for s in streams)))
+                units.append(_Unit(region.path, region.path, tuple(s.sublayers for s in streams), tuple(streams)))
                 continue
+            if any(s.kind == "parallel" for stream in streams for s in stream.sublayers):
+                raise PassError(
+                    f"drop_layers: block {region.path} is a parallel-residual block: its attention and MLP read the "
+                    "same input and their sum is added to the stream once, so neither is a sublayer of its own; "
+                    f"kind {self.options.kind!r} cannot drop one of them, drop whole blocks (kind: block)"
+                )
             for k in kinds:
                 found = tuple((s.sublayer(k),) for s in streams if s.sublayer(k))
                 if found:
@@ -167,19 +193,19 @@ class DropLayers(Pass):
     # ----- rewrite ------------------------------------------------------------------------------------
     @staticmethod
     def _bypass(program: Program, unit: _Unit, replaced: dict[Node, Node]) -> None:
-        """Replace each residual add by the stream it adds to (no-op casts on the way die with the branch).
+        """Replace the unit's stream nodes by the streams they add to (no-op casts on the way die with the
+        branch).
 
-        `replaced` maps the adds already bypassed to what took their place: a unit's stream input may be the
+        `replaced` maps the nodes already bypassed to what took their place: a unit's stream input may be the
         output of a unit dropped just before it (consecutive blocks), which is gone from the graph by then.
         """
-        for sub in reversed(unit.sublayers):
-            stream = sub.stream_in
+        for node, stream in unit.bypassed():
             while stream in replaced:
                 stream = replaced[stream]
             stream = skip_noop_casts(stream)
-            sub.residual_add.replace_all_uses_with(stream)
-            program.graph.erase_node(sub.residual_add)
-            replaced[sub.residual_add] = stream
+            node.replace_all_uses_with(stream)
+            program.graph.erase_node(node)
+            replaced[node] = stream
 
     @staticmethod
     def _live_state(program: Program) -> set[str]:
@@ -197,7 +223,11 @@ class DropLayers(Pass):
         modulation read by both its attention and MLP sublayers, stay while another sublayer reads them)."""
         before = self._live_state(program)
         read = {
-            u.label: {program.state_name(a) for s in u.sublayers for n in s.nodes for a in n.all_input_nodes}
+            u.label: {
+                program.state_name(a)
+                for n in (*(n for s in u.sublayers for n in s.nodes), *(n for b in u.blocks for n in b.norms))
+                for a in n.all_input_nodes
+            }
             for u in units
         }
         replaced: dict[Node, Node] = {}

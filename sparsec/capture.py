@@ -38,7 +38,8 @@ def capture(
         example_inputs: keyword inputs by name; every tensor input of the deployed model must be here.
         dynamic: True for the family's dynamic dims (batch on every input, sequence on text inputs),
             False for static shapes, or `{input: {axis: dim_name}}`; equal names share one dimension.
-        family: the model family (detected from `config.model_type` if None).
+        family: the model family (detected from `config.model_type` if None); its `dim_bounds` bound the
+            dynamic dims of those names (`seq` at `max_position_embeddings`).
         tags: component tag rules put in front of the family's defaults.
 
     Raises:
@@ -57,7 +58,8 @@ def capture(
     else:
         dims = dynamic
     tagger = Tagger(family.tags).with_overrides(tags)
-    program = capture_program(model, example_inputs, dims, family=family.name, tagger=tagger)
+    bounds = family.dim_bounds(model)
+    program = capture_program(model, example_inputs, dims, family=family.name, tagger=tagger, dim_bounds=bounds)
     if family.name == GENERIC.name and not tags:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         warnings.warn(

@@ -279,6 +279,7 @@ class _Unit:
         self.report["capture"] = {
             "example_shapes": {k: list(v.shape) for k, v in example.items()},
             "dynamic_dims": self.program.dynamic_dims,
+            "dim_bounds": self.program.dim_bounds,
             "ops": sum(1 for n in self.program.graph.nodes if n.op == "call_function"),
         }
 

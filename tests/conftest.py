@@ -94,20 +94,40 @@ def mot_inputs(batch: int, seq: int, gen_from: int | None, seed: int = 0) -> dic
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "gen_mask": is_gen}
 
 
-def slice_by_hand(model, decisions):
-    """The reference: each FFN module's Linear layers sliced with the kept indices the pass reported."""
+def slice_by_hand(model, decisions, roles=None):
+    """The reference: each FFN module's Linear layers sliced with the kept indices the pass reported.
+
+    `roles`: the FFN's Linear modules by role, relative to the FFN path (`{"up": "intermediate.dense", "down":
+    "output.dense"}`; `gate`, or `gate_up` for a fused [gate | up] projection); default: Llama's `gate_proj` /
+    `up_proj` / `down_proj` where the module has them, else ViT's `fc1` / `fc2`. GPT-2's Conv1D modules
+    (weight stored [in, out]) are sliced along the transposed dimensions.
+    """
     reference = copy.deepcopy(model)
     for d in decisions["ffns"]:
         mlp = reference.get_submodule(d["path"])
         idx = torch.tensor(d["kept_indices"])
-        if hasattr(mlp, "gate_proj"):  # Llama / Qwen2 gated MLP
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
-                sparsec.testing.linear_rows(mlp.gate_proj, idx),
-                sparsec.testing.linear_rows(mlp.up_proj, idx),
-                sparsec.testing.linear_columns(mlp.down_proj, idx),
-            )
-        else:  # ViT/SigLIP-style fc1 / act / fc2
-            mlp.fc1, mlp.fc2 = sparsec.testing.linear_rows(mlp.fc1, idx), sparsec.testing.linear_columns(mlp.fc2, idx)
+        names = roles or (
+            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+            if hasattr(mlp, "gate_proj")
+            else {"up": "fc1", "down": "fc2"}
+        )
+        for role, name in names.items():
+            parent, _, attr = f"{d['path']}.{name}".rpartition(".")
+            owner, linear = reference.get_submodule(parent), reference.get_submodule(f"{d['path']}.{name}")
+            if role == "gate_up":  # rows [gate | up], each half of width_before
+                idx_role = torch.cat([idx, idx + d["width_before"]])
+            else:
+                idx_role = idx
+            if not isinstance(linear, torch.nn.Linear):  # GPT-2's Conv1D: weight [in, out], y = x @ W + b
+                weight = linear.weight.detach()
+                linear.weight = torch.nn.Parameter(weight[idx_role] if role == "down" else weight[:, idx_role])
+                if role != "down":
+                    linear.bias = torch.nn.Parameter(linear.bias.detach()[idx_role])
+                linear.nf = linear.weight.shape[1]
+            elif role == "down":
+                setattr(owner, attr, sparsec.testing.linear_columns(linear, idx_role))
+            else:
+                setattr(owner, attr, sparsec.testing.linear_rows(linear, idx_role))
     return reference
 
 

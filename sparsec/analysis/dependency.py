@@ -2,7 +2,8 @@
 
 Slicing an FFN's neurons is only correct if every tensor indexed by the intermediate (neuron) dimension
 is sliced the same way: rows of up (and gate), their biases, columns of down, and any per-neuron tensor
-read on the way (a scale, say). `ffn_channel_group` finds that set from the graph (a networkx graph of the
+read on the way (a scale, say). A weight stored transposed (GPT-2's Conv1D, [in, out]) is sliced along the
+other dimension. `ffn_channel_group` finds that set from the graph (a networkx graph of the
 values carrying the neuron dimension and the weights feeding them) and refuses, naming the reader, when
 something outside the FFN also reads an intermediate value: slicing would change what it sees.
 
@@ -20,6 +21,7 @@ from torch.fx import Node
 
 from sparsec.analysis.structure import SPLIT_OPS, Ffn
 from sparsec.errors import PassError
+from sparsec.ir.canonical import transposed_source
 
 aten = torch.ops.aten
 
@@ -97,10 +99,14 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
         carrying |= ({producer} | nx.descendants(graph, producer)) & (nx.ancestors(graph, ffn.down))
     params: list[ParamSlice] = []
     offsets = (0,) if ffn.gate_half is None else (0, ffn.intermediate_size)  # a fused weight: both halves
-    for linear in producers:  # rows of the producing projections, and their biases
-        for arg in _state_args(program, linear):
-            params.append(ParamSlice(program.state_name(arg), 0, offsets))
-    params.append(ParamSlice(program.state_name(ffn.down.args[1]), 1))  # columns of down; its bias is not coupled
+    for linear in producers:  # rows of the producing projections (columns of a transposed weight), their biases
+        weight, transposed = linear_weight_node(linear)
+        params.append(ParamSlice(_state_name(program, weight, linear), 1 if transposed else 0, offsets))
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        if isinstance(bias, Node):
+            params.append(ParamSlice(_state_name(program, bias, linear), 0, offsets))
+    weight, transposed = linear_weight_node(ffn.down)  # columns of down; its bias is not coupled
+    params.append(ParamSlice(_state_name(program, weight, ffn.down), 0 if transposed else 1))
     for node in carrying - set(producers):
         for arg in _state_args(program, node):
             shape = program.state_shape(program.state_name(arg))
@@ -120,6 +126,22 @@ def ffn_channel_group(program, ffn: Ffn) -> ChannelGroup:
     return ChannelGroup(ffn.path, ffn.intermediate_size, tuple(params), splits)
 
 
+def linear_weight_node(linear: Node) -> tuple[Node, bool]:
+    """The weight an `aten.linear` node reads and whether it is stored transposed ([in, out]: GPT-2's Conv1D,
+    read through a `t`; see `sparsec.ir.canonical`)."""
+    source = transposed_source(linear.args[1])
+    return (linear.args[1], False) if source is None else (source, True)
+
+
+def _state_name(program, node: Node, linear: Node) -> str:
+    name = program.state_name(node)
+    if name is None:
+        raise PassError(f"{linear.name}: its weight or bias {node.name} is computed in the graph, not a parameter")
+    return name
+
+
 def linear_weight(program, linear: Node) -> torch.Tensor:
-    """The weight tensor of an `aten.linear` node."""
-    return program.state_tensor(program.state_name(linear.args[1]))
+    """The [out, in] weight of an `aten.linear` node (a transposed view of a weight stored [in, out])."""
+    weight, transposed = linear_weight_node(linear)
+    tensor = program.state_tensor(_state_name(program, weight, linear))
+    return tensor.t() if transposed else tensor

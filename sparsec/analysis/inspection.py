@@ -1,7 +1,9 @@
 """`inspect`: what a captured program is made of, per component (understanding / generation / shared).
 
-It also says what the structural matchers did not recognise and why (`explain`, `sparsec inspect --why PATH`):
-the linears that are no part of an FFN and the blocks without a residual structure, each with the rule it broke.
+It also says how each block stack was read (its sublayers: attn, mlp, parallel; post-norm) and what the
+structural matchers did not recognise and why (`explain`, `sparsec inspect --why PATH`): the linears that are no
+part of an FFN, the blocks without a residual structure and the block branches that are neither attention nor an
+FFN (an FFN the matchers could not classify), each with the rule it broke.
 
 FLOPs are counted by running the program once at the example shape under torch's `FlopCounterMode` and
 attributing each node's FLOPs to its innermost module path (so they follow the same tags as parameters). A
@@ -18,8 +20,8 @@ from collections.abc import Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsec.analysis.regions import module_path, region_index
-from sparsec.analysis.structure import NoMatch, ffn_misses, match_residual_block
+from sparsec.analysis.regions import Region, module_path, region_index
+from sparsec.analysis.structure import LINEAR, NoMatch, ffn_misses, match_ffn, match_residual_block
 from sparsec.ir.program import Program
 from sparsec.ir.tags import COMPONENTS
 
@@ -86,6 +88,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         "family": program.family,
         "inputs": {k: list(v.shape) for k, v in inputs.items()},
         "dynamic_dims": program.dynamic_dims,
+        "dim_bounds": program.dim_bounds,
         "ops": sum(1 for n in program.graph.nodes if n.op == "call_function"),
         "parameters": program.num_parameters(),
         "weights": "not in memory: counts come from shapes, no weight was read"
@@ -105,6 +108,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
                 "blocks": len(s.blocks),
                 "type": s.blocks[0].type_name.rsplit(".", 1)[-1],
                 "tag": s.blocks[0].tag,
+                "structure": _structure(s.blocks[0], regions.ffns()),
             }
             for s in regions.block_stacks()
         ],
@@ -114,7 +118,43 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         ],
         "not_ffns": [{"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program)],
         "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
+        "unclassified_sublayers": _sublayer_misses(program),
     }
+
+
+def _structure(block: Region, ffns: list) -> str:
+    """How the first block of a stack was read: its sublayer kinds per stream, `post-norm` if it has one."""
+    found = match_residual_block(block, ffns)
+    if isinstance(found, NoMatch):
+        return "no residual structure"
+    streams = [
+        " + ".join(s.kind for s in stream.sublayers) + (" (post-norm)" if stream.norms else "") for stream in found
+    ]
+    return "; ".join(streams)
+
+
+def _sublayer_misses(program: Program) -> list[dict]:
+    """Residual branches of blocks that hold neither an attention op nor an FFN, with why each linear in them
+    is no FFN's down projection: an FFN the matchers could not classify."""
+    regions = region_index(program)
+    ffns = regions.ffns()
+    misses = []
+    for stack in regions.block_stacks():
+        for block in stack.blocks:
+            found = match_residual_block(block, ffns)
+            if isinstance(found, NoMatch):
+                continue
+            for stream in found:
+                for sub in stream.sublayers:
+                    if sub.kind != "other":
+                        continue
+                    linears = [n for n in sub.nodes if n.target is LINEAR]
+                    why = [str(m) for m in map(match_ffn, linears) if isinstance(m, NoMatch)]
+                    reason = "holds no attention op (softmax, scaled_dot_product_attention) and no FFN" + (
+                        f"; {'; '.join(why)}" if why else "; it holds no linear"
+                    )
+                    misses.append({"path": block.path, "reason": reason, "node": sub.residual_add.name})
+    return misses
 
 
 def _block_misses(program: Program) -> list[NoMatch]:
@@ -154,7 +194,10 @@ def explain(program: Program, path: str) -> list[str]:
     else:
         for stream in found:
             kinds = ", ".join(f"{s.kind} ({s.residual_add.name})" for s in stream.sublayers)
-            lines.append(f"{path}: a residual block, stream {stream.input.name} -> {stream.output.name}: {kinds}")
+            norms = f", post-norm ({', '.join(n.name for n in stream.norms)})" if stream.norms else ""
+            lines.append(
+                f"{path}: a residual block, stream {stream.input.name} -> {stream.output.name}: {kinds}{norms}"
+            )
     return lines
 
 
@@ -173,7 +216,7 @@ def format_inspection(info: dict) -> str:
     lines = [
         f"family: {info['family']}   ops: {info['ops']}   parameters: {info['parameters']:,}   "
         f"FLOPs at {info['inputs']}: {_human(info['flops'])}",
-        f"dynamic dims: {info['dynamic_dims']}",
+        f"dynamic dims: {info['dynamic_dims']}" + (f"   bounds: {info['dim_bounds']}" if info["dim_bounds"] else ""),
         f"weights: {info['weights']}",
         *([f"FLOPs absent: {info['flops_absent']}"] if info["flops_absent"] else []),
         "",
@@ -185,22 +228,23 @@ def format_inspection(info: dict) -> str:
     for r in info["regions"]:
         lines.append(f"{r['path']:<40}{r['type'][:27]:<28}{r['tag']:<15}{r['parameters']:>12,}{_human(r['flops']):>10}")
     lines += ["", "block stacks:"]
-    lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or [
-        "  none"
-    ]
+    lines += [
+        f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})  sublayers: {s['structure']}"
+        for s in info["block_stacks"]
+    ] or ["  none"]
     lines += ["", f"FFNs ({len(info['ffns'])}):"]
     lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or [
         "  none"
     ]
-    shown = 12
-    for key, title in (
-        ("not_ffns", "linears no part of an FFN"),
-        ("unclassified_blocks", "blocks without residual structure"),
+    for key, title, shown in (  # every unclassified block and branch; the many attention linears in short
+        ("not_ffns", "linears no part of an FFN", 12),
+        ("unclassified_blocks", "blocks without residual structure", None),
+        ("unclassified_sublayers", "block sublayers neither attention nor FFN", None),
     ):
         misses = info[key]
         lines += ["", f"{title} ({len(misses)}; why one is not: sparsec inspect --why PATH):"]
         lines += [f"  {m['path']}: {m['reason']}" for m in misses[:shown]] or ["  none"]
-        if len(misses) > shown:
+        if shown is not None and len(misses) > shown:
             lines.append(f"  ... {len(misses) - shown} more (--json lists all)")
     lines += [
         "",

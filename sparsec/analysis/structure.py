@@ -1,9 +1,13 @@
 """Structural patterns found in the graph itself, not by module class names.
 
 Residual blocks: a block (decoder layer, encoder layer) hands on its residual streams (one; two in a
-dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`.
-`residual_streams` finds those chains and classifies each sublayer as `attn` (it holds an attention op) or `mlp` (it holds an FFN). This is the
-dependency model depth rewrites use: dropping a sublayer means replacing its add by the stream it adds to.
+dual-stream MMDiT block), each built by a chain of adds `stream = stream + sublayer(stream)`, where a
+post-norm block (BERT, the original Transformer) normalizes the stream after each add
+(`stream = layer_norm(stream + sublayer(stream))`). `residual_streams` finds those chains and classifies each
+sublayer as `attn` (it holds an attention op), `mlp` (it holds an FFN) or `parallel` (both: a parallel-residual
+block, GPT-NeoX / Phi / Falcon, adds `attn(x) + mlp(x)` to the stream once). This is the dependency model depth
+rewrites use: dropping a sublayer means replacing its add by the stream it adds to; dropping a block, replacing
+its output by its input.
 
 An FFN is found from its *down* projection backwards: a linear whose input is computed only by pointwise
 ops from one or two other linears' outputs.
@@ -362,7 +366,8 @@ def ffn_activation(ffn: Ffn) -> str:
     `down(act(gate x) * up x)` (gated, fused gated) or `down(act(up x))` (plain) and nothing else.
 
     Rewrites that re-implement the FFN (the MoE operator) need this; `PassError` names the ops otherwise.
-    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through.
+    Casts that keep the dtype and inactive dropouts (`train=False` or `p=0`) are looked through; an activation
+    spelled out as arithmetic (`gelu_new`) is recognised by what its ops compute.
     """
     seen: set[Node] = set()
 
@@ -416,12 +421,58 @@ def ffn_activation(ffn: Ffn) -> str:
         a, b = (strip(arg) for arg in hidden.args)
         found = activation(a, gate_source) if up_source(b) else activation(b, gate_source) if up_source(a) else None
     if found is None or set(ffn.interior) - seen:
+        found = _computed_activation(ffn)
+    if found is None:
         ops = sorted({str(n.target) for n in ffn.interior})
         raise PassError(
             f"FFN {ffn.describe()}: the ops between its projections ({ops}) are not act(gate x) * up x or act(fc1 x) with "
             f"a supported activation ({sorted(set(ACTIVATION_OPS.values()) | {'gelu_tanh'})})"
         )
     return found
+
+
+_ACTIVATION_FUNCTIONS = {
+    "silu": torch.nn.functional.silu,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+def _computed_activation(ffn: Ffn) -> str | None:
+    """The supported activation an FFN's pointwise ops compute when they spell it out as arithmetic (GPT-2's
+    and Phi's `gelu_new`, BLOOM's GELU: `tanh`, `pow`, `mul`, `add`), found by running those ops on probe
+    values in float64: `act(g) * u` (gated) or `act(u)` (plain) within 1e-6 of one activation, else None."""
+    if ffn.gate_half is not None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.linspace(-8, 8, 257, dtype=torch.float64)
+    values = {ffn.gate if ffn.gate is not None else ffn.up: probe}
+    if ffn.gate is not None:
+        values[ffn.up] = torch.randn(probe.shape, generator=gen, dtype=torch.float64)
+    order = {n: i for i, n in enumerate(ffn.down.graph.nodes)}
+
+    def value(arg):
+        if isinstance(arg, Node):
+            if arg not in values:
+                raise LookupError(arg.name)
+            return values[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    try:
+        for node in sorted(ffn.interior, key=order.__getitem__):
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "device", "layout")}
+            values[node] = node.target(*value(node.args), **value(kwargs))
+        out = values[ffn.down.args[0]].to(torch.float64)
+    except (LookupError, RuntimeError, TypeError):
+        return None
+    up = values[ffn.up] if ffn.gate is not None else 1.0
+    for name, act in _ACTIVATION_FUNCTIONS.items():
+        if out.shape == probe.shape and torch.allclose(out, act(probe) * up, rtol=1e-6, atol=1e-6):
+            return name
+    return None
 
 
 def find_ffns(program) -> list[Ffn]:
@@ -467,7 +518,8 @@ class Sublayer:
     """One residual branch of a block: `residual_add = stream_in + branch`.
 
     Attributes:
-        kind: `attn` (holds an attention op), `mlp` (holds an FFN) or `other`.
+        kind: `attn` (holds an attention op), `mlp` (holds an FFN), `parallel` (both, added to the stream by
+            one add: a parallel-residual block) or `other`.
         residual_add: the add that puts the branch on the stream.
         stream_in: the residual stream the branch reads and is added to.
         branch: the branch's output (e.g. the o_proj / down_proj linear).
@@ -483,12 +535,17 @@ class Sublayer:
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`."""
+    """One residual stream of a block: `output = input + sublayer_1(...) + ... + sublayer_n(...)`.
+
+    `norms`: the layer norms a post-norm block applies to the stream after its residual adds (empty for
+    pre-norm blocks); they belong to no sublayer, so dropping a sublayer keeps them.
+    """
 
     path: str
     input: Node
     output: Node
     sublayers: tuple[Sublayer, ...]
+    norms: tuple[Node, ...] = ()
 
     def sublayer(self, kind: str) -> Sublayer | None:
         found = [s for s in self.sublayers if s.kind == kind]
@@ -537,28 +594,65 @@ def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]
     return streams
 
 
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+
+
+def _stream_step(node: Node, inside: set[Node]) -> Node | None:
+    """The residual add a stream node is computed from, if it is a layer norm of one (a post-norm block,
+    BERT) or a per-token relayout of one (OPT flattens the stream to [tokens, hidden] for its FFN); else None."""
+    if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, Node):
+        return None
+    source = skip_passthrough(node.args[0])
+    if source not in inside:
+        return None
+    if node.target is aten.layer_norm.default:
+        pass
+    elif node.target in RESHAPES:
+        value, before = node.meta.get("val"), source.meta.get("val")
+        if (
+            not (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor))
+            or value.shape[-1:] != before.shape[-1:]
+        ):
+            return None
+    else:
+        return None
+    if source.target is aten.add.Tensor or _stream_step(source, inside) is not None:
+        return source
+    return None
+
+
 def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
+    norms: list[Node] = []
+
+    def on_stream(n: Node) -> bool:  # an earlier residual add, or its post-norm or relayout
+        return n.target is aten.add.Tensor or _stream_step(n, inside) is not None
+
     node = skip_passthrough(output)
-    while node in inside and node.target is aten.add.Tensor:
+    while node in inside:
+        source = _stream_step(node, inside)
+        if source is not None:
+            if node.target is aten.layer_norm.default:
+                norms.append(node)
+            node = source
+            continue
+        if node.target is not aten.add.Tensor:
+            break
         a, b = node.args[:2]
         if not (isinstance(a, Node) and isinstance(b, Node)):
             break
         # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
         sa, sb = skip_passthrough(a), skip_passthrough(b)
-        if sa not in inside or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor):
+        if sa not in inside or (sb in inside and on_stream(sa) and not on_stream(sb)):
             stream, branch, upstream = a, b, sa
-        elif sb not in inside or sb.target is aten.add.Tensor:
+        elif sb not in inside or on_stream(sb):
             stream, branch, upstream = b, a, sb
         else:
             break
         nodes = _branch_nodes(branch, stream, inside)
-        if any(n.target in ATTENTION_OPS for n in nodes):
-            kind = "attn"
-        elif any(n in down_nodes for n in nodes):
-            kind = "mlp"
-        else:
-            kind = "other"
+        attention = any(n.target in ATTENTION_OPS for n in nodes)
+        ffn = any(n in down_nodes for n in nodes)
+        kind = "parallel" if attention and ffn else "attn" if attention else "mlp" if ffn else "other"
         chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
         node = upstream
     if not chain or node in inside:
@@ -576,7 +670,7 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
                 f"{_describe(node)}, computed inside the block"
             )
         return NoMatch("residual block", region.path, rule, node.name)
-    return ResidualBlock(region.path, node, output, tuple(reversed(chain)))
+    return ResidualBlock(region.path, node, output, tuple(reversed(chain)), tuple(reversed(norms)))
 
 
 class ResidualStructure:

@@ -89,6 +89,15 @@ class Family:
                 dims[name][1] = "seq"
         return dims
 
+    def dim_bounds(self, model: nn.Module) -> dict[str, int]:
+        """Largest sizes of the dynamic dims the model's own tables bound: `seq` at the config's
+        `max_position_embeddings` (a learned position table, a `position_ids` buffer sliced to the length;
+        torch.export refuses such a dim unbounded). Every model with that field gets the bound: a rotary
+        model's code does not read past it either way."""
+        config = getattr(model, "config", None)
+        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        return {"seq": int(limit)} if isinstance(limit, int) and limit >= 2 else {}
+
     def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
         """The programs `model` is deployed as; by default one, `forward`."""
 
@@ -96,7 +105,9 @@ class Family:
             return self.example_inputs(model, batch, seq, seed=seed)
 
         dims = self.dynamic_dims(forward_inputs(2, 2, 0))
-        return {"forward": EntryPoint("forward", model, forward_inputs, dims, self, "forward()")}
+        return {
+            "forward": EntryPoint("forward", model, forward_inputs, dims, self, "forward()", self.dim_bounds(model))
+        }
 
     def model_class(self, name: str) -> type[nn.Module] | None:
         """The model class called `name` (an entry of `config.architectures`, or `architecture`), None if
@@ -124,6 +135,7 @@ class EntryPoint:
         dynamic_dims: `{input: {axis: dim_name}}` for `sparsec.capture(dynamic=...)`.
         family: the model family (its component tags apply to every entry point).
         description: one line on what the program computes.
+        dim_bounds: `{dim name: largest size}` for the dynamic dims the model bounds (`Family.dim_bounds`).
     """
 
     name: str
@@ -132,6 +144,7 @@ class EntryPoint:
     dynamic_dims: DynamicDims
     family: Family
     description: str
+    dim_bounds: Mapping[str, int] = field(default_factory=dict)
 
     def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random valid inputs; what `seq` sizes depends on the entry point (see its `description`)."""
@@ -149,6 +162,7 @@ class EntryPoint:
             self.dynamic_dims if dynamic else {},
             family=self.family.name,
             tagger=tagger,
+            dim_bounds=self.dim_bounds,
         )
 
 

@@ -4,7 +4,8 @@ This is the IR's front door and knows no model families: the caller passes the d
 (`sparsec.capture` derives both from the model's family; `EntryPoint.capture` from its entry point).
 
 transformers 5 has no torch.fx tracer and `torch.fx.symbolic_trace` fails on these models; non-strict
-export captures them whole, with `nn_module_stack` on every node. When it fails, the error names the
+export captures them whole, with `nn_module_stack` on every node. Projections written without `nn.Linear`
+(GPT-2's Conv1D, `x @ weight.T`) are made `aten.linear` nodes (`sparsec.ir.canonical`). When it fails, the error names the
 innermost module that was running, the line of model code, and a hint.
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from sparsec.errors import CaptureError
+from sparsec.ir.canonical import canonicalize_linears
 from sparsec.ir.program import Program
 from sparsec.ir.tags import Tagger
 
@@ -140,8 +142,14 @@ def capture_program(
     *,
     family: str = "unknown",
     tagger: Tagger | None = None,
+    dim_bounds: Mapping[str, int] | None = None,
 ) -> Program:
     """Capture `model(**example_inputs)` as one `Program` with exactly `dynamic_dims` (`{input: {axis: name}}`).
+
+    `dim_bounds`: `{dim name: largest size}` for dynamic dims the model's code bounds (a position table of
+    `max_position_embeddings` rows); torch.export refuses an unbounded dim there ("Constraints violated").
+    Dims not named stay unbounded; the bounds are kept on the program (`Program.dim_bounds`), the ONNX dims
+    stay symbolic.
 
     Raises:
         CaptureError: naming the failing module, the line of model code and a hint.
@@ -160,7 +168,15 @@ def capture_program(
                     f"input {name!r} has shape {shape}: dynamic dim {dim_name!r} (axis {axis}) needs an example size "
                     ">= 2, because torch.export specializes sizes 0 and 1; use a larger example"
                 )
-    symbols = {n: torch.export.Dim(n) for axes in dims.values() for n in axes.values()}
+    bounds = {n: int(b) for n, b in (dim_bounds or {}).items() if any(n in axes.values() for axes in dims.values())}
+    for name, axes in dims.items():
+        for axis, dim_name in axes.items():
+            if dim_name in bounds and example_inputs[name].shape[axis] > bounds[dim_name]:
+                raise CaptureError(
+                    f"input {name!r} has shape {tuple(example_inputs[name].shape)}: dim {dim_name!r} is at most "
+                    f"{bounds[dim_name]} for this model; use a smaller example"
+                )
+    symbols = {n: torch.export.Dim(n, max=bounds.get(n)) for axes in dims.values() for n in axes.values()}
     dynamic_shapes = {k: ({a: symbols[n] for a, n in dims[k].items()} if k in dims else None) for k in example_inputs}
 
     stack: list[str] = []
@@ -186,6 +202,8 @@ def capture_program(
         model.train(was_training)
     sys.stderr.write(printed.getvalue())
 
-    program = Program(exported, family=family, tagger=tagger or Tagger(), dynamic_dims=dims)
+    signature = exported.graph_signature
+    canonicalize_linears(exported.graph, {*signature.inputs_to_parameters, *signature.inputs_to_buffers})
+    program = Program(exported, family=family, tagger=tagger or Tagger(), dynamic_dims=dims, dim_bounds=bounds)
     program.prune()  # drop state the graph never reads (e.g. unused rotary buffers)
     return program

@@ -88,6 +88,18 @@ def _is_dead_metadata_assert(node: Node) -> bool:
     return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
 
 
+def _is_dead_private_update(node: Node) -> bool:
+    """An in-place op (`add_`, Falcon's `mlp_out += attn_out`) on a value only it reads, not a view of another
+    one: when its result is unused too, nothing can observe the update."""
+    schema = getattr(node.target, "_schema", None)
+    target = node.args[0] if node.args else None
+    if schema is None or not schema.is_mutable or not isinstance(target, Node) or target.op != "call_function":
+        return False
+    produced_by = getattr(target.target, "_schema", None)
+    is_view = produced_by is None or any(r.alias_info is not None for r in produced_by.returns)
+    return not is_view and set(target.users) == {node}
+
+
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
 
 
@@ -175,6 +187,8 @@ class Program:
         family: the model family the tag defaults came from (`qwen2`, `janus`, ... or `unknown`).
         tagger: component tag rules (understanding / generation / shared) for module paths.
         dynamic_dims: for each input, `{axis: name}` of its dynamic dimensions (e.g. `{0: "batch", 1: "seq"}`).
+        dim_bounds: `{dim name: largest size}` of the dynamic dims the model bounds (BERT's `seq` at
+            `max_position_embeddings`); the others are unbounded.
 
     Example::
 
@@ -192,11 +206,13 @@ class Program:
         family: str = "unknown",
         tagger: Tagger | None = None,
         dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+        dim_bounds: Mapping[str, int] | None = None,
     ) -> None:
         self.exported = exported
         self.family = family
         self.tagger = tagger or Tagger()
         self.dynamic_dims = {k: dict(v) for k, v in (dynamic_dims or {}).items()}
+        self.dim_bounds = dict(dim_bounds or {})
         self._version = 0
         self._analyses: dict[Callable, Any] = {}
         self._analyses_version = 0
@@ -706,7 +722,11 @@ class Program:
 
         def is_impure(node: Node) -> bool:
             # An unused random op (SDPA carries the `nondeterministic_seeded` tag for dropout) is dead in inference.
-            return node.is_impure(impure_random=False) and not _is_dead_metadata_assert(node)
+            return (
+                node.is_impure(impure_random=False)
+                and not _is_dead_metadata_assert(node)
+                and not _is_dead_private_update(node)
+            )
 
         while graph.eliminate_dead_code(is_impure_node=is_impure):
             pass
@@ -837,7 +857,9 @@ class Program:
             constants=ep.constants,
             verifiers=ep.verifiers,  # the captured IR's own verifier: it admits in-place ops such as index_put_
         )
-        program = Program(copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims)
+        program = Program(
+            copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims, dim_bounds=self.dim_bounds
+        )
         program._stored = dict(self._stored)
         return program
 
@@ -848,7 +870,12 @@ class Program:
         A lazily backed program is materialised first (`materialize`: its weights are read into memory)."""
         self.materialize()
         path = Path(path)
-        meta = {"family": self.family, "tags": self.tagger.to_list(), "dynamic_dims": self.dynamic_dims}
+        meta = {
+            "family": self.family,
+            "tags": self.tagger.to_list(),
+            "dynamic_dims": self.dynamic_dims,
+            "dim_bounds": self.dim_bounds,
+        }
         stage = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)  # the archive is named after the file
         try:
             torch.export.save(
@@ -870,6 +897,7 @@ class Program:
             family=meta.get("family", "unknown"),
             tagger=Tagger.from_list(meta.get("tags", [])),
             dynamic_dims=dims,
+            dim_bounds=meta.get("dim_bounds", {}),
         )
 
     def __repr__(self) -> str:

@@ -1,14 +1,16 @@
 """Structural matchers on small hand-written modules: what matches as an FFN / residual block, and why not."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import sparsec
-from sparsec.analysis.inspection import explain, inspect_program
+from sparsec.analysis.inspection import explain, format_inspection, inspect_program
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import NoMatch, ffn_misses, find_ffns, match_residual_block
+from sparsec.analysis.structure import NoMatch, ffn_activation, ffn_misses, find_ffns, match_residual_block
 from sparsec.capture import UnknownFamilyWarning
 from sparsec.errors import PassError, SparsecError
 
@@ -171,3 +173,57 @@ def test_where_matching_no_ffn_quotes_the_closest_candidates_reasons():
     assert "o_proj: not an FFN: the input of " in message and "lies on the way" in message
     (ffn,) = region_index(_capture(_Gated())).require_ffns("**", "slice_neurons")
     assert ffn.kind == "gated"
+
+
+class _LinearBranch(nn.Module):
+    """A residual branch of two linears back to back: no attention, no FFN."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(self.up(x))
+
+
+class _OddStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_LinearBranch(), _LinearBranch()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_inspect_says_why_a_block_branch_is_neither_attention_nor_ffn():
+    program = _capture(_OddStack())
+    info = inspect_program(program, {"x": torch.randn(2, 5, 8)})
+    assert [s["structure"] for s in info["block_stacks"]] == ["other"]
+    misses = info["unclassified_sublayers"]
+    assert [m["path"] for m in misses] == ["layers.0", "layers.1"]
+    assert misses[0]["reason"].startswith("holds no attention op (softmax, scaled_dot_product_attention) and no FFN; ")
+    assert "layers.0.down: not an FFN: no activation between" in misses[0]["reason"]
+    assert "block sublayers neither attention nor FFN (2;" in format_inspection(info)
+
+
+class _Activation(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.up, self.down, self.act = nn.Linear(8, 16), nn.Linear(16, 8), act
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def _gelu_new(x):  # GPT-2's and Phi's activation, spelled out
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def test_activation_spelled_out_is_recognised_by_what_it_computes_and_others_are_refused():
+    (ffn,) = find_ffns(_capture(_Activation(_gelu_new)))
+    assert ffn_activation(ffn) == "gelu_tanh"
+    (ffn,) = find_ffns(_capture(_Activation(lambda x: x * torch.sigmoid(1.5 * x))))  # not SiLU
+    with pytest.raises(PassError, match=r"the ops between its projections \(\['aten.mul.Tensor', 'aten.sigmoid"):
+        ffn_activation(ffn)

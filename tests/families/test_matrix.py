@@ -1,0 +1,337 @@
+"""The architecture matrix: every pass on every transformer shape, against the same change made by hand on the
+Hugging Face model, in PyTorch and in ONNX Runtime, at a shape other than the capture shape (left padding where
+the model takes a mask).
+
+Passes: `drop_layers: {layers: [1, 2]}` (neighbours; the reference deletes those layers), `slice_neurons`
+(magnitude, half the neurons; the reference slices the Linear layers with the reported indices) and
+`ffn_to_moe` (4 experts, 2 active, random router; the reference runs the dense FFN with the neurons of the
+experts a token is not routed to masked at the down projection's input, routed by the program's router).
+One tiny random config per family, one capture per family (module-scoped); the ONNX part is slow-marked.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers as T
+from conftest import make_inputs, make_model, slice_by_hand
+
+import sparsec
+from sparsec import testing
+from sparsec.analysis.inspection import inspect_program
+from sparsec.analysis.regions import region_index
+from sparsec.errors import PassError
+from sparsec.exporters.lowering.onnx import export_onnx
+from sparsec.ops.moe import route, router_logits
+
+LLAMA_MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+DECODER = dict(TINY, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+ENCODER = dict(TINY, max_position_embeddings=64)
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One family of the matrix: how to build it, its block stack and its FFN's Linear modules by role."""
+
+    build: Callable[[], torch.nn.Module]
+    stack: str
+    roles: dict = field(default_factory=lambda: LLAMA_MLP)
+    parallel: bool = False  # attention and MLP in one residual branch: sublayer drops are refused
+    post_norm: bool = False  # the stream is layer-normed after each residual add (BERT)
+
+
+def _hf(model_class, config_class, **kw):
+    def build():
+        torch.manual_seed(0)
+        return model_class(config_class(**kw)).eval()
+
+    return build
+
+
+ARCHS = {
+    # today's families
+    "qwen2": Arch(lambda: make_model("tiny-qwen2"), "model.layers"),
+    "llama": Arch(lambda: make_model("tiny-llama"), "model.layers"),
+    "chameleon": Arch(lambda: make_model("tiny-chameleon"), "model.layers"),
+    "mistral (sliding window 8)": Arch(
+        _hf(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), "model.layers"
+    ),
+    "qwen3 (q/k norm)": Arch(_hf(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), "model.layers"),
+    "gemma2 (GeGLU tanh, sandwich norms, softcap, sliding window, tied)": Arch(
+        _hf(
+            T.Gemma2ForCausalLM,
+            T.Gemma2Config,
+            **dict(DECODER, tie_word_embeddings=True),
+            head_dim=16,
+            sliding_window=8,
+        ),
+        "model.layers",
+    ),
+    "phi3 (fused gate_up)": Arch(
+        _hf(T.Phi3ForCausalLM, T.Phi3Config, **DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        "model.layers",
+        {"gate_up": "gate_up_proj", "down": "down_proj"},
+    ),
+    # new shapes
+    "olmo2 (norm after each sublayer)": Arch(_hf(T.Olmo2ForCausalLM, T.Olmo2Config, **DECODER), "model.layers"),
+    "starcoder2 (LayerNorm with bias, plain MLP)": Arch(
+        _hf(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER), "model.layers", {"up": "c_fc", "down": "c_proj"}
+    ),
+    "gpt_neox (parallel residual, fused QKV)": Arch(
+        _hf(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **dict(DECODER, num_key_value_heads=None)),
+        "gpt_neox.layers",
+        {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+        parallel=True,
+    ),
+    "phi (parallel, one shared norm)": Arch(
+        _hf(T.PhiForCausalLM, T.PhiConfig, **dict(DECODER, num_key_value_heads=None)),
+        "model.layers",
+        {"up": "fc1", "down": "fc2"},
+        parallel=True,
+    ),
+    "cohere (parallel as a chain, tied)": Arch(
+        _hf(T.CohereForCausalLM, T.CohereConfig, **dict(DECODER, tie_word_embeddings=True)), "model.layers"
+    ),
+    "bloom (ALiBi, fused QKV, embedding norm, tied)": Arch(
+        _hf(T.BloomForCausalLM, T.BloomConfig, vocab_size=256, hidden_size=64, n_layer=4, n_head=4),
+        "transformer.h",
+        {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+    ),
+    "opt (learned absolute positions, flat FFN)": Arch(
+        _hf(
+            T.OPTForCausalLM,
+            T.OPTConfig,
+            vocab_size=256,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+        ),
+        "model.decoder.layers",
+        {"up": "fc1", "down": "fc2"},
+    ),
+    "gpt2 (Conv1D addmm, learned positions, tied)": Arch(
+        _hf(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256),
+        "transformer.h",
+        {"up": "c_fc", "down": "c_proj"},
+    ),
+    "falcon (parallel attention, x @ weight.T)": Arch(
+        _hf(
+            T.FalconForCausalLM,
+            T.FalconConfig,
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            parallel_attn=True,
+            alibi=False,
+        ),
+        "transformer.h",
+        {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+        parallel=True,
+    ),
+    "bert (post-norm encoder, pooled)": Arch(
+        _hf(T.BertModel, T.BertConfig, **ENCODER),
+        "encoder.layer",
+        {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
+    ),
+    "roberta (post-norm, padding-offset positions)": Arch(
+        _hf(T.RobertaModel, T.RobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
+        "encoder.layer",
+        {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
+    ),
+    "xlm_roberta": Arch(
+        _hf(T.XLMRobertaModel, T.XLMRobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
+        "encoder.layer",
+        {"up": "intermediate.dense", "down": "output.dense"},
+        post_norm=True,
+    ),
+    "vit (vision tower)": Arch(
+        _hf(T.ViTModel, T.ViTConfig, **VISION, patch_size=8), "layers", {"up": "fc1", "down": "fc2"}
+    ),
+    "siglip (vision tower, attention-pooling head)": Arch(
+        _hf(T.SiglipVisionModel, T.SiglipVisionConfig, **VISION, patch_size=8),
+        "encoder.layers",
+        {"up": "fc1", "down": "fc2"},
+    ),
+}
+DROPPED = [1, 2]
+
+
+def _inputs(model, batch, seq, seed=0):
+    inputs = make_inputs(model, batch, seq, seed=seed)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"][0, :4] = 0  # left padding
+    return inputs
+
+
+class Family:
+    """One family's model, its program as captured (at batch 2, seq 16) and the other-shape test inputs."""
+
+    def __init__(self, arch: Arch) -> None:
+        self.arch = arch
+        self.model = arch.build()
+        self.program = self.capture()
+        self.inputs = _inputs(self.model, 3, 11, seed=7)
+        self.results: dict[str, tuple] = {}
+
+    def capture(self):
+        return sparsec.capture(self.model, make_inputs(self.model, 2, 16))
+
+    def transformed(self, name: str):
+        """(program after the pass, the Hugging Face model changed by hand, the pass record), made once."""
+        if name not in self.results:
+            program = self.capture()
+            self.results[name] = (program, *PASSES[name](self, program))
+        return self.results[name]
+
+
+def _drop(family: Family, program):
+    stack = family.arch.stack
+    record = testing.apply_pass(program, "drop_layers", layers=DROPPED, where=f"{stack}.*")
+    reference = copy.deepcopy(family.model)
+    layers = reference.get_submodule(stack)
+    for i in sorted(DROPPED, reverse=True):
+        del layers[i]
+    return reference, record
+
+
+def _slice(family: Family, program):
+    record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, importance="magnitude")
+    return slice_by_hand(family.model, record.decisions, family.arch.roles), record
+
+
+class MaskedExperts:
+    """Routes each token of the hand-made MoE: the router (the program's weights) reads the FFN input at its
+    first projection, and the down projection's input keeps only the neurons of the chosen experts."""
+
+    def __init__(self, decision: dict, router_weight, router_bias, top_k: int) -> None:
+        self.experts = [torch.tensor(e) for e in decision["expert_indices"]]
+        self.shared = torch.tensor(decision["shared_indices"], dtype=torch.long)
+        self.width, self.top_k = decision["width"], top_k
+        self.router = (router_weight, router_bias)
+        self.mask = None
+
+    def route(self, module, args):
+        x = args[0]
+        _, chosen = route(router_logits(x.reshape(-1, x.shape[-1]), *self.router), self.top_k)
+        mask = torch.zeros(len(chosen), self.width)
+        mask[:, self.shared] = 1
+        for e, idx in enumerate(self.experts):
+            mask[(chosen == e).any(-1).nonzero()[:, :1], idx] = 1
+        self.mask = mask
+
+    def keep(self, module, args):
+        h = args[0]
+        return (h * self.mask.reshape(*h.shape[:-1], self.width).to(h.dtype),)
+
+
+def _moe(family: Family, program):
+    record = testing.apply_pass(
+        program, "ffn_to_moe", experts=4, top_k=2, router="random", importance="magnitude", seed=3
+    )
+    reference = copy.deepcopy(family.model)
+    roles = family.arch.roles
+    for d in record.decisions["ffns"]:
+        routing = MaskedExperts(
+            d,
+            program.state_tensor(f"{d['path']}.moe.router_weight"),
+            program.state_tensor(f"{d['path']}.moe.router_bias"),
+            d["top_k"],
+        )
+        first = roles.get("gate_up", roles.get("up"))
+        reference.get_submodule(f"{d['path']}.{first}").register_forward_pre_hook(routing.route)
+        reference.get_submodule(f"{d['path']}.{roles['down']}").register_forward_pre_hook(routing.keep)
+    return reference, record
+
+
+PASSES = {"drop_layers": _drop, "slice_neurons": _slice, "ffn_to_moe": _moe}
+
+
+@pytest.fixture(scope="module")
+def families():
+    cache: dict[str, Family] = {}
+
+    def get(name: str) -> Family:
+        if name not in cache:
+            cache[name] = Family(ARCHS[name])
+        return cache[name]
+
+    return get
+
+
+def _check_structure(family: Family, name: str, program, record) -> None:
+    stack = family.arch.stack
+    before = family.program
+    if name == "drop_layers":
+        blocks = [b.index for b in region_index(program).blocks(f"{stack}.*")]
+        assert blocks == [i for i in range(4) if i not in DROPPED]
+        testing.assert_parameters_removed(
+            testing.parameter_names(before), program, [f"{stack}.{i}.**" for i in DROPPED]
+        )
+    elif name == "slice_neurons":
+        ffns = region_index(before).ffns()
+        assert len(record.decisions["ffns"]) == len(ffns) >= 4
+        assert all(d["width_after"] == d["width_before"] // 2 for d in record.decisions["ffns"])
+        assert record.parameters_after < record.parameters_before
+    else:
+        moes = program.graph.find_nodes(op="call_function", target=torch.ops.sparsec.moe.default)
+        assert len(moes) == len(region_index(before).ffns()) >= 4
+        linears = testing.op_counts(before)["aten.linear.default"]
+        in_ffns = sum(len(f.linears) for f in region_index(before).ffns())
+        testing.assert_op_count(program, "**", "aten.linear.default", linears - in_ffns)
+
+
+CASES = [(arch, name) for arch in ARCHS for name in PASSES]
+
+
+@pytest.mark.parametrize("arch, pass_name", CASES)
+def test_pass_equals_the_change_made_by_hand(families, arch, pass_name):
+    family = families(arch)
+    program, reference, record = family.transformed(pass_name)
+    _check_structure(family, pass_name, program, record)
+    testing.assert_equivalent(program, reference, family.inputs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, pass_name", CASES)
+def test_onnx_equals_the_change_made_by_hand(families, arch, pass_name, tmp_path):
+    family = families(arch)
+    program, reference, _ = family.transformed(pass_name)
+    export_onnx(program, tmp_path / "m.onnx")
+    testing.assert_onnx_equivalent(tmp_path / "m.onnx", reference, family.inputs, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch", [a for a, spec in ARCHS.items() if spec.parallel])
+def test_sublayer_drop_in_a_parallel_block_is_refused_naming_the_block(families, arch):
+    family = families(arch)
+    program = family.capture()
+    before = program.graph_module.code
+    with pytest.raises(PassError, match=rf"block {family.arch.stack}\.0 is a parallel-residual block.*kind: block"):
+        testing.apply_pass(program, "drop_layers", layers=[1], kind="attn")
+    assert program.graph_module.code == before
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_inspect_reads_every_block_and_ffn(families, arch):
+    """Each block is a residual block read as its shape is (attention then MLP, post-norm, or one parallel
+    branch), and nothing is left unclassified."""
+    family = families(arch)
+    info = inspect_program(family.program, family.inputs)
+    spec = family.arch
+    expected = "parallel" if spec.parallel else "attn + mlp" + (" (post-norm)" if spec.post_norm else "")
+    (stack,) = [s for s in info["block_stacks"] if s["path"] == spec.stack]
+    assert stack["structure"] == expected and stack["blocks"] == 4
+    assert info["unclassified_blocks"] == [] and info["unclassified_sublayers"] == []
+    assert len(info["ffns"]) >= 4
