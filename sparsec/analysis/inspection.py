@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparsec.analysis.experts import expert_misses, find_experts
 from sparsec.analysis.regions import module_path, region_index
 from sparsec.analysis.structure import NoMatch, ffn_misses, match_residual_block
 from sparsec.ir.program import Program
@@ -47,6 +48,8 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     """A JSON-ready summary: components, block stacks, FFNs and top-level regions with params and FLOPs."""
     regions = region_index(program)
     tagger = program.tagger
+    experts = find_experts(program)
+    routers = {e.router.name for e in experts}
     params: dict[str, int] = defaultdict(int)
     for name in program.parameter_names():
         path = name.rsplit(".", 1)[0]
@@ -112,7 +115,21 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
             {"path": f.path, "kind": f.kind, "intermediate_size": f.intermediate_size, "tag": tagger.tag(f.path)}
             for f in regions.ffns()
         ],
-        "not_ffns": [{"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program)],
+        "experts": [
+            {
+                "path": e.path,
+                "router": e.router.name,
+                "experts": e.num_experts,
+                "top_k": e.top_k,
+                "intermediate_size": e.intermediate_size,
+                "tag": tagger.tag(e.path),
+            }
+            for e in experts
+        ],
+        "not_experts": [{"path": m.path, "reason": m.rule, "node": m.node} for m in expert_misses(program)],
+        "not_ffns": [
+            {"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program) if m.node not in routers
+        ],
         "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
     }
 
@@ -120,7 +137,8 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
 def _block_misses(program: Program) -> list[NoMatch]:
     regions = region_index(program)
     ffns = regions.ffns()
-    found = (match_residual_block(b, ffns) for s in regions.block_stacks() for b in s.blocks)
+    experts = [e.output for e in find_experts(program)]
+    found = (match_residual_block(b, ffns, experts) for s in regions.block_stacks() for b in s.blocks)
     return [m for m in found if isinstance(m, NoMatch)]
 
 
@@ -145,10 +163,18 @@ def explain(program: Program, path: str) -> list[str]:
         if f.path == path
     ]
     misses = [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
+    experts = find_experts(program)
+    lines += [
+        f"{path}: MoE experts, {e.num_experts} experts, top-{e.top_k}, width {e.intermediate_size} "
+        f"(router {e.router.name}, up {e.up.name}, down {e.down.name})"
+        for e in experts
+        if path in (e.path, e.block_path)
+    ]
+    lines += [str(m) for m in expert_misses(program) if m.path == path or m.path.startswith(path + ".")]
     if not lines:
         lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
     lines += misses
-    found = match_residual_block(region, ffns)
+    found = match_residual_block(region, ffns, [e.output for e in experts])
     if isinstance(found, NoMatch):
         lines.append(str(found))
     else:
@@ -188,6 +214,11 @@ def format_inspection(info: dict) -> str:
     lines += [f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})" for s in info["block_stacks"]] or [
         "  none"
     ]
+    lines += ["", f"MoE experts ({len(info['experts'])}):"]
+    lines += [
+        f"  {e['path']}  {e['experts']} experts, top-{e['top_k']}, width {e['intermediate_size']}  ({e['tag']})"
+        for e in info["experts"]
+    ] or ["  none"]
     lines += ["", f"FFNs ({len(info['ffns'])}):"]
     lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or [
         "  none"
@@ -195,6 +226,7 @@ def format_inspection(info: dict) -> str:
     shown = 12
     for key, title in (
         ("not_ffns", "linears no part of an FFN"),
+        ("not_experts", "top-k ops that choose no experts"),
         ("unclassified_blocks", "blocks without residual structure"),
     ):
         misses = info[key]

@@ -24,6 +24,7 @@ broke it) instead of nothing, and `ffn_misses` lists it for every linear no FFN 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -506,21 +507,24 @@ def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node
     return [n for n in branch.graph.nodes if n in seen]
 
 
-def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
+def residual_streams(region: Region, ffns: list[Ffn], experts: Sequence[Node] = ()) -> list[ResidualBlock]:
     """The residual structure of a block region, one chain per stream it hands on; `PassError` naming what is
     missing if an output is not a residual chain (`match_residual_block` returns that reason instead).
 
     A decoder layer hands on one stream; a dual-stream MMDiT block (Qwen-Image, SD3, Flux) two, image and text,
     whose attention branches share one joint attention op. `ffns`: the program's FFNs (`find_ffns`), which
-    tell MLP sublayers apart.
+    tell MLP sublayers apart, and so do `experts`: the outputs of MoE blocks' routed experts
+    (`sparsec.analysis.experts.find_experts`).
     """
-    found = match_residual_block(region, ffns)
+    found = match_residual_block(region, ffns, experts)
     if isinstance(found, NoMatch):
         raise PassError(f"cannot find the residual structure of {region.path}: {found.rule}")
     return found
 
 
-def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock] | NoMatch:
+def match_residual_block(
+    region: Region, ffns: list[Ffn], experts: Sequence[Node] = ()
+) -> list[ResidualBlock] | NoMatch:
     """`residual_streams` of the region, or the rule its structure breaks and the node that broke it."""
     inside = set(region.nodes)
     # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
@@ -530,14 +534,16 @@ def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]
     down_nodes = {f.down for f in ffns}
     streams = []
     for output in outputs:
-        chain = _residual_chain(region, inside, output, down_nodes)
+        chain = _residual_chain(region, inside, output, down_nodes, set(experts))
         if isinstance(chain, NoMatch):
             return chain
         streams.append(chain)
     return streams
 
 
-def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
+def _residual_chain(
+    region: Region, inside: set[Node], output: Node, down_nodes: set[Node], experts: set[Node]
+) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
     node = skip_passthrough(output)
     while node in inside and node.target is aten.add.Tensor:
@@ -553,7 +559,9 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
         else:
             break
         nodes = _branch_nodes(branch, stream, inside)
-        if any(n.target in ATTENTION_OPS for n in nodes):
+        if any(n in experts for n in nodes):  # an MoE block (its router's softmax is no attention)
+            kind = "mlp"
+        elif any(n.target in ATTENTION_OPS for n in nodes):
             kind = "attn"
         elif any(n in down_nodes for n in nodes):
             kind = "mlp"
@@ -590,8 +598,11 @@ class ResidualStructure:
     def streams(self, path: str) -> list[ResidualBlock]:
         """The residual streams of the block region at `path` (`PassError` if it has no residual structure)."""
         if path not in self._streams:
+            from sparsec.analysis.experts import find_experts
+
             regions = region_index(self.program)
-            self._streams[path] = residual_streams(regions.region(path), regions.ffns())
+            experts = [e.output for e in find_experts(self.program)]
+            self._streams[path] = residual_streams(regions.region(path), regions.ffns(), experts)
         return self._streams[path]
 
 

@@ -88,6 +88,28 @@ def _is_dead_metadata_assert(node: Node) -> bool:
     return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
 
 
+def _is_dead_inplace_update(node: Node) -> bool:
+    """An unused in-place op (`x /= x.sum()` in a router) on an intermediate value that no later node reads and
+    no view aliases: removing it changes no value."""
+    target = node.target
+    if node.op != "call_function" or node.users or not isinstance(target, torch._ops.OpOverload):
+        return False
+    written = [
+        a for a, s in zip(node.args, target._schema.arguments) if s.alias_info is not None and s.alias_info.is_write
+    ]
+    if len(written) != 1 or not isinstance(written[0], Node) or written[0].op != "call_function":
+        return False
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for user in written[0].users:
+        if user is node:
+            continue
+        if order[user] > order[node] or not isinstance(user.target, torch._ops.OpOverload):
+            return False
+        if any(r.alias_info is not None for r in user.target._schema.returns):
+            return False
+    return True
+
+
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
 
 
@@ -706,7 +728,11 @@ class Program:
 
         def is_impure(node: Node) -> bool:
             # An unused random op (SDPA carries the `nondeterministic_seeded` tag for dropout) is dead in inference.
-            return node.is_impure(impure_random=False) and not _is_dead_metadata_assert(node)
+            return (
+                node.is_impure(impure_random=False)
+                and not _is_dead_metadata_assert(node)
+                and not _is_dead_inplace_update(node)
+            )
 
         while graph.eliminate_dead_code(is_impure_node=is_impure):
             pass
