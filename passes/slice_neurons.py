@@ -38,7 +38,6 @@ from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn
 from sparsec.errors import PassError
-from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
@@ -73,8 +72,7 @@ class SliceNeurons(Pass):
 
     # ----- analysis ---------------------------------------------------------------------------------------
     def _experts(self, program: Program) -> list[MoeExperts]:
-        where = self.options.where
-        return [e for e in find_experts(program) if glob_match(e.path, where) or glob_match(e.block_path, where)]
+        return find_experts(program, self.options.where)
 
     def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
         regions = region_index(program)

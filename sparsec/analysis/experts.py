@@ -24,6 +24,7 @@ experts: their slices of every expert tensor and the router's rows: `prune_exper
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from sparsec.analysis.structure import (
     skip_passthrough,
 )
 from sparsec.errors import PassError
+from sparsec.ir.paths import glob_match
 
 aten = torch.ops.aten
 
@@ -136,20 +138,20 @@ def _strip(node: Node) -> Node:
     return node
 
 
-def _router_cone(topk: Node) -> list[Node]:
-    """The linears the top-k's input is computed from within the router's module."""
+def _router_cone(topk: Node) -> tuple[list[Node], list[Node]]:
+    """The linears the top-k's input is computed from within the router's module, and the nodes in between."""
     path = module_path(topk)
-    linears, seen, stack = [], set(), [topk.args[0]]
+    linears, seen, stack = [], [], [topk.args[0]]
     while stack:
         node = stack.pop()
         if not isinstance(node, Node) or node in seen or node.op != "call_function":
             continue
-        seen.add(node)
         if node.target is LINEAR:
             linears.append(node)
         elif module_path(node) == path or module_path(node).startswith(path + "."):
+            seen.append(node)
             stack.extend(node.all_input_nodes)
-    return linears
+    return linears, seen
 
 
 def _pointwise_from(hidden: Node, up: Node) -> list[Node] | Node:
@@ -182,7 +184,7 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
     readers = [u for u in _users(ids) if u.target is INDEX] if ids is not None else []
     if not readers:
         return miss(f"the indices {topk.name} chooses index no per-expert tensor (index(param, [ids]))", topk)
-    linears = _router_cone(topk)
+    linears, _ = _router_cone(topk)
     if len(linears) != 1:
         found = sorted(n.name for n in linears)
         return miss(f"{topk.name} must choose from the logits of one linear (the router), it reads {found}", topk)
@@ -304,10 +306,11 @@ def _activated(pick: Node, interior: list[Node]) -> bool:
     return False
 
 
-def find_experts(program) -> list[MoeExperts]:
-    """Every MoE block's router and routed experts, in graph order (cached per graph version); the tensors
-    carry state names."""
-    return [m for m in program.analysis(_match_every_topk) if isinstance(m, MoeExperts)]
+def find_experts(program, where: str = "**") -> list[MoeExperts]:
+    """Every MoE block's router and routed experts whose experts' or block's path matches the glob `where`, in
+    graph order (cached per graph version); the tensors carry state names."""
+    found = [m for m in program.analysis(_match_every_topk) if isinstance(m, MoeExperts)]
+    return [e for e in found if glob_match(e.path, where) or glob_match(e.block_path, where)]
 
 
 def expert_misses(program) -> list[NoMatch]:
@@ -462,3 +465,47 @@ def expert_neuron_importance(
         activation = s["mean_abs"].float() * down
         result.append(torch.where((s["pairs"] > 0)[:, None], activation, magnitude))
     return result
+
+
+def expert_slices(program, experts: MoeExperts) -> list[tuple[str, int]]:
+    """(state name, dim) of every tensor with one entry per expert: the expert tensors (dim 0), the router's
+    weight rows and bias, and per-expert tensors its scores read on the way to the top-k (a score bias,
+    last dim); `PassError` naming the node where the expert count is written into the graph as a constant
+    (a group-limited router's reshape to [-1, groups, E / groups]), which removing experts cannot follow."""
+    slices = [(t.name, 0) for t in experts.tensors]
+    slices += [(program.state_name(a), 0) for a in experts.router.args[1:] if isinstance(a, Node)]
+    _, cone = _router_cone(experts.topk)
+    count = experts.num_experts
+    for node in [*cone, experts.topk]:
+        for arg in node.all_input_nodes:
+            name = program.state_name(skip_passthrough(arg))
+            if name is not None and name not in dict(slices):
+                shape = program.state_shape(name)
+                if shape and shape[-1] == count and shape.numel() == count:
+                    slices.append((name, len(shape) - 1))
+                elif shape.numel() > 1:
+                    raise PassError(
+                        f"{experts.block_path}: the router reads {name} of shape {tuple(shape)} on the way to "
+                        f"its top-k, which is not one value per expert; cannot remove experts"
+                    )
+        if node.target in SHAPE_OPS | {aten.expand.default} and _constant_size(node.args[1]) == count:
+            raise PassError(
+                f"{experts.block_path}: the router's {_describe(node)} writes the expert count into its shape "
+                f"{node.args[1]}; removing experts would leave it stale (a group-limited router), so it is refused"
+            )
+    return slices
+
+
+def _constant_size(shape) -> int | None:
+    """The product of a shape's constant sizes (-1 and symbolic sizes left out), None if it has none."""
+    sizes = [d for d in shape if isinstance(d, int) and d > 0] if isinstance(shape, (list, tuple)) else []
+    return math.prod(sizes) if sizes else None
+
+
+def remove_experts(program, experts: MoeExperts, kept: torch.Tensor) -> None:
+    """Keep only experts `kept` (sorted, unique) of the MoE block: their slices of every per-expert tensor and
+    the router's rows (`expert_slices`). The top-k then chooses among the kept experts, renumbered 0..K-1,
+    which is what deleting the others from the model computes."""
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    for name, dim in expert_slices(program, experts):
+        program.replace_state(name, program.state_tensor(name).index_select(dim, kept).contiguous())
