@@ -138,6 +138,17 @@ def _strip(node: Node) -> Node:
     return node
 
 
+def _indexing_view(indices: Node) -> Node | None:
+    """The one reshape (or cast) of the top-k indices that indexes tensors, None if there is not exactly one."""
+    found, stack = [], [indices]
+    while stack:
+        node = stack.pop()
+        if any(u.target is INDEX for u in _users(node)):
+            found.append(node)
+        stack.extend(u for u in _users(node) if u.target in SHAPE_OPS | PASSTHROUGH)
+    return found[0] if len(found) == 1 else None
+
+
 def _router_cone(topk: Node) -> tuple[list[Node], list[Node]]:
     """The linears the top-k's input is computed from within the router's module, and the nodes in between."""
     path = module_path(topk)
@@ -180,7 +191,7 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
         return NoMatch("MoE router", path, rule, node.name)
 
     picks = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
-    ids = _follow(picks[1], SHAPE_OPS | PASSTHROUGH) if 1 in picks else None
+    ids = _indexing_view(picks[1]) if 1 in picks else None
     readers = [u for u in _users(ids) if u.target is INDEX] if ids is not None else []
     if not readers:
         return miss(f"the indices {topk.name} chooses index no per-expert tensor (index(param, [ids]))", topk)
