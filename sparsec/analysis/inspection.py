@@ -49,7 +49,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     regions = region_index(program)
     tagger = program.tagger
     experts = find_experts(program)
-    routers = {e.router.name for e in experts}
+    routers = {module_path(e.router) for e in experts}  # a router is no FFN, and is listed with its experts
     params: dict[str, int] = defaultdict(int)
     for name in program.parameter_names():
         path = name.rsplit(".", 1)[0]
@@ -128,7 +128,7 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
         ],
         "not_experts": [{"path": m.path, "reason": m.rule, "node": m.node} for m in expert_misses(program)],
         "not_ffns": [
-            {"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program) if m.node not in routers
+            {"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program) if m.path not in routers
         ],
         "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
     }
