@@ -179,7 +179,7 @@ def small_program(seed: int = 0):
     return model, capture(model, {"x": torch.randn(2, 3, 8)}, tags=[TagRule("**", "shared")])
 
 
-MOE_MODELS = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
+MOE_MODELS = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3")
 
 
 def slice_experts_by_hand(model, decisions):

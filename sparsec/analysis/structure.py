@@ -541,6 +541,20 @@ def match_residual_block(
     return streams
 
 
+def _reads(node: Node, value: Node, inside: set[Node]) -> bool:
+    """Whether `node` is computed from `value` within the block."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is value:
+            return True
+        if n in seen or n not in inside:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def _residual_chain(
     region: Region, inside: set[Node], output: Node, down_nodes: set[Node], experts: set[Node]
 ) -> ResidualBlock | NoMatch:
@@ -552,7 +566,12 @@ def _residual_chain(
             break
         # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
         sa, sb = skip_passthrough(a), skip_passthrough(b)
-        if sa not in inside or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor):
+        both_adds = sa in inside and sb in inside and sa.target is sb.target is aten.add.Tensor
+        if (
+            sa not in inside
+            or (sb in inside and sa.target is aten.add.Tensor and sb.target is not aten.add.Tensor)
+            or (both_adds and _reads(sb, sa, inside))  # the branch ends in an add (routed + shared experts)
+        ):
             stream, branch, upstream = a, b, sa
         elif sb not in inside or sb.target is aten.add.Tensor:
             stream, branch, upstream = b, a, sb

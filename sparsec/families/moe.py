@@ -3,7 +3,7 @@
 Decoder-only LMs like the plain decoders (one `shared` component, token-id inputs) whose MLP sublayers are MoE
 blocks: a router, routed experts stored as fused 3D weights, in Qwen2-MoE and DeepSeek-V3 also a shared expert.
 sparsec finds their experts by graph structure (`sparsec.analysis.experts`), so these entries only name the
-families and their tiny built-in models: 3 layers of width 32, 8 experts of width 16 (Mixtral, OLMoE: 32), top-2,
+families and their tiny built-in models: 3 layers of width 32, 8 experts of width 16 (Mixtral, OLMoE: 32), top-2 (DeepSeek-V3: the first layer dense),
 seeded random weights.
 """
 
@@ -60,6 +60,30 @@ def tiny_olmoe_config():
     return transformers.OlmoeConfig(**_TINY, intermediate_size=32, num_experts=8)
 
 
+def tiny_deepseek_v3_config():
+    """The config of `builtin:tiny-deepseek-v3`: layer 0 dense, layers 1-2 MoE with a shared expert; sigmoid
+    scores with a correction bias, one expert group (MLA attention as in DeepSeek-V3)."""
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        **{**_TINY, "num_key_value_heads": 4},
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        head_dim=8,
+        rope_scaling=None,
+    )
+
+
 FAMILIES = (
     Family(
         name="mixtral",
@@ -78,6 +102,12 @@ FAMILIES = (
         model_types=("qwen3_moe",),
         architecture="Qwen3MoeForCausalLM",
         builtin_configs={"tiny-qwen3-moe": tiny_qwen3_moe_config},
+    ),
+    Family(
+        name="deepseek_v3",
+        model_types=("deepseek_v3",),
+        architecture="DeepseekV3ForCausalLM",
+        builtin_configs={"tiny-deepseek-v3": tiny_deepseek_v3_config},
     ),
     Family(
         name="olmoe",

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -89,25 +90,51 @@ def _is_dead_metadata_assert(node: Node) -> bool:
 
 
 def _is_dead_inplace_update(node: Node) -> bool:
-    """An unused in-place op (`x /= x.sum()` in a router) on an intermediate value that no later node reads and
-    no view aliases: removing it changes no value."""
+    """An unused in-place op (`x /= x.sum()` in a router, `k[..., :n] = ...` into a fresh tensor) whose written
+    tensor, with every view of it, is read by no node after it: removing it changes no value."""
     target = node.target
     if node.op != "call_function" or node.users or not isinstance(target, torch._ops.OpOverload):
         return False
     written = [
         a for a, s in zip(node.args, target._schema.arguments) if s.alias_info is not None and s.alias_info.is_write
     ]
-    if len(written) != 1 or not isinstance(written[0], Node) or written[0].op != "call_function":
+    if len(written) != 1 or not isinstance(written[0], Node):
         return False
+    root = written[0]
+    while root.op == "call_function" and _may_alias(root) and isinstance(root.args[0], Node):
+        root = root.args[0]  # back through views to the tensor they view
+    if root.op != "call_function" or _may_alias(root):
+        return False  # a graph input, state or a value of unknown aliasing: the write is observable
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for user in written[0].users:
-        if user is node:
+    group, stack = set(), [root]
+    while stack:
+        member = stack.pop()
+        if member in group:
             continue
-        if order[user] > order[node] or not isinstance(user.target, torch._ops.OpOverload):
-            return False
-        if any(r.alias_info is not None for r in user.target._schema.returns):
-            return False
+        group.add(member)
+        for user in member.users:
+            if user.op == "call_function" and _may_alias(user) and user.args and user.args[0] is member:
+                stack.append(user)  # a view of the tensor
+            elif order[user] > order[node] and not (_writes(user) and not user.users):
+                return False  # read after the write (later unused writes read nothing anyone sees)
     return True
+
+
+def _writes(node: Node) -> bool:
+    """Whether the node is an ATen op that writes one of its arguments in place."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(
+        a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments
+    )
+
+
+def _may_alias(node: Node) -> bool:
+    """Whether the node's value may share memory with another value (a view, or not an ATen op at all)."""
+    if node.target is operator.getitem and isinstance(node.args[0], Node):  # one output of a multi-output op
+        return _may_alias(node.args[0])
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in node.target._schema.returns)
 
 
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from

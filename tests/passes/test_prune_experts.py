@@ -112,6 +112,9 @@ def test_bad_input_is_refused_before_anything_changes():
     with pytest.raises(PassError, match="needs calibration data"):
         testing.apply_pass(program, "prune_experts", keep=4)
     assert [n.name for n in program.graph.nodes] == nodes
+    model, program = _capture("tiny-deepseek-v3")
+    with pytest.raises(PassError, match=r"reshape_\d+ \(reshape.default\) writes the expert count into its shape"):
+        testing.apply_pass(program, "prune_experts", keep=6, calibration=_calibration(model))
     dense = make_model("tiny-qwen2")
     with pytest.raises(PassError, match=r"matches no MoE block; MoE blocks in this model: none"):
         testing.apply_pass(sparsec.capture(dense, make_inputs(dense, 2, 8)), "prune_experts", keep_ratio=0.5)
