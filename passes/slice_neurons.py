@@ -11,6 +11,11 @@ matched FFNs under one threshold, so FFNs lose different amounts (each keeps at 
 Widths are rounded to the nearest multiple of `round_to` (kernel-friendly shapes), never above the
 original width. Kept neurons stay in their original order.
 
+MoE blocks' routed experts (`sparsec.analysis.experts`, fused [E, ...] weights) are sliced inside every
+expert: each keeps the same number of its own most important neurons (scored over the tokens routed to it), so
+the fused weights stay rectangular; `where` matches the experts' path or their MoE block's. Experts take
+`keep` / `keep_ratio` per expert and are not part of `scope: global` or `kept`.
+
 `kept: {ffn path: [indices]}` pins exactly which neurons named FFNs keep (the others follow `keep` /
 `keep_ratio`); compiling several entry points uses it to slice shared FFNs the same way in every program.
 
@@ -28,6 +33,7 @@ from typing import Literal
 import torch
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group
+from sparsec.analysis.experts import MoeExperts, expert_channel_group, expert_neuron_importance, find_experts
 from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn
@@ -65,8 +71,13 @@ class SliceNeurons(Pass):
                 raise ValueError(f"round_to: must be >= 1, got {self.round_to}")
 
     # ----- analysis ---------------------------------------------------------------------------------------
+    def _experts(self, program: Program) -> list[MoeExperts]:
+        return find_experts(program, self.options.where)
+
     def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
-        ffns = region_index(program).require_ffns(self.options.where, self.name)
+        regions = region_index(program)
+        ffns = regions.ffns(self.options.where) if self._experts(program) else None
+        ffns = regions.require_ffns(self.options.where, self.name) if ffns is None else ffns
         pinned = self.options.kept or {}
         paths = {f.path: f for f in ffns}
         for path, indices in pinned.items():
@@ -84,32 +95,45 @@ class SliceNeurons(Pass):
         r = self.options.round_to
         return min(width, max(r, int(round(k / r)) * r))
 
+    def _target(self, path: str, width: int, what: str = "") -> int:
+        """The kept width of one FFN (or of each expert) under `keep` / `keep_ratio` and `round_to`."""
+        o = self.options
+        k = o.keep if o.keep is not None else round(o.keep_ratio * width)
+        if k < 1:
+            raise PassError(
+                f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {width} neurons of {path}{what}; raise it"
+            )
+        if k > width:
+            raise PassError(f"slice_neurons: keep {k} exceeds the {width} neurons of {path}{what}")
+        return self._round(k, width)
+
     def _targets(self, groups: list[tuple[Ffn, ChannelGroup]]) -> list[int]:
         """Per-layer kept widths (global scope decides them later, from the scores)."""
-        o = self.options
-        targets = []
-        for ffn, _ in groups:
-            if ffn.path in (o.kept or {}):
-                targets.append(len(o.kept[ffn.path]))
-                continue
-            k = o.keep if o.keep is not None else round(o.keep_ratio * ffn.intermediate_size)
-            if k < 1:
-                raise PassError(
-                    f"slice_neurons: keep_ratio {o.keep_ratio} leaves zero of the {ffn.intermediate_size} "
-                    f"neurons of {ffn.path}; raise it"
-                )
-            if k > ffn.intermediate_size:
-                raise PassError(f"slice_neurons: keep {k} exceeds the {ffn.intermediate_size} neurons of {ffn.path}")
-            targets.append(self._round(k, ffn.intermediate_size))
-        return targets
+        pinned = self.options.kept or {}
+        return [
+            len(pinned[f.path]) if f.path in pinned else self._target(f.path, f.intermediate_size) for f, _ in groups
+        ]
 
-    def requires(self, program: Program, ctx: PassContext) -> tuple[list[tuple[Ffn, ChannelGroup]], list[int]]:
-        """The plan: each matched FFN with its channel group, and the per-layer kept widths."""
+    def requires(
+        self, program: Program, ctx: PassContext
+    ) -> tuple[list[tuple[Ffn, ChannelGroup]], list[int], list[tuple[MoeExperts, ChannelGroup, int]]]:
+        """The plan: each matched FFN with its channel group, the per-layer kept widths, and each matched MoE
+        block's experts with their channel group and the width every expert keeps."""
         groups = self._groups(program)
         targets = self._targets(groups)
+        experts = self._experts(program)
+        if experts and self.options.scope == "global":
+            raise PassError(
+                f"slice_neurons: scope 'global' ranks dense FFN neurons against each other; where={self.options.where!r} "
+                f"also matches MoE experts ({experts[0].path}, ...), which keep keep_ratio of each expert; narrow where"
+            )
+        expert_plan = [
+            (e, expert_channel_group(program, e), self._target(e.path, e.intermediate_size, " (per expert)"))
+            for e in experts
+        ]
         if self.needs_calibration():
             ctx.require_calibration(self.name)
-        return groups, targets
+        return groups, targets, expert_plan
 
     def needs_calibration(self) -> bool:
         """Activation importance needs data; magnitude and random do not."""
@@ -129,9 +153,12 @@ class SliceNeurons(Pass):
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(
-        self, program: Program, ctx: PassContext, plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int]]
+        self,
+        program: Program,
+        ctx: PassContext,
+        plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int], list[tuple[MoeExperts, ChannelGroup, int]]],
     ) -> PassResult:
-        groups, targets = plan
+        groups, targets, expert_plan = plan
         ffns = [f for f, _ in groups]
         pinned = self.options.kept or {}
         scores = neuron_importance(program, ffns, self.options.importance, ctx.statistics, self.options.seed)
@@ -165,20 +192,52 @@ class SliceNeurons(Pass):
                     "kept_indices": kept.tolist(),
                 }
             )
-        modified = any(d["width_after"] < d["width_before"] for d in decisions)
+        expert_decisions = self._slice_experts(program, ctx, expert_plan)
+        everything = decisions + expert_decisions
+        modified = any(d["width_after"] < d["width_before"] for d in everything)
         stats = {
             "ffns": len(decisions),
             "neurons_before": sum(d["width_before"] for d in decisions),
             "neurons_after": sum(d["width_after"] for d in decisions),
         }
-        return PassResult(
-            modified=modified,
-            stats=stats,
-            decisions={"importance": self.options.importance, "scope": self.options.scope, "ffns": decisions},
-        )
+        if expert_plan:
+            stats["moe_blocks"] = len(expert_decisions)
+        result = {"importance": self.options.importance, "scope": self.options.scope, "ffns": decisions}
+        if expert_plan:
+            result["experts"] = expert_decisions
+        return PassResult(modified=modified, stats=stats, decisions=result)
+
+    def _slice_experts(
+        self, program: Program, ctx: PassContext, plan: list[tuple[MoeExperts, ChannelGroup, int]]
+    ) -> list[dict]:
+        """Each expert of each planned MoE block keeps its `k` most important neurons (in their order)."""
+        if not plan:
+            return []
+        experts = [e for e, _, _ in plan]
+        scores = expert_neuron_importance(program, experts, self.options.importance, ctx.calibration, self.options.seed)
+        decisions = []
+        for (e, group, k), score in zip(plan, scores):
+            kept = score.topk(k, dim=1).indices.sort(dim=1).values
+            before = group.num_parameters(program)
+            if k < e.intermediate_size:
+                group.apply(program, kept)
+            decisions.append(
+                {
+                    "path": e.path,
+                    "experts": e.num_experts,
+                    "width_before": e.intermediate_size,
+                    "width_after": k,
+                    "parameters_before": before,
+                    "parameters_after": group.num_parameters(program),
+                    "kept_indices": kept.tolist(),
+                }
+            )
+        return decisions
 
     def targets(self, program: Program) -> list[str]:
-        return [f.path for f in region_index(program).ffns(self.options.where)]
+        return [f.path for f in region_index(program).ffns(self.options.where)] + [
+            e.path for e in self._experts(program)
+        ]
 
     def replay(self, decisions: dict, shared: list[str]) -> SliceNeurons:
         """The same neurons kept in the `shared` FFNs (as `kept`); the others decided by the options."""
@@ -191,4 +250,11 @@ class SliceNeurons(Pass):
             if ffn is None or ffn.intermediate_size != decision["width_after"]:
                 raise PassError(
                     f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}"
+                )
+        widths = {e.path: e.intermediate_size for e in find_experts(program)}
+        for decision in result.decisions.get("experts", []):
+            if widths.get(decision["path"]) != decision["width_after"]:
+                raise PassError(
+                    f"slice_neurons: the experts {decision['path']} do not have the reported width "
+                    f"{decision['width_after']}"
                 )

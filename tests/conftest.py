@@ -197,3 +197,32 @@ def small_program(seed: int = 0):
 
     model = TwoBlockMlp(seed).eval()
     return model, capture(model, {"x": torch.randn(2, 3, 8)}, tags=[TagRule("**", "shared")])
+
+
+MOE_MODELS = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3")
+
+
+def slice_experts_by_hand(model, decisions):
+    """The reference: each MoE block's fused expert weights sliced per expert with the kept rows reported
+    (gate_up_proj [E, 2I, H]: rows j and I + j of expert e; down_proj [E, H, I]: column j)."""
+    reference = copy.deepcopy(model)
+    for d in decisions["experts"]:
+        experts = reference.get_submodule(d["path"])
+        kept, width = torch.tensor(d["kept_indices"]), experts.down_proj.shape[-1]
+        gate_up = [w[torch.cat([k, k + width])] for w, k in zip(experts.gate_up_proj.detach(), kept)]
+        experts.gate_up_proj = torch.nn.Parameter(torch.stack(gate_up))
+        experts.down_proj = torch.nn.Parameter(torch.stack([w[:, k] for w, k in zip(experts.down_proj.detach(), kept)]))
+    return reference
+
+
+def prune_experts_by_hand(model, decisions):
+    """The reference: the reported experts deleted from each MoE block (their weight slices and the router's
+    rows), `num_experts` lowered to match."""
+    reference = copy.deepcopy(model)
+    for d in decisions["blocks"]:
+        block = reference.get_submodule(d["path"])
+        kept = torch.tensor(d["kept_experts"])
+        for module, name in ((block.experts, "gate_up_proj"), (block.experts, "down_proj"), (block.gate, "weight")):
+            setattr(module, name, torch.nn.Parameter(getattr(module, name).detach()[kept]))
+        block.experts.num_experts = block.gate.num_experts = len(kept)
+    return reference

@@ -59,14 +59,29 @@ class ChannelGroup:
         return sum(program.state_shape(p.name).numel() for p in self.params)
 
     def apply(self, program, kept: torch.Tensor) -> None:
-        """Keep only channels `kept` (sorted, unique) in every coupled tensor."""
+        """Keep only channels `kept` (sorted, unique) in every coupled tensor.
+
+        A 2D `kept` [E, K] keeps channels per slice along dim 0 (row e for slice e: the experts of fused MoE
+        weights), the same count in each, so the tensors stay rectangular.
+        """
         kept = torch.as_tensor(kept, dtype=torch.long)
-        if kept.numel() == 0 or kept.min() < 0 or kept.max() >= self.width or len(kept.unique()) != len(kept):
+        rows = kept if kept.dim() == 2 else kept[None]
+        if (
+            rows.numel() == 0
+            or rows.min() < 0
+            or rows.max() >= self.width
+            or any(len(r.unique()) != len(r) for r in rows)
+        ):
             raise PassError(f"{self.path}: kept indices must be unique, in [0, {self.width}) and not empty")
         for p in self.params:
-            index = torch.cat([kept + offset for offset in p.offsets])
-            program.replace_state(p.name, program.state_tensor(p.name).index_select(p.dim, index).contiguous())
-        k = len(kept)
+            tensor = program.state_tensor(p.name)
+            index = torch.cat([kept + offset for offset in p.offsets], dim=-1)
+            if kept.dim() == 2:
+                sliced = torch.stack([t.index_select(p.dim - 1, i) for t, i in zip(tensor, index)])
+            else:
+                sliced = tensor.index_select(p.dim, index)
+            program.replace_state(p.name, sliced.contiguous())
+        k = rows.shape[1]
         for split in self.splits:  # a fused projection is split into halves of the new width
             if split.target is aten.split.Tensor:
                 split.args = (split.args[0], k, *split.args[2:])

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparsec.analysis.experts import expert_misses, find_experts
 from sparsec.analysis.regions import Region, module_path, region_index
 from sparsec.analysis.structure import LINEAR, NoMatch, ffn_misses, match_ffn, match_residual_block
 from sparsec.ir.program import Program
@@ -49,6 +50,8 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     """A JSON-ready summary: components, block stacks, FFNs and top-level regions with params and FLOPs."""
     regions = region_index(program)
     tagger = program.tagger
+    experts = find_experts(program)
+    routers = {module_path(e.router) for e in experts}  # a router is no FFN, and is listed with its experts
     params: dict[str, int] = defaultdict(int)
     for name in program.parameter_names():
         path = name.rsplit(".", 1)[0]
@@ -116,7 +119,21 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
             {"path": f.path, "kind": f.kind, "intermediate_size": f.intermediate_size, "tag": tagger.tag(f.path)}
             for f in regions.ffns()
         ],
-        "not_ffns": [{"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program)],
+        "experts": [
+            {
+                "path": e.path,
+                "router": e.router.name,
+                "experts": e.num_experts,
+                "top_k": e.top_k,
+                "intermediate_size": e.intermediate_size,
+                "tag": tagger.tag(e.path),
+            }
+            for e in experts
+        ],
+        "not_experts": [{"path": m.path, "reason": m.rule, "node": m.node} for m in expert_misses(program)],
+        "not_ffns": [
+            {"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program) if m.path not in routers
+        ],
         "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
         "unclassified_sublayers": _sublayer_misses(program),
     }
@@ -160,7 +177,8 @@ def _sublayer_misses(program: Program) -> list[dict]:
 def _block_misses(program: Program) -> list[NoMatch]:
     regions = region_index(program)
     ffns = regions.ffns()
-    found = (match_residual_block(b, ffns) for s in regions.block_stacks() for b in s.blocks)
+    experts = [e.output for e in find_experts(program)]
+    found = (match_residual_block(b, ffns, experts) for s in regions.block_stacks() for b in s.blocks)
     return [m for m in found if isinstance(m, NoMatch)]
 
 
@@ -185,10 +203,18 @@ def explain(program: Program, path: str) -> list[str]:
         if f.path == path
     ]
     misses = [str(m) for m in ffn_misses(program) if m.path == path or m.path.startswith(path + ".")]
+    experts = find_experts(program)
+    lines += [
+        f"{path}: MoE experts, {e.num_experts} experts, top-{e.top_k}, width {e.intermediate_size} "
+        f"(router {e.router.name}, up {e.up.name}, down {e.down.name})"
+        for e in experts
+        if path in (e.path, e.block_path)
+    ]
+    lines += [str(m) for m in expert_misses(program) if m.path == path or m.path.startswith(path + ".")]
     if not lines:
         lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
     lines += misses
-    found = match_residual_block(region, ffns)
+    found = match_residual_block(region, ffns, [e.output for e in experts])
     if isinstance(found, NoMatch):
         lines.append(str(found))
     else:
@@ -232,12 +258,18 @@ def format_inspection(info: dict) -> str:
         f"  {s['path']}.[0-{s['blocks'] - 1}]  {s['type']}  ({s['tag']})  sublayers: {s['structure']}"
         for s in info["block_stacks"]
     ] or ["  none"]
+    lines += ["", f"MoE experts ({len(info['experts'])}):"]
+    lines += [
+        f"  {e['path']}  {e['experts']} experts, top-{e['top_k']}, width {e['intermediate_size']}  ({e['tag']})"
+        for e in info["experts"]
+    ] or ["  none"]
     lines += ["", f"FFNs ({len(info['ffns'])}):"]
     lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or [
         "  none"
     ]
     for key, title, shown in (  # every unclassified block and branch; the many attention linears in short
         ("not_ffns", "linears no part of an FFN", 12),
+        ("not_experts", "top-k ops that choose no experts", None),
         ("unclassified_blocks", "blocks without residual structure", None),
         ("unclassified_sublayers", "block sublayers neither attention nor FFN", None),
     ):

@@ -28,6 +28,7 @@ broke it) instead of nothing, and `ffn_misses` lists it for every linear no FFN 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -563,21 +564,24 @@ def _branch_nodes(branch: Node, stream_in: Node, inside: set[Node]) -> list[Node
     return [n for n in branch.graph.nodes if n in seen]
 
 
-def residual_streams(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]:
+def residual_streams(region: Region, ffns: list[Ffn], experts: Sequence[Node] = ()) -> list[ResidualBlock]:
     """The residual structure of a block region, one chain per stream it hands on; `PassError` naming what is
     missing if an output is not a residual chain (`match_residual_block` returns that reason instead).
 
     A decoder layer hands on one stream; a dual-stream MMDiT block (Qwen-Image, SD3, Flux) two, image and text,
     whose attention branches share one joint attention op. `ffns`: the program's FFNs (`find_ffns`), which
-    tell MLP sublayers apart.
+    tell MLP sublayers apart, and so do `experts`: the outputs of MoE blocks' routed experts
+    (`sparsec.analysis.experts.find_experts`).
     """
-    found = match_residual_block(region, ffns)
+    found = match_residual_block(region, ffns, experts)
     if isinstance(found, NoMatch):
         raise PassError(f"cannot find the residual structure of {region.path}: {found.rule}")
     return found
 
 
-def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock] | NoMatch:
+def match_residual_block(
+    region: Region, ffns: list[Ffn], experts: Sequence[Node] = ()
+) -> list[ResidualBlock] | NoMatch:
     """`residual_streams` of the region, or the rule its structure breaks and the node that broke it."""
     inside = set(region.nodes)
     # symbolic sizes (`s0 * s1`) computed in one block and reused by later ones are not part of the stream
@@ -587,7 +591,7 @@ def match_residual_block(region: Region, ffns: list[Ffn]) -> list[ResidualBlock]
     down_nodes = {f.down for f in ffns}
     streams = []
     for output in outputs:
-        chain = _residual_chain(region, inside, output, down_nodes)
+        chain = _residual_chain(region, inside, output, down_nodes, set(experts))
         if isinstance(chain, NoMatch):
             return chain
         streams.append(chain)
@@ -621,7 +625,23 @@ def _stream_step(node: Node, inside: set[Node]) -> Node | None:
     return None
 
 
-def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes: set[Node]) -> ResidualBlock | NoMatch:
+def _reads(node: Node, value: Node, inside: set[Node]) -> bool:
+    """Whether `node` is computed from `value` within the block."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is value:
+            return True
+        if n in seen or n not in inside:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _residual_chain(
+    region: Region, inside: set[Node], output: Node, down_nodes: set[Node], experts: set[Node]
+) -> ResidualBlock | NoMatch:
     chain: list[Sublayer] = []
     norms: list[Node] = []
 
@@ -643,7 +663,12 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
             break
         # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
         sa, sb = skip_passthrough(a), skip_passthrough(b)
-        if sa not in inside or (sb in inside and on_stream(sa) and not on_stream(sb)):
+        both_adds = sa in inside and sb in inside and sa.target is sb.target is aten.add.Tensor
+        if (
+            sa not in inside
+            or (sb in inside and on_stream(sa) and not on_stream(sb))
+            or (both_adds and _reads(sb, sa, inside))  # the branch ends in an add (routed + shared experts)
+        ):
             stream, branch, upstream = a, b, sa
         elif sb not in inside or on_stream(sb):
             stream, branch, upstream = b, a, sb
@@ -652,7 +677,10 @@ def _residual_chain(region: Region, inside: set[Node], output: Node, down_nodes:
         nodes = _branch_nodes(branch, stream, inside)
         attention = any(n.target in ATTENTION_OPS for n in nodes)
         ffn = any(n in down_nodes for n in nodes)
-        kind = "parallel" if attention and ffn else "attn" if attention else "mlp" if ffn else "other"
+        if any(n in experts for n in nodes):  # an MoE block (its router's softmax is no attention)
+            kind = "mlp"
+        else:
+            kind = "parallel" if attention and ffn else "attn" if attention else "mlp" if ffn else "other"
         chain.append(Sublayer(kind, node, stream, branch, tuple(nodes)))
         node = upstream
     if not chain or node in inside:
@@ -684,8 +712,11 @@ class ResidualStructure:
     def streams(self, path: str) -> list[ResidualBlock]:
         """The residual streams of the block region at `path` (`PassError` if it has no residual structure)."""
         if path not in self._streams:
+            from sparsec.analysis.experts import find_experts
+
             regions = region_index(self.program)
-            self._streams[path] = residual_streams(regions.region(path), regions.ffns())
+            experts = [e.output for e in find_experts(self.program)]
+            self._streams[path] = residual_streams(regions.region(path), regions.ffns(), experts)
         return self._streams[path]
 
 

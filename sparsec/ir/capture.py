@@ -73,6 +73,32 @@ def kv_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
             config.use_cache = value
 
 
+EXPORTABLE_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def exportable_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Run Hugging Face MoE experts with `experts_implementation="batched_mm"` for the duration, then restore.
+
+    transformers 5 stores experts as fused 3D weights and dispatches their forward by
+    `config._experts_implementation`: `eager` loops over the experts a batch hits (a data-dependent loop,
+    which torch.export refuses), `grouped_mm` (the default) sorts the token-expert pairs and calls an opaque
+    grouped-GEMM op (`transformers::grouped_mm_fallback` on CPU) that neither sparsec's matchers nor ONNX
+    see into. `batched_mm` gathers each pair's expert weights (`index(gate_up_proj, [ids])`) and multiplies
+    them with `bmm`: plain ATen ops, the same values, exportable to ONNX (`Gather` + `MatMul`). Its cost is
+    memory: the gathered weights hold T*k copies of an expert's matrices.
+    """
+    key = "_experts_implementation_internal"  # set per config: the public setter also rewrites sub-configs
+    saved = [(c, vars(c)[key]) for c in _hf_configs(model) if key in vars(c)]
+    for config, _ in saved:
+        setattr(config, key, EXPORTABLE_EXPERTS)
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            setattr(config, key, value)
+
+
 @contextlib.contextmanager
 def _module_tracker(model: torch.nn.Module, stack: list[str]) -> Iterator[None]:
     """Keep `stack` equal to the module paths currently executing (hooks run under non-strict export)."""
@@ -187,6 +213,7 @@ def capture_program(
     try:
         with (
             kv_cache_disabled(model),
+            exportable_experts(model),
             _module_tracker(model, stack),
             torch.no_grad(),
             contextlib.redirect_stderr(printed),

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -88,16 +89,52 @@ def _is_dead_metadata_assert(node: Node) -> bool:
     return not any(u.target in _CASTS and _module_of(u) == module for u in node.args[0].users)
 
 
-def _is_dead_private_update(node: Node) -> bool:
-    """An in-place op (`add_`, Falcon's `mlp_out += attn_out`) on a value only it reads, not a view of another
-    one: when its result is unused too, nothing can observe the update."""
-    schema = getattr(node.target, "_schema", None)
-    target = node.args[0] if node.args else None
-    if schema is None or not schema.is_mutable or not isinstance(target, Node) or target.op != "call_function":
+def _is_dead_inplace_update(node: Node) -> bool:
+    """An unused in-place op (`x /= x.sum()` in a router, `k[..., :n] = ...` into a fresh tensor) whose written
+    tensor, with every view of it, is read by no node after it: removing it changes no value."""
+    target = node.target
+    if node.op != "call_function" or node.users or not isinstance(target, torch._ops.OpOverload):
         return False
-    produced_by = getattr(target.target, "_schema", None)
-    is_view = produced_by is None or any(r.alias_info is not None for r in produced_by.returns)
-    return not is_view and set(target.users) == {node}
+    written = [
+        a for a, s in zip(node.args, target._schema.arguments) if s.alias_info is not None and s.alias_info.is_write
+    ]
+    if len(written) != 1 or not isinstance(written[0], Node):
+        return False
+    root = written[0]
+    while root.op == "call_function" and _may_alias(root) and isinstance(root.args[0], Node):
+        root = root.args[0]  # back through views to the tensor they view
+    if root.op != "call_function" or _may_alias(root):
+        return False  # a graph input, state or a value of unknown aliasing: the write is observable
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    group, stack = set(), [root]
+    while stack:
+        member = stack.pop()
+        if member in group:
+            continue
+        group.add(member)
+        for user in member.users:
+            if user.op == "call_function" and _may_alias(user) and user.args and user.args[0] is member:
+                stack.append(user)  # a view of the tensor
+            elif order[user] > order[node] and not (_writes(user) and not user.users):
+                return False  # read after the write (later unused writes read nothing anyone sees)
+    return True
+
+
+def _writes(node: Node) -> bool:
+    """Whether the node is an ATen op that writes one of its arguments in place."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(
+        a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments
+    )
+
+
+def _may_alias(node: Node) -> bool:
+    """Whether the node's value may share memory with another value (a view, or not an ATen op at all)."""
+    if node.target is operator.getitem and isinstance(node.args[0], Node):  # one output of a multi-output op
+        return _may_alias(node.args[0])
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in node.target._schema.returns)
 
 
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
@@ -725,7 +762,7 @@ class Program:
             return (
                 node.is_impure(impure_random=False)
                 and not _is_dead_metadata_assert(node)
-                and not _is_dead_private_update(node)
+                and not _is_dead_inplace_update(node)
             )
 
         while graph.eliminate_dead_code(is_impure_node=is_impure):

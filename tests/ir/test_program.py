@@ -257,3 +257,26 @@ def test_segmented_run_cuts_anywhere_even_between_placeholders():
     for cuts in ([order[1]], [order[1], order[-2]], [order[-1]], order[:-1]):
         for batch, got in zip(batches, program.run_segmented(batches, cuts)):
             torch.testing.assert_close(got["y"], program.run(batch)["y"], rtol=0, atol=0)
+
+
+class _WritesIntoViews(torch.nn.Module):
+    """`out[:, :2] = x` on a fresh tensor (the write goes through a view), then `y /= y.sum()` left unused."""
+
+    def forward(self, x):
+        out = x.new_empty(x.shape[0], 4)
+        out[:, :2] = x
+        out[:, 2:] = 2 * x
+        y = x.exp()
+        unused = y.sum(-1, keepdim=True)
+        y /= unused
+        return out
+
+
+def test_prune_keeps_writes_into_views_and_drops_dead_inplace_updates():
+    x = torch.randn(3, 2)
+    exported = torch.export.export(_WritesIntoViews(), (x,), strict=False)
+    program = Program(exported)
+    program.prune()
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.copy_.default in targets and torch.ops.aten.exp.default not in targets
+    torch.testing.assert_close(program.graph_module(x)[0], torch.cat([x, 2 * x], 1))
