@@ -663,12 +663,8 @@ def _residual_chain(
             break
         # the stream operand comes from outside the block or is an earlier residual add (casts looked through)
         sa, sb = skip_passthrough(a), skip_passthrough(b)
-        both_adds = sa in inside and sb in inside and sa.target is sb.target is aten.add.Tensor
-        if (
-            sa not in inside
-            or (sb in inside and on_stream(sa) and not on_stream(sb))
-            or (both_adds and _reads(sb, sa, inside))  # the branch ends in an add (routed + shared experts)
-        ):
+        # the branch is computed from the stream: it may end in an add (routed + shared experts) or a relayout
+        if sa not in inside or (sb in inside and on_stream(sa) and (not on_stream(sb) or _reads(sb, sa, inside))):
             stream, branch, upstream = a, b, sa
         elif sb not in inside or on_stream(sb):
             stream, branch, upstream = b, a, sb
