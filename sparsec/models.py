@@ -257,11 +257,11 @@ def _read_parameters(config, directory: Path, dtype: torch.dtype) -> torch.nn.Mo
     if getattr(_model_class(config), "_keep_in_fp32_modules", None):
         return None  # from_pretrained keeps those modules in FP32 whatever the dtype
     model = _build_unallocated(config, dtype)
-    stored = _stored_tensors(model, directory)
+    where = _checkpoint_index(directory)
+    stored = _stored_tensors(model, directory, where)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     buffers = set(model.state_dict()) - set(parameters)
-    stored_keys = set(_checkpoint_keys(directory))
-    if set(parameters) - set(stored) or buffers & stored_keys:
+    if set(parameters) - set(stored) or buffers & where.keys():
         return None
     read: dict[str, torch.Tensor] = {}  # stored key -> tensor: tied parameters read once
     for name, param in parameters.items():
@@ -273,16 +273,6 @@ def _read_parameters(config, directory: Path, dtype: torch.dtype) -> torch.nn.Mo
             read[where.key] = tensor
         param.data = read[where.key]
     return model.eval()
-
-
-def _checkpoint_keys(directory: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys: list[str] = []
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            keys += f.keys()
-    return keys
 
 
 def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -344,12 +334,8 @@ def _build_unallocated(config, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def _stored_tensors(model: torch.nn.Module, directory: Path) -> dict[str, StoredTensor]:
-    """Parameter name -> its tensor in the directory's safetensors files, read from the headers only.
-
-    A name is looked up as is, then with the model's `base_model_prefix` removed or added (a checkpoint of the
-    bare base model); tied parameters (one tensor under several names) share whichever of their names is stored.
-    """
+def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Stored key -> (file, shape) of every tensor in the directory's safetensors files, from the headers only."""
     from safetensors import safe_open
 
     where: dict[str, tuple[Path, tuple[int, ...]]] = {}
@@ -357,6 +343,18 @@ def _stored_tensors(model: torch.nn.Module, directory: Path) -> dict[str, Stored
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 where[key] = (path, tuple(f.get_slice(key).get_shape()))
+    return where
+
+
+def _stored_tensors(
+    model: torch.nn.Module, directory: Path, where: dict[str, tuple[Path, tuple[int, ...]]] | None = None
+) -> dict[str, StoredTensor]:
+    """Parameter name -> its tensor in the directory's safetensors files, read from the headers only.
+
+    A name is looked up as is, then with the model's `base_model_prefix` removed or added (a checkpoint of the
+    bare base model); tied parameters (one tensor under several names) share whichever of their names is stored.
+    """
+    where = _checkpoint_index(directory) if where is None else where
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def lookup(name: str) -> str | None:
