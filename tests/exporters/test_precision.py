@@ -34,7 +34,7 @@ def exported(tmp_path_factory):
     export_onnx(dense, root / "dense.onnx")
     moe = sparsec.capture(model, make_inputs(model, 2, 16))
     calib = CalibrationSet(make_inputs(model, 16, 16, seed=3), source="test")
-    testing.apply_pass(moe, "ffn_to_moe", experts=4, top_k=2, calibration=calib)
+    testing.apply_pass(moe, "ffn_to_moe", experts=4, top_k=2, fit_steps=20, calibration=calib)  # a fitted router, fast
     export_onnx(moe, root / "moe.onnx")
     export_onnx(moe, root / "moe_contrib.onnx", moe_lowering="contrib")
     return (
