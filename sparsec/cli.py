@@ -139,20 +139,37 @@ def _summary(report: dict) -> str:
 
 def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
-    from sparsec.data.calibration import load_calibration
-    from sparsec.runner import parse_dims, synthetic_inputs
+    from sparsec.data.calibration import TOKENIZER_DIR, load_calibration
+    from sparsec.runner import artifact_report, onnx_input_names, parse_dims, synthetic_inputs
 
-    onnx_path = Path(args.artifact) / "model.onnx"
-    if not onnx_path.is_file():
-        raise SparsecError(f"--artifact {args.artifact}: no model.onnx there (a `sparsec compile --out` directory)")
+    onnx_path = _artifact_onnx(args.artifact, "--artifact")
     if args.calib:
-        import onnx
-
-        names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
-        calibration = load_calibration(args.calib, input_names=names, batch_size=args.batch_size, samples=args.samples)
+        source = (artifact_report(args.artifact) or {}).get("model", {}).get("source")
+        why = (
+            f"{source} is a built-in model, which has none"
+            if source and source.startswith(BUILTIN_PREFIX)
+            else f"its model directory {source} had none when it was compiled"
+            if source
+            else "it has no report.json saying what it was compiled from"
+        )
+        calibration = load_calibration(
+            args.calib,
+            input_names=onnx_input_names(onnx_path),
+            tokenizer_dir=Path(args.artifact) / TOKENIZER_DIR,
+            tokenizer_missing=f"the artifact {args.artifact} holds none in {TOKENIZER_DIR}/ ({why})",
+            batch_size=args.batch_size,
+            samples=args.samples,
+        )
         return list(calibration.batches()), calibration.source
     dims = parse_dims(args.dims)
     return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
+
+
+def _artifact_onnx(directory: str, option: str) -> Path:
+    onnx_path = Path(directory) / "model.onnx"
+    if not onnx_path.is_file():
+        raise SparsecError(f"{option} {directory}: no model.onnx there (a `sparsec compile --out` directory)")
+    return onnx_path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -197,29 +214,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sparsec.runner import load_artifact, timing
+    from sparsec.runner import ideal_speedup, interleaved_timing, load_artifact, onnx_input_names
 
-    runner = load_artifact(args.artifact, args.target)
+    if args.baseline:
+        names = onnx_input_names(_artifact_onnx(args.artifact, "--artifact"))
+        baseline_names = onnx_input_names(_artifact_onnx(args.baseline, "--baseline"))
+        if names != baseline_names:
+            raise SparsecError(
+                f"--artifact {args.artifact} takes inputs {names}, --baseline {args.baseline} takes {baseline_names}"
+                f" (only in the artifact: {sorted(set(names) - set(baseline_names))}, only in the baseline: "
+                f"{sorted(set(baseline_names) - set(names))}); compare artifacts of the same model's program"
+            )
+    runners = [load_artifact(args.artifact, args.target)]
+    if args.baseline:
+        runners.append(load_artifact(args.baseline, args.target))
     batches, source = _artifact_inputs(args)
     batch = batches[0]
+    timings = interleaved_timing(runners, batch, warmup=args.warmup, runs=args.runs)
     result = {
         "artifact": str(args.artifact),
         "target": args.target,
         "inputs": source,
         "input_shapes": {k: list(v.shape) for k, v in batch.items()},
-        **timing(runner, batch, warmup=args.warmup, runs=args.runs),
+        **timings[0],
     }
+    if args.baseline:
+        ideal, ideal_from = ideal_speedup(args.artifact, args.baseline)
+        result["baseline"] = {"artifact": str(args.baseline), **timings[1]}
+        result["speedup"] = timings[1]["p50_ms"] / timings[0]["p50_ms"]
+        result["ideal_speedup"] = ideal
+        result["ideal_from"] = ideal_from
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
+        return 0
+    print(
+        f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
+        f"{args.warmup} warm-up, {args.runs} timed runs"
+        + (f", interleaved with {args.baseline}" if args.baseline else "")
+    )
+    for label, summary in [("artifact", result), *([("baseline", result["baseline"])] if args.baseline else [])]:
         print(
-            f"{args.artifact} on {args.target}, inputs {result['input_shapes']} ({source}): "
-            f"{args.warmup} warm-up, {args.runs} timed runs"
+            f"  {label + ' ' if args.baseline else ''}mean {summary['mean_ms']:.3f} ms  p50 {summary['p50_ms']:.3f}  "
+            f"p90 {summary['p90_ms']:.3f}  p99 {summary['p99_ms']:.3f}  min {summary['min_ms']:.3f}  "
+            f"max {summary['max_ms']:.3f}"
         )
-        print(
-            f"  mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
-            f"p99 {result['p99_ms']:.3f}  min {result['min_ms']:.3f}  max {result['max_ms']:.3f}"
-        )
+    if args.baseline:
+        ideal = f"{result['ideal_speedup']:.3f}x ({result['ideal_from']})" if result["ideal_speedup"] else "unknown"
+        print(f"  speedup {result['speedup']:.3f}x (baseline p50 / artifact p50); ideal {ideal}")
+        if not result["ideal_speedup"]:
+            print(f"  ({result['ideal_from']})")
     return 0
 
 
@@ -425,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--target", default="onnxruntime", choices=list(targets), help="backend to run it on (default: %(default)s)"
         )
-        p.add_argument("--calib", help="inputs: a .safetensors/.npz file of the model's inputs (default: synthetic)")
+        p.add_argument(
+            "--calib",
+            help="inputs: a .safetensors/.npz file of the model's inputs, or .txt/.jsonl text tokenized with the "
+            "artifact's tokenizer (copied from the model directory at compile) (default: synthetic)",
+        )
         p.add_argument("--samples", type=int, default=16, help="samples read from --calib (default: %(default)s)")
         p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
         p.add_argument(
@@ -437,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
             p.add_argument("--runs", type=int, default=20, help="timed runs (default: %(default)s)")
+            p.add_argument(
+                "--baseline",
+                metavar="OUT2",
+                help="a second compile output with the same inputs, timed interleaved with --artifact on the same "
+                "inputs; prints both, the speedup (baseline p50 / artifact p50) and the ideal from the reports",
+            )
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
     p = sub.add_parser(

@@ -21,7 +21,7 @@ import torch
 from sparsec import __version__
 from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
-from sparsec.data.calibration import load_calibration
+from sparsec.data.calibration import TOKENIZER_DIR, TOKENIZER_FILES, load_calibration
 from sparsec.data.parity import ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
@@ -39,7 +39,8 @@ from sparsec.resources import (
 )
 from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 
-ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json")  # and each target's `Target.artifacts`
+# and each target's `Target.artifacts`; TOKENIZER_DIR holds the model directory's tokenizer (`_copy_tokenizer`)
+ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json", TOKENIZER_DIR)
 
 
 def check_target(target: str, recipe: Recipe) -> None:
@@ -101,7 +102,8 @@ def compile_model(
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
     Writes `program.pt2` (the transformed program, `torch.export.load`-able; unless `export.pt2: false`), `model.onnx` (unless the
-    recipe turns ONNX off) and `report.json`, and returns the report. With `dry_run`, stops after the
+    recipe turns ONNX off), `report.json` and `tokenizer/` (the model directory's tokenizer, when it has one:
+    `_copy_tokenizer`), and returns the report. With `dry_run`, stops after the
     passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
 
     `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
@@ -191,6 +193,7 @@ def compile_model(
         "device": str(device),
     }
     units = _units(loaded, recipe, calib)
+    tokenizer_dir = loaded.directory
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
     t = time.perf_counter()
@@ -243,6 +246,7 @@ def compile_model(
         for unit in units:
             directory = stage / unit.name if recipe.entry_points else stage
             directory.mkdir(exist_ok=True)
+            _copy_tokenizer(tokenizer_dir, directory)
             unit.write(directory, recipe, get_target(target), times, say)
         report.update(_program_reports(units, recipe))  # now with export, parity and artifacts
         times["total"] = time.perf_counter() - t0
@@ -290,6 +294,7 @@ class _Unit:
             input_names=self.program.input_names,
             synthetic=self.entry.example_inputs(cal.samples, cal.seq_len, cal.seed + 1),
             tokenizer_dir=loaded.directory,
+            **({} if loaded.directory else {"tokenizer_missing": f"{loaded.name} is a built-in model, which has none"}),
             samples=cal.samples,
             seq_len=cal.seq_len,
             batch_size=cal.batch_size,
@@ -418,7 +423,9 @@ class _Unit:
         release_freed_memory()
 
     def _record_artifacts(self, directory: Path) -> None:
-        self.report["artifacts"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+        self.report["artifacts"] = {
+            p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
+        }
 
 
 class _PassProgress(PassInstrument):
@@ -523,6 +530,19 @@ def _units(loaded, recipe: Recipe, calib: str | Path | None) -> list[_Unit]:
     return [
         _Unit(name, entries[name], files.get(name) or calib or recipe.calibration.file) for name in recipe.entry_points
     ]
+
+
+def _copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
+    """Copy the model directory's tokenizer (the `TOKENIZER_FILES` it has, config.json included: transformers picks
+    the tokenizer class by its model_type) into `directory/tokenizer/`, so the artifact tokenizes text inputs on its
+    own and as the compile did (`sparsec run --calib FILE.txt`). A model without tokenizer files (a built-in) gets none.
+    """
+    present = [n for n in TOKENIZER_FILES if model_dir is not None and (model_dir / n).is_file()]
+    if present == [] or present == ["config.json"]:
+        return
+    (directory / TOKENIZER_DIR).mkdir()
+    for name in present:
+        shutil.copyfile(model_dir / name, directory / TOKENIZER_DIR / name)
 
 
 def _move_into_place(stage: Path, out_dir: Path) -> None:

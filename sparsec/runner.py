@@ -6,6 +6,10 @@ input types, with the dynamic dims given by name (`--dims batch=1,seq=128`): int
 ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
 graph gathers them from (else 2), floats standard normal, bools true.
 
+`interleaved_timing` times several artifacts on the same inputs in one run (`sparsec bench --baseline`): their
+calls alternate, so machine noise (another job, clock changes) falls on each alike, and `ideal_speedup` says what
+their compile reports promise.
+
 Example::
     runner = load_artifact("out/demo", target="onnxruntime")
     inputs = synthetic_inputs(Path("out/demo/model.onnx"), {"batch": 1, "seq": 128})
@@ -15,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +39,43 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
     cannot run here.
     """
     return get_target(target).load(Path(directory))
+
+
+def onnx_input_names(onnx_path: Path) -> list[str]:
+    """The graph inputs of an ONNX file, in order (its weights are not read)."""
+    import onnx
+
+    return [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+
+
+def artifact_report(directory: str | Path) -> dict | None:
+    """The compile report of the program in `directory`: `directory/report.json`, or for an entry point's directory
+    (`OUT/NAME`) its section of `OUT/report.json` with the report's `model` facts added; None without a report."""
+    directory = Path(directory)
+    for path, section in ((directory / "report.json", None), (directory.parent / "report.json", directory.name)):
+        if path.is_file():
+            report = json.loads(path.read_text())
+            if section is None:
+                return report
+            if section in report.get("entry_points", {}):
+                return {"model": report.get("model", {}), **report["entry_points"][section]}
+    return None
+
+
+def ideal_speedup(artifact: str | Path, baseline: str | Path) -> tuple[float | None, str]:
+    """What the compile reports promise for `artifact` against `baseline`: the baseline's parameter count over the
+    artifact's (`parameters.after` in each report.json), and what it is, or None and why not.
+
+    A parameter ratio is the ideal for depth and width pruning (FLOPs fall with the weights they multiply); an
+    `ffn_to_moe` program keeps its parameters and computes less per token, so there it understates the ideal.
+    """
+    counts = []
+    for directory in (artifact, baseline):
+        report = artifact_report(directory)
+        if report is None or "parameters" not in report:
+            return None, f"{directory} has no report.json with parameter counts (a sparsec compile output)"
+        counts.append(report["parameters"]["after"])
+    return counts[1] / counts[0], "parameter ratio, baseline / artifact (report.json parameters.after)"
 
 
 def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -94,16 +136,28 @@ def timing(runner: Runner, inputs: Mapping[str, torch.Tensor], *, warmup: int, r
 
     Returns milliseconds: `mean_ms`, `min_ms`, `p50_ms`, `p90_ms`, `p99_ms`, `max_ms` and every run in `runs_ms`.
     """
+    return interleaved_timing([runner], inputs, warmup=warmup, runs=runs)[0]
+
+
+def interleaved_timing(
+    runners: Sequence[Runner], inputs: Mapping[str, torch.Tensor], *, warmup: int, runs: int
+) -> list[dict]:
+    """`timing` of several runners on the same inputs, side by side: each round calls every runner once, in turn,
+    the order reversed every other round (A B, B A, ...), so neither always runs first or on the other's heels.
+    Returns one `timing` result per runner, in order."""
     if warmup < 0 or runs < 1:
         raise SparsecError(f"--warmup must be >= 0 and --runs >= 1, got {warmup} and {runs}")
     for _ in range(warmup):
-        runner(inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner(inputs)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"warmup": warmup, "runs": runs, **latency_summary(times)}
+        for runner in runners:
+            runner(inputs)
+    times: list[list[float]] = [[] for _ in runners]
+    for round_ in range(runs):
+        order = range(len(runners)) if round_ % 2 == 0 else reversed(range(len(runners)))
+        for i in order:
+            start = time.perf_counter()
+            runners[i](inputs)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [{"warmup": warmup, "runs": runs, **latency_summary(t)} for t in times]
 
 
 def latency_summary(times_ms: Sequence[float]) -> dict:

@@ -226,3 +226,56 @@ def prune_experts_by_hand(model, decisions):
             setattr(module, name, torch.nn.Parameter(getattr(module, name).detach()[kept]))
         block.experts.num_experts = block.gate.num_experts = len(kept)
     return reference
+
+
+_FRESH_LOAD = """
+import json, sys, torch
+torch.set_grad_enabled(False)
+plain, custom, inputs_file, out_file = sys.argv[1:]
+plain, custom = json.loads(plain), json.loads(custom)
+inputs = torch.load(inputs_file, weights_only=True)
+
+
+def named(value, prefix=""):  # nested outputs by dotted name, as Program.output_names spells them
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    if not items:
+        return {prefix or "output": value}
+    return {k: v for key, child in items for k, v in named(child, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+outputs = {key: named(torch.export.load(path).module()(**inputs[key])) for key, path in plain.items()}
+imported = sorted(m for m in ("transformers", "sparsec") if m in sys.modules)
+errors = {}
+for key, path in custom.items():
+    try:
+        torch.export.load(path)
+    except Exception as exc:
+        errors[key] = str(exc)
+if custom:
+    import sparsec
+    outputs.update({key: named(sparsec.load_program(path).module()(**inputs[key])) for key, path in custom.items()})
+torch.save({"outputs": outputs, "imported": imported, "errors": errors}, out_file)
+"""
+
+
+def load_in_fresh_process(tmp_path, inputs: dict, plain: dict, custom: dict | None = None) -> dict:
+    """Load and run `program.pt2` files in a new interpreter: `plain` ({key: path}) with only torch imported
+    (`torch.export.load`), then `custom` ones (holding sparsec's ops) first with plain `torch.export.load` (its
+    error kept) and then with `sparsec.load_program`; each runs on `inputs[key]`.
+
+    Returns `outputs` ({key: {output name: tensor}}, nested outputs by dotted name), `imported` (which of transformers / sparsec were imported
+    after the plain programs ran), `errors` ({key: plain torch.export.load's error}) and the process' `stderr`.
+    """
+    import json
+    import subprocess
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    argv = [json.dumps({k: str(v) for k, v in paths.items()}) for paths in (plain, custom or {})]
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_LOAD, *argv, str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**torch.load(tmp_path / "outputs.pt", weights_only=True), "stderr": done.stderr}

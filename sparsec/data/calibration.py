@@ -35,6 +35,27 @@ from tqdm.auto import tqdm
 
 from sparsec.errors import CalibrationError
 
+# What `AutoTokenizer.from_pretrained` reads from a model directory (fast, slow and SentencePiece tokenizers, and
+# config.json, whose model_type can decide the tokenizer class). `sparsec compile` copies those present into
+# OUT/tokenizer/ (`TOKENIZER_DIR`), so `sparsec run --calib FILE.txt` tokenizes as the compile did.
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_NO_TOKENIZER = "the model directory has none; save the tokenizer there (tokenizer.save_pretrained)"
+
 
 @dataclass
 class CalibrationSet:
@@ -178,6 +199,7 @@ def load_calibration(
     input_names: Sequence[str],
     synthetic: Mapping[str, torch.Tensor] | None = None,
     tokenizer_dir: str | Path | None = None,
+    tokenizer_missing: str = _NO_TOKENIZER,
     samples: int = 16,
     seq_len: int = 32,
     batch_size: int = 8,
@@ -189,6 +211,8 @@ def load_calibration(
         input_names: the program's inputs; a file must provide them (`attention_mask` defaults to ones).
         synthetic: the inputs to use when `path` is None (made by the caller from the model family).
         tokenizer_dir: model directory holding a tokenizer, for text files.
+        tokenizer_missing: what the error for a text file says when `tokenizer_dir` is None or holds no tokenizer
+            (where one was looked for and how to get one there, e.g. for a built-in model or an artifact).
         samples, seq_len: how many text samples to use and the length they are padded/truncated to.
     """
     if path is None:
@@ -207,7 +231,7 @@ def load_calibration(
         except Exception as exc:
             raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
     elif path.suffix in (".txt", ".jsonl"):
-        inputs = _tokenize(_read_texts(path)[:samples], tokenizer_dir, seq_len, path)
+        inputs = _tokenize(_read_texts(path)[:samples], tokenizer_dir, tokenizer_missing, seq_len, path)
     else:
         raise CalibrationError(
             f"calibration file {path}: unsupported type {path.suffix!r}; use .safetensors, .npz, .txt or .jsonl"
@@ -224,13 +248,13 @@ def load_calibration(
     return CalibrationSet(inputs, source=str(path), batch_size=batch_size)
 
 
-def _tokenize(texts: list[str], tokenizer_dir, seq_len: int, path: Path) -> dict[str, torch.Tensor]:
+def _tokenize(texts: list[str], tokenizer_dir, missing: str, seq_len: int, path: Path) -> dict[str, torch.Tensor]:
     if not texts:
         raise CalibrationError(f"calibration file {path} has no text")
     if tokenizer_dir is None or not any(Path(tokenizer_dir).glob("tokenizer*")):
         raise CalibrationError(
-            f"text calibration file {path} needs the model's tokenizer, and the model directory has none; "
-            "save the tokenizer there (tokenizer.save_pretrained) or pass tokenized inputs as .safetensors"
+            f"text calibration file {path} needs the model's tokenizer, and {missing}; "
+            "or pass tokenized inputs as .safetensors"
         )
     from transformers import AutoTokenizer
 

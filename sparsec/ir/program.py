@@ -182,6 +182,38 @@ def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
     return names
 
 
+_PLAIN_CONTAINERS = (tuple, list, dict)
+
+
+def plain_spec(spec: Any) -> Any:
+    """`spec` with every node that is not a tuple, list or dict (a Hugging Face `ModelOutput`, a namedtuple, an
+    OrderedDict, any class registered with pytree) made a dict of the same keys, or a tuple where it has none.
+
+    torch.export serializes such nodes by their class name and its loader must find that class registered with
+    pytree: a program returning `CausalLMOutputWithPast` does not load without transformers imported.
+    """
+    if spec.is_leaf():
+        return spec
+    children = [plain_spec(child) for child in spec.children()]
+    if spec.type in _PLAIN_CONTAINERS:
+        return torch.utils._pytree.TreeSpec(spec.type, spec.context, children)
+    context = getattr(spec.context, "_fields", spec.context)  # a namedtuple's spec holds its class
+    if isinstance(context, (list, tuple)) and len(context) == len(children):
+        return torch.utils._pytree.TreeSpec(dict, [str(k) for k in context], children)
+    return torch.utils._pytree.TreeSpec(tuple, None, children)
+
+
+def _with_plain_outputs(exported: ExportedProgram) -> None:
+    """Make the program's output structure plain containers (`plain_spec`), in place; the leaves keep their names."""
+    calls = exported.module_call_graph
+    for i, entry in enumerate(calls):
+        spec = entry.signature.out_spec if entry.signature is not None else None
+        if spec is not None:
+            calls[i] = dataclasses.replace(
+                entry, signature=dataclasses.replace(entry.signature, out_spec=plain_spec(spec))
+            )
+
+
 @dataclass(frozen=True)
 class ValueRewrite:
     """For `Program.run(rewrite=...)`: the node's value becomes `fn(value, *values of reads)`.
@@ -227,6 +259,11 @@ class Program:
         dim_bounds: `{dim name: largest size}` of the dynamic dims the model bounds (BERT's `seq` at
             `max_position_embeddings`); the others are unbounded.
 
+    The program's outputs are plain containers: a model returning a `ModelOutput` (or any other pytree class)
+    returns a dict of the same names (`logits`) from `exported.module()`. This is done once, when the `Program`
+    is made (captured, loaded or copied), not only in `save`, so the program that passes, parity and the ONNX
+    export see is the one `program.pt2` holds, and that file loads with torch alone (`save`).
+
     Example::
 
         program = sparsec.capture(model, {"input_ids": ids, "attention_mask": mask})
@@ -245,6 +282,7 @@ class Program:
         dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
         dim_bounds: Mapping[str, int] | None = None,
     ) -> None:
+        _with_plain_outputs(exported)
         self.exported = exported
         self.family = family
         self.tagger = tagger or Tagger()
@@ -904,7 +942,10 @@ class Program:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files.
 
-        A lazily backed program is materialised first (`materialize`: its weights are read into memory)."""
+        The file needs only torch to load and run (its outputs are plain containers, see the class docstring), unless
+        the graph holds sparsec's own operators (`torch.ops.sparsec.moe`, from `ffn_to_moe`): those are registered
+        by `import sparsec`, which `sparsec.load_program` does. A lazily backed program is materialised first
+        (`materialize`: its weights are read into memory). Staged beside `path` and renamed into place."""
         self.materialize()
         path = Path(path)
         meta = {

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import yaml
+from conftest import load_in_fresh_process
 
 from sparsec.compiler import compile_model
 from sparsec.errors import RecipeError, SparsecError
@@ -32,6 +33,16 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("janus") / "out"
     report = compile_model("builtin:tiny-janus", Recipe.from_dict(RECIPE), out, progress=False)
     return out, report
+
+
+def test_each_entry_points_program_loads_and_runs_with_torch_alone(compiled, tmp_path):
+    out, _ = compiled
+    entries = entry_points(build_model(builtin_config("tiny-janus")))
+    inputs = {name: entries[name].example_inputs(3, 16, seed=3) for name in RECIPE["entry_points"]}  # capture: 2
+    loaded = load_in_fresh_process(tmp_path, inputs, plain={name: out / name / "program.pt2" for name in inputs})
+    assert loaded["imported"] == []
+    for name, batch in inputs.items():
+        torch.testing.assert_close(loaded["outputs"][name], Program.load(out / name / "program.pt2").run(batch))
 
 
 def test_layout_and_skipped_passes(compiled):

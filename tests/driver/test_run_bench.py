@@ -95,6 +95,37 @@ def test_errors(artifact, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_text_inputs_need_a_tokenizer_which_built_in_models_lack(tmp_path, artifact, capsys):
+    (tmp_path / "text.txt").write_text("some text\n")
+    assert main(["run", "--artifact", str(artifact), "--calib", str(tmp_path / "text.txt")]) == 2
+    assert (
+        f"needs the model's tokenizer, and the artifact {artifact} holds none in tokenizer/ "
+        "(builtin:tiny-qwen2 is a built-in model, which has none); or pass tokenized inputs as .safetensors"
+    ) in capsys.readouterr().err
+    assert main(["compile", "--calib", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "and builtin:tiny-qwen2 is a built-in model, which has none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_baseline_must_take_the_same_inputs(tmp_path, artifact, capsys):
+    import shutil
+
+    import onnx
+
+    other = tmp_path / "other"
+    shutil.copytree(artifact, other)
+    model = onnx.load(str(other / "model.onnx"))
+    model.graph.input[1].name = "mask"
+    onnx.save(model, str(other / "model.onnx"))
+    assert main(["bench", "--artifact", str(artifact), "--baseline", str(other)]) == 2
+    assert (
+        f"--artifact {artifact} takes inputs ['input_ids', 'attention_mask'], --baseline {other} takes "
+        "['input_ids', 'mask'] (only in the artifact: ['attention_mask'], only in the baseline: ['mask'])"
+    ) in capsys.readouterr().err
+    assert main(["bench", "--artifact", str(artifact), "--baseline", str(tmp_path)]) == 2
+    assert f"--baseline {tmp_path}: no model.onnx there" in capsys.readouterr().err
+
+
 def test_missing_artifact(tmp_path, capsys):
     assert main(["run", "--artifact", str(tmp_path)]) == 2
     assert "has no model.onnx" in capsys.readouterr().err
