@@ -270,7 +270,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         seq=args.seq,
         log=_log,
     )
-    components = args.components.split(",") if args.components else ["understanding", "generation"]
+    components = args.components.split(",") if args.components else None
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     probe = Probe(
         tasks,
@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--components",
-        help="comma-separated components to compress (default: understanding,generation; "
-        "given explicitly, one with nothing to compress is an error)",
+        help="comma-separated components to compress: understanding, generation, shared (default: "
+        "understanding,generation, or shared when no region is tagged with them; given explicitly, one with "
+        "nothing to compress is an error)",
     )
     p.add_argument("--kinds", help="comma-separated: depth, width (default: both)")
     p.add_argument(
@@ -407,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=16, help="synthetic samples per task (default: %(default)s)")
     p.add_argument("--seq", type=int, default=32, help="synthetic sequence length (default: %(default)s)")
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
-    p.add_argument("--out", help="output directory for analysis.md, analysis.json, quality_*.png, sparsity.png")
+    p.add_argument(
+        "--out", help="output directory for analysis.md, analysis.json, quality_*.png, sensitivity.png, sparsity.png"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_cmd_analyze)
 
