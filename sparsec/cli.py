@@ -364,14 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "analyze",
-        help="probe which component (understanding / generation) tolerates depth and width compression",
+        help="probe which component (understanding / generation; a plain LLM: the whole model) tolerates depth "
+        "and width compression",
         description="Compress one component at a time (by component tags), in depth (skip its most redundant blocks) "
         "or width (zero its least important FFN neurons), over a sweep of ratios, and measure each task's "
         "quality relative to the uncompressed model; also the dynamic sparsity of every FFN (Jaccard "
         "overlap of each sample's top neurons, within and across tasks). Training-free: one statistics "
         "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
-        epilog="Example: sparsec analyze --model builtin:tiny-mot --task understanding=und.safetensors "
-        "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe",
+        epilog="Example (python examples/analyze_tasks.py --out tasks writes the task files): sparsec analyze "
+        "--model builtin:tiny-mot --task understanding=tasks/und.safetensors --task generation=tasks/gen.safetensors "
+        "--ratios 0.25,0.5 --out out/probe",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument(
