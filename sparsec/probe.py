@@ -229,7 +229,7 @@ class Probe:
         tasks: the tasks; tasks may share a program (one model, two calibration sets) or not (entry points).
         components: which components to probe (`understanding`, `generation`, `shared`). None: understanding
             and generation where some program tags blocks or FFNs with them, else `shared` (a plain LLM,
-            every region `shared`: the whole model is probed).
+            every region `shared`: the whole model is probed, and `untagged` is set).
         kinds: `depth`, `width`.
         strict: raise `AnalysisError` when a requested (component, kind) has nothing to compress anywhere;
             otherwise it is skipped and listed in the result with the reason.
@@ -278,7 +278,8 @@ class Probe:
         self._stats: dict[int, _ProgramStats] | None = None
         self._top_sets: dict[str, dict[str, list[set[int]]]] = {}
         self.targets = {(id(p), c): component_targets(p, c) for p in self.programs for c in components or COMPONENTS}
-        if components is None and not any(t.count(k) for t in self.targets.values() for k in KINDS):
+        self.untagged = components is None and not any(t.count(k) for t in self.targets.values() for k in KINDS)
+        if self.untagged:
             components = (SHARED,)
             self.targets = {(id(p), SHARED): component_targets(p, SHARED) for p in self.programs}
         self.components = tuple(components or COMPONENTS)
@@ -442,9 +443,9 @@ class Probe:
                 rows.append(row | self._measure(task, plan, references[task.name]))
         return rows
 
-    def run(self, ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5)) -> dict:
-        """Collect statistics, sweep every (component, kind, ratio) on every task, then measure each block and
-        FFN alone (`units`; FFNs at the largest ratio); the result as a dict."""
+    def run(self, ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5), *, units: bool = True) -> dict:
+        """Collect statistics, sweep every (component, kind, ratio) on every task, then (`units`) measure each
+        block and FFN alone (FFNs at the largest ratio; `units: []` without); the result as a dict."""
         bad = [r for r in ratios if not 0 < r < 1]
         if bad or not ratios:
             raise AnalysisError(f"ratios must lie in (0, 1) (the fraction removed), got {list(ratios)}")
@@ -478,6 +479,7 @@ class Probe:
             "metric": next((r["metric"] for r in rows if r.get("metric")), self.metric),
             "synthetic": [t.name for t in self.tasks if t.calibration.synthetic],
             "components": list(self.components),
+            "untagged": self.untagged,
             "ratios": list(ratios),
             "targets": {
                 c: {
@@ -495,7 +497,7 @@ class Probe:
                 for c in {c for c, _ in self.combos}
             },
             "sweep": rows,
-            "units": self._units(max(ratios), stats, references),
+            "units": self._units(max(ratios), stats, references) if units else [],
             "skipped": self.skipped,
             "sparsity": self._sparsity(self._top_sets),
         }
@@ -532,9 +534,9 @@ def _header(cells: Sequence[str]) -> list[str]:
     return [_row(cells), "|" + "---|" * len(cells)]
 
 
-def synthetic_note(result: dict) -> str:
+def _synthetic_note(result: dict) -> str:
     """The warning every output carries when some task ran on synthetic inputs; empty otherwise."""
-    names = result.get("synthetic") or []
+    names = result["synthetic"]
     if not names:
         return ""
     tasks = "task" if len(names) == 1 else "tasks"
@@ -545,9 +547,9 @@ def format_markdown(result: dict) -> str:
     """The sweep, each unit alone and the sparsity overlap as markdown tables (every row as wide as its header)."""
     tasks = list(result["tasks"])
     lines = [f"# sparsec analyze: quality relative to the uncompressed model ({result['metric']})", ""]
-    if synthetic_note(result):
-        lines += [f"**Warning: {synthetic_note(result)}.**", ""]
-    if result.get("components") == [SHARED]:
+    if _synthetic_note(result):
+        lines += [f"**Warning: {_synthetic_note(result)}.**", ""]
+    if result["untagged"]:
         lines += [
             "No region is tagged understanding or generation (every region is `shared`): the probe compresses "
             "the whole model. For a multimodal model, tag its components with a recipe `tags:` section.",
@@ -575,7 +577,7 @@ def format_markdown(result: dict) -> str:
     ]
     for skipped in result["skipped"]:
         lines.append(f"- skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
-    if result.get("units"):
+    if result["units"]:
         ratio = next((u["ratio"] for u in result["units"] if u["kind"] == "width"), None)
         lines += ["", "## Each block and FFN alone", ""]
         lines += _header(["component", "kind", "#", "block / FFN", *tasks])
@@ -621,7 +623,7 @@ def _plots(result: dict, directory: Path) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    note = synthetic_note(result)
+    note = _synthetic_note(result)
 
     def save(fig, name: str) -> str:
         if note:
@@ -661,7 +663,7 @@ def _plots(result: dict, directory: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         written.append(save(fig, f"quality_{kind}.png"))
-    kinds = [k for k in KINDS if any(u["kind"] == k for u in result.get("units", []))]
+    kinds = [k for k in KINDS if any(u["kind"] == k for u in result["units"])]
     if kinds:
         fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
         for ax, kind in zip(axes[0], kinds):

@@ -15,7 +15,16 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.families import entry_points
 from sparsec.ir.tags import TagRule
 from sparsec.models import build_model, builtin_config
-from sparsec.probe import COMPONENTS, AnalysisError, Probe, Task, _mean_pairwise, task_entry, write_report
+from sparsec.probe import (
+    COMPONENTS,
+    AnalysisError,
+    Probe,
+    Task,
+    _mean_pairwise,
+    format_markdown,
+    task_entry,
+    write_report,
+)
 
 
 def _set(batches: list[dict]) -> CalibrationSet:
@@ -180,6 +189,10 @@ def test_report_files(tmp_path, mot_probe):
     assert len(tables) == 3  # sweep, each unit alone, sparsity
     assert tables[2][0][-1] == "across generation vs understanding"
     assert "(n/a)" not in markdown and "synthetic" not in markdown.lower()  # neither occurs, so neither is explained
+    renamed = json.loads(json.dumps(data).replace('"generation"', '"gen|img"'))  # a task name holding a pipe
+    assert _tables(format_markdown(renamed))[0][0][-1] == "gen\\|img"
+    renamed["sweep"][0]["in_program"] = False  # as for an entry point without the component: legend explains it
+    assert "(n/a): the task's program does not hold that component" in format_markdown(renamed)
     units = {(u["component"], u["kind"], u["task"]) for u in data["units"]}
     assert len(units) == 8 and len(data["units"]) == 8 * 4  # 4 blocks / FFNs per component and kind
     assert [p.name for p in tmp_path.iterdir()] == ["probe"]  # nothing staged left behind
@@ -213,7 +226,7 @@ def test_plain_llm_is_probed_whole(tmp_path, capsys):
         == 0
     )
     data = json.loads((out / "analysis.json").read_text())
-    assert data["components"] == ["shared"] and not data["skipped"]
+    assert data["components"] == ["shared"] and data["untagged"] and not data["skipped"]
     assert {(r["kind"], r["ratio"]) for r in data["sweep"]} == {(k, r) for k in ("depth", "width") for r in (0.25, 0.5)}
     layers = builtin_config("tiny-llama").num_hidden_layers
     depth = [u for u in data["units"] if u["kind"] == "depth" and u["task"] == "understanding"]
