@@ -2,11 +2,17 @@
 
 The mechanics (torch.export, KV caches off, errors naming the failing module) are `sparsec.ir.capture`;
 this adds what the model family knows (`sparsec.families`).
+
+A model of no known family is captured with every region tagged `shared`: right for a plain LLM, wrong for a
+multimodal model whose components nobody tagged. That is said in one line on the `sparsec.capture` logger
+(level WARNING: printed to stderr as it is, without a source line, where the application configured no
+logging; `logging.getLogger("sparsec.capture").setLevel(logging.ERROR)` silences it), not as a Python
+warning, which reads as an error and quotes a line of sparsec.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,9 +24,7 @@ from sparsec.ir.tags import Tagger, TagRule
 
 DynamicSpec = bool | Mapping[str, Mapping[int, str]]
 
-
-class UnknownFamilyWarning(UserWarning):
-    """The model's family is not known: it was captured with every region tagged `shared`."""
+log = logging.getLogger(__name__)
 
 
 def capture(
@@ -45,6 +49,9 @@ def capture(
     Raises:
         CaptureError: naming the failing module, the line of model code and a hint.
 
+    A model of no known family, captured without `tags`, gets every region tagged `shared` and one line on the
+    `sparsec.capture` logger saying so (see the module docstring).
+
     Example::
         ids = torch.randint(0, 100, (2, 16))
         program = sparsec.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -62,11 +69,10 @@ def capture(
     program = capture_program(model, example_inputs, dims, family=family.name, tagger=tagger, dim_bounds=bounds)
     if family.name == GENERIC.name and not tags:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        warnings.warn(
-            f"{type(model).__name__} (model_type {model_type!r}) is not a family sparsec knows: every region is tagged "
-            "'shared'. Mark its components with tag rules, e.g. capture(..., tags=[TagRule('model.vision_tower', "
-            "'understanding')]) or a recipe `tags:` section ([{glob: 'model.vision_tower', tag: understanding}])",
-            UnknownFamilyWarning,
-            stacklevel=2,
+        log.warning(
+            "note: %s (model_type %r) has no sparsec family, so every region is tagged 'shared' (right for a plain "
+            "LLM); a multimodal model needs its components tagged: a recipe `tags:` section or capture(tags=...)",
+            type(model).__name__,
+            model_type,
         )
     return program

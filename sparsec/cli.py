@@ -313,7 +313,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         seq=args.seq,
         log=_log,
     )
-    components = args.components.split(",") if args.components else ["understanding", "generation"]
+    components = args.components.split(",") if args.components else None
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     probe = Probe(
         tasks,
@@ -407,14 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "analyze",
-        help="probe which component (understanding / generation) tolerates depth and width compression",
+        help="probe which component (understanding / generation; a plain LLM: the whole model) tolerates depth "
+        "and width compression",
         description="Compress one component at a time (by component tags), in depth (skip its most redundant blocks) "
         "or width (zero its least important FFN neurons), over a sweep of ratios, and measure each task's "
         "quality relative to the uncompressed model; also the dynamic sparsity of every FFN (Jaccard "
         "overlap of each sample's top neurons, within and across tasks). Training-free: one statistics "
         "pass per task, then forward passes. Writes analysis.md, analysis.json and PNG plots to --out.",
-        epilog="Example: sparsec analyze --model builtin:tiny-mot --task understanding=und.safetensors "
-        "--task generation=gen.safetensors --ratios 0.25,0.5 --out out/probe",
+        epilog="Example (python examples/analyze_tasks.py --out tasks writes the task files): sparsec analyze "
+        "--model builtin:tiny-mot --task understanding=tasks/und.safetensors --task generation=tasks/gen.safetensors "
+        "--ratios 0.25,0.5 --out out/probe",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument(
@@ -428,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--components",
-        help="comma-separated components to compress (default: understanding,generation; "
-        "given explicitly, one with nothing to compress is an error)",
+        help="comma-separated components to compress: understanding, generation, shared (default: "
+        "understanding,generation, or shared when no region is tagged with them; given explicitly, one with "
+        "nothing to compress is an error)",
     )
     p.add_argument("--kinds", help="comma-separated: depth, width (default: both)")
     p.add_argument(
@@ -450,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=16, help="synthetic samples per task (default: %(default)s)")
     p.add_argument("--seq", type=int, default=32, help="synthetic sequence length (default: %(default)s)")
     p.add_argument("--recipe", help="recipe whose capture shape and tag overrides to use (optional)")
-    p.add_argument("--out", help="output directory for analysis.md, analysis.json, quality_*.png, sparsity.png")
+    p.add_argument(
+        "--out", help="output directory for analysis.md, analysis.json, quality_*.png, sensitivity.png, sparsity.png"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_cmd_analyze)
 

@@ -15,6 +15,11 @@ values while the program runs (`Program.run(rewrite=...)`), never by re-capturin
 - width, ratio r: every FFN of the component keeps its round((1 - r) * width) most important neurons
   (activation importance, as `slice_neurons`), the others are zeroed at the down projection's input, which is
   exactly what slicing them away computes.
+- per unit: each block of the component skipped alone, each FFN sliced alone by the sweep's largest ratio,
+  which says which layers the model needs most.
+
+A model without understanding / generation tags (a plain LLM: every region `shared`) is probed as one
+component, `shared`: the whole model.
 
 The statistics are the library's own: one `StatisticsCache.observed` pass per task (sample by sample), block
 cosines summed by `sparsec.data.calibration.cosine_sum`, neuron magnitudes pooled by its `ChannelAccumulator`
@@ -29,7 +34,7 @@ activations vary by input, the signal that motivates converting an FFN to a mixt
 Example::
     probe = Probe([Task("understanding", program, und_calib), Task("generation", program, gen_calib)])
     result = probe.run(ratios=(0.25, 0.5))
-    write_report(result, "out/analysis")   # analysis.json, analysis.md, quality_*.png, sparsity.png
+    write_report(result, "out/analysis")   # analysis.json, analysis.md, quality_*.png, sensitivity.png, ...
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +65,7 @@ from sparsec.ir.program import Program, ValueRewrite
 
 KINDS = ("depth", "width")
 COMPONENTS = ("understanding", "generation")
+SHARED = "shared"
 METRICS = ("auto", "top1", "cosine", "kl", "rel_l2")
 
 
@@ -215,9 +222,14 @@ class _ProgramStats:
 class Probe:
     """Sweeps of depth and width compression per component, watched on every task.
 
+    Besides the sweep, `run` measures each unit alone (`units` in the result): every block of a probed
+    component skipped on its own, every FFN sliced on its own by the sweep's largest ratio.
+
     Args:
         tasks: the tasks; tasks may share a program (one model, two calibration sets) or not (entry points).
-        components: which components to probe (`understanding`, `generation`).
+        components: which components to probe (`understanding`, `generation`, `shared`). None: understanding
+            and generation where some program tags blocks or FFNs with them, else `shared` (a plain LLM,
+            every region `shared`: the whole model is probed, and `untagged` is set).
         kinds: `depth`, `width`.
         strict: raise `AnalysisError` when a requested (component, kind) has nothing to compress anywhere;
             otherwise it is skipped and listed in the result with the reason.
@@ -229,7 +241,7 @@ class Probe:
         self,
         tasks: Sequence[Task],
         *,
-        components: Sequence[str] = COMPONENTS,
+        components: Sequence[str] | None = None,
         kinds: Sequence[str] = KINDS,
         strict: bool = False,
         top_fraction: float = 0.1,
@@ -241,7 +253,10 @@ class Probe:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise AnalysisError(f"task names must differ, got {names}")
-        for label, values, allowed in (("component", components, COMPONENTS), ("kind", kinds, KINDS)):
+        for label, values, allowed in (
+            ("component", COMPONENTS if components is None else components, (*COMPONENTS, SHARED)),
+            ("kind", kinds, KINDS),
+        ):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise AnalysisError(f"unknown {label}(s) {bad or list(values)}; choose from {list(allowed)}")
@@ -262,10 +277,15 @@ class Probe:
         self.programs: list[Program] = list({id(t.program): t.program for t in tasks}.values())
         self._stats: dict[int, _ProgramStats] | None = None
         self._top_sets: dict[str, dict[str, list[set[int]]]] = {}
-        self.targets = {(id(p), c): component_targets(p, c) for p in self.programs for c in components}
+        self.targets = {(id(p), c): component_targets(p, c) for p in self.programs for c in components or COMPONENTS}
+        self.untagged = components is None and not any(t.count(k) for t in self.targets.values() for k in KINDS)
+        if self.untagged:
+            components = (SHARED,)
+            self.targets = {(id(p), SHARED): component_targets(p, SHARED) for p in self.programs}
+        self.components = tuple(components or COMPONENTS)
         self.combos: list[tuple[str, str]] = []
         self.skipped: list[dict] = []
-        for component, kind in itertools.product(components, kinds):
+        for component, kind in itertools.product(self.components, kinds):
             if any(self.targets[(id(p), component)].count(kind) for p in self.programs):
                 self.combos.append((component, kind))
                 continue
@@ -298,9 +318,9 @@ class Probe:
             pooled = stats[id(program)]
             blocks = {
                 (b.path, b.token_value): b
-                for c in COMPONENTS
-                if (id(program), c) in self.targets
-                for b in self.targets[(id(program), c)].blocks
+                for (program_id, _), targets in self.targets.items()
+                if program_id == id(program)
+                for b in targets.blocks
             }.values()
             ffns = region_index(program).ffns()  # every FFN, shared ones too, for the sparsity overlap
             watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
@@ -399,8 +419,33 @@ class Probe:
         metric = self.metric if self.metric != "auto" else ("top1" if "top1" in metrics[name] else "cosine")
         return name, metric, metrics[name][metric]
 
-    def run(self, ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5)) -> dict:
-        """Collect statistics, sweep every (component, kind, ratio) on every task; the result as a dict."""
+    def _measure(self, task: Task, plan: dict, reference: list[dict[str, torch.Tensor]]) -> dict:
+        """The task's quality with `plan` applied, relative to `reference` (its uncompressed outputs)."""
+        metrics = compare_outputs(zip(reference, self.outputs(task, plan), task.score_masks()))
+        output, metric, value = self._headline(metrics)
+        return {"value": value, "output": output, "metric": metric, "metrics": metrics}
+
+    def _units(self, ratio: float, stats: dict[int, _ProgramStats], references: dict[str, list]) -> list[dict]:
+        """Each block of a probed component skipped alone, each FFN sliced alone by `ratio` (its neurons
+        ranked as in the sweep), on every task whose program holds it: which layer the model needs most."""
+        rows = []
+        steps = [(c, k, t) for c, k in self.combos for t in self.tasks]
+        for component, kind, task in tqdm(steps, desc="probe per unit", disable=not self.progress, leave=False):
+            targets = self.targets[(id(task.program), component)]
+            if kind == "depth":
+                plans = [(b.path, {"skipped_blocks": [b]}) for b in targets.blocks]
+            else:
+                kept = self.plan(task.program, component, kind, ratio, stats[id(task.program)])["kept_neurons"]
+                plans = [(f.path, {"kept_neurons": {f: kept[f]}}) for f in targets.ffns]
+            for index, (path, plan) in enumerate(plans):
+                row = {"component": component, "kind": kind, "index": index, "path": path, "task": task.name}
+                row["ratio"] = 1.0 if kind == "depth" else ratio
+                rows.append(row | self._measure(task, plan, references[task.name]))
+        return rows
+
+    def run(self, ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5), *, units: bool = True) -> dict:
+        """Collect statistics, sweep every (component, kind, ratio) on every task, then (`units`) measure each
+        block and FFN alone (FFNs at the largest ratio; `units: []` without); the result as a dict."""
         bad = [r for r in ratios if not 0 < r < 1]
         if bad or not ratios:
             raise AnalysisError(f"ratios must lie in (0, 1) (the fraction removed), got {list(ratios)}")
@@ -415,10 +460,7 @@ class Probe:
             if self.targets[(id(program), component)].count(kind) == 0:
                 row.update(in_program=False, value=1.0, metrics=None)  # the task's program does not hold it
             else:
-                pairs = list(zip(references[task.name], self.outputs(task, plan), task.score_masks()))
-                metrics = compare_outputs(pairs)
-                output, metric, value = self._headline(metrics)
-                row.update(in_program=True, value=value, output=output, metric=metric, metrics=metrics)
+                row.update(in_program=True, **self._measure(task, plan, references[task.name]))
             if kind == "depth":
                 row["skipped_blocks"] = [b.path for b in plan["skipped_blocks"]]
                 count = self.targets[(id(program), component)].count(kind)
@@ -435,6 +477,9 @@ class Probe:
                 for t in self.tasks
             },
             "metric": next((r["metric"] for r in rows if r.get("metric")), self.metric),
+            "synthetic": [t.name for t in self.tasks if t.calibration.synthetic],
+            "components": list(self.components),
+            "untagged": self.untagged,
             "ratios": list(ratios),
             "targets": {
                 c: {
@@ -452,6 +497,7 @@ class Probe:
                 for c in {c for c, _ in self.combos}
             },
             "sweep": rows,
+            "units": self._units(max(ratios), stats, references) if units else [],
             "skipped": self.skipped,
             "sparsity": self._sparsity(self._top_sets),
         }
@@ -466,7 +512,7 @@ class Probe:
                 "top_fraction": self.top_fraction,
                 "within": {name: _mean_pairwise(sets, None) for name, sets in by_task.items()},
                 "across": {
-                    f"{a}|{b}": _mean_pairwise(by_task[a], by_task[b])
+                    f"{a} vs {b}": _mean_pairwise(by_task[a], by_task[b])
                     for a, b in itertools.combinations(sorted(by_task), 2)
                 },
             }
@@ -479,15 +525,37 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _row(cells: Sequence[str]) -> str:
+    """One markdown table row; a `|` inside a cell (a task name) is escaped, so the row keeps its columns."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _header(cells: Sequence[str]) -> list[str]:
+    return [_row(cells), "|" + "---|" * len(cells)]
+
+
+def _synthetic_note(result: dict) -> str:
+    """The warning every output carries when some task ran on synthetic inputs; empty otherwise."""
+    names = result["synthetic"]
+    if not names:
+        return ""
+    tasks = "task" if len(names) == 1 else "tasks"
+    return f"synthetic inputs ({tasks} {', '.join(names)}): the probe ran, its numbers say nothing about the model"
+
+
 def format_markdown(result: dict) -> str:
-    """The sweep and the sparsity overlap as markdown tables."""
+    """The sweep, each unit alone and the sparsity overlap as markdown tables (every row as wide as its header)."""
     tasks = list(result["tasks"])
-    lines = [
-        f"# sparsec analyze: quality relative to the uncompressed model ({result['metric']})",
-        "",
-        "| component | kind | ratio (actual) | " + " | ".join(tasks) + " |",
-        "|---|---|---|" + "---|" * len(tasks),
-    ]
+    lines = [f"# sparsec analyze: quality relative to the uncompressed model ({result['metric']})", ""]
+    if _synthetic_note(result):
+        lines += [f"**Warning: {_synthetic_note(result)}.**", ""]
+    if result["untagged"]:
+        lines += [
+            "No region is tagged understanding or generation (every region is `shared`): the probe compresses "
+            "the whole model. For a multimodal model, tag its components with a recipe `tags:` section.",
+            "",
+        ]
+    lines += _header(["component", "kind", "ratio (actual)", *tasks])
     by_key: dict[tuple, dict[str, dict]] = {}
     for row in result["sweep"]:
         by_key.setdefault((row["component"], row["kind"], row["ratio"]), {})[row["task"]] = row
@@ -496,15 +564,35 @@ def format_markdown(result: dict) -> str:
             _fmt(cells[t]["value"]) + ("" if cells[t]["in_program"] else " (n/a)") if t in cells else "-" for t in tasks
         ]
         actual = sorted({f"{c['actual_ratio']:.3g}" for c in cells.values() if c["in_program"]})
-        lines.append(f"| {component} | {kind} | {ratio:g} ({', '.join(actual) or '-'}) | " + " | ".join(values) + " |")
+        lines.append(_row([component, kind, f"{ratio:g} ({', '.join(actual) or '-'})", *values]))
     lines += [
         "",
-        "Ratio: the fraction asked for; in brackets the fraction removed (whole blocks, whole neurons). "
-        "(n/a): the task's program does not hold that component, so its quality is unchanged.",
+        "Ratio: the fraction asked for; in brackets the fraction removed (whole blocks, whole neurons)."
+        + (
+            " (n/a): the task's program does not hold that component, so its quality is unchanged."
+            if any(not r["in_program"] for r in result["sweep"])
+            else ""
+        ),
         "",
     ]
     for skipped in result["skipped"]:
         lines.append(f"- skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
+    if result["units"]:
+        ratio = next((u["ratio"] for u in result["units"] if u["kind"] == "width"), None)
+        lines += ["", "## Each block and FFN alone", ""]
+        lines += _header(["component", "kind", "#", "block / FFN", *tasks])
+        units: dict[tuple, dict[str, dict]] = {}
+        for u in result["units"]:
+            units.setdefault((u["component"], u["kind"], u["index"], u["path"]), {})[u["task"]] = u
+        for (component, kind, index, path), cells in units.items():
+            values = [_fmt(cells[t]["value"]) if t in cells else "-" for t in tasks]
+            lines.append(_row([component, kind, str(index), path, *values]))
+        lines += [
+            "",
+            "depth: the block alone skipped"
+            + ("" if ratio is None else f"; width: the FFN alone with {ratio:.0%} of its neurons removed")
+            + ". The lower the value, the more the model needs that unit; -: not in the task's program.",
+        ]
     if result["sparsity"]:
         across = sorted({k for e in result["sparsity"] for k in e["across"]})
         lines += [
@@ -512,18 +600,18 @@ def format_markdown(result: dict) -> str:
             f"## Dynamic sparsity: Jaccard overlap of each sample's top {result['sparsity'][0]['top_fraction']:.0%} "
             "neurons",
             "",
-            "| FFN | component | "
-            + " | ".join(f"within {t}" for t in tasks)
-            + "".join(f" | across {a}" for a in across)
-            + " |",
-            "|---|---|" + "---|" * (len(tasks) + len(across)),
         ]
+        lines += _header(["FFN", "component", *(f"within {t}" for t in tasks), *(f"across {a}" for a in across)])
         for e in result["sparsity"]:
             lines.append(
-                f"| {e['ffn']} | {e['component']} | "
-                + " | ".join(_fmt(e["within"].get(t)) for t in tasks)
-                + "".join(f" | {_fmt(e['across'].get(a))}" for a in across)
-                + " |"
+                _row(
+                    [
+                        e["ffn"],
+                        e["component"],
+                        *(_fmt(e["within"].get(t)) for t in tasks),
+                        *(_fmt(e["across"].get(a)) for a in across),
+                    ]
+                )
             )
     return "\n".join(lines) + "\n"
 
@@ -533,6 +621,31 @@ def _plots(result: dict, directory: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    note = _synthetic_note(result)
+
+    def save(fig, name: str) -> str:
+        if note:
+            fig.suptitle(textwrap.fill(note, int(12 * fig.get_figwidth())), color="tab:red", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=120)
+        plt.close(fig)
+        return name
+
+    def curves(ax, rows: list[dict], x: str, y: str) -> None:
+        """One curve per (component, task) of `rows`, sorted along `x`."""
+        for (component, task), group in itertools.groupby(
+            sorted(rows, key=lambda r: (r["component"], r["task"], r[x])), key=lambda r: (r["component"], r["task"])
+        ):
+            group = list(group)
+            ax.plot(
+                [r[x] for r in group],
+                [r[y] for r in group],
+                marker="o",
+                linestyle="--" if component == "generation" else "-",
+                label=f"compress {component}, task {task}",
+            )
 
     written = []
     for kind in KINDS:
@@ -540,27 +653,32 @@ def _plots(result: dict, directory: Path) -> list[str]:
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (component, task), group in itertools.groupby(
-            sorted(rows, key=lambda r: (r["component"], r["task"], r["ratio"])),
-            key=lambda r: (r["component"], r["task"]),
-        ):
-            group = list(group)
-            ax.plot(
-                [0] + [r["actual_ratio"] for r in group],
-                [1.0] + [r["value"] for r in group],
-                marker="o",
-                linestyle="-" if component == "understanding" else "--",
-                label=f"compress {component}, task {task}",
-            )
+        starts = [
+            {**r, "actual_ratio": 0.0, "value": 1.0} for r in {(r["component"], r["task"]): r for r in rows}.values()
+        ]
+        curves(ax, starts + rows, "actual_ratio", "value")
         ax.set_xlabel("blocks skipped (fraction)" if kind == "depth" else "FFN neurons removed (fraction)")
         ax.set_ylabel(f"{result['metric']} vs uncompressed")
         ax.set_title(f"{kind} compression")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(directory / f"quality_{kind}.png", dpi=120)
-        plt.close(fig)
-        written.append(f"quality_{kind}.png")
+        written.append(save(fig, f"quality_{kind}.png"))
+    kinds = [k for k in KINDS if any(u["kind"] == k for u in result["units"])]
+    if kinds:
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            units = [u for u in result["units"] if u["kind"] == kind]
+            curves(ax, units, "index", "value")
+            what = "block" if kind == "depth" else "FFN"
+            ax.set_xlabel(f"{what} (index among the component's {what}s, graph order)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(f"{result['metric']} vs uncompressed")
+            ax.set_title(
+                "each block skipped alone" if kind == "depth" else f"each FFN alone, {units[0]['ratio']:.0%} removed"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        written.append(save(fig, "sensitivity.png"))
     if result["sparsity"]:
         components = sorted({e["component"] for e in result["sparsity"]})
         fig, axes = plt.subplots(1, len(components), figsize=(6 * len(components), 4), squeeze=False)
@@ -568,20 +686,22 @@ def _plots(result: dict, directory: Path) -> list[str]:
             entries = [e for e in result["sparsity"] if e["component"] == component]
             series = {f"within {t}": [e["within"].get(t) for e in entries] for t in result["tasks"]}
             series.update({f"across {a}": [e["across"].get(a) for e in entries] for a in entries[0]["across"]})
-            for label, values in series.items():
-                points = [(i, v) for i, v in enumerate(values) if v is not None]
+            values = []
+            for label, column in series.items():
+                points = [(i, v) for i, v in enumerate(column) if v is not None]
                 if points:
                     ax.plot(*zip(*points), marker="o", label=label)
-            ax.set_xlabel(f"{component} FFN (graph order)")
+                    values += [v for _, v in points]
+            if values:  # the axis spans the data (overlaps near 0.1 stay readable), within [0, 1]
+                pad = max(0.1 * (max(values) - min(values)), 0.02)
+                ax.set_ylim(max(0.0, min(values) - pad), min(1.0, max(values) + pad))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(f"{component} FFN (index, graph order)")
             ax.set_ylabel("Jaccard overlap of top neurons")
-            ax.set_ylim(0, 1.05)
             ax.set_title(f"{component} FFNs")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(directory / "sparsity.png", dpi=120)
-        plt.close(fig)
-        written.append("sparsity.png")
+        written.append(save(fig, "sparsity.png"))
     return written
 
 

@@ -205,7 +205,7 @@ def sweep(
         for name in tb.TASKS
     ]
     probe = Probe(tasks)
-    analysis = probe.run(ratios)
+    analysis = probe.run(ratios, units=False)  # the sweep only: each variant is scored by sampling below
     agreement = {(r["component"], r["kind"], r["ratio"], r["task"]): r for r in analysis["sweep"]}
     rows = []
     points = [(c, k, r) for c in COMPONENTS for k in KINDS for r in ratios]

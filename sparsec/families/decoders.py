@@ -3,7 +3,7 @@ StarCoder2, GPT-NeoX, Phi, Cohere, BLOOM, OPT, Falcon (GPT-2 works
 as an unknown family: `gpt2` is the name the plugin example in the README registers).
 
 Nothing here is specific to one of them: the passes find blocks and FFNs by graph structure. Naming the
-`model_type`s only records the family in programs and reports (and spares the unknown-family warning).
+`model_type`s only records the family in programs and reports (and spares the unknown-family note).
 
 Their forward takes token ids; every region is one component, `shared` (they both understand and generate
 text), so they need no tag rules. `builtin:tiny-qwen2` and `builtin:tiny-llama` are 4-layer decoders of

@@ -1,6 +1,8 @@
 """Regions, boundaries, blocks, FFNs and component tags, checked against the Hugging Face module tree."""
 
 import copy
+import logging
+import warnings
 
 import pytest
 import torch
@@ -8,7 +10,6 @@ from conftest import make_inputs, make_model
 
 import sparsec
 from sparsec.analysis.regions import RegionIndex, region_index
-from sparsec.capture import UnknownFamilyWarning
 from sparsec.errors import SparsecError
 from sparsec.ir.tags import TagRule
 
@@ -91,11 +92,22 @@ def test_component_tags_janus_defaults_and_overrides(captured):
     assert tagger.tag("model.language_model.layers.0.mlp") == "shared"
 
 
-def test_unknown_family_is_all_shared():
+def test_unknown_family_is_all_shared(caplog):
+    """An unknown family is all `shared`, said in one logged line (no Python warning, so no quoted source line)."""
     model = make_model("tiny-qwen2")
     model.config = copy.copy(model.config)
     model.config.model_type = "something_new"
-    with pytest.warns(UnknownFamilyWarning, match=r"model_type 'something_new'\) is not a family sparsec knows.*tags="):
+    with warnings.catch_warnings(record=True) as raised, caplog.at_level(logging.WARNING, logger="sparsec.capture"):
+        warnings.simplefilter("always")
         program = sparsec.capture(model, make_inputs(model, 2, 8))
+    (record,) = [r for r in caplog.records if r.name == "sparsec.capture"]
+    message = record.getMessage()
+    assert "\n" not in message and "model_type 'something_new'" in message and "tagged 'shared'" in message
+    assert "`tags:`" in message and "capture(tags=" in message
+    assert not [w for w in raised if "sparsec" in str(w.filename) or "family" in str(w.message)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparsec.capture"):
+        sparsec.capture(model, make_inputs(model, 2, 8), tags=[TagRule("model.layers.*", "generation")])
+    assert not caplog.records  # tagged by the user: nothing to say
     assert program.family == "unknown"
     assert set(region_index(program).tags().values()) == {"shared"}

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,16 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.families import entry_points
 from sparsec.ir.tags import TagRule
 from sparsec.models import build_model, builtin_config
-from sparsec.probe import AnalysisError, Probe, Task, _mean_pairwise, task_entry, write_report
+from sparsec.probe import (
+    COMPONENTS,
+    AnalysisError,
+    Probe,
+    Task,
+    _mean_pairwise,
+    format_markdown,
+    task_entry,
+    write_report,
+)
 
 
 def _set(batches: list[dict]) -> CalibrationSet:
@@ -136,10 +146,13 @@ def test_errors_before_work(mot_probe):
     calib = CalibrationSet({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, source="t")
     with pytest.raises(AnalysisError, match="component 'generation' has no blocks in any task's program"):
         Probe([Task("t", plain, calib)], components=["generation"], kinds=["depth"], strict=True)
-    lenient = Probe([Task("t", plain, calib)])
+    lenient = Probe([Task("t", plain, calib)], components=COMPONENTS)
     assert {(s["component"], s["kind"]) for s in lenient.skipped} == {
         (c, k) for c in ("understanding", "generation") for k in ("depth", "width")
     }
+    # by default a model without understanding / generation tags is probed whole, as its `shared` component
+    default = Probe([Task("t", plain, calib)])
+    assert default.combos == [("shared", "depth"), ("shared", "width")] and not default.skipped
     with pytest.raises(AnalysisError, match="do not match the program's inputs"):
         Probe([Task("t", program, calib)])
     with pytest.raises(AnalysisError, match="unknown component"):
@@ -152,7 +165,14 @@ def test_report_files(tmp_path, mot_probe):
     _, program, probe, _, _ = mot_probe
     result = probe.run(ratios=[0.5])
     files = write_report(result, tmp_path / "probe")
-    assert sorted(files) == ["analysis.json", "analysis.md", "quality_depth.png", "quality_width.png", "sparsity.png"]
+    assert sorted(files) == [
+        "analysis.json",
+        "analysis.md",
+        "quality_depth.png",
+        "quality_width.png",
+        "sensitivity.png",
+        "sparsity.png",
+    ]
     for name in files:
         if name.endswith(".png"):
             assert (tmp_path / "probe" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -163,8 +183,87 @@ def test_report_files(tmp_path, mot_probe):
     assert rows[("generation", "width", "understanding")]["value"] == 1.0
     assert rows[("generation", "depth", "understanding")]["metrics"]["logits"]["max_abs"] == 0.0
     assert rows[("understanding", "width", "understanding")]["value"] < 1.0
-    assert "| generation | width | 0.5 (0.5) |" in (tmp_path / "probe" / "analysis.md").read_text()
+    markdown = (tmp_path / "probe" / "analysis.md").read_text()
+    assert "| generation | width | 0.5 (0.5) |" in markdown
+    tables = _tables(markdown)
+    assert len(tables) == 3  # sweep, each unit alone, sparsity
+    assert tables[2][0][-1] == "across generation vs understanding"
+    assert "(n/a)" not in markdown and "synthetic" not in markdown.lower()  # neither occurs, so neither is explained
+    renamed = json.loads(json.dumps(data).replace('"generation"', '"gen|img"'))  # a task name holding a pipe
+    assert _tables(format_markdown(renamed))[0][0][-1] == "gen\\|img"
+    renamed["sweep"][0]["in_program"] = False  # as for an entry point without the component: legend explains it
+    assert "(n/a): the task's program does not hold that component" in format_markdown(renamed)
+    units = {(u["component"], u["kind"], u["task"]) for u in data["units"]}
+    assert len(units) == 8 and len(data["units"]) == 8 * 4  # 4 blocks / FFNs per component and kind
     assert [p.name for p in tmp_path.iterdir()] == ["probe"]  # nothing staged left behind
+
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """The markdown tables as rows of cells, each checked to render: a separator row under the header and every
+    row as many cells as the header (a cell's own `|` must be escaped)."""
+    tables, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])])
+        elif rows:
+            header, separator, *body = rows
+            assert set(separator) == {"---"} and len(separator) == len(header), rows[:2]
+            assert body and all(len(r) == len(header) for r in body), (header, body)
+            tables.append([header, *body])
+            rows = []
+    return tables
+
+
+def test_plain_llm_is_probed_whole(tmp_path, capsys):
+    """A model with every region `shared` gets the sweep and per-block / per-FFN numbers of the whole model."""
+    out = tmp_path / "probe"
+    assert (
+        main(
+            ["analyze", "--model", "builtin:tiny-llama", "--out", str(out), "--ratios", "0.25,0.5"]
+            + ["--samples", "4", "--seq", "12", "--quiet"]
+        )
+        == 0
+    )
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["components"] == ["shared"] and data["untagged"] and not data["skipped"]
+    assert {(r["kind"], r["ratio"]) for r in data["sweep"]} == {(k, r) for k in ("depth", "width") for r in (0.25, 0.5)}
+    layers = builtin_config("tiny-llama").num_hidden_layers
+    depth = [u for u in data["units"] if u["kind"] == "depth" and u["task"] == "understanding"]
+    assert [u["path"] for u in depth] == [f"model.layers.{i}" for i in range(layers)]
+    markdown = (out / "analysis.md").read_text()
+    assert "Warning: synthetic inputs (tasks understanding, generation)" in markdown
+    assert "every region is `shared`" in markdown
+    sweep, units, _ = _tables(markdown)
+    assert len(units) == 1 + 2 * layers  # the header, then one row per block and per FFN (a column per task)
+    assert "sensitivity.png" in [p.name for p in out.iterdir()]
+
+
+def test_block_alone_equals_the_block_removed_by_hand():
+    """One per-block number recomputed independently: the HF model with that decoder layer replaced by the
+    identity, top-1 agreement with the intact model over valid tokens."""
+    model = build_model(builtin_config("tiny-qwen2"))
+    ids = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    calib = CalibrationSet({"input_ids": ids, "attention_mask": mask}, source="test", batch_size=4)
+    program = sparsec.capture(model, {"input_ids": ids[:2], "attention_mask": mask[:2]})
+    result = Probe([Task("t", program, calib)], kinds=["depth"]).run(ratios=[0.5])
+    unit = next(u for u in result["units"] if u["path"] == "model.layers.1")
+
+    class Identity(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        model.model.layers[1] = Identity()
+        skipped = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    agree = (reference.argmax(-1) == skipped.argmax(-1))[valid].double().mean()
+    torch.testing.assert_close(torch.tensor(unit["value"], dtype=torch.float64), agree)
+    max_abs = (reference - skipped).abs()[valid].max()
+    torch.testing.assert_close(unit["metrics"]["logits"]["max_abs"], max_abs.item(), rtol=1e-5, atol=1e-5)
 
 
 def test_cli(tmp_path, capsys):

@@ -2,11 +2,11 @@
 detection precedence, built-in models, and a new family that is one file."""
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ import transformers
 
 import sparsec
 from sparsec import families
-from sparsec.capture import UnknownFamilyWarning
 from sparsec.errors import FamilyError, SparsecError
 from sparsec.families import (
     GENERIC,
@@ -82,16 +81,16 @@ def _import_file(path, name: str):
     return module
 
 
-def _assert_gpt2_family_used() -> None:
-    """`builtin:tiny-gpt2` loads with the plugin's family, and capture applies its tags (no unknown-family warning)."""
+def _assert_gpt2_family_used(caplog) -> None:
+    """`builtin:tiny-gpt2` loads with the plugin's family, and capture applies its tags (no unknown-family note)."""
     loaded = load_model("builtin:tiny-gpt2")
     assert loaded.family is family_by_name("gpt2")
     assert type(loaded.model) is transformers.GPT2LMHeadModel
     assert "tiny-gpt2" in builtin_names()
     inputs = loaded.family.example_inputs(loaded.model, 2, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnknownFamilyWarning)
+    with caplog.at_level(logging.INFO, logger="sparsec.capture"):
         program = sparsec.capture(loaded.model, inputs)
+    assert not [r for r in caplog.records if r.name == "sparsec.capture"]
     assert program.family == "gpt2"
     assert program.tagger.tag("transformer.h.1.mlp.c_fc") == "understanding"
     assert program.tagger.tag("lm_head") == "generation"
@@ -99,22 +98,22 @@ def _assert_gpt2_family_used() -> None:
     sparsec.testing.assert_equivalent(program, loaded.model, loaded.family.example_inputs(loaded.model, 3, 5, seed=1))
 
 
-def test_new_family_through_an_entry_point_is_one_file(tmp_path, monkeypatch, fresh_registry):
+def test_new_family_through_an_entry_point_is_one_file(tmp_path, monkeypatch, fresh_registry, caplog):
     _write_plugin(tmp_path, "sparsec_gpt2_plugin_ep")
     monkeypatch.syspath_prepend(str(tmp_path))
     names = list(available_families())
     assert names[-1] == "gpt2" and {"qwen2", "janus", "chameleon", "qwenimage"} <= set(names)  # after the built-ins
-    _assert_gpt2_family_used()
+    _assert_gpt2_family_used(caplog)
 
 
-def test_new_family_through_register_family(tmp_path, registry):
+def test_new_family_through_register_family(tmp_path, registry, caplog):
     (tmp_path / "gpt2_family.py").write_text(GPT2_FAMILY_MODULE)
     assert "gpt2" not in available_families()
     with pytest.raises(SparsecError, match="unknown built-in model 'tiny-gpt2'"):
         load_model("builtin:tiny-gpt2")
     family = register_family(_import_file(tmp_path / "gpt2_family.py", "sparsec_gpt2_plugin_register").FAMILY)
     assert available_families()["gpt2"] is family
-    _assert_gpt2_family_used()
+    _assert_gpt2_family_used(caplog)
 
 
 def test_entry_point_must_be_named_after_its_family(tmp_path, monkeypatch, fresh_registry):
