@@ -200,8 +200,8 @@ def compile_model(
     spill = Path(tempfile.mkdtemp(prefix="sparsec-spill-")) if lazy else None  # TMPDIR, removed after the passes
     for unit in units:
         unit.capture(recipe)
+        loaded.attach_weights(unit.program)  # lazy: read from the files; loaded: snapshots refer to them
         if lazy:
-            loaded.attach_weights(unit.program)
             unit.program.spill_to(spill)  # sliced weights go to scratch files, not into memory
     times["capture"] = time.perf_counter() - t
     for unit in units:

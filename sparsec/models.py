@@ -91,7 +91,8 @@ class LoadedModel:
     Attributes:
         weights: False when the model is on the meta device (structure only), "lazy" when its parameters were never
             allocated and `stored` says where each one lies (see the module docstring).
-        stored: for a lazy model, parameter name -> its tensor in the checkpoint (absent names: not in a file).
+        stored: parameter name -> its tensor in the checkpoint (absent names: not in a file), for a lazy model and
+            for one whose parameters were read as stored (CPU directory loads, `_read_parameters`); else empty.
     """
 
     model: torch.nn.Module
@@ -102,15 +103,17 @@ class LoadedModel:
     stored: dict[str, StoredTensor] = field(default_factory=dict)
 
     def attach_weights(self, program: Program) -> None:
-        """Back `program` (captured from this lazy model) by the checkpoint's files: `Program.attach_weights`.
-
-        Every parameter the program holds must be in the checkpoint, unless the directory has no weights at all
-        (config.json only: the program then knows shapes alone); `SparsecError` naming the missing ones otherwise.
+        """Back `program` (captured from this model) by the checkpoint's files. Lazy: the program reads each weight
+        from its file when asked (`Program.attach_weights`); every parameter it holds must be in the checkpoint,
+        unless the directory has no weights at all (config.json only: the program then knows shapes alone),
+        `SparsecError` naming the missing ones otherwise. Loaded: the weights stay in memory and the program's
+        snapshots refer to their stored copies (`Program.note_stored_copies`). Nothing to do without `stored`.
         """
-        if self.weights != "lazy":
-            raise SparsecError("attach_weights: the model was loaded with its weights; the program already holds them")
         parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         names = [n for n in program.state_placeholders() if n in parameters]
+        if self.weights != "lazy":
+            program.note_stored_copies({n: self.stored[n] for n in names if n in self.stored})
+            return
         missing = [n for n in names if n not in self.stored]
         if self.stored and missing:
             raise SparsecError(
@@ -222,9 +225,10 @@ def load_model(
         )
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     if device.type == "cpu":
-        model = _read_parameters(config, directory, cast or _checkpoint_dtype(directory))
-        if model is not None:
-            return LoadedModel(model, detect_family(model), str(directory), directory)
+        read = _read_parameters(config, directory, cast or _checkpoint_dtype(directory))
+        if read is not None:
+            model, stored = read
+            return LoadedModel(model, detect_family(model), str(directory), directory, stored=stored)
     cls = _model_class(config)
     try:
         model = cls.from_pretrained(
@@ -244,9 +248,12 @@ def load_model(
     return LoadedModel(model, detect_family(model), str(directory), directory)
 
 
-def _read_parameters(config, directory: Path, dtype: torch.dtype) -> torch.nn.Module | None:
-    """The model of `config` with each parameter read from the checkpoint into memory of its own, one at a time;
-    None when the checkpoint's names do not map one to one onto the model's (`from_pretrained` then converts).
+def _read_parameters(
+    config, directory: Path, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict[str, StoredTensor]] | None:
+    """The model of `config` with each parameter read from the checkpoint into memory of its own, one at a time,
+    and where each one lies (its exact copy: `LoadedModel.attach_weights`); None when the checkpoint's names do not
+    map one to one onto the model's (`from_pretrained` then converts).
 
     `from_pretrained` memory-maps each file: every parameter is a view of its file's mapping, so a weight a pass
     drops or slices stays resident (as mapped file pages) while any other tensor of that file lives, and a
@@ -272,7 +279,7 @@ def _read_parameters(config, directory: Path, dtype: torch.dtype) -> torch.nn.Mo
                 tensor = tensor.to(param.dtype)
             read[where.key] = tensor
         param.data = read[where.key]
-    return model.eval()
+    return model.eval(), {name: stored[name] for name in parameters}
 
 
 def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -31,6 +31,7 @@ import operator
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,13 +240,44 @@ class ProgramSnapshot:
 
     graph: Graph
     signature: ExportGraphSignature
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | StoredCopy]
     constants: dict[str, Any]
     family: str
     tagger: Tagger
     dynamic_dims: dict[str, dict[int, str]]
     tensor_versions: dict[str, int]
     stored: dict[str, StoredTensor | None]
+
+
+@dataclass(frozen=True)
+class StoredCopy:
+    """A state tensor held in memory whose exact copy lies in a file (`Program.note_stored_copies`): a snapshot
+    keeps this, not the tensor, so a weight a pass replaces is freed at once and `restore` reads it back if needed.
+
+    `tensor` is a weak reference; the copy stands for the program's tensor while that is the same object at the
+    same in-place version (`holds`)."""
+
+    stored: StoredTensor
+    tensor: weakref.ref
+    version: int
+    device: torch.device
+    requires_grad: bool | None  # None: not a Parameter
+
+    def holds(self, tensor: Any) -> bool:
+        return self.tensor() is tensor and tensor._version == self.version
+
+    def resolve(self, cache: dict[tuple[Path, str], torch.Tensor]) -> torch.Tensor:
+        """The tensor if it still lives, else a fresh read (once per stored key: tied weights stay tied)."""
+        alive = self.tensor()
+        if alive is not None and alive._version == self.version:
+            return alive
+        key = (self.stored.file, self.stored.key)
+        if key not in cache:
+            tensor = self.stored.read().to(self.device)
+            if self.requires_grad is not None:
+                tensor = torch.nn.Parameter(tensor, requires_grad=self.requires_grad)
+            cache[key] = tensor
+        return cache[key]
 
 
 class Program:
@@ -292,6 +324,7 @@ class Program:
         self._analyses: dict[Callable, Any] = {}
         self._analyses_version = 0
         self._stored: dict[str, StoredTensor | None] = {}
+        self._on_disk: dict[str, StoredCopy] = {}
         self._spill: Path | None = None
         for node in self.graph.nodes:
             node.meta[_INPUTS_KEY] = _input_names(node)
@@ -413,6 +446,27 @@ class Program:
         """Write the tensors `replace_state` puts in place of lazily backed ones into safetensors files in
         `directory` (which the caller owns and removes) and back them lazily, instead of holding them; None stops."""
         self._spill = Path(directory) if directory is not None else None
+
+    def note_stored_copies(self, sources: Mapping[str, StoredTensor]) -> None:
+        """Record that the in-memory state tensors named in `sources` are exact copies of those stored tensors (a
+        model read from its checkpoint, `sparsec.models`). Snapshots then refer to the file instead of holding the
+        tensor (`StoredCopy`), so the `PassManager`'s snapshot of a pass does not keep every weight the pass drops or
+        slices alive until the pass ends; `restore` reads back what was freed. A tensor replaced or changed in place
+        afterwards is no longer taken for its copy. `SparsecError` for an unknown name or another shape or dtype."""
+        for name, stored in sources.items():
+            if name in self._stored:
+                continue  # lazily backed: nothing held
+            try:
+                held = self._held(name)
+            except KeyError:
+                raise SparsecError(f"note_stored_copies: the program has no state tensor named {name!r}") from None
+            if tuple(held.shape) != stored.shape or held.dtype != stored.dtype:
+                raise SparsecError(
+                    f"{stored.file}: {stored.key!r} is {list(stored.shape)} {stored.dtype}, the program's "
+                    f"{name} is {list(held.shape)} {held.dtype}; it is no copy of it"
+                )
+            grad = held.requires_grad if isinstance(held, torch.nn.Parameter) else None
+            self._on_disk[name] = StoredCopy(stored, weakref.ref(held), held._version, held.device, grad)
 
     def lazy_state(self) -> list[str]:
         """Names of the state tensors not in memory (read from their files when asked for)."""
@@ -745,10 +799,11 @@ class Program:
         long as state tensors are replaced (`replace_state`), never changed in place; `changed_in_place` tells.
         """
         ep = self.exported
+        copies = self._on_disk
         return ProgramSnapshot(
             graph=copy.deepcopy(self.graph),
             signature=ExportGraphSignature(list(ep.graph_signature.input_specs), list(ep.graph_signature.output_specs)),
-            state_dict=dict(ep.state_dict),
+            state_dict={n: copies[n] if n in copies and copies[n].holds(t) else t for n, t in ep.state_dict.items()},
             constants=dict(ep.constants),
             family=self.family,
             tagger=copy.deepcopy(self.tagger),
@@ -759,12 +814,20 @@ class Program:
 
     def restore(self, snapshot: ProgramSnapshot) -> None:
         """Make the program what it was at `snapshot`: graph, signature, state, metadata. The snapshot stays
-        valid (it can be restored again). Bumps `version`: the nodes are new objects, cached analyses stale."""
+        valid (it can be restored again). Bumps `version`: the nodes are new objects, cached analyses stale.
+
+        A tensor the snapshot knows by its stored copy is the same object if it still lives, else read back."""
         ep = self.exported
         self.graph_module.graph = copy.deepcopy(snapshot.graph)
         self._set_signature(inputs=snapshot.signature.input_specs, outputs=snapshot.signature.output_specs)
+        cache: dict[tuple[Path, str], torch.Tensor] = {}
         ep.state_dict.clear()
-        ep.state_dict.update(snapshot.state_dict)
+        for name, value in snapshot.state_dict.items():
+            if isinstance(value, StoredCopy):
+                tensor = value.resolve(cache)
+                self._on_disk[name] = dataclasses.replace(value, tensor=weakref.ref(tensor), version=tensor._version)
+                value = tensor
+            ep.state_dict[name] = value
         ep.constants.clear()
         ep.constants.update(snapshot.constants)
         self._stored = dict(snapshot.stored)
@@ -780,7 +843,10 @@ class Program:
         in-place version counters; writes through `.data` escape it.)
         """
         now = _tensor_versions(self.exported)
-        shared = {**snapshot.state_dict, **snapshot.constants}
+        shared = {
+            **{n: t.tensor() if isinstance(t, StoredCopy) else t for n, t in snapshot.state_dict.items()},
+            **snapshot.constants,
+        }
         current = {**self.exported.state_dict, **self.exported.constants}
         return sorted(
             name
@@ -936,6 +1002,7 @@ class Program:
             copy, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims, dim_bounds=self.dim_bounds
         )
         program._stored = dict(self._stored)
+        program._on_disk = dict(self._on_disk)
         return program
 
     # ----- persistence ---------------------------------------------------------------------------------

@@ -53,3 +53,62 @@ def test_names_that_do_not_map_go_through_from_pretrained(tmp_path):
         if key in params:
             torch.testing.assert_close(params[key], tensor, rtol=0, atol=0, msg=key)
     assert not torch.equal(params[renamed], tensors["model.renamed.up_proj.weight"])
+
+
+def _captured(directory):
+    from sparsec import capture
+
+    loaded = load_model(directory)
+    example = loaded.family.example_inputs(loaded.model, 2, 8)
+    program = capture(loaded.model, example, family=loaded.family)
+    loaded.attach_weights(program)
+    return program, example
+
+
+def test_snapshots_refer_to_the_checkpoint_so_a_replaced_weight_is_freed(tmp_path):
+    """A snapshot of a program read from its checkpoint does not keep a weight alive: replaced, it is freed at once,
+    and `restore` reads it back (equal bit for bit, outputs unchanged); a weight that still lives is the same
+    object after `restore`, and one changed in place is held by the snapshot, never taken for its file's copy."""
+    import gc
+    import weakref
+
+    program, example = _captured(_saved(tmp_path, "tiny-qwen2", torch.bfloat16))
+    before = program.run(example)
+    name, kept = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    original = program.state_tensor(name).detach().clone()
+    snapshot = program.snapshot()
+    freed, alive = weakref.ref(program.state_tensor(name)), program.state_tensor(kept)
+    program.replace_state(name, original * 2)
+    gc.collect()
+    assert freed() is None  # neither the program nor its snapshot holds the replaced weight
+    program.restore(snapshot)
+    torch.testing.assert_close(program.state_tensor(name), original, rtol=0, atol=0)
+    assert isinstance(program.exported.state_dict[name], torch.nn.Parameter)
+    assert program.state_tensor(kept) is alive
+    after = program.run(example)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+    with torch.no_grad():
+        program.state_tensor(kept).mul_(2)
+    changed = program.snapshot()
+    held = weakref.ref(program.state_tensor(kept))
+    program.replace_state(kept, original)
+    gc.collect()
+    assert held() is not None and changed.state_dict[kept] is held()
+
+
+def test_programs_without_a_checkpoint_keep_every_tensor_in_their_snapshots():
+    import weakref
+
+    from conftest import make_inputs, make_model
+
+    import sparsec
+
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 8))
+    name = "model.layers.0.mlp.up_proj.weight"
+    snapshot = program.snapshot()
+    held = weakref.ref(program.state_tensor(name))
+    del model
+    program.replace_state(name, program.state_tensor(name) * 2)
+    assert held() is not None and snapshot.state_dict[name] is held()
