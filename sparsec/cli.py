@@ -140,7 +140,7 @@ def _summary(report: dict) -> str:
 def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
     from sparsec.data.calibration import load_calibration
-    from sparsec.runner import parse_dims, synthetic_inputs
+    from sparsec.runner import onnx_embedding_sizes, parse_dims, synthetic_inputs
 
     onnx_path = Path(args.artifact) / "model.onnx"
     if not onnx_path.is_file():
@@ -148,8 +148,14 @@ def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     if args.calib:
         import onnx
 
-        names = [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
-        calibration = load_calibration(args.calib, input_names=names, batch_size=args.batch_size, samples=args.samples)
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+        calibration = load_calibration(
+            args.calib,
+            input_names=[i.name for i in graph.graph.input],
+            batch_size=args.batch_size,
+            samples=args.samples,
+            vocab=onnx_embedding_sizes(graph),
+        )
         return list(calibration.batches()), calibration.source
     dims = parse_dims(args.dims)
     return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
@@ -160,8 +166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from sparsec.runner import load_artifact
 
+    batches, source = _artifact_inputs(args)  # checked before the backend's session is built
     runner = load_artifact(args.artifact, args.target)
-    batches, source = _artifact_inputs(args)
     outputs: dict[str, list] = {}
     for batch in batches:
         for name, value in runner(batch).items():
@@ -199,8 +205,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sparsec.runner import load_artifact, timing
 
+    batches, source = _artifact_inputs(args)  # checked before the backend's session is built
     runner = load_artifact(args.artifact, args.target)
-    batches, source = _artifact_inputs(args)
     batch = batches[0]
     result = {
         "artifact": str(args.artifact),
@@ -239,8 +245,9 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from sparsec.data.calibration import check_calibration_file
     from sparsec.models import load_model
-    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
+    from sparsec.probe import COMPONENTS, KINDS, Probe, check_options, format_markdown, load_tasks, write_report
     from sparsec.recipe import Recipe
 
     if not args.out:
@@ -258,7 +265,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError as exc:
         raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
+    components = args.components.split(",") if args.components else list(COMPONENTS)
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    check_options(components=components, kinds=kinds, ratios=ratios, top_fraction=args.top_fraction)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    directory = None if args.model.startswith(BUILTIN_PREFIX) else args.model
+    for _, path in specs.values():
+        if path:
+            check_calibration_file(path, tokenizer_dir=directory)
     loaded = load_model(args.model)
     tasks = load_tasks(
         loaded.model,
@@ -268,10 +282,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         capture_seq=recipe.capture.seq,
         samples=args.samples,
         seq=args.seq,
+        tokenizer_dir=loaded.directory,
         log=_log,
     )
-    components = args.components.split(",") if args.components else ["understanding", "generation"]
-    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     probe = Probe(
         tasks,
         components=components,
