@@ -166,8 +166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from sparsec.runner import load_artifact
 
-    batches, source = _artifact_inputs(args)  # checked before the backend's session is built
     runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
     outputs: dict[str, list] = {}
     for batch in batches:
         for name, value in runner(batch).items():
@@ -205,8 +205,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sparsec.runner import load_artifact, timing
 
-    batches, source = _artifact_inputs(args)  # checked before the backend's session is built
     runner = load_artifact(args.artifact, args.target)
+    batches, source = _artifact_inputs(args)
     batch = batches[0]
     result = {
         "artifact": str(args.artifact),

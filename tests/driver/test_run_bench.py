@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from sparsec.cli import main
 from sparsec.compiler import compile_model
 from sparsec.recipe import Recipe
-from sparsec.runner import synthetic_inputs
+from sparsec.runner import onnx_embedding_sizes, synthetic_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +93,22 @@ def test_bench_reports_percentiles_of_real_runs(artifact, capsys):
 def test_errors(artifact, capsys, argv, message):
     assert main([argv[0], "--artifact", str(artifact), *argv[1:]]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_checks_calibration_ids_against_the_onnx_embedding(tmp_path, artifact, capsys):
+    import onnx
+
+    assert onnx_embedding_sizes(onnx.load(str(artifact / "model.onnx"), load_external_data=False)) == {"input_ids": 256}
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    ids[2, 3] = 256
+    save_file({"input_ids": ids}, str(tmp_path / "high.safetensors"))
+    save_file({"input_ids": ids.float().clamp(max=1)}, str(tmp_path / "float.safetensors"))
+    assert main(["run", "--artifact", str(artifact), "--calib", str(tmp_path / "high.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "high.safetensors: sample 2 of input_ids holds token id 256 at position [3], outside the model's " in err
+    assert "vocabulary [0, 256)" in err and "Traceback" not in err
+    assert main(["bench", "--artifact", str(artifact), "--calib", str(tmp_path / "float.safetensors")]) == 2
+    assert "input_ids has dtype float32; token ids must be integers" in capsys.readouterr().err
 
 
 def test_missing_artifact(tmp_path, capsys):
