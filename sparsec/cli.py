@@ -139,8 +139,10 @@ def _summary(report: dict) -> str:
 
 def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
+    import onnx
+
     from sparsec.data.calibration import TOKENIZER_DIR, load_calibration
-    from sparsec.runner import artifact_report, onnx_input_names, parse_dims, synthetic_inputs
+    from sparsec.runner import artifact_report, onnx_embedding_sizes, parse_dims, synthetic_inputs
 
     onnx_path = _artifact_onnx(args.artifact, "--artifact")
     if args.calib:
@@ -152,13 +154,15 @@ def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
             if source
             else "it has no report.json saying what it was compiled from"
         )
+        graph = onnx.load(str(onnx_path), load_external_data=False)
         calibration = load_calibration(
             args.calib,
-            input_names=onnx_input_names(onnx_path),
+            input_names=[i.name for i in graph.graph.input],
             tokenizer_dir=Path(args.artifact) / TOKENIZER_DIR,
             tokenizer_missing=f"the artifact {args.artifact} holds none in {TOKENIZER_DIR}/ ({why})",
             batch_size=args.batch_size,
             samples=args.samples,
+            vocab=onnx_embedding_sizes(graph),
         )
         return list(calibration.batches()), calibration.source
     dims = parse_dims(args.dims)
@@ -282,8 +286,9 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from sparsec.data.calibration import check_calibration_file
     from sparsec.models import load_model
-    from sparsec.probe import KINDS, Probe, format_markdown, load_tasks, write_report
+    from sparsec.probe import KINDS, Probe, check_options, format_markdown, load_tasks, write_report
     from sparsec.recipe import Recipe
 
     if not args.out:
@@ -301,7 +306,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError as exc:
         raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
+    components = args.components.split(",") if args.components else None
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    check_options(components=components, kinds=kinds, ratios=ratios, top_fraction=args.top_fraction)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    directory = None if args.model.startswith(BUILTIN_PREFIX) else args.model
+    for _, path in specs.values():
+        if path:
+            check_calibration_file(path, tokenizer_dir=directory)
     loaded = load_model(args.model)
     tasks = load_tasks(
         loaded.model,
@@ -311,10 +323,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         capture_seq=recipe.capture.seq,
         samples=args.samples,
         seq=args.seq,
+        tokenizer_dir=loaded.directory,
         log=_log,
     )
-    components = args.components.split(",") if args.components else None
-    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     probe = Probe(
         tasks,
         components=components,

@@ -21,7 +21,13 @@ import torch
 from sparsec import __version__
 from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
-from sparsec.data.calibration import TOKENIZER_DIR, TOKENIZER_FILES, load_calibration
+from sparsec.data.calibration import (
+    TOKENIZER_DIR,
+    TOKENIZER_FILES,
+    check_calibration_file,
+    embedding_sizes,
+    load_calibration,
+)
 from sparsec.data.parity import ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
@@ -175,6 +181,7 @@ def compile_model(
             if not lazy:
                 check_fits(estimate, f"compiling {model}")
     lazy = bool(lazy)
+    _check_calibration_files(model, recipe, calib)
 
     say(
         f"[sparsec] loading {model}"
@@ -294,10 +301,10 @@ class _Unit:
             input_names=self.program.input_names,
             synthetic=self.entry.example_inputs(cal.samples, cal.seq_len, cal.seed + 1),
             tokenizer_dir=loaded.directory,
-            **({} if loaded.directory else {"tokenizer_missing": f"{loaded.name} is a built-in model, which has none"}),
             samples=cal.samples,
             seq_len=cal.seq_len,
             batch_size=cal.batch_size,
+            vocab=embedding_sizes(self.program),
         )
         if cal.sequential:
             self.calibration.cuts = block_boundaries
@@ -476,16 +483,31 @@ def _program_precision(program) -> str:
     return _PRECISION_OF.get(max(by_dtype, key=by_dtype.get), "fp32") if by_dtype else "fp32"
 
 
+def _config(directory: Path) -> dict:
+    """The checkpoint directory's config.json as read before the model loads; `SparsecError` unless a JSON object."""
+    fix = "restore it from the model's source or re-save it (model.config.save_pretrained(dir))"
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"{directory}/config.json is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(config, dict):
+        raise SparsecError(f"{directory}/config.json is not a JSON object; {fix}")
+    return config
+
+
+def _text_config(config: dict) -> dict:
+    """The part of a config describing the (language) model: `text_config`, `llm_config` (the MoT), or all of it."""
+    text = config.get("text_config") or config.get("llm_config") or config
+    return text if isinstance(text, dict) else config
+
+
 def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | None):
     """The compile's `MemoryEstimate` from the checkpoint headers and config.json (None when they say too little)."""
     elements, by_dtype = checkpoint_facts(directory)
     if not elements:
         return None
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SparsecError(f"{directory}/config.json is not valid JSON: {exc}") from exc
-    text = config.get("text_config") or config.get("llm_config") or config
+    config = _config(directory)
+    text = _text_config(config)
     load_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else max(1, round(sum(by_dtype.values()) / elements))
     onnx_bytes = None
     if target is not None:
@@ -513,6 +535,21 @@ def _program_reports(units: list[_Unit], recipe: Recipe) -> dict[str, Any]:
     if not recipe.entry_points:
         return units[0].report
     return {"entry_points": {u.name: u.report for u in units}}
+
+
+def _check_calibration_files(model: str | Path, recipe: Recipe, calib: str | Path | None) -> None:
+    """Every calibration file the compile will read, checked before the model loads (`check_calibration_file`):
+    of a checkpoint directory, text files need its tokenizer and token ids must lie below config.json's
+    `vocab_size` (its text model's); each program's own embedding table bounds them again after capture."""
+    directory = None if str(model).startswith(BUILTIN_PREFIX) else Path(model)
+    vocab = {}
+    if directory is not None and (directory / "config.json").is_file():
+        size = _text_config(_config(directory)).get("vocab_size")
+        if isinstance(size, int):
+            vocab["input_ids"] = size
+    files = [calib or recipe.calibration.file, *(recipe.calibration.files or {}).values()]
+    for path in dict.fromkeys(f for f in files if f):
+        check_calibration_file(path, tokenizer_dir=directory, vocab=vocab)
 
 
 def _units(loaded, recipe: Recipe, calib: str | Path | None) -> list[_Unit]:

@@ -42,7 +42,7 @@ from sparsec.families import (
 )
 from sparsec.ir.program import Program
 from sparsec.ir.stored import StoredTensor
-from sparsec.resources import checkpoint_facts
+from sparsec.resources import checkpoint_facts, checkpoint_headers
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -208,7 +208,10 @@ def load_model(
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise SparsecError(f"{directory}/config.json cannot be read as a transformers config: {exc}") from exc
+        raise SparsecError(
+            f"{directory}/config.json cannot be read as a transformers config ({exc}); restore it from the model's "
+            "source or re-save it (model.config.save_pretrained(dir))"
+        ) from exc
     if not weights:
         model = _build_on_meta(config, cast)
         return LoadedModel(model, detect_family(model), str(directory), directory, weights=False)
@@ -231,13 +234,14 @@ def load_model(
             return LoadedModel(model, detect_family(model), str(directory), directory, stored=stored)
     cls = _model_class(config)
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             str(directory),
             local_files_only=True,
             use_safetensors=True,
             dtype=cast if cast is not None else "auto",
             device_map=str(device) if device.type == "cuda" else None,
-        ).eval()
+            output_loading_info=True,
+        )
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
             raise
@@ -245,7 +249,13 @@ def load_model(
             f"{directory}: cannot read its safetensors weights ({exc}); the files are truncated or "
             "corrupt: copy or re-save the checkpoint"
         ) from exc
-    return LoadedModel(model, detect_family(model), str(directory), directory)
+    if info["missing_keys"]:  # from_pretrained would leave them randomly initialised
+        missing = sorted(info["missing_keys"])
+        raise SparsecError(
+            f"{directory}: the checkpoint has no tensor for {len(missing)} parameter(s) ({missing[:3]}); it does "
+            "not match config.json (or a file is corrupt): copy or re-save the checkpoint"
+        )
+    return LoadedModel(model.eval(), detect_family(model), str(directory), directory)
 
 
 def _read_parameters(
@@ -342,15 +352,13 @@ def _build_unallocated(config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Stored key -> (file, shape) of every tensor in the directory's safetensors files, from the headers only."""
-    from safetensors import safe_open
-
-    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                where[key] = (path, tuple(f.get_slice(key).get_shape()))
-    return where
+    """Stored key -> (file, shape) of every tensor in the directory's safetensors files, from the headers only
+    (checked against the files: `sparsec.resources.checkpoint_headers`)."""
+    return {
+        key: (path, tuple(info["shape"]))
+        for path, header in checkpoint_headers(directory).items()
+        for key, info in header.items()
+    }
 
 
 def _stored_tensors(

@@ -73,6 +73,32 @@ class AnalysisError(SparsecError):
     """Bad analysis input: unknown component, a component with nothing to compress, mismatched tasks."""
 
 
+def check_options(
+    *,
+    components: Sequence[str] | None = None,
+    kinds: Sequence[str] = KINDS,
+    ratios: Sequence[float] = (0.5,),
+    top_fraction: float = 0.1,
+    metric: str = "auto",
+) -> None:
+    """`AnalysisError` for a probe option out of its range: the checks `Probe` makes, which `sparsec analyze` makes
+    before it loads the model. `components`: None lets the probe choose (`Probe`)."""
+    for label, values, allowed in (
+        ("component", COMPONENTS if components is None else components, (*COMPONENTS, SHARED)),
+        ("kind", kinds, KINDS),
+    ):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise AnalysisError(f"unknown {label}(s) {bad or list(values)}; choose from {list(allowed)}")
+    bad = [r for r in ratios if not 0 < r < 1]
+    if bad or not ratios:
+        raise AnalysisError(f"ratios must lie in (0, 1) (the fraction removed), got {list(ratios)}")
+    if not 0 < top_fraction <= 1:
+        raise AnalysisError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    if metric not in METRICS:
+        raise AnalysisError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+
+
 @dataclass
 class Task:
     """A task to watch: the program that serves it (an entry point) and its calibration inputs.
@@ -253,17 +279,7 @@ class Probe:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise AnalysisError(f"task names must differ, got {names}")
-        for label, values, allowed in (
-            ("component", COMPONENTS if components is None else components, (*COMPONENTS, SHARED)),
-            ("kind", kinds, KINDS),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad or not values:
-                raise AnalysisError(f"unknown {label}(s) {bad or list(values)}; choose from {list(allowed)}")
-        if not 0 < top_fraction <= 1:
-            raise AnalysisError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        if metric not in METRICS:
-            raise AnalysisError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        check_options(components=components, kinds=kinds, top_fraction=top_fraction, metric=metric)
         for task in tasks:
             have, want = sorted(task.calibration.inputs), sorted(task.program.input_names)
             if have != want:
@@ -446,9 +462,7 @@ class Probe:
     def run(self, ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5), *, units: bool = True) -> dict:
         """Collect statistics, sweep every (component, kind, ratio) on every task, then (`units`) measure each
         block and FFN alone (FFNs at the largest ratio; `units: []` without); the result as a dict."""
-        bad = [r for r in ratios if not 0 < r < 1]
-        if bad or not ratios:
-            raise AnalysisError(f"ratios must lie in (0, 1) (the fraction removed), got {list(ratios)}")
+        check_options(ratios=ratios)
         stats = self.statistics()
         references = {t.name: t.calibration.reference_outputs(t.program) for t in self.tasks}
         rows = []
@@ -772,11 +786,13 @@ def load_tasks(
     samples: int = 16,
     seq: int = 32,
     batch_size: int = 8,
+    tokenizer_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Task]:
     """Tasks from `{name: (entry point or None, calibration file or None)}`: each entry point used is captured
-    once (tasks on the same entry point share its program); no file means synthetic inputs (announced)."""
-    from sparsec.data.calibration import load_calibration
+    once (tasks on the same entry point share its program); no file means synthetic inputs (announced). Text
+    files are tokenized with the tokenizer in `tokenizer_dir` (the model directory)."""
+    from sparsec.data.calibration import embedding_sizes, load_calibration
     from sparsec.families import entry_points
 
     entries = dict(entry_points(model))
@@ -789,7 +805,12 @@ def load_tasks(
         program = programs[entry.name]
         synthetic = None if path else synthetic_task_inputs(entry, name, samples, seq, seed=len(tasks) + 1)
         calibration = load_calibration(
-            path, input_names=program.input_names, synthetic=synthetic, batch_size=batch_size
+            path,
+            input_names=program.input_names,
+            synthetic=synthetic,
+            batch_size=batch_size,
+            tokenizer_dir=tokenizer_dir,
+            vocab=embedding_sizes(program),
         )
         if calibration.synthetic:
             log(

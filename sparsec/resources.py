@@ -21,6 +21,8 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,29 +70,132 @@ class MemoryEstimate:
         )
 
 
-def checkpoint_facts(directory: str | Path) -> tuple[int, dict[str, int]]:
-    """Tensor elements of a safetensors checkpoint and its bytes per dtype, read from the file headers only."""
-    elements, by_dtype = 0, {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+INDEX_FILE = "model.safetensors.index.json"
+_RESAVE = "copy the checkpoint again or re-save it with save_pretrained(dir, safe_serialization=True)"
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The tensor entries (`{key: {dtype, shape, data_offsets}}`, no `__metadata__`) of the safetensors file at
+    `path`, checked against the file before any tensor is read.
+
+    Checked as the safetensors library checks them when it loads, so that what it would refuse mid-load (a
+    `SafetensorError`, a bug-looking exit 3) is refused here, naming the file: the header size fits the file, the
+    header is a JSON object, each entry has a known dtype, a shape of non-negative integers and a byte range of
+    exactly the size its dtype and shape need, and the byte ranges tile the data that follows the header, which
+    the file holds in full (a truncated file fails here). `SparsecError` otherwise.
+    """
+    path = Path(path)
+    try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100 * 2**20:
+            if file_size < 8 or not 0 < size <= min(file_size - 8, 100 * 2**20):
                 raise SparsecError(
-                    f"{path} is not a safetensors file (header size {size}); re-save the model "
-                    "with save_pretrained(dir, safe_serialization=True)"
+                    f"{path} is not a safetensors file (header size {size}, file size {file_size} bytes); {_RESAVE}"
                 )
-            try:
-                header = json.loads(f.read(size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise SparsecError(f"{path}: its safetensors header is corrupt ({exc}); re-save the model") from exc
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
+            raw = f.read(size)
+    except OSError as exc:
+        raise SparsecError(f"{path}: cannot read it ({exc.strerror or exc}); check the file's permissions") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"{path}: its safetensors header is corrupt ({exc}); {_RESAVE}") from exc
+    if not isinstance(header, dict):
+        raise SparsecError(f"{path}: its safetensors header is corrupt (not a JSON object); {_RESAVE}")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    ranges = []
+    for key, info in entries.items():
+        ranges.append((*_entry_range(path, key, info), key))
+    data_size = file_size - 8 - size
+    end = 0
+    for begin, stop, key in sorted(ranges):
+        if begin != end:
+            raise SparsecError(
+                f"{path}: tensor {key!r} starts at byte {begin} of the data, where {end} was expected (the header's "
+                f"byte ranges overlap or leave gaps): the header is corrupt; {_RESAVE}"
+            )
+        end = stop
+    if end != data_size:
+        raise SparsecError(
+            f"{path}: the header describes {end} bytes of tensor data and the file holds {data_size}: the file is "
+            f"{'truncated' if end > data_size else 'corrupt'}; {_RESAVE}"
+        )
+    return entries
+
+
+def _entry_range(path: Path, key: str, info) -> tuple[int, int]:
+    """The byte range [begin, end) of one header entry, checked against its dtype and shape."""
+    bad = f"{path}: the header entry of tensor {key!r} is corrupt"
+    if not isinstance(info, dict):
+        raise SparsecError(f"{bad} (not an object); {_RESAVE}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise SparsecError(f"{bad} (dtype {dtype!r}; known: {sorted(SAFETENSORS_DTYPE_BYTES)}); {_RESAVE}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise SparsecError(f"{bad} (shape {shape!r}, expected non-negative integers); {_RESAVE}")
+    if (
+        not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets))
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SparsecError(f"{bad} (data_offsets {offsets!r}, expected [begin, end]); {_RESAVE}")
+    need = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise SparsecError(
+            f"{bad}: {dtype} {shape} needs {need} bytes and its data_offsets {offsets} span "
+            f"{offsets[1] - offsets[0]}; {_RESAVE}"
+        )
+    return offsets[0], offsets[1]
+
+
+def checkpoint_headers(directory: str | Path) -> dict[Path, dict[str, dict]]:
+    """Each safetensors file of a checkpoint directory with its checked header (`safetensors_header`), in name order.
+
+    A sharded checkpoint's index (`model.safetensors.index.json`) must be a JSON object whose `weight_map` names
+    files that are there; `SparsecError` naming the index and the missing shards otherwise.
+    """
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise SparsecError(f"{index}: not a safetensors index ({exc}); {_RESAVE}") from exc
+        missing = [s for s in shards if not isinstance(s, str) or not (directory / s).is_file()]
+        if missing:
+            raise SparsecError(
+                f"{index} names shard(s) that are not in {directory}: {missing[:5]}; copy the missing files "
+                "(or re-save the model)"
+            )
+    return {path: safetensors_header(path) for path in sorted(directory.glob("*.safetensors"))}
+
+
+def checkpoint_facts(directory: str | Path) -> tuple[int, dict[str, int]]:
+    """Tensor elements of a safetensors checkpoint and its bytes per dtype, read from the file headers only
+    (`checkpoint_headers`: a corrupt or truncated file is a `SparsecError` naming it)."""
+    elements, by_dtype = 0, {}
+    for header in checkpoint_headers(directory).values():
+        for info in header.values():
+            count = math.prod(info["shape"])
             elements += count
-            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + count * DTYPE_BYTES.get(info["dtype"], 4)
+            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + count * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
     return elements, by_dtype
 
 

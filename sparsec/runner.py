@@ -86,12 +86,7 @@ def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) ->
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    tables = {i.name: list(i.dims) for i in model.graph.initializer}
-    vocab = {
-        n.input[1]: tables[n.input[0]][0]
-        for n in model.graph.node
-        if n.op_type == "Gather" and n.input[0] in tables and len(n.input) > 1
-    }
+    vocab = onnx_embedding_sizes(model)
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
     for value in model.graph.input:
@@ -118,6 +113,18 @@ def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) ->
         else:
             inputs[value.name] = torch.randn(shape, generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype)
     return inputs
+
+
+def onnx_embedding_sizes(model) -> dict[str, int]:
+    """Graph input name -> rows of the initializer (embedding table) a `Gather` indexes with it, for an ONNX
+    `ModelProto`: the bound token ids stay below (synthetic inputs, `sparsec run --calib`'s check)."""
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    return {
+        n.input[1]: int(tables[n.input[0]][0])
+        for n in model.graph.node
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in tables and n.input[1] in inputs
+    }
 
 
 def parse_dims(text: str) -> dict[str, int]:

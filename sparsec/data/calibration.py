@@ -54,7 +54,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_NO_TOKENIZER = "the model directory has none; save the tokenizer there (tokenizer.save_pretrained)"
 
 
 @dataclass
@@ -171,17 +170,29 @@ class CalibrationSet:
         return [outputs for _, outputs in self.run(program, progress=progress, desc="reference outputs")]
 
 
-def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+TENSOR_SUFFIXES = (".safetensors", ".npz")
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
-        return load_file(str(path))
-    with np.load(path, allow_pickle=False) as data:
-        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with np.load(path, allow_pickle=False) as data:
+            return {k: torch.from_numpy(data[k]) for k in data.files}
+    except Exception as exc:
+        raise CalibrationError(
+            f"cannot read calibration file {path}: {exc}; write it with safetensors.torch.save_file or numpy.savez"
+        ) from exc
 
 
 def _read_texts(path: Path) -> list[str]:
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read calibration file {path} as UTF-8 text: {exc}") from exc
     if path.suffix != ".jsonl":
         return lines
     texts = []
@@ -193,18 +204,126 @@ def _read_texts(path: Path) -> list[str]:
     return texts
 
 
+def _calibration_path(path: str | Path) -> Path:
+    """`path` as a calibration file that exists and has a supported suffix; `CalibrationError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist (or is not a file); check the path")
+    if path.suffix not in TENSOR_SUFFIXES + TEXT_SUFFIXES:
+        raise CalibrationError(
+            f"calibration file {path}: unsupported type {path.suffix!r}; use .safetensors, .npz, .txt or .jsonl"
+        )
+    return path
+
+
+def _tokenizer_or_error(path: Path, tokenizer_dir: str | Path | None, missing: str | None = None) -> Path:
+    """The directory holding the model's tokenizer, for the text file `path`; `CalibrationError` without one, saying
+    `missing` (where one was looked for and why there is none) or, by default, that the model directory has none."""
+    if tokenizer_dir is None or not any(Path(tokenizer_dir).glob("tokenizer*")):
+        missing = missing or (
+            f"the model directory {tokenizer_dir} has none; save the tokenizer there (tokenizer.save_pretrained)"
+            if tokenizer_dir is not None
+            else "a built-in model has none"
+        )
+        raise CalibrationError(
+            f"text calibration file {path} needs the model's tokenizer, and {missing}; "
+            "or pass tokenized inputs as .safetensors"
+        )
+    return Path(tokenizer_dir)
+
+
+def check_calibration_file(
+    path: str | Path, *, tokenizer_dir: str | Path | None = None, vocab: Mapping[str, int] | None = None
+) -> None:
+    """What can be checked of a calibration file before a model is loaded or captured (seconds, not after a long
+    load): it exists and has a supported type; a text file has a tokenizer in `tokenizer_dir`; a tensor file
+    reads, and its token ids and mask pass `check_inputs` with `vocab` (e.g. `{"input_ids": config.vocab_size}`).
+    `load_calibration` checks the rest against the captured program. `CalibrationError` otherwise."""
+    path = _calibration_path(path)
+    if path.suffix in TEXT_SUFFIXES:
+        _tokenizer_or_error(path, tokenizer_dir)
+    else:
+        check_inputs(_read_tensor_file(path), str(path), vocab or {})
+
+
+def check_inputs(inputs: Mapping[str, torch.Tensor], source: str, vocab: Mapping[str, int]) -> None:
+    """Refuse calibration inputs that would crash a run or silently mislead it, naming `source`, the sample, the
+    offending value and the fix (`CalibrationError`):
+
+    - token ids (`input_ids` and every input in `vocab`) that are not integers; for the inputs in `vocab` (name ->
+      rows of the embedding table they index), ids outside [0, rows);
+    - an `attention_mask` that is not [samples, seq] of the shape of `input_ids`, holds values other than 0 and 1,
+      or has a sample without any valid token (its statistics would be empty, its cosine 0).
+    """
+    for name in dict.fromkeys(["input_ids", *vocab]):
+        ids = inputs.get(name)
+        if ids is None:
+            continue
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise CalibrationError(
+                f"calibration file {source}: {name} has dtype {str(ids.dtype).removeprefix('torch.')}; token ids "
+                "must be integers: save them as int64 (ids.long())"
+            )
+        rows = vocab.get(name)
+        if rows is not None and ids.numel() and ids.dim():
+            bad = (ids < 0) | (ids >= rows)
+            if bad.any():
+                where = bad.nonzero()[0].tolist()
+                raise CalibrationError(
+                    f"calibration file {source}: sample {where[0]} of {name} holds token id "
+                    f"{int(ids[tuple(where)])} at position {where[1:]}, outside the model's vocabulary [0, {rows}) "
+                    f"({int(bad.sum())} such id(s) in the file); tokenize with this model's tokenizer"
+                )
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if mask is None:
+        return
+    if mask.dim() != 2 or (ids is not None and mask.shape != ids.shape):
+        raise CalibrationError(
+            f"calibration file {source}: attention_mask has shape {list(mask.shape)}"
+            + (f" and input_ids {list(ids.shape)}" if ids is not None else "")
+            + "; the mask must be [samples, seq], one 0/1 value per token"
+        )
+    if ((mask != 0) & (mask != 1)).any():
+        sample, position = ((mask != 0) & (mask != 1)).nonzero()[0].tolist()
+        raise CalibrationError(
+            f"calibration file {source}: sample {sample} of attention_mask holds {mask[sample, position].item()} "
+            f"at position {position}; a mask is 1 for a real token and 0 for padding"
+        )
+    empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise CalibrationError(
+            f"calibration file {source}: sample(s) {empty[:10]} of attention_mask have no valid token (all 0"
+            f"{f', {len(empty)} samples' if len(empty) > 10 else ''}); remove those samples or fix their masks"
+        )
+
+
+def embedding_sizes(program) -> dict[str, int]:
+    """Program input name -> rows of the embedding table it indexes (an `aten.embedding` reads it as token ids):
+    the bounds `check_inputs` holds token ids to."""
+    users = set(program.exported.graph_signature.user_inputs)
+    sizes = {}
+    for node in program.graph.find_nodes(op="placeholder"):
+        if node.name not in users:
+            continue
+        for user in node.users:
+            if user.target is torch.ops.aten.embedding.default and user.args[1] is node:
+                sizes[node.name] = int(user.args[0].meta["val"].shape[0])
+    return sizes
+
+
 def load_calibration(
     path: str | Path | None,
     *,
     input_names: Sequence[str],
     synthetic: Mapping[str, torch.Tensor] | None = None,
     tokenizer_dir: str | Path | None = None,
-    tokenizer_missing: str = _NO_TOKENIZER,
+    tokenizer_missing: str | None = None,
     samples: int = 16,
     seq_len: int = 32,
     batch_size: int = 8,
+    vocab: Mapping[str, int] | None = None,
 ) -> CalibrationSet:
-    """Read calibration inputs for a program with inputs `input_names`.
+    """Read calibration inputs for a program with inputs `input_names`, checked by `check_inputs`.
 
     Args:
         path: a .safetensors/.npz tensor file, a .txt/.jsonl text file, or None for the synthetic set.
@@ -214,6 +333,7 @@ def load_calibration(
         tokenizer_missing: what the error for a text file says when `tokenizer_dir` is None or holds no tokenizer
             (where one was looked for and how to get one there, e.g. for a built-in model or an artifact).
         samples, seq_len: how many text samples to use and the length they are padded/truncated to.
+        vocab: input name -> the embedding table's rows its token ids must stay below (`embedding_sizes`).
     """
     if path is None:
         if synthetic is None:
@@ -222,20 +342,13 @@ def load_calibration(
         return CalibrationSet(
             dict(synthetic), source=f"synthetic random inputs ({shapes})", batch_size=batch_size, synthetic=True
         )
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
-    if path.suffix in (".safetensors", ".npz"):
-        try:
-            inputs = _read_tensor_file(path)
-        except Exception as exc:
-            raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-    elif path.suffix in (".txt", ".jsonl"):
-        inputs = _tokenize(_read_texts(path)[:samples], tokenizer_dir, tokenizer_missing, seq_len, path)
+    path = _calibration_path(path)
+    if path.suffix in TENSOR_SUFFIXES:
+        inputs = _read_tensor_file(path)
     else:
-        raise CalibrationError(
-            f"calibration file {path}: unsupported type {path.suffix!r}; use .safetensors, .npz, .txt or .jsonl"
-        )
+        tokenizer = _tokenizer_or_error(path, tokenizer_dir, tokenizer_missing)
+        inputs = _tokenize(_read_texts(path)[:samples], tokenizer, seq_len, path)
+    check_inputs(inputs, str(path), vocab or {})
     if "attention_mask" in input_names and "attention_mask" not in inputs and "input_ids" in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     missing = [n for n in input_names if n not in inputs]
@@ -248,14 +361,9 @@ def load_calibration(
     return CalibrationSet(inputs, source=str(path), batch_size=batch_size)
 
 
-def _tokenize(texts: list[str], tokenizer_dir, missing: str, seq_len: int, path: Path) -> dict[str, torch.Tensor]:
+def _tokenize(texts: list[str], tokenizer_dir: Path, seq_len: int, path: Path) -> dict[str, torch.Tensor]:
     if not texts:
         raise CalibrationError(f"calibration file {path} has no text")
-    if tokenizer_dir is None or not any(Path(tokenizer_dir).glob("tokenizer*")):
-        raise CalibrationError(
-            f"text calibration file {path} needs the model's tokenizer, and {missing}; "
-            "or pass tokenized inputs as .safetensors"
-        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from sparsec.cli import main
 from sparsec.compiler import compile_model
 from sparsec.recipe import Recipe
-from sparsec.runner import synthetic_inputs
+from sparsec.runner import onnx_embedding_sizes, synthetic_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def test_text_inputs_need_a_tokenizer_which_built_in_models_lack(tmp_path, artif
         "(builtin:tiny-qwen2 is a built-in model, which has none); or pass tokenized inputs as .safetensors"
     ) in capsys.readouterr().err
     assert main(["compile", "--calib", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
-    assert "and builtin:tiny-qwen2 is a built-in model, which has none" in capsys.readouterr().err
+    assert "needs the model's tokenizer, and a built-in model has none; or pass" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -124,6 +124,22 @@ def test_bench_baseline_must_take_the_same_inputs(tmp_path, artifact, capsys):
     ) in capsys.readouterr().err
     assert main(["bench", "--artifact", str(artifact), "--baseline", str(tmp_path)]) == 2
     assert f"--baseline {tmp_path}: no model.onnx there" in capsys.readouterr().err
+
+
+def test_run_checks_calibration_ids_against_the_onnx_embedding(tmp_path, artifact, capsys):
+    import onnx
+
+    assert onnx_embedding_sizes(onnx.load(str(artifact / "model.onnx"), load_external_data=False)) == {"input_ids": 256}
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    ids[2, 3] = 256
+    save_file({"input_ids": ids}, str(tmp_path / "high.safetensors"))
+    save_file({"input_ids": ids.float().clamp(max=1)}, str(tmp_path / "float.safetensors"))
+    assert main(["run", "--artifact", str(artifact), "--calib", str(tmp_path / "high.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "high.safetensors: sample 2 of input_ids holds token id 256 at position [3], outside the model's " in err
+    assert "vocabulary [0, 256)" in err and "Traceback" not in err
+    assert main(["bench", "--artifact", str(artifact), "--calib", str(tmp_path / "float.safetensors")]) == 2
+    assert "input_ids has dtype float32; token ids must be integers" in capsys.readouterr().err
 
 
 def test_missing_artifact(tmp_path, capsys):
