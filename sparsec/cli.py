@@ -122,7 +122,9 @@ def _gates_line(gates: dict) -> str:
         for glob, b in gates["bounds"].items()
     )
     line = f"gates      {gates['source']}: {bounds}"
-    return line if gates["checked"] else f"{line} (NOT CHECKED: {gates['unchecked']})"
+    if not gates["checked"]:
+        line += f" (NOT CHECKED: {gates['unchecked']})"
+    return "\n".join(textwrap.wrap(line, 100, subsequent_indent=" " * 11))
 
 
 def _programs(report: dict) -> list[tuple[str, dict]]:
