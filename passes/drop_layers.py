@@ -290,7 +290,7 @@ class DropLayers(Pass):
     @classmethod
     def describe_decisions(cls, decisions: dict) -> list[str]:
         """The units ranked by score, the dropped ones marked, then the other decisions (the parameters of each
-        unit and the iterative rounds are left to report.json)."""
+        unit and the iterative rounds are left to decisions.json)."""
         lines = []
         scores = decisions.get("scores")
         if isinstance(scores, dict):

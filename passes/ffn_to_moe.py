@@ -39,7 +39,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
-from tqdm.auto import tqdm
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group, linear_weight
 from sparsec.analysis.importance import Importance, neuron_importance
@@ -49,6 +48,7 @@ from sparsec.data.distill import distill
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.ops.moe import Gating, moe_dense_reference, route, router_logits
+from sparsec.progress import progress_bar
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -317,8 +317,8 @@ class FfnToMoe(Pass):
         teacher = ctx.calibration.reference_outputs(program, progress=ctx.progress) if o.adapt != "none" else None
         generator = torch.Generator().manual_seed(o.seed)
         decisions, trainable = [], []
-        for (ffn, group, activation, shared), score in tqdm(
-            list(zip(plan, scores)), desc="ffn_to_moe: experts and routers", disable=not ctx.progress, leave=False
+        for (ffn, group, activation, shared), score in progress_bar(
+            list(zip(plan, scores)), desc="ffn_to_moe: experts and routers", enabled=ctx.progress
         ):
             weights = ExpertWeights.of(program, ffn)
             inputs = samples.get(ffn.up.args[0].name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -74,13 +75,56 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _decisions(report: dict) -> str:
-    """Each pass's decisions: scores as a ranking table, then everything else."""
-    lines = []
+    """The gates, a table of the passes (parameters, quality, decision summary), then each pass's decisions."""
+    from sparsec.transform.pass_manager import get_pass, table_lines
+
+    lines = [_gates_line(report["quality_gates"])]
     for entry, program in _programs(report):
         if entry:
             lines.append(f"== entry point {entry}")
-        lines += _pass_decisions(program["passes"])
-    return "\n".join(lines) or "no passes in the recipe"
+        if not program["passes"]:
+            continue
+        lines += table_lines(
+            [
+                {
+                    "pass": p["name"],
+                    "params before -> after": f"{p['parameters_before']:,} -> {p['parameters_after']:,}",
+                    "quality": _quality(p["quality"]),
+                    "decided": ", ".join(f"{k} {v}" for k, v in p["stats"].items() if not isinstance(v, (dict, list))),
+                }
+                for p in program["passes"]
+            ]
+        )
+        for p in program["passes"]:
+            options = ", ".join(f"{k}={v}" for k, v in p["options"].items() if v is not None)
+            lines += ["", *textwrap.wrap(f"pass {p['name']} ({options})", 100, subsequent_indent="    ")]
+            lines += get_pass(p["name"]).describe_decisions(p["decisions"])
+    if len(lines) == 1:
+        lines.append("no passes in the recipe")
+    return "\n".join(lines)
+
+
+def _quality(metrics: dict | None) -> str:
+    """`logits cos 0.9912 top1 0.934` per output; empty when the pass changed nothing (no check ran)."""
+    return "; ".join(
+        f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
+        for o, m in (metrics or {}).items()
+    )
+
+
+def _gates_line(gates: dict) -> str:
+    """The applied quality gates (report["quality_gates"]), loud when nothing was gated or checked."""
+    if not gates["gated"]:
+        why = "quality: {gates: off}" if gates["source"] == "off" else "the recipe's quality: section bounds nothing"
+        return f"gates      NONE: nothing was gated ({why}); the metrics are only reported"
+    bounds = "; ".join(
+        f"{glob} " + ", ".join(f"{m} {'>=' if m in ('cosine', 'top1') else '<='} {v:g}" for m, v in b.items())
+        for glob, b in gates["bounds"].items()
+    )
+    line = f"gates      {gates['source']}: {bounds}"
+    if not gates["checked"]:
+        line += f" (NOT CHECKED: {gates['unchecked']})"
+    return "\n".join(textwrap.wrap(line, 100, subsequent_indent=" " * 11))
 
 
 def _programs(report: dict) -> list[tuple[str, dict]]:
@@ -88,29 +132,15 @@ def _programs(report: dict) -> list[tuple[str, dict]]:
     return list(report["entry_points"].items()) if "entry_points" in report else [("", report)]
 
 
-def _pass_decisions(passes: list[dict]) -> list[str]:
-    from sparsec.transform.pass_manager import get_pass
-
-    lines = []
-    for p in passes:
-        quality = "; ".join(
-            f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
-            for o, m in (p["quality"] or {}).items()
-        )
-        lines.append(
-            f"pass {p['name']} {p['options']}: params {p['parameters_before']:,} -> {p['parameters_after']:,}"
-            + (f" ({quality})" if quality else "")
-        )
-        lines += get_pass(p["name"]).describe_decisions(p["decisions"])
-    return lines
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def _summary(report: dict) -> str:
-    lines = [f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})"]
+    lines = [
+        f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})",
+        _gates_line(report["quality_gates"]),
+    ]
     for entry, program in _programs(report):
         if entry:
             lines.append(f"entry      {entry}/")
@@ -119,9 +149,10 @@ def _summary(report: dict) -> str:
             f"calibration {program['calibration']['source']}",
         ]
         for p in program["passes"]:
+            quality = _quality(p["quality"])
             lines.append(
                 f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
-                f"{p['parameters_after']:,} ({p['seconds']:.2f}s)"
+                f"{p['parameters_after']:,}" + (f" ({quality})" if quality else "") + f", {p['seconds']:.2f}s"
             )
         if "parity" in program:
             parity = program["parity"]
@@ -377,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compile",
-        help="run a recipe's passes and write program.pt2, model.onnx and report.json",
+        help="run a recipe's passes and write program.pt2, model.onnx, report.json and decisions.json",
         description="Capture the model, run the recipe's passes (each verified and quality-checked on "
         "calibration data), save the program, export ONNX and check it in ONNX Runtime. "
         "Artifacts appear in --out only if every check passed.",

@@ -46,7 +46,7 @@ from sparsec.resources import (
 from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
 
 # and each target's `Target.artifacts`; TOKENIZER_DIR holds the model directory's tokenizer (`_copy_tokenizer`)
-ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json", TOKENIZER_DIR)
+ARTIFACTS = ("model.onnx", "model.onnx.data", "program.pt2", "report.json", "decisions.json", TOKENIZER_DIR)
 
 
 def check_target(target: str, recipe: Recipe) -> None:
@@ -108,9 +108,15 @@ def compile_model(
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
     Writes `program.pt2` (the transformed program, `torch.export.load`-able; unless `export.pt2: false`), `model.onnx` (unless the
-    recipe turns ONNX off), `report.json` and `tokenizer/` (the model directory's tokenizer, when it has one:
-    `_copy_tokenizer`), and returns the report. With `dry_run`, stops after the
-    passes (their decisions, e.g. layer rankings, and quality are in the report) and writes nothing.
+    recipe turns ONNX off), `report.json`, `decisions.json` and `tokenizer/` (the model directory's tokenizer, when
+    it has one: `_copy_tokenizer`), and returns the report: report.json's content with
+    each pass's `decisions` inline (in the files, they are in decisions.json and the pass record names where,
+    `decisions.json#/passes/0`). With `dry_run`, stops after the passes (their decisions, e.g. layer rankings, and
+    quality are in the report) and writes nothing. Files and directories get the modes the umask allows.
+
+    Quality gates (`recipe.quality`; a recipe without a `quality:` section gets `QualityGates.default()`) are checked
+    after every pass; `report["quality_gates"]` records them (`QualityGates.describe()`, with `checked`), and says
+    `gated: false` when nothing was gated (`quality: {gates: off}`).
 
     `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
     `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`)), checked before any work (`check_target`). The ONNX
@@ -128,8 +134,9 @@ def compile_model(
     Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds the available
     memory is captured without its weights (`load_model(weights="lazy")`) when nothing needs to run the model:
     a dry run, of one program, whose passes need no calibration data (`Pass.needs_calibration`: `drop_layers` by
-    `layers`, `slice_neurons` by `magnitude` or `random`) and whose recipe has no `quality:` gates. Calibration
-    is then skipped, so the passes report no quality metrics (the report says why), and each pass reads the
+    `layers`, `slice_neurons` by `magnitude` or `random`) and whose recipe sets no `quality:` gates of its own (the
+    default gates do not force the model to run: they are reported unchecked, `quality_gates.checked: false`).
+    Calibration is then skipped, so the passes report no quality metrics (the report says why), and each pass reads the
     weights it decides from, one tensor at a time; the tensors it puts in their place (sliced FFNs) are written
     to scratch files in TMPDIR (`Program.spill_to`, removed after the passes): a 14B model's weight-only dry run
     fits in 2 GB of memory. Otherwise
@@ -214,8 +221,8 @@ def compile_model(
     for unit in units:
         if lazy:
             unit.report["calibration"] = {
-                "skipped": "weights read lazily: no pass needs data and no quality gate "
-                "is set, so the model is not run (no quality metrics)"
+                "skipped": "weights read lazily: no pass needs data and the recipe sets no quality gate, "
+                "so the model is not run (no quality metrics)"
             }
             continue
         unit.load_calibration(loaded, recipe, say)
@@ -241,6 +248,7 @@ def compile_model(
         "sparsec": __version__,
         "model": model_facts,
         "recipe": recipe.source,
+        "quality_gates": _gates_report(recipe, lazy),
     }
     report.update(_program_reports(units, recipe))
     if dry_run:
@@ -258,9 +266,11 @@ def compile_model(
         report.update(_program_reports(units, recipe))  # now with export, parity and artifacts
         times["total"] = time.perf_counter() - t0
         report["seconds"] = {k: round(v, 3) for k, v in times.items()}
-        text = json.dumps(report, indent=2, default=_jsonable)
-        (stage / "report.json").write_text(text + "\n")
-        report = json.loads(text)
+        report = json.loads(json.dumps(report, default=_jsonable))
+        written, decisions = _split_decisions(report)
+        (stage / "report.json").write_text(json.dumps(written, indent=2) + "\n")
+        (stage / "decisions.json").write_text(json.dumps(decisions) + "\n")
+        _make_readable(stage)
         _move_into_place(stage, out_dir)
     finally:
         if stage.exists():
@@ -467,10 +477,20 @@ def _lazy_blocker(recipe: Recipe, dry_run: bool) -> str | None:
     needing = [p.name for p in recipe.passes if p.needs_calibration()]
     if needing:
         return f"pass(es) {needing} decide from calibration data, which runs the model"
-    q = recipe.quality
-    if q.outputs or any(v is not None for v in (q.min_cosine, q.max_rel_l2, q.min_top1, q.max_kl)):
+    if recipe.quality.gates and not recipe.quality.is_default:
         return "the recipe's quality: gates run the model after every pass"
-    return None
+    return None  # the default gates do not keep a weight-only dry run from reading lazily: it reports them unchecked
+
+
+def _gates_report(recipe: Recipe, lazy: bool) -> dict[str, Any]:
+    """`QualityGates.describe()`, with `checked: false` and why when the model never ran (lazy weights)."""
+    gates = recipe.quality.describe()
+    if lazy and gates["gated"]:
+        gates["checked"] = False
+        gates["unchecked"] = "weights read lazily: the model was not run, so these gates could not be checked"
+    else:
+        gates["checked"] = gates["gated"]
+    return gates
 
 
 def _program_precision(program) -> str:
@@ -580,6 +600,33 @@ def _copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
     (directory / TOKENIZER_DIR).mkdir()
     for name in present:
         shutil.copyfile(model_dir / name, directory / TOKENIZER_DIR / name)
+
+
+def _split_decisions(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(report.json's content, decisions.json's content): every pass's `decisions` (kept neuron indices, expert
+    partitions: most of a report's bytes) move to decisions.json, in the report's own nesting (`passes`, or
+    `entry_points.NAME.passes`), and report.json's pass record names where they are (`decisions.json#/passes/0`,
+    a JSON pointer)."""
+    written = json.loads(json.dumps(report))
+    decisions: dict[str, Any] = {}
+    for name, program in written.get("entry_points", {"": written}).items():
+        prefix = f"entry_points/{name}/" if name else ""
+        held = decisions.setdefault("entry_points", {}).setdefault(name, {}) if name else decisions
+        held["passes"] = [p["decisions"] for p in program.get("passes", [])]
+        for i, p in enumerate(program.get("passes", [])):
+            p["decisions"] = f"decisions.json#/{prefix}passes/{i}"
+    return written, decisions
+
+
+def _make_readable(stage: Path) -> None:
+    """Give the staged directories and files the modes the umask allows (0o777 / 0o666 & ~umask), as a plain
+    `mkdir` and `open` would: `tempfile.mkdtemp` made the stage 0o700, which no service account could read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory, _, files in os.walk(stage):
+        os.chmod(directory, 0o777 & ~umask)
+        for name in files:
+            os.chmod(Path(directory) / name, 0o666 & ~umask)
 
 
 def _move_into_place(stage: Path, out_dir: Path) -> None:

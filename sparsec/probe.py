@@ -52,7 +52,6 @@ from pathlib import Path
 
 import torch
 from torch.fx import Node
-from tqdm.auto import tqdm
 
 from sparsec.analysis.importance import neuron_importance
 from sparsec.analysis.regions import region_index
@@ -62,6 +61,7 @@ from sparsec.data.quality import compare_outputs
 from sparsec.errors import SparsecError
 from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
+from sparsec.progress import progress_bar
 
 KINDS = ("depth", "width")
 COMPONENTS = ("understanding", "generation")
@@ -327,7 +327,7 @@ class Probe:
         stats = {id(p): _ProgramStats() for p in self.programs}
         top_sets: dict[str, dict[str, list[set[int]]]] = {}
         total = sum(len(t.calibration) for t in self.tasks)
-        bar = tqdm(total=total, desc="probe statistics", disable=not self.progress, leave=False)
+        bar = progress_bar(total=total, desc="probe statistics", enabled=self.progress)
         for task in self.tasks:
             program = task.program
             mask_name = _modality_mask(program)
@@ -467,7 +467,7 @@ class Probe:
         references = {t.name: t.calibration.reference_outputs(t.program) for t in self.tasks}
         rows = []
         steps = [(c, k, r, t) for c, k in self.combos for r in ratios for t in self.tasks]
-        for component, kind, ratio, task in tqdm(steps, desc="probe sweep", disable=not self.progress, leave=False):
+        for component, kind, ratio, task in progress_bar(steps, desc="probe sweep", enabled=self.progress):
             program = task.program
             plan = self.plan(program, component, kind, ratio, stats[id(program)])
             row = {"component": component, "kind": kind, "ratio": ratio, "task": task.name}

@@ -7,7 +7,8 @@ model:     {dtype: auto, device: cpu}                 # the checkpoint's dtype; 
 capture:   {batch: 2, seq: 16, dynamic: true}
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
 quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass, and per
-            outputs: {logits: {kl: 0.05}}}               #   output glob: Bounds as in export.parity
+            outputs: {logits: {kl: 0.05}}}               #   output glob: Bounds as in export.parity;
+                                                         #   none: DEFAULT_GATES; {gates: off}: ungated
 export:    {onnx: true, pt2: true, opset: 18, external_data: auto, precision: fp32,
             parity: {samples: 8, percentiles: [50, 99], tolerances: {logits: {cosine: 0.9999, p99_abs: 0.01}}}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
@@ -178,7 +179,7 @@ class Recipe:
     model: ModelOptions = field(default_factory=ModelOptions)
     capture: CaptureOptions = field(default_factory=CaptureOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    quality: QualityGates = field(default_factory=QualityGates)
+    quality: QualityGates = field(default_factory=QualityGates.default)  # no `quality:` section: the defaults
     export: ExportOptions = field(default_factory=ExportOptions)
     tags: list[TagRule] = field(default_factory=list)
     entry_points: list[str] = field(default_factory=list)
@@ -200,7 +201,7 @@ class Recipe:
             model=parse_section(ModelOptions, data.get("model"), "model"),
             capture=parse_section(CaptureOptions, data.get("capture"), "capture"),
             calibration=parse_section(CalibrationOptions, data.get("calibration"), "calibration"),
-            quality=parse_section(QualityGates, data.get("quality"), "quality"),
+            quality=_parse_quality(data.get("quality")),
             export=ExportOptions.parse(data.get("export"), base_dir),
             tags=_parse_tags(data.get("tags") or []),
             entry_points=_parse_entry_points(data.get("entry_points") or []),
@@ -230,6 +231,20 @@ class Recipe:
         except yaml.YAMLError as exc:
             raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
         return cls.from_dict(data, source=str(path), base_dir=path.parent)
+
+
+def _parse_quality(data: Any) -> QualityGates:
+    """No section (or `quality: null`): `QualityGates.default()`. A section states every gate, so one with no
+    bound is refused: the one way to compile ungated is `quality: {gates: off}`."""
+    if data is None:
+        return QualityGates.default()
+    gates = parse_section(QualityGates, data, "quality")
+    if gates.gates and not gates.bounds_set():
+        raise RecipeError(
+            "quality: sets no bound; name the gates (min_cosine, min_top1, max_rel_l2, max_kl, outputs), leave the "
+            "section out for the defaults, or write `quality: {gates: off}` to compile ungated"
+        )
+    return gates
 
 
 def _parse_passes(items: Any) -> list[Pass]:

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
-    ("sparsec.resources",),
+    ("sparsec.resources", "sparsec.progress"),
     ("sparsec.errors",),
 ]
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}

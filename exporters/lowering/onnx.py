@@ -66,13 +66,15 @@ def upcast_to_fp32(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
-    """Rename export's symbolic dims (`s43`) to the program's dim names (`batch`), everywhere in the graph.
+def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, dict[int, str]]:
+    """Rename export's symbolic dims (`s43`) to the program's dim names (`batch`), everywhere in the graph; return
+    the named dims of each input, `{input: {axis: name}}` (the exporter's internal symbols never leave here).
 
     Done on the exporter's in-memory `onnx_ir` model before it is saved, whose initializers still reference the
     program's tensors: the file is written once, weights streamed to external data, never loaded back.
     """
     renames: dict[str, str] = {}
+    named: dict[str, dict[int, str]] = {}
     inputs = {v.name: v for v in model.graph.inputs}
     for name, axes in program.dynamic_dims.items():
         shape = inputs[name].shape if name in inputs else None
@@ -84,6 +86,7 @@ def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
                 and shape[axis].value
             ):
                 renames[shape[axis].value] = dim_name
+                named.setdefault(name, {})[axis] = dim_name
     values = [*model.graph.inputs, *model.graph.outputs]
     values += [out for node in ir.traversal.RecursiveGraphIterator(model.graph) for out in node.outputs]
     for value in values:
@@ -95,7 +98,7 @@ def _name_dynamic_dims(model: ir.Model, program: Program) -> dict[str, str]:
         ]
         if any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
             value.shape = ir.Shape(dims)
-    return renames
+    return named
 
 
 def _forget_matched_graphs() -> None:
@@ -141,7 +144,7 @@ def export_onnx(
 
     Example::
         export_onnx(program, "out/model.onnx")["dynamic_dims"]
-        # {'s43': 'batch', 's53': 'seq'}
+        # {'input_ids': {0: 'batch', 1: 'seq'}, 'attention_mask': {0: 'batch', 1: 'seq'}}
     """
     import torch
 
@@ -193,7 +196,7 @@ def export_onnx(
         model.graph.outputs.pop()
     if segments:
         model.metadata_props[METADATA_KEY] = segments_metadata(segments)
-    renames = _name_dynamic_dims(model, program)
+    dynamic_dims = _name_dynamic_dims(model, program)
     half = sorted({HALF_TYPES[v.dtype] for v in model.graph.initializers.values() if v.dtype in HALF_TYPES})
     if upcast and half:
         upcast_to_fp32(model)
@@ -208,7 +211,7 @@ def export_onnx(
         "opset": opset,
         "external_data": data_file.name if data_file.exists() else None,
         "bytes": path.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0),
-        "dynamic_dims": renames,
+        "dynamic_dims": dynamic_dims,
         "inputs": [v.name for v in model.graph.inputs],
         "outputs": [v.name for v in model.graph.outputs],
         "op_counts": dict(sorted(ops.items())),

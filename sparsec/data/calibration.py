@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.fx import Node
-from tqdm.auto import tqdm
 
 from sparsec.errors import CalibrationError
+from sparsec.progress import progress_bar
 
 # What `AutoTokenizer.from_pretrained` reads from a model directory (fast, slow and SentencePiece tokenizers, and
 # config.json, whose model_type can decide the tokenizer class). `sparsec compile` copies those present into
@@ -155,7 +155,7 @@ class CalibrationSet:
             if self.cuts is not None
             else self._whole_model(program, batches, observe, nodes)
         )
-        yield from tqdm(zip(batches, results), total=len(batches), desc=desc, disable=not progress, leave=False)
+        yield from progress_bar(zip(batches, results), total=len(batches), desc=desc, enabled=progress)
 
     @staticmethod
     def _whole_model(

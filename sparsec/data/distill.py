@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from torch.fx import Interpreter, Node
-from tqdm.auto import tqdm
 
 from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
+from sparsec.progress import progress_bar
 
 NodeLoss = Callable[[Node, tuple, Any], "torch.Tensor | None"]
 
@@ -106,7 +106,7 @@ def distill(
     before = mean_loss()
     try:
         with torch.enable_grad():
-            for step in tqdm(range(steps), desc=description, disable=not progress, leave=False):
+            for step in progress_bar(range(steps), desc=description, enabled=progress):
                 loss = loss_of(step % len(batches))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

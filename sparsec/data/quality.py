@@ -274,24 +274,44 @@ def bound_failures(
     return failures
 
 
+DEFAULT_GATES = {"min_cosine": 0.99, "min_top1": 0.9}
+"""The gates of a recipe without a `quality:` section (`QualityGates.default()`): every output's mean token cosine
+to the uncompressed program >= 0.99 (the former default recipe's gate; below it the logits of a trained LLM
+visibly drift, e.g. the cosine 0.725 / top-1 0.09 of an over-pruned model) and, on logits, top-1 agreement >= 0.9
+(nine in ten tokens keep their greedy choice). They stop a compile that broke the model; what a task tolerates is
+the recipe's to say."""
+
+
 @dataclass
 class QualityGates:
     """The recipe's `quality:` section: gates checked after every pass, as `Bounds`.
 
     `min_cosine`, `max_rel_l2`, `min_top1`, `max_kl` bound every output that has the metric (top1 and kl: the
     logits); `outputs` adds bounds per output name or glob in the `Bounds` form, e.g.
-    `quality: {min_cosine: 0.98, outputs: {logits: {top1: 0.9, cosine: null}}}`.
+    `quality: {min_cosine: 0.98, outputs: {logits: {top1: 0.9, cosine: null}}}`. A section states the gates in
+    full (what it does not bound is not gated); a recipe without one gets `QualityGates.default()`
+    (`DEFAULT_GATES`). `gates: false` (`quality: {gates: off}` in YAML) turns gating off: metrics are still
+    measured and reported, the compile says that nothing was gated.
 
     Example:
         >>> QualityGates(min_cosine=0.99, min_top1=0.9).failures({"logits": {"cosine": 0.95, "top1": 0.97}})
         ['logits: cosine 0.95 < 0.99']
     """
 
+    gates: bool = True
     min_cosine: float | None = None
     max_rel_l2: float | None = None
     min_top1: float | None = None
     max_kl: float | None = None
     outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    is_default: bool = field(default=False, init=False)  # from DEFAULT_GATES, not the recipe (see `default`)
+
+    @classmethod
+    def default(cls) -> QualityGates:
+        """The gates of a recipe without a `quality:` section (`DEFAULT_GATES`)."""
+        gates = cls(**DEFAULT_GATES)
+        gates.is_default = True
+        return gates
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_top1"):
@@ -303,9 +323,19 @@ class QualityGates:
             if value is not None and value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
         Bounds(self.outputs, label="outputs")  # its ValueErrors name the key
+        if not self.gates and self.bounds_set():
+            raise ValueError("gates: off, yet bounds are set; remove them, or remove `gates: off` to gate by them")
+
+    def bounds_set(self) -> bool:
+        """Whether any bound is set (with `gates` on, the compile is gated)."""
+        return bool(self.outputs) or any(
+            v is not None for v in (self.min_cosine, self.max_rel_l2, self.min_top1, self.max_kl)
+        )
 
     def bounds(self) -> Bounds:
-        """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`."""
+        """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`; none when off."""
+        if not self.gates:
+            return Bounds({}, label="quality.outputs")
         every = {
             metric: getattr(self, gate)
             for gate, metric in (
@@ -319,6 +349,20 @@ class QualityGates:
         every.update(self.outputs.get("*", {}))
         entries = {**({"*": every} if every else {}), **{k: v for k, v in self.outputs.items() if k != "*"}}
         return Bounds(entries, label="quality.outputs")
+
+    def describe(self) -> dict:
+        """What the report records: `source` (`default`, `recipe` or `off`) and the bounds per output glob
+        (`{"*": {"cosine": 0.99, "top1": 0.9}}`; a lower bound for cosine / top1, an upper one otherwise).
+        `gated` is False when no bound applies: then nothing stopped a bad compile.
+
+        Example:
+            >>> QualityGates.default().describe()
+            {'source': 'default', 'gated': True, 'bounds': {'*': {'cosine': 0.99, 'top1': 0.9}}}
+        """
+        entries = {k: {m: x for m, x in b.items() if x is not None} for k, b in self.bounds().entries.items()}
+        entries = {k: b for k, b in entries.items() if b}
+        source = "off" if not self.gates else "default" if self.is_default else "recipe"
+        return {"source": source, "gated": bool(entries), "bounds": entries}
 
     def failures(self, metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
         return self.bounds().failures(metrics)

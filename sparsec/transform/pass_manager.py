@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, NoReturn
@@ -64,7 +64,7 @@ class PassResult:
     Attributes:
         modified: whether the graph changed (the manager verifies only then).
         stats: numbers worth reporting (e.g. `{"layers_dropped": 2}`).
-        decisions: what the pass chose and why (e.g. per-layer scores); goes to report.json as is.
+        decisions: what the pass chose and why (e.g. per-layer scores); goes to decisions.json as is (report.json points to it).
     """
 
     modified: bool
@@ -155,8 +155,9 @@ class Pass:
     def describe_decisions(cls, decisions: Any) -> list[str]:
         """This pass's `PassResult.decisions` as indented lines, for `sparsec compile --dry-run`.
 
-        The default writes each key and its value, long lists summarised as `<N items>` (report.json has them
-        in full); a pass whose decisions read better as a table overrides it (`drop_layers`: its ranking).
+        The default writes each key and its value, long lists summarised as `<N items>` (decisions.json has them
+        in full), and a list of records (one per FFN) as a table of their plain values (`table_lines`); a pass
+        whose decisions read better otherwise overrides it (`drop_layers`: its ranking).
         """
         if not isinstance(decisions, dict):
             decisions = {"decisions": decisions}
@@ -164,7 +165,7 @@ class Pass:
         for key, value in decisions.items():
             if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
                 lines.append(f"  {key}:")
-                lines += [f"    {compact(v)}" for v in value]
+                lines += table_lines([_plain_columns(compact(v)) for v in value], indent=4)
             else:
                 lines.append(f"  {key}: {compact(value)}")
         return lines
@@ -183,6 +184,45 @@ def compact(value: Any, limit: int = 8) -> Any:
     if isinstance(value, float):
         return float(f"{value:.6g}")
     return value
+
+
+def _plain_columns(record: dict, prefix: str = "") -> dict[str, Any]:
+    """`record`'s scalar values, nested records flattened (`importance.min`); lists and `<N items>` left out."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_plain_columns(value, f"{prefix}{key}."))
+        elif not isinstance(value, list) and not (isinstance(value, str) and value.endswith(" items>")):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def table_lines(rows: Sequence[Mapping[str, Any]], width: int = 100, indent: int = 0) -> list[str]:
+    """`rows` (records with the same keys) as aligned text columns no wider than `width`: columns that do not
+    fit go to a further table below, which repeats the first column (the row's name).
+
+    Example:
+        >>> print("\\n".join(table_lines([{"pass": "drop_layers", "params": "181,312 -> 144,192"}])))
+        pass         params
+        drop_layers  181,312 -> 144,192
+    """
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = {k: [k] + ["" if row.get(k) is None else str(row.get(k)) for row in rows] for k in keys}
+    widths = {k: max(len(c) for c in cells[k]) for k in keys}
+    groups: list[list[str]] = []
+    for key in keys[1:]:
+        if groups and indent + sum(widths[k] + 2 for k in [keys[0], *groups[-1], key]) - 2 <= width:
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+    lines = []
+    for group in groups or [[]]:
+        columns = [keys[0], *group]
+        for i in range(len(rows) + 1):
+            lines.append(" " * indent + "  ".join(cells[k][i].ljust(widths[k]) for k in columns).rstrip())
+    return lines
 
 
 # ----- registry -------------------------------------------------------------------------------------------
@@ -305,7 +345,13 @@ class QualityInstrument(PassInstrument):
             raise QualityError(
                 "quality gate failed: "
                 + "; ".join(failures)
-                + ". Relax the recipe's `quality:` gates or make the pass less aggressive."
+                + ". Relax the recipe's `quality:` gates or make the pass less aggressive"
+                + (
+                    " (these are the default gates of a recipe without a `quality:` section; "
+                    "`quality: {gates: off}` compiles ungated)."
+                    if self.gates.is_default
+                    else "."
+                )
             )
 
 

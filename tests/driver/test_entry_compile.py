@@ -23,7 +23,7 @@ RECIPE = {
         {"drop_layers": {"count": 1, "where": f"{LLM}.layers.*"}},
         {"slice_neurons": {"keep_ratio": 0.5, "where": "model.generation_aligner"}},
     ],
-    "quality": {},
+    "quality": {"gates": False},
     "export": {"onnx": False},
 }
 
@@ -47,7 +47,13 @@ def test_each_entry_points_program_loads_and_runs_with_torch_alone(compiled, tmp
 
 def test_layout_and_skipped_passes(compiled):
     out, report = compiled
-    assert sorted(p.name for p in out.iterdir()) == ["generation_step", "report.json", "understanding", "vq_decode"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decisions.json",
+        "generation_step",
+        "report.json",
+        "understanding",
+        "vq_decode",
+    ]
     entries = report["entry_points"]
     assert [p["name"] for p in entries["understanding"]["passes"]] == ["slice_neurons", "drop_layers"]
     assert [p["name"] for p in entries["generation_step"]["passes"]] == [
@@ -116,7 +122,7 @@ def test_unshareable_pass_on_shared_weights_is_refused(tmp_path):
     recipe = Recipe.from_dict(
         {
             "entry_points": ["understanding", "generation_step"],
-            "quality": {},
+            "quality": {"gates": False},
             "passes": [
                 {"ffn_to_moe": {"experts": 2, "top_k": 2, "router": "similarity", "where": f"{LLM}.layers.0.mlp"}}
             ],

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 def test_empty_pipeline_exports_and_matches_hf_model(tmp_path, name):
     report = compile_model(f"builtin:{name}", Recipe(), tmp_path / "out", progress=False)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "program.pt2", "report.json"]
-    assert report["export"]["dynamic_dims"] and set(report["export"]["dynamic_dims"].values()) >= {"batch", "seq"}
+    assert sorted(p.name for p in out.iterdir()) == ["decisions.json", "model.onnx", "program.pt2", "report.json"]
+    assert report["export"]["dynamic_dims"]["input_ids"] == {"0": "batch", "1": "seq"}  # by input and axis
     assert report["parity"]["metrics"]["logits"]["cosine"] > 0.9999
     assert report["parity"]["precision"] == "fp32" and report["parity"]["metrics"]["logits"]["p99_abs"] < 1e-5
 
@@ -166,7 +166,12 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
     assert 1e-5 < logits["rel_l2"] < 1e-2 and logits["p50_abs"] <= logits["p99_abs"] <= logits["max_abs"]
     assert report["export"]["precision"]["kept_fp32"]["Softmax"] == 4
     assert report["export"]["path"] == "model.onnx" and report["export"]["bytes"] == (out / "model.onnx").stat().st_size
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "program.pt2", "report.json"]  # no fp32 copy left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decisions.json",
+        "model.onnx",
+        "program.pt2",
+        "report.json",
+    ]  # no fp32 copy left
     inputs = make_inputs(model, 3, 9, seed=4, pad_left=2)
     testing.assert_onnx_equivalent(out / "model.onnx", model, inputs, output="logits", rtol=0.05, atol=0.01)
     earlier = (out / "report.json").read_text()

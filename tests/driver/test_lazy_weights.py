@@ -63,16 +63,20 @@ def test_capture_without_weights_equals_capture_with_them(tmp_path, kind):
 
 
 def test_weight_only_passes_decide_and_compute_the_same_on_a_lazy_program(tmp_path):
+    """The recipe sets no gates: the default ones do not keep the dry run from reading lazily, and are reported
+    unchecked (the eager run, on random weights, is run ungated: pruning them fails the default gates)."""
     directory = _checkpoint(tmp_path, "qwen2")
-    recipe = Recipe.from_dict(WEIGHT_ONLY)
-    eager = compile_model(str(directory), recipe, None, dry_run=True, progress=False, lazy=False)
-    lazy = compile_model(str(directory), recipe, None, dry_run=True, progress=False, lazy=True)
+    ungated = Recipe.from_dict({**WEIGHT_ONLY, "quality": {"gates": False}})
+    eager = compile_model(str(directory), ungated, None, dry_run=True, progress=False, lazy=False)
+    lazy = compile_model(str(directory), Recipe.from_dict(WEIGHT_ONLY), None, dry_run=True, progress=False, lazy=True)
     for e, z in zip(eager["passes"], lazy["passes"]):
         assert z["decisions"] == e["decisions"]
         assert (z["parameters_before"], z["parameters_after"]) == (e["parameters_before"], e["parameters_after"])
         assert z["quality"] is None and e["quality"] is not None
     assert lazy["parameters"] == eager["parameters"]
     assert "skipped" in lazy["calibration"]
+    assert lazy["quality_gates"]["source"] == "default" and lazy["quality_gates"]["checked"] is False
+    assert "could not be checked" in lazy["quality_gates"]["unchecked"]
 
 
 def test_lazily_backed_passes_give_the_eager_outputs_after_materialising(tmp_path):

@@ -11,7 +11,7 @@ from sparsec.recipe import Recipe
 def test_compile_with_block_parity_and_without_program_pt2(tmp_path):
     recipe = Recipe.from_dict({"export": {"pt2": False, "parity": {"mode": "blocks"}}})
     report = compile_model("builtin:tiny-qwen2", recipe, tmp_path / "out", progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["decisions.json", "model.onnx", "report.json"]
     parity = report["parity"]
     assert parity["mode"] == "blocks" and parity["metrics"]["logits"]["cosine"] > 0.9999
     assert [k for k in parity["blocks"]["metrics"] if k.startswith("model.layers.")] == [

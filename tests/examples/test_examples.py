@@ -102,5 +102,6 @@ def test_custom_pass_package_installs_and_registers_by_entry_point(tmp_path):
     )
     assert compiled.returncode == 0, compiled.stderr
     (record,) = json.loads((out / "report.json").read_text())["passes"]
-    assert record["name"] == "skip_ffn" and record["decisions"] == {"skipped": ["model.layers.3.mlp"]}
+    (decisions,) = json.loads((out / "decisions.json").read_text())["passes"]
+    assert record["name"] == "skip_ffn" and decisions == {"skipped": ["model.layers.3.mlp"]}
     assert record["parameters_after"] < record["parameters_before"]

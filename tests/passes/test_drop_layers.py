@@ -272,7 +272,7 @@ def test_compile_reports_scores_and_dry_run_writes_nothing(tmp_path, capsys):
 
     assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     (record,) = json.loads((tmp_path / "out" / "report.json").read_text())["passes"]
-    decisions = record["decisions"]
+    (decisions,) = json.loads((tmp_path / "out" / "decisions.json").read_text())["passes"]
     assert len(decisions["scores"]) == 4 and decisions["ranking"][:2] == decisions["dropped"]
     assert decisions["reason"].startswith("highest cosine similarity")
     dropped_params = {name for names in decisions["parameters"].values() for name in names}

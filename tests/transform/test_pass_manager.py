@@ -13,7 +13,15 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.data.quality import QualityGates
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.recipe import Recipe
-from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager, PassResult, register_pass
+from sparsec.transform.pass_manager import (
+    Pass,
+    PassContext,
+    PassInstrument,
+    PassManager,
+    PassResult,
+    register_pass,
+    table_lines,
+)
 
 aten = torch.ops.aten
 
@@ -272,12 +280,23 @@ def test_an_instrument_error_is_a_failed_pass():
     _assert_same(program, before)
 
 
-def test_describe_decisions_writes_each_key_with_long_lists_summarised():
-    decisions = {"importance": "activation", "kept": list(range(20)), "ffns": [{"path": "mlp", "score": 0.123456789}]}
+def test_describe_decisions_writes_each_key_with_long_lists_summarised_and_records_as_a_table():
+    ffns = [{"path": "mlp", "score": 0.123456789, "kept": list(range(20)), "fit": {"loss": 0.5}}]
+    decisions = {"importance": "activation", "kept": list(range(20)), "ffns": ffns}
     assert Pass.describe_decisions(decisions) == [
         "  importance: activation",
         "  kept: <20 items>",
         "  ffns:",
-        "    {'path': 'mlp', 'score': 0.123457}",
+        "    path  score     fit.loss",
+        "    mlp   0.123457  0.5",
     ]
     assert Pass.describe_decisions([1, 2]) == ["  decisions: [1, 2]"]
+
+
+def test_wide_tables_wrap_into_column_groups_that_repeat_the_name():
+    rows = [{"path": f"model.layers.{i}.mlp", **{f"metric_{j}": 1000 * i + j for j in range(12)}} for i in range(3)]
+    lines = table_lines(rows, width=100)
+    assert max(map(len, lines)) <= 100 and len(lines) == 8  # two tables of a header and three rows
+    assert lines[0].split()[0] == lines[4].split()[0] == "path" and lines[7].split()[0] == "model.layers.2.mlp"
+    cells = {h: v for block in (lines[:4], lines[4:]) for h, v in zip(block[0].split(), block[3].split())}
+    assert cells == {"path": "model.layers.2.mlp", **{f"metric_{j}": str(2000 + j) for j in range(12)}}
