@@ -446,7 +446,7 @@ class Probe:
         ranked as in the sweep), on every task whose program holds it: which layer the model needs most."""
         rows = []
         steps = [(c, k, t) for c, k in self.combos for t in self.tasks]
-        for component, kind, task in tqdm(steps, desc="probe per unit", disable=not self.progress, leave=False):
+        for component, kind, task in progress_bar(steps, desc="probe per unit", enabled=self.progress):
             targets = self.targets[(id(task.program), component)]
             if kind == "depth":
                 plans = [(b.path, {"skipped_blocks": [b]}) for b in targets.blocks]
