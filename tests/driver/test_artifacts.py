@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 WORDS = ["[PAD]", "[UNK]", *"abcdefghijklmnopqrstuvwxyz", "the", "cat", "sat", "on", "mat", "dog", "ran", "far"]
 TEXT = ["the cat sat on a mat", "the dog ran far", "a cat and a dog ran home", "then the mat sat", "the end"]
-MOE = {"passes": [{"ffn_to_moe": {"experts": 4, "top_k": 2, "router": "similarity"}}], "quality": {}}
+MOE = {"passes": [{"ffn_to_moe": {"experts": 4, "top_k": 2, "router": "similarity"}}], "quality": {"gates": False}}
 
 
 @pytest.fixture(scope="module")
