@@ -15,7 +15,8 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
-model.onnx, ONNX Runtime parity). A phase killed for memory or failing is reported with its exit status and the
+model.onnx, ONNX Runtime parity of the whole model in one session), `compile-blocks` (the same with
+`export: {parity: {mode: blocks}}`: parity block by block, never a whole-model session). A phase killed for memory or failing is reported with its exit status and the
 last lines it printed; the other phases go on.
 """
 
@@ -87,7 +88,7 @@ PRESETS: dict[str, dict] = {
 # `dry-run` only on a 24 GiB machine (the weights are read lazily; a full compile cannot fit).
 MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
-PHASES = ("inspect", "dry-run", "compile")
+PHASES = ("inspect", "dry-run", "compile", "compile-blocks")  # compile-blocks: `export.parity.mode: blocks`
 
 
 def checkpoint_tensors(config) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -202,6 +203,8 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
     layers = model_config(size).num_hidden_layers
     recipe = work / f"recipe-{size}.yaml"
     recipe.write_text(recipe_text(layers, spread=size in MOT_SIZES))
+    blocks = work / f"recipe-{size}-blocks.yaml"  # parity block by block: no whole-model ONNX Runtime session
+    blocks.write_text(recipe.read_text() + "export: {parity: {mode: blocks}}\n")
     ckpt = checkpoint_bytes(directory)
     row: dict = {"size": size, "checkpoint_bytes": ckpt, "phases": {}}
     sparsec = [sys.executable, "-m", "sparsec.cli"]
@@ -211,13 +214,23 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
             "inspect": [*sparsec, "inspect", "--model", str(directory)],
             "dry-run": [*sparsec, "compile", "--model", str(directory), "--recipe", str(recipe), "--dry-run"],
             "compile": [*sparsec, "compile", "--model", str(directory), "--recipe", str(recipe), "--out", str(out)],
+            "compile-blocks": [
+                *sparsec,
+                "compile",
+                "--model",
+                str(directory),
+                "--recipe",
+                str(blocks),
+                "--out",
+                str(out),
+            ],
         }[phase]
         print(f"[scale] {size}: {phase} ...", flush=True)
         result = run_measured(command, work / f"{size}-{phase}.log")
         if result["peak_rss_bytes"]:
             result["peak_over_checkpoint"] = round(result["peak_rss_bytes"] / ckpt, 2)
         report = out / "report.json"
-        if phase == "compile" and result["rc"] == 0 and report.is_file():
+        if phase.startswith("compile") and result["rc"] == 0 and report.is_file():
             data = json.loads(report.read_text())
             result["phase_seconds"] = data.get("seconds")
             result["onnx_bytes"] = data.get("export", {}).get("bytes")
