@@ -64,16 +64,17 @@ def _captured(directory):
     return program, example
 
 
-def test_snapshots_refer_to_the_checkpoint_so_a_replaced_weight_is_freed(tmp_path):
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "tiny-emu3"])  # Emu3: from_pretrained (below)
+def test_snapshots_refer_to_the_checkpoint_so_a_replaced_weight_is_freed(tmp_path, family):
     """A snapshot of a program read from its checkpoint does not keep a weight alive: replaced, it is freed at once,
     and `restore` reads it back (equal bit for bit, outputs unchanged); a weight that still lives is the same
     object after `restore`, and one changed in place is held by the snapshot, never taken for its file's copy."""
     import gc
     import weakref
 
-    program, example = _captured(_saved(tmp_path, "tiny-qwen2", torch.bfloat16))
+    program, example = _captured(_saved(tmp_path, family, torch.bfloat16))
     before = program.run(example)
-    name, kept = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    name, kept = [n for n in program.parameter_names() if n.endswith("up_proj.weight")][:2]
     original = program.state_tensor(name).detach().clone()
     snapshot = program.snapshot()
     freed, alive = weakref.ref(program.state_tensor(name)), program.state_tensor(kept)
@@ -94,6 +95,19 @@ def test_snapshots_refer_to_the_checkpoint_so_a_replaced_weight_is_freed(tmp_pat
     program.replace_state(kept, original)
     gc.collect()
     assert held() is not None and changed.state_dict[kept] is held()
+
+
+def test_a_checkpoint_loaded_by_from_pretrained_notes_no_copies(tmp_path):
+    """Emu3's checkpoint names do not map one to one onto its parameters, so it loads through from_pretrained
+    (`_read_parameters` returns None): no stored copies are known, and its snapshots hold every tensor as before."""
+    import weakref
+
+    program, _ = _captured(_saved(tmp_path, "tiny-emu3", torch.bfloat16))
+    name = next(n for n in program.parameter_names() if n.endswith("up_proj.weight"))
+    snapshot = program.snapshot()
+    held = weakref.ref(program.state_tensor(name))
+    program.replace_state(name, program.state_tensor(name).detach() * 2)
+    assert held() is not None and snapshot.state_dict[name] is held()
 
 
 def test_programs_without_a_checkpoint_keep_every_tensor_in_their_snapshots():
