@@ -23,10 +23,10 @@ from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
 from sparsec.data.calibration import (
     TOKENIZER_DIR,
-    TOKENIZER_FILES,
     check_calibration_file,
     embedding_sizes,
     load_calibration,
+    tokenizer_files,
 )
 from sparsec.data.parity import ProgramReference
 from sparsec.errors import SparsecError
@@ -594,8 +594,8 @@ def _copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
     the tokenizer class by its model_type) into `directory/tokenizer/`, so the artifact tokenizes text inputs on its
     own and as the compile did (`sparsec run --calib FILE.txt`). A model without tokenizer files (a built-in) gets none.
     """
-    present = [n for n in TOKENIZER_FILES if model_dir is not None and (model_dir / n).is_file()]
-    if present == [] or present == ["config.json"]:
+    present = tokenizer_files(model_dir)
+    if not present:
         return
     (directory / TOKENIZER_DIR).mkdir()
     for name in present:

@@ -56,6 +56,14 @@ TOKENIZER_FILES = (
 )
 
 
+def tokenizer_files(directory: str | Path | None) -> list[str]:
+    """The `TOKENIZER_FILES` present in `directory`; empty when it holds no tokenizer (config.json alone is none)."""
+    if directory is None:
+        return []
+    present = [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    return [] if present in ([], ["config.json"]) else present
+
+
 @dataclass
 class CalibrationSet:
     """Model inputs for calibration, `inputs[name]` of shape [N, ...], served in batches.
@@ -219,7 +227,7 @@ def _calibration_path(path: str | Path) -> Path:
 def _tokenizer_or_error(path: Path, tokenizer_dir: str | Path | None, missing: str | None = None) -> Path:
     """The directory holding the model's tokenizer, for the text file `path`; `CalibrationError` without one, saying
     `missing` (where one was looked for and why there is none) or, by default, that the model directory has none."""
-    if tokenizer_dir is None or not any(Path(tokenizer_dir).glob("tokenizer*")):
+    if not tokenizer_files(tokenizer_dir):
         missing = missing or (
             f"the model directory {tokenizer_dir} has none; save the tokenizer there (tokenizer.save_pretrained)"
             if tokenizer_dir is not None

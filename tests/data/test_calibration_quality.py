@@ -143,3 +143,16 @@ def test_bounds_select_outputs_with_the_module_path_glob_dialect():
     assert bounds.resolve(["logits", "vision.hidden"]) == {"logits": {"cosine": 0.9}, "vision.hidden": {"rel_l2": 0.1}}
     with pytest.raises(ValueError, match=r"bounds.\*.cosin: unknown metric"):
         Bounds({"*": {"cosin": 0.9}})
+
+
+def test_one_rule_says_whether_a_directory_holds_a_tokenizer(tmp_path):
+    """The compile's tokenizer copy and the text-calibration check ask the same question: config.json alone is no
+    tokenizer; a slow BPE tokenizer's vocab.json + merges.txt is one, as is a tokenizer.json."""
+    from sparsec.data.calibration import tokenizer_files
+
+    assert tokenizer_files(None) == [] and tokenizer_files(tmp_path) == []
+    (tmp_path / "config.json").write_text("{}")
+    assert tokenizer_files(tmp_path) == []
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("")
+    assert tokenizer_files(tmp_path) == ["config.json", "vocab.json", "merges.txt"]
