@@ -1,10 +1,16 @@
 import copy
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `-n N`: share the cores instead of each worker taking all of them
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = _threads  # the CLI subprocesses tests start
+    torch.set_num_threads(int(_threads))
 
 import sparsec.testing  # noqa: E402
 
