@@ -138,7 +138,7 @@ def slice_hidden_by_hand(model, kept, writers):
     Embeddings of the hidden width keep columns `kept`; LayerNorms and RMSNorms (a module whose own `weight` is
     [hidden]) keep those entries; Linear modules whose path ends with one of `writers` (`("o_proj", "down_proj")`, or
     `("output.dense",)` for BERT, whose pooler is also a `dense`: they write the residual stream) keep rows `kept` and those bias entries; any other Linear with `in_features` ==
-    hidden keeps columns `kept`. The config is left alone, so a constant derived from `hidden_size` (Gemma's
+    hidden keeps columns `kept` (GPT-2's Conv1D, weight [in, out], the transposed dimensions). The config is left alone, so a constant derived from `hidden_size` (Gemma's
     sqrt(hidden) embedding normalizer) keeps its original value, as the pass keeps it.
     """
     reference = copy.deepcopy(model)
@@ -150,6 +150,14 @@ def slice_hidden_by_hand(model, kept, writers):
         if isinstance(module, torch.nn.Embedding) and module.embedding_dim == width:
             module.weight = torch.nn.Parameter(module.weight.detach()[:, kept].clone())
             module.embedding_dim = len(kept)
+        elif type(module).__name__ == "Conv1D":  # GPT-2: weight [in, out], y = x @ W + b
+            weight = module.weight.detach()
+            if any(f".{path}".endswith(f".{w}") for w in writers):
+                module.weight = torch.nn.Parameter(weight[:, kept].clone())
+                module.bias = torch.nn.Parameter(module.bias.detach()[kept].clone())
+                module.nf = len(kept)
+            elif weight.shape[0] == width:
+                module.weight = torch.nn.Parameter(weight[kept].clone())
         elif isinstance(module, torch.nn.Linear) and any(f".{path}".endswith(f".{w}") for w in writers):
             setattr(owner, leaf, sparsec.testing.linear_rows(module, kept))
         elif isinstance(module, torch.nn.Linear) and module.in_features == width:

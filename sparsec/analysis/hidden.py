@@ -74,6 +74,8 @@ UNARY = {
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.var.correction, aten.amax.default}
 IGNORED = {aten._assert_tensor_metadata.default}
+# Read only the template's dtype and device; make a tensor of the sizes given (a literal width is rewritten).
+NEW_TENSORS = {aten.new_zeros.default, aten.new_empty.default, aten.new_ones.default}
 
 
 @dataclass(frozen=True)
@@ -215,12 +217,17 @@ class _Walk:
             return source.dim() - 1 not in {_axis(a, source.dim()) for a in node.args[1:3]}
         if t is aten.permute.default:
             return _axis(node.args[1][-1], source.dim()) == source.dim() - 1
-        if t in (aten.slice.Tensor, aten.select.int):
+        if t in (aten.slice.Tensor, aten.select.int, aten.index_select.default):
             dim = node.args[1] if len(node.args) > 1 else 0
             return _axis(dim, source.dim()) != source.dim() - 1
         if t is aten.index.Tensor:
             return len(node.args[1]) < source.dim()
         return False
+
+    def off_last_axis(self, node: Node, dim: int) -> bool:
+        """Whether `dim` of `node`'s value is not its last axis (the channels' place)."""
+        ndim = _val(node).dim()
+        return _axis(dim, ndim) != ndim - 1
 
     SHAPE_OPS = (
         RESHAPES
@@ -232,6 +239,7 @@ class _Walk:
             aten.permute.default,
             aten.slice.Tensor,
             aten.select.int,
+            aten.index_select.default,
             aten.index.Tensor,
         }
     )
@@ -286,6 +294,11 @@ class _Walk:
                 self.join(arg)
         elif t in REDUCTIONS and self.carries(node.args[0]):
             self.join(node.args[0])
+        elif t in NEW_TENSORS:
+            self.literal(node, 1)
+        elif t is aten.index_copy.default and self.off_last_axis(node, node.args[1]):
+            self.join(node.args[0])
+            self.join(node.args[3])
         else:
             raise self.refuse(node, "produces a value with the hidden channels in a way slice_hidden cannot follow")
 
@@ -295,8 +308,12 @@ class _Walk:
         t = user.target
         if user.op == "output":
             self.outputs.append(node.name)
-        elif t in IGNORED:
+        elif t in IGNORED or (t in NEW_TENSORS and node is user.args[0]):
             return
+        elif t is aten.index_copy.default and node is not user.args[2]:
+            if not self.off_last_axis(user, user.args[1]):
+                raise self.refuse(user, f"copies {node.name} along the hidden channels")
+            self.join(user)
         elif t is operator.getitem or user.op != "call_function":
             raise self.refuse(user, f"reads the stream value {node.name}")
         elif t is aten.linear.default:

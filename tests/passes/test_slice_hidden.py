@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import transformers as T
-from conftest import make_inputs, make_model, slice_by_hand, slice_hidden_by_hand
+from conftest import make_inputs, make_model, mot_inputs, slice_by_hand, slice_hidden_by_hand
 
 import sparsec
 from sparsec import testing
@@ -14,6 +14,7 @@ from sparsec.analysis.hidden import hidden_channel_group
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError
 from sparsec.exporters.lowering.onnx import export_onnx
+from sparsec.models import build_model, builtin_config
 from sparsec.recipe import Recipe
 from sparsec.transform.pass_manager import PassContext, PassManager, get_pass
 
@@ -57,6 +58,31 @@ FAMILIES = {
         ("attention.dense", "dense_4h_to_h"),
     ),
     "starcoder2": (_hf(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER), ("o_proj", "c_proj")),
+    "opt": (
+        _hf(
+            T.OPTForCausalLM,
+            T.OPTConfig,
+            **dict(DECODER, ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=None),
+        ),
+        ("out_proj", "fc2"),
+    ),
+    "gpt2": (
+        _hf(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        ("attn.c_proj", "mlp.c_proj"),
+    ),
+    "bert (the last hidden state narrows)": (
+        _hf(
+            T.BertModel,
+            T.BertConfig,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        ("output.dense",),
+    ),
 }
 KEEP = 40  # of 64: 0.625, rounded to 8
 
@@ -110,8 +136,9 @@ def test_every_coupled_tensor_is_narrowed(sliced, name):
         assert list(s.program.state_shape(p.name)) == expected, p.name
     assert s.program.num_parameters() == s.record.parameters_after
     removed = sum(p.numel() for p in s.model.parameters()) - sum(p.numel() for p in s.reference.parameters())
-    if name == "gemma2":  # tied: the reference's LM head became a tensor of its own, the program's is still one
-        removed += s.reference.lm_head.weight.numel()
+    head = s.model.get_output_embeddings()
+    if head is not None and head.weight is s.model.get_input_embeddings().weight:
+        removed += s.reference.get_output_embeddings().weight.numel()  # tied: the reference's head is untied now
     assert s.record.parameters_before - s.record.parameters_after == removed
     assert s.record.decisions["parameters_before"] - s.record.decisions["parameters_after"] == removed
 
@@ -143,6 +170,23 @@ def test_onnx_runtime_at_another_shape(sliced, tmp_path, name):
     testing.assert_onnx_equivalent(
         tmp_path / "m.onnx", s.reference, _inputs(s.model, 2, 7, seed=3, pad=2), output="logits"
     )
+
+
+def test_mot_copies_share_the_stream_and_are_sliced_together():
+    model = build_model(builtin_config("tiny-mot"))
+    program = sparsec.capture(model, mot_inputs(2, 16, 8))
+    record = testing.apply_pass(program, "slice_hidden", keep=48, importance="random", seed=1)
+    sliced = record.decisions["sliced"]
+    for copy_ in ("", "_moe_gen"):
+        assert sliced[f"model.layers.0.mlp{copy_}.down_proj.weight"] == 0
+        assert sliced[f"model.layers.0.self_attn.q_proj{copy_}.weight"] == 1
+        assert program.state_shape(f"model.layers.3.input_layernorm{copy_}.weight") == (48,)
+    reference = slice_hidden_by_hand(
+        model, record.decisions["kept_indices"], ("o_proj", "o_proj_moe_gen", "down_proj")
+    )
+    inputs = mot_inputs(3, 11, 5, seed=2)
+    inputs["attention_mask"][0, :3] = 0
+    testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("importance", ["activation", "magnitude"])
