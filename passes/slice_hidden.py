@@ -31,6 +31,7 @@ Recipe:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,13 @@ class SliceHidden(Pass):
         round_to: int = 8
         seed: int = 0
         where: str = "**"
+        kept: list[int] | None = None
 
         def __post_init__(self) -> None:
-            if (self.keep_ratio is None) == (self.keep is None):
+            if self.keep_ratio is not None and self.keep is not None:
                 raise ValueError("give exactly one of keep_ratio, keep")
+            if self.keep_ratio is None and self.keep is None and self.kept is None:
+                raise ValueError("give exactly one of keep_ratio, keep (or kept)")
             if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
                 raise ValueError(f"keep_ratio: must be in (0, 1], got {self.keep_ratio}")
             if self.keep is not None and self.keep < 1:
@@ -86,6 +90,11 @@ class SliceHidden(Pass):
     def requires(self, program: Program, ctx: PassContext) -> tuple[HiddenGroup, int]:
         """The plan: the stream's channel group and the kept width; refuses before any change."""
         group = hidden_channel_group(program)
+        kept = self.options.kept
+        if kept is not None:
+            if not kept or len(set(kept)) != len(kept) or not all(0 <= i < group.width for i in kept):
+                raise PassError(f"slice_hidden: kept must list distinct channel indices in [0, {group.width})")
+            return group, len(kept)
         k = self._target(group.width)
         if self.needs_calibration():
             ctx.require_calibration(self.name)
@@ -110,8 +119,10 @@ class SliceHidden(Pass):
     @torch.no_grad()
     def run(self, program: Program, ctx: PassContext, plan: tuple[HiddenGroup, int]) -> PassResult:
         group, k = plan
-        scores = self._scores(program, ctx, group)
-        kept = scores.topk(k).indices.sort().values
+        if self.options.kept is not None:
+            kept = torch.tensor(sorted(self.options.kept))
+        else:
+            kept = self._scores(program, ctx, group).topk(k).indices.sort().values
         before = group.num_parameters(program)
         if k < group.width:
             group.apply(program, kept)
@@ -135,6 +146,14 @@ class SliceHidden(Pass):
             "writers": len(group.writers),
         }
         return PassResult(modified=k < group.width, stats=stats, decisions=decisions)
+
+    def targets(self, program: Program) -> list[str]:
+        """The coupled tensors: entry points sharing any of them slice the same channels (`replay`)."""
+        return [p.name for p in hidden_channel_group(program).params]
+
+    def replay(self, decisions: dict, shared: list[str]) -> SliceHidden:
+        """The same channels kept (as `kept`): the stream is one group, so a shared tensor pins all of it."""
+        return SliceHidden(dataclasses.replace(self.options, kept=decisions["kept_indices"]))
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         group = hidden_channel_group(program)

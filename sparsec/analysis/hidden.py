@@ -175,9 +175,7 @@ class _Walk:
             raise self.refuse(reader, f"reads {weight.name}, computed in the graph, as a weight on the hidden channels")
         known = self.params.get(name)
         if known is not None and known.dim != dim:
-            raise self.refuse(
-                reader, f"holds the hidden channels of {name} on dim {dim}, elsewhere on dim {known.dim}"
-            )
+            raise self.refuse(reader, f"holds the hidden channels of {name} on dim {dim}, elsewhere on dim {known.dim}")
         self.params[name] = ParamSlice(name, dim)
 
     def literal(self, node: Node, arg: int) -> None:
@@ -363,7 +361,7 @@ def hidden_channel_group(program) -> HiddenGroup:
     Example::
         group = hidden_channel_group(program)
         group.width, [(p.name, p.dim) for p in group.params][:2]
-        # (64, [('model.embed_tokens.weight', 1), ('model.layers.0.input_layernorm.weight', 0)])
+        # (64, [('model.embed_tokens.weight', 1), ('model.layers.0.self_attn.o_proj.weight', 0)])
         group.apply(program, kept=torch.arange(48))   # keep the first 48 channels
     """
     seeds = [

@@ -46,7 +46,13 @@ FAMILIES = {
     "mistral": (_hf(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), LLAMA_WRITERS),
     "qwen3": (_hf(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), LLAMA_WRITERS),
     "gemma2": (
-        _hf(T.Gemma2ForCausalLM, T.Gemma2Config, **dict(DECODER, tie_word_embeddings=True), head_dim=16, sliding_window=8),
+        _hf(
+            T.Gemma2ForCausalLM,
+            T.Gemma2Config,
+            **dict(DECODER, tie_word_embeddings=True),
+            head_dim=16,
+            sliding_window=8,
+        ),
         LLAMA_WRITERS,
     ),
     "phi3": (
@@ -181,9 +187,7 @@ def test_mot_copies_share_the_stream_and_are_sliced_together():
         assert sliced[f"model.layers.0.mlp{copy_}.down_proj.weight"] == 0
         assert sliced[f"model.layers.0.self_attn.q_proj{copy_}.weight"] == 1
         assert program.state_shape(f"model.layers.3.input_layernorm{copy_}.weight") == (48,)
-    reference = slice_hidden_by_hand(
-        model, record.decisions["kept_indices"], ("o_proj", "o_proj_moe_gen", "down_proj")
-    )
+    reference = slice_hidden_by_hand(model, record.decisions["kept_indices"], ("o_proj", "o_proj_moe_gen", "down_proj"))
     inputs = mot_inputs(3, 11, 5, seed=2)
     inputs["attention_mask"][0, :3] = 0
     testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
@@ -237,6 +241,18 @@ def test_composes_with_drop_layers_and_slice_neurons_then_ffn_to_moe():
     with pytest.raises(PassError, match="run slice_hidden before ffn_to_moe"):
         testing.apply_pass(program, "slice_hidden", keep_ratio=0.5, importance="magnitude")
     assert [n.name for n in program.graph.nodes] == nodes
+
+
+def test_replay_keeps_the_same_channels_in_another_program():
+    model = make_model("tiny-llama")
+    first, second = (sparsec.capture(model, make_inputs(model, 2, 8)) for _ in range(2))
+    slice_ = get_pass("slice_hidden")(keep_ratio=0.5, importance="random", seed=5)
+    record = testing.apply_pass(first, slice_)
+    assert "model.embed_tokens.weight" in slice_.targets(second)
+    again = testing.apply_pass(second, slice_.replay(record.decisions, ["model.embed_tokens.weight"]))
+    assert again.decisions["kept_indices"] == record.decisions["kept_indices"]
+    for name in first.parameter_names():
+        assert torch.equal(first.state_tensor(name), second.state_tensor(name))
 
 
 class _StreamAttention(torch.nn.Module):
