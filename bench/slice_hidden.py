@@ -3,9 +3,10 @@
 A Qwen2-style model of realistic proportions with random weights (speed does not depend on them; the importance
 is `magnitude`, so no calibration data is needed), widths rounded to multiples of 64. Slicing the stream narrows
 every projection's input or output and the LM head, but not attention itself (heads and head_dim stay, so the
-KV cache per token does not change); at a long sequence attention's share of the work grows and the ideal
-speedup shrinks. Each variant is measured at `--seq` and at 4x `--seq` (512 and 2048 by default). See
-bench/common.py for the method.
+KV cache per token does not change). Each variant is measured at `--seq` and at 4x `--seq` (512 and 2048 by
+default): at the long sequence attention's share of the time grows, which the FLOP ideal does not show (torch's
+FlopCounterMode counts no FLOPs for the captured `scaled_dot_product_attention`: the counts scale exactly with
+seq), so measured / ideal falls there. See bench/common.py for the method.
 
     python bench/slice_hidden.py                   # hidden 1024, FFN 2816, 16 layers, seq 512 and 2048
 """

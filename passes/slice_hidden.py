@@ -129,6 +129,8 @@ class SliceHidden(Pass):
         decisions = {
             "importance": self.options.importance,
             "approximate": k < group.width,
+            "exactness": "norms normalise over the kept channels: equals the model rebuilt with hidden_size = "
+            "width_after and these weights sliced, not the original model; the quality gate judges",
             "width_before": group.width,
             "width_after": k,
             "kept_indices": kept.tolist(),
