@@ -209,6 +209,29 @@ def test_a_dead_channel_is_removed_first(importance):
     assert record.decisions["kept_indices"] == [i for i in range(64) if i != 21]
 
 
+def test_activation_importance_is_the_mean_magnitude_at_the_normalised_inputs():
+    """Minitron's score, computed here with forward hooks on the Hugging Face norms (the inputs of q/k/v, gate/up
+    and the LM head): the sum over those norms of E[|x_c|] over valid tokens."""
+    model = make_model("tiny-qwen2")
+    inputs = make_inputs(model, 4, 12, seed=4, pad_left=3)
+    valid = inputs["attention_mask"].bool()
+    score = torch.zeros(64, dtype=torch.float64)
+
+    def hook(module, args, out):
+        score.add_(out[valid].abs().double().mean(0))
+
+    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    handles = [m.register_forward_hook(hook) for m in [*norms, model.model.norm]]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    program = sparsec.capture(model, make_inputs(model, 2, 8))
+    calibration = CalibrationSet(inputs, source="test", batch_size=4)
+    record = testing.apply_pass(program, "slice_hidden", keep=24, round_to=1, calibration=calibration)
+    assert record.decisions["kept_indices"] == score.topk(24).indices.sort().values.tolist()
+
+
 def test_composes_with_drop_layers_and_slice_neurons_then_ffn_to_moe():
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
@@ -236,7 +259,8 @@ def test_composes_with_drop_layers_and_slice_neurons_then_ffn_to_moe():
     (moe,) = PassManager([get_pass("ffn_to_moe")(experts=4, top_k=2, router="random", importance="magnitude")]).run(
         program, PassContext(progress=False)
     )
-    assert moe.modified
+    for d in moe.decisions["ffns"]:  # the experts read the narrowed stream
+        assert program.state_shape(f"{d['path']}.moe.router_weight") == (4, 48)
     nodes = [n.name for n in program.graph.nodes]
     with pytest.raises(PassError, match="run slice_hidden before ffn_to_moe"):
         testing.apply_pass(program, "slice_hidden", keep_ratio=0.5, importance="magnitude")
