@@ -137,6 +137,46 @@ def slice_by_hand(model, decisions, roles=None):
     return reference
 
 
+def slice_hidden_by_hand(model, kept, writers):
+    """The reference for `slice_hidden`: a copy of `model` with every module of the hidden width sliced to the
+    channels `kept`, found from module types and names, not from the graph.
+
+    Embeddings of the hidden width keep columns `kept`; LayerNorms and RMSNorms (a module whose own `weight` is
+    [hidden]) keep those entries; Linear modules whose path ends with one of `writers` (`("o_proj", "down_proj")`, or
+    `("output.dense",)` for BERT, whose pooler is also a `dense`: they write the residual stream) keep rows `kept` and those bias entries; any other Linear with `in_features` ==
+    hidden keeps columns `kept` (GPT-2's Conv1D, weight [in, out], the transposed dimensions). The config is left alone, so a constant derived from `hidden_size` (Gemma's
+    sqrt(hidden) embedding normalizer) keeps its original value, as the pass keeps it.
+    """
+    reference = copy.deepcopy(model)
+    kept = torch.as_tensor(kept)
+    width = reference.get_input_embeddings().embedding_dim
+    for path, module in list(reference.named_modules()):
+        parent, _, leaf = path.rpartition(".")
+        owner = reference.get_submodule(parent)
+        if isinstance(module, torch.nn.Embedding) and module.embedding_dim == width:
+            module.weight = torch.nn.Parameter(module.weight.detach()[:, kept].clone())
+            module.embedding_dim = len(kept)
+        elif type(module).__name__ == "Conv1D":  # GPT-2: weight [in, out], y = x @ W + b
+            weight = module.weight.detach()
+            if any(f".{path}".endswith(f".{w}") for w in writers):
+                module.weight = torch.nn.Parameter(weight[:, kept].clone())
+                module.bias = torch.nn.Parameter(module.bias.detach()[kept].clone())
+                module.nf = len(kept)
+            elif weight.shape[0] == width:
+                module.weight = torch.nn.Parameter(weight[kept].clone())
+        elif isinstance(module, torch.nn.Linear) and any(f".{path}".endswith(f".{w}") for w in writers):
+            setattr(owner, leaf, sparsec.testing.linear_rows(module, kept))
+        elif isinstance(module, torch.nn.Linear) and module.in_features == width:
+            setattr(owner, leaf, sparsec.testing.linear_columns(module, kept))
+        elif isinstance(getattr(module, "weight", None), torch.nn.Parameter) and module.weight.shape == (width,):
+            module.weight = torch.nn.Parameter(module.weight.detach()[kept].clone())
+            if isinstance(getattr(module, "bias", None), torch.nn.Parameter):
+                module.bias = torch.nn.Parameter(module.bias.detach()[kept].clone())
+            if isinstance(module, torch.nn.LayerNorm):
+                module.normalized_shape = (len(kept),)
+    return reference
+
+
 def random_moe_weights(experts=4, width=8, hidden=16, gated=True, seed=0):
     """Random `sparsec::moe` weights (router, fc1, fc3, fc2 with biases), seeded."""
     gen = torch.Generator().manual_seed(seed)
