@@ -170,9 +170,14 @@ def compare_outputs(
                 continue
             if name not in cand:
                 raise ValueError(f"candidate lacks output {name!r}")
-            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(
-                r, torch.as_tensor(cand[name]), mask
-            )
+            c = torch.as_tensor(cand[name])
+            if r.shape != c.shape:
+                raise SparsecError(
+                    f"output {name!r} changed shape from {tuple(r.shape)} to {tuple(c.shape)}, so its quality cannot "
+                    "be compared with the original model's (slice_hidden narrows an encoder's hidden-state output); "
+                    "compare a downstream output instead, or compress something that keeps the model's outputs"
+                )
+            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, c, mask)
     return {name: c.result() for name, c in comps.items()}
 
 

@@ -12,7 +12,7 @@ import sparsec
 from sparsec import testing
 from sparsec.analysis.hidden import hidden_channel_group
 from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import PassError, RecipeError
+from sparsec.errors import PassError, RecipeError, SparsecError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.models import build_model, builtin_config
 from sparsec.recipe import Recipe
@@ -313,3 +313,20 @@ def test_bad_requests_are_clear_errors_before_any_change():
     ]:
         with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             Recipe.from_dict({"passes": [{"slice_hidden": options}]})
+
+
+def test_a_narrowed_output_cannot_be_gated_and_says_so():
+    """BERT's last hidden state narrows with the stream: measuring its quality against the original's is
+    impossible, so the compile stops with a clear error (exit 2) instead of comparing tensors of two shapes, and
+    the program is left as it was."""
+    build, _ = FAMILIES["bert (the last hidden state narrows)"]
+    model = build()
+    program = sparsec.capture(model, _inputs(model, 2, 8))
+    before = program.graph_module.code
+    calibration = CalibrationSet(_inputs(model, 2, 8, seed=3), source="test", batch_size=2)
+    passes = [get_pass("slice_hidden")(keep=KEEP, importance="magnitude")]
+    with pytest.raises(
+        SparsecError, match=r"output 'last_hidden_state' changed shape from \(2, 8, 64\) to \(2, 8, 40\)"
+    ):
+        PassManager(passes).run(program, PassContext(calibration=calibration, progress=False))
+    assert program.graph_module.code == before
