@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from sparsec.analysis.experts import expert_misses, find_experts
 from sparsec.analysis.regions import Region, module_path, region_index
@@ -27,12 +27,22 @@ from sparsec.ir.program import Program
 from sparsec.ir.tags import COMPONENTS
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the one SDPA runs on the CPU: without this the attention
+# core's two matmuls (q k^T, probs v) would count nothing, and the FLOP ideal of head pruning would be wrong.
+_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def flops_by_path(program: Program, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """FLOPs of one forward pass at the shape of `inputs`, by innermost module path ('' for top level).
+    """FLOPs of one forward pass at the shape of `inputs`, by innermost module path ('' for top level), attention
+    cores included on every device.
 
     A lazily backed program runs on fake tensors (see the module docstring)."""
     out: dict[str, int] = defaultdict(int)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     last = [0]
 
     def observe(node, _value) -> None:

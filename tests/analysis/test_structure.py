@@ -225,3 +225,20 @@ def test_activation_spelled_out_is_recognised_by_what_it_computes_and_others_are
     (ffn,) = find_ffns(_capture(_Activation(lambda x: x * torch.sigmoid(1.5 * x))))  # not SiLU
     with pytest.raises(PassError, match=r"the ops between its projections \(\['aten.mul.Tensor', 'aten.sigmoid"):
         ffn_activation(ffn)
+
+
+def test_flops_count_the_attention_core_on_the_cpu(captured):
+    """The two matmuls of SDPA's CPU kernel (q k^T and probs v: 4 * B * H * S^2 * head_dim) are counted in each
+    attention's region, so the FLOP ideal of a head or sequence change sees them."""
+    from conftest import make_inputs
+
+    from sparsec.analysis.inspection import flops_by_path
+
+    model, program = captured("tiny-qwen2")
+    config = model.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    linears = 2 * 37 * config.hidden_size * (2 * config.hidden_size + 2 * head_dim * config.num_key_value_heads)
+    flops = flops_by_path(program, make_inputs(model, 1, 37))
+    assert flops["model.layers.0.self_attn"] == 4 * heads * 37 * 37 * head_dim
+    projections = sum(v for k, v in flops.items() if k.startswith("model.layers.0.self_attn."))
+    assert projections == linears
