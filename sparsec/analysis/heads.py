@@ -100,7 +100,8 @@ class Attention:
         projections: the linears producing q/k/v (rows coupled); `output`: the output projection (columns).
         params: the coupled state tensors, the output projection's weight last.
         literals: (node, axis, layout) of every shape argument carrying heads, rewritten by `apply_heads`.
-        segments: (slice node, source axis layout) of every slice taking a segment of a fused projection.
+        segments: (slice or split node, source axis layout) of every slice or split taking segments of a fused
+            projection.
         approximate: why the rewrite is not exact (a reduction over a head axis), empty when it is.
     """
 
@@ -252,6 +253,7 @@ class _Propagation:
         self.params: dict[str, HeadParam] = {}
         self.approximate: list[str] = []
         self.sinks: set[Node] = set()  # reductions over a head axis: their result carries no heads
+        self.splits: set[Node] = set()  # splits of a fused projection into its q, k, v segments
         self.work: list[Node] = []
         self.fixed = set(core)
         for node, layout in initial.items():
@@ -308,6 +310,13 @@ class _Propagation:
         shape = _shape(src) if src is not None else None
         out = _shape(node)
         if target is operator.getitem:
+            if src.op == "call_function" and src.target in SPLITS:
+                d = _dim(src, 2, 0, len(layout))
+                if layout[d] is not None:  # one part of a fused projection split along its heads
+                    self.splits.add(src)
+                    sizes = [int(_expr(v.shape[d])) for v in src.meta["val"]]
+                    start = sum(sizes[: args[1]])
+                    return self._segment(node, src.args[0], layout, d, start, sizes[args[1]])
             return [(src, layout)]
         if target in VIEWS:
             return [(src, _regroup(node, layout, out, shape))]
@@ -345,20 +354,11 @@ class _Propagation:
                 return [(src, layout)]
             if not isinstance(start, int) or not isinstance(end, int) or (len(args) > 4 and args[4] != 1):
                 raise _Stop(node, "a strided or symbolic slice of a head axis")
-            segmented = self.layouts.get(src, (None,) * len(layout))[d]
-            if not isinstance(segmented, Segmented):
-                segmented = Segmented()
-            if isinstance(layout[d], Segmented):
-                raise _Stop(node, "a slice of a slice of a head axis")
-            segmented.parts[start] = (int(out[d]), layout[d])
-            whole = tuple(segmented if i == d else a for i, a in enumerate(layout))
-            if src in self.layouts:  # another segment of a value already reached: extended in place
-                return []
-            return [(src, whole)]
+            return self._segment(node, src, layout, d, start, int(out[d]))
         if target in SPLITS:
             d = _dim(node, 2, 0, len(layout))
             if layout[d] is not None:
-                raise _Stop(node, "a split of a head axis (fused projections are read through slices)")
+                raise _Stop(node, "a split of a head axis not read through its parts")
             return [(src, layout)]
         if target is aten.cat.default:
             d = _dim(node, 1, 0, len(layout))
@@ -391,6 +391,19 @@ class _Propagation:
                 result.append((arg, aligned))
             return result
         raise _Stop(node, f"{_describe(node)} is not an op the head layout passes through")
+
+    def _segment(self, node: Node, src: Node, layout: Layout, d: int, start: int, size: int) -> list:
+        """`node` is rows [start, start + size) of axis `d` of `src` (a fused projection's output)."""
+        if isinstance(layout[d], Segmented):
+            raise _Stop(node, "a segment of a segment of a head axis")
+        known = self.layouts.get(src)
+        if known is not None and not isinstance(known[d], Segmented):
+            raise _Stop(node, f"{src.name} is read whole and in segments")
+        segmented = known[d] if known is not None else Segmented()
+        segmented.parts[start] = (size, layout[d])
+        if known is not None:  # another segment of a value already reached: extended in place
+            return []
+        return [(src, tuple(segmented if i == d else a for i, a in enumerate(layout)))]
 
     def _may_carry(self, arg: Node) -> bool:
         """Whether a per-head operand may join the attention: a state tensor, or a value computed from ones that
@@ -439,8 +452,11 @@ class _Propagation:
         src = _shape(node)
         if target is operator.getitem:
             return layout
-        if isinstance(layout[-1] if layout else None, Segmented) and target is not aten.slice.Tensor:
-            raise _Stop(user, "the segments of a fused projection are read other than through slices")
+        if isinstance(layout[-1] if layout else None, Segmented):
+            if target in SPLITS:
+                return None  # its parts reach it from q, k and v (checked when closing)
+            if target is not aten.slice.Tensor:
+                raise _Stop(user, "the segments of a fused projection are read other than through slices")
         if target in VIEWS or target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             return _regroup(user, layout, src, out)
         if target is aten.transpose.int:
@@ -518,6 +534,7 @@ class _Propagation:
                     or user in self.core
                     or user in self.outputs
                     or user in self.sinks
+                    or user in self.splits
                     or user.target in _IGNORED_READERS
                     or user.target is aten.sym_size.int
                 )
@@ -570,29 +587,29 @@ def _cores(program) -> list[_Core | NoMatch]:
             cores.append(_Core((node,), q, k, v, node, None, bool(node.kwargs.get("enable_gqa", False))))
         elif node.target in SOFTMAX:
             scores = node.args[0]
-            while scores.op == "call_function" and _is_pointwise(scores) and scores.target not in SOFTMAX:
+            while scores.op == "call_function" and (_is_pointwise(scores) or scores.target in VIEWS):
                 scores = next(a for a in scores.args if isinstance(a, Node))
-            if scores.target not in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default):
+            if scores.target in (aten.bmm.default, aten.baddbmm.default):
+                cores.append(
+                    NoMatch(
+                        "head-prunable attention",
+                        module_path(node),
+                        f"an eager attention in 3D {_describe(scores)}, batch and heads flattened into one axis"
+                        + (" (with a per-head bias added: ALiBi)" if scores.target is aten.baddbmm.default else ""),
+                        scores.name,
+                    )
+                )
+                continue
+            if scores.target is not aten.matmul.default or _shape(scores) is None or len(_shape(scores)) != 4:
                 continue
             users = [u for u in node.users if u.target not in _IGNORED_READERS]
             probs = node
             while len(users) == 1 and users[0].target in IDENTITY:
                 probs = users[0]
                 users = [u for u in probs.users if u.target not in _IGNORED_READERS]
-            if len(users) != 1 or users[0].target not in (aten.matmul.default, aten.bmm.default):
+            if len(users) != 1 or users[0].target is not aten.matmul.default or users[0].args[0] is not probs:
                 continue
             out = users[0]
-            path = module_path(out)
-            if scores.target is not aten.matmul.default or out.args[0] is not probs or _shape(scores) is None:
-                cores.append(
-                    NoMatch("head-prunable attention", path, "an eager attention not in 4D matmuls (batch*heads flat)")
-                )
-                continue
-            if len(_shape(scores)) != 4:
-                cores.append(
-                    NoMatch("head-prunable attention", path, "an eager attention not in 4D matmuls", scores.name)
-                )
-                continue
             cores.append(_Core((scores, out), scores.args[0], scores.args[1], out.args[1], out, scores, False))
     return cores
 
@@ -666,6 +683,8 @@ def match_attention(program, core: _Core) -> Attention | NoMatch:
         for user in node.users:
             if user.target is aten.slice.Tensor and isinstance(layout[_dim(user, 1, 0, len(layout))], Segmented):
                 segments.append((user, layout[_dim(user, 1, 0, len(layout))]))
+            elif user in prop.splits:
+                segments.append((user, layout[_dim(user, 2, 0, len(layout))]))
     return Attention(
         path=_common_path([*prop.projections, output]),
         num_heads=hq,
@@ -734,9 +753,11 @@ def apply_heads(program, attention: Attention, keep: torch.Tensor) -> None:
         shape[i] = _new_size(axis, kept_g, kept_r)
         node.args = (node.args[0], shape, *node.args[2:])
     for node, segmented in attention.segments:
-        starts, offset = {}, 0
-        for start, (_, factors) in sorted(segmented.parts.items()):
-            starts[start] = (offset, offset + _new_size(factors, kept_g, kept_r))
-            offset += _new_size(factors, kept_g, kept_r)
-        begin, end = starts[node.args[2]]
-        node.args = (node.args[0], node.args[1], begin, end, *node.args[4:])
+        sizes = [_new_size(factors, kept_g, kept_r) for _, (_, factors) in sorted(segmented.parts.items())]
+        if node.target is aten.slice.Tensor:
+            starts = sorted(segmented.parts)
+            i = starts.index(node.args[2])
+            node.args = (node.args[0], node.args[1], sum(sizes[:i]), sum(sizes[: i + 1]), *node.args[4:])
+        else:  # a split or chunk of the fused projection: into the new segment sizes
+            node.target = aten.split_with_sizes.default
+            node.args = (node.args[0], sizes, _dim(node, 2, 0, 0))

@@ -39,6 +39,7 @@ FAMILIES = {
     "phi3 (fused qkv)": (T.Phi3ForCausalLM, T.Phi3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)),
     "starcoder2 (biases)": (T.Starcoder2ForCausalLM, T.Starcoder2Config, {}),
     "gpt_neox (MHA, fused qkv heads outer)": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig, dict(num_key_value_heads=None)),
+    "gpt2 (Conv1D c_attn split in three)": (T.GPT2LMHeadModel, T.GPT2Config, dict(num_key_value_heads=None)),
 }
 
 
@@ -62,6 +63,12 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
     for layer, decision in zip(layers, decisions):
         q, kv = decision["kept_heads"], decision["kept_kv_heads"]
         h_before, g_before = decision["heads_before"], decision["kv_heads_before"]
+        if f"{layer}.attn.c_attn.weight" in state:  # GPT-2's Conv1D, [in, out]: columns [q | k | v]
+            w = f"{layer}.attn.c_attn"
+            cols = torch.cat([_rows(q, part * h_before * D) for part in range(3)])
+            state[f"{w}.weight"], state[f"{w}.bias"] = state[f"{w}.weight"][:, cols], state[f"{w}.bias"][cols]
+            state[f"{layer}.attn.c_proj.weight"] = state[f"{layer}.attn.c_proj.weight"][_rows(q)]
+            continue
         if "query_key_value" in " ".join(state):  # GPT-NeoX: [H, 3 * d] rows, heads outer
             w = f"{layer}.attention.query_key_value"
             rows = torch.cat([torch.arange(h * 3 * D, (h + 1) * 3 * D) for h in q])
@@ -85,6 +92,13 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
             attn = reference.get_submodule(f"{layer}.attention")
             attn.query_key_value = torch.nn.Linear(48, 3 * D * len(q))
             attn.dense = torch.nn.Linear(D * len(q), 48)
+    elif isinstance(model, T.GPT2LMHeadModel):  # the same (its head_dim is n_embd / n_head), and its split size
+        reference = copy.deepcopy(model)
+        for layer in layers:
+            attn = reference.get_submodule(f"{layer}.attn")
+            attn.c_attn = transformers_conv1d(3 * D * len(q), 48)
+            attn.c_proj = transformers_conv1d(48, D * len(q))
+            attn.split_size, attn.num_heads = D * len(q), len(q)
     else:
         config = copy.deepcopy(model.config)
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = len(q), len(kv), D
@@ -107,8 +121,15 @@ def captured():
     return get
 
 
+def transformers_conv1d(out_features: int, in_features: int):
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(out_features, in_features)
+
+
 def _layers(model) -> list[str]:
-    stack = "gpt_neox.layers" if isinstance(model, T.GPTNeoXForCausalLM) else "model.layers"
+    stacks = {T.GPTNeoXForCausalLM: "gpt_neox.layers", T.GPT2LMHeadModel: "transformer.h"}
+    stack = stacks.get(type(model), "model.layers")
     return [f"{stack}.{i}" for i in range(model.config.num_hidden_layers)]
 
 
@@ -144,6 +165,10 @@ def test_prune_equals_the_model_rebuilt_with_fewer_heads(captured, name):
         assert program.num_parameters() == sum(p.numel() for p in reference.parameters())
     expected = (decisions[0]["heads_after"], decisions[0]["kv_heads_after"])
     assert set(head_counts(program).values()) == {expected}  # the literal head counts were rewritten
+
+
+def program_has_gqa(model) -> bool:
+    return (getattr(model.config, "num_key_value_heads", None) or 6) < 6
 
 
 def _prune(program, **options):
@@ -199,19 +224,23 @@ def test_global_scope_keeps_different_counts_per_layer(captured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2", "phi3 (fused qkv)", "gpt_neox (MHA, fused qkv heads outer)"])
+@pytest.mark.parametrize(
+    "name",
+    ["qwen2", "phi3 (fused qkv)", "gpt_neox (MHA, fused qkv heads outer)", "gpt2 (Conv1D c_attn split in three)"],
+)
 def test_onnx_at_another_shape_with_a_smaller_kv_cache(captured, tmp_path, name):
     model, program = captured(name)
-    record = _prune(program, keep=3 if "neox" in name else 1, importance="magnitude")
+    record = _prune(program, keep=1 if program_has_gqa(model) else 3, importance="magnitude")
     reference = _rebuild(model, record.decisions["attentions"], _layers(model))
     export_onnx(program, tmp_path / "m.onnx")
     inputs = make_inputs(model, 2, 13, seed=9, pad_left=5)
     testing.assert_onnx_equivalent(tmp_path / "m.onnx", reference, inputs, output="logits")
-    kv = ("k_proj.weight", "v_proj.weight", "qkv_proj.weight", "query_key_value.weight")
+    kv = ("k_proj.weight", "v_proj.weight", "qkv_proj.weight", "query_key_value.weight", "c_attn.weight")
     original = model.state_dict()
     for key, tensor in reference.state_dict().items():
         if key.endswith(kv):  # the k/v rows (the KV cache width) shrank with the KV groups
-            assert program.state_shape(key)[0] == tensor.shape[0] < original[key].shape[0]
+            out = -1 if key.endswith("c_attn.weight") else 0  # Conv1D: [in, out]
+            assert program.state_shape(key)[out] == tensor.shape[out] < original[key].shape[out]
 
 
 def test_composes_with_drop_layers_slice_neurons_and_ffn_to_moe(captured):
@@ -233,3 +262,13 @@ def test_composes_with_drop_layers_slice_neurons_and_ffn_to_moe(captured):
     testing.assert_equivalent(dense, reference, _inputs(model), rtol=1e-5, atol=1e-5)
     assert list(head_counts(moe).values()) == [(4, 2)]
     assert any(n.target is torch.ops.sparsec.moe.default for n in moe.graph.nodes if n.op == "call_function")
+
+
+def test_an_attention_it_cannot_follow_is_refused_saying_why():
+    torch.manual_seed(0)
+    bloom = T.BloomForCausalLM(T.BloomConfig(vocab_size=256, hidden_size=48, n_layer=1, n_head=6)).eval()
+    program = sparsec.capture(bloom, make_inputs(bloom, 2, 16))
+    with pytest.raises(
+        PassError, match=r"attentions found: none\. .*transformer\.h\.0\.self_attention: .*baddbmm.*ALiBi"
+    ):
+        _prune(program, keep=3, importance="magnitude")
