@@ -189,9 +189,9 @@ def _regroup(node: Node, layout: Layout, src: list, dst: list) -> Layout:
                 atoms.pop(0)
                 taken.append((kind, s))
                 rest = ratio
-            elif kind == "o" and s.is_Integer and rest.is_Integer and int(s) % int(rest) == 0:
+            elif kind == "o" and sympy.simplify(s / rest).is_integer:  # an opaque factor split in two
                 taken.append(("o", rest))
-                atoms[0] = ["o", s / rest]
+                atoms[0] = ["o", sympy.simplify(s / rest)]
                 rest = sympy.Integer(1)
             else:
                 what = "a head factor" if kind in HEAD_KINDS else "a factor"
@@ -360,6 +360,10 @@ class _Propagation:
             if layout[d] is not None:
                 raise _Stop(node, "a split of a head axis not read through its parts")
             return [(src, layout)]
+        if target is aten.index_select.default:
+            if layout[args[1] % len(layout)] is not None:
+                raise _Stop(node, "an index_select along a head axis")
+            return [(src, layout)]
         if target is aten.cat.default:
             d = _dim(node, 1, 0, len(layout))
             if layout[d] is not None:
@@ -492,7 +496,7 @@ class _Propagation:
             if axis is not None and out[d] != src[d]:
                 raise _Stop(user, "a slice of part of a head axis")
             return layout
-        if target in SPLITS or target is aten.cat.default or target in SOFTMAX:
+        if target in SPLITS or target is aten.cat.default or target in SOFTMAX or target is aten.index_select.default:
             return self._pass_same(node, user, layout)
         if target in REDUCTIONS:
             dims = {d % len(src) for d in args[1]}
@@ -509,7 +513,7 @@ class _Propagation:
         raise _Stop(user, f"{_describe(user)} reads {node.name}, which carries heads, and is not an op it passes")
 
     def _pass_same(self, node: Node, user: Node, layout: Layout) -> Layout:
-        """Splits, concatenations and softmaxes along a head-free axis keep the layout."""
+        """Splits, concatenations, softmaxes and index_selects along a head-free axis keep the layout."""
         d = _dim(user, 2 if user.target in SPLITS else 1, 0, len(layout))
         if layout[d] is not None:
             raise _Stop(user, f"{_describe(user)} along a head axis")

@@ -13,7 +13,7 @@ from conftest import make_inputs, slice_by_hand
 
 import sparsec
 from sparsec import testing
-from sparsec.analysis.heads import head_counts
+from sparsec.analysis.heads import find_attentions, head_counts
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError
 from sparsec.exporters.lowering.onnx import export_onnx
@@ -272,3 +272,24 @@ def test_an_attention_it_cannot_follow_is_refused_saying_why():
         PassError, match=r"attentions found: none\. .*transformer\.h\.0\.self_attention: .*baddbmm.*ALiBi"
     ):
         _prune(program, keep=3, importance="magnitude")
+
+
+@pytest.mark.slow
+def test_removing_heads_that_write_nothing_leaves_janus_unchanged():
+    """On Janus (a SigLIP-style vision tower with multi-head attention, a GQA language model): every attention's
+    first half of KV groups gets zero output-projection columns, so removing them, which magnitude importance must
+    choose, changes nothing."""
+    from conftest import make_model
+
+    model = make_model("tiny-janus")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    attentions = find_attentions(program)
+    assert {a.path.split(".")[1] for a in attentions} == {"vision_model", "language_model"}
+    with torch.no_grad():
+        for a in attentions:  # the query heads of the first half of the groups, in the model and the program
+            model.get_parameter(a.output_weight.name)[:, : a.num_heads // 2 * a.head_dim] = 0
+            program.state_tensor(a.output_weight.name)[:, : a.num_heads // 2 * a.head_dim] = 0
+    record = _prune(program, keep_ratio=0.5, importance="magnitude")
+    for d in record.decisions["attentions"]:
+        assert d["kept_kv_heads"] == list(range(d["kv_heads_before"] // 2, d["kv_heads_before"]))
+    testing.assert_equivalent(program, model, make_inputs(model, 3, 11, seed=7, pad_left=4), rtol=1e-5, atol=1e-5)
