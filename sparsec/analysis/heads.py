@@ -558,15 +558,15 @@ def _follow(node: Node, steps: int = 8):
 def _repeat(k: Node) -> int:
     """R of a `repeat_kv` (unsqueeze, expand of the new axis to R, reshape) on the way back from k, else 1."""
     for node in _follow(k):
-        if node.op == "call_function" and node.target is aten.expand.default:
+        if node.op != "call_function":
+            return 1
+        if node.target is aten.expand.default:
             src, out = _shape(node.args[0]), _shape(node)
-            pad = len(out) - len(src)
-            for s, o in zip(src, out[pad:]):
+            for s, o in zip(src, out[len(out) - len(src) :]):
                 if s == 1 and o != 1 and o.is_Integer:
                     return int(o)
-        if node.op == "call_function" and node.target not in VIEWS | IDENTITY | {aten.transpose.int}:
-            if node.target is not aten.expand.default:
-                return 1
+        elif node.target not in VIEWS | IDENTITY | {aten.transpose.int}:
+            return 1
     return 1
 
 
