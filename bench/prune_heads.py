@@ -4,7 +4,10 @@ The Qwen2-style model of bench/common.py (hidden 1024: 16 query heads in 4 KV gr
 random weights (speed does not depend on them; the importance is `magnitude`, so no calibration data is needed).
 Each variant's row also gives its KV-cache bytes per token: the sum over layers of 2 * kv_heads * head_dim *
 4 bytes (the FP32 export). Attention's share of the FLOPs grows with the sequence, so run it at 512 and 2048.
-See bench/common.py for the method.
+See bench/common.py for the method. The FLOP count there (torch's FlopCounterMode on the program) does not see the
+attention core's two matmuls (SDPA's CPU kernel): the dense GFLOPs are exactly 4x at 4x the sequence. So the
+table after it adds them, 4 * seq^2 * heads * head_dim per layer (q k^T and probs v, batch 1), to give the ideal
+speedup with attention counted.
 
     python bench/prune_heads.py --seq 512
     python bench/prune_heads.py --seq 2048 --reps 5
@@ -16,7 +19,7 @@ from pathlib import Path
 from sparsec.analysis.heads import find_attentions
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare_variants, parser, qwen2_model  # noqa: E402
+from common import compare_variants, markdown_table, parser, qwen2_model  # noqa: E402
 
 from sparsec.transform.pass_manager import get_pass  # noqa: E402
 
@@ -28,9 +31,9 @@ def kv_cache_bytes_per_token(program) -> int:
     return sum(2 * a.num_kv_heads * a.head_dim * FP32 for a in find_attentions(program))
 
 
-def describe(program) -> str:
-    (a, *_) = find_attentions(program)
-    return f"{a.num_heads} heads / {a.num_kv_heads} KV, KV cache {kv_cache_bytes_per_token(program)} B/token"
+def attention_core_flops(program, seq: int) -> int:
+    """FLOPs of q k^T and probs v at batch 1 over every attention (the FLOP counter's blind spot)."""
+    return sum(4 * seq * seq * a.num_heads * a.head_dim for a in find_attentions(program))
 
 
 def run(args) -> dict:
@@ -43,7 +46,36 @@ def run(args) -> dict:
     }
     # at least 2 KV groups of 2 (the suite's --quick hidden 128 would give one group of 2)
     model = qwen2_model(args, heads=max(4, args.hidden // 64), kv_heads=max(2, args.hidden // 256))
-    return compare_variants(model, variants, args, describe=describe)
+    extra: list[dict] = []  # per variant, in order: filled by `describe`, which sees each compiled program
+
+    def describe(program) -> str:
+        (a, *_) = find_attentions(program)
+        kv = kv_cache_bytes_per_token(program)
+        extra.append({"kv_cache_bytes_per_token": kv, "attention_core_flops": attention_core_flops(program, args.seq)})
+        return f"{a.num_heads} heads / {a.num_kv_heads} KV, KV cache {kv} B/token"
+
+    results = compare_variants(model, variants, args, describe=describe)
+    dense = next(iter(results))
+    dense_total = results[dense]["flops"] + extra[0]["attention_core_flops"]
+    rows = []
+    for (name, result), more in zip(results.items(), extra):
+        result.update(more)
+        result["ideal_speedup_with_attention"] = dense_total / (result["flops"] + more["attention_core_flops"])
+        result["fraction_of_ideal_with_attention"] = result["measured_speedup"] / result["ideal_speedup_with_attention"]
+        rows.append(
+            [
+                name,
+                f"{more['attention_core_flops'] / 1e9:.1f}",
+                f"{result['ideal_speedup_with_attention']:.3f}x",
+                f"{result['measured_speedup']:.3f}x",
+                f"{result['fraction_of_ideal_with_attention']:.2f}",
+            ]
+        )
+    print(f"\nWith the attention core's matmuls counted (seq {args.seq}):")
+    print(
+        markdown_table(["variant", "attention GFLOPs", "ideal speedup", "measured speedup", "measured / ideal"], rows)
+    )
+    return results
 
 
 def main() -> None:

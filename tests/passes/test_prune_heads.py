@@ -38,6 +38,7 @@ FAMILIES = {
     "gemma2 (eager, softcap)": (T.Gemma2ForCausalLM, T.Gemma2Config, dict(sliding_window=8)),
     "phi3 (fused qkv)": (T.Phi3ForCausalLM, T.Phi3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)),
     "starcoder2 (biases)": (T.Starcoder2ForCausalLM, T.Starcoder2Config, {}),
+    "olmo2 (q/k norm over all heads: approximate)": (T.Olmo2ForCausalLM, T.Olmo2Config, {}),
     "gpt_neox (MHA, fused qkv heads outer)": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig, dict(num_key_value_heads=None)),
     "gpt2 (Conv1D c_attn split in three)": (T.GPT2LMHeadModel, T.GPT2Config, dict(num_key_value_heads=None)),
 }
@@ -86,6 +87,9 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
                     if f"{a}.{proj}.{p}" in state:
                         state[f"{a}.{proj}.{p}"] = state[f"{a}.{proj}.{p}"][_rows(heads)]
         state[f"{a}.o_proj.weight"] = state[f"{a}.o_proj.weight"][:, _rows(q)]
+        for norm, heads, before in (("q_norm", q, h_before), ("k_norm", kv, g_before)):
+            if state.get(f"{a}.{norm}.weight", torch.empty(0)).numel() == before * D:  # OLMo2: over all heads
+                state[f"{a}.{norm}.weight"] = state[f"{a}.{norm}.weight"][_rows(heads)]
     if isinstance(model, T.GPTNeoXForCausalLM):  # its head size is hidden / heads: the modules are sliced instead
         reference = copy.deepcopy(model)
         for layer in layers:
@@ -160,6 +164,7 @@ def test_prune_equals_the_model_rebuilt_with_fewer_heads(captured, name):
             else:
                 assert d["kv_heads_after"] == keep and d["heads_after"] == keep * group
         _check_same_in_every_layer(decisions)
+        assert all(("approximate" in d) == ("olmo2" in name) for d in decisions)
         reference = _rebuild(reference, decisions, layers)
         testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
         assert program.num_parameters() == sum(p.numel() for p in reference.parameters())
