@@ -17,6 +17,10 @@ Importance (`importance`), per query head h:
 A KV group's score is the sum of its query heads'. `scope: global` ranks units of every matched attention under
 one threshold (`keep_ratio` only), so attentions keep different numbers of heads (each at least one unit).
 
+`kept: {attention path: [[query heads kept in group 0], [... in group 1], ...]}` (`[]`: the group goes) pins
+exactly which heads named attentions keep; compiling several entry points uses it (`replay`) to prune shared
+attentions the same way in every program.
+
 Exact: the result equals the model rebuilt with fewer heads (`num_attention_heads`, `num_key_value_heads`, the
 same `head_dim`) and sliced weights. A norm over all H*d channels of q or k (OLMo2) then normalises over the kept
 heads only: the decision record marks that attention `approximate`, and the quality gate judges.
@@ -85,8 +89,8 @@ class PruneHeads(Pass):
             raise PassError(
                 f"prune_heads: keep_ratio {o.keep_ratio} leaves {attention.path} none of its {units} {what}; raise it"
                 + (
-                    " (unit: query on attention with one query head per KV head: use unit: kv_group)"
-                    if units == 1
+                    "; its KV heads serve one query head each: use unit: kv_group"
+                    if o.unit == "query" and units == 1
                     else ""
                 )
             )
