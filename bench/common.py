@@ -38,7 +38,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def qwen2_model(args: argparse.Namespace) -> torch.nn.Module:
+def qwen2_model(args: argparse.Namespace, heads: int | None = None, kv_heads: int | None = None) -> torch.nn.Module:
+    """The benchmark model: head_dim 64 (`heads` = hidden / 64) in groups of 4 (`kv_heads` = hidden / 256) unless
+    given."""
     import transformers
 
     return build_model(
@@ -47,8 +49,8 @@ def qwen2_model(args: argparse.Namespace) -> torch.nn.Module:
             hidden_size=args.hidden,
             intermediate_size=args.intermediate,
             num_hidden_layers=args.layers,
-            num_attention_heads=args.hidden // 64,
-            num_key_value_heads=max(1, args.hidden // 256),
+            num_attention_heads=heads or args.hidden // 64,
+            num_key_value_heads=kv_heads or max(1, args.hidden // 256),
             max_position_embeddings=max(4096, args.seq),
             tie_word_embeddings=False,
         )

@@ -1,13 +1,13 @@
-"""The benchmark suite: depth, width and MoE speed, and compile time, each side by side in one run.
+"""The benchmark suite: depth, width, head and MoE speed, and compile time, each side by side in one run.
 
 Runs bench/drop_layers.py (depth), bench/slice_neurons.py (width), bench/slice_hidden.py (hidden: the residual
-stream's width, at seq 512 and 2048), bench/ffn_to_moe.py (MoE: one FFN layer on
-several engines, and the whole model) and bench/compile_time.py (sparsec's capture + passes + export against a
+stream's width), bench/prune_heads.py (heads: KV groups and query heads), bench/ffn_to_moe.py (MoE: one FFN layer
+on several engines, and the whole model) and bench/compile_time.py (sparsec's capture + passes + export against a
 bare torch.onnx.export) in one process, each printing its own table as it finishes, then one summary table:
 every compressed variant's measured speedup against its ideal (FLOP ratio, or E/k for an MoE layer), and
 the compile time against the bare export's. Each benchmark's own docstring says how it measures.
 
-    python bench/run.py                                  # all four at the benchmark sizes (16 layers, hidden 1024)
+    python bench/run.py                                  # all five at the benchmark sizes (16 layers, hidden 1024)
     python bench/run.py --only depth,compile --reps 5 --compile-reps 5
     python bench/run.py --quick                          # tiny sizes, 2 reps: checks that the suite runs;
                                                          # its figures say nothing about speed
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compile_time  # noqa: E402
 import drop_layers  # noqa: E402
 import ffn_to_moe  # noqa: E402
+import prune_heads  # noqa: E402
 import slice_hidden  # noqa: E402
 import slice_neurons  # noqa: E402
 from common import markdown_table, parser  # noqa: E402
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, Callable] = {
     "depth": drop_layers.run,
     "width": slice_neurons.run,
     "hidden": slice_hidden.run,
+    "heads": prune_heads.run,
     "moe": ffn_to_moe.run,
     "compile": compile_time.run,
 }

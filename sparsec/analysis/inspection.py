@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from sparsec.analysis.experts import expert_misses, find_experts
+from sparsec.analysis.heads import attention_misses, find_attentions
 from sparsec.analysis.regions import Region, module_path, region_index
 from sparsec.analysis.structure import LINEAR, NoMatch, ffn_misses, match_ffn, match_residual_block
 from sparsec.ir.program import Program
@@ -194,7 +195,8 @@ def _block_misses(program: Program) -> list[NoMatch]:
 
 def explain(program: Program, path: str) -> list[str]:
     """What the structural matchers make of module `path`: whether it is an FFN (if not, why each linear under
-    it is no FFN's down projection) and whether it is a residual block (if not, which node broke which rule).
+    it is no FFN's down projection), which attentions under it have prunable heads (and why the others' do not)
+    and whether it is a residual block (if not, which node broke which rule).
     `SparsecError` (with close matches) for a path the program does not have.
 
     Example::
@@ -224,6 +226,12 @@ def explain(program: Program, path: str) -> list[str]:
     if not lines:
         lines.append(f"{path}: no FFN" + ("" if misses else ", and no linear outside an FFN under it"))
     lines += misses
+    lines += [
+        f"{a.path}: an attention, {a.num_heads} heads / {a.num_kv_heads} KV heads of {a.head_dim} (prune_heads)"
+        for a in find_attentions(program)
+        if a.path == path or a.path.startswith(path + ".")
+    ]
+    lines += [str(m) for m in attention_misses(program) if m.path == path or m.path.startswith(path + ".")]
     found = match_residual_block(region, ffns, [e.output for e in experts])
     if isinstance(found, NoMatch):
         lines.append(str(found))

@@ -290,10 +290,11 @@ def test_help(argv, capsys):
 def test_inspect_why_names_the_rule_a_module_breaks(capsys):
     assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0.self_attn"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "model.layers.0.self_attn: no FFN" and len(out) == 6
+    assert out[0] == "model.layers.0.self_attn: no FFN" and len(out) == 7
     assert out[4].startswith("model.layers.0.self_attn.o_proj: not an FFN: the input of ") and "reshape" in out[4]
-    assert out[5].startswith("model.layers.0.self_attn: not a residual block: its output linear_3 ")
+    assert out[5] == "model.layers.0.self_attn: an attention, 4 heads / 2 KV heads of 16 (prune_heads)"
+    assert out[6].startswith("model.layers.0.self_attn: not a residual block: its output linear_3 ")
     assert main(["inspect", "--model", "builtin:tiny-qwen2", "--why", "model.layers.0", "--json"]) == 0
     why = json.loads(capsys.readouterr().out)["why"]
-    assert why[0] == "model.layers.0: no FFN" and len(why) == 6
-    assert why[5] == "model.layers.0: a residual block, stream embedding -> add_9: attn (add_7), mlp (add_9)"
+    assert why[0] == "model.layers.0: no FFN" and len(why) == 7
+    assert why[6] == "model.layers.0: a residual block, stream embedding -> add_9: attn (add_7), mlp (add_9)"
