@@ -4,9 +4,8 @@ A Qwen2-style model of realistic proportions with random weights (speed does not
 is `magnitude`, so no calibration data is needed), widths rounded to multiples of 64. Slicing the stream narrows
 every projection's input or output and the LM head, but not attention itself (heads and head_dim stay, so the
 KV cache per token does not change). Each variant is measured at `--seq` and at 4x `--seq` (512 and 2048 by
-default): at the long sequence attention's share of the time grows, which the FLOP ideal does not show (torch's
-FlopCounterMode counts no FLOPs for the captured `scaled_dot_product_attention`: the counts scale exactly with
-seq), so measured / ideal falls there. See bench/common.py for the method.
+default; `compare_at_two_lengths`): at the long sequence attention's share of the time grows, and the FLOP ideal
+counts it (the attention core's matmuls included). See bench/common.py for the method.
 
     python bench/slice_hidden.py                   # hidden 1024, FFN 2816, 16 layers, seq 512 and 2048
 """
@@ -16,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare_variants, parser, qwen2_model  # noqa: E402
+from common import compare_at_two_lengths, parser, qwen2_model  # noqa: E402
 
 from sparsec.analysis.hidden import hidden_channel_group  # noqa: E402
 from sparsec.transform.pass_manager import get_pass  # noqa: E402
@@ -31,12 +30,7 @@ def run(args) -> dict:
         "hidden 50%": [slice_(keep_ratio=0.5, importance="magnitude", round_to=64)],
     }
     model = qwen2_model(argparse.Namespace(**{**vars(args), "seq": 4 * args.seq}))
-    results = {}
-    for seq in (args.seq, 4 * args.seq):
-        at = argparse.Namespace(**{**vars(args), "seq": seq, "json": None})
-        measured = compare_variants(model, variants, at, describe=lambda p: f"hidden {hidden_channel_group(p).width}")
-        results |= {f"{name} @ seq {seq}": r for name, r in measured.items()}
-    return results
+    return compare_at_two_lengths(model, variants, args, lambda p: f"hidden {hidden_channel_group(p).width}")
 
 
 def main() -> None:
