@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from sparsec.analysis.heads import Attention, apply_heads, attention_misses, find_attentions, head_counts
-from sparsec.analysis.importance import IMPORTANCES, Importance
+from sparsec.analysis.importance import IMPORTANCES, Importance, head_contribution_sums, output_weight
 from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import PassError
 from sparsec.ir.paths import glob_match
@@ -131,13 +131,13 @@ class PruneHeads(Pass):
         if kind == "random":
             gen = torch.Generator().manual_seed(self.options.seed)
             return [torch.rand(a.num_kv_heads, a.group_size, generator=gen) for a in attentions]
-        columns = [[a.output_columns(h) for h in range(a.num_heads)] for a in attentions]
-        weights = [program.state_tensor(a.output_weight.name).float() for a in attentions]  # [out, in]
-        weights = [w if a.output_weight.dim == 1 else w.t() for w, a in zip(weights, attentions)]
+        weights = [output_weight(program, a) for a in attentions]  # [out, in]
         if kind == "magnitude":
             return [
-                torch.tensor([float(w[:, c].norm()) for c in cols]).view(a.num_kv_heads, a.group_size)
-                for a, cols, w in zip(attentions, columns, weights)
+                torch.tensor([float(w[:, a.output_columns(h)].norm()) for h in range(a.num_heads)]).view(
+                    a.num_kv_heads, a.group_size
+                )
+                for a, w in zip(attentions, weights)
             ]
         nodes = {a.output: next(n for n in program.graph.nodes if n.name == a.output).args[0] for a in attentions}
         sums = [torch.zeros(a.num_heads, dtype=torch.double) for a in attentions]
@@ -145,10 +145,9 @@ class PruneHeads(Pass):
         for batch, values in ctx.statistics.observed(nodes.values(), "head importance"):
             mask = CalibrationSet.valid_mask(batch)
             for i, a in enumerate(attentions):
-                x = token_vectors(values[nodes[a.output]], mask).float()
-                for h, c in enumerate(columns[i]):
-                    sums[i][h] += (x[:, c] @ weights[i][:, c].t()).norm(dim=-1).double().sum()
-            tokens += int(mask.sum()) if mask is not None else x.shape[0]
+                x = token_vectors(values[nodes[a.output]], mask)
+                sums[i] += head_contribution_sums(a, weights[i], x)
+            tokens += x.shape[0]
         return [(s / max(tokens, 1)).float().view(a.num_kv_heads, a.group_size) for s, a in zip(sums, attentions)]
 
     def _unit_scores(self, score: torch.Tensor) -> torch.Tensor:

@@ -319,7 +319,7 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from sparsec.data.calibration import check_calibration_file
     from sparsec.models import load_model
-    from sparsec.probe import KINDS, Probe, check_options, format_markdown, load_tasks, write_report
+    from sparsec.probe import DEFAULT_KINDS, Probe, check_options, format_markdown, load_tasks, write_report
     from sparsec.recipe import Recipe
 
     if not args.out:
@@ -338,7 +338,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SparsecError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.5") from exc
     components = args.components.split(",") if args.components else None
-    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    kinds = args.kinds.split(",") if args.kinds else list(DEFAULT_KINDS)
     check_options(components=components, kinds=kinds, ratios=ratios, top_fraction=args.top_fraction)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     directory = None if args.model.startswith(BUILTIN_PREFIX) else args.model
@@ -476,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
         "understanding,generation, or shared when no region is tagged with them; given explicitly, one with "
         "nothing to compress is an error)",
     )
-    p.add_argument("--kinds", help="comma-separated: depth, width (default: both)")
+    p.add_argument(
+        "--kinds",
+        help="comma-separated: depth (blocks skipped), width (FFN neurons), heads (attention query heads); "
+        "default: depth,width",
+    )
     p.add_argument(
         "--ratios", default="0.125,0.25,0.375,0.5", help="fractions removed, each in (0, 1) (default: %(default)s)"
     )

@@ -15,8 +15,13 @@ values while the program runs (`Program.run(rewrite=...)`), never by re-capturin
 - width, ratio r: every FFN of the component keeps its round((1 - r) * width) most important neurons
   (activation importance, as `slice_neurons`), the others are zeroed at the down projection's input, which is
   exactly what slicing them away computes.
-- per unit: each block of the component skipped alone, each FFN sliced alone by the sweep's largest ratio,
-  which says which layers the model needs most.
+- heads (`--kinds heads`, not in the default sweep), ratio r: every attention of the component keeps its
+  round((1 - r) * heads) most important query heads (at least one; the head's contribution through the output
+  projection, as `prune_heads` scores it); the others are zeroed at the output projection's input, which is
+  exactly what removing those query heads computes. Which sets `prune_heads` can express is narrower (whole KV
+  groups, or the same number of query heads in every group), so read this as each component's sensitivity.
+- per unit: each block of the component skipped alone, each FFN sliced alone and each attention pruned alone by
+  the sweep's largest ratio, which says which layers the model needs most.
 
 A model without understanding / generation tags (a plain LLM: every region `shared`) is probed as one
 component, `shared`: the whole model.
@@ -53,7 +58,8 @@ from pathlib import Path
 import torch
 from torch.fx import Node
 
-from sparsec.analysis.importance import neuron_importance
+from sparsec.analysis.heads import Attention, find_attentions
+from sparsec.analysis.importance import head_contribution_sums, neuron_importance, output_weight
 from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn, residual_structure
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
@@ -63,7 +69,8 @@ from sparsec.families import family_by_name
 from sparsec.ir.program import Program, ValueRewrite
 from sparsec.progress import progress_bar
 
-KINDS = ("depth", "width")
+KINDS = ("depth", "width", "heads")
+DEFAULT_KINDS = ("depth", "width")
 COMPONENTS = ("understanding", "generation")
 SHARED = "shared"
 METRICS = ("auto", "top1", "cosine", "kl", "rel_l2")
@@ -76,7 +83,7 @@ class AnalysisError(SparsecError):
 def check_options(
     *,
     components: Sequence[str] | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     ratios: Sequence[float] = (0.5,),
     top_fraction: float = 0.1,
     metric: str = "auto",
@@ -155,9 +162,14 @@ class Targets:
 
     blocks: list[BlockTarget] = field(default_factory=list)
     ffns: list[Ffn] = field(default_factory=list)
+    attentions: list[Attention] = field(default_factory=list)
+
+    def units(self, kind: str) -> list:
+        """The blocks (depth), FFNs (width) or attentions (heads)."""
+        return {"depth": self.blocks, "width": self.ffns, "heads": self.attentions}[kind]
 
     def count(self, kind: str) -> int:
-        return len(self.blocks) if kind == "depth" else len(self.ffns)
+        return len(self.units(kind))
 
 
 def component_targets(program: Program, component: str) -> Targets:
@@ -166,7 +178,10 @@ def component_targets(program: Program, component: str) -> Targets:
     regions = region_index(program)
     tag = program.tagger.tag
     ffns = regions.ffns()
-    targets = Targets(ffns=[f for f in ffns if tag(f.path) == component])
+    targets = Targets(
+        ffns=[f for f in ffns if tag(f.path) == component],
+        attentions=[a for a in find_attentions(program) if tag(a.path) == component],
+    )
     paths = regions.paths
     for stack in regions.block_stacks():
         for region in stack.blocks:
@@ -236,6 +251,14 @@ class _ProgramStats:
     cos_sum: dict[tuple[str, int | None], float] = field(default_factory=dict)
     cos_tokens: dict[tuple[str, int | None], int] = field(default_factory=dict)
     channels: dict[str, ChannelAccumulator] = field(default_factory=dict)
+    head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_tokens: dict[str, int] = field(default_factory=dict)
+
+    def head_importance(self, attention: Attention) -> torch.Tensor:
+        """Mean contribution of each query head over the tokens seen; leading heads first if none was seen."""
+        if not self.head_tokens.get(attention.path):
+            return torch.arange(attention.num_heads, 0, -1, dtype=torch.float64)
+        return self.head_sums[attention.path] / self.head_tokens[attention.path]
 
     def cosine(self, block: BlockTarget) -> float:
         key = (block.path, block.token_value)
@@ -256,7 +279,7 @@ class Probe:
         components: which components to probe (`understanding`, `generation`, `shared`). None: understanding
             and generation where some program tags blocks or FFNs with them, else `shared` (a plain LLM,
             every region `shared`: the whole model is probed, and `untagged` is set).
-        kinds: `depth`, `width`.
+        kinds: `depth`, `width`, `heads` (default: depth and width).
         strict: raise `AnalysisError` when a requested (component, kind) has nothing to compress anywhere;
             otherwise it is skipped and listed in the result with the reason.
         top_fraction: share of an FFN's neurons counted as highly active for the sparsity overlap.
@@ -268,7 +291,7 @@ class Probe:
         tasks: Sequence[Task],
         *,
         components: Sequence[str] | None = None,
-        kinds: Sequence[str] = KINDS,
+        kinds: Sequence[str] = DEFAULT_KINDS,
         strict: bool = False,
         top_fraction: float = 0.1,
         metric: str = "auto",
@@ -305,7 +328,7 @@ class Probe:
             if any(self.targets[(id(p), component)].count(kind) for p in self.programs):
                 self.combos.append((component, kind))
                 continue
-            what = "blocks" if kind == "depth" else "FFNs"
+            what = {"depth": "blocks", "width": "FFNs", "heads": "prunable attentions"}[kind]
             reason = (
                 f"component {component!r} has no {what} in any task's program, so there is nothing to "
                 f"compress in {kind}"
@@ -339,7 +362,19 @@ class Probe:
                 for b in targets.blocks
             }.values()
             ffns = region_index(program).ffns()  # every FFN, shared ones too, for the sparsity overlap
-            watched = {n for b in blocks for pair in b.streams for n in pair} | {f.down.args[0] for f in ffns}
+            attentions = {
+                a.path: a
+                for (program_id, _), targets in self.targets.items()
+                if program_id == id(program)
+                for a in targets.attentions
+            }.values()
+            head_inputs = {a.path: _output_input(program, a) for a in attentions}
+            weights = {a.path: output_weight(program, a) for a in attentions}
+            watched = (
+                {n for b in blocks for pair in b.streams for n in pair}
+                | {f.down.args[0] for f in ffns}
+                | set(head_inputs.values())
+            )
             single = CalibrationSet(task.calibration.inputs, source=task.calibration.source, batch_size=1)
             for sample, held in StatisticsCache(program, single).observed(watched):
                 for b in blocks:
@@ -358,17 +393,30 @@ class Probe:
                     k = max(1, math.ceil(self.top_fraction * rows.shape[1]))
                     top = set(rows.mean(0).topk(k).indices.tolist())
                     top_sets.setdefault(f.path, {}).setdefault(task.name, []).append(top)
+                for a in attentions:
+                    x = held[head_inputs[a.path]]
+                    rows = _rows(x, _token_select(x, sample, None, None, valid_only=True))
+                    sums = pooled.head_sums.get(a.path, torch.zeros(a.num_heads, dtype=torch.float64))
+                    pooled.head_sums[a.path] = sums + head_contribution_sums(a, weights[a.path], rows)
+                    pooled.head_tokens[a.path] = pooled.head_tokens.get(a.path, 0) + rows.shape[0]
                 bar.update(1)
         bar.close()
         return stats, top_sets
 
     # ----- what-if rewrites ------------------------------------------------------------------------
     def plan(self, program: Program, component: str, kind: str, ratio: float, stats: _ProgramStats) -> dict:
-        """What compressing `component` by `ratio` removes in `program`: skipped blocks or kept neurons per FFN."""
+        """What compressing `component` by `ratio` removes in `program`: skipped blocks, kept neurons per FFN or kept
+        query heads per attention."""
         targets = self.targets[(id(program), component)]
         if kind == "depth":
             ranked = sorted(targets.blocks, key=stats.cosine, reverse=True)
             return {"skipped_blocks": ranked[: math.floor(ratio * len(ranked) + 0.5)]}
+        if kind == "heads":
+            kept_heads = []  # (attention, kept query heads): an Attention is no dict key
+            for a in targets.attentions:
+                keep = max(1, round((1 - ratio) * a.num_heads))
+                kept_heads.append((a, stats.head_importance(a).topk(keep).indices.sort().values))
+            return {"kept_heads": kept_heads}
         kept = {}
         seen = [f for f in targets.ffns if f.down.args[0].name in stats.channels]
         importance = dict(zip(seen, neuron_importance(program, seen, "activation", stats)))
@@ -397,6 +445,12 @@ class Probe:
 
             for source, result in block.streams:
                 out[result] = ValueRewrite(skip, reads=(source,))
+        for attention, heads in plan.get("kept_heads", []):
+            node = _output_input(program, attention)
+            keep = torch.zeros(int(node.meta["val"].shape[-1]))
+            for h in heads.tolist():
+                keep[attention.output_columns(h)] = 1
+            out[node] = ValueRewrite(lambda value, keep=keep: value * keep.to(value.dtype))
         for ffn, kept in plan.get("kept_neurons", {}).items():
             keep = torch.zeros(ffn.intermediate_size)
             keep[kept] = 1
@@ -450,6 +504,9 @@ class Probe:
             targets = self.targets[(id(task.program), component)]
             if kind == "depth":
                 plans = [(b.path, {"skipped_blocks": [b]}) for b in targets.blocks]
+            elif kind == "heads":
+                kept = self.plan(task.program, component, kind, ratio, stats[id(task.program)])["kept_heads"]
+                plans = [(a.path, {"kept_heads": [(a, heads)]}) for a, heads in kept]
             else:
                 kept = self.plan(task.program, component, kind, ratio, stats[id(task.program)])["kept_neurons"]
                 plans = [(f.path, {"kept_neurons": {f: kept[f]}}) for f in targets.ffns]
@@ -479,6 +536,11 @@ class Probe:
                 row["skipped_blocks"] = [b.path for b in plan["skipped_blocks"]]
                 count = self.targets[(id(program), component)].count(kind)
                 row["actual_ratio"] = len(plan["skipped_blocks"]) / count if count else ratio
+            elif kind == "heads":
+                kept = plan["kept_heads"]
+                row["kept_heads"] = {a.path: len(k) for a, k in kept}
+                total = sum(a.num_heads for a, _ in kept)
+                row["actual_ratio"] = 1 - sum(len(k) for _, k in kept) / total if total else ratio
             else:
                 kept = plan["kept_neurons"]
                 row["kept_width"] = {f.path: len(k) for f, k in kept.items()}
@@ -497,16 +559,7 @@ class Probe:
             "ratios": list(ratios),
             "targets": {
                 c: {
-                    k: sorted(
-                        {
-                            x.path
-                            for p in self.programs
-                            for x in (
-                                self.targets[(id(p), c)].blocks if k == "depth" else self.targets[(id(p), c)].ffns
-                            )
-                        }
-                    )
-                    for k in KINDS
+                    k: sorted({x.path for p in self.programs for x in self.targets[(id(p), c)].units(k)}) for k in KINDS
                 }
                 for c in {c for c, _ in self.combos}
             },
@@ -592,9 +645,9 @@ def format_markdown(result: dict) -> str:
     for skipped in result["skipped"]:
         lines.append(f"- skipped {skipped['component']} / {skipped['kind']}: {skipped['reason']}")
     if result["units"]:
-        ratio = next((u["ratio"] for u in result["units"] if u["kind"] == "width"), None)
-        lines += ["", "## Each block and FFN alone", ""]
-        lines += _header(["component", "kind", "#", "block / FFN", *tasks])
+        ratio = next((u["ratio"] for u in result["units"] if u["kind"] in ("width", "heads")), None)
+        lines += ["", "## Each block, FFN and attention alone", ""]
+        lines += _header(["component", "kind", "#", "block / FFN / attention", *tasks])
         units: dict[tuple, dict[str, dict]] = {}
         for u in result["units"]:
             units.setdefault((u["component"], u["kind"], u["index"], u["path"]), {})[u["task"]] = u
@@ -604,7 +657,12 @@ def format_markdown(result: dict) -> str:
         lines += [
             "",
             "depth: the block alone skipped"
-            + ("" if ratio is None else f"; width: the FFN alone with {ratio:.0%} of its neurons removed")
+            + (
+                ""
+                if ratio is None
+                else f"; width: the FFN alone with {ratio:.0%} of its neurons removed; heads: the attention alone "
+                f"with {ratio:.0%} of its query heads removed"
+            )
             + ". The lower the value, the more the model needs that unit; -: not in the task's program.",
         ]
     if result["sparsity"]:
@@ -671,7 +729,13 @@ def _plots(result: dict, directory: Path) -> list[str]:
             {**r, "actual_ratio": 0.0, "value": 1.0} for r in {(r["component"], r["task"]): r for r in rows}.values()
         ]
         curves(ax, starts + rows, "actual_ratio", "value")
-        ax.set_xlabel("blocks skipped (fraction)" if kind == "depth" else "FFN neurons removed (fraction)")
+        ax.set_xlabel(
+            {
+                "depth": "blocks skipped (fraction)",
+                "width": "FFN neurons removed (fraction)",
+                "heads": "query heads removed (fraction)",
+            }[kind]
+        )
         ax.set_ylabel(f"{result['metric']} vs uncompressed")
         ax.set_title(f"{kind} compression")
         ax.grid(alpha=0.3)
@@ -683,12 +747,16 @@ def _plots(result: dict, directory: Path) -> list[str]:
         for ax, kind in zip(axes[0], kinds):
             units = [u for u in result["units"] if u["kind"] == kind]
             curves(ax, units, "index", "value")
-            what = "block" if kind == "depth" else "FFN"
+            what = {"depth": "block", "width": "FFN", "heads": "attention"}[kind]
             ax.set_xlabel(f"{what} (index among the component's {what}s, graph order)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"{result['metric']} vs uncompressed")
             ax.set_title(
-                "each block skipped alone" if kind == "depth" else f"each FFN alone, {units[0]['ratio']:.0%} removed"
+                "each block skipped alone"
+                if kind == "depth"
+                else f"each {what} alone, {units[0]['ratio']:.0%} of its "
+                + ("neurons" if kind == "width" else "query heads")
+                + " removed"
             )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -819,3 +887,8 @@ def load_tasks(
             )
         tasks.append(Task(name, program, calibration, scored=_score_mask(path)))
     return tasks
+
+
+def _output_input(program: Program, attention: Attention) -> Node:
+    """The value an attention's output projection reads: where the heads' outputs are side by side."""
+    return next(n for n in program.graph.nodes if n.name == attention.output).args[0]

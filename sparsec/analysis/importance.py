@@ -1,9 +1,14 @@
-"""Neuron importance: how much each FFN neuron contributes, the score width and MoE rewrites select by.
+"""Neuron and head importance: how much each FFN neuron or attention head contributes, the score width, head and
+MoE rewrites select by.
 
 - `activation` (needs calibration): score_j = E[|h_j|] * ||W_down[:, j]||_2, with h the input of W_down,
   averaged over valid calibration tokens (activation magnitude times the weight it feeds);
 - `magnitude` (no data): ||W_down[:, j]||_2 * ||W_up[j, :]||_2 (* ||W_gate[j, :]||_2 if gated);
 - `random`: a seeded baseline.
+
+A query head's activation importance is the norm of what it writes through the attention's output projection,
+||W_o[:, cols_h] a_h(t)||_2 over valid tokens t (`head_contribution_sums`; a_h: its columns of the projection's
+input), shared by `prune_heads` and the probe's head sweep.
 
 Example::
     scores = neuron_importance(program, region_index(program).ffns(), "activation", ctx.statistics)
@@ -19,6 +24,7 @@ from typing import Literal
 import torch
 
 from sparsec.analysis.dependency import linear_weight
+from sparsec.analysis.heads import Attention
 from sparsec.analysis.structure import Ffn
 
 Importance = Literal["activation", "magnitude", "random"]
@@ -49,3 +55,20 @@ def neuron_importance(
         gen = torch.Generator().manual_seed(seed)
         return [torch.rand(f.intermediate_size, generator=gen) for f in ffns]
     raise ValueError(f"importance must be one of {IMPORTANCES}, got {kind!r}")
+
+
+def output_weight(program, attention: Attention) -> torch.Tensor:
+    """The attention's output projection weight as [out, in] float32 (a Conv1D weight stored [in, out] transposed)."""
+    weight = program.state_tensor(attention.output_weight.name).float()
+    return weight if attention.output_weight.dim == 1 else weight.t()
+
+
+def head_contribution_sums(attention: Attention, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per query head h, the sum over the rows of `x` ([T, in]: the output projection's input at valid tokens) of
+    ||W_o[:, cols_h] x[:, cols_h]||_2, float64 [num_heads]; `weight`: `output_weight`. Divide by T for the mean."""
+    x = x.float()
+    sums = torch.zeros(attention.num_heads, dtype=torch.float64)
+    for h in range(attention.num_heads):
+        columns = attention.output_columns(h)
+        sums[h] = (x[:, columns] @ weight[:, columns].t()).norm(dim=-1).double().sum()
+    return sums

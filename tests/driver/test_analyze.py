@@ -346,3 +346,62 @@ def test_task_entry_follows_the_family_task_mapping():
     assert task_entry(janus, "captioning", None) == "understanding"
     assert task_entry(janus, "generation", "vq_decode") == "vq_decode"
     assert task_entry(dict(entry_points(build_model(builtin_config("tiny-qwen2")))), "generation", None) == "forward"
+
+
+def test_heads_sweep_equals_query_heads_removed_by_hand():
+    """`kinds: heads` on a plain LLM: each attention keeps its most important query heads, scored and removed here
+    on the Hugging Face model itself (hooks on o_proj: a head's contribution ||W_o[:, cols_h] a_h||, then its
+    columns of o_proj's input zeroed), and the sweep's quality equals that model's agreement with the original."""
+    model = build_model(builtin_config("tiny-qwen2"))
+    inputs = {
+        "input_ids": torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(5)),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    }
+    inputs["attention_mask"][0, :3] = 0  # left padding
+    program = sparsec.capture(model, {k: v[:2, :8].clone() for k, v in inputs.items()})
+    calib = CalibrationSet(inputs, source="test", batch_size=4)
+    probe = Probe([Task("t", program, calib)], kinds=["heads"])
+    result = probe.run(ratios=[0.5])
+    (row,) = result["sweep"]
+
+    heads = model.config.num_attention_heads
+    d = model.config.hidden_size // heads
+    valid = inputs["attention_mask"].bool()
+    scores = {}
+
+    def score(i):
+        def hook(module, args):
+            x = args[0][valid]
+            w = module.weight
+            scores[i] = torch.stack(
+                [(x[:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T).norm(dim=-1).mean() for h in range(heads)]
+            )
+
+        return hook
+
+    layers = model.model.layers
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(score(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        original = model(**inputs).logits
+    for h in handles:
+        h.remove()
+    kept = {i: scores[i].topk(heads // 2).indices.sort().values for i in scores}
+    assert row["kept_heads"] == {f"model.layers.{i}.self_attn": heads // 2 for i in range(len(layers))}
+    assert row["actual_ratio"] == 0.5
+    plan = probe.plan(program, "shared", "heads", 0.5, probe.statistics()[id(program)])
+    assert [(a.path, k.tolist()) for a, k in plan["kept_heads"]] == [
+        (f"model.layers.{i}.self_attn", kept[i].tolist()) for i in range(len(layers))
+    ]
+
+    reference = copy.deepcopy(model)
+    for i, layer in enumerate(reference.model.layers):
+        keep = torch.zeros(heads * d)
+        for h in kept[i].tolist():
+            keep[h * d : (h + 1) * d] = 1
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, keep=keep: (args[0] * keep,))
+    with torch.no_grad():
+        pruned = reference(**inputs).logits
+    agree = (pruned.argmax(-1) == original.argmax(-1))[valid].float().mean()
+    assert row["value"] == pytest.approx(float(agree))
+    assert [u["path"] for u in result["units"]] == [f"model.layers.{i}.self_attn" for i in range(len(layers))]
+    assert "heads" in format_markdown(result) and "query heads removed" in format_markdown(result)
