@@ -171,10 +171,13 @@ def compare_at_two_lengths(
     describe: Callable[[sparsec.Program], str],
 ) -> dict:
     """`compare_variants` at `args.seq` and at 4x that (512 and 2048 by default), where attention's share of the
-    time grows; `model` must hold positions for 4x `args.seq`. Results keyed `"{variant} @ seq {seq}"`."""
+    time grows; `model` must hold positions for 4x `args.seq`. Results keyed `"{variant} @ seq {seq}"`, all of them
+    written to `args.json` if given."""
     results = {}
     for seq in (args.seq, 4 * args.seq):
         at = argparse.Namespace(**{**vars(args), "seq": seq, "json": None})
         measured = compare_variants(model, variants, at, describe=describe)
         results |= {f"{name} @ seq {seq}": r for name, r in measured.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return results

@@ -34,12 +34,7 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
-    results = run(args)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    run(parser(__doc__.split("\n\n")[0]).parse_args())
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import PassError
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
+from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
@@ -64,12 +65,7 @@ class PruneHeads(Pass):
         kept: dict[str, list[list[int]]] | None = None
 
         def __post_init__(self) -> None:
-            if (self.keep_ratio is None) == (self.keep is None):
-                raise ValueError("give exactly one of keep_ratio, keep")
-            if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-                raise ValueError(f"keep_ratio: must be in (0, 1], got {self.keep_ratio}")
-            if self.keep is not None and self.keep < 1:
-                raise ValueError(f"keep: must be >= 1 (an attention keeps at least one head), got {self.keep}")
+            check_keep(self.keep_ratio, self.keep)
             if self.keep is not None and self.scope == "global":
                 raise ValueError("scope: 'global' spreads one budget over all attentions; give it keep_ratio")
             if self.importance not in IMPORTANCES:

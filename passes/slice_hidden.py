@@ -41,6 +41,7 @@ from sparsec.analysis.hidden import HiddenGroup, hidden_channel_group
 from sparsec.analysis.importance import Importance
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
+from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
@@ -60,14 +61,7 @@ class SliceHidden(Pass):
         kept: list[int] | None = None
 
         def __post_init__(self) -> None:
-            if self.keep_ratio is not None and self.keep is not None:
-                raise ValueError("give exactly one of keep_ratio, keep")
-            if self.keep_ratio is None and self.keep is None and self.kept is None:
-                raise ValueError("give exactly one of keep_ratio, keep (or kept)")
-            if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-                raise ValueError(f"keep_ratio: must be in (0, 1], got {self.keep_ratio}")
-            if self.keep is not None and self.keep < 1:
-                raise ValueError(f"keep: must be >= 1, got {self.keep}")
+            check_keep(self.keep_ratio, self.keep, decided_elsewhere=self.kept is not None)
             if self.round_to < 1:
                 raise ValueError(f"round_to: must be >= 1, got {self.round_to}")
             if self.where != "**":

@@ -39,6 +39,7 @@ from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
+from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
@@ -59,12 +60,7 @@ class SliceNeurons(Pass):
         kept: dict[str, list[int]] | None = None
 
         def __post_init__(self) -> None:
-            if (self.keep_ratio is None) == (self.keep is None):
-                raise ValueError("give exactly one of keep_ratio, keep")
-            if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-                raise ValueError(f"keep_ratio: must be in (0, 1], got {self.keep_ratio}")
-            if self.keep is not None and self.keep < 1:
-                raise ValueError(f"keep: must be >= 1, got {self.keep}")
+            check_keep(self.keep_ratio, self.keep)
             if self.keep is not None and self.scope == "global":
                 raise ValueError("scope: 'global' spreads one budget over all FFNs; give it keep_ratio, not keep")
             if self.round_to < 1:

@@ -51,7 +51,7 @@ import sparsec  # noqa: E402
 from sparsec.data.calibration import CalibrationSet  # noqa: E402
 from sparsec.data.distill import distill  # noqa: E402
 from sparsec.models import load_model  # noqa: E402
-from sparsec.probe import COMPONENTS, KINDS, Probe, Task  # noqa: E402
+from sparsec.probe import COMPONENTS, DEFAULT_KINDS, Probe, Task  # noqa: E402
 from sparsec.testing import apply_pass  # noqa: E402
 
 GEN_FFNS = "model.layers.*.mlp_moe_gen"
@@ -208,7 +208,7 @@ def sweep(
     analysis = probe.run(ratios, units=False)  # the sweep only: each variant is scored by sampling below
     agreement = {(r["component"], r["kind"], r["ratio"], r["task"]): r for r in analysis["sweep"]}
     rows = []
-    points = [(c, k, r) for c in COMPONENTS for k in KINDS for r in ratios]
+    points = [(c, k, r) for c in COMPONENTS for k in DEFAULT_KINDS for r in ratios]
     for i, (component, kind, ratio) in enumerate(points, 1):
         start = time.perf_counter()
         step = probe.compressed(tasks[0], component, kind, ratio)
@@ -376,7 +376,7 @@ def plot_sweep(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) ->
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     styles = {"understanding": "-", "generation": "--"}
-    for ax, kind in zip(axes[:2], KINDS):
+    for ax, kind in zip(axes[:2], DEFAULT_KINDS):
         for component in COMPONENTS:
             group = [r for r in rows if r["kind"] == kind and r["component"] == component]
             if not group:
@@ -401,7 +401,7 @@ def plot_sweep(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) ->
         ax.legend(fontsize=7)
     ax = axes[2]
     for component in COMPONENTS:
-        for kind, marker in zip(KINDS, ("o", "s")):
+        for kind, marker in zip(DEFAULT_KINDS, ("o", "s")):
             group = [r for r in rows if r["kind"] == kind and r["component"] == component]
             if group:
                 ax.plot(
@@ -553,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     sections = []
     if "sweep" in parts:
-        log(f"[sweep] {len(COMPONENTS)} components x {len(KINDS)} kinds x ratios {ratios} ...")
+        log(f"[sweep] {len(COMPONENTS)} components x {len(DEFAULT_KINDS)} kinds x ratios {ratios} ...")
         summary["sweep"], summary["sparsity"] = sweep(
             loaded, judge, calib_samples, ratios, seeds, per_label, dense, log
         )

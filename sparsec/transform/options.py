@@ -122,3 +122,15 @@ def describe_section(cls: type) -> list[tuple[str, str, Any]]:
 
 def as_dict(section: Any) -> dict[str, Any]:
     return dataclasses.asdict(section)
+
+
+def check_keep(keep_ratio: float | None, keep: int | None, *, decided_elsewhere: bool = False) -> None:
+    """The `ValueError`s of a pruning pass's `keep_ratio` / `keep` pair (for an options `__post_init__`): exactly
+    one is given (or neither, when `decided_elsewhere`: a `kept` list pins the result), the ratio lies in (0, 1],
+    the count is at least 1."""
+    if keep_ratio is not None and keep is not None or (keep_ratio is None and keep is None and not decided_elsewhere):
+        raise ValueError("give exactly one of keep_ratio, keep" + (" (or kept)" if decided_elsewhere else ""))
+    if keep_ratio is not None and not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio: must be in (0, 1], got {keep_ratio}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep: must be >= 1, got {keep}")
