@@ -27,6 +27,16 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     return build_model(builtin_config(name), seed=seed)
 
 
+def hf_builder(model_class, config_class, **config):
+    """A function building `model_class(config_class(**config))` in eval mode from seed 0 (random weights)."""
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return model_class(config_class(**config)).eval()
+
+    return build
+
+
 def make_inputs(model: torch.nn.Module, batch: int, seq: int, seed: int = 0, pad_left: int = 0) -> dict:
     """Family example inputs; the first sample gets `pad_left` masked (left-padded) positions."""
     inputs = detect_family(model).example_inputs(model, batch, seq, seed=seed)

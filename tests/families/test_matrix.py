@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import transformers as T
-from conftest import make_inputs, make_model, slice_by_hand
+from conftest import hf_builder, make_inputs, make_model, slice_by_hand
 
 import sparsec
 from sparsec import testing
@@ -48,25 +48,17 @@ class Arch:
     post_norm: bool = False  # the stream is layer-normed after each residual add (BERT)
 
 
-def _hf(model_class, config_class, **kw):
-    def build():
-        torch.manual_seed(0)
-        return model_class(config_class(**kw)).eval()
-
-    return build
-
-
 ARCHS = {
     # today's families
     "qwen2": Arch(lambda: make_model("tiny-qwen2"), "model.layers"),
     "llama": Arch(lambda: make_model("tiny-llama"), "model.layers"),
     "chameleon": Arch(lambda: make_model("tiny-chameleon"), "model.layers"),
     "mistral (sliding window 8)": Arch(
-        _hf(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), "model.layers"
+        hf_builder(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), "model.layers"
     ),
-    "qwen3 (q/k norm)": Arch(_hf(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), "model.layers"),
+    "qwen3 (q/k norm)": Arch(hf_builder(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), "model.layers"),
     "gemma2 (GeGLU tanh, sandwich norms, softcap, sliding window, tied)": Arch(
-        _hf(
+        hf_builder(
             T.Gemma2ForCausalLM,
             T.Gemma2Config,
             **dict(DECODER, tie_word_embeddings=True),
@@ -76,37 +68,39 @@ ARCHS = {
         "model.layers",
     ),
     "phi3 (fused gate_up)": Arch(
-        _hf(T.Phi3ForCausalLM, T.Phi3Config, **DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        hf_builder(T.Phi3ForCausalLM, T.Phi3Config, **DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1),
         "model.layers",
         {"gate_up": "gate_up_proj", "down": "down_proj"},
     ),
     # new shapes
-    "olmo2 (norm after each sublayer)": Arch(_hf(T.Olmo2ForCausalLM, T.Olmo2Config, **DECODER), "model.layers"),
+    "olmo2 (norm after each sublayer)": Arch(hf_builder(T.Olmo2ForCausalLM, T.Olmo2Config, **DECODER), "model.layers"),
     "starcoder2 (LayerNorm with bias, plain MLP)": Arch(
-        _hf(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER), "model.layers", {"up": "c_fc", "down": "c_proj"}
+        hf_builder(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER),
+        "model.layers",
+        {"up": "c_fc", "down": "c_proj"},
     ),
     "gpt_neox (parallel residual, fused QKV)": Arch(
-        _hf(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **dict(DECODER, num_key_value_heads=None)),
+        hf_builder(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **dict(DECODER, num_key_value_heads=None)),
         "gpt_neox.layers",
         {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
         parallel=True,
     ),
     "phi (parallel, one shared norm)": Arch(
-        _hf(T.PhiForCausalLM, T.PhiConfig, **dict(DECODER, num_key_value_heads=None)),
+        hf_builder(T.PhiForCausalLM, T.PhiConfig, **dict(DECODER, num_key_value_heads=None)),
         "model.layers",
         {"up": "fc1", "down": "fc2"},
         parallel=True,
     ),
     "cohere (parallel as a chain, tied)": Arch(
-        _hf(T.CohereForCausalLM, T.CohereConfig, **dict(DECODER, tie_word_embeddings=True)), "model.layers"
+        hf_builder(T.CohereForCausalLM, T.CohereConfig, **dict(DECODER, tie_word_embeddings=True)), "model.layers"
     ),
     "bloom (ALiBi, fused QKV, embedding norm, tied)": Arch(
-        _hf(T.BloomForCausalLM, T.BloomConfig, vocab_size=256, hidden_size=64, n_layer=4, n_head=4),
+        hf_builder(T.BloomForCausalLM, T.BloomConfig, vocab_size=256, hidden_size=64, n_layer=4, n_head=4),
         "transformer.h",
         {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
     ),
     "opt (learned absolute positions, flat FFN)": Arch(
-        _hf(
+        hf_builder(
             T.OPTForCausalLM,
             T.OPTConfig,
             vocab_size=256,
@@ -121,12 +115,12 @@ ARCHS = {
         {"up": "fc1", "down": "fc2"},
     ),
     "gpt2 (Conv1D addmm, learned positions, tied)": Arch(
-        _hf(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256),
+        hf_builder(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256),
         "transformer.h",
         {"up": "c_fc", "down": "c_proj"},
     ),
     "falcon (parallel attention, x @ weight.T)": Arch(
-        _hf(
+        hf_builder(
             T.FalconForCausalLM,
             T.FalconConfig,
             vocab_size=256,
@@ -142,28 +136,28 @@ ARCHS = {
         parallel=True,
     ),
     "bert (post-norm encoder, pooled)": Arch(
-        _hf(T.BertModel, T.BertConfig, **ENCODER),
+        hf_builder(T.BertModel, T.BertConfig, **ENCODER),
         "encoder.layer",
         {"up": "intermediate.dense", "down": "output.dense"},
         post_norm=True,
     ),
     "roberta (post-norm, padding-offset positions)": Arch(
-        _hf(T.RobertaModel, T.RobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
+        hf_builder(T.RobertaModel, T.RobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
         "encoder.layer",
         {"up": "intermediate.dense", "down": "output.dense"},
         post_norm=True,
     ),
     "xlm_roberta": Arch(
-        _hf(T.XLMRobertaModel, T.XLMRobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
+        hf_builder(T.XLMRobertaModel, T.XLMRobertaConfig, **dict(ENCODER, max_position_embeddings=66), pad_token_id=1),
         "encoder.layer",
         {"up": "intermediate.dense", "down": "output.dense"},
         post_norm=True,
     ),
     "vit (vision tower)": Arch(
-        _hf(T.ViTModel, T.ViTConfig, **VISION, patch_size=8), "layers", {"up": "fc1", "down": "fc2"}
+        hf_builder(T.ViTModel, T.ViTConfig, **VISION, patch_size=8), "layers", {"up": "fc1", "down": "fc2"}
     ),
     "siglip (vision tower, attention-pooling head)": Arch(
-        _hf(T.SiglipVisionModel, T.SiglipVisionConfig, **VISION, patch_size=8),
+        hf_builder(T.SiglipVisionModel, T.SiglipVisionConfig, **VISION, patch_size=8),
         "encoder.layers",
         {"up": "fc1", "down": "fc2"},
     ),

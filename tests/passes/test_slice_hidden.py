@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import transformers as T
-from conftest import make_inputs, make_model, mot_inputs, slice_by_hand, slice_hidden_by_hand
+from conftest import hf_builder, make_inputs, make_model, mot_inputs, slice_by_hand, slice_hidden_by_hand
 
 import sparsec
 from sparsec import testing
@@ -31,22 +31,14 @@ DECODER = dict(
 LLAMA_WRITERS = ("o_proj", "down_proj")
 
 
-def _hf(model_class, config_class, **kw):
-    def build():
-        torch.manual_seed(0)
-        return model_class(config_class(**kw)).eval()
-
-    return build
-
-
 # name: (build, the Linear modules writing the stream, by path suffix)
 FAMILIES = {
     "qwen2": (lambda: make_model("tiny-qwen2"), LLAMA_WRITERS),
     "llama": (lambda: make_model("tiny-llama"), LLAMA_WRITERS),
-    "mistral": (_hf(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), LLAMA_WRITERS),
-    "qwen3": (_hf(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), LLAMA_WRITERS),
+    "mistral": (hf_builder(T.MistralForCausalLM, T.MistralConfig, **DECODER, sliding_window=8), LLAMA_WRITERS),
+    "qwen3": (hf_builder(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER, head_dim=16), LLAMA_WRITERS),
     "gemma2": (
-        _hf(
+        hf_builder(
             T.Gemma2ForCausalLM,
             T.Gemma2Config,
             **dict(DECODER, tie_word_embeddings=True),
@@ -56,16 +48,16 @@ FAMILIES = {
         LLAMA_WRITERS,
     ),
     "phi3": (
-        _hf(T.Phi3ForCausalLM, T.Phi3Config, **DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        hf_builder(T.Phi3ForCausalLM, T.Phi3Config, **DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1),
         LLAMA_WRITERS,
     ),
     "gpt_neox": (
-        _hf(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **dict(DECODER, num_key_value_heads=None)),
+        hf_builder(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **dict(DECODER, num_key_value_heads=None)),
         ("attention.dense", "dense_4h_to_h"),
     ),
-    "starcoder2": (_hf(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER), ("o_proj", "c_proj")),
+    "starcoder2": (hf_builder(T.Starcoder2ForCausalLM, T.Starcoder2Config, **DECODER), ("o_proj", "c_proj")),
     "opt": (
-        _hf(
+        hf_builder(
             T.OPTForCausalLM,
             T.OPTConfig,
             **dict(DECODER, ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=None),
@@ -73,11 +65,11 @@ FAMILIES = {
         ("out_proj", "fc2"),
     ),
     "gpt2": (
-        _hf(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        hf_builder(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64),
         ("attn.c_proj", "mlp.c_proj"),
     ),
     "bert (the last hidden state narrows)": (
-        _hf(
+        hf_builder(
             T.BertModel,
             T.BertConfig,
             vocab_size=256,
