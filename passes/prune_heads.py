@@ -38,7 +38,14 @@ from typing import Literal
 
 import torch
 
-from sparsec.analysis.heads import Attention, apply_heads, attention_misses, find_attentions, head_counts
+from sparsec.analysis.heads import (
+    Attention,
+    apply_heads,
+    attention_misses,
+    find_attentions,
+    head_counts,
+    output_projection_input,
+)
 from sparsec.analysis.importance import IMPORTANCES, Importance, head_contribution_sums, output_weight
 from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import PassError
@@ -135,7 +142,7 @@ class PruneHeads(Pass):
                 )
                 for a, w in zip(attentions, weights)
             ]
-        nodes = {a.output: next(n for n in program.graph.nodes if n.name == a.output).args[0] for a in attentions}
+        nodes = {a.output: output_projection_input(program, a) for a in attentions}
         sums = [torch.zeros(a.num_heads, dtype=torch.double) for a in attentions]
         tokens = 0
         for batch, values in ctx.statistics.observed(nodes.values(), "head importance"):

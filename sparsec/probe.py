@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch.fx import Node
 
-from sparsec.analysis.heads import Attention, find_attentions
+from sparsec.analysis.heads import Attention, find_attentions, output_projection_input
 from sparsec.analysis.importance import head_contribution_sums, neuron_importance, output_weight
 from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn, residual_structure
@@ -368,7 +368,7 @@ class Probe:
                 if program_id == id(program)
                 for a in targets.attentions
             }.values()
-            head_inputs = {a.path: _output_input(program, a) for a in attentions}
+            head_inputs = {a.path: output_projection_input(program, a) for a in attentions}
             weights = {a.path: output_weight(program, a) for a in attentions}
             watched = (
                 {n for b in blocks for pair in b.streams for n in pair}
@@ -446,7 +446,7 @@ class Probe:
             for source, result in block.streams:
                 out[result] = ValueRewrite(skip, reads=(source,))
         for attention, heads in plan.get("kept_heads", []):
-            node = _output_input(program, attention)
+            node = output_projection_input(program, attention)
             keep = torch.zeros(int(node.meta["val"].shape[-1]))
             for h in heads.tolist():
                 keep[attention.output_columns(h)] = 1
@@ -887,8 +887,3 @@ def load_tasks(
             )
         tasks.append(Task(name, program, calibration, scored=_score_mask(path)))
     return tasks
-
-
-def _output_input(program: Program, attention: Attention) -> Node:
-    """The value an attention's output projection reads: where the heads' outputs are side by side."""
-    return next(n for n in program.graph.nodes if n.name == attention.output).args[0]

@@ -134,6 +134,13 @@ class Attention:
         return axis_indices(self.output_weight.axis, keep)
 
 
+def output_projection_input(program, attention: Attention) -> Node:
+    """The value `attention`'s output projection reads: the heads' outputs side by side (`output_columns`)."""
+    linears = program.graph.find_nodes(op="call_function", target=aten.linear.default)
+    (projection,) = [n for n in linears if n.name == attention.output]
+    return projection.args[0]
+
+
 # ----- layout arithmetic ------------------------------------------------------------------------------------
 def _expr(size) -> sympy.Expr:
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
