@@ -168,14 +168,22 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _inputs_of(directory: str, target: str, option: str) -> list:
+    """`artifact_inputs`, with the option that named the directory in its error."""
+    from sparsec.runner import artifact_inputs
+
+    try:
+        return artifact_inputs(directory, target)
+    except SparsecError as exc:
+        raise SparsecError(f"{option} {exc}") from exc
+
+
 def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
-    import onnx
-
     from sparsec.data.calibration import TOKENIZER_DIR, load_calibration
-    from sparsec.runner import artifact_report, onnx_embedding_sizes, parse_dims, synthetic_inputs
+    from sparsec.runner import artifact_report, parse_dims, synthetic_inputs
 
-    onnx_path = _artifact_onnx(args.artifact, "--artifact")
+    specs = _inputs_of(args.artifact, args.target, "--artifact")
     if args.calib:
         source = (artifact_report(args.artifact) or {}).get("model", {}).get("source")
         why = (
@@ -185,35 +193,35 @@ def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
             if source
             else "it has no report.json saying what it was compiled from"
         )
-        graph = onnx.load(str(onnx_path), load_external_data=False)
         calibration = load_calibration(
             args.calib,
-            input_names=[i.name for i in graph.graph.input],
+            input_names=[spec.name for spec in specs],
             tokenizer_dir=Path(args.artifact) / TOKENIZER_DIR,
             tokenizer_missing=f"the artifact {args.artifact} holds none in {TOKENIZER_DIR}/ ({why})",
             batch_size=args.batch_size,
             samples=args.samples,
-            vocab=onnx_embedding_sizes(graph),
+            vocab={spec.name: spec.high for spec in specs if spec.high is not None},
         )
         return list(calibration.batches()), calibration.source
     dims = parse_dims(args.dims)
-    return [synthetic_inputs(onnx_path, dims)], f"synthetic inputs ({args.dims})"
+    return [synthetic_inputs(specs, dims)], f"synthetic inputs ({args.dims})"
 
 
-def _artifact_onnx(directory: str, option: str) -> Path:
-    onnx_path = Path(directory) / "model.onnx"
-    if not onnx_path.is_file():
-        raise SparsecError(f"{option} {directory}: no model.onnx there (a `sparsec compile --out` directory)")
-    return onnx_path
+def _compiled_target(directory: str) -> str:
+    """The `--target` the artifact in `directory` was compiled for (its report.json), else `onnxruntime`."""
+    from sparsec.runner import artifact_report
+
+    return (artifact_report(directory) or {}).get("target") or "onnxruntime"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    args.target = args.target or _compiled_target(args.artifact)
     from sparsec.runner import load_artifact
 
-    runner = load_artifact(args.artifact, args.target)
     batches, source = _artifact_inputs(args)
+    runner = load_artifact(args.artifact, args.target)
     outputs: dict[str, list] = {}
     for batch in batches:
         for name, value in runner(batch).items():
@@ -249,21 +257,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sparsec.runner import ideal_speedup, interleaved_timing, load_artifact, onnx_input_names
+    from sparsec.runner import ideal_speedup, interleaved_timing, load_artifact
 
+    baseline_target = args.target or (_compiled_target(args.baseline) if args.baseline else None)
+    args.target = args.target or _compiled_target(args.artifact)
     if args.baseline:
-        names = onnx_input_names(_artifact_onnx(args.artifact, "--artifact"))
-        baseline_names = onnx_input_names(_artifact_onnx(args.baseline, "--baseline"))
+        names = [spec.name for spec in _inputs_of(args.artifact, args.target, "--artifact")]
+        baseline_names = [spec.name for spec in _inputs_of(args.baseline, baseline_target, "--baseline")]
         if names != baseline_names:
             raise SparsecError(
                 f"--artifact {args.artifact} takes inputs {names}, --baseline {args.baseline} takes {baseline_names}"
                 f" (only in the artifact: {sorted(set(names) - set(baseline_names))}, only in the baseline: "
                 f"{sorted(set(baseline_names) - set(names))}); compare artifacts of the same model's program"
             )
+    batches, source = _artifact_inputs(args)
     runners = [load_artifact(args.artifact, args.target)]
     if args.baseline:
-        runners.append(load_artifact(args.baseline, args.target))
-    batches, source = _artifact_inputs(args)
+        runners.append(load_artifact(args.baseline, baseline_target))
     batch = batches[0]
     timings = interleaved_timing(runners, batch, warmup=args.warmup, runs=args.runs)
     result = {
@@ -275,7 +285,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     }
     if args.baseline:
         ideal, ideal_from = ideal_speedup(args.artifact, args.baseline)
-        result["baseline"] = {"artifact": str(args.baseline), **timings[1]}
+        result["baseline"] = {"artifact": str(args.baseline), "target": baseline_target, **timings[1]}
         result["speedup"] = timings[1]["p50_ms"] / timings[0]["p50_ms"]
         result["ideal_speedup"] = ideal
         result["ideal_from"] = ideal_from
@@ -513,11 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=helptext,
             description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
-            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt).",
+            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.pt2 for "
+            "--target aotinductor).",
         )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
         p.add_argument(
-            "--target", default="onnxruntime", choices=list(targets), help="backend to run it on (default: %(default)s)"
+            "--target",
+            choices=list(targets),
+            help="backend to run it on (default: the one it was compiled for, in its report.json; else onnxruntime)",
         )
         p.add_argument(
             "--calib",
@@ -539,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--baseline",
                 metavar="OUT2",
                 help="a second compile output with the same inputs, timed interleaved with --artifact on the same "
-                "inputs; prints both, the speedup (baseline p50 / artifact p50) and the ideal from the reports",
+                "inputs (on --target, else the target it was compiled for: an AOTInductor package against an ONNX "
+                "Runtime artifact works); prints both, the speedup (baseline p50 / artifact p50) and the ideal from "
+                "the reports",
             )
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 

@@ -7,6 +7,7 @@ successful output in `out_dir` untouched).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -161,6 +162,11 @@ def compile_model(
         # True
     """
     say = log or (lambda _: None)
+    dtype = dtype or recipe.model.dtype
+    parse_dtype(dtype)
+    device = parse_device(device or recipe.model.device)
+    # the targets' checks see the dtype and device the model will have
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype, device=str(device)))
     if not dry_run:
         if out_dir is None:
             raise SparsecError("an output directory is needed unless dry_run is set")
@@ -169,10 +175,6 @@ def compile_model(
         check_target(target, recipe)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    dtype = dtype or recipe.model.dtype
-    device = parse_device(device or recipe.model.device)
-    parse_dtype(dtype)
     blocker = _lazy_blocker(recipe, dry_run)
     if lazy and (blocker or str(model).startswith(BUILTIN_PREFIX)):
         raise SparsecError(
@@ -248,6 +250,7 @@ def compile_model(
         "sparsec": __version__,
         "model": model_facts,
         "recipe": recipe.source,
+        "target": None if dry_run else target,
         "quality_gates": _gates_report(recipe, lazy),
     }
     report.update(_program_reports(units, recipe))
@@ -372,23 +375,57 @@ class _Unit:
     def write(
         self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float], say: Callable[[str], None]
     ) -> None:
-        """program.pt2 (unless `export.pt2: false`), model.onnx (lowered as `target` asks), the target's artifact, and
-        backend parity, which releases the program (`self.program` is None afterwards)."""
+        """program.pt2 (unless `export.pt2: false`), model.onnx (lowered as `target` asks; none for a target that
+        builds from the program, `Target.builds_from_onnx`), the target's artifact, and backend parity, which
+        releases the program (`self.program` is None afterwards)."""
         label = f" ({self.name})" if recipe.entry_points else ""
         if recipe.export.pt2:
             say(f"[sparsec] saving program.pt2{label}")
             self.program.save(directory / "program.pt2")
-        if not recipe.export.onnx:
-            self._record_artifacts(directory)
-            return
+        export, lowering = recipe.export, target.lowering(recipe)
+        program_precision = _program_precision(self.program)
+        t = time.perf_counter()
+        onnx_path = None
+        if target.builds_from_onnx:
+            if not export.onnx:
+                self._record_artifacts(directory)
+                return
+            onnx_path = self._export_onnx(directory, export, lowering, program_precision, label, say)
+            times["export"] = times.get("export", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+        self.report.update(
+            target.build(
+                self.program,
+                onnx_path,
+                directory,
+                recipe,
+                self.calibration,
+                log=lambda line: say(f"[sparsec] {line}{label}"),
+            )
+        )
+        say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
+        parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
+        reference = ProgramReference(self.program, self.calibration, export.parity.samples, release=self._release)
+        self.report["parity"] = target.parity(reference, directory, export.parity, parity_precision)
+        times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t  # with the target's build
+        self._record_artifacts(directory)
+
+    def _export_onnx(
+        self,
+        directory: Path,
+        export: Any,
+        lowering: Any,
+        program_precision: str,
+        label: str,
+        say: Callable[[str], None],
+    ) -> Path:
+        """`model.onnx` in `directory`, lowered as the target asks (`lowering`); the export facts go in the report."""
         from sparsec.exporters.lowering.onnx import export_onnx
 
-        export, onnx_path, lowering = recipe.export, directory / "model.onnx", target.lowering(recipe)
-        program_precision = _program_precision(self.program)
+        onnx_path = directory / "model.onnx"
         upcast = program_precision != "fp32" and lowering.precision != program_precision
         convert = lowering.precision not in ("fp32", program_precision)
         say(f"[sparsec] exporting ONNX{label} (torch.onnx.export, dynamo)")
-        t = time.perf_counter()
         fp32_path = directory / "model.fp32.onnx" if convert else onnx_path
         self.report["export"] = export_onnx(
             self.program,
@@ -414,24 +451,7 @@ class _Unit:
                 external_data=data.name if data.exists() else None,
                 bytes=onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0),
             )
-        times["export"] = times.get("export", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        self.report.update(
-            target.build(
-                self.program,
-                onnx_path,
-                directory,
-                recipe,
-                self.calibration,
-                log=lambda line: say(f"[sparsec] {line}{label}"),
-            )
-        )
-        say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
-        parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
-        reference = ProgramReference(self.program, self.calibration, export.parity.samples, release=self._release)
-        self.report["parity"] = target.parity(reference, directory, export.parity, parity_precision)
-        times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
-        self._record_artifacts(directory)
+        return onnx_path
 
     def _release(self) -> None:
         """Drop the program once parity holds its reference outputs: nothing after parity reads it (the report keeps

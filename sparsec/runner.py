@@ -1,8 +1,9 @@
 """Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
 
 An artifact is a `sparsec compile` output directory, loaded by its target (`sparsec.exporters.targets`):
-`model.onnx` (ONNX Runtime, CPU or CUDA) or `model.engine` (TensorRT). Inputs come from a calibration file (as for compile) or are synthesized from the ONNX file's
-input types, with the dynamic dims given by name (`--dims batch=1,seq=128`): integer inputs named `*mask*` are
+`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.pt2` (AOTInductor). Inputs come from a
+calibration file (as for compile) or are synthesized from the artifact's input types (`artifact_inputs`: the ONNX
+file's inputs, or those an AOTInductor package records), with the dynamic dims given by name (`--dims batch=1,seq=128`): integer inputs named `*mask*` are
 ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
 graph gathers them from (else 2), floats standard normal, bools true.
 
@@ -12,7 +13,7 @@ their compile reports promise.
 
 Example::
     runner = load_artifact("out/demo", target="onnxruntime")
-    inputs = synthetic_inputs(Path("out/demo/model.onnx"), {"batch": 1, "seq": 128})
+    inputs = synthetic_inputs(artifact_inputs("out/demo"), {"batch": 1, "seq": 128})
     timing(runner, inputs, warmup=3, runs=20)["p50_ms"]
     # 1.9
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import Runner, get_target
+from sparsec.exporters.targets import InputSpec, Runner, get_target
 
 
 def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
@@ -41,11 +42,9 @@ def load_artifact(directory: str | Path, target: str = "onnxruntime") -> Runner:
     return get_target(target).load(Path(directory))
 
 
-def onnx_input_names(onnx_path: Path) -> list[str]:
-    """The graph inputs of an ONNX file, in order (its weights are not read)."""
-    import onnx
-
-    return [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+def artifact_inputs(directory: str | Path, target: str = "onnxruntime") -> list[InputSpec]:
+    """The inputs the artifact in `directory` takes (`Target.input_specs` of the registered target `target`)."""
+    return get_target(target).input_specs(Path(directory))
 
 
 def artifact_report(directory: str | Path) -> dict | None:
@@ -78,53 +77,37 @@ def ideal_speedup(artifact: str | Path, baseline: str | Path) -> tuple[float | N
     return counts[1] / counts[0], "parameter ratio, baseline / artifact (report.json parameters.after)"
 
 
-def synthetic_inputs(onnx_path: Path, dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Inputs for every graph input of `onnx_path`, dynamic dims sized by name from `dims` (module docstring).
+def synthetic_inputs(specs: Sequence[InputSpec], dims: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for every input of `specs` (`artifact_inputs`), dynamic dims sized by name from `dims` (module
+    docstring).
 
     Raises `SparsecError` naming a dynamic dim `dims` does not size.
     """
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    vocab = onnx_embedding_sizes(model)
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
-    for value in model.graph.input:
+    for spec in specs:
         shape = []
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
-                shape.append(dim.dim_value)
-            elif dim.dim_param in dims:
-                shape.append(int(dims[dim.dim_param]))
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim in dims:
+                shape.append(int(dims[dim]))
             else:
                 raise SparsecError(
-                    f"input {value.name!r} axis {axis} is dynamic ({dim.dim_param or 'unnamed'}); give its "
-                    f"size with --dims {dim.dim_param or 'NAME'}=N (sized here: {dict(dims)})"
+                    f"input {spec.name!r} axis {axis} is dynamic ({dim or 'unnamed'}); give its "
+                    f"size with --dims {dim or 'NAME'}=N (sized here: {dict(dims)})"
                 )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if np.issubdtype(dtype, np.integer):
-            if "mask" in value.name:
+        if spec.dtype == torch.bool:
+            inputs[spec.name] = torch.ones(shape, dtype=torch.bool)
+        elif not spec.dtype.is_floating_point:
+            if "mask" in spec.name:
                 tensor = torch.ones(shape, dtype=torch.int64)
             else:
-                tensor = torch.randint(0, vocab.get(value.name, 2), shape, generator=generator)
-            inputs[value.name] = tensor.to(torch.from_numpy(np.zeros(0, dtype)).dtype)
-        elif dtype == np.bool_:
-            inputs[value.name] = torch.ones(shape, dtype=torch.bool)
+                tensor = torch.randint(0, spec.high or 2, shape, generator=generator)
+            inputs[spec.name] = tensor.to(spec.dtype)
         else:
-            inputs[value.name] = torch.randn(shape, generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype)
+            inputs[spec.name] = torch.randn(shape, generator=generator).to(spec.dtype)
     return inputs
-
-
-def onnx_embedding_sizes(model) -> dict[str, int]:
-    """Graph input name -> rows of the initializer (embedding table) a `Gather` indexes with it, for an ONNX
-    `ModelProto`: the bound token ids stay below (synthetic inputs, `sparsec run --calib`'s check)."""
-    tables = {i.name: list(i.dims) for i in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input}
-    return {
-        n.input[1]: int(tables[n.input[0]][0])
-        for n in model.graph.node
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in tables and n.input[1] in inputs
-    }
 
 
 def parse_dims(text: str) -> dict[str, int]:

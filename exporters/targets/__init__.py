@@ -1,7 +1,8 @@
 """Deployment targets: the backends an artifact is built for, run on and checked against.
 
 A target is a `Target` (`base.py`) registered by name. Built-ins are the modules of this package, each registering
-its targets when imported (`onnxruntime.py`: `onnxruntime`, `onnxruntime-cuda`; `tensorrt.py`: `tensorrt`): a new
+its targets when imported (`onnxruntime.py`: `onnxruntime`, `onnxruntime-cuda`; `tensorrt.py`: `tensorrt`;
+`aotinductor.py`: `aotinductor`): a new
 backend is one new module here. Installed packages add targets through the `sparsec.targets` entry-point group
 (`name = "package.module:OBJECT"`, a `Target` instance or a subclass taking no arguments), or at run time with
 `register_target`.
@@ -21,10 +22,11 @@ import pkgutil
 from importlib.metadata import entry_points
 
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets.base import Lowering, Runner, Target
+from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "InputSpec",
     "Lowering",
     "Runner",
     "Target",

@@ -1,9 +1,10 @@
 """The `Target` protocol: what a deployment backend provides to `sparsec compile`, `run` and `bench`.
 
 A target checks, before any work, that it can run here and fits the recipe (`check`), says how the ONNX file is
-lowered for it (`lowering`), builds its artifact from the lowered ONNX (`build`: a TensorRT engine; nothing for
-ONNX Runtime), loads an artifact directory into a callable (`load`) and runs backend parity against the program
-(`parity`). Its recipe options, if any, are a dataclass parsed from `export.<section>` (TensorRT: `tensorrt:`).
+lowered for it (`lowering`), builds its artifact from the lowered ONNX or from the program itself (`build`: a
+TensorRT engine, an AOTInductor package; nothing for ONNX Runtime), loads an artifact directory into a callable
+(`load`), says what inputs that takes (`input_specs`) and runs backend parity against the program (`parity`). Its
+recipe options, if any, are a dataclass parsed from `export.<section>` (TensorRT: `tensorrt:`).
 
 The recipe is passed as a `sparsec.recipe.Recipe` but not typed as one: the recipe sits above this layer and
 imports it (to find the option sections), not the other way round.
@@ -17,16 +18,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
+from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
 
 Runner = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 """A loaded artifact: named torch inputs in, named torch outputs (on the host) back."""
 
 MOE_LOWERINGS = ("standard", "contrib")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of an artifact, enough to synthesize it (`sparsec.runner.synthetic_inputs`) or check a calibration
+    file against it: `shape` holds ints and, for dynamic dims, their names (`batch`, `seq`); `high`: for token ids,
+    the rows of the embedding table they index (ids lie in [0, high)), else None."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+    high: int | None = None
+
+
+def onnx_input_specs(onnx_path: Path) -> list[InputSpec]:
+    """The graph inputs of an ONNX file (its weights are not read), in order."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    bounds = onnx_embedding_sizes(model)
+    specs = []
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        dtype = torch.from_numpy(np.zeros(0, np_dtype)).dtype
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "") for d in dims)
+        specs.append(InputSpec(value.name, dtype, shape, bounds.get(value.name)))
+    return specs
+
+
+def onnx_embedding_sizes(model) -> dict[str, int]:
+    """Graph input name -> rows of the initializer (embedding table) a `Gather` indexes with it, for an ONNX
+    `ModelProto`: the bound token ids stay below."""
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    return {
+        n.input[1]: int(tables[n.input[0]][0])
+        for n in model.graph.node
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in tables and n.input[1] in inputs
+    }
 
 
 @dataclass(frozen=True)
@@ -54,6 +97,9 @@ class Target(abc.ABC):
             relative to the recipe file); None when `section` is.
         needs_onnx: True when the target cannot do without the ONNX file (`export.onnx: false` is then an error);
             False when a recipe without ONNX still compiles for it (the artifact is `program.pt2` alone).
+        builds_from_onnx: True when the artifact is the lowered ONNX file or made from it; False when `build`
+            compiles the program itself (AOTInductor): no ONNX file is written for the target, `build` gets
+            `onnx_path=None`, and parity always runs.
         artifacts: the files `build` writes into the output directory besides `model.onnx`.
         moe_lowerings: the `export.moe_lowering` values whose ONNX the target runs.
 
@@ -79,6 +125,7 @@ class Target(abc.ABC):
     section: str | None = None
     options: type | None = None
     needs_onnx: bool = True
+    builds_from_onnx: bool = True
     artifacts: tuple[str, ...] = ()
     moe_lowerings: tuple[str, ...] = MOE_LOWERINGS
 
@@ -100,7 +147,7 @@ class Target(abc.ABC):
     def build(
         self,
         program: Program,
-        onnx_path: Path,
+        onnx_path: Path | None,
         directory: Path,
         recipe: Any,
         calibration: CalibrationSet,
@@ -109,6 +156,14 @@ class Target(abc.ABC):
         """Build the artifact in `directory` from the lowered `onnx_path` (or the program); return the report sections
         it adds (TensorRT: `{"engine": {...}}`). `log` takes progress lines. By default nothing is built."""
         return {}
+
+    def input_specs(self, directory: Path) -> list[InputSpec]:
+        """The inputs the artifact in `directory` takes, in order; by default those of its `model.onnx`. Raises
+        `SparsecError` when the directory lacks the file they are read from."""
+        path = Path(directory) / "model.onnx"
+        if not path.is_file():
+            raise SparsecError(f"{directory} has no model.onnx (a `sparsec compile --out` directory holds one)")
+        return onnx_input_specs(path)
 
     @abc.abstractmethod
     def load(self, directory: Path) -> Runner:

@@ -24,7 +24,8 @@ weight is exactly 1, the backward sees d weight / d p = 1), so routers can be tu
 The kernel is sparse: token-expert pairs are grouped by expert and each expert runs its matmuls over its own
 tokens only (`torch._grouped_mm` on CUDA for bfloat16, a loop of matmuls elsewhere). The op has a fake
 implementation (export, shape propagation), an autograd formula (recomputation through the differentiable
-kernel) and a FLOP formula (`FlopCounterMode` counts what the op really computes: k experts per token).
+kernel), a FLOP formula (`FlopCounterMode` counts what the op really computes: k experts per token) and a
+decomposition into ATen ops (`DECOMPOSITIONS`) for compilers that run no Python, such as AOTInductor.
 
 Example::
     y = torch.ops.sparsec.moe(x, router_w, None, fc1, None, fc3, None, fc2, 2, "silu", "unit")
@@ -32,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -69,12 +71,69 @@ def route(logits: Tensor, top_k: int, gating: Gating = "unit") -> tuple[Tensor, 
     return torch.ones_like(top_p), experts
 
 
-def _linear_grouped(xs: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, counts: list[int]) -> Tensor:
-    """Rows of `xs` grouped by expert (`counts` each) times each expert's [out, in] `weight` (+ bias)."""
-    out = torch._grouped_mm(xs, weight.transpose(1, 2), offs=offsets)
-    if bias is not None:
-        out = out + torch.repeat_interleave(bias, torch.tensor(counts, device=xs.device), dim=0)
-    return out
+def _pad_last(t: Tensor, multiple: int) -> Tensor:
+    """`t` with its last dim zero-padded to a multiple of `multiple`."""
+    extra = -t.shape[-1] % multiple
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def _experts_grouped(
+    xs: Tensor,
+    sorted_experts: Tensor,
+    num_experts: int,
+    fc1: tuple[Tensor, Tensor | None],
+    fc3: tuple[Tensor | None, Tensor | None],
+    fc2_weight: Tensor,
+    act: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The experts on rows `xs` sorted by expert (`sorted_experts`, ascending) with `torch._grouped_mm`: three grouped
+    GEMMs whose shapes depend only on the number of rows, so the computation traces (export, Inductor) and each
+    expert multiplies its own rows only.
+
+    `_grouped_mm` needs 16-byte aligned strides: an unaligned hidden, expert or output width is zero-padded (exact:
+    zero weights add nothing, and act(0) * 0 = 0 for every supported activation).
+    """
+    multiple = max(1, 16 // xs.element_size())
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=xs.device)
+    offsets = counts.scatter_add(0, sorted_experts, torch.ones_like(sorted_experts)).cumsum(0).to(torch.int32)
+
+    def linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        width = weight.shape[1]
+        weight = _pad_last(weight, multiple)
+        if weight.shape[1] % multiple:
+            weight = F.pad(weight, (0, 0, 0, -weight.shape[1] % multiple))
+        out = torch._grouped_mm(_pad_last(rows, multiple), weight.transpose(1, 2), offs=offsets)[:, :width]
+        return out if bias is None else out + bias.index_select(0, sorted_experts)
+
+    h = act(linear(xs, *fc1))
+    if fc3[0] is not None:
+        h = h * linear(xs, *fc3)
+    return linear(h, fc2_weight, None)
+
+
+def _experts_loop(
+    xs: Tensor,
+    sorted_experts: Tensor,
+    num_experts: int,
+    fc1: tuple[Tensor, Tensor | None],
+    fc3: tuple[Tensor | None, Tensor | None],
+    fc2_weight: Tensor,
+    act: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The experts on rows `xs` sorted by expert, one matmul chain per expert on its own rows. Traceable: the row
+    counts become unbacked sizes (`torch._check` states what they add up to), which Inductor compiles."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=xs.device)
+    sizes = counts.scatter_add(0, sorted_experts, torch.ones_like(sorted_experts)).tolist()
+    for n in sizes:
+        torch._check(n >= 0)
+    torch._check(sum(sizes) == xs.shape[0])
+    outs = []
+    for e, chunk in enumerate(xs.split(sizes)):
+        h = act(F.linear(chunk, fc1[0][e], None if fc1[1] is None else fc1[1][e]))
+        if fc3[0] is not None:
+            h = h * F.linear(chunk, fc3[0][e], None if fc3[1] is None else fc3[1][e])
+        outs.append(F.linear(h, fc2_weight[e]))
+    return torch.cat(outs)
 
 
 def moe_forward(
@@ -93,48 +152,38 @@ def moe_forward(
 ) -> Tensor:
     """The MoE FFN on `x` [..., H] -> [..., O] (differentiable; the op below runs it without autograd).
 
-    `grouped`: use `torch._grouped_mm` (None: on CUDA for bfloat16 inputs only).
+    `grouped`: run the experts as grouped GEMMs (`torch._grouped_mm`, which traces in bfloat16 only; on the CPU its
+    AOTInductor call fails) or one matmul chain per expert. None: grouped on CUDA for bfloat16 inputs. Both forms
+    trace (`DECOMPOSITIONS`).
     """
     num_experts = fc1_weight.shape[0]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    act = ACTIVATIONS[activation]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     weights, experts = route(router_logits(x2, router_weight, router_bias), top_k, gating)
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
     token_of = order // top_k
-    counts_t = torch.bincount(flat, minlength=num_experts)
-    counts = counts_t.tolist()
-    xs = x2.index_select(0, token_of)
     if grouped is None:
         grouped = x.is_cuda and x.dtype == torch.bfloat16
+    run_experts = _experts_grouped if grouped else _experts_loop
+    ys = run_experts(
+        x2.index_select(0, token_of),
+        flat.index_select(0, order),
+        num_experts,
+        (fc1_weight, fc1_bias),
+        (fc3_weight, fc3_bias),
+        fc2_weight,
+        ACTIVATIONS[activation],
+    )
     # under unit gating the forward weights are exactly 1: skip the multiply unless a gradient needs it
-    scale = None if gating == "unit" and not weights.requires_grad else weights.reshape(-1).index_select(0, order)
-    out = x2.new_zeros(x2.shape[0], fc2_weight.shape[1])
-    if grouped:
-        offsets = counts_t.cumsum(0).to(torch.int32)
-        h = act(_linear_grouped(xs, fc1_weight, fc1_bias, offsets, counts))
-        if fc3_weight is not None:
-            h = h * _linear_grouped(xs, fc3_weight, fc3_bias, offsets, counts)
-        ys = _linear_grouped(h, fc2_weight, None, offsets, counts)
-        out.index_add_(0, token_of, ys if scale is None else ys * scale.to(ys.dtype).unsqueeze(-1))
-        return out.reshape(*shape[:-1], fc2_weight.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        chunk = xs[start : start + n]
-        h = act(F.linear(chunk, fc1_weight[e], None if fc1_bias is None else fc1_bias[e]))
-        if fc3_weight is not None:
-            h = h * F.linear(chunk, fc3_weight[e], None if fc3_bias is None else fc3_bias[e])
-        y = F.linear(h, fc2_weight[e])
-        if scale is not None:
-            y = y * scale[start : start + n].to(y.dtype).unsqueeze(-1)
-        out.index_add_(0, token_of[start : start + n], y)
-        start += n
-    return out.reshape(*shape[:-1], fc2_weight.shape[1])
+    ys = ys.float()
+    if not (gating == "unit" and not weights.requires_grad):
+        ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+    # the k experts of a token are summed in float32 (AOTInductor's CPU index_add has no bfloat16 kernel either)
+    out = torch.zeros(x2.shape[0], fc2_weight.shape[1], device=x.device).index_add(0, token_of, ys)
+    return out.to(x.dtype).reshape(*shape[:-1], fc2_weight.shape[1])
 
 
 @torch.library.custom_op("sparsec::moe", mutates_args=())
@@ -236,3 +285,10 @@ def moe_dense_reference(
     if fc3_weight is not None:
         h = h * (torch.einsum("...h,eih->...ei", x, fc3_weight) + (0 if fc3_bias is None else fc3_bias))
     return h if hidden else torch.einsum("...ei,ehi->...eh", h, fc2_weight)
+
+
+DECOMPOSITIONS = {torch.ops.sparsec.moe.default: moe_forward}
+"""`sparsec::moe` in ATen ops only (routing, sort by expert, the experts' matmuls, `index_add`): what a compiler that
+cannot call back into Python (AOTInductor) compiles in the op's place, `exported.run_decompositions(DECOMPOSITIONS)`.
+`moe_forward` traces: on CUDA in bfloat16 the experts are grouped GEMMs, elsewhere one matmul chain per expert over
+its rows, with the row counts as unbacked sizes."""

@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 from sparsec.cli import main
 from sparsec.compiler import compile_model
+from sparsec.exporters.targets.base import onnx_embedding_sizes
 from sparsec.recipe import Recipe
-from sparsec.runner import onnx_embedding_sizes, synthetic_inputs
+from sparsec.runner import artifact_inputs, synthetic_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_run_on_a_calibration_file_gives_the_programs_outputs(tmp_path, artifact
 
 
 def test_synthetic_inputs_follow_the_onnx_inputs(artifact):
-    inputs = synthetic_inputs(artifact / "model.onnx", {"batch": 3, "seq": 7})
+    inputs = synthetic_inputs(artifact_inputs(artifact), {"batch": 3, "seq": 7})
     assert inputs["input_ids"].shape == (3, 7) and inputs["input_ids"].dtype == torch.int64
     assert 0 <= int(inputs["input_ids"].min()) and int(inputs["input_ids"].max()) < 256  # the embedding's rows
     assert len(set(inputs["input_ids"].flatten().tolist())) > 2
@@ -123,7 +124,7 @@ def test_bench_baseline_must_take_the_same_inputs(tmp_path, artifact, capsys):
         "['input_ids', 'mask'] (only in the artifact: ['attention_mask'], only in the baseline: ['mask'])"
     ) in capsys.readouterr().err
     assert main(["bench", "--artifact", str(artifact), "--baseline", str(tmp_path)]) == 2
-    assert f"--baseline {tmp_path}: no model.onnx there" in capsys.readouterr().err
+    assert f"--baseline {tmp_path} has no model.onnx" in capsys.readouterr().err
 
 
 def test_run_checks_calibration_ids_against_the_onnx_embedding(tmp_path, artifact, capsys):

@@ -104,7 +104,8 @@ def test_targets_that_do_not_fit_the_recipe(recipe, target, message):
         check_target(target, Recipe.from_dict(recipe))
     check_target("onnxruntime", Recipe())  # the default target runs anywhere
     with pytest.raises(
-        SparsecError, match=r"--target 'tpu': choose one of \['onnxruntime', 'onnxruntime-cuda', 'tensorrt'\]"
+        SparsecError,
+        match=r"--target 'tpu': choose one of \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'tensorrt'\]",
     ):
         check_target("tpu", Recipe())
 
