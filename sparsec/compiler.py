@@ -120,9 +120,10 @@ def compile_model(
     `gated: false` when nothing was gated (`quality: {gates: off}`).
 
     `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
-    `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`)), checked before any work (`check_target`). The ONNX
-    file is lowered as the target asks (`Target.lowering`: by default in `recipe.export.precision`), the target
-    builds its artifact from it (`Target.build`) and backend parity (`sparsec.data.parity`) runs the artifact on
+    `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`), `aotinductor` (writes `model.pt2`, no ONNX file)),
+    checked before any work (`check_target`). The ONNX file is lowered as the target asks (`Target.lowering`: by
+    default in `recipe.export.precision`), the target builds its artifact from it, or from the program when
+    `Target.builds_from_onnx` is False (`Target.build`), and backend parity (`sparsec.data.parity`) runs the artifact on
     calibration inputs against the program (`Target.parity`).
 
     `dtype` / `device` (None: the recipe's `model:` section; see `sparsec.models.load_model`): the model loads in
@@ -403,11 +404,13 @@ class _Unit:
                 log=lambda line: say(f"[sparsec] {line}{label}"),
             )
         )
+        times["build"] = times.get("build", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
         say(f"[sparsec] checking --target {target.name} against PyTorch on calibration inputs{label}")
         parity_precision = max(program_precision, lowering.precision, key=PRECISION_ORDER.index)
         reference = ProgramReference(self.program, self.calibration, export.parity.samples, release=self._release)
         self.report["parity"] = target.parity(reference, directory, export.parity, parity_precision)
-        times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t  # with the target's build
+        times["parity"] = times.get("parity", 0.0) + time.perf_counter() - t
         self._record_artifacts(directory)
 
     def _export_onnx(

@@ -74,30 +74,32 @@ def qwenimage_inputs(batch: int, text: int, seed: int = 0) -> dict:
     )
 
 
-def gpu_unavailable_reason() -> str | None:
-    """Why the `gpu` tests cannot run here (None: they can): TensorRT, CUDA torch, onnxruntime-gpu."""
+def gpu_missing(needs: tuple[str, ...] = ()) -> list[str]:
+    """What a `gpu` test lacks here (empty: it can run): a CUDA device torch sees, and each of `needs` (the
+    marker's arguments): `tensorrt` (the module), `onnxruntime-cuda` (ORT's CUDA provider), `triton`."""
     import importlib.util
 
-    import onnxruntime
+    missing = [] if torch.cuda.is_available() else [f"torch {torch.__version__} sees no CUDA device"]
+    for need in needs:
+        if need in ("tensorrt", "triton") and importlib.util.find_spec(need) is None:
+            missing.append(f"{need} is not installed")
+        elif need == "onnxruntime-cuda":
+            import onnxruntime
 
-    missing = []
-    if importlib.util.find_spec("tensorrt") is None:
-        missing.append("tensorrt is not installed")
-    if not torch.cuda.is_available():
-        missing.append(f"torch {torch.__version__} sees no CUDA device")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        missing.append("onnxruntime has no CUDAExecutionProvider")
-    return "; ".join(missing) or None
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                missing.append("onnxruntime has no CUDAExecutionProvider")
+        elif need not in ("tensorrt", "triton", "onnxruntime-cuda"):
+            raise ValueError(f"@pytest.mark.gpu({need!r}): not a known need")
+    return missing
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f'gpu test: {reason} (pip install -e ".[gpu]" on an NVIDIA GPU machine)')
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        marker = item.get_closest_marker("gpu")
+        missing = gpu_missing(marker.args) if marker else []
+        if missing:
+            hint = ' (pip install -e ".[gpu]")' if {"tensorrt", "onnxruntime-cuda"} & set(marker.args) else ""
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {'; '.join(missing)}{hint}"))
 
 
 def mot_inputs(batch: int, seq: int, gen_from: int | None, seed: int = 0) -> dict:

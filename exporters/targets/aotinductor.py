@@ -28,7 +28,7 @@ import json
 import shutil
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,19 +167,11 @@ class AOTInductor(Target):
         }
 
     def load(self, directory: Path) -> Runner:
-        package, metadata = _load_package(Path(directory))
-        names = [spec.name for spec in _specs_from(metadata, Path(directory))]
-        outputs = json.loads(metadata[OUTPUTS_KEY])
-        device = torch.device("cuda" if metadata.get("AOTI_DEVICE_KEY") == "cuda" else "cpu")
-        call = _CudaGraphs(package) if metadata.get(CUDA_GRAPHS_KEY) == "1" else (lambda feed: package(**feed))
+        call, device = load_package(directory)
 
         def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            missing = [n for n in names if n not in inputs]
-            if missing:
-                raise SparsecError(f"the package takes inputs {names}; missing {missing}")
-            with torch.no_grad():
-                result = call({n: inputs[n].to(device) for n in names})
-            return {n: v.cpu() for n, v in zip(outputs, pytree.tree_leaves(result))}
+            outputs = call({n: v.to(device) for n, v in inputs.items()})
+            return {n: v.cpu() for n, v in outputs.items()}
 
         return run
 
@@ -193,6 +185,30 @@ class AOTInductor(Target):
         run = self.load(directory)
         report = parity.backend_parity(program_side, run, backend="AOTInductor", precision=precision, options=options)
         return {"runtime": f"torch {torch.__version__} (AOTInductor)", **report}
+
+
+def load_package(
+    directory: str | Path,
+) -> tuple[Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], torch.device]:
+    """(call, device) for the package in `directory`: `call` takes the named inputs on `device` (the one the package
+    was compiled for) and returns the named outputs there, with no host copies (what a device benchmark times;
+    `AOTInductor.load` adds the copies). Raises `SparsecError` when an input is missing or the package does not load."""
+    directory = Path(directory)
+    package, metadata = _load_package(directory)
+    names = [spec.name for spec in _specs_from(metadata, directory)]
+    outputs = json.loads(metadata[OUTPUTS_KEY])
+    device = torch.device("cuda" if metadata.get("AOTI_DEVICE_KEY") == "cuda" else "cpu")
+    run = _CudaGraphs(package) if metadata.get(CUDA_GRAPHS_KEY) == "1" else (lambda feed: package(**feed))
+
+    def call(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise SparsecError(f"the package takes inputs {names}; missing {missing}")
+        with torch.no_grad():
+            result = run({n: inputs[n] for n in names})
+        return dict(zip(outputs, pytree.tree_leaves(result)))
+
+    return call, device
 
 
 def program_input_specs(program: Program) -> list[InputSpec]:
