@@ -197,8 +197,8 @@ def run(args) -> dict:
                 )
     device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "CPU"
     title = (
-        f"{args.dtype} weights on {args.device} ({device_name}), ONNX precision {args.precision}; hidden {args.hidden}, "
-        f"FFN {args.intermediate}, {args.layers} layers, heads {args.heads or args.hidden // 64} / KV "
+        f"{args.dtype} weights on {args.device} ({device_name}), ONNX precision {args.precision}; "
+        f"hidden {args.hidden}, FFN {args.intermediate}, {args.layers} layers, heads {args.heads or args.hidden // 64} / KV "
         f"{args.kv_heads or max(1, args.hidden // 256)}, vocab {args.vocab}; p50 of {args.reps} interleaved calls "
         f"per artifact and shape after {args.warmup} warm-up; torch {torch.__version__}"
     )

@@ -123,8 +123,8 @@ def compile_model(
     `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`), `aotinductor` (writes `model.pt2`, no ONNX file)),
     checked before any work (`check_target`). The ONNX file is lowered as the target asks (`Target.lowering`: by
     default in `recipe.export.precision`), the target builds its artifact from it, or from the program when
-    `Target.builds_from_onnx` is False (`Target.build`), and backend parity (`sparsec.data.parity`) runs the artifact on
-    calibration inputs against the program (`Target.parity`).
+    `Target.builds_from_onnx` is False (`Target.build`), and backend parity (`sparsec.data.parity`) runs the
+    artifact on calibration inputs against the program (`Target.parity`).
 
     `dtype` / `device` (None: the recipe's `model:` section; see `sparsec.models.load_model`): the model loads in
     the checkpoint's dtype by default and every PyTorch step runs in it. A half-precision program lowered for an

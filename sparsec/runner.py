@@ -1,11 +1,12 @@
 """Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
 
 An artifact is a `sparsec compile` output directory, loaded by its target (`sparsec.exporters.targets`):
-`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.pt2` (AOTInductor). Inputs come from a
-calibration file (as for compile) or are synthesized from the artifact's input types (`artifact_inputs`: the ONNX
-file's inputs, or those an AOTInductor package records), with the dynamic dims given by name (`--dims batch=1,seq=128`): integer inputs named `*mask*` are
-ones, other integer inputs (token ids) uniform in [0, n) where n is the first dim of the embedding table the
-graph gathers them from (else 2), floats standard normal, bools true.
+`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.pt2` (AOTInductor). Inputs come from
+a calibration file (as for compile) or are synthesized from the artifact's input types (`artifact_inputs`: the
+ONNX file's inputs, or those an AOTInductor package records), with the dynamic dims given by name (`--dims
+batch=1,seq=128`): integer inputs named `*mask*` are ones, other integer inputs (token ids) uniform in [0, n)
+where n is the first dim of the embedding table the graph gathers them from (else 2), floats standard normal,
+bools true.
 
 `interleaved_timing` times several artifacts on the same inputs in one run (`sparsec bench --baseline`): their
 calls alternate, so machine noise (another job, clock changes) falls on each alike, and `ideal_speedup` says what
