@@ -255,10 +255,12 @@ class FfnToMoe(Pass):
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         o = self.options
         num, hidden = experts["fc1_weight"].shape[0], experts["fc1_weight"].shape[2]
+        device = experts["fc1_weight"].device  # the router lives beside its experts
         if o.router == "random":
-            return torch.randn(num, hidden, generator=generator) / math.sqrt(hidden), torch.zeros(num), {}
+            weight = torch.randn(num, hidden, generator=generator) / math.sqrt(hidden)  # seeded on the CPU
+            return weight.to(device), torch.zeros(num, device=device), {}
         if o.router == "similarity":
-            return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num), {}
+            return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num, device=device), {}
         return self._fit_router(experts, activation, inputs)
 
     def _fit_router(
@@ -286,9 +288,9 @@ class FfnToMoe(Pass):
         held_out = max(1, len(x) // 10) if len(x) >= 20 else 0
         train_x, train_t = x[: len(x) - held_out], target[: len(x) - held_out]
         mean = train_x.mean(0)
-        std = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones(x.shape[1])
-        weight = torch.zeros(mass.shape[1], x.shape[1], requires_grad=True)
-        bias = torch.zeros(mass.shape[1], requires_grad=True)
+        std = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones(x.shape[1], device=x.device)
+        weight = torch.zeros(mass.shape[1], x.shape[1], device=x.device, requires_grad=True)
+        bias = torch.zeros(mass.shape[1], device=x.device, requires_grad=True)
         optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
         z = (train_x - mean) / std
         with torch.enable_grad():

@@ -78,3 +78,36 @@ def test_report_json_records_dtype(tmp_path, bf16_checkpoint):
     recipe = Recipe.from_dict({**RECIPE, "export": {"onnx": False}})
     compile_model(bf16_checkpoint, recipe, tmp_path / "out", progress=False)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["dtype"] == "bfloat16"
+
+
+# ----- GPU: every PyTorch step on CUDA (skipped here, reason printed) ---------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_every_pytorch_step_runs_on_cuda_and_decides_as_on_the_cpu(tmp_path):
+    """Capture, statistics, quality checks, block scores, activation importance, a learned router and its
+    adaptation, and the parity reference on `--device cuda`, against the same compile on the CPU: the same
+    decisions (up to float rounding at the boundary of a neuron ranking) and an artifact that matches."""
+    recipe = Recipe.from_dict(
+        {
+            "passes": [
+                {"drop_layers": {"count": 1}},
+                {"slice_neurons": {"keep_ratio": 0.75}},
+                {"prune_heads": {"keep": 2, "unit": "query"}},
+                {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router", "adapt_steps": 5}},
+            ],
+            "calibration": {"samples": 8, "seq_len": 16},
+            "quality": {"gates": False},
+        }
+    )
+    reports = {
+        device: compile_model("builtin:tiny-qwen2", recipe, tmp_path / device, progress=False, device=device)
+        for device in ("cpu", "cuda")
+    }
+    assert reports["cuda"]["model"]["device"].startswith("cuda")
+    cpu, cuda = (r["passes"] for r in (reports["cpu"], reports["cuda"]))
+    assert cuda[0]["decisions"]["dropped"] == cpu[0]["decisions"]["dropped"]
+    for on_cpu, on_cuda in zip(cpu[1]["decisions"]["ffns"], cuda[1]["decisions"]["ffns"]):
+        kept_cpu, kept_cuda = set(on_cpu["kept_indices"]), set(on_cuda["kept_indices"])
+        assert len(kept_cpu & kept_cuda) >= 0.9 * len(kept_cpu)
+    assert reports["cuda"]["parity"]["metrics"]["logits"]["cosine"] > 0.9999
+    assert all(d["router"]["kind"] == "learned" for d in cuda[3]["decisions"]["ffns"])
