@@ -10,7 +10,7 @@ from conftest import MoeOpModule, make_inputs, make_model, make_qwenimage, qweni
 import sparsec
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import PassError, RecipeError
+from sparsec.errors import PassError, RecipeError, SparsecError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.ops.moe import moe_dense_reference, moe_forward
 
@@ -302,6 +302,65 @@ def test_op_grouped_path_autograd_and_flops():
     assert counter.get_total_flops() == 2 * 15 * 16 * 4 + 2 * 15 * 2 * 3 * 8 * 16
 
 
+def paper_moe_by_hand(x, router_weight, experts, top_k, shared=None, shared_gate=None):
+    """The paper's MoE forward per token, written out: the k largest raw router logits (ties: lower index first)
+    pick the experts, each weighted 1 + logit, plus the shared expert weighted 1 + gate_shared(x). `experts` and
+    `shared` are callables on one token."""
+    out = []
+    for token in x.reshape(-1, x.shape[-1]):
+        logits = (router_weight.float() @ token.float()).tolist()
+        chosen = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:top_k]
+        y = sum((1 + logits[e]) * experts[e](token).float() for e in chosen)
+        if shared is not None:
+            y = y + shared(token).float() * (1 + float(shared_gate.float() @ token.float()))
+        out.append(y)
+    return torch.stack(out).reshape(*x.shape[:-1], -1)
+
+
+def _expert_calls(fc1, fc3, fc2):
+    return [lambda t, e=e: F.linear(F.silu(F.linear(t, fc1[e])) * F.linear(t, fc3[e]), fc2[e]) for e in range(len(fc1))]
+
+
+def test_one_plus_logit_gating_is_the_papers_routing_forward_and_backward():
+    router, _, fc1, _, fc3, _, fc2 = random_moe_weights(experts=6)
+    x = torch.randn(3, 5, 16)
+    got = torch.ops.sparsec.moe(x, router, None, fc1, None, fc3, None, fc2, 2, "silu", "one_plus_logit")
+    torch.testing.assert_close(got, paper_moe_by_hand(x, router, _expert_calls(fc1, fc3, fc2), 2))
+    zero = torch.ops.sparsec.moe(
+        x, torch.zeros_like(router), None, fc1, None, fc3, None, fc2, 3, "silu", "one_plus_logit"
+    )
+    experts = _expert_calls(fc1, fc3, fc2)
+    torch.testing.assert_close(zero, sum(experts[e](x) for e in range(3)))  # all tie: experts 0, 1, 2, weight 1
+
+    # router training: the op's gradient is that of the same function computed densely (every expert, masked)
+    def dense_masked(x, router_weight):
+        logits = F.linear(x, router_weight)
+        top = logits.topk(2, -1)
+        mask = torch.zeros_like(logits).scatter(-1, top.indices, 1 + top.values)
+        return (moe_dense_reference(x, fc1, None, fc3, None, fc2, "silu") * mask.unsqueeze(-1)).sum(-2)
+
+    leaves = [x.clone().requires_grad_(), router.clone().requires_grad_()]
+    torch.ops.sparsec.moe(
+        leaves[0], leaves[1], None, fc1, None, fc3, None, fc2, 2, "silu", "one_plus_logit"
+    ).square().sum().backward()
+    direct = [x.clone().requires_grad_(), router.clone().requires_grad_()]
+    dense_masked(*direct).square().sum().backward()
+    for a, b in zip(leaves, direct):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_router_ties_route_alike_in_onnx(tmp_path):
+    """Every logit of a zero router ties: PyTorch and ONNX TopK both take the lowest expert indices."""
+    router, _, fc1, _, fc3, _, fc2 = random_moe_weights(experts=6)
+    module = MoeOpModule((torch.zeros_like(router), None, fc1, None, fc3, None, fc2), 2, "silu", "one_plus_logit")
+    program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    export_onnx(program, tmp_path / "moe.onnx")
+    x = torch.randn(3, 5, 16)
+    experts = _expert_calls(fc1, fc3, fc2)
+    torch.testing.assert_close(program.run({"x": x})["output"], experts[0](x) + experts[1](x))
+    testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": x}, rtol=1e-5, atol=1e-5)
+
+
 def test_program_with_moe_saves_and_loads(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
@@ -320,6 +379,7 @@ def test_program_with_moe_saves_and_loads(tmp_path):
         ("relu", False, "renormalized"),
         ("gelu_tanh", False, "unit"),
         ("gelu", False, "softmax"),  # erf GELU: the contrib path falls back
+        ("silu", True, "one_plus_logit"),  # the paper's gating: contrib refuses it
     ],
 )
 def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gating):
@@ -327,6 +387,11 @@ def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gati
 
     module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    if lowering == "contrib" and gating == "one_plus_logit":
+        with pytest.raises(SparsecError, match="cannot express gating one_plus_logit .*use moe_lowering: standard"):
+            export_onnx(program, tmp_path / "moe.onnx", moe_lowering="contrib")
+        assert not (tmp_path / "moe.onnx").exists()
+        return
     for_tensorrt = lowering == "standard_for_tensorrt"  # what --target tensorrt exports: no ScatterND reduction
     info = export_onnx(
         program,
