@@ -302,13 +302,14 @@ def test_op_grouped_path_autograd_and_flops():
     assert counter.get_total_flops() == 2 * 15 * 16 * 4 + 2 * 15 * 2 * 3 * 8 * 16
 
 
-def paper_moe_by_hand(x, router_weight, experts, top_k, shared=None, shared_gate=None):
+def paper_moe_by_hand(x, router_weight, experts, top_k, shared=None, shared_gate=None, router_bias=None):
     """The paper's MoE forward per token, written out: the k largest raw router logits (ties: lower index first)
     pick the experts, each weighted 1 + logit, plus the shared expert weighted 1 + gate_shared(x). `experts` and
     `shared` are callables on one token."""
     out = []
     for token in x.reshape(-1, x.shape[-1]):
-        logits = (router_weight.float() @ token.float()).tolist()
+        logits = router_weight.float() @ token.float()
+        logits = (logits if router_bias is None else logits + router_bias.float()).tolist()
         chosen = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:top_k]
         y = sum((1 + logits[e]) * experts[e](token).float() for e in chosen)
         if shared is not None:
@@ -359,6 +360,78 @@ def test_zero_router_ties_route_alike_in_onnx(tmp_path):
     experts = _expert_calls(fc1, fc3, fc2)
     torch.testing.assert_close(program.run({"x": x})["output"], experts[0](x) + experts[1](x))
     testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": x}, rtol=1e-5, atol=1e-5)
+
+
+class PaperMoe(torch.nn.Module):
+    """A Qwen2 FFN module's own weights split into the reported experts and shared expert, run as the paper's MoE
+    (`paper_moe_by_hand`) with the program's router and shared gate."""
+
+    def __init__(self, mlp, decision, program):
+        super().__init__()
+        self.mlp, self.decision = mlp, decision
+        moe = f"{decision['path']}.moe"
+        self.router_weight = program.state_tensor(f"{moe}.router_weight")
+        has_bias = f"{moe}.router_bias" in program.parameter_names()
+        self.router_bias = program.state_tensor(f"{moe}.router_bias") if has_bias else None
+        self.shared_gate = program.state_tensor(decision["shared_gate"]) if decision["shared_gate"] else None
+
+    def _part(self, idx):
+        m = self.mlp
+        idx = torch.tensor(idx, dtype=torch.long)
+        return lambda t: F.linear(
+            F.silu(F.linear(t, m.gate_proj.weight[idx])) * F.linear(t, m.up_proj.weight[idx]),
+            m.down_proj.weight[:, idx],
+        )
+
+    def forward(self, x):
+        d = self.decision
+        shared = self._part(d["shared_indices"]) if d["shared_indices"] else None
+        experts = [self._part(e) for e in d["expert_indices"]]
+        y = paper_moe_by_hand(x, self.router_weight, experts, d["top_k"], shared, self.shared_gate, self.router_bias)
+        return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("router", ["zero", "random"])
+def test_papers_moe_equals_its_forward_by_hand(router):
+    """gating one_plus_logit with a shared expert is the paper's MoE: zero router (every token: experts 0 and 1
+    plus the shared expert, weight 1 each) and random router and shared gates, against a per-token reference."""
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router=router, importance="magnitude")
+    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    gen = torch.Generator().manual_seed(3)
+    for d in record.decisions["ffns"]:
+        assert_true_partition(d)
+        assert (d["shared_neurons"], d["expert_size"]) == (32, 24)
+        gate = program.state_tensor(d["shared_gate"])
+        assert d["shared_gate"] == f"{d['path']}.moe.shared_gate_weight" and gate.shape == (1, 64) and not gate.any()
+        if router == "zero":
+            assert not program.state_tensor(f"{d['path']}.moe.router_weight").any()
+            assert f"{d['path']}.moe.router_bias" not in program.parameter_names()
+        else:
+            program.replace_state(d["shared_gate"], torch.randn(1, 64, generator=gen) / 8)
+    reference = copy.deepcopy(model)
+    for d in record.decisions["ffns"]:
+        parent, _, name = d["path"].rpartition(".")
+        setattr(reference.get_submodule(parent), name, PaperMoe(reference.get_submodule(d["path"]), d, program))
+    testing.assert_equivalent(
+        program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits", rtol=1e-4, atol=1e-5
+    )
+
+
+def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
+    model = make_model("tiny-qwen2")
+    calib = calibration(model, samples=8, seq=16)
+    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router="zero", where="model.layers.0.mlp")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    record = testing.apply_pass(
+        program, "ffn_to_moe", **options, adapt="router", adapt_steps=6, lr=1e-2, calibration=calib
+    )
+    assert record.decisions["adapt"]["loss_after"] < record.decisions["adapt"]["loss_before"]
+    fresh = sparsec.capture(model, make_inputs(model, 2, 16))
+    testing.apply_pass(fresh, "ffn_to_moe", **options, calibration=calib)
+    changed = {n for n in program.parameter_names() if not torch.equal(program.state_tensor(n), fresh.state_tensor(n))}
+    assert changed == {"model.layers.0.mlp.moe.router_weight", "model.layers.0.mlp.moe.shared_gate_weight"}
 
 
 def test_program_with_moe_saves_and_loads(tmp_path):
