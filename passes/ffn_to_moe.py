@@ -344,7 +344,7 @@ class FfnToMoe(Pass):
                     program, ffn, weights, shared_idx, stacked, activation, inputs, samples[ffn.down.name]
                 )
             before = group.num_parameters(program)
-            names = self._rewrite(
+            names = rewrite_as_moe(
                 program,
                 ffn,
                 group,
@@ -353,6 +353,8 @@ class FfnToMoe(Pass):
                 router_weight.to(weights.fc1.dtype),
                 None if router_bias is None else router_bias.to(weights.fc1.dtype),
                 activation,
+                o.top_k,
+                o.gating,
             )
             trainable += [n for k, n in names.items() if k in ROUTING_STATE or o.adapt == "full"]
             after = sum(program.state_tensor(n).numel() for n in names.values()) + (
@@ -449,79 +451,8 @@ class FfnToMoe(Pass):
             )
         return error
 
-    def _rewrite(
-        self,
-        program: Program,
-        ffn: Ffn,
-        group: ChannelGroup,
-        shared_idx: torch.Tensor,
-        stacked: dict,
-        router_weight: torch.Tensor,
-        router_bias: torch.Tensor | None,
-        activation: str,
-    ) -> dict[str, str]:
-        """Add the MoE node (and keep the dense FFN sliced to the shared neurons, if any, gated under
-        one_plus_logit); return new state names."""
-        o = self.options
-        graph = program.graph
-        gate_shared = o.gating == "one_plus_logit" and len(shared_idx)
-        tensors = {
-            "router_weight": router_weight,
-            "router_bias": router_bias,
-            **stacked,
-            "shared_gate_weight": router_weight.new_zeros(1, router_weight.shape[1]) if gate_shared else None,
-        }
-        prefix = f"{ffn.path}.moe" if ffn.path else "moe"
-        names = {k: f"{prefix}.{k}" for k, v in tensors.items() if v is not None}
-        nodes = {k: program.add_parameter(names[k], tensors[k]) if k in names else None for k in tensors}
-        stack = _module_stack(ffn.down, ffn.path)
-        down_bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
-        if len(shared_idx):
-            group.apply(program, shared_idx)
-        with graph.inserting_after(ffn.down):
-            moe = graph.call_function(
-                MOE,
-                (
-                    ffn.up.args[0],
-                    nodes["router_weight"],
-                    nodes["router_bias"],
-                    nodes["fc1_weight"],
-                    nodes["fc1_bias"],
-                    nodes["fc3_weight"],
-                    nodes["fc3_bias"],
-                    nodes["fc2_weight"],
-                    o.top_k,
-                    activation,
-                    o.gating,
-                ),
-            )
-        added = [moe]
-        if len(shared_idx):
-            shared_out = ffn.down
-            if gate_shared:  # shared(x) * (1 + gate_shared(x)); the paper writes shared + shared * gate_shared(x)
-                with graph.inserting_after(moe):
-                    gate = graph.call_function(aten.linear.default, (ffn.up.args[0], nodes["shared_gate_weight"]))
-                with graph.inserting_after(gate):
-                    one_plus = graph.call_function(aten.add.Tensor, (gate, 1.0))
-                with graph.inserting_after(one_plus):
-                    shared_out = graph.call_function(aten.mul.Tensor, (ffn.down, one_plus))
-                added += [gate, one_plus, shared_out]
-            with graph.inserting_after(added[-1]):
-                added.append(graph.call_function(aten.add.Tensor, (shared_out, moe)))
-        elif down_bias is not None:
-            with graph.inserting_after(moe):
-                added.append(graph.call_function(aten.add.Tensor, (moe, down_bias)))
-        out = added[-1]
-        for node in added:
-            node.meta["nn_module_stack"] = stack
-        program.replace_uses(ffn.down, out, except_in=added[-2] if gate_shared else out)
-        return names
-
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
-        found = {}
-        for node in program.graph.find_nodes(op="call_function", target=MOE):
-            stack = node.meta.get("nn_module_stack") or {}
-            found[list(stack.values())[-1][0] if stack else ""] = node
+        found = moe_nodes(program)
         for decision in result.decisions["ffns"]:
             node = found.get(decision["path"])
             if node is None:
@@ -529,6 +460,93 @@ class FfnToMoe(Pass):
             experts, width = node.args[3].meta["val"].shape[:2]
             if (experts, width, node.args[8]) != (decision["experts"], decision["expert_size"], decision["top_k"]):
                 raise PassError(f"ffn_to_moe: the MoE node at {decision['path']} is not what the report says")
+
+
+def moe_nodes(program: Program) -> dict[str, Node]:
+    """The program's `sparsec::moe` nodes by the module path of the FFN they replaced (their module stack's last)."""
+    found = {}
+    for node in program.graph.find_nodes(op="call_function", target=MOE):
+        stack = node.meta.get("nn_module_stack") or {}
+        found[list(stack.values())[-1][0] if stack else ""] = node
+    return found
+
+
+def rewrite_as_moe(
+    program: Program,
+    ffn: Ffn,
+    group: ChannelGroup,
+    shared_idx: torch.Tensor,
+    stacked: dict,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    activation: str,
+    top_k: int,
+    gating: Gating,
+    shared_gate: torch.Tensor | None = None,
+) -> dict[str, str]:
+    """Replace `ffn` by one `sparsec::moe` node of the experts `stacked` (the op's tensors) and return the new state
+    names by role (`router_weight`, `fc1_weight`, ..., `shared_gate_weight`), each under `<ffn>.moe.`.
+
+    With `shared_idx` the dense FFN stays, sliced to those neurons: the shared expert, added to the MoE's output;
+    under one_plus_logit gated as in the paper, `shared(x) * (1 + gate_shared(x))` with `shared_gate` [1, H] (zeros
+    if None: the paper's initialisation). The dense down bias (if any) stays with the shared expert, or is added to
+    the MoE's output without one. Used by `ffn_to_moe` and by the paper's checkpoint importer (`moe_layout`).
+    """
+    graph = program.graph
+    gate_shared = gating == "one_plus_logit" and len(shared_idx) > 0
+    if gate_shared and shared_gate is None:
+        shared_gate = router_weight.new_zeros(1, router_weight.shape[1])
+    tensors = {
+        "router_weight": router_weight,
+        "router_bias": router_bias,
+        **stacked,
+        "shared_gate_weight": shared_gate if gate_shared else None,
+    }
+    prefix = f"{ffn.path}.moe" if ffn.path else "moe"
+    names = {k: f"{prefix}.{k}" for k, v in tensors.items() if v is not None}
+    nodes = {k: program.add_parameter(names[k], tensors[k]) if k in names else None for k in tensors}
+    stack = _module_stack(ffn.down, ffn.path)
+    down_bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
+    if len(shared_idx):
+        group.apply(program, shared_idx)
+    with graph.inserting_after(ffn.down):
+        moe = graph.call_function(
+            MOE,
+            (
+                ffn.up.args[0],
+                nodes["router_weight"],
+                nodes["router_bias"],
+                nodes["fc1_weight"],
+                nodes["fc1_bias"],
+                nodes["fc3_weight"],
+                nodes["fc3_bias"],
+                nodes["fc2_weight"],
+                top_k,
+                activation,
+                gating,
+            ),
+        )
+    added = [moe]
+    if len(shared_idx):
+        shared_out = ffn.down
+        if gate_shared:  # shared(x) * (1 + gate_shared(x)); the paper writes shared + shared * gate_shared(x)
+            with graph.inserting_after(moe):
+                gate = graph.call_function(aten.linear.default, (ffn.up.args[0], nodes["shared_gate_weight"]))
+            with graph.inserting_after(gate):
+                one_plus = graph.call_function(aten.add.Tensor, (gate, 1.0))
+            with graph.inserting_after(one_plus):
+                shared_out = graph.call_function(aten.mul.Tensor, (ffn.down, one_plus))
+            added += [gate, one_plus, shared_out]
+        with graph.inserting_after(added[-1]):
+            added.append(graph.call_function(aten.add.Tensor, (shared_out, moe)))
+    elif down_bias is not None:
+        with graph.inserting_after(moe):
+            added.append(graph.call_function(aten.add.Tensor, (moe, down_bias)))
+    out = added[-1]
+    for node in added:
+        node.meta["nn_module_stack"] = stack
+    program.replace_uses(ffn.down, out, except_in=added[-2] if gate_shared else out)
+    return names
 
 
 def _float(stacked: dict) -> dict:

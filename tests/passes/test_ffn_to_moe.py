@@ -5,7 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MoeOpModule, make_inputs, make_model, make_qwenimage, qwenimage_inputs, random_moe_weights
+from conftest import (
+    MoeOpModule,
+    make_inputs,
+    make_model,
+    make_qwenimage,
+    paper_moe_by_hand,
+    qwenimage_inputs,
+    random_moe_weights,
+)
 
 import sparsec
 from sparsec import testing
@@ -300,22 +308,6 @@ def test_op_grouped_path_autograd_and_flops():
     with FlopCounterMode(display=False) as counter:
         torch.ops.sparsec.moe(x, *weights, 2, "silu", "unit")
     assert counter.get_total_flops() == 2 * 15 * 16 * 4 + 2 * 15 * 2 * 3 * 8 * 16
-
-
-def paper_moe_by_hand(x, router_weight, experts, top_k, shared=None, shared_gate=None, router_bias=None):
-    """The paper's MoE forward per token, written out: the k largest raw router logits (ties: lower index first)
-    pick the experts, each weighted 1 + logit, plus the shared expert weighted 1 + gate_shared(x). `experts` and
-    `shared` are callables on one token."""
-    out = []
-    for token in x.reshape(-1, x.shape[-1]):
-        logits = router_weight.float() @ token.float()
-        logits = (logits if router_bias is None else logits + router_bias.float()).tolist()
-        chosen = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:top_k]
-        y = sum((1 + logits[e]) * experts[e](token).float() for e in chosen)
-        if shared is not None:
-            y = y + shared(token).float() * (1 + float(shared_gate.float() @ token.float()))
-        out.append(y)
-    return torch.stack(out).reshape(*x.shape[:-1], -1)
 
 
 def _expert_calls(fc1, fc3, fc2):
