@@ -415,10 +415,10 @@ class FfnToMoe(Pass):
         if node.target is not MOE:
             return None
         x, router_weight, router_bias, fc1 = args[:4]
-        top_k = args[8]
+        top_k, gating = args[8], args[10]
         logits = router_logits(x.reshape(-1, x.shape[-1]), router_weight, router_bias)
         probs = torch.softmax(logits, dim=-1)
-        _, chosen = route(logits, top_k)
+        _, chosen = route(logits, top_k, gating)  # the experts the op picks (one_plus_logit breaks ties its own way)
         fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
         return self.options.balance * fc1.shape[0] * (fraction * probs.mean(0)).sum()
 
