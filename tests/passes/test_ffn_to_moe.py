@@ -495,6 +495,26 @@ def test_onnx_model_with_moe_matches_pytorch_at_another_shape(tmp_path, lowering
     )
 
 
+@pytest.mark.slow
+def test_papers_moe_with_a_gated_shared_expert_lowers_to_onnx(tmp_path):
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    options = dict(experts=7, top_k=3, shared=0.125, gating="one_plus_logit", router="random", importance="magnitude")
+    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    gen = torch.Generator().manual_seed(0)
+    for d in record.decisions["ffns"]:
+        program.replace_state(d["shared_gate"], torch.randn(1, 64, generator=gen) / 8)
+    export_onnx(program, tmp_path / "m.onnx")
+    testing.assert_onnx_equivalent(
+        tmp_path / "m.onnx",
+        program,
+        make_inputs(model, 3, 11, seed=9, pad_left=2),
+        output="logits",
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 # ----- bad input -------------------------------------------------------------------------------------------
 def _untouched(program, before_code, before_params):
     assert program.graph_module.code == before_code and set(program.parameter_names()) == before_params
