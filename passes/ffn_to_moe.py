@@ -15,19 +15,29 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
 2. **Router** (linear, hidden -> E, with bias): `learned` (default) is fit on calibration hidden states to
    pick, per token, the experts whose outputs are largest (MoEfication's recipe: binary cross-entropy
    against each token's top-k experts by output norm, on standardized inputs); `similarity` uses each
-   expert's mean input weight vector (no data); `random` is a seeded baseline.
+   expert's mean input weight vector (no data); `random` is a seeded baseline; `zero` is the paper's
+   initialisation (weights zero, no bias). A zero router ties every logit: the k lowest-index experts serve
+   every token (`sparsec.ops.moe`) until `adapt` trains it, as the paper does (it fine-tunes the zero-initialised
+   router, with or without the experts).
 3. **Rewrite.** The FFN becomes one `torch.ops.sparsec.moe` node (routing semantics in `sparsec.ops.moe`:
-   softmax, top-k, `gating` unit|softmax|renormalized) plus, if there is a shared expert, the dense FFN
-   sliced to the shared neurons. Under the default `gating: unit`, `top_k == experts` computes exactly the
+   `gating` unit|softmax|renormalized over a softmax, or the paper's one_plus_logit) plus, if there is a shared
+   expert, the dense FFN sliced to the shared neurons. Under `one_plus_logit` the shared expert is gated as in the
+   paper, `shared(x) * (1 + gate_shared(x))` with `gate_shared` a bias-free Linear(H, 1) initialised to zero
+   (`<ffn>.moe.shared_gate_weight`, plain ATen ops in the graph; a dense down bias is part of `shared(x)`). So
+   `gating: one_plus_logit, router: zero` is exactly the paper's conversion: the sum of k experts plus the shared
+   expert. Under the default `gating: unit`, `top_k == experts` computes exactly the
    dense FFN; with calibration data the pass checks that on sampled tokens before it rewrites anything.
-4. **Adapt** (optional): `router` tunes the routers end to end against the dense model's outputs with the
-   experts frozen; `full` tunes routers and experts. Loss: relative squared error of the outputs plus
+   Under `one_plus_logit` the logits are the expert weights' offsets from 1: a `learned` router's logits (fit for
+   ranking) rescale the experts, so start from `zero` and `adapt`.
+4. **Adapt** (optional): `router` tunes the routers (and shared gates) end to end against the dense model's
+   outputs with the experts frozen; `full` tunes routers and experts. Loss: relative squared error of the outputs plus
    `balance` times the Switch load-balancing term (E * sum_e f_e * P_e) per MoE node. Adam, `adapt_steps`
    steps at `lr`, deterministic.
 
 Recipe:
     passes:
       - ffn_to_moe: {experts: 16, top_k: 8, where: "model.layers.*.mlp", adapt: router}
+      - ffn_to_moe: {experts: 16, top_k: 8, gating: one_plus_logit, router: zero, adapt: router}  # the paper's
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ aten = torch.ops.aten
 MOE = torch.ops.sparsec.moe.default
 # relative L2 error allowed between the k = E MoE (recomputed in float32) and the FFN's observed outputs
 EXACTNESS_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+ROUTING_STATE = ("router_weight", "router_bias", "shared_gate_weight")  # what `adapt: router` trains
 
 
 @dataclass
@@ -154,7 +165,7 @@ class FfnToMoe(Pass):
         top_k: int = 8
         shared: float = 0.0
         partition: Literal["balanced", "kmeans", "coactivation"] = "balanced"
-        router: Literal["learned", "similarity", "random"] = "learned"
+        router: Literal["learned", "similarity", "random", "zero"] = "learned"
         gating: Gating = "unit"
         importance: Importance = "activation"
         where: str = "**"
@@ -252,10 +263,12 @@ class FfnToMoe(Pass):
 
     def _router(
         self, experts: dict, activation: str, inputs: torch.Tensor | None, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         o = self.options
         num, hidden = experts["fc1_weight"].shape[0], experts["fc1_weight"].shape[2]
         device = experts["fc1_weight"].device  # the router lives beside its experts
+        if o.router == "zero":
+            return torch.zeros(num, hidden, device=device), None, {}
         if o.router == "random":
             weight = torch.randn(num, hidden, generator=generator) / math.sqrt(hidden)  # seeded on the CPU
             return weight.to(device), torch.zeros(num, device=device), {}
@@ -333,17 +346,19 @@ class FfnToMoe(Pass):
                     program, ffn, weights, shared_idx, stacked, activation, inputs, samples[ffn.down.name]
                 )
             before = group.num_parameters(program)
-            names = self._rewrite(
+            names = rewrite_as_moe(
                 program,
                 ffn,
                 group,
                 shared_idx,
                 stacked,
                 router_weight.to(weights.fc1.dtype),
-                router_bias.to(weights.fc1.dtype),
+                None if router_bias is None else router_bias.to(weights.fc1.dtype),
                 activation,
+                o.top_k,
+                o.gating,
             )
-            trainable += [n for k, n in names.items() if k.startswith("router") or o.adapt == "full"]
+            trainable += [n for k, n in names.items() if k in ROUTING_STATE or o.adapt == "full"]
             after = sum(program.state_tensor(n).numel() for n in names.values()) + (
                 group.num_parameters(program) if shared else 0
             )
@@ -364,6 +379,7 @@ class FfnToMoe(Pass):
                     "parameters_after": after,
                     "exactness_rel_l2": error,
                     "router": {"kind": o.router, **fit},
+                    "shared_gate": names.get("shared_gate_weight"),
                     "shared_indices": shared_idx.tolist(),
                     "expert_indices": [e.tolist() for e in experts],
                 }
@@ -401,10 +417,10 @@ class FfnToMoe(Pass):
         if node.target is not MOE:
             return None
         x, router_weight, router_bias, fc1 = args[:4]
-        top_k = args[8]
+        top_k, gating = args[8], args[10]
         logits = router_logits(x.reshape(-1, x.shape[-1]), router_weight, router_bias)
         probs = torch.softmax(logits, dim=-1)
-        _, chosen = route(logits, top_k)
+        _, chosen = route(logits, top_k, gating)  # the experts the op picks (one_plus_logit breaks ties its own way)
         fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
         return self.options.balance * fc1.shape[0] * (fraction * probs.mean(0)).sum()
 
@@ -437,59 +453,8 @@ class FfnToMoe(Pass):
             )
         return error
 
-    def _rewrite(
-        self,
-        program: Program,
-        ffn: Ffn,
-        group: ChannelGroup,
-        shared_idx: torch.Tensor,
-        stacked: dict,
-        router_weight: torch.Tensor,
-        router_bias: torch.Tensor,
-        activation: str,
-    ) -> dict[str, str]:
-        """Add the MoE node (and keep the dense FFN sliced to the shared neurons, if any); return new state names."""
-        o = self.options
-        graph = program.graph
-        tensors = {"router_weight": router_weight, "router_bias": router_bias, **stacked}
-        prefix = f"{ffn.path}.moe" if ffn.path else "moe"
-        names = {k: f"{prefix}.{k}" for k, v in tensors.items() if v is not None}
-        nodes = {k: program.add_parameter(names[k], tensors[k]) if k in names else None for k in tensors}
-        stack = _module_stack(ffn.down, ffn.path)
-        down_bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
-        if len(shared_idx):
-            group.apply(program, shared_idx)
-        with graph.inserting_after(ffn.down):
-            moe = graph.call_function(
-                MOE,
-                (
-                    ffn.up.args[0],
-                    nodes["router_weight"],
-                    nodes["router_bias"],
-                    nodes["fc1_weight"],
-                    nodes["fc1_bias"],
-                    nodes["fc3_weight"],
-                    nodes["fc3_bias"],
-                    nodes["fc2_weight"],
-                    o.top_k,
-                    activation,
-                    o.gating,
-                ),
-            )
-        out = moe
-        if len(shared_idx) or down_bias is not None:
-            with graph.inserting_after(moe):
-                out = graph.call_function(aten.add.Tensor, (ffn.down, moe) if len(shared_idx) else (moe, down_bias))
-        for node in {moe, out}:
-            node.meta["nn_module_stack"] = stack
-        program.replace_uses(ffn.down, out, except_in=out)
-        return names
-
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
-        found = {}
-        for node in program.graph.find_nodes(op="call_function", target=MOE):
-            stack = node.meta.get("nn_module_stack") or {}
-            found[list(stack.values())[-1][0] if stack else ""] = node
+        found = moe_nodes(program)
         for decision in result.decisions["ffns"]:
             node = found.get(decision["path"])
             if node is None:
@@ -497,6 +462,93 @@ class FfnToMoe(Pass):
             experts, width = node.args[3].meta["val"].shape[:2]
             if (experts, width, node.args[8]) != (decision["experts"], decision["expert_size"], decision["top_k"]):
                 raise PassError(f"ffn_to_moe: the MoE node at {decision['path']} is not what the report says")
+
+
+def moe_nodes(program: Program) -> dict[str, Node]:
+    """The program's `sparsec::moe` nodes by the module path of the FFN they replaced (their module stack's last)."""
+    found = {}
+    for node in program.graph.find_nodes(op="call_function", target=MOE):
+        stack = node.meta.get("nn_module_stack") or {}
+        found[list(stack.values())[-1][0] if stack else ""] = node
+    return found
+
+
+def rewrite_as_moe(
+    program: Program,
+    ffn: Ffn,
+    group: ChannelGroup,
+    shared_idx: torch.Tensor,
+    stacked: dict,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    activation: str,
+    top_k: int,
+    gating: Gating,
+    shared_gate: torch.Tensor | None = None,
+) -> dict[str, str]:
+    """Replace `ffn` by one `sparsec::moe` node of the experts `stacked` (the op's tensors) and return the new state
+    names by role (`router_weight`, `fc1_weight`, ..., `shared_gate_weight`), each under `<ffn>.moe.`.
+
+    With `shared_idx` the dense FFN stays, sliced to those neurons: the shared expert, added to the MoE's output;
+    under one_plus_logit gated as in the paper, `shared(x) * (1 + gate_shared(x))` with `shared_gate` [1, H] (zeros
+    if None: the paper's initialisation). The dense down bias (if any) stays with the shared expert, or is added to
+    the MoE's output without one. Used by `ffn_to_moe` and by the paper's checkpoint importer (`moe_layout`).
+    """
+    graph = program.graph
+    gate_shared = gating == "one_plus_logit" and len(shared_idx) > 0
+    if gate_shared and shared_gate is None:
+        shared_gate = router_weight.new_zeros(1, router_weight.shape[1])
+    tensors = {
+        "router_weight": router_weight,
+        "router_bias": router_bias,
+        **stacked,
+        "shared_gate_weight": shared_gate if gate_shared else None,
+    }
+    prefix = f"{ffn.path}.moe" if ffn.path else "moe"
+    names = {k: f"{prefix}.{k}" for k, v in tensors.items() if v is not None}
+    nodes = {k: program.add_parameter(names[k], tensors[k]) if k in names else None for k in tensors}
+    stack = _module_stack(ffn.down, ffn.path)
+    down_bias = ffn.down.args[2] if len(ffn.down.args) > 2 else None
+    if len(shared_idx):
+        group.apply(program, shared_idx)
+    with graph.inserting_after(ffn.down):
+        moe = graph.call_function(
+            MOE,
+            (
+                ffn.up.args[0],
+                nodes["router_weight"],
+                nodes["router_bias"],
+                nodes["fc1_weight"],
+                nodes["fc1_bias"],
+                nodes["fc3_weight"],
+                nodes["fc3_bias"],
+                nodes["fc2_weight"],
+                top_k,
+                activation,
+                gating,
+            ),
+        )
+    added = [moe]
+    if len(shared_idx):
+        shared_out = ffn.down
+        if gate_shared:  # shared(x) * (1 + gate_shared(x)); the paper writes shared + shared * gate_shared(x)
+            with graph.inserting_after(moe):
+                gate = graph.call_function(aten.linear.default, (ffn.up.args[0], nodes["shared_gate_weight"]))
+            with graph.inserting_after(gate):
+                one_plus = graph.call_function(aten.add.Tensor, (gate, 1.0))
+            with graph.inserting_after(one_plus):
+                shared_out = graph.call_function(aten.mul.Tensor, (ffn.down, one_plus))
+            added += [gate, one_plus, shared_out]
+        with graph.inserting_after(added[-1]):
+            added.append(graph.call_function(aten.add.Tensor, (shared_out, moe)))
+    elif down_bias is not None:
+        with graph.inserting_after(moe):
+            added.append(graph.call_function(aten.add.Tensor, (moe, down_bias)))
+    out = added[-1]
+    for node in added:
+        node.meta["nn_module_stack"] = stack
+    program.replace_uses(ffn.down, out, except_in=added[-2] if gate_shared else out)
+    return names
 
 
 def _float(stacked: dict) -> dict:

@@ -207,6 +207,22 @@ def random_moe_weights(experts=4, width=8, hidden=16, gated=True, seed=0):
     )
 
 
+def paper_moe_by_hand(x, router_weight, experts, top_k, shared=None, shared_gate=None, router_bias=None):
+    """The paper's MoE forward per token, written out: the k largest raw router logits (ties: lower index first)
+    pick the experts, each weighted 1 + logit, plus the shared expert weighted 1 + gate_shared(x). `experts` and
+    `shared` are callables on one token."""
+    out = []
+    for token in x.reshape(-1, x.shape[-1]):
+        logits = router_weight.float() @ token.float()
+        logits = (logits if router_bias is None else logits + router_bias.float()).tolist()
+        chosen = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:top_k]
+        y = sum((1 + logits[e]) * experts[e](token).float() for e in chosen)
+        if shared is not None:
+            y = y + shared(token).float() * (1 + float(shared_gate.float() @ token.float()))
+        out.append(y)
+    return torch.stack(out).reshape(*x.shape[:-1], -1)
+
+
 class MoeOpModule(torch.nn.Module):
     """One `torch.ops.sparsec.moe` call with fixed weights: the op on its own, captured and lowered."""
 

@@ -19,7 +19,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from sparsec.errors import SparsecError
-from sparsec.exporters.lowering.onnx_moe import MoeLowering, moe_translation
+from sparsec.exporters.lowering.onnx_moe import CONTRIB_GATINGS, MoeLowering, moe_translation
 from sparsec.exporters.lowering.segments import METADATA_KEY, boundary_name, parity_segments, segments_metadata
 from sparsec.ir.program import Program
 
@@ -159,6 +159,15 @@ def export_onnx(
             f"the program computes complex values ({', '.join(complex_nodes[:5])}{', ...' if len(complex_nodes) > 5 else ''}), "
             "which ONNX cannot express; run the `real_rotary` pass first (recipe: `- real_rotary: {}`)"
         )
+    if moe_lowering == "contrib":
+        moe_nodes = program.graph.find_nodes(op="call_function", target=torch.ops.sparsec.moe.default)
+        refused = sorted({n.args[10] for n in moe_nodes} - set(CONTRIB_GATINGS))
+        if refused:
+            raise SparsecError(
+                f"moe_lowering contrib: ONNX Runtime's com.microsoft::MoE weights experts by a softmax and cannot "
+                f"express gating {', '.join(refused)} (the paper's 1 + raw logit); use moe_lowering: standard "
+                "(recipe `export: {moe_lowering: standard}`)"
+            )
     if external_data == "auto":
         external_data = program.parameter_bytes() > EXTERNAL_DATA_THRESHOLD
     start = time.perf_counter()

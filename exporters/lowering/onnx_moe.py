@@ -1,6 +1,7 @@
 """ONNX lowerings of `torch.ops.sparsec.moe`, used as custom translations by `torch.onnx.export`.
 
-Both implement the routing of `sparsec.ops.moe` (softmax over experts, top-k, gating unit|softmax|renormalized):
+Both implement the routing of `sparsec.ops.moe` (softmax over experts, top-k, gating unit|softmax|renormalized;
+`standard` also the paper's raw-logit gating `one_plus_logit`):
 
 - `contrib`: ONNX Runtime's `com.microsoft::MoE` (CPU kernel since 1.23; the CUDA kernel honours the SwiGLU
   attributes from 1.28, before that it hard-codes GPT-OSS's). Checked facts about the CPU kernel (1.32): weights
@@ -9,7 +10,9 @@ Both implement the routing of `sparsec.ops.moe` (softmax over experts, top-k, ga
   `swiglu_fusion=1` (gate and up rows interleaved, alpha 1, beta 0, no clamp: SiLU(gate) * up); `gelu` is the
   tanh approximation; fc3 is not implemented on CPU. Unit gating is expressed by handing the kernel masked
   logits (0 for the k chosen experts, -1e9 elsewhere: weight 1/k each) and scaling the output by k.
-  FFNs the kernel cannot express (erf GELU, GeGLU) fall back to `standard`.
+  FFNs the kernel cannot express (erf GELU, GeGLU) fall back to `standard`. Gating `one_plus_logit` it cannot
+  express at all (its weights come from a softmax; `1 + logit` may be negative or exceed 1): `export_onnx`
+  refuses `contrib` for it (`CONTRIB_GATINGS`) and names `standard` instead.
 - `standard`: plain ONNX (TopK, Equal, NonZero, Gather, Gemm, ScatterND with reduction add), still sparse:
   per expert, gather the tokens routed to it, run its FFN on them, scatter-add the weighted result. For
   runtimes without the contrib op. With `scatter_reduction=False` (what `--target tensorrt` exports) each
@@ -69,6 +72,7 @@ def _contrib_moe_schema() -> onnx.defs.OpSchema:
 
 
 CONTRIB_MOE = Op(MICROSOFT, "MoE", _contrib_moe_schema())
+CONTRIB_GATINGS = ("unit", "softmax", "renormalized")  # one_plus_logit: softmax weights cannot express 1 + logit
 CONTRIB_ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu_tanh": "gelu"}  # plain FFNs; gated: silu only
 MASKED_LOGIT = -1e9
 
@@ -246,8 +250,12 @@ def _moe_standard(
 ):
     x2 = _rows(x)
     logits = _router_logits(x2, router_weight, router_bias)
-    probs = op.Softmax(op.Cast(logits, to=onnxscript.FLOAT.dtype), axis=-1)
-    top_p, chosen = op.TopK(probs, op.Constant(value_ints=[top_k]), axis=-1)
+    logits = op.Cast(logits, to=onnxscript.FLOAT.dtype)
+    if gating == "one_plus_logit":  # raw logits; TopK keeps the lower index on ties, as `route` does
+        top_p, chosen = op.TopK(logits, op.Constant(value_ints=[top_k]), axis=-1)
+        top_p = op.Add(top_p, op.Constant(value_float=1.0))
+    else:
+        top_p, chosen = op.TopK(op.Softmax(logits, axis=-1), op.Constant(value_ints=[top_k]), axis=-1)
     if gating == "renormalized":
         top_p = op.Div(top_p, op.ReduceSum(top_p, op.Constant(value_ints=[1]), keepdims=1))
     zero = op.CastLike(op.Constant(value_float=0.0), x2)

@@ -1,8 +1,9 @@
 """Module paths (`model.layers.3.mlp.down_proj`) and the glob language used everywhere to select them.
 
 Globs: `*` matches within one path component, `**` matches across components (zero or more), `?` one
-character, `[0-9]` a class. So `model.layers.*` is exactly the decoder blocks, `**.mlp` every MLP, and
-`model.vision_model.**` everything under the vision tower.
+character, `[0-9]` a class, `{m-n}` a whole number from m to n. So `model.layers.*` is exactly the decoder
+blocks, `**.mlp` every MLP, `model.layers.{1-26}.mlp` the MLPs of layers 1 to 26, and `model.vision_model.**`
+everything under the vision tower.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append(r"[^.]")
             i += 1
+        elif pattern[i] == "{":
+            end = pattern.find("}", i)
+            bounds = pattern[i + 1 : end].split("-") if end > 0 else []
+            if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or int(bounds[0]) > int(bounds[1]):
+                raise ValueError(f"glob {pattern!r}: '{{' starts a range of whole numbers {{m-n}} with m <= n")
+            out.append("(?:" + "|".join(str(n) for n in range(int(bounds[0]), int(bounds[1]) + 1)) + ")")
+            i = end + 1
         elif pattern[i] == "[":
             end = pattern.find("]", i)
             if end < 0:

@@ -18,6 +18,16 @@ Routing, the one definition used by the PyTorch op, both ONNX lowerings and rout
             | p[experts] / sum(...)  gating "renormalized"
     y = sum over the chosen experts of weight * expert(x)
 
+Gating "one_plus_logit" is the paper's MoE ("Understanding and Harnessing Sparsity in Unified Multimodal
+Models", its repository's `Qwen2MoeSparseMoeBlock`): no softmax, the k largest raw logits pick the experts and
+each chosen expert is weighted `1 + logit`, so a zero router (the paper's initialisation) gives exactly the sum
+of k experts and training moves the weights away from 1. Ties (every logit of a zero router ties) pick the
+lowest expert indices (a stable sort), which is what ONNX TopK does, so a zero router routes tokens to experts
+0..k-1 in PyTorch, in the decomposition and in ONNX alike; the paper's code uses `torch.topk`, whose choice among
+ties is unspecified (on the CPU it picks high indices), which only matters before the router is trained. The
+paper computes the logits and `1 + logit` in the model's dtype (bfloat16); here they are float32 like every
+gating. Its gated shared expert, `shared(x) * (1 + gate_shared(x))`, lies outside this op (`ffn_to_moe`).
+
 Under "unit" gating the router still gets a gradient when one is asked for (straight-through: the forward
 weight is exactly 1, the backward sees d weight / d p = 1), so routers can be tuned end to end.
 
@@ -47,8 +57,8 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-GATINGS = ("unit", "softmax", "renormalized")
-Gating = Literal["unit", "softmax", "renormalized"]
+GATINGS = ("unit", "softmax", "renormalized", "one_plus_logit")
+Gating = Literal["unit", "softmax", "renormalized", "one_plus_logit"]
 
 
 def router_logits(x: Tensor, router_weight: Tensor, router_bias: Tensor | None = None) -> Tensor:
@@ -60,6 +70,9 @@ def route(logits: Tensor, top_k: int, gating: Gating = "unit") -> tuple[Tensor, 
     """(weights [T, k] float32, experts [T, k] int64) for router logits [T, E]; see the module docstring."""
     if gating not in GATINGS:
         raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    if gating == "one_plus_logit":
+        top, experts = logits.float().sort(dim=-1, descending=True, stable=True)
+        return 1.0 + top[..., :top_k], experts[..., :top_k]
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, experts = probs.topk(top_k, dim=-1)
     if gating == "softmax":

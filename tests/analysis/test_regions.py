@@ -11,6 +11,7 @@ from conftest import make_inputs, make_model
 import sparsec
 from sparsec.analysis.regions import RegionIndex, region_index
 from sparsec.errors import SparsecError
+from sparsec.ir.paths import glob_match
 from sparsec.ir.tags import TagRule
 
 aten = torch.ops.aten
@@ -47,6 +48,11 @@ def test_globs_and_blocks(captured):
     assert [r.path for r in regions.match("**.mlp")] == [f"model.layers.{i}.mlp" for i in range(4)]
     assert [b.path for b in regions.blocks()] == [f"model.layers.{i}" for i in range(4)]
     assert [b.path for b in regions.blocks("model.layers.[13]")] == ["model.layers.1", "model.layers.3"]
+    assert [f.path for f in regions.ffns("model.layers.{1-2}.mlp")] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert glob_match("model.layers.26.mlp", "model.layers.{1-26}.mlp")
+    assert not any(glob_match(f"model.layers.{i}.mlp", "model.layers.{1-26}.mlp") for i in (0, 27, 260))
+    with pytest.raises(ValueError, match="range of whole numbers"):
+        glob_match("model.layers.1", "model.layers.{3-1}")
     with pytest.raises(SparsecError, match="did you mean model.layers.1"):
         regions.region("model.layer.1")
 

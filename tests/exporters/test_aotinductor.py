@@ -20,7 +20,7 @@ from sparsec.exporters.targets.aotinductor import _check_python_free
 from sparsec.ops.moe import DECOMPOSITIONS, moe_forward
 from sparsec.recipe import Recipe
 
-GATINGS = ("unit", "softmax", "renormalized")
+GATINGS = ("unit", "softmax", "renormalized", "one_plus_logit")
 
 
 def _reference_without_layer_1():

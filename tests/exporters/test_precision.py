@@ -221,10 +221,14 @@ def test_refuses_what_it_cannot_convert(tmp_path):
         ("relu", False, "renormalized"),
         ("gelu_tanh", False, "unit"),
         ("gelu", False, "softmax"),
+        ("silu", True, "one_plus_logit"),
     ],
 )
 def test_fp16_moe_lowerings_with_biases_match_the_op(tmp_path, lowering, activation, gated, gating):
-
+    if lowering == "contrib" and gating == "one_plus_logit":
+        pytest.skip(
+            "contrib refuses one_plus_logit (tests/passes/test_ffn_to_moe.py::test_onnx_lowerings_match_the_op)"
+        )
     torch.manual_seed(0)
     module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})

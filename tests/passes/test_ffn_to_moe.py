@@ -5,12 +5,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MoeOpModule, make_inputs, make_model, make_qwenimage, qwenimage_inputs, random_moe_weights
+from conftest import (
+    MoeOpModule,
+    make_inputs,
+    make_model,
+    make_qwenimage,
+    paper_moe_by_hand,
+    qwenimage_inputs,
+    random_moe_weights,
+)
 
 import sparsec
 from sparsec import testing
 from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import PassError, RecipeError
+from sparsec.errors import PassError, RecipeError, SparsecError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.ops.moe import moe_dense_reference, moe_forward
 
@@ -302,6 +310,122 @@ def test_op_grouped_path_autograd_and_flops():
     assert counter.get_total_flops() == 2 * 15 * 16 * 4 + 2 * 15 * 2 * 3 * 8 * 16
 
 
+def _expert_calls(fc1, fc3, fc2):
+    return [lambda t, e=e: F.linear(F.silu(F.linear(t, fc1[e])) * F.linear(t, fc3[e]), fc2[e]) for e in range(len(fc1))]
+
+
+def test_one_plus_logit_gating_is_the_papers_routing_forward_and_backward():
+    router, _, fc1, _, fc3, _, fc2 = random_moe_weights(experts=6)
+    x = torch.randn(3, 5, 16)
+    got = torch.ops.sparsec.moe(x, router, None, fc1, None, fc3, None, fc2, 2, "silu", "one_plus_logit")
+    torch.testing.assert_close(got, paper_moe_by_hand(x, router, _expert_calls(fc1, fc3, fc2), 2))
+    zero = torch.ops.sparsec.moe(
+        x, torch.zeros_like(router), None, fc1, None, fc3, None, fc2, 3, "silu", "one_plus_logit"
+    )
+    experts = _expert_calls(fc1, fc3, fc2)
+    torch.testing.assert_close(zero, sum(experts[e](x) for e in range(3)))  # all tie: experts 0, 1, 2, weight 1
+
+    # router training: the op's gradient is that of the same function computed densely (every expert, masked)
+    def dense_masked(x, router_weight):
+        logits = F.linear(x, router_weight)
+        top = logits.topk(2, -1)
+        mask = torch.zeros_like(logits).scatter(-1, top.indices, 1 + top.values)
+        return (moe_dense_reference(x, fc1, None, fc3, None, fc2, "silu") * mask.unsqueeze(-1)).sum(-2)
+
+    leaves = [x.clone().requires_grad_(), router.clone().requires_grad_()]
+    torch.ops.sparsec.moe(
+        leaves[0], leaves[1], None, fc1, None, fc3, None, fc2, 2, "silu", "one_plus_logit"
+    ).square().sum().backward()
+    direct = [x.clone().requires_grad_(), router.clone().requires_grad_()]
+    dense_masked(*direct).square().sum().backward()
+    for a, b in zip(leaves, direct):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_router_ties_route_alike_in_onnx(tmp_path):
+    """Every logit of a zero router ties: PyTorch and ONNX TopK both take the lowest expert indices."""
+    router, _, fc1, _, fc3, _, fc2 = random_moe_weights(experts=6)
+    module = MoeOpModule((torch.zeros_like(router), None, fc1, None, fc3, None, fc2), 2, "silu", "one_plus_logit")
+    program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    export_onnx(program, tmp_path / "moe.onnx")
+    x = torch.randn(3, 5, 16)
+    experts = _expert_calls(fc1, fc3, fc2)
+    torch.testing.assert_close(program.run({"x": x})["output"], experts[0](x) + experts[1](x))
+    testing.assert_onnx_equivalent(tmp_path / "moe.onnx", program, {"x": x}, rtol=1e-5, atol=1e-5)
+
+
+class PaperMoe(torch.nn.Module):
+    """A Qwen2 FFN module's own weights split into the reported experts and shared expert, run as the paper's MoE
+    (`paper_moe_by_hand`) with the program's router and shared gate."""
+
+    def __init__(self, mlp, decision, program):
+        super().__init__()
+        self.mlp, self.decision = mlp, decision
+        moe = f"{decision['path']}.moe"
+        self.router_weight = program.state_tensor(f"{moe}.router_weight")
+        has_bias = f"{moe}.router_bias" in program.parameter_names()
+        self.router_bias = program.state_tensor(f"{moe}.router_bias") if has_bias else None
+        self.shared_gate = program.state_tensor(decision["shared_gate"]) if decision["shared_gate"] else None
+
+    def _part(self, idx):
+        m = self.mlp
+        idx = torch.tensor(idx, dtype=torch.long)
+        return lambda t: F.linear(
+            F.silu(F.linear(t, m.gate_proj.weight[idx])) * F.linear(t, m.up_proj.weight[idx]),
+            m.down_proj.weight[:, idx],
+        )
+
+    def forward(self, x):
+        d = self.decision
+        shared = self._part(d["shared_indices"]) if d["shared_indices"] else None
+        experts = [self._part(e) for e in d["expert_indices"]]
+        y = paper_moe_by_hand(x, self.router_weight, experts, d["top_k"], shared, self.shared_gate, self.router_bias)
+        return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("router", ["zero", "random"])
+def test_papers_moe_equals_its_forward_by_hand(router):
+    """gating one_plus_logit with a shared expert is the paper's MoE: zero router (every token: experts 0 and 1
+    plus the shared expert, weight 1 each) and random router and shared gates, against a per-token reference."""
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router=router, importance="magnitude")
+    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    gen = torch.Generator().manual_seed(3)
+    for d in record.decisions["ffns"]:
+        assert_true_partition(d)
+        assert (d["shared_neurons"], d["expert_size"]) == (32, 24)
+        gate = program.state_tensor(d["shared_gate"])
+        assert d["shared_gate"] == f"{d['path']}.moe.shared_gate_weight" and gate.shape == (1, 64) and not gate.any()
+        if router == "zero":
+            assert not program.state_tensor(f"{d['path']}.moe.router_weight").any()
+            assert f"{d['path']}.moe.router_bias" not in program.parameter_names()
+        else:
+            program.replace_state(d["shared_gate"], torch.randn(1, 64, generator=gen) / 8)
+    reference = copy.deepcopy(model)
+    for d in record.decisions["ffns"]:
+        parent, _, name = d["path"].rpartition(".")
+        setattr(reference.get_submodule(parent), name, PaperMoe(reference.get_submodule(d["path"]), d, program))
+    testing.assert_equivalent(
+        program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits", rtol=1e-4, atol=1e-5
+    )
+
+
+def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
+    model = make_model("tiny-qwen2")
+    calib = calibration(model, samples=8, seq=16)
+    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router="zero", where="model.layers.0.mlp")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    record = testing.apply_pass(
+        program, "ffn_to_moe", **options, adapt="router", adapt_steps=6, lr=1e-2, calibration=calib
+    )
+    assert record.decisions["adapt"]["loss_after"] < record.decisions["adapt"]["loss_before"]
+    fresh = sparsec.capture(model, make_inputs(model, 2, 16))
+    testing.apply_pass(fresh, "ffn_to_moe", **options, calibration=calib)
+    changed = {n for n in program.parameter_names() if not torch.equal(program.state_tensor(n), fresh.state_tensor(n))}
+    assert changed == {"model.layers.0.mlp.moe.router_weight", "model.layers.0.mlp.moe.shared_gate_weight"}
+
+
 def test_program_with_moe_saves_and_loads(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
@@ -320,6 +444,7 @@ def test_program_with_moe_saves_and_loads(tmp_path):
         ("relu", False, "renormalized"),
         ("gelu_tanh", False, "unit"),
         ("gelu", False, "softmax"),  # erf GELU: the contrib path falls back
+        ("silu", True, "one_plus_logit"),  # the paper's gating: contrib refuses it
     ],
 )
 def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gating):
@@ -327,6 +452,11 @@ def test_onnx_lowerings_match_the_op(tmp_path, lowering, activation, gated, gati
 
     module = MoeOpModule(random_moe_weights(experts=6, gated=gated), 2, activation, gating)
     program = sparsec.capture(module, {"x": torch.randn(2, 8, 16)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    if lowering == "contrib" and gating == "one_plus_logit":
+        with pytest.raises(SparsecError, match="cannot express gating one_plus_logit .*use moe_lowering: standard"):
+            export_onnx(program, tmp_path / "moe.onnx", moe_lowering="contrib")
+        assert not (tmp_path / "moe.onnx").exists()
+        return
     for_tensorrt = lowering == "standard_for_tensorrt"  # what --target tensorrt exports: no ScatterND reduction
     info = export_onnx(
         program,
@@ -355,6 +485,26 @@ def test_onnx_model_with_moe_matches_pytorch_at_another_shape(tmp_path, lowering
     program = sparsec.capture(model, make_inputs(model, 2, 16))
     testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, calibration=calibration(model))
     export_onnx(program, tmp_path / "m.onnx", moe_lowering=lowering)
+    testing.assert_onnx_equivalent(
+        tmp_path / "m.onnx",
+        program,
+        make_inputs(model, 3, 11, seed=9, pad_left=2),
+        output="logits",
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.slow
+def test_papers_moe_with_a_gated_shared_expert_lowers_to_onnx(tmp_path):
+    model = make_model("tiny-qwen2")
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    options = dict(experts=7, top_k=3, shared=0.125, gating="one_plus_logit", router="random", importance="magnitude")
+    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    gen = torch.Generator().manual_seed(0)
+    for d in record.decisions["ffns"]:
+        program.replace_state(d["shared_gate"], torch.randn(1, 64, generator=gen) / 8)
+    export_onnx(program, tmp_path / "m.onnx")
     testing.assert_onnx_equivalent(
         tmp_path / "m.onnx",
         program,
