@@ -32,7 +32,7 @@ from sparsec.data.calibration import (
 from sparsec.data.parity import ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
-from sparsec.families import entry_points
+from sparsec.families import entry_points, family_for_directory
 from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
 from sparsec.recipe import Recipe
 from sparsec.resources import (
@@ -524,7 +524,11 @@ def _program_precision(program) -> str:
 
 
 def _config(directory: Path) -> dict:
-    """The checkpoint directory's config.json as read before the model loads; `SparsecError` unless a JSON object."""
+    """The checkpoint directory's config.json as read before the model loads; `SparsecError` unless a JSON object.
+    A checkpoint in a layout of its family's own (BAGEL's) has none: its family says the language model's fields."""
+    family = family_for_directory(directory)
+    if family is not None:
+        return family.directory_config(directory)
     fix = "restore it from the model's source or re-save it (model.config.save_pretrained(dir))"
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))

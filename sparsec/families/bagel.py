@@ -1,0 +1,447 @@
+"""BAGEL (ByteDance-Seed/Bagel) checkpoints: `--model DIR` on a BAGEL-7B-MoT directory, and its programs.
+
+A BAGEL checkpoint is no `save_pretrained` directory: it holds `llm_config.json` (a Qwen2 config), `vit_config.json`
+(SigLIP), `ema.safetensors` (the whole model) and `ae.safetensors` (the VAE, which stays outside sparsec's programs),
+plus tokenizer files. The family reads it as BAGEL's own loader (`app.py`) builds the model: the language model is
+the Mixture-of-Transformers decoder of `sparsec.families.mot` with the loader's overrides (`qk_norm=True`,
+`tie_word_embeddings=False`, `layer_module="Qwen2MoTDecoderLayer"`: q/k RMSNorms, q/k/v biases, an untied head and
+a `_moe_gen` copy of every layer's weights for generation tokens), beside the modules BAGEL adds around it, under
+BAGEL's tensor names (`ema.safetensors` maps one to one onto `BagelModel`'s parameters):
+
+- `language_model.model.{embed_tokens, layers.{i}.*, norm, norm_moe_gen}`, `language_model.lm_head`;
+- generation: `time_embedder.mlp.{0,2}`, `vae2llm`, `llm2vae`, `latent_pos_embed.pos_embed`;
+- understanding: `connector.fc{1,2}`, `vit_pos_embed.pos_embed` (the SigLIP tower `vit_model.*` is not loaded: the
+  `understanding` program takes its output).
+
+The latent patch (`latent_patch_size = 2` in `app.py`) and the VAE's latent channels (`z_channels = 16` in
+`modeling/autoencoder.py`'s `load_ae`) are fixed in BAGEL's code, not in a config file; the position tables' sizes
+(`max_latent_size = 64`, `vit_max_num_patch_per_side = 70` in `app.py`) are read from the tables' shapes.
+
+Programs (`BagelFamily.entry_points`), computed as BAGEL's inference computes them (`modeling/bagel/bagel.py`), in one
+pass over the whole context instead of a KV cache (the same attention, so the same result):
+
+- `understanding` (`BagelUnderstanding`): an image's precomputed ViT features and the text after it -> logits;
+- `generation_step` (`BagelGenerationStep`): a prompt, noisy latent patches and their timestep -> the flow-matching
+  velocity, at a latent grid fixed when the program is made (batch and prompt length dynamic).
+
+Both share the language model's module paths (`language_model.model.layers.0.mlp_moe_gen`), so tags and `where`
+globs mean the same in both. What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts
+of the generation pass in bf16 whatever the weights' dtype; here every step runs in the weights' dtype.
+
+Example::
+
+    loaded = sparsec.models.load_model("models/BAGEL-7B-MoT")      # llm_config.json + ema.safetensors
+    step = entry_points(loaded.model)["generation_step"]
+    step.module(**step.example_inputs(batch=2, seq=12))["velocity"].shape   # [2, 16 * 16, 64]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsec.errors import SparsecError
+from sparsec.families.base import EntryPoint, Family
+from sparsec.families.mot import FAMILIES as MOT_FAMILIES
+from sparsec.families.mot import Modality, MoTConfig, MoTForCausalLM
+from sparsec.ir.tags import TagRule
+
+LLM_CONFIG = "llm_config.json"
+VIT_CONFIG = "vit_config.json"
+WEIGHTS = "ema.safetensors"
+LATENT_PATCH = 2  # app.py: BagelConfig(latent_patch_size=2)
+LATENT_CHANNELS = 16  # modeling/autoencoder.py load_ae: AutoEncoderParams(z_channels=16)
+VAE_DOWNSAMPLE = 8  # load_ae: downsample=8; a latent patch covers 8 * 2 = 16 pixels a side
+TIMESTEP_FREQUENCIES = 256  # modeling_utils.TimestepEmbedder(frequency_embedding_size=256)
+# Qwen2.5's ids of the tokens BAGEL wraps an image in (data_utils.add_special_tokens), when no tokenizer file names them
+QWEN2_IMAGE_TOKENS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653}
+
+
+@dataclass(frozen=True)
+class BagelConfig:
+    """What a BAGEL checkpoint's files say about its shapes (see the module docstring for where each comes from).
+
+    Attributes:
+        llm: the language model's config (`llm_config.json` with BAGEL's loader overrides).
+        vit_hidden: the SigLIP tower's width (`vit_config.json` `hidden_size`): the connector's input.
+        max_latent_size: latent patches per side of the latent position table (`latent_pos_embed`).
+        vit_max_patches: ViT patches per side of the ViT position table (`vit_pos_embed`).
+        start_of_image, end_of_image: ids of `<|vision_start|>` / `<|vision_end|>`, which wrap every image.
+    """
+
+    llm: MoTConfig
+    vit_hidden: int
+    max_latent_size: int
+    vit_max_patches: int
+    start_of_image: int
+    end_of_image: int
+
+    @property
+    def patch_dim(self) -> int:
+        """Width of one latent patch, channels-last: `latent_patch_size ** 2 * z_channels`."""
+        return LATENT_PATCH * LATENT_PATCH * LATENT_CHANNELS
+
+
+class TimestepEmbedder(nn.Module):
+    """BAGEL's (DiT's) timestep embedding: `mlp(cat(cos(t * f), sin(t * f)))`, `f_i = 10000 ** (-i / 128)`, i < 128."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = TIMESTEP_FREQUENCIES // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.to(torch.float32)[:, None] * freqs[None]
+        frequencies = torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
+
+
+class PositionEmbedding(nn.Module):
+    """A stored 2D position table `pos_embed` [side ** 2, H] (BAGEL fills it with fixed sin-cos values, saved in the
+    checkpoint), indexed by `row * side + column`."""
+
+    def __init__(self, side: int, hidden: int) -> None:
+        super().__init__()
+        self.side = side
+        self.pos_embed = nn.Parameter(torch.zeros(side * side, hidden), requires_grad=False)
+
+    def grid(self, rows: int, cols: int) -> torch.Tensor:
+        """[rows * cols, H]: the rows of a `rows` x `cols` grid, row-major (`get_flattened_position_ids_extrapolate`)."""
+        if rows > self.side or cols > self.side:
+            raise SparsecError(
+                f"a {rows} x {cols} patch grid exceeds the checkpoint's {self.side} x {self.side} position table; "
+                f"use at most {self.side} patches a side"
+            )
+        ids = (torch.arange(rows)[:, None] * self.side + torch.arange(cols)[None, :]).reshape(-1)
+        return self.pos_embed[ids.to(self.pos_embed.device)]
+
+
+class Connector(nn.Module):
+    """BAGEL's `MLPconnector`: ViT features -> the language model's width, `fc2(gelu_tanh(fc1(x)))`."""
+
+    def __init__(self, vit_hidden: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(vit_hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class BagelModel(nn.Module):
+    """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points."""
+
+    def __init__(self, config: BagelConfig) -> None:
+        super().__init__()
+        self.bagel_config = config
+        hidden = config.llm.hidden_size
+        self.language_model = MoTForCausalLM(config.llm)
+        self.time_embedder = TimestepEmbedder(hidden)
+        self.vae2llm = nn.Linear(config.patch_dim, hidden)
+        self.llm2vae = nn.Linear(hidden, config.patch_dim)
+        self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
+        self.connector = Connector(config.vit_hidden, hidden)
+        self.vit_pos_embed = PositionEmbedding(config.vit_max_patches, hidden)
+
+
+def _padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] rotary positions of padded text: each sample's valid tokens count 0, 1, ... as if packed alone."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class BagelGenerationStep(nn.Module):
+    """One denoising step of BAGEL's image generation (`Bagel._forward_flow`, the conditional branch) at a latent
+    grid fixed when the module is made.
+
+    The context is the prompt (`input_ids` as BAGEL's `prepare_prompts` makes them: `<|im_start|>`, the text,
+    `<|im_end|>`; causal, understanding weights), then the image being generated: `<|vision_start|>`, the latent
+    tokens, `<|vision_end|>`, all at one rotary position (the prompt's length) and attending to the whole prompt and
+    to each other, not causally. The latent tokens are `vae2llm(x_t) + time_embedder(t) + latent_pos_embed[grid]`
+    through the `_moe_gen` weights; the markers through the understanding ones. The velocity is
+    `llm2vae(norm_moe_gen(hidden))` at the latent tokens; a sampler steps `x_t <- x_t - v * dt` from `t = 1`
+    (noise) to 0.
+
+    Inputs: `input_ids` [B, S], `attention_mask` [B, S] (0: padding, anywhere: each sample computes what BAGEL
+    computes for its prompt alone), `latents` [B, rows * cols, 64] (the patchified noisy latent, each patch
+    `(p, q, channel)` channels-last, as BAGEL's `einsum("chpwq->hwpqc")`), `timestep` [B] (the flow time `t` in
+    [0, 1], shifted as the sampler schedules it). Output `{"velocity": [B, rows * cols, 64]}`.
+
+    Outside the program, as in BAGEL: the VAE (encoding, and decoding the final latent), the schedule and its
+    shift, classifier-free guidance (the same step on the prompt-free and image-free contexts; an empty prompt, BAGEL's
+    text-free branch of text-to-image, needs at least one token here) and its renormalisation.
+    """
+
+    def __init__(self, bagel: BagelModel, rows: int, cols: int) -> None:
+        super().__init__()
+        config = bagel.bagel_config
+        self.language_model = bagel.language_model
+        self.time_embedder = bagel.time_embedder
+        self.vae2llm = bagel.vae2llm
+        self.llm2vae = bagel.llm2vae
+        self.latent_pos_embed = bagel.latent_pos_embed
+        self.grid = (int(rows), int(cols))
+        self.markers = (config.start_of_image, config.end_of_image)
+        bagel.latent_pos_embed.grid(rows, cols)  # a grid beyond the table: refused here
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        decoder = self.language_model.model
+        batch, prompt = input_ids.shape
+        n = self.image_tokens
+        total = prompt + n + 2
+        text = decoder.embed_tokens(input_ids)
+        start, end = decoder.embed_tokens(torch.tensor(self.markers, device=input_ids.device)).unbind(0)
+        image = self.vae2llm(latents) + self.time_embedder(timestep)[:, None] + self.latent_pos_embed.grid(*self.grid)
+        hidden = torch.cat((text, start.expand(batch, 1, -1), image.to(text.dtype), end.expand(batch, 1, -1)), dim=1)
+        rows = torch.arange(batch * total, device=input_ids.device).view(batch, total)
+        modality = Modality(
+            und=torch.cat((rows[:, : prompt + 1], rows[:, prompt + 1 + n :]), dim=1).reshape(-1),
+            gen=rows[:, prompt + 1 : prompt + 1 + n].reshape(-1),
+        )
+        image_position = attention_mask.long().sum(1, keepdim=True).expand(batch, n + 2)
+        positions = torch.cat((_padded_positions(attention_mask), image_position), dim=1)
+        index = torch.arange(total, device=input_ids.device)
+        # prompt rows: causal over the prompt; image rows: the whole prompt and the whole image
+        allowed = (index[None, :] <= index[:, None]) | (index[:, None] >= prompt)
+        keys = torch.cat((attention_mask.bool(), attention_mask.new_ones(batch, n + 2, dtype=torch.bool)), dim=1)
+        mask = allowed & (keys[:, None, None, :] | torch.eye(total, dtype=torch.bool, device=input_ids.device))
+        out = decoder.decode(hidden, modality, positions, mask)
+        return {"velocity": self.llm2vae(out[:, prompt + 1 : prompt + 1 + n])}
+
+
+class BagelUnderstanding(nn.Module):
+    """BAGEL's understanding of an image and the text after it (`forward_cache_update_vit`, then the text), the
+    language model's logits over the text.
+
+    The context is the image: `<|vision_start|>`, the ViT tokens `connector(vit_features) + vit_pos_embed[grid]`,
+    `<|vision_end|>`, all at rotary position 0 and attending to each other (not causally); then the text (`input_ids`,
+    e.g. `<|im_start|>` question `<|im_end|>` `<|im_start|>`), causal, at positions 1, 2, ...; every token through
+    the understanding weights (this program holds no `_moe_gen` weight).
+
+    Inputs: `input_ids` [B, S], `attention_mask` [B, S] (0: padding), `vit_features` [B, rows * cols, vit_hidden]
+    (the SigLIP tower's output, after its `post_layernorm`, for a ViT patch grid fixed when the module is made).
+    Output `{"logits": [B, S, vocab]}` at the text tokens.
+    """
+
+    def __init__(self, bagel: BagelModel, rows: int, cols: int) -> None:
+        super().__init__()
+        config = bagel.bagel_config
+        self.language_model = bagel.language_model
+        self.connector = bagel.connector
+        self.vit_pos_embed = bagel.vit_pos_embed
+        self.grid = (int(rows), int(cols))
+        self.markers = (config.start_of_image, config.end_of_image)
+        bagel.vit_pos_embed.grid(rows, cols)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vit_features: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        decoder = self.language_model.model
+        batch, length = input_ids.shape
+        block = self.image_tokens + 2
+        total = block + length
+        text = decoder.embed_tokens(input_ids)
+        start, end = decoder.embed_tokens(torch.tensor(self.markers, device=input_ids.device)).unbind(0)
+        image = self.connector(vit_features) + self.vit_pos_embed.grid(*self.grid)
+        hidden = torch.cat((start.expand(batch, 1, -1), image.to(text.dtype), end.expand(batch, 1, -1), text), dim=1)
+        positions = torch.cat(
+            (attention_mask.new_zeros(batch, block, dtype=torch.long), _padded_positions(attention_mask) + 1), dim=1
+        )
+        index = torch.arange(total, device=input_ids.device)
+        allowed = (index[None, :] <= index[:, None]) | (index[None, :] < block)  # text causal; image block full
+        keys = torch.cat((attention_mask.new_ones(batch, block, dtype=torch.bool), attention_mask.bool()), dim=1)
+        mask = allowed & (keys[:, None, None, :] | torch.eye(total, dtype=torch.bool, device=input_ids.device))
+        out = decoder.decode(hidden, Modality(und=None, gen=None), positions, mask)
+        return {"logits": self.language_model.lm_head(out[:, block:])}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"{path} cannot be read as JSON ({exc}); restore it from the BAGEL checkpoint") from exc
+    if not isinstance(data, dict):
+        raise SparsecError(f"{path} is not a JSON object; restore it from the BAGEL checkpoint")
+    return data
+
+
+def llm_config(directory: Path) -> MoTConfig:
+    """`llm_config.json` as BAGEL's loader reads it (`qk_norm=True`, `tie_word_embeddings=False`, the MoT layers).
+
+    Raises:
+        SparsecError: a field is missing, or the config asks for what BAGEL's decoder does not do (another
+            activation, rope scaling).
+    """
+    raw = _read_json(directory / LLM_CONFIG)
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [f for f in fields if not isinstance(raw.get(f), int)]
+    if missing:
+        raise SparsecError(f"{directory / LLM_CONFIG} lacks {missing}; restore it from the BAGEL checkpoint")
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("rope_scaling"):
+        raise SparsecError(
+            f"{directory / LLM_CONFIG}: hidden_act {raw.get('hidden_act')!r}, rope_scaling {raw.get('rope_scaling')!r}; "
+            "BAGEL's decoder is SiLU-gated with plain rotary positions, which is all sparsec's MoT implements"
+        )
+    optional = ("num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+    kwargs = {f: raw[f] for f in (*fields, *optional) if raw.get(f) is not None}
+    return MoTConfig(**kwargs, tie_word_embeddings=False)
+
+
+def _image_token_ids(directory: Path, vocab: int) -> tuple[int, int]:
+    """The ids of `<|vision_start|>` / `<|vision_end|>`: as the tokenizer files name them, else Qwen2.5's."""
+    named: dict[str, int] = {}
+    tokenizer = directory / "tokenizer.json"
+    if tokenizer.is_file():
+        named.update({t["content"]: t["id"] for t in _read_json(tokenizer).get("added_tokens", [])})
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file():
+        decoder = _read_json(settings).get("added_tokens_decoder", {})
+        named.update({t["content"]: int(i) for i, t in decoder.items()})
+    ids = tuple(named.get(token, default) for token, default in QWEN2_IMAGE_TOKENS.items())
+    if max(ids) >= vocab:
+        raise SparsecError(
+            f"{directory}: the image tokens {list(QWEN2_IMAGE_TOKENS)} have ids {list(ids)}, beyond the vocabulary "
+            f"({vocab}); add the checkpoint's tokenizer_config.json (its added_tokens_decoder names them)"
+        )
+    return ids
+
+
+def _table_side(directory: Path, key: str) -> int:
+    """Patches per side of a stored position table `key` [side ** 2, H], read from the safetensors header."""
+    from sparsec.resources import checkpoint_headers
+
+    header = checkpoint_headers(directory).get(directory / WEIGHTS, {})
+    if key not in header:
+        raise SparsecError(
+            f"{directory / WEIGHTS} has no tensor {key!r} (expected shape [side * side, hidden]); "
+            "the checkpoint is incomplete: copy it again"
+        )
+    rows = header[key]["shape"][0]
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise SparsecError(f"{directory / WEIGHTS}: {key!r} has {rows} rows, not a square number of patches")
+    return side
+
+
+def bagel_config(directory: Path) -> BagelConfig:
+    """A BAGEL checkpoint directory's `BagelConfig`, from its config files and its weights' header."""
+    llm = llm_config(directory)
+    vit = _read_json(directory / VIT_CONFIG) if (directory / VIT_CONFIG).is_file() else {}
+    if not isinstance(vit.get("hidden_size"), int):
+        raise SparsecError(f"{directory / VIT_CONFIG} is missing or lacks hidden_size; restore it from the checkpoint")
+    start, end = _image_token_ids(directory, llm.vocab_size)
+    return BagelConfig(
+        llm=llm,
+        vit_hidden=vit["hidden_size"],
+        max_latent_size=_table_side(directory, "latent_pos_embed.pos_embed"),
+        vit_max_patches=_table_side(directory, "vit_pos_embed.pos_embed"),
+        start_of_image=start,
+        end_of_image=end,
+    )
+
+
+class BagelFamily(Family):
+    """The `bagel` family: BAGEL checkpoint directories (module docstring), compiled as two programs.
+
+    Attributes:
+        latent_grid: latent patches (rows, cols) of `generation_step`, at most the latent position table's side:
+            32 x 32 is a 512 x 512 image (16 pixels a patch), BAGEL's smallest; a program serves one grid.
+        vit_grid: ViT patches (rows, cols) of `understanding`, at most the ViT position table's side: 16 x 16 is a
+            224 x 224 image (14 pixels a patch), BAGEL's smallest.
+    """
+
+    latent_grid: tuple[int, int] = (32, 32)
+    vit_grid: tuple[int, int] = (16, 16)
+
+    def reads_directory(self, directory: Path) -> bool:
+        return (directory / LLM_CONFIG).is_file() and (directory / WEIGHTS).is_file()
+
+    def build_from_directory(self, directory: Path) -> nn.Module:
+        return BagelModel(bagel_config(directory))
+
+    def directory_config(self, directory: Path) -> dict[str, Any]:
+        return llm_config(directory).to_dict()
+
+    def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
+        """`understanding` and `generation_step` of a `BagelModel`, at the family's grids; `example_inputs(batch,
+        seq)`: `seq` text tokens (understanding) or prompt tokens (generation step)."""
+        if not isinstance(model, BagelModel):
+            raise SparsecError(f"{type(model).__name__} is not a BagelModel; load the checkpoint with load_model(DIR)")
+        config = model.bagel_config
+        vocab = config.llm.vocab_size
+        latent_grid = tuple(min(n, config.max_latent_size) for n in self.latent_grid)
+        vit_grid = tuple(min(n, config.vit_max_patches) for n in self.vit_grid)
+        understanding = BagelUnderstanding(model, *vit_grid)
+        step = BagelGenerationStep(model, *latent_grid)
+        dtype = model.vae2llm.weight.dtype
+
+        def text(batch: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+            ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def understanding_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+            gen = torch.Generator().manual_seed(seed)
+            shape = (batch, understanding.image_tokens, config.vit_hidden)
+            return {**text(batch, seq, gen), "vit_features": torch.randn(shape, generator=gen).to(dtype)}
+
+        def step_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+            gen = torch.Generator().manual_seed(seed)
+            latents = torch.randn((batch, step.image_tokens, config.patch_dim), generator=gen).to(dtype)
+            return {**text(batch, seq, gen), "latents": latents, "timestep": torch.rand(batch, generator=gen)}
+
+        prompt = {0: "batch", 1: "seq"}
+        return {
+            "understanding": EntryPoint(
+                "understanding",
+                understanding,
+                understanding_inputs,
+                {"input_ids": prompt, "attention_mask": prompt, "vit_features": {0: "batch"}},
+                self,
+                f"ViT features ({vit_grid[0]} x {vit_grid[1]} patches) + text ids -> logits at the text",
+            ),
+            "generation_step": EntryPoint(
+                "generation_step",
+                step,
+                step_inputs,
+                {"input_ids": prompt, "attention_mask": prompt, "latents": {0: "batch"}, "timestep": {0: "batch"}},
+                self,
+                f"prompt ids + noisy latent patches ({latent_grid[0]} x {latent_grid[1]}) + timestep -> velocity",
+            ),
+        }
+
+
+FAMILIES = (
+    BagelFamily(
+        name="bagel",
+        module_classes=(BagelModel.__name__,),
+        tags=(
+            TagRule("time_embedder", "generation"),
+            TagRule("vae2llm", "generation"),
+            TagRule("llm2vae", "generation"),
+            TagRule("latent_pos_embed", "generation"),
+            TagRule("vit_model", "understanding"),
+            TagRule("connector", "understanding"),
+            TagRule("vit_pos_embed", "understanding"),
+            # the language model's copies as the MoT tags them (`_moe_gen`: generation), embeddings and head shared
+            *(TagRule("language_model." + rule.glob, rule.tag) for rule in MOT_FAMILIES[0].tags),
+        ),
+        task_entry_points={"generation": "generation_step"},
+    ),
+)
