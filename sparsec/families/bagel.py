@@ -20,9 +20,9 @@ The latent patch (`latent_patch_size = 2` in `app.py`) and the VAE's latent chan
 Programs (`BagelFamily.entry_points`), computed as BAGEL's inference computes them (`modeling/bagel/bagel.py`), in one
 pass over the whole context instead of a KV cache (the same attention, so the same result):
 
-- `understanding` (`BagelUnderstanding`): an image's precomputed ViT features and the text after it -> logits;
 - `generation_step` (`BagelGenerationStep`): a prompt, noisy latent patches and their timestep -> the flow-matching
-  velocity, at a latent grid fixed when the program is made (batch and prompt length dynamic).
+  velocity, at a latent grid fixed when the program is made (batch and prompt length dynamic);
+- `understanding` (`BagelUnderstanding`): an image's precomputed ViT features and the text after it -> logits.
 
 Both share the language model's module paths (`language_model.model.layers.0.mlp_moe_gen`), so tags and `where`
 globs mean the same in both. What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts
@@ -380,8 +380,10 @@ class BagelFamily(Family):
         return llm_config(directory).to_dict()
 
     def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
-        """`understanding` and `generation_step` of a `BagelModel`, at the family's grids; `example_inputs(batch,
-        seq)`: `seq` text tokens (understanding) or prompt tokens (generation step)."""
+        """`generation_step` and `understanding` of a `BagelModel`, at the family's grids; `example_inputs(batch,
+        seq)`: `seq` prompt tokens (generation step) or text tokens (understanding). The generation step comes first:
+        it is what a recipe without `entry_points` compiles and `sparsec inspect` shows, and it holds both weight
+        copies (the prompt's understanding weights, the latents' `_moe_gen` ones)."""
         if not isinstance(model, BagelModel):
             raise SparsecError(f"{type(model).__name__} is not a BagelModel; load the checkpoint with load_model(DIR)")
         config = model.bagel_config
@@ -408,14 +410,6 @@ class BagelFamily(Family):
 
         prompt = {0: "batch", 1: "seq"}
         return {
-            "understanding": EntryPoint(
-                "understanding",
-                understanding,
-                understanding_inputs,
-                {"input_ids": prompt, "attention_mask": prompt, "vit_features": {0: "batch"}},
-                self,
-                f"ViT features ({vit_grid[0]} x {vit_grid[1]} patches) + text ids -> logits at the text",
-            ),
             "generation_step": EntryPoint(
                 "generation_step",
                 step,
@@ -423,6 +417,14 @@ class BagelFamily(Family):
                 {"input_ids": prompt, "attention_mask": prompt, "latents": {0: "batch"}, "timestep": {0: "batch"}},
                 self,
                 f"prompt ids + noisy latent patches ({latent_grid[0]} x {latent_grid[1]}) + timestep -> velocity",
+            ),
+            "understanding": EntryPoint(
+                "understanding",
+                understanding,
+                understanding_inputs,
+                {"input_ids": prompt, "attention_mask": prompt, "vit_features": {0: "batch"}},
+                self,
+                f"ViT features ({vit_grid[0]} x {vit_grid[1]} patches) + text ids -> logits at the text",
             ),
         }
 

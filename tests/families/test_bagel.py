@@ -14,11 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from sparsec.analysis.regions import region_index
 from sparsec.cli import main
+from sparsec.compiler import compile_model
 from sparsec.errors import SparsecError
 from sparsec.families import entry_points
 from sparsec.families.mot import MoTConfig, MoTForCausalLM
 from sparsec.ir.program import Program
 from sparsec.models import load_model
+from sparsec.recipe import Recipe
 
 # llm_config.json as a Qwen2 config says it; BAGEL's loader overrides qk_norm / tie_word_embeddings / layer_module
 LLM = dict(
@@ -400,3 +402,24 @@ def test_compile_from_the_cli_with_onnx_parity(checkpoint, tmp_path):
         "timestep": torch.rand(3),
     }
     assert program.run(inputs)["velocity"].shape == (3, 16, PATCH)
+
+
+def test_inspect_shows_both_components_from_the_headers(checkpoint, capsys):
+    """`sparsec inspect --model DIR`: the generation step (the first entry point) from the safetensors headers."""
+    assert main(["inspect", "--model", str(checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    components = info["components"]
+    assert components["generation"]["parameters"] > 0 and components["understanding"]["parameters"] > 0
+    gen_ffn = 3 * LLM["intermediate_size"] * H
+    extras = (256 + 1) * H + (H + 1) * H + (PATCH + 1) * H + (H + 1) * PATCH + LATENT_SIDE**2 * H
+    per_copy = 2 * (H * HEADS * D + H * KV * D) + HEADS * D + 2 * KV * D + gen_ffn + 2 * H + 2 * D
+    assert components["generation"]["parameters"] == LLM["num_hidden_layers"] * per_copy + H + extras
+    assert {s["path"] for s in info["block_stacks"]} == {"language_model.model.layers"}
+
+
+def test_weight_only_dry_run_reads_lazily(checkpoint):
+    """A 14B BAGEL's weight-only dry run reads each tensor as a pass asks: here on the tiny one, decisions equal."""
+    recipe = Recipe.from_dict({"passes": [{"drop_layers": {"layers": [1], "where": "language_model.model.layers.*"}}]})
+    lazy = compile_model(str(checkpoint), recipe, None, dry_run=True, progress=False, lazy=True)
+    assert lazy["quality_gates"]["checked"] is False
+    assert lazy["passes"][0]["parameters_after"] < lazy["passes"][0]["parameters_before"]
