@@ -587,7 +587,7 @@ def _check_calibration_files(model: str | Path, recipe: Recipe, calib: str | Pat
     `vocab_size` (its text model's); each program's own embedding table bounds them again after capture."""
     directory = None if str(model).startswith(BUILTIN_PREFIX) else Path(model)
     vocab = {}
-    if directory is not None and (directory / "config.json").is_file():
+    if directory is not None and ((directory / "config.json").is_file() or family_for_directory(directory)):
         size = _text_config(_config(directory)).get("vocab_size")
         if isinstance(size, int):
             vocab["input_ids"] = size

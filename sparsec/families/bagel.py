@@ -10,8 +10,8 @@ BAGEL's tensor names (`ema.safetensors` maps one to one onto `BagelModel`'s para
 
 - `language_model.model.{embed_tokens, layers.{i}.*, norm, norm_moe_gen}`, `language_model.lm_head`;
 - generation: `time_embedder.mlp.{0,2}`, `vae2llm`, `llm2vae`, `latent_pos_embed.pos_embed`;
-- understanding: `connector.fc{1,2}`, `vit_pos_embed.pos_embed` (the SigLIP tower `vit_model.*` is not loaded: the
-  `understanding` program takes its output).
+- understanding: `vit_model.vision_model.*` (the SigLIP tower, its patch embedding stored as a Linear; `vit_config.json`
+  with the loader's overrides `rope=False`, `num_hidden_layers -= 1`), `connector.fc{1,2}`, `vit_pos_embed.pos_embed`.
 
 The latent patch (`latent_patch_size = 2` in `app.py`) and the VAE's latent channels (`z_channels = 16` in
 `modeling/autoencoder.py`'s `load_ae`) are fixed in BAGEL's code, not in a config file; the position tables' sizes
@@ -22,7 +22,8 @@ pass over the whole context instead of a KV cache (the same attention, so the sa
 
 - `generation_step` (`BagelGenerationStep`): a prompt, noisy latent patches and their timestep -> the flow-matching
   velocity, at a latent grid fixed when the program is made (batch and prompt length dynamic);
-- `understanding` (`BagelUnderstanding`): an image's precomputed ViT features and the text after it -> logits.
+- `understanding` (`BagelUnderstanding`): an image's ViT features and the text after it -> logits;
+- `vit` (`BagelViT`): the SigLIP tower on one image's patches -> the ViT features `understanding` takes.
 
 Both share the language model's module paths (`language_model.model.layers.0.mlp_moe_gen`), so tags and `where`
 globs mean the same in both. What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts
@@ -70,18 +71,23 @@ class BagelConfig:
 
     Attributes:
         llm: the language model's config (`llm_config.json` with BAGEL's loader overrides).
-        vit_hidden: the SigLIP tower's width (`vit_config.json` `hidden_size`): the connector's input.
+        vit: the SigLIP tower's config (`vit_config.json` with the loader's overrides: one layer fewer, no rope).
         max_latent_size: latent patches per side of the latent position table (`latent_pos_embed`).
         vit_max_patches: ViT patches per side of the ViT position table (`vit_pos_embed`).
         start_of_image, end_of_image: ids of `<|vision_start|>` / `<|vision_end|>`, which wrap every image.
     """
 
     llm: MoTConfig
-    vit_hidden: int
+    vit: Any  # transformers.SiglipVisionConfig
     max_latent_size: int
     vit_max_patches: int
     start_of_image: int
     end_of_image: int
+
+    @property
+    def vit_hidden(self) -> int:
+        """The ViT's width: the connector's input."""
+        return int(self.vit.hidden_size)
 
     @property
     def patch_dim(self) -> int:
@@ -113,15 +119,18 @@ class PositionEmbedding(nn.Module):
         self.side = side
         self.pos_embed = nn.Parameter(torch.zeros(side * side, hidden), requires_grad=False)
 
-    def grid(self, rows: int, cols: int) -> torch.Tensor:
-        """[rows * cols, H]: the rows of a `rows` x `cols` grid, row-major (`get_flattened_position_ids_extrapolate`)."""
+    def grid_ids(self, rows: int, cols: int) -> torch.Tensor:
+        """[rows * cols] table rows of a `rows` x `cols` grid, row-major (`get_flattened_position_ids_extrapolate`)."""
         if rows > self.side or cols > self.side:
             raise SparsecError(
                 f"a {rows} x {cols} patch grid exceeds the checkpoint's {self.side} x {self.side} position table; "
                 f"use at most {self.side} patches a side"
             )
-        ids = (torch.arange(rows)[:, None] * self.side + torch.arange(cols)[None, :]).reshape(-1)
-        return self.pos_embed[ids.to(self.pos_embed.device)]
+        return (torch.arange(rows)[:, None] * self.side + torch.arange(cols)[None, :]).reshape(-1)
+
+    def grid(self, rows: int, cols: int) -> torch.Tensor:
+        """[rows * cols, H]: the table's rows of a `rows` x `cols` grid."""
+        return self.pos_embed[self.grid_ids(rows, cols).to(self.pos_embed.device)]
 
 
 class Connector(nn.Module):
@@ -136,6 +145,39 @@ class Connector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SiglipEmbeddings(nn.Module):
+    """BAGEL's SigLIP patch embedding, stored as a Linear over patches flattened `(row, column, channel)`
+    (`convert_conv2d_to_linear`), plus the tower's learned position table (`rope=False`)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        width, patch = config.hidden_size, config.patch_size
+        self.patch_embedding = nn.Linear(config.num_channels * patch * patch, width)
+        self.position_embedding = nn.Embedding((config.image_size // patch) ** 2, width)
+
+
+class SiglipTower(nn.Module):
+    """BAGEL's SigLIP vision model (`siglip_navit.SiglipVisionTransformer`) under its names: embeddings, the
+    encoder (transformers' `SiglipEncoder`: the same layers, `layer_norm1`, `self_attn.{q,k,v,out}_proj`,
+    `layer_norm2`, `mlp.fc{1,2}`) and `post_layernorm`."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+        self.embeddings = SiglipEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class SiglipVision(nn.Module):
+    """`vit_model`: the tower under `vision_model`, as BAGEL's `SiglipVisionModel` holds it."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.vision_model = SiglipTower(config)
+
+
 class BagelModel(nn.Module):
     """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points."""
 
@@ -148,6 +190,7 @@ class BagelModel(nn.Module):
         self.vae2llm = nn.Linear(config.patch_dim, hidden)
         self.llm2vae = nn.Linear(hidden, config.patch_dim)
         self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
+        self.vit_model = SiglipVision(config.vit)
         self.connector = Connector(config.vit_hidden, hidden)
         self.vit_pos_embed = PositionEmbedding(config.vit_max_patches, hidden)
 
@@ -189,7 +232,7 @@ class BagelGenerationStep(nn.Module):
         self.latent_pos_embed = bagel.latent_pos_embed
         self.grid = (int(rows), int(cols))
         self.markers = (config.start_of_image, config.end_of_image)
-        bagel.latent_pos_embed.grid(rows, cols)  # a grid beyond the table: refused here
+        bagel.latent_pos_embed.grid_ids(rows, cols)  # a grid beyond the table: refused here
 
     @property
     def image_tokens(self) -> int:
@@ -244,7 +287,7 @@ class BagelUnderstanding(nn.Module):
         self.vit_pos_embed = bagel.vit_pos_embed
         self.grid = (int(rows), int(cols))
         self.markers = (config.start_of_image, config.end_of_image)
-        bagel.vit_pos_embed.grid(rows, cols)
+        bagel.vit_pos_embed.grid_ids(rows, cols)
 
     @property
     def image_tokens(self) -> int:
@@ -270,6 +313,31 @@ class BagelUnderstanding(nn.Module):
         mask = allowed & (keys[:, None, None, :] | torch.eye(total, dtype=torch.bool, device=input_ids.device))
         out = decoder.decode(hidden, Modality(und=None, gen=None), positions, mask)
         return {"logits": self.language_model.lm_head(out[:, block:])}
+
+
+class BagelViT(nn.Module):
+    """BAGEL's SigLIP tower on one image's patches (`SiglipVisionTransformer.forward`), at a patch grid fixed when
+    the module is made: `patch_embedding(patches) + position_embedding[row * side + column]` (BAGEL's
+    `get_flattened_position_ids_extrapolate`, `side` = `vit_max_num_patch_per_side`), the encoder (attention over the
+    image's patches, not causal), `post_layernorm`.
+
+    Input: `patches` [B, rows * cols, 3 * p * p], each patch flattened `(row, column, channel)` as BAGEL's `patchify`
+    (`einsum("chpwq->hwpqc")`) does, pixels normalised as its `vit_transform`. Output `{"vit_features": [B, rows *
+    cols, vit_hidden]}`, the `understanding` program's input.
+    """
+
+    def __init__(self, bagel: BagelModel, rows: int, cols: int) -> None:
+        super().__init__()
+        self.vit_model = bagel.vit_model
+        self.grid = (int(rows), int(cols))
+        self.register_buffer("positions", bagel.vit_pos_embed.grid_ids(rows, cols), persistent=False)
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        tower = self.vit_model.vision_model
+        positions = tower.embeddings.position_embedding(self.positions)
+        hidden = tower.embeddings.patch_embedding(patches) + positions
+        hidden = tower.encoder(inputs_embeds=hidden).last_hidden_state
+        return {"vit_features": tower.post_layernorm(hidden)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -340,18 +408,52 @@ def _table_side(directory: Path, key: str) -> int:
     return side
 
 
+def vit_config(directory: Path) -> Any:
+    """`vit_config.json` as BAGEL's loader reads it: a `SiglipVisionConfig` with `num_hidden_layers - 1` layers (the
+    last layer's output is not used; `rope=False`: the tower's own learned position table)."""
+    from transformers import SiglipVisionConfig
+
+    raw = _read_json(directory / VIT_CONFIG) if (directory / VIT_CONFIG).is_file() else {}
+    fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "patch_size",
+        "image_size",
+    )
+    missing = [f for f in fields if not isinstance(raw.get(f), int)]
+    if missing:
+        raise SparsecError(f"{directory / VIT_CONFIG} is missing or lacks {missing}; restore it from the checkpoint")
+    optional = ("num_channels", "layer_norm_eps", "hidden_act")
+    kwargs = {f: raw[f] for f in (*fields, *optional) if raw.get(f) is not None}
+    kwargs["num_hidden_layers"] -= 1
+    config = SiglipVisionConfig(**kwargs)
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def bagel_config(directory: Path) -> BagelConfig:
-    """A BAGEL checkpoint directory's `BagelConfig`, from its config files and its weights' header."""
+    """A BAGEL checkpoint directory's `BagelConfig`, from its config files and its weights' header.
+
+    Raises:
+        SparsecError: a config file is missing or unreadable, or the ViT's position table and BAGEL's ViT position
+            ids disagree (`vit_max_num_patch_per_side` must be the tower's `image_size // patch_size`).
+    """
     llm = llm_config(directory)
-    vit = _read_json(directory / VIT_CONFIG) if (directory / VIT_CONFIG).is_file() else {}
-    if not isinstance(vit.get("hidden_size"), int):
-        raise SparsecError(f"{directory / VIT_CONFIG} is missing or lacks hidden_size; restore it from the checkpoint")
+    vit = vit_config(directory)
     start, end = _image_token_ids(directory, llm.vocab_size)
+    vit_side = _table_side(directory, "vit_pos_embed.pos_embed")
+    if vit.image_size // vit.patch_size != vit_side:
+        raise SparsecError(
+            f"{directory}: vit_config.json's image_size / patch_size is {vit.image_size // vit.patch_size} patches a "
+            f"side, vit_pos_embed {vit_side}; BAGEL indexes both tables with the same position ids"
+        )
     return BagelConfig(
         llm=llm,
-        vit_hidden=vit["hidden_size"],
+        vit=vit,
         max_latent_size=_table_side(directory, "latent_pos_embed.pos_embed"),
-        vit_max_patches=_table_side(directory, "vit_pos_embed.pos_embed"),
+        vit_max_patches=vit_side,
         start_of_image=start,
         end_of_image=end,
     )
@@ -380,7 +482,7 @@ class BagelFamily(Family):
         return llm_config(directory).to_dict()
 
     def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
-        """`generation_step` and `understanding` of a `BagelModel`, at the family's grids; `example_inputs(batch,
+        """`generation_step`, `understanding` and `vit` of a `BagelModel`, at the family's grids; `example_inputs(batch,
         seq)`: `seq` prompt tokens (generation step) or text tokens (understanding). The generation step comes first:
         it is what a recipe without `entry_points` compiles and `sparsec inspect` shows, and it holds both weight
         copies (the prompt's understanding weights, the latents' `_moe_gen` ones)."""
@@ -392,6 +494,8 @@ class BagelFamily(Family):
         vit_grid = tuple(min(n, config.vit_max_patches) for n in self.vit_grid)
         understanding = BagelUnderstanding(model, *vit_grid)
         step = BagelGenerationStep(model, *latent_grid)
+        vit = BagelViT(model, *vit_grid)
+        patch = config.vit.patch_size
         dtype = model.vae2llm.weight.dtype
 
         def text(batch: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -407,6 +511,11 @@ class BagelFamily(Family):
             gen = torch.Generator().manual_seed(seed)
             latents = torch.randn((batch, step.image_tokens, config.patch_dim), generator=gen).to(dtype)
             return {**text(batch, seq, gen), "latents": latents, "timestep": torch.rand(batch, generator=gen)}
+
+        def vit_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+            gen = torch.Generator().manual_seed(seed)
+            shape = (batch, vit.grid[0] * vit.grid[1], config.vit.num_channels * patch * patch)
+            return {"patches": torch.randn(shape, generator=gen).to(dtype)}
 
         prompt = {0: "batch", 1: "seq"}
         return {
@@ -425,6 +534,14 @@ class BagelFamily(Family):
                 {"input_ids": prompt, "attention_mask": prompt, "vit_features": {0: "batch"}},
                 self,
                 f"ViT features ({vit_grid[0]} x {vit_grid[1]} patches) + text ids -> logits at the text",
+            ),
+            "vit": EntryPoint(
+                "vit",
+                vit,
+                vit_inputs,
+                {"patches": {0: "batch"}},
+                self,
+                f"one image's {vit_grid[0]} x {vit_grid[1]} patches ({patch} pixels a side) -> ViT features",
             ),
         }
 

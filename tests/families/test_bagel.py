@@ -38,7 +38,18 @@ LLM = dict(
     max_position_embeddings=512,
     tie_word_embeddings=True,  # the loader sets False: the checkpoint holds its own lm_head
 )
-VIT = dict(model_type="siglip_vision_model", hidden_size=24, num_hidden_layers=3, patch_size=14, image_size=980)
+# vit_config.json: 3 layers, of which BAGEL's loader builds 2 (num_hidden_layers -= 1); 3 x 3 patches of 14 pixels
+VIT = dict(
+    model_type="siglip_vision_model",
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    patch_size=14,
+    image_size=42,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
 SOI, EOI = 90, 91  # <|vision_start|>, <|vision_end|> in the tokenizer's added tokens
 LATENT_SIDE, VIT_SIDE = 4, 3  # position tables of 4 x 4 latent and 3 x 3 ViT patches
 PATCH = 2 * 2 * 16  # latent_patch_size 2, z_channels 16
@@ -97,9 +108,27 @@ def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     t["connector.fc1.weight"], t["connector.fc1.bias"] = r(H, VIT["hidden_size"]), r(H, scale=0.1)
     t["connector.fc2.weight"], t["connector.fc2.bias"] = r(H, H), r(H, scale=0.1)
     t["vit_pos_embed.pos_embed"] = torch.from_numpy(sincos_table(VIT_SIDE, H))
-    # the SigLIP tower (patch embedding stored as a Linear): in the file, unused by these programs
-    t["vit_model.vision_model.embeddings.patch_embedding.weight"] = r(VIT["hidden_size"], 3 * 14 * 14)
-    t["vit_model.vision_model.post_layernorm.weight"] = norm(VIT["hidden_size"])
+    # the SigLIP tower, its patch embedding stored as a Linear; the file holds all 3 layers, the loader uses 2
+    v, vi, tower = VIT["hidden_size"], VIT["intermediate_size"], "vit_model.vision_model."
+    t[tower + "embeddings.patch_embedding.weight"], t[tower + "embeddings.patch_embedding.bias"] = (
+        r(v, 3 * 14 * 14),
+        r(v),
+    )
+    t[tower + "embeddings.position_embedding.weight"] = r(VIT_SIDE**2, v, scale=1.0)
+    for i in range(VIT["num_hidden_layers"]):
+        p = f"{tower}encoder.layers.{i}."
+        for name, shape in (
+            ("self_attn.q_proj", (v, v)),
+            ("self_attn.k_proj", (v, v)),
+            ("self_attn.v_proj", (v, v)),
+            ("self_attn.out_proj", (v, v)),
+            ("mlp.fc1", (vi, v)),
+            ("mlp.fc2", (v, vi)),
+        ):
+            t[p + name + ".weight"], t[p + name + ".bias"] = r(*shape), r(shape[0], scale=0.1)
+        for name in ("layer_norm1", "layer_norm2"):
+            t[p + name + ".weight"], t[p + name + ".bias"] = norm(v), r(v, scale=0.1)
+    t[tower + "post_layernorm.weight"], t[tower + "post_layernorm.bias"] = norm(v), r(v, scale=0.1)
     return t
 
 
@@ -243,8 +272,8 @@ def test_checkpoint_loads_as_bagel_with_the_loader_overrides(checkpoint, loaded)
     assert loaded.family.name == "bagel" and loaded.dtype == torch.float32
     stored = load_file(str(checkpoint / "ema.safetensors"))
     params = dict(loaded.model.named_parameters())
-    assert not any(name.startswith("vit_model.") for name in params)  # the tower is not part of these programs
-    assert set(params) == {k for k in stored if not k.startswith("vit_model.")}
+    unused = {k for k in stored if k.startswith("vit_model.vision_model.encoder.layers.2.")}  # the layer BAGEL drops
+    assert unused and set(params) == set(stored) - unused
     for name, param in params.items():
         torch.testing.assert_close(param, stored[name], rtol=0, atol=0)
     lm = loaded.model.language_model
@@ -374,9 +403,9 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path, edit, message):
 
 @pytest.mark.slow
 def test_compile_from_the_cli_with_onnx_parity(checkpoint, tmp_path):
-    """`sparsec compile --model DIR`: both programs, the generation FFNs sliced, ONNX parity checked."""
+    """`sparsec compile --model DIR`: the three programs, the generation FFNs sliced, ONNX parity checked."""
     recipe = {
-        "entry_points": ["generation_step", "understanding"],
+        "entry_points": ["generation_step", "understanding", "vit"],
         "passes": [{"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude", "where": "**.mlp_moe_gen"}}],
         "capture": {"batch": 2, "seq": 6},
         "calibration": {"samples": 4, "seq_len": 6, "batch_size": 2},
@@ -388,7 +417,7 @@ def test_compile_from_the_cli_with_onnx_parity(checkpoint, tmp_path):
     assert main(["compile", "--model", str(checkpoint), "--recipe", str(path), "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["family"] == "bagel"
-    for name, output in (("generation_step", "velocity"), ("understanding", "logits")):
+    for name, output in (("generation_step", "velocity"), ("understanding", "logits"), ("vit", "vit_features")):
         assert report["entry_points"][name]["parity"]["metrics"][output]["cosine"] > 0.9999
     step = report["entry_points"]["generation_step"]
     assert step["export"]["dynamic_dims"]["latents"] == {"0": "batch"}
@@ -423,3 +452,41 @@ def test_weight_only_dry_run_reads_lazily(checkpoint):
     lazy = compile_model(str(checkpoint), recipe, None, dry_run=True, progress=False, lazy=True)
     assert lazy["quality_gates"]["checked"] is False
     assert lazy["passes"][0]["parameters_after"] < lazy["passes"][0]["parameters_before"]
+
+
+def test_vit_equals_transformers_siglip(checkpoint, entries):
+    """The `vit` program on BAGEL's patchified image equals transformers' SigLIP vision model (its patch embedding a
+    convolution again) on the image, with BAGEL's layer count."""
+    import transformers
+
+    W = load_file(str(checkpoint / "ema.safetensors"))
+    config = transformers.SiglipVisionConfig(**{**VIT, "num_hidden_layers": 2}, vision_use_head=False)
+    reference = transformers.SiglipVisionModel(config).eval()
+    state = {k.removeprefix("vit_model.vision_model."): v for k, v in W.items() if k.startswith("vit_model.")}
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.layers.2.")}
+    linear = state["embeddings.patch_embedding.weight"]
+    state["embeddings.patch_embedding.weight"] = linear.view(-1, 14, 14, 3).permute(0, 3, 1, 2)
+    own = dict(reference.named_parameters())
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in own) else ""
+    reference.load_state_dict({prefix + k: v for k, v in state.items()}, strict=True)
+    images = torch.randn(3, 3, 42, 42, generator=torch.Generator().manual_seed(6))
+    # BAGEL's patchify: [c, h, w] -> (h/p * w/p) patches flattened (row, column, channel)
+    patches = torch.einsum("bchpwq->bhwpqc", images.reshape(3, 3, 3, 14, 3, 14)).reshape(3, 9, 14 * 14 * 3)
+    program = entries["vit"].capture(batch=2)
+    with torch.no_grad():
+        want = reference(pixel_values=images).last_hidden_state
+    torch.testing.assert_close(program.run({"patches": patches})["vit_features"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_ids_beyond_the_vocabulary_are_refused_before_loading(checkpoint, tmp_path, capsys, monkeypatch):
+    """llm_config.json's vocab_size bounds a calibration file's token ids before the model loads, as config.json's
+    does elsewhere."""
+    import sparsec.compiler
+
+    monkeypatch.setattr(sparsec.compiler, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    calib = tmp_path / "calib.safetensors"
+    ids = torch.full((2, 4), LLM["vocab_size"])
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(calib))
+    argv = ["compile", "--model", str(checkpoint), "--calib", str(calib), "--dry-run", "--quiet"]
+    assert main(argv) == 2
+    assert f"outside the model's vocabulary [0, {LLM['vocab_size']})" in capsys.readouterr().err
