@@ -218,8 +218,8 @@ class BagelGenerationStep(nn.Module):
     [0, 1], shifted as the sampler schedules it). Output `{"velocity": [B, rows * cols, 64]}`.
 
     Outside the program, as in BAGEL: the VAE (encoding, and decoding the final latent), the schedule and its
-    shift, classifier-free guidance (the same step on the prompt-free and image-free contexts; an empty prompt, BAGEL's
-    text-free branch of text-to-image, needs at least one token here) and its renormalisation.
+    shift, classifier-free guidance (the same step on the text-free and image-free contexts; BAGEL's empty text-free
+    context of text-to-image is a prompt whose `attention_mask` is all 0) and its renormalisation.
     """
 
     def __init__(self, bagel: BagelModel, rows: int, cols: int) -> None:

@@ -237,10 +237,8 @@ def reference_velocity(W, prompt, latents, t):
     tokens = F.linear(latents, W["vae2llm.weight"], W["vae2llm.bias"]) + t_emb + position
     query = torch.cat([emb[SOI][None], tokens, emb[EOI][None]])
     flags = torch.tensor([False] + [True] * n + [False])
-    blocks = [
-        (emb[prompt], torch.zeros(length, dtype=torch.bool), torch.arange(length), True),
-        (query, flags, torch.full((n + 2,), length), False),
-    ]
+    prompt_block = [(emb[prompt], torch.zeros(length, dtype=torch.bool), torch.arange(length), True)] if length else []
+    blocks = [*prompt_block, (query, flags, torch.full((n + 2,), length), False)]  # an empty context: the image alone
     return F.linear(reference_context(W, blocks)[1 : 1 + n], W["llm2vae.weight"], W["llm2vae.bias"])
 
 
@@ -327,17 +325,19 @@ def prompts(batch, length, seed, pad_left=0):
 
 
 def test_generation_step_equals_bagel_reference_at_another_batch(checkpoint, entries):
-    """Captured at batch 2 and 6 prompt tokens, run at batch 3 and 5 tokens, the first prompt left-padded by 2: each
-    sample's velocity is what BAGEL computes for its unpadded prompt."""
+    """Captured at batch 2 and 6 prompt tokens, run at batch 4 and 5 tokens, the first prompt left-padded by 2, the
+    last all padding (BAGEL's empty text-free context of classifier-free guidance): each sample's velocity is what
+    BAGEL computes for its unpadded prompt."""
     step = entries["generation_step"]
     program = step.capture(batch=2, seq=6)
-    ids, mask = prompts(3, 5, seed=2, pad_left=2)
+    ids, mask = prompts(4, 5, seed=2, pad_left=2)
+    mask[3] = 0
     gen = torch.Generator().manual_seed(3)
-    latents = torch.randn(3, LATENT_SIDE**2, PATCH, generator=gen)
-    timestep = torch.tensor([1.0, 0.62, 0.05])
+    latents = torch.randn(4, LATENT_SIDE**2, PATCH, generator=gen)
+    timestep = torch.tensor([1.0, 0.62, 0.05, 0.62])
     inputs = {"input_ids": ids, "attention_mask": mask, "latents": latents, "timestep": timestep}
     W = load_file(str(checkpoint / "ema.safetensors"))
-    want = torch.stack([reference_velocity(W, ids[b][mask[b].bool()], latents[b], timestep[b]) for b in range(3)])
+    want = torch.stack([reference_velocity(W, ids[b][mask[b].bool()], latents[b], timestep[b]) for b in range(4)])
     with torch.no_grad():
         eager = step.module(**inputs)["velocity"]
     torch.testing.assert_close(eager, want, rtol=1e-4, atol=1e-4)
