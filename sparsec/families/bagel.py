@@ -25,15 +25,16 @@ pass over the whole context instead of a KV cache (the same attention, so the sa
 - `understanding` (`BagelUnderstanding`): an image's ViT features and the text after it -> logits;
 - `vit` (`BagelViT`): the SigLIP tower on one image's patches -> the ViT features `understanding` takes.
 
-Both share the language model's module paths (`language_model.model.layers.0.mlp_moe_gen`), so tags and `where`
-globs mean the same in both. What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts
-of the generation pass in bf16 whatever the weights' dtype; here every step runs in the weights' dtype.
+They share BAGEL's module paths (`language_model.model.layers.0.mlp_moe_gen`, `vit_model.vision_model.encoder`), so
+tags and `where` globs mean the same in all three, and a recipe's passes change shared weights the same way in each.
+What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts of the generation pass in bf16
+whatever the weights' dtype; here every step runs in the weights' dtype.
 
 Example::
 
     loaded = sparsec.models.load_model("models/BAGEL-7B-MoT")      # llm_config.json + ema.safetensors
     step = entry_points(loaded.model)["generation_step"]
-    step.module(**step.example_inputs(batch=2, seq=12))["velocity"].shape   # [2, 16 * 16, 64]
+    step.module(**step.example_inputs(batch=2, seq=12))["velocity"].shape   # [2, 32 * 32, 64]
 """
 
 from __future__ import annotations
@@ -51,15 +52,14 @@ from torch import nn
 from sparsec.errors import SparsecError
 from sparsec.families.base import EntryPoint, Family
 from sparsec.families.mot import FAMILIES as MOT_FAMILIES
-from sparsec.families.mot import Modality, MoTConfig, MoTForCausalLM
+from sparsec.families.mot import MOT_PRESETS, Modality, MoTConfig, MoTForCausalLM
 from sparsec.ir.tags import TagRule
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
 WEIGHTS = "ema.safetensors"
-LATENT_PATCH = 2  # app.py: BagelConfig(latent_patch_size=2)
+LATENT_PATCH = 2  # app.py: BagelConfig(latent_patch_size=2); with the VAE downsampling 8, 16 pixels a patch
 LATENT_CHANNELS = 16  # modeling/autoencoder.py load_ae: AutoEncoderParams(z_channels=16)
-VAE_DOWNSAMPLE = 8  # load_ae: downsample=8; a latent patch covers 8 * 2 = 16 pixels a side
 TIMESTEP_FREQUENCIES = 256  # modeling_utils.TimestepEmbedder(frequency_embedding_size=256)
 # Qwen2.5's ids of the tokens BAGEL wraps an image in (data_utils.add_special_tokens), when no tokenizer file names them
 QWEN2_IMAGE_TOKENS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653}
@@ -546,6 +546,37 @@ class BagelFamily(Family):
         }
 
 
+def sincos_table(side: int, width: int) -> torch.Tensor:
+    """BAGEL's fixed 2D position table (`get_2d_sincos_pos_embed`, DiT's) [side ** 2, width], row-major: the first
+    half of a patch's row encodes its column, the second half its row, each as `sin(p * w), cos(p * w)` with
+    `w_i = 10000 ** (-i / (width / 4))`. Checkpoints store it; `builtin:tiny-bagel` computes it."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    angles = torch.outer(torch.arange(side, dtype=torch.float64), omega)
+    axis = torch.cat((angles.sin(), angles.cos()), dim=-1)  # [side, width / 2]
+    columns, rows = axis[None, :, :].expand(side, side, -1), axis[:, None, :].expand(side, side, -1)
+    return torch.cat((columns, rows), dim=-1).reshape(side * side, width).to(torch.float32)
+
+
+def tiny_bagel(seed: int = 0) -> BagelModel:
+    """`builtin:tiny-bagel`: the tiny MoT (`MOT_PRESETS["tiny"]`, vocabulary 256 whose last two ids wrap images), a
+    2-layer SigLIP tower of width 32 on 16 x 16 images (4 x 4 patches of 4 pixels), 4 x 4 latent and ViT position
+    tables (BAGEL's sin-cos values), seeded random weights, in eval mode."""
+    from transformers import SiglipVisionConfig
+
+    vit = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16
+    )
+    vit._attn_implementation = "sdpa"
+    llm = MoTConfig(**MOT_PRESETS["tiny"])
+    config = BagelConfig(llm=llm, vit=vit, max_latent_size=4, vit_max_patches=4, start_of_image=254, end_of_image=255)
+    torch.manual_seed(seed)
+    model = BagelModel(config).eval()
+    with torch.no_grad():
+        model.latent_pos_embed.pos_embed.copy_(sincos_table(4, llm.hidden_size))
+        model.vit_pos_embed.pos_embed.copy_(sincos_table(4, llm.hidden_size))
+    return model
+
+
 FAMILIES = (
     BagelFamily(
         name="bagel",
@@ -562,5 +593,6 @@ FAMILIES = (
             *(TagRule("language_model." + rule.glob, rule.tag) for rule in MOT_FAMILIES[0].tags),
         ),
         task_entry_points={"generation": "generation_step"},
+        builtin_models={"tiny-bagel": tiny_bagel},
     ),
 )

@@ -490,3 +490,14 @@ def test_calibration_ids_beyond_the_vocabulary_are_refused_before_loading(checkp
     argv = ["compile", "--model", str(checkpoint), "--calib", str(calib), "--dry-run", "--quiet"]
     assert main(argv) == 2
     assert f"outside the model's vocabulary [0, {LLM['vocab_size']})" in capsys.readouterr().err
+
+
+def test_builtin_tiny_bagel():
+    """`builtin:tiny-bagel`: BAGEL's three programs without a checkpoint, its position tables BAGEL's sin-cos values."""
+    loaded = load_model("builtin:tiny-bagel")
+    assert loaded.family.name == "bagel"
+    model = loaded.model
+    assert list(entry_points(model)) == ["generation_step", "understanding", "vit"]
+    want = torch.from_numpy(sincos_table(4, 64))
+    torch.testing.assert_close(model.latent_pos_embed.pos_embed, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.vit_pos_embed.pos_embed, want, rtol=0, atol=1e-6)
