@@ -4,7 +4,9 @@ Weights load only from safetensors (`use_safetensors=True`): a directory holding
 `pytorch_model.bin` weights is refused, since unpickling runs arbitrary code; remote code is never trusted.
 Built-in models (`builtin:tiny-qwen2`, ...: `builtin_names()`) come from the model families
 (`sparsec.families`), built from small configs with seeded random weights: for demos, tests and the default
-compile. The model class for a config lacking `architectures` comes from its family too.
+compile. The model class for a config lacking `architectures` comes from its family too. A directory in a layout of
+a family's own (`Family.reads_directory`: BAGEL's `llm_config.json` + `ema.safetensors`) is built by that family and
+loaded the same ways, every parameter from the tensor of its name (`_load_own_layout`).
 
 Dtype: a checkpoint loads in its own dtype by default (`dtype="auto"`: a bf16 checkpoint stays bf16, never a
 silent FP32 copy at twice its size); `float32`, `bfloat16`, `float16` convert. Built-in models are FP32 unless
@@ -161,7 +163,8 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
 def load_model(
     spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu", weights: bool | Literal["lazy"] = True
 ) -> LoadedModel:
-    """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
+    """Load `builtin:NAME`, a `save_pretrained` directory (config.json + *.safetensors) or a checkpoint directory in a
+    layout a family reads (BAGEL's).
 
     `dtype`, `device`, `weights`: see the module docstring. Bad values are refused before anything loads.
 
