@@ -481,6 +481,10 @@ class BagelFamily(Family):
     def directory_config(self, directory: Path) -> dict[str, Any]:
         return llm_config(directory).to_dict()
 
+    def example_inputs(self, model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The first entry point's (`generation_step`): a BagelModel has no forward of its own."""
+        return self.entry_points(model)["generation_step"].example_inputs(batch, seq, seed)
+
     def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
         """`generation_step`, `understanding` and `vit` of a `BagelModel`, at the family's grids; `example_inputs(batch,
         seq)`: `seq` prompt tokens (generation step) or text tokens (understanding). The generation step comes first:

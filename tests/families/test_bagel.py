@@ -501,3 +501,5 @@ def test_builtin_tiny_bagel():
     want = torch.from_numpy(sincos_table(4, 64))
     torch.testing.assert_close(model.latent_pos_embed.pos_embed, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(model.vit_pos_embed.pos_embed, want, rtol=0, atol=1e-6)
+    inputs = loaded.family.example_inputs(model, 2, 5)
+    assert set(inputs) == {"input_ids", "attention_mask", "latents", "timestep"}  # the generation step's
