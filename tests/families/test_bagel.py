@@ -403,10 +403,14 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path, edit, message):
 
 @pytest.mark.slow
 def test_compile_from_the_cli_with_onnx_parity(checkpoint, tmp_path):
-    """`sparsec compile --model DIR`: the three programs, the generation FFNs sliced, ONNX parity checked."""
+    """`sparsec compile --model DIR`: the three programs, the generation FFNs sliced in the step, the understanding
+    FFNs sliced once and replayed (the same weights in both programs), ONNX parity checked."""
     recipe = {
         "entry_points": ["generation_step", "understanding", "vit"],
-        "passes": [{"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude", "where": "**.mlp_moe_gen"}}],
+        "passes": [
+            {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude", "where": "**.mlp_moe_gen"}},
+            {"slice_neurons": {"keep_ratio": 0.75, "where": "language_model.model.layers.*.mlp"}},
+        ],
         "capture": {"batch": 2, "seq": 6},
         "calibration": {"samples": 4, "seq_len": 6, "batch_size": 2},
         "quality": {"gates": False},
@@ -421,9 +425,16 @@ def test_compile_from_the_cli_with_onnx_parity(checkpoint, tmp_path):
         assert report["entry_points"][name]["parity"]["metrics"][output]["cosine"] > 0.9999
     step = report["entry_points"]["generation_step"]
     assert step["export"]["dynamic_dims"]["latents"] == {"0": "batch"}
-    assert [p["name"] for p in step["passes"]] == ["slice_neurons"]
-    assert report["entry_points"]["understanding"]["passes"] == []  # it holds no generation FFN
+    assert [p["name"] for p in step["passes"]] == ["slice_neurons", "slice_neurons"]
+    assert [p["name"] for p in report["entry_points"]["understanding"]["passes"]] == ["slice_neurons"]  # no gen FFN
+    und = Program.load(out / "understanding" / "program.pt2")
+    up = "language_model.model.layers.1.mlp.up_proj.weight"
+    assert und.state_tensor(up).shape == (36, H)
+    torch.testing.assert_close(
+        und.state_tensor(up), Program.load(out / "generation_step" / "program.pt2").state_tensor(up)
+    )
     program = Program.load(out / "generation_step" / "program.pt2")
+    assert program.state_tensor("language_model.model.layers.0.mlp_moe_gen.up_proj.weight").shape == (24, H)
     inputs = {
         "input_ids": torch.randint(0, 80, (3, 4)),
         "attention_mask": torch.ones(3, 4, dtype=torch.long),
