@@ -29,14 +29,16 @@ def default_recipe_path() -> Path:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sparsec.analysis.inspection import explain, format_inspection, inspect_program
     from sparsec.capture import capture
+    from sparsec.families import entry_points
     from sparsec.models import load_model
     from sparsec.recipe import Recipe
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     lazy = not args.model.startswith(BUILTIN_PREFIX)  # a directory: shapes only, no weight is read
     loaded = load_model(args.model, weights="lazy" if lazy else True)
-    example = loaded.family.example_inputs(loaded.model, recipe.capture.batch, recipe.capture.seq)
-    program = capture(loaded.model, example, dynamic=recipe.capture.dynamic, family=loaded.family, tags=recipe.tags)
+    entry = next(iter(entry_points(loaded.model).values()))  # the program a recipe without entry_points compiles
+    example = entry.example_inputs(recipe.capture.batch, recipe.capture.seq)
+    program = capture(entry.module, example, dynamic=recipe.capture.dynamic, family=entry.family, tags=recipe.tags)
     if lazy:
         loaded.attach_weights(program)
     if args.why:

@@ -32,7 +32,7 @@ from sparsec.data.calibration import (
 from sparsec.data.parity import ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
-from sparsec.families import entry_points
+from sparsec.families import entry_points, family_for_directory
 from sparsec.models import BUILTIN_PREFIX, load_model, parse_device, parse_dtype
 from sparsec.recipe import Recipe
 from sparsec.resources import (
@@ -527,7 +527,11 @@ def _program_precision(program) -> str:
 
 
 def _config(directory: Path) -> dict:
-    """The checkpoint directory's config.json as read before the model loads; `SparsecError` unless a JSON object."""
+    """The checkpoint directory's config.json as read before the model loads; `SparsecError` unless a JSON object.
+    A checkpoint in a layout of its family's own (BAGEL's) has none: its family says the language model's fields."""
+    family = family_for_directory(directory)
+    if family is not None:
+        return family.directory_config(directory)
     fix = "restore it from the model's source or re-save it (model.config.save_pretrained(dir))"
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
@@ -586,7 +590,7 @@ def _check_calibration_files(model: str | Path, recipe: Recipe, calib: str | Pat
     `vocab_size` (its text model's); each program's own embedding table bounds them again after capture."""
     directory = None if str(model).startswith(BUILTIN_PREFIX) else Path(model)
     vocab = {}
-    if directory is not None and (directory / "config.json").is_file():
+    if directory is not None and ((directory / "config.json").is_file() or family_for_directory(directory)):
         size = _text_config(_config(directory)).get("vocab_size")
         if isinstance(size, int):
             vocab["input_ids"] = size

@@ -4,7 +4,9 @@ Weights load only from safetensors (`use_safetensors=True`): a directory holding
 `pytorch_model.bin` weights is refused, since unpickling runs arbitrary code; remote code is never trusted.
 Built-in models (`builtin:tiny-qwen2`, ...: `builtin_names()`) come from the model families
 (`sparsec.families`), built from small configs with seeded random weights: for demos, tests and the default
-compile. The model class for a config lacking `architectures` comes from its family too.
+compile. The model class for a config lacking `architectures` comes from its family too. A directory in a layout of
+a family's own (`Family.reads_directory`: BAGEL's `llm_config.json` + `ema.safetensors`) is built by that family and
+loaded the same ways, every parameter from the tensor of its name (`_load_own_layout`).
 
 Dtype: a checkpoint loads in its own dtype by default (`dtype="auto"`: a bf16 checkpoint stays bf16, never a
 silent FP32 copy at twice its size); `float32`, `bfloat16`, `float16` convert. Built-in models are FP32 unless
@@ -24,7 +26,8 @@ a pass reads a weight when it asks for it, one at a time. `sparsec inspect` and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +41,7 @@ from sparsec.families import (
     builtin_family,
     builtin_names,
     detect_family,
+    family_for_directory,
     family_for_model_type,
 )
 from sparsec.ir.program import Program
@@ -159,7 +163,8 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
 def load_model(
     spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu", weights: bool | Literal["lazy"] = True
 ) -> LoadedModel:
-    """Load `builtin:NAME` or a `save_pretrained` directory (config.json + *.safetensors).
+    """Load `builtin:NAME`, a `save_pretrained` directory (config.json + *.safetensors) or a checkpoint directory in a
+    layout a family reads (BAGEL's).
 
     `dtype`, `device`, `weights`: see the module docstring. Bad values are refused before anything loads.
 
@@ -183,12 +188,15 @@ def load_model(
         elif weights:
             model = build_model(builtin_config(name))
         else:
-            model = _build_on_meta(builtin_config(name))
+            model = _build_on_meta(_builder(builtin_config(name)))
         if weights:
             model = model.to(device=device, dtype=cast) if cast is not None else model.to(device)
         return LoadedModel(model, detect_family(model), spec, None, weights=weights)
 
     directory = Path(spec)
+    own_layout = family_for_directory(directory)
+    if own_layout is not None:
+        return _load_own_layout(own_layout, directory, cast, device, weights)
     if not (directory / "config.json").is_file():
         raise SparsecError(
             f"{directory} is not a Hugging Face model directory (no config.json); "
@@ -213,11 +221,11 @@ def load_model(
             "source or re-save it (model.config.save_pretrained(dir))"
         ) from exc
     if not weights:
-        model = _build_on_meta(config, cast)
+        model = _build_on_meta(_builder(config), cast)
         return LoadedModel(model, detect_family(model), str(directory), directory, weights=False)
     if weights == "lazy":
         checkpoint_facts(directory)
-        model = _build_unallocated(config, cast or _checkpoint_dtype(directory))
+        model = _build_unallocated(_builder(config), cast or _checkpoint_dtype(directory))
         return LoadedModel(
             model,
             detect_family(model),
@@ -273,15 +281,21 @@ def _read_parameters(
     """
     if getattr(_model_class(config), "_keep_in_fp32_modules", None):
         return None  # from_pretrained keeps those modules in FP32 whatever the dtype
-    model = _build_unallocated(config, dtype)
+    model = _build_unallocated(_builder(config), dtype)
     where = _checkpoint_index(directory)
     stored = _stored_tensors(model, directory, where)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     buffers = set(model.state_dict()) - set(parameters)
     if set(parameters) - set(stored) or buffers & where.keys():
         return None
-    read: dict[str, torch.Tensor] = {}  # stored key -> tensor: tied parameters read once
-    for name, param in parameters.items():
+    return _read_into(model, stored), {name: stored[name] for name in parameters}
+
+
+def _read_into(model: torch.nn.Module, stored: dict[str, StoredTensor]) -> torch.nn.Module:
+    """`model` (parameters unallocated) with each parameter read from its stored tensor into memory of its own, one
+    at a time, in the parameter's dtype (tied parameters read once); in eval mode."""
+    read: dict[str, torch.Tensor] = {}  # stored key -> tensor
+    for name, param in model.named_parameters(remove_duplicate=False):
         where = stored[name]
         if where.key not in read:
             tensor = where.read()
@@ -289,14 +303,51 @@ def _read_parameters(
                 tensor = tensor.to(param.dtype)
             read[where.key] = tensor
         param.data = read[where.key]
-    return model.eval(), {name: stored[name] for name in parameters}
+    return model.eval()
 
 
-def _build_on_meta(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The model of `config` on the meta device: every shape, no memory, no weights read."""
+def _load_own_layout(
+    family: Family, directory: Path, cast: torch.dtype | None, device: torch.device, weights: bool | Literal["lazy"]
+) -> LoadedModel:
+    """A checkpoint in a layout of `family`'s own (`Family.reads_directory`: BAGEL's), loaded as `load_model` loads a
+    `save_pretrained` one: in the checkpoint's dtype unless `cast`; on the meta device without `weights`; lazily
+    (`weights="lazy"`); else each tensor read on its own (never the whole file mapped). Every parameter must have a
+    tensor of its shape (`SparsecError` naming the tensor, the shape expected and the config that says so); tensors
+    the model does not use (BAGEL's VAE in `ae.safetensors`) are left unread."""
+    build = functools.partial(family.build_from_directory, directory)
+    if not weights:
+        return LoadedModel(_build_on_meta(build, cast), family, str(directory), directory, weights=False)
+    checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
+    model = _build_unallocated(build, cast or _checkpoint_dtype(directory))
+    stored = _stored_tensors(model, directory)
+    for name, param in model.named_parameters():
+        found = stored.get(name)
+        if found is None:
+            raise SparsecError(
+                f"{directory}: the checkpoint has no tensor {name!r} (expected shape {list(param.shape)}, from its "
+                "config files); the checkpoint is incomplete or of another model: copy it again"
+            )
+        if found.shape != tuple(param.shape):
+            raise SparsecError(
+                f"{found.file}: tensor {name!r} has shape {list(found.shape)}, expected {list(param.shape)} (from "
+                "the checkpoint's config files); the config files and the weights are of different models"
+            )
+    if weights == "lazy":
+        return LoadedModel(model, family, str(directory), directory, weights="lazy", stored=stored)
+    model = _read_into(model, stored).to(device)
+    return LoadedModel(model, family, str(directory), directory, stored=stored if device.type == "cpu" else {})
+
+
+def _builder(config) -> Callable[[], torch.nn.Module]:
+    """Builds the model of `config` (its class: `_model_class`) when called."""
     cls = _model_class(config)
+    return lambda: cls(config)
+
+
+def _build_on_meta(build: Callable[[], torch.nn.Module], dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model `build` makes, on the meta device: every shape, no memory, no weights read."""
     with torch.device("meta"):
-        model = cls(config) if dtype is None else cls(config).to(dtype)
+        model = build() if dtype is None else build().to(dtype)
     return model.eval()
 
 
@@ -328,15 +379,14 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register
 
 
-def _build_unallocated(config, dtype: torch.dtype) -> torch.nn.Module:
-    """The model of `config` in `dtype` with CPU parameters that are never written (`torch.empty`: no page is
+def _build_unallocated(build: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    """The model `build` makes, in `dtype`, with CPU parameters that are never written (`torch.empty`: no page is
     touched, so nothing is resident) and real buffers; tied parameters stay one tensor."""
-    cls = _model_class(config)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # as from_pretrained builds: buffers keep the dtypes the model code gives them
     try:
         with _parameters_on_meta():
-            model = cls(config)
+            model = build()
     finally:
         torch.set_default_dtype(default)
     empty: dict[int, torch.nn.Parameter] = {}

@@ -21,6 +21,7 @@ import importlib
 import pkgutil
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points as _package_entry_points
+from pathlib import Path
 
 from torch import nn
 
@@ -78,6 +79,12 @@ def detect_family(model: nn.Module) -> Family:
     if family is not GENERIC:
         return family
     return next((f for f in _FAMILIES.values() if f.matches(model)), GENERIC)
+
+
+def family_for_directory(directory: Path) -> Family | None:
+    """The first registered family that reads `directory` as a checkpoint layout of its own
+    (`Family.reads_directory`: BAGEL's), None for a `save_pretrained` directory."""
+    return next((f for f in available_families().values() if f.reads_directory(directory)), None)
 
 
 def entry_points(model: nn.Module) -> Mapping[str, EntryPoint]:
@@ -175,6 +182,7 @@ __all__ = [
     "detect_family",
     "entry_points",
     "family_by_name",
+    "family_for_directory",
     "family_for_model_type",
     "register_family",
 ]

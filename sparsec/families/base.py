@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,6 +116,22 @@ class Family:
         import transformers
 
         return getattr(transformers, name, None)
+
+    def reads_directory(self, directory: Path) -> bool:
+        """Whether `directory` is a checkpoint in a layout of this family's own rather than a `save_pretrained` one
+        (BAGEL's `llm_config.json` + `ema.safetensors`); `--model DIR` then builds it with `build_from_directory`."""
+        return False
+
+    def build_from_directory(self, directory: Path) -> nn.Module:
+        """The model of a checkpoint in this family's own layout (`reads_directory`), built from its config files in
+        the default dtype and device, reading no weight; its parameter names are the checkpoint's tensor names, so
+        `sparsec.models` reads (or lazily maps) each one from the safetensors files and checks its shape."""
+        raise NotImplementedError(f"family {self.name!r} reads no checkpoint layout of its own")
+
+    def directory_config(self, directory: Path) -> dict[str, Any]:
+        """The language model's config fields (`vocab_size`, `hidden_size`, `num_hidden_layers`) of a checkpoint in
+        this family's own layout, for the compile's memory estimate before the model loads."""
+        raise NotImplementedError(f"family {self.name!r} reads no checkpoint layout of its own")
 
     def builtin_names(self) -> tuple[str, ...]:
         """The names of this family's built-in tiny models."""

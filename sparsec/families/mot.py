@@ -138,10 +138,11 @@ class MLP(nn.Module):
 
 @dataclass
 class Modality:
-    """Row indices of the flattened [B*S] sequence belonging to each modality."""
+    """Row indices of the flattened [B*S] sequence belonging to each modality; both None: every row is an
+    understanding row (a program without generation tokens then holds no generation weight)."""
 
-    und: torch.Tensor
-    gen: torch.Tensor
+    und: torch.Tensor | None
+    gen: torch.Tensor | None
 
     def apply(
         self,
@@ -150,6 +151,8 @@ class Modality:
         x: torch.Tensor,
     ) -> torch.Tensor:
         """[N, C] -> [N, C']: rows of each modality through that modality's function."""
+        if self.gen is None:
+            return und_fn(x)
         y_und = und_fn(x.index_select(0, self.und))
         y_gen = gen_fn(x.index_select(0, self.gen))
         out = x.new_zeros(x.shape[0], y_und.shape[-1])
@@ -196,11 +199,12 @@ class MoTAttention(nn.Module):
         d = self.head_dim
         qkv = modality.apply(lambda t: self._project("", t), lambda t: self._project(GEN, t), x)
         q, k, v = qkv.view(batch, seq, -1).split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
-        q = _rotate(q.view(batch, seq, self.heads, d).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(batch, seq, self.kv_heads, d).transpose(1, 2), cos, sin)
-        v = v.view(batch, seq, self.kv_heads, d).transpose(1, 2)
         groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # rotated and repeated in [B, S, heads, d], heads moved forward last: torch.export cannot prove the
+        # contiguity of a transposed sequence of the form S + n (BAGEL's programs add image tokens) otherwise
+        q = _rotate(q.view(batch, seq, self.heads, d), cos, sin).transpose(1, 2)
+        k = _rotate(k.view(batch, seq, self.kv_heads, d), cos, sin).repeat_interleave(groups, dim=2).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, d).repeat_interleave(groups, dim=2).transpose(1, 2)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attn = attn.transpose(1, 2).reshape(batch * seq, self.heads * d)
         return modality.apply(self.o_proj, self.o_proj_moe_gen, attn)
@@ -249,19 +253,30 @@ class MoTModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         is_gen = gen_mask.reshape(-1) != 0
         modality = Modality(und=torch.nonzero(~is_gen).squeeze(1), gen=torch.nonzero(is_gen).squeeze(1))
-        d = self.config.head_dim
-        # computed here, not held in a buffer: from_pretrained leaves non-persistent buffers uninitialised
-        inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=input_ids.device) / d)
-        )
-        positions = torch.arange(seq, device=input_ids.device, dtype=torch.float32)
-        angles = positions[:, None] * inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
+        positions = torch.arange(seq, device=input_ids.device)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
         keys = attention_mask.bool()[:, None, None, :]
         # a query always sees itself, so fully padded rows stay finite
         mask = causal & (keys | torch.eye(seq, dtype=torch.bool, device=input_ids.device))
+        return self.decode(hidden, modality, positions, mask)
+
+    def decode(
+        self, hidden: torch.Tensor, modality: Modality, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder on embedded tokens: `hidden` [B, S, H], rows routed by `modality` (over the flattened
+        [B*S]), rotary `positions` [S] or [B, S], boolean attention `mask` [B or 1, 1, S, S] (True: may attend);
+        returns the final-normed hidden states [B, S, H]. `forward` is its causal text case; programs whose tokens
+        are not all text ids (BAGEL's latents and ViT features: `sparsec.families.bagel`) embed and mask their own.
+        """
+        batch, seq, _ = hidden.shape
+        d = self.config.head_dim
+        # computed here, not held in a buffer: from_pretrained leaves non-persistent buffers uninitialised
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=hidden.device) / d)
+        )
+        angles = positions.to(torch.float32)[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(-2)  # [(B,) S, 1, d]: broadcast over the heads
+        cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
         flat = hidden.reshape(batch * seq, -1)
         for layer in self.layers:
             flat = layer(flat, modality, (batch, seq), cos, sin, mask)
