@@ -38,7 +38,6 @@ off, or import at load time (a model loader calling `import_paper_moe` before th
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,28 +52,12 @@ from sparsec.analysis.structure import Ffn, ffn_activation
 from sparsec.errors import PassError, SparsecError
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
+from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, layer_index, paper_sizes
 from sparsec.passes.ffn_to_moe import ExpertWeights, moe_nodes, rewrite_as_moe
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
-GATING = "one_plus_logit"
 CONFIG_FILE = "llm_config.json"
 TENSORS_FILE = "moe.safetensors"
-CONFIG_KEYS = ("num_experts", "top_k", "num_shared_experts")
-
-
-def layer_index(path: str) -> int:
-    """The layer index of an FFN module path: its first integer component (`model.layers.3.mlp_moe_gen` -> 3)."""
-    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    if found is None:
-        raise SparsecError(f"FFN {path!r} has no layer index in its module path; the paper's config lists layers")
-    return int(found.group(1))
-
-
-def paper_sizes(intermediate: int, experts: int, shared_experts: int) -> tuple[int, int]:
-    """(shared width I_s, expert width I_e) for a dense FFN of `intermediate` neurons, as the paper's code derives
-    them (`Qwen2MoTDecoderLayer.__init__`)."""
-    shared = intermediate // (experts + shared_experts) * shared_experts
-    return shared, (intermediate - shared) // experts
 
 
 def _shared_experts_for(intermediate: int, experts: int, shared: int, expert_size: int) -> int:
@@ -92,7 +75,7 @@ def _shared_experts_for(intermediate: int, experts: int, shared: int, expert_siz
 
 # ----- export --------------------------------------------------------------------------------------------------
 def paper_moe_state(
-    program: Program, *, prefix: str = "", where: str = "**", layers_key: str = "transformed_gen"
+    program: Program, *, prefix: str = "", where: str = "**", layers_key: str = LAYERS_KEY
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The program's MoE nodes under `where` in the paper's layout: (tensors by name, config keys).
 
@@ -170,7 +153,7 @@ def export_paper_moe(
     *,
     prefix: str = "",
     where: str = "**",
-    layers_key: str = "transformed_gen",
+    layers_key: str = LAYERS_KEY,
 ) -> dict:
     """Write the program's MoEs in the paper's layout: `directory/moe.safetensors` (`paper_moe_state`'s tensors) and
     the config keys into `directory/llm_config.json` (merged into the one there, else written alone); return
@@ -244,7 +227,7 @@ def import_paper_moe(
     *,
     prefix: str = "",
     where: str = "**",
-    layers_key: str = "transformed_gen",
+    layers_key: str = LAYERS_KEY,
     source: str = "the checkpoint",
     who: str = "import_moe",
 ) -> list[dict]:
@@ -346,7 +329,7 @@ class ImportMoe(Pass):
         prefix: str = ""
         where: str = "**"
         config: str = ""  # default: llm_config.json beside the tensors
-        layers_key: str = "transformed_gen"
+        layers_key: str = LAYERS_KEY
 
         def __post_init__(self) -> None:
             if not self.path:

@@ -54,6 +54,8 @@ from sparsec.families.base import EntryPoint, Family
 from sparsec.families.mot import FAMILIES as MOT_FAMILIES
 from sparsec.families.mot import MOT_PRESETS, Modality, MoTConfig, MoTForCausalLM
 from sparsec.ir.tags import TagRule
+from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe, which GenerationMoe calls)
+from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, PROJECTIONS, paper_sizes
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
@@ -66,6 +68,22 @@ QWEN2_IMAGE_TOKENS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653}
 
 
 @dataclass(frozen=True)
+class GenerationMoeConfig:
+    """The paper's MoE of the generation FFNs (`sparsec.ops.paper_moe`), as a released checkpoint's
+    `llm_config.json` states it (`num_experts`, `top_k`, `num_shared_experts`, `transformed_gen`).
+
+    Attributes:
+        experts, top_k, shared_experts: E, k and S of every converted FFN (sizes: `paper_sizes`).
+        layers: the converted layers (`transformed_gen`: a list, or true for every layer).
+    """
+
+    experts: int
+    top_k: int
+    shared_experts: int
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class BagelConfig:
     """What a BAGEL checkpoint's files say about its shapes (see the module docstring for where each comes from).
 
@@ -75,6 +93,7 @@ class BagelConfig:
         max_latent_size: latent patches per side of the latent position table (`latent_pos_embed`).
         vit_max_patches: ViT patches per side of the ViT position table (`vit_pos_embed`).
         start_of_image, end_of_image: ids of `<|vision_start|>` / `<|vision_end|>`, which wrap every image.
+        moe: the paper's MoE of the generation FFNs in a released MoE checkpoint (BAGEL-MoE-7B-GEN-16to8), else None.
     """
 
     llm: MoTConfig
@@ -83,6 +102,7 @@ class BagelConfig:
     vit_max_patches: int
     start_of_image: int
     end_of_image: int
+    moe: GenerationMoeConfig | None = None
 
     @property
     def vit_hidden(self) -> int:
@@ -178,14 +198,75 @@ class SiglipVision(nn.Module):
         self.vision_model = SiglipTower(config)
 
 
+class MoeOperands(nn.Module):
+    """The `sparsec::moe` operands of a `GenerationMoe`, named as `ffn_to_moe` names them (`<ffn>.moe.*`)."""
+
+    def __init__(self, hidden: int, experts: int, expert_size: int, shared: bool) -> None:
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.zeros(experts, hidden))
+        self.fc1_weight = nn.Parameter(torch.empty(experts, expert_size, hidden))
+        self.fc3_weight = nn.Parameter(torch.empty(experts, expert_size, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(experts, hidden, expert_size))
+        if shared:
+            self.shared_gate_weight = nn.Parameter(torch.zeros(1, hidden))
+
+
+class GenerationMoe(nn.Module):
+    """A converted generation FFN of a released MoE checkpoint: the paper's `Qwen2MoeSparseMoeBlock`,
+    `sum_e f_e(x) * (1 + w_e)` over the top-k raw router logits `w` plus `f_shared(x) * (1 + gate_shared(x))`.
+
+    It is the program `ffn_to_moe` (gating one_plus_logit) makes of a dense FFN, as a module: one `sparsec::moe` call
+    on `moe.*` and, with a shared expert, that expert as the SwiGLU `gate_proj` / `up_proj` / `down_proj` gated by
+    `moe.shared_gate_weight`; so its capture holds the same nodes under the same names, and every pass, lowering and
+    `export_paper_moe` treats a loaded checkpoint's MoE as one it converted. `BagelFamily.stored_names` maps these
+    parameters onto the checkpoint's tensors (each expert stored on its own, stacked here).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, config: GenerationMoeConfig) -> None:
+        super().__init__()
+        shared, expert_size = paper_sizes(intermediate, config.experts, config.shared_experts)
+        self.top_k = config.top_k
+        self.has_shared = shared > 0
+        self.moe = MoeOperands(hidden, config.experts, expert_size, self.has_shared)
+        if self.has_shared:
+            self.gate_proj = nn.Linear(hidden, shared, bias=False)
+            self.up_proj = nn.Linear(hidden, shared, bias=False)
+            self.down_proj = nn.Linear(shared, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.moe
+        routed = torch.ops.sparsec.moe(
+            x, m.router_weight, None, m.fc1_weight, None, m.fc3_weight, None, m.fc2_weight, self.top_k, "silu", GATING
+        )
+        if not self.has_shared:
+            return routed
+        shared = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return shared * (F.linear(x, m.shared_gate_weight) + 1.0) + routed
+
+    def stored_names(self, path: str) -> dict[str, str | tuple[str, ...]]:
+        """This module's parameters (at module path `path`) -> their tensors in the paper's layout."""
+        experts = self.moe.router_weight.shape[0]
+        names: dict[str, str | tuple[str, ...]] = {f"{path}.moe.router_weight": f"{path}.gate.weight"}
+        for operand, proj in zip(("fc1_weight", "fc3_weight", "fc2_weight"), PROJECTIONS):
+            names[f"{path}.moe.{operand}"] = tuple(f"{path}.experts.{e}.{proj}.weight" for e in range(experts))
+        if self.has_shared:
+            names[f"{path}.moe.shared_gate_weight"] = f"{path}.gate_shared.weight"
+            names |= {f"{path}.{proj}.weight": f"{path}.shared_expert.{proj}.weight" for proj in PROJECTIONS}
+        return names
+
+
 class BagelModel(nn.Module):
-    """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points."""
+    """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points. In a
+    released MoE checkpoint (`config.moe`) the converted layers' `mlp_moe_gen` is a `GenerationMoe`."""
 
     def __init__(self, config: BagelConfig) -> None:
         super().__init__()
         self.bagel_config = config
         hidden = config.llm.hidden_size
         self.language_model = MoTForCausalLM(config.llm)
+        for i in config.moe.layers if config.moe is not None else ():
+            layer = self.language_model.model.layers[i]
+            layer.mlp_moe_gen = GenerationMoe(hidden, config.llm.intermediate_size, config.moe)
         self.time_embedder = TimestepEmbedder(hidden)
         self.vae2llm = nn.Linear(config.patch_dim, hidden)
         self.llm2vae = nn.Linear(hidden, config.patch_dim)
@@ -372,6 +453,46 @@ def llm_config(directory: Path) -> MoTConfig:
     return MoTConfig(**kwargs, tie_word_embeddings=False)
 
 
+def generation_moe_config(directory: Path, llm: MoTConfig) -> GenerationMoeConfig | None:
+    """The paper's MoE keys of `llm_config.json` (`sparsec.ops.paper_moe`), None for a dense checkpoint (no key, or
+    `transformed_gen` false / empty).
+
+    Raises:
+        SparsecError: some keys but not all, values of the wrong type, layers outside the model, or E / k / S
+            that leave an expert no neuron of the FFN.
+    """
+    raw = _read_json(directory / LLM_CONFIG)
+    keys = (*CONFIG_KEYS, LAYERS_KEY)
+    present = [k for k in keys if k in raw]
+    if not present or raw.get(LAYERS_KEY) in (False, []):
+        return None
+    where = f"{directory / LLM_CONFIG}"
+    if len(present) < len(keys):
+        raise SparsecError(
+            f"{where} has {present} but lacks {[k for k in keys if k not in raw]}; the paper's MoE checkpoints "
+            "state all of them: restore the file from the checkpoint"
+        )
+    experts, top_k, shared = (raw[k] for k in CONFIG_KEYS)
+    layers = raw[LAYERS_KEY]
+    count = llm.num_hidden_layers
+    layers = list(range(count)) if layers is True else layers
+    numbers = [experts, top_k, shared, *(layers if isinstance(layers, list) else [None])]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+        raise SparsecError(
+            f"{where}: num_experts, top_k, num_shared_experts must be integers and {LAYERS_KEY} a list of layer "
+            f"indices or true, got {[raw[k] for k in keys]}"
+        )
+    outside = sorted(i for i in layers if not 0 <= i < count)
+    _, expert_size = paper_sizes(llm.intermediate_size, experts, shared) if experts > 0 and shared >= 0 else (0, 0)
+    if outside or expert_size < 1 or not 1 <= top_k <= experts:
+        raise SparsecError(
+            f"{where}: {LAYERS_KEY} {raw[LAYERS_KEY]} (the model has layers 0..{count - 1}), num_experts={experts}, "
+            f"top_k={top_k}, num_shared_experts={shared} do not fit an FFN of {llm.intermediate_size} neurons in "
+            f"{count} layers"
+        )
+    return GenerationMoeConfig(experts, top_k, shared, tuple(sorted(set(layers))))
+
+
 def _image_token_ids(directory: Path, vocab: int) -> tuple[int, int]:
     """The ids of `<|vision_start|>` / `<|vision_end|>`: as the tokenizer files name them, else Qwen2.5's."""
     named: dict[str, int] = {}
@@ -456,6 +577,7 @@ def bagel_config(directory: Path) -> BagelConfig:
         vit_max_patches=vit_side,
         start_of_image=start,
         end_of_image=end,
+        moe=generation_moe_config(directory, llm),
     )
 
 
@@ -477,6 +599,14 @@ class BagelFamily(Family):
 
     def build_from_directory(self, directory: Path) -> nn.Module:
         return BagelModel(bagel_config(directory))
+
+    def stored_names(self, model: nn.Module) -> dict[str, str | tuple[str, ...]]:
+        """The converted generation FFNs' parameters (`GenerationMoe.stored_names`) in a released MoE checkpoint."""
+        names: dict[str, str | tuple[str, ...]] = {}
+        for path, module in model.named_modules():
+            if isinstance(module, GenerationMoe):
+                names |= module.stored_names(path)
+        return names
 
     def directory_config(self, directory: Path) -> dict[str, Any]:
         return llm_config(directory).to_dict()
