@@ -27,9 +27,11 @@ program's FFN module path + the suffix above (sparsec's MoT model names BAGEL's 
 so `prefix: language_model.` reads a BAGEL checkpoint). A layer index is the first integer in the path. Tensors
 are written as the program holds them and read in the program's dtype.
 
-Recipe (the program's dense FFNs at those paths become the checkpoint's MoEs). The quality gates compare every
-pass against the program before the first pass, which an imported checkpoint is not meant to match: turn them
-off, or import at load time (a model loader calling `import_paper_moe` before the program is compiled):
+A released BAGEL MoE checkpoint needs no pass: `--model DIR` builds its MoEs when it loads
+(`sparsec.families.bagel.GenerationMoe`, the same nodes and names as this importer's), so the quality gates
+compare every pass against the MoE model. `import_moe` puts the paper's MoEs into a program whose dense FFNs came
+from elsewhere (another model class, a dense checkpoint); its gates compare against that dense program, which the
+MoEs are not meant to match: turn them off there:
     passes:
       - import_moe: {path: BAGEL-MoE-7B-GEN-16to8, prefix: "language_model.", where: "model.layers.*.mlp_moe_gen"}
     quality: {gates: off}

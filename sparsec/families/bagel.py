@@ -30,6 +30,15 @@ tags and `where` globs mean the same in all three, and a recipe's passes change 
 What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts of the generation pass in bf16
 whatever the weights' dtype; here every step runs in the weights' dtype.
 
+The paper's released MoE checkpoints ("Understanding and Harnessing Sparsity in Unified Multimodal Models":
+BAGEL-MoE-7B-GEN-16to8, -32to16) are BAGEL directories whose `llm_config.json` adds `num_experts`, `top_k`,
+`num_shared_experts` and `transformed_gen` (`generation_moe_config`) and whose `ema.safetensors` holds the converted
+layers' `mlp_moe_gen` in the paper's layout (`sparsec.ops.paper_moe`) instead of the dense tensors. Those FFNs are
+built as `GenerationMoe`s, each a `sparsec::moe` (gating one_plus_logit) plus the gated shared expert, exactly what
+`ffn_to_moe` makes of a dense FFN, and read from the paper's tensors (`BagelFamily.stored_names`: the experts
+stacked, lazily too); so a program holds the checkpoint's MoEs before any pass and the quality gates compare passes
+against the MoE model.
+
 Example::
 
     loaded = sparsec.models.load_model("models/BAGEL-7B-MoT")      # llm_config.json + ema.safetensors
@@ -454,41 +463,42 @@ def llm_config(directory: Path) -> MoTConfig:
 
 
 def generation_moe_config(directory: Path, llm: MoTConfig) -> GenerationMoeConfig | None:
-    """The paper's MoE keys of `llm_config.json` (`sparsec.ops.paper_moe`), None for a dense checkpoint (no key, or
-    `transformed_gen` false / empty).
+    """The paper's MoE of the generation FFNs as `llm_config.json` states it (`sparsec.ops.paper_moe`), read as the
+    paper's `Qwen2MoTDecoderLayer` reads it: the layers `transformed_gen` lists (true: all) are MoEs; without it (or
+    false, or empty) the checkpoint is dense, whatever other keys say. Unlike that code, which takes 8 experts, top-2
+    and one shared expert for an absent key, a missing key is refused: a released checkpoint states all three.
 
     Raises:
-        SparsecError: some keys but not all, values of the wrong type, layers outside the model, or E / k / S
-            that leave an expert no neuron of the FFN.
+        SparsecError: a key missing or not an integer, layers outside the model, E / k / S that leave an expert no
+            neuron or pick no expert, or `transformed_und` (MoEs of the understanding FFNs, which sparsec does not
+            load).
     """
     raw = _read_json(directory / LLM_CONFIG)
-    keys = (*CONFIG_KEYS, LAYERS_KEY)
-    present = [k for k in keys if k in raw]
-    if not present or raw.get(LAYERS_KEY) in (False, []):
-        return None
-    where = f"{directory / LLM_CONFIG}"
-    if len(present) < len(keys):
+    where = directory / LLM_CONFIG
+    if raw.get("transformed_und"):
         raise SparsecError(
-            f"{where} has {present} but lacks {[k for k in keys if k not in raw]}; the paper's MoE checkpoints "
-            "state all of them: restore the file from the checkpoint"
+            f"{where}: transformed_und {raw['transformed_und']!r} converts the understanding FFNs into MoEs (with an "
+            "image router, gate_img); sparsec loads only the generation FFNs' MoEs (transformed_gen)"
         )
-    experts, top_k, shared = (raw[k] for k in CONFIG_KEYS)
-    layers = raw[LAYERS_KEY]
+    layers = raw.get(LAYERS_KEY, False)
+    if layers is False or layers == []:
+        return None
     count = llm.num_hidden_layers
     layers = list(range(count)) if layers is True else layers
-    numbers = [experts, top_k, shared, *(layers if isinstance(layers, list) else [None])]
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+    values = [raw.get(k) for k in CONFIG_KEYS]
+    if not isinstance(layers, list) or not all(type(v) is int for v in (*values, *layers)):
         raise SparsecError(
-            f"{where}: num_experts, top_k, num_shared_experts must be integers and {LAYERS_KEY} a list of layer "
-            f"indices or true, got {[raw[k] for k in keys]}"
+            f"{where}: the paper's MoE needs {list(CONFIG_KEYS)} as integers and {LAYERS_KEY} as true or a list of "
+            f"layer indices, got {dict(zip((*CONFIG_KEYS, LAYERS_KEY), (*values, raw[LAYERS_KEY])))}; restore the "
+            "file from the checkpoint"
         )
-    outside = sorted(i for i in layers if not 0 <= i < count)
-    _, expert_size = paper_sizes(llm.intermediate_size, experts, shared) if experts > 0 and shared >= 0 else (0, 0)
-    if outside or expert_size < 1 or not 1 <= top_k <= experts:
+    experts, top_k, shared = values
+    fits = experts > 0 and shared >= 0 and paper_sizes(llm.intermediate_size, experts, shared)[1] > 0
+    if not fits or not 1 <= top_k <= experts or not all(0 <= i < count for i in layers):
         raise SparsecError(
-            f"{where}: {LAYERS_KEY} {raw[LAYERS_KEY]} (the model has layers 0..{count - 1}), num_experts={experts}, "
-            f"top_k={top_k}, num_shared_experts={shared} do not fit an FFN of {llm.intermediate_size} neurons in "
-            f"{count} layers"
+            f"{where}: {LAYERS_KEY} {raw[LAYERS_KEY]}, num_experts={experts}, top_k={top_k}, num_shared_experts="
+            f"{shared} do not fit {count} layers (0..{count - 1}) of FFNs of {llm.intermediate_size} neurons (each "
+            "expert needs a neuron, top_k must be in [1, num_experts])"
         )
     return GenerationMoeConfig(experts, top_k, shared, tuple(sorted(set(layers))))
 

@@ -127,6 +127,8 @@ def test_generation_step_is_the_papers_moe_forward(tmp_path, shared_experts):
         ]
     )  # fmt: skip
     torch.testing.assert_close(program.run(inputs)["velocity"], want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(step.module(**inputs)["velocity"], want, rtol=1e-4, atol=1e-4)
     dense = reference_velocity(W | bagel_tensors(layers=LAYERS), inputs["input_ids"][0][1:], inputs["latents"][0],
                                inputs["timestep"][0])  # fmt: skip
     assert not torch.allclose(want[0], dense, atol=1e-2)  # the MoE, not a dense FFN, made the velocity
@@ -248,10 +250,26 @@ def test_a_missing_or_misshapen_moe_tensor_is_named(tmp_path, capsys, edit, mess
     assert message in capsys.readouterr().err
 
 
-def test_a_partial_moe_config_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"top_k": None}, "needs ['num_experts', 'top_k', 'num_shared_experts'] as integers"),
+        ({"top_k": 5}, "top_k=5, num_shared_experts=0 do not fit 4 layers"),
+        ({"transformed_gen": [1, 4]}, "transformed_gen [1, 4], num_experts=4"),
+        ({"transformed_und": True}, "sparsec loads only the generation FFNs' MoEs"),
+    ],
+)
+def test_a_bad_moe_config_is_refused(tmp_path, capsys, edit, message):
     directory = write_moe_checkpoint(tmp_path / "BAGEL-MoE", 0)
-    config = moe_config(0)
-    del config["top_k"]
+    config = {k: v for k, v in {**moe_config(0), **edit}.items() if v is not None}
     (directory / "llm_config.json").write_text(json.dumps(config))
     assert main(["inspect", "--model", str(directory)]) == 2
-    assert "lacks ['top_k']" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_without_transformed_gen_the_checkpoint_is_dense(tmp_path):
+    """As the paper's decoder layer reads the config: no `transformed_gen`, no MoE, whatever else it says."""
+    config = {**LLM4, "num_experts": EXPERTS, "top_k": TOP_K, "num_shared_experts": 0}
+    directory = write_checkpoint(tmp_path / "dense", bagel_tensors(layers=LAYERS), llm=config)
+    program = entry_points(load_model(directory).model)["generation_step"].capture(batch=2, seq=6)
+    assert not moe_nodes(program)
