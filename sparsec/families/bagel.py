@@ -64,7 +64,7 @@ from sparsec.families.mot import FAMILIES as MOT_FAMILIES
 from sparsec.families.mot import MOT_PRESETS, Modality, MoTConfig, MoTForCausalLM
 from sparsec.ir.tags import TagRule
 from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe, which GenerationMoe calls)
-from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, PROJECTIONS, paper_sizes
+from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, paper_sizes, paper_tensor_names
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
@@ -254,14 +254,9 @@ class GenerationMoe(nn.Module):
 
     def stored_names(self, path: str) -> dict[str, str | tuple[str, ...]]:
         """This module's parameters (at module path `path`) -> their tensors in the paper's layout."""
-        experts = self.moe.router_weight.shape[0]
-        names: dict[str, str | tuple[str, ...]] = {f"{path}.moe.router_weight": f"{path}.gate.weight"}
-        for operand, proj in zip(("fc1_weight", "fc3_weight", "fc2_weight"), PROJECTIONS):
-            names[f"{path}.moe.{operand}"] = tuple(f"{path}.experts.{e}.{proj}.weight" for e in range(experts))
-        if self.has_shared:
-            names[f"{path}.moe.shared_gate_weight"] = f"{path}.gate_shared.weight"
-            names |= {f"{path}.{proj}.weight": f"{path}.shared_expert.{proj}.weight" for proj in PROJECTIONS}
-        return names
+        own = {name for name, _ in self.named_parameters()}
+        names = paper_tensor_names(path, self.moe.router_weight.shape[0], self.has_shared)
+        return {f"{path}.{name}": stored for name, stored in names.items() if name in own}
 
 
 class BagelModel(nn.Module):

@@ -36,3 +36,20 @@ def layer_index(path: str) -> int:
     if found is None:
         raise SparsecError(f"FFN {path!r} has no layer index in its module path; the paper's config lists layers")
     return int(found.group(1))
+
+
+def paper_tensor_names(path: str, experts: int, shared: bool) -> dict[str, str | tuple[str, ...]]:
+    """The paper's tensors of the MoE at module path `path`, by the name `ffn_to_moe` gives each under `path.`:
+    `moe.router_weight` <- `gate.weight`, `moe.shared_gate_weight` <- `gate_shared.weight` (stored with or without
+    a shared expert), `moe.fc1_weight` / `fc3_weight` / `fc2_weight` <- every expert's `gate_proj` / `up_proj` /
+    `down_proj` (a tuple, in expert order: stacked, they are the operand) and, with a shared expert,
+    `{gate,up,down}_proj.weight` (the dense FFN sliced to its neurons) <- `shared_expert.*`."""
+    names: dict[str, str | tuple[str, ...]] = {
+        "moe.router_weight": f"{path}.gate.weight",
+        "moe.shared_gate_weight": f"{path}.gate_shared.weight",
+    }
+    for operand, proj in zip(("fc1_weight", "fc3_weight", "fc2_weight"), PROJECTIONS):
+        names[f"moe.{operand}"] = tuple(f"{path}.experts.{e}.{proj}.weight" for e in range(experts))
+    if shared:
+        names |= {f"{proj}.weight": f"{path}.shared_expert.{proj}.weight" for proj in PROJECTIONS}
+    return names
