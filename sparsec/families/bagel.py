@@ -226,8 +226,8 @@ class GenerationMoe(nn.Module):
 
     It is the program `ffn_to_moe` (gating one_plus_logit) makes of a dense FFN, as a module: one `sparsec::moe` call
     on `moe.*` and, with a shared expert, that expert as the SwiGLU `gate_proj` / `up_proj` / `down_proj` gated by
-    `moe.shared_gate_weight`; so its capture holds the same nodes under the same names, and every pass, lowering and
-    `export_paper_moe` treats a loaded checkpoint's MoE as one it converted. `BagelFamily.stored_names` maps these
+    `moe.shared_gate_weight`; so its capture holds the same nodes under the same names, and the MoE's lowerings and
+    `export_paper_moe` treat a loaded checkpoint's MoE as one `ffn_to_moe` converted. `BagelFamily.stored_names` maps these
     parameters onto the checkpoint's tensors (each expert stored on its own, stacked here).
     """
 
