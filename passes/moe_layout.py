@@ -27,9 +27,11 @@ program's FFN module path + the suffix above (sparsec's MoT model names BAGEL's 
 so `prefix: language_model.` reads a BAGEL checkpoint). A layer index is the first integer in the path. Tensors
 are written as the program holds them and read in the program's dtype.
 
-Recipe (the program's dense FFNs at those paths become the checkpoint's MoEs). The quality gates compare every
-pass against the program before the first pass, which an imported checkpoint is not meant to match: turn them
-off, or import at load time (a model loader calling `import_paper_moe` before the program is compiled):
+A released BAGEL MoE checkpoint needs no pass: `--model DIR` builds its MoEs when it loads
+(`sparsec.families.bagel.GenerationMoe`, the same nodes and names as this importer's), so the quality gates
+compare every pass against the MoE model. `import_moe` puts the paper's MoEs into a program whose dense FFNs came
+from elsewhere (another model class, a dense checkpoint); its gates compare against that dense program, which the
+MoEs are not meant to match: turn them off there:
     passes:
       - import_moe: {path: BAGEL-MoE-7B-GEN-16to8, prefix: "language_model.", where: "model.layers.*.mlp_moe_gen"}
     quality: {gates: off}
@@ -38,7 +40,6 @@ off, or import at load time (a model loader calling `import_paper_moe` before th
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,28 +54,12 @@ from sparsec.analysis.structure import Ffn, ffn_activation
 from sparsec.errors import PassError, SparsecError
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
+from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, layer_index, paper_sizes, paper_tensor_names
 from sparsec.passes.ffn_to_moe import ExpertWeights, moe_nodes, rewrite_as_moe
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
-GATING = "one_plus_logit"
 CONFIG_FILE = "llm_config.json"
 TENSORS_FILE = "moe.safetensors"
-CONFIG_KEYS = ("num_experts", "top_k", "num_shared_experts")
-
-
-def layer_index(path: str) -> int:
-    """The layer index of an FFN module path: its first integer component (`model.layers.3.mlp_moe_gen` -> 3)."""
-    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    if found is None:
-        raise SparsecError(f"FFN {path!r} has no layer index in its module path; the paper's config lists layers")
-    return int(found.group(1))
-
-
-def paper_sizes(intermediate: int, experts: int, shared_experts: int) -> tuple[int, int]:
-    """(shared width I_s, expert width I_e) for a dense FFN of `intermediate` neurons, as the paper's code derives
-    them (`Qwen2MoTDecoderLayer.__init__`)."""
-    shared = intermediate // (experts + shared_experts) * shared_experts
-    return shared, (intermediate - shared) // experts
 
 
 def _shared_experts_for(intermediate: int, experts: int, shared: int, expert_size: int) -> int:
@@ -92,7 +77,7 @@ def _shared_experts_for(intermediate: int, experts: int, shared: int, expert_siz
 
 # ----- export --------------------------------------------------------------------------------------------------
 def paper_moe_state(
-    program: Program, *, prefix: str = "", where: str = "**", layers_key: str = "transformed_gen"
+    program: Program, *, prefix: str = "", where: str = "**", layers_key: str = LAYERS_KEY
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The program's MoE nodes under `where` in the paper's layout: (tensors by name, config keys).
 
@@ -130,19 +115,21 @@ def paper_moe_state(
         experts, expert_size, hidden = value["fc1"].shape
         shared_size = shared.intermediate_size if shared is not None else 0
         shapes.add((experts, expert_size, shared_size, top_k))
-        name = f"{prefix}{path}."
-        tensors[name + "gate.weight"] = value["router_weight"]
         gate = f"{path}.moe.shared_gate_weight"  # `rewrite_as_moe`'s, with a shared expert only
-        tensors[name + "gate_shared.weight"] = (
-            program.state_tensor(gate) if shared is not None else value["router_weight"].new_zeros(1, hidden)
-        )
-        for e in range(experts):
-            for proj, stacked in (("gate_proj", value["fc1"]), ("up_proj", value["fc3"]), ("down_proj", value["fc2"])):
-                tensors[f"{name}experts.{e}.{proj}.weight"] = stacked[e]
+        values = {
+            "moe.router_weight": value["router_weight"],
+            "moe.shared_gate_weight": (
+                program.state_tensor(gate) if shared is not None else value["router_weight"].new_zeros(1, hidden)
+            ),
+            "moe.fc1_weight": value["fc1"],
+            "moe.fc3_weight": value["fc3"],
+            "moe.fc2_weight": value["fc2"],
+        }
         if shared is not None:
             weights = ExpertWeights.of(program, shared)
-            for proj, weight in (("gate_proj", weights.fc1), ("up_proj", weights.fc3), ("down_proj", weights.fc2)):
-                tensors[f"{name}shared_expert.{proj}.weight"] = weight
+            values |= {"gate_proj.weight": weights.fc1, "up_proj.weight": weights.fc3, "down_proj.weight": weights.fc2}
+        for role, names in paper_tensor_names(f"{prefix}{path}", experts, shared is not None).items():
+            tensors |= dict(zip(names, values[role])) if isinstance(names, tuple) else {names: values[role]}
     if len(shapes) > 1:
         raise SparsecError(
             f"the MoEs under {where!r} differ in (experts, expert width, shared width, top_k): {sorted(shapes)}; "
@@ -170,7 +157,7 @@ def export_paper_moe(
     *,
     prefix: str = "",
     where: str = "**",
-    layers_key: str = "transformed_gen",
+    layers_key: str = LAYERS_KEY,
 ) -> dict:
     """Write the program's MoEs in the paper's layout: `directory/moe.safetensors` (`paper_moe_state`'s tensors) and
     the config keys into `directory/llm_config.json` (merged into the one there, else written alone); return
@@ -227,14 +214,19 @@ def _planned(
     return planned, experts, top_k
 
 
-def _expected(plan: _Planned, experts: int, hidden: int, name: str) -> dict[str, tuple[int, ...]]:
-    shapes = {name + "gate.weight": (experts, hidden), name + "gate_shared.weight": (1, hidden)}
-    for part, width in [(f"experts.{e}.", plan.expert_size) for e in range(experts)] + (
-        [("shared_expert.", plan.shared)] if plan.shared else []
-    ):
-        shapes |= {f"{name}{part}gate_proj.weight": (width, hidden), f"{name}{part}up_proj.weight": (width, hidden)}
-        shapes[f"{name}{part}down_proj.weight"] = (hidden, width)
-    return shapes
+def _expected(plan: _Planned, experts: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of the paper's layout (of each expert's part), by `paper_tensor_names`' role."""
+    width, shared = plan.expert_size, plan.shared
+    return {
+        "moe.router_weight": (experts, hidden),
+        "moe.shared_gate_weight": (1, hidden),
+        "moe.fc1_weight": (width, hidden),
+        "moe.fc3_weight": (width, hidden),
+        "moe.fc2_weight": (hidden, width),
+        "gate_proj.weight": (shared, hidden),
+        "up_proj.weight": (shared, hidden),
+        "down_proj.weight": (hidden, shared),
+    }
 
 
 def import_paper_moe(
@@ -244,7 +236,7 @@ def import_paper_moe(
     *,
     prefix: str = "",
     where: str = "**",
-    layers_key: str = "transformed_gen",
+    layers_key: str = LAYERS_KEY,
     source: str = "the checkpoint",
     who: str = "import_moe",
 ) -> list[dict]:
@@ -255,35 +247,36 @@ def import_paper_moe(
     loaded: list[dict[str, torch.Tensor]] = []
     for plan in planned:
         hidden = plan.ffn.up.args[0].meta["val"].shape[-1]
-        expected = _expected(plan, experts, hidden, f"{prefix}{plan.ffn.path}.")
+        expected = _expected(plan, experts, hidden)
         tensors = {}
-        for name, shape in expected.items():
-            tensor = read(name)
-            if tensor is None:
-                raise SparsecError(f"{who}: {name} is missing from {source}; expected a tensor of shape {list(shape)}")
-            if tuple(tensor.shape) != shape:
-                raise SparsecError(
-                    f"{who}: {name} in {source} has shape {list(tensor.shape)}, expected {list(shape)} (num_experts="
-                    f"{experts}, num_shared_experts={config['num_shared_experts']}, FFN width "
-                    f"{plan.ffn.intermediate_size}, hidden {hidden})"
-                )
-            tensors[name[len(f"{prefix}{plan.ffn.path}.") :]] = tensor
+        for role, names in paper_tensor_names(f"{prefix}{plan.ffn.path}", experts, plan.shared > 0).items():
+            parts = []
+            for name in names if isinstance(names, tuple) else (names,):
+                shape, tensor = expected[role], read(name)
+                if tensor is None:
+                    raise SparsecError(
+                        f"{who}: {name} is missing from {source}; expected a tensor of shape {list(shape)}"
+                    )
+                if tuple(tensor.shape) != shape:
+                    raise SparsecError(
+                        f"{who}: {name} in {source} has shape {list(tensor.shape)}, expected {list(shape)} "
+                        f"(num_experts={experts}, num_shared_experts={config['num_shared_experts']}, FFN width "
+                        f"{plan.ffn.intermediate_size}, hidden {hidden})"
+                    )
+                parts.append(tensor)
+            tensors[role] = torch.stack(parts) if isinstance(names, tuple) else parts[0]
         loaded.append(tensors)
     decisions = []
     for plan, tensors in zip(planned, loaded):
         ffn = plan.ffn
         dtype = program.state_tensor(program.state_name(linear_weight_node(ffn.gate)[0])).dtype
 
-        stack = {
-            proj: torch.stack([tensors[f"experts.{e}.{proj}.weight"] for e in range(experts)]).to(dtype)
-            for proj in ("gate_proj", "up_proj", "down_proj")
-        }
         stacked = {
-            "fc1_weight": stack["gate_proj"],
+            "fc1_weight": tensors["moe.fc1_weight"].to(dtype),
             "fc1_bias": None,
-            "fc3_weight": stack["up_proj"],
+            "fc3_weight": tensors["moe.fc3_weight"].to(dtype),
             "fc3_bias": None,
-            "fc2_weight": stack["down_proj"],
+            "fc2_weight": tensors["moe.fc2_weight"].to(dtype),
         }
         shared_idx = torch.arange(plan.shared)
         names = rewrite_as_moe(
@@ -292,17 +285,17 @@ def import_paper_moe(
             ffn_channel_group(program, ffn),
             shared_idx,
             stacked,
-            tensors["gate.weight"].to(dtype),
+            tensors["moe.router_weight"].to(dtype),
             None,
             plan.activation,
             top_k,
             GATING,
-            tensors["gate_shared.weight"].to(dtype),
+            tensors["moe.shared_gate_weight"].to(dtype),
         )
         for proj, linear in (("gate_proj", ffn.gate), ("up_proj", ffn.up), ("down_proj", ffn.down)):
             if plan.shared:  # the sliced dense FFN becomes the checkpoint's shared expert
                 weight = program.state_name(linear_weight_node(linear)[0])
-                program.replace_state(weight, tensors[f"shared_expert.{proj}.weight"].to(dtype))
+                program.replace_state(weight, tensors[f"{proj}.weight"].to(dtype))
         decisions.append(
             {
                 "path": ffn.path,
@@ -346,7 +339,7 @@ class ImportMoe(Pass):
         prefix: str = ""
         where: str = "**"
         config: str = ""  # default: llm_config.json beside the tensors
-        layers_key: str = "transformed_gen"
+        layers_key: str = LAYERS_KEY
 
         def __post_init__(self) -> None:
             if not self.path:

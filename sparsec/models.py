@@ -312,14 +312,17 @@ def _load_own_layout(
     """A checkpoint in a layout of `family`'s own (`Family.reads_directory`: BAGEL's), loaded as `load_model` loads a
     `save_pretrained` one: in the checkpoint's dtype unless `cast`; on the meta device without `weights`; lazily
     (`weights="lazy"`); else each tensor read on its own (never the whole file mapped). Every parameter must have a
-    tensor of its shape (`SparsecError` naming the tensor, the shape expected and the config that says so); tensors
-    the model does not use (BAGEL's VAE in `ae.safetensors`) are left unread."""
+    tensor of its shape, under its name or the ones `Family.stored_names` gives (`SparsecError` naming the tensor,
+    the shape expected and the config that says so); tensors the model does not use (BAGEL's VAE in
+    `ae.safetensors`, the unused `gate_shared` of a MoE without shared expert) are left unread."""
     build = functools.partial(family.build_from_directory, directory)
     if not weights:
         return LoadedModel(_build_on_meta(build, cast), family, str(directory), directory, weights=False)
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     model = _build_unallocated(build, cast or _checkpoint_dtype(directory))
-    stored = _stored_tensors(model, directory)
+    where = _checkpoint_index(directory)
+    stored = _stored_tensors(model, directory, where)
+    stored |= _renamed_tensors(model, family.stored_names(model), directory, where)
     for name, param in model.named_parameters():
         found = stored.get(name)
         if found is None:
@@ -336,6 +339,44 @@ def _load_own_layout(
         return LoadedModel(model, family, str(directory), directory, weights="lazy", stored=stored)
     model = _read_into(model, stored).to(device)
     return LoadedModel(model, family, str(directory), directory, stored=stored if device.type == "cpu" else {})
+
+
+def _renamed_tensors(
+    model: torch.nn.Module,
+    names: dict[str, str | tuple[str, ...]],
+    directory: Path,
+    where: dict[str, tuple[Path, tuple[int, ...]]],
+) -> dict[str, StoredTensor]:
+    """The stored tensors of the parameters `names` maps (`Family.stored_names`): renamed, or stacked from parts in
+    one file; `SparsecError` naming a missing or misshapen tensor and the shape expected."""
+    parameters = dict(model.named_parameters())
+    stored = {}
+    for name, keys in names.items():
+        param = parameters[name]
+        parts, expected = ((keys,), tuple(param.shape)) if isinstance(keys, str) else (keys, tuple(param.shape[1:]))
+        for key in parts:
+            if key not in where:
+                raise SparsecError(
+                    f"{directory}: the checkpoint has no tensor {key!r} (expected shape {list(expected)}, from its "
+                    "config files); the checkpoint is incomplete or of another model: copy it again"
+                )
+            if where[key][1] != expected:
+                raise SparsecError(
+                    f"{where[key][0]}: tensor {key!r} has shape {list(where[key][1])}, expected {list(expected)} "
+                    "(from the checkpoint's config files); the config files and the weights are of different models"
+                )
+        files = {where[key][0] for key in parts}
+        if len(files) > 1:
+            raise SparsecError(
+                f"{directory}: the tensors {parts[0]!r} .. {parts[-1]!r} lie in {sorted(f.name for f in files)}; "
+                "sparsec stacks the parts of one weight from one file: re-save the checkpoint as one file"
+            )
+        if isinstance(keys, str):
+            stored[name] = StoredTensor(files.pop(), keys, expected, param.dtype)
+        else:
+            key = f"{parts[0]} .. {parts[-1]} (stacked)"
+            stored[name] = StoredTensor(files.pop(), key, (len(parts), *expected), param.dtype, parts=parts)
+    return stored
 
 
 def _builder(config) -> Callable[[], torch.nn.Module]:

@@ -30,6 +30,15 @@ tags and `where` globs mean the same in all three, and a recipe's passes change 
 What differs from BAGEL on purpose: BAGEL runs attention (flash-attention) and parts of the generation pass in bf16
 whatever the weights' dtype; here every step runs in the weights' dtype.
 
+The paper's released MoE checkpoints ("Understanding and Harnessing Sparsity in Unified Multimodal Models":
+BAGEL-MoE-7B-GEN-16to8, -32to16) are BAGEL directories whose `llm_config.json` adds `num_experts`, `top_k`,
+`num_shared_experts` and `transformed_gen` (`generation_moe_config`) and whose `ema.safetensors` holds the converted
+layers' `mlp_moe_gen` in the paper's layout (`sparsec.ops.paper_moe`) instead of the dense tensors. Those FFNs are
+built as `GenerationMoe`s, each a `sparsec::moe` (gating one_plus_logit) plus the gated shared expert, exactly what
+`ffn_to_moe` makes of a dense FFN, and read from the paper's tensors (`BagelFamily.stored_names`: the experts
+stacked, lazily too); so a program holds the checkpoint's MoEs before any pass and the quality gates compare passes
+against the MoE model.
+
 Example::
 
     loaded = sparsec.models.load_model("models/BAGEL-7B-MoT")      # llm_config.json + ema.safetensors
@@ -54,6 +63,8 @@ from sparsec.families.base import EntryPoint, Family
 from sparsec.families.mot import FAMILIES as MOT_FAMILIES
 from sparsec.families.mot import MOT_PRESETS, Modality, MoTConfig, MoTForCausalLM
 from sparsec.ir.tags import TagRule
+from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe, which GenerationMoe calls)
+from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, paper_sizes, paper_tensor_names
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
@@ -66,6 +77,22 @@ QWEN2_IMAGE_TOKENS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653}
 
 
 @dataclass(frozen=True)
+class GenerationMoeConfig:
+    """The paper's MoE of the generation FFNs (`sparsec.ops.paper_moe`), as a released checkpoint's
+    `llm_config.json` states it (`num_experts`, `top_k`, `num_shared_experts`, `transformed_gen`).
+
+    Attributes:
+        experts, top_k, shared_experts: E, k and S of every converted FFN (sizes: `paper_sizes`).
+        layers: the converted layers (`transformed_gen`: a list, or true for every layer).
+    """
+
+    experts: int
+    top_k: int
+    shared_experts: int
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class BagelConfig:
     """What a BAGEL checkpoint's files say about its shapes (see the module docstring for where each comes from).
 
@@ -75,6 +102,7 @@ class BagelConfig:
         max_latent_size: latent patches per side of the latent position table (`latent_pos_embed`).
         vit_max_patches: ViT patches per side of the ViT position table (`vit_pos_embed`).
         start_of_image, end_of_image: ids of `<|vision_start|>` / `<|vision_end|>`, which wrap every image.
+        moe: the paper's MoE of the generation FFNs in a released MoE checkpoint (BAGEL-MoE-7B-GEN-16to8), else None.
     """
 
     llm: MoTConfig
@@ -83,6 +111,7 @@ class BagelConfig:
     vit_max_patches: int
     start_of_image: int
     end_of_image: int
+    moe: GenerationMoeConfig | None = None
 
     @property
     def vit_hidden(self) -> int:
@@ -178,14 +207,70 @@ class SiglipVision(nn.Module):
         self.vision_model = SiglipTower(config)
 
 
+class MoeOperands(nn.Module):
+    """The `sparsec::moe` operands of a `GenerationMoe`, named as `ffn_to_moe` names them (`<ffn>.moe.*`)."""
+
+    def __init__(self, hidden: int, experts: int, expert_size: int, shared: bool) -> None:
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.zeros(experts, hidden))
+        self.fc1_weight = nn.Parameter(torch.empty(experts, expert_size, hidden))
+        self.fc3_weight = nn.Parameter(torch.empty(experts, expert_size, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(experts, hidden, expert_size))
+        if shared:
+            self.shared_gate_weight = nn.Parameter(torch.zeros(1, hidden))
+
+
+class GenerationMoe(nn.Module):
+    """A converted generation FFN of a released MoE checkpoint: the paper's `Qwen2MoeSparseMoeBlock`,
+    `sum_e f_e(x) * (1 + w_e)` over the top-k raw router logits `w` plus `f_shared(x) * (1 + gate_shared(x))`.
+
+    It is the program `ffn_to_moe` (gating one_plus_logit) makes of a dense FFN, as a module: one `sparsec::moe` call
+    on `moe.*` and, with a shared expert, that expert as the SwiGLU `gate_proj` / `up_proj` / `down_proj` gated by
+    `moe.shared_gate_weight`; so its capture holds the same nodes under the same names, and the MoE's lowerings and
+    `export_paper_moe` treat a loaded checkpoint's MoE as one `ffn_to_moe` converted. `BagelFamily.stored_names` maps these
+    parameters onto the checkpoint's tensors (each expert stored on its own, stacked here).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, config: GenerationMoeConfig) -> None:
+        super().__init__()
+        shared, expert_size = paper_sizes(intermediate, config.experts, config.shared_experts)
+        self.top_k = config.top_k
+        self.has_shared = shared > 0
+        self.moe = MoeOperands(hidden, config.experts, expert_size, self.has_shared)
+        if self.has_shared:
+            self.gate_proj = nn.Linear(hidden, shared, bias=False)
+            self.up_proj = nn.Linear(hidden, shared, bias=False)
+            self.down_proj = nn.Linear(shared, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.moe
+        routed = torch.ops.sparsec.moe(
+            x, m.router_weight, None, m.fc1_weight, None, m.fc3_weight, None, m.fc2_weight, self.top_k, "silu", GATING
+        )
+        if not self.has_shared:
+            return routed
+        shared = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return shared * (F.linear(x, m.shared_gate_weight) + 1.0) + routed
+
+    def stored_names(self, path: str) -> dict[str, str | tuple[str, ...]]:
+        """This module's parameters (at module path `path`) -> their tensors in the paper's layout."""
+        own = {name for name, _ in self.named_parameters()}
+        names = paper_tensor_names(path, self.moe.router_weight.shape[0], self.has_shared)
+        return {f"{path}.{name}": stored for name, stored in names.items() if name in own}
+
+
 class BagelModel(nn.Module):
-    """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points."""
+    """BAGEL's modules under its checkpoint's names (module docstring); the programs are its entry points. In a
+    released MoE checkpoint (`config.moe`) the converted layers' `mlp_moe_gen` is a `GenerationMoe`."""
 
     def __init__(self, config: BagelConfig) -> None:
         super().__init__()
         self.bagel_config = config
         hidden = config.llm.hidden_size
         self.language_model = MoTForCausalLM(config.llm)
+        for i in config.moe.layers if config.moe is not None else ():
+            layer = self.language_model.model.layers[i]
+            layer.mlp_moe_gen = GenerationMoe(hidden, config.llm.intermediate_size, config.moe)
         self.time_embedder = TimestepEmbedder(hidden)
         self.vae2llm = nn.Linear(config.patch_dim, hidden)
         self.llm2vae = nn.Linear(hidden, config.patch_dim)
@@ -372,6 +457,47 @@ def llm_config(directory: Path) -> MoTConfig:
     return MoTConfig(**kwargs, tie_word_embeddings=False)
 
 
+def generation_moe_config(directory: Path, llm: MoTConfig) -> GenerationMoeConfig | None:
+    """The paper's MoE of the generation FFNs as `llm_config.json` states it (`sparsec.ops.paper_moe`), read as the
+    paper's `Qwen2MoTDecoderLayer` reads it: the layers `transformed_gen` lists (true: all) are MoEs; without it (or
+    false, or empty) the checkpoint is dense, whatever other keys say. Unlike that code, which takes 8 experts, top-2
+    and one shared expert for an absent key, a missing key is refused: a released checkpoint states all three.
+
+    Raises:
+        SparsecError: a key missing or not an integer, layers outside the model, E / k / S that leave an expert no
+            neuron or pick no expert, or `transformed_und` (MoEs of the understanding FFNs, which sparsec does not
+            load).
+    """
+    raw = _read_json(directory / LLM_CONFIG)
+    where = directory / LLM_CONFIG
+    if raw.get("transformed_und"):
+        raise SparsecError(
+            f"{where}: transformed_und {raw['transformed_und']!r} converts the understanding FFNs into MoEs (with an "
+            "image router, gate_img); sparsec loads only the generation FFNs' MoEs (transformed_gen)"
+        )
+    layers = raw.get(LAYERS_KEY, False)
+    if layers is False or layers == []:
+        return None
+    count = llm.num_hidden_layers
+    layers = list(range(count)) if layers is True else layers
+    values = [raw.get(k) for k in CONFIG_KEYS]
+    if not isinstance(layers, list) or not all(type(v) is int for v in (*values, *layers)):
+        raise SparsecError(
+            f"{where}: the paper's MoE needs {list(CONFIG_KEYS)} as integers and {LAYERS_KEY} as true or a list of "
+            f"layer indices, got {dict(zip((*CONFIG_KEYS, LAYERS_KEY), (*values, raw[LAYERS_KEY])))}; restore the "
+            "file from the checkpoint"
+        )
+    experts, top_k, shared = values
+    fits = experts > 0 and shared >= 0 and paper_sizes(llm.intermediate_size, experts, shared)[1] > 0
+    if not fits or not 1 <= top_k <= experts or not all(0 <= i < count for i in layers):
+        raise SparsecError(
+            f"{where}: {LAYERS_KEY} {raw[LAYERS_KEY]}, num_experts={experts}, top_k={top_k}, num_shared_experts="
+            f"{shared} do not fit {count} layers (0..{count - 1}) of FFNs of {llm.intermediate_size} neurons (each "
+            "expert needs a neuron, top_k must be in [1, num_experts])"
+        )
+    return GenerationMoeConfig(experts, top_k, shared, tuple(sorted(set(layers))))
+
+
 def _image_token_ids(directory: Path, vocab: int) -> tuple[int, int]:
     """The ids of `<|vision_start|>` / `<|vision_end|>`: as the tokenizer files name them, else Qwen2.5's."""
     named: dict[str, int] = {}
@@ -456,6 +582,7 @@ def bagel_config(directory: Path) -> BagelConfig:
         vit_max_patches=vit_side,
         start_of_image=start,
         end_of_image=end,
+        moe=generation_moe_config(directory, llm),
     )
 
 
@@ -477,6 +604,14 @@ class BagelFamily(Family):
 
     def build_from_directory(self, directory: Path) -> nn.Module:
         return BagelModel(bagel_config(directory))
+
+    def stored_names(self, model: nn.Module) -> dict[str, str | tuple[str, ...]]:
+        """The converted generation FFNs' parameters (`GenerationMoe.stored_names`) in a released MoE checkpoint."""
+        names: dict[str, str | tuple[str, ...]] = {}
+        for path, module in model.named_modules():
+            if isinstance(module, GenerationMoe):
+                names |= module.stored_names(path)
+        return names
 
     def directory_config(self, directory: Path) -> dict[str, Any]:
         return llm_config(directory).to_dict()

@@ -124,9 +124,16 @@ class Family:
 
     def build_from_directory(self, directory: Path) -> nn.Module:
         """The model of a checkpoint in this family's own layout (`reads_directory`), built from its config files in
-        the default dtype and device, reading no weight; its parameter names are the checkpoint's tensor names, so
-        `sparsec.models` reads (or lazily maps) each one from the safetensors files and checks its shape."""
+        the default dtype and device, reading no weight; its parameter names are the checkpoint's tensor names (or
+        `stored_names` says which they are), so `sparsec.models` reads (or lazily maps) each one from the safetensors files and checks its shape."""
         raise NotImplementedError(f"family {self.name!r} reads no checkpoint layout of its own")
+
+    def stored_names(self, model: nn.Module) -> dict[str, str | tuple[str, ...]]:
+        """The parameters of a model `build_from_directory` made that its checkpoint stores under other names:
+        parameter name -> the tensor's name, or the names of the tensors whose stack (along a new first dimension,
+        in order) it is (the paper's MoE checkpoints store each expert on its own, `sparsec::moe` takes them
+        stacked). Every other parameter is stored under its own name."""
+        return {}
 
     def directory_config(self, directory: Path) -> dict[str, Any]:
         """The language model's config fields (`vocab_size`, `hidden_size`, `num_hidden_layers`) of a checkpoint in

@@ -69,8 +69,9 @@ def sincos_table(side: int, dim: int) -> np.ndarray:
     return np.concatenate([one_axis(dim // 2, w), one_axis(dim // 2, h)], axis=1).astype(np.float32)
 
 
-def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every tensor of a BAGEL `ema.safetensors` at the tiny shapes, under its names, random but well scaled."""
+def bagel_tensors(seed: int = 0, layers: int = LLM["num_hidden_layers"]) -> dict[str, torch.Tensor]:
+    """Every tensor of a BAGEL `ema.safetensors` at the tiny shapes (`layers` decoder layers), under its names, random
+    but well scaled."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=None):
@@ -84,7 +85,7 @@ def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         "language_model.model.embed_tokens.weight": r(vocab, H, scale=1.0),
         "language_model.lm_head.weight": r(vocab, H),
     }
-    for i in range(LLM["num_hidden_layers"]):
+    for i in range(layers):
         for sfx in ("", "_moe_gen"):
             p = f"language_model.model.layers.{i}."
             for name, rows in (("q", HEADS * D), ("k", KV * D), ("v", KV * D)):
@@ -132,9 +133,9 @@ def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return t
 
 
-def write_checkpoint(directory, tensors, dtype=torch.float32):
+def write_checkpoint(directory, tensors, dtype=torch.float32, llm=LLM):
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "llm_config.json").write_text(json.dumps(LLM))
+    (directory / "llm_config.json").write_text(json.dumps(llm))
     (directory / "vit_config.json").write_text(json.dumps(VIT))
     decoder = {str(SOI): {"content": "<|vision_start|>"}, str(EOI): {"content": "<|vision_end|>"}}
     (directory / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
@@ -169,14 +170,15 @@ def rope(x, positions):
     return x * cos + rot * sin
 
 
-def reference_context(W, blocks):
+def reference_context(W, blocks, ffn):
     """BAGEL's `forward_inference` over a context built block by block: each block (embeddings [n, H], generation
     flags [n], rotary positions [n], causal) attends to the cached keys of the earlier blocks and to itself (causally
-    or not). Returns the last block's final-normed rows."""
-    cache = [[] for _ in range(LLM["num_hidden_layers"])]
+    or not); `ffn(W, prefix, x)` computes an FFN. Returns the last block's final-normed rows."""
+    layers = {k.split(".")[3] for k in W if k.startswith("language_model.model.layers.")}
+    cache = [[] for _ in layers]
     for x, is_gen, positions, causal in blocks:
         for i, past in enumerate(cache):
-            x = reference_layer(W, f"language_model.model.layers.{i}.", x, is_gen, positions, causal, past)
+            x = reference_layer(W, f"language_model.model.layers.{i}.", x, is_gen, positions, causal, past, ffn)
     return per_copy(is_gen, lambda s: rms(x, W[f"language_model.model.norm{s}.weight"]))
 
 
@@ -186,7 +188,7 @@ def per_copy(is_gen, fn):
     return torch.where(is_gen.view(-1, *[1] * (und.dim() - 1)), gen, und)
 
 
-def reference_layer(W, p, x, is_gen, positions, causal, past):
+def reference_layer(W, p, x, is_gen, positions, causal, past, ffn):
     """One MoT decoder layer; appends this block's (keys, values) to `past`, the layer's cache."""
 
     def proj(s, name, inp):
@@ -207,7 +209,7 @@ def reference_layer(W, p, x, is_gen, positions, causal, past):
     scores = torch.einsum("nhd,mhd->hnm", q, keys) / math.sqrt(D)
     attn = torch.einsum("hnm,mhd->nhd", scores.masked_fill(~allowed, -torch.inf).softmax(-1), values)
     x = x + per_copy(is_gen, lambda s: proj(s, "o", attn.reshape(n, HEADS * D)))
-    return x + per_copy(is_gen, lambda s: swiglu(W, f"{p}mlp{s}.", rms(x, W[f"{p}post_attention_layernorm{s}.weight"])))
+    return x + per_copy(is_gen, lambda s: ffn(W, f"{p}mlp{s}.", rms(x, W[f"{p}post_attention_layernorm{s}.weight"])))
 
 
 def swiglu(W, p, x):
@@ -220,7 +222,7 @@ def grid_rows(side, rows, cols):
     return (torch.arange(rows)[:, None] * side + torch.arange(cols)[None]).reshape(-1)
 
 
-def reference_velocity(W, prompt, latents, t):
+def reference_velocity(W, prompt, latents, t, ffn=swiglu):
     """One sample of `Bagel._forward_flow` (no guidance): the prompt (causal, understanding weights) in the cache, then
     `<|vision_start|>`, the latent tokens (generation weights), `<|vision_end|>`, all at rotary position len(prompt),
     not causal; the velocity is llm2vae at the latent tokens."""
@@ -239,7 +241,7 @@ def reference_velocity(W, prompt, latents, t):
     flags = torch.tensor([False] + [True] * n + [False])
     prompt_block = [(emb[prompt], torch.zeros(length, dtype=torch.bool), torch.arange(length), True)] if length else []
     blocks = [*prompt_block, (query, flags, torch.full((n + 2,), length), False)]  # an empty context: the image alone
-    return F.linear(reference_context(W, blocks)[1 : 1 + n], W["llm2vae.weight"], W["llm2vae.bias"])
+    return F.linear(reference_context(W, blocks, ffn)[1 : 1 + n], W["llm2vae.weight"], W["llm2vae.bias"])
 
 
 def reference_logits(W, vit_features, text):
@@ -259,7 +261,7 @@ def reference_logits(W, vit_features, text):
         ),
         (emb[text], torch.zeros(length, dtype=torch.bool), torch.arange(1, length + 1), True),
     ]
-    return F.linear(reference_context(W, blocks), W["language_model.lm_head.weight"])
+    return F.linear(reference_context(W, blocks, swiglu), W["language_model.lm_head.weight"])
 
 
 # ---- tests ----

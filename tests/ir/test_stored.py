@@ -91,3 +91,18 @@ def test_replaced_lazy_tensors_spill_to_files(tmp_path):
     program.verify()
     x = {"x": torch.randn(2, 3, 8)}
     assert torch.allclose(program.run(x)["y"], model(**x)["y"])
+
+
+def test_a_stacked_tensor_reads_its_parts_in_order_in_its_dtype(tmp_path):
+    """Experts stored one by one (the paper's MoE checkpoints) read as the [E, ...] stack `sparsec::moe` takes."""
+    parts = {f"experts.{e}.w": torch.randn(3, 4) for e in range(3)}
+    save_file(parts, str(tmp_path / "m.safetensors"))
+    order = ("experts.2.w", "experts.0.w", "experts.1.w")
+    stacked = StoredTensor(tmp_path / "m.safetensors", "experts (stacked)", (3, 3, 4), torch.bfloat16, parts=order)
+    read = stacked.read()
+    assert read.dtype == torch.bfloat16 and read.shape == (3, 3, 4)
+    for i, key in enumerate(order):
+        assert torch.equal(read[i], parts[key].to(torch.bfloat16))
+    wrong = StoredTensor(tmp_path / "m.safetensors", "experts (stacked)", (2, 3, 4), torch.float32, parts=order)
+    with pytest.raises(SparsecError, match=r"'experts \(stacked\)' has shape \(3, 3, 4\), the program expects"):
+        wrong.read()
