@@ -11,7 +11,7 @@
 # Writes OUT/gpu_check.json and OUT/gpu_check.md (GPU, versions, date and the tables).
 #
 #   bash bench/gpu_check.sh [--out DIR]      # on the GPU machine, from the repository root (default OUT: bench/results/gpu_check)
-#   bash bench/gpu_check.sh --quick          # the CPU at tiny sizes: checks the script (the test suite runs this)
+#   bash bench/gpu_check.sh --quick          # the CPU at tiny sizes, engines.py also on onnxruntime: checks the script (the suite runs this)
 #
 # Every step has a time limit, so the report is written even when one step runs out; a step that failed or ran out
 # says so in the report. Exit: 0 when every step passed, 1 when one failed, 2 for bad arguments or a missing module.
@@ -53,10 +53,12 @@ python -c "import sparsec.exporters, sparsec.passes" 2>/dev/null \
 
 if [ "$quick" = 1 ]; then
   device=cpu; dtype=float32; limit_tests=120; limit_engines=300; limit_layer=200
+  targets=aotinductor,onnxruntime  # the CPU ONNX path of engines.py too (on a GPU: tensorrt / onnxruntime-cuda)
   engines_args=(--quick --variants dense,moe-16top8)
   layer_args=(--hidden 128 --ffn-intermediate 512 --tokens 64 --reps 3)
 else
   device=cuda; dtype=bfloat16; limit_tests=60; limit_engines=300; limit_layer=100
+  targets=aotinductor
   engines_args=(--hidden 2048 --intermediate 8192 --layers 16 --heads 16 --kv-heads 4 --vocab 32000
                 --shapes 1x2048,8x512 --variants dense,drop-50,slice-50,moe-16top8 --reps 20)
   layer_args=(--hidden 3584 --ffn-intermediate 18944 --tokens 4096 --reps 30)
@@ -73,7 +75,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to OUT/NAME
 }
 rm -f "$out/steps"
 step tests "$limit_tests" python -m pytest -q -rs -m gpu -p no:cacheprovider -o addopts= $(grep -rl --include="test_*.py" "mark.gpu" tests)
-step engines "$limit_engines" python bench/engines.py --targets aotinductor --device "$device" --dtype "$dtype" \
+step engines "$limit_engines" python bench/engines.py --targets "$targets" --device "$device" --dtype "$dtype" \
   "${engines_args[@]}" --json "$out/engines.json" --markdown "$out/engines.md"
 step layer "$limit_layer" python bench/ffn_to_moe.py --skip-model --device "$device" --dtype "$dtype" \
   --experts 16 --top-k 8 --engines torch,transformers,aotinductor --hf-experts grouped_mm --warmup 3 \
@@ -113,7 +115,7 @@ lines = [
     f"Steps: " + ", ".join(f"{n} {status(n)} in {s['seconds']} s" for n, s in steps.items()), "",
     f"gpu tests: {result['tests']}", "",
 ]
-for name, heading in (("engines", "Whole model, --target aotinductor"), ("layer", "MoE layer")):
+for name, heading in (("engines", "Whole model, compiled artifacts"), ("layer", "MoE layer")):
     md = out / f"{name}.md"
     lines += [f"## {heading}", "", md.read_text().strip() if md.exists() else f"(no table: the step {status(name)})", ""]
 (out / "gpu_check.md").write_text("\n".join(lines))
