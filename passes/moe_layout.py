@@ -161,16 +161,19 @@ def export_paper_moe(
 ) -> dict:
     """Write the program's MoEs in the paper's layout: `directory/moe.safetensors` (`paper_moe_state`'s tensors) and
     the config keys into `directory/llm_config.json` (merged into the one there, else written alone); return
-    the config keys. To continue training with the paper's code, put these tensors into its `ema.safetensors`
+    the config keys. Both files are staged and renamed into place only once both are written. To continue training with the paper's code, put these tensors into its `ema.safetensors`
     in place of the converted FFNs' dense `{gate,up,down}_proj` and the keys into its `llm_config.json`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, config = paper_moe_state(program, prefix=prefix, where=where, layers_key=layers_key)
-    save_file(tensors, str(directory / TENSORS_FILE))
     config_path = directory / CONFIG_FILE
     merged = {**(json.loads(config_path.read_text()) if config_path.exists() else {}), **config}
-    config_path.write_text(json.dumps(merged, indent=2) + "\n")
+    tensors_partial, config_partial = directory / f".{TENSORS_FILE}.partial", directory / f".{CONFIG_FILE}.partial"
+    save_file(tensors, str(tensors_partial))
+    config_partial.write_text(json.dumps(merged, indent=2) + "\n")
+    tensors_partial.replace(directory / TENSORS_FILE)  # both written before either replaces what was there
+    config_partial.replace(config_path)
     return config
 
 
