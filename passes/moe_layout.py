@@ -56,6 +56,7 @@ from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
 from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, layer_index, paper_sizes, paper_tensor_names
 from sparsec.passes.ffn_to_moe import ExpertWeights, moe_nodes, rewrite_as_moe
+from sparsec.resources import read_json_object
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 CONFIG_FILE = "llm_config.json"
@@ -168,7 +169,8 @@ def export_paper_moe(
     directory.mkdir(parents=True, exist_ok=True)
     tensors, config = paper_moe_state(program, prefix=prefix, where=where, layers_key=layers_key)
     config_path = directory / CONFIG_FILE
-    merged = {**(json.loads(config_path.read_text()) if config_path.exists() else {}), **config}
+    fix = "restore it, or remove it to write the paper's keys alone"
+    merged = {**(read_json_object(config_path, fix) if config_path.exists() else {}), **config}
     tensors_partial, config_partial = directory / f".{TENSORS_FILE}.partial", directory / f".{CONFIG_FILE}.partial"
     save_file(tensors, str(tensors_partial))
     config_partial.write_text(json.dumps(merged, indent=2) + "\n")
@@ -355,7 +357,7 @@ class ImportMoe(Pass):
         )
         if not config.is_file():
             raise SparsecError(f"import_moe: no config {config}; set config: to the paper's {CONFIG_FILE}")
-        return json.loads(config.read_text()), config
+        return read_json_object(config, f"set config: to the paper's {CONFIG_FILE}"), config
 
     def requires(self, program: Program, ctx: PassContext) -> tuple[dict, Path]:
         config, path = self._config()

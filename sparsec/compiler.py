@@ -42,6 +42,7 @@ from sparsec.resources import (
     check_fits,
     checkpoint_facts,
     estimate_compile,
+    read_json_object,
     release_freed_memory,
 )
 from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager
@@ -533,13 +534,7 @@ def _config(directory: Path) -> dict:
     if family is not None:
         return family.directory_config(directory)
     fix = "restore it from the model's source or re-save it (model.config.save_pretrained(dir))"
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SparsecError(f"{directory}/config.json is not valid JSON ({exc}); {fix}") from exc
-    if not isinstance(config, dict):
-        raise SparsecError(f"{directory}/config.json is not a JSON object; {fix}")
-    return config
+    return read_json_object(directory / "config.json", fix)
 
 
 def _text_config(config: dict) -> dict:

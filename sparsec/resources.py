@@ -46,6 +46,18 @@ DTYPE_BYTES = {
 GiB = 2**30
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """The JSON object in the file `path` (a checkpoint's config); `SparsecError` naming the file and `fix` (what to
+    do) when it cannot be read, is not JSON or holds something else than an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SparsecError(f"{path} is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise SparsecError(f"{path} is not a JSON object; {fix}")
+    return data
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes each part of a compile holds at its peak (see the module docstring)."""

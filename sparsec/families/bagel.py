@@ -48,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ from sparsec.families.mot import MOT_PRESETS, Modality, MoTConfig, MoTForCausalL
 from sparsec.ir.tags import TagRule
 from sparsec.ops import moe as _moe  # noqa: F401  (registers torch.ops.sparsec.moe, which GenerationMoe calls)
 from sparsec.ops.paper_moe import CONFIG_KEYS, GATING, LAYERS_KEY, paper_sizes, paper_tensor_names
+from sparsec.resources import read_json_object
 
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
@@ -426,13 +426,7 @@ class BagelViT(nn.Module):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SparsecError(f"{path} cannot be read as JSON ({exc}); restore it from the BAGEL checkpoint") from exc
-    if not isinstance(data, dict):
-        raise SparsecError(f"{path} is not a JSON object; restore it from the BAGEL checkpoint")
-    return data
+    return read_json_object(path, "restore it from the BAGEL checkpoint")
 
 
 def llm_config(directory: Path) -> MoTConfig:

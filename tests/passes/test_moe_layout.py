@@ -171,6 +171,9 @@ def test_config_and_program_mismatches_are_refused(tmp_path):
                             transformed_gen=[1, 9])  # fmt: skip
     with pytest.raises(SparsecError, match=r"transformed_gen lists layers \[9\], which have no FFN under '\*\*'"):
         testing.apply_pass(program, ImportMoe(path=str(path)))
+    (path / "llm_config.json").write_text("{not json")
+    with pytest.raises(SparsecError, match=r"llm_config.json is not valid JSON .*set config: to the paper's"):
+        testing.apply_pass(program, ImportMoe(path=str(path)))
 
 
 @pytest.mark.parametrize(
