@@ -71,6 +71,17 @@ def time_interleaved(runs: dict[str, Callable[[], object]], reps: int, warmup: i
     return times
 
 
+def synchronized(fn: Callable) -> Callable:
+    """`fn` followed by a CUDA synchronize: what a device timing measures (kernels are launched asynchronously)."""
+
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return call
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
+from common import markdown_table, parser, qwen2_model, synchronized, time_interleaved  # noqa: E402
 
 from sparsec.analysis.inspection import flops_by_path  # noqa: E402
 from sparsec.compiler import check_target, compile_model  # noqa: E402
@@ -96,15 +96,7 @@ def device_call(directory: Path, target: str):
     if target != "aotinductor":
         return load_artifact(directory, target), torch.device("cpu")
     call, device = load_package(directory)
-    if device.type != "cuda":
-        return call, device
-
-    def synchronized(feed):
-        out = call(feed)
-        torch.cuda.synchronize()
-        return out
-
-    return synchronized, device
+    return (synchronized(call) if device.type == "cuda" else call), device
 
 
 def run(args) -> dict:

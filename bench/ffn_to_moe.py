@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import NO_SPIN, compare_variants, markdown_table, parser, qwen2_model, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    NO_SPIN,
+    compare_variants,
+    markdown_table,
+    parser,
+    qwen2_model,
+    synchronized,
+    time_interleaved,
+)
 
 import sparsec  # noqa: E402
 from sparsec.analysis.inspection import flops_by_path  # noqa: E402
@@ -71,17 +79,6 @@ def mixtral_block(hidden: int, width: int, experts: int, top_k: int, implementat
         for p in block.parameters():
             p.normal_(0, 0.02)
     return block
-
-
-def synchronized(fn):
-    """`fn` followed by a CUDA synchronize: what a device timing measures."""
-
-    def call():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def aotinductor_package(program: sparsec.Program, directory: Path):

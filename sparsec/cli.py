@@ -180,12 +180,12 @@ def _inputs_of(directory: str, target: str, option: str) -> list:
         raise SparsecError(f"{option} {exc}") from exc
 
 
-def _artifact_inputs(args: argparse.Namespace) -> tuple[list[dict], str]:
-    """The batches `run` / `bench` feed: the calibration file's, or one synthetic batch sized by --dims."""
+def _artifact_inputs(args: argparse.Namespace, specs: list) -> tuple[list[dict], str]:
+    """The batches `run` / `bench` feed the artifact taking inputs `specs` (`_inputs_of`): the calibration file's, or
+    one synthetic batch sized by --dims."""
     from sparsec.data.calibration import TOKENIZER_DIR, load_calibration
     from sparsec.runner import artifact_report, parse_dims, synthetic_inputs
 
-    specs = _inputs_of(args.artifact, args.target, "--artifact")
     if args.calib:
         source = (artifact_report(args.artifact) or {}).get("model", {}).get("source")
         why = (
@@ -222,7 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     args.target = args.target or _compiled_target(args.artifact)
     from sparsec.runner import load_artifact
 
-    batches, source = _artifact_inputs(args)
+    batches, source = _artifact_inputs(args, _inputs_of(args.artifact, args.target, "--artifact"))
     runner = load_artifact(args.artifact, args.target)
     outputs: dict[str, list] = {}
     for batch in batches:
@@ -263,8 +263,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     baseline_target = args.target or (_compiled_target(args.baseline) if args.baseline else None)
     args.target = args.target or _compiled_target(args.artifact)
+    specs = _inputs_of(args.artifact, args.target, "--artifact")
     if args.baseline:
-        names = [spec.name for spec in _inputs_of(args.artifact, args.target, "--artifact")]
+        names = [spec.name for spec in specs]
         baseline_names = [spec.name for spec in _inputs_of(args.baseline, baseline_target, "--baseline")]
         if names != baseline_names:
             raise SparsecError(
@@ -272,7 +273,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f" (only in the artifact: {sorted(set(names) - set(baseline_names))}, only in the baseline: "
                 f"{sorted(set(baseline_names) - set(names))}); compare artifacts of the same model's program"
             )
-    batches, source = _artifact_inputs(args)
+    batches, source = _artifact_inputs(args, specs)
     runners = [load_artifact(args.artifact, args.target)]
     if args.baseline:
         runners.append(load_artifact(args.baseline, baseline_target))
