@@ -68,6 +68,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         target=args.target,
         dtype=args.dtype,
         device=args.device,
+        lazy={"auto": None, "memory": False, "lazy": True}[args.weights],
     )
     if args.dry_run:
         print(_decisions(report))
@@ -456,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device", help="device of every PyTorch step: cpu or cuda[:N] (default: the recipe's model.device, cpu)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=["auto", "memory", "lazy"],
+        default="auto",
+        help="memory: load the checkpoint's weights whole; lazy: read them from its safetensors files as needed "
+        "(each block's while it runs; the transformed program's for writing; one program, CPU only); auto "
+        "(default): lazy when the estimated in-memory peak exceeds half the memory available",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sparsec import __version__
+from sparsec import __version__, resources
 from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
 from sparsec.data.calibration import (
@@ -38,7 +38,7 @@ from sparsec.recipe import Recipe
 from sparsec.resources import (
     DTYPE_BYTES,
     GiB,
-    available_memory,
+    MemoryEstimate,
     check_fits,
     checkpoint_facts,
     estimate_compile,
@@ -134,17 +134,19 @@ def compile_model(
     peak memory is estimated from its headers and printed; a compile whose weights and parity session cannot fit
     in the available memory is refused (`sparsec.resources`).
 
-    Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds the available
-    memory is captured without its weights (`load_model(weights="lazy")`) when nothing needs to run the model:
-    a dry run, of one program, whose passes need no calibration data (`Pass.needs_calibration`: `drop_layers` by
-    `layers`, `slice_neurons` by `magnitude` or `random`) and whose recipe sets no `quality:` gates of its own (the
-    default gates do not force the model to run: they are reported unchecked, `quality_gates.checked: false`).
-    Calibration is then skipped, so the passes report no quality metrics (the report says why), and each pass reads the
-    weights it decides from, one tensor at a time; the tensors it puts in their place (sliced FFNs) are written
-    to scratch files in TMPDIR (`Program.spill_to`, removed after the passes): a 14B model's weight-only dry run
-    fits in 2 GB of memory. Otherwise
-    the model is loaded whole, as its estimate allows. `lazy=True` insists (`SparsecError` naming what needs the
-    weights in memory), `lazy=False` never reads lazily.
+    Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds half the
+    available memory (`LAZY_ABOVE`) is captured without its weights (`load_model(weights="lazy")`); each pass reads the weights it decides
+    from, one tensor at a time, and the tensors it puts in their place (sliced FFNs) are written to scratch files
+    in TMPDIR (`Program.spill_to`, removed at the end). Calibration then runs layer by layer and onloads each
+    block's weights when the block runs (`Program.run_segmented`): statistics, quality gates and the parity
+    reference equal the in-memory ones, with one block's weights in memory instead of the model's. After the
+    passes, the transformed program's weights are read into memory to be written (refused first, nothing written,
+    when they cannot fit). A weight-only dry run (passes that need no calibration data, `Pass.needs_calibration`:
+    `drop_layers` by `layers`, `slice_neurons` by `magnitude` or `random`; no `quality:` gates of the recipe's own)
+    never runs the model: calibration is skipped, the passes report no quality metrics and the default gates are
+    reported unchecked (`quality_gates.checked: false`); a 14B model's weight-only dry run fits in 2 GB. Lazy
+    reading is for one program on the CPU. `lazy=True` insists (`SparsecError` naming why it cannot), `lazy=False`
+    loads the model whole. `report["model"]["weights"]` says which (`lazy` / `memory`).
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
@@ -177,7 +179,7 @@ def compile_model(
         check_target(target, recipe)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    blocker = _lazy_blocker(recipe, dry_run)
+    blocker = _lazy_blocker(recipe, device)
     if lazy and (blocker or str(model).startswith(BUILTIN_PREFIX)):
         raise SparsecError(
             f"cannot read the weights of {model} lazily: " + (blocker or "a built-in model has no checkpoint files")
@@ -185,18 +187,34 @@ def compile_model(
     if not str(model).startswith(BUILTIN_PREFIX) and Path(model).is_dir():
         estimate = _memory_estimate(Path(model), recipe, dtype, target if not dry_run and recipe.export.onnx else None)
         if estimate is not None:
-            say(f"[sparsec] {estimate.describe()}; {_available()} available")
             if lazy is None:
-                available = available_memory()
-                lazy = blocker is None and available is not None and estimate.total > available
-            if not lazy:
-                check_fits(estimate, f"compiling {model}")
+                available = resources.available_memory()
+                lazy = blocker is None and available is not None and estimate.total > LAZY_ABOVE * available
+            shown = estimate.lazy() if lazy else estimate
+            say(
+                f"[sparsec] {shown.describe()}"
+                + (
+                    f" with weights read lazily, until the transformed program is read to be written (weights in"
+                    f" memory: {estimate.total / GiB:.1f} GiB)"
+                    if lazy
+                    else ""
+                )
+                + f"; {_available()} available"
+            )
+            check_fits(shown, f"compiling {model}", could_read_lazily=not lazy and not blocker)
     lazy = bool(lazy)
+    runs_model = not lazy or _runs_model(recipe, dry_run)
     _check_calibration_files(model, recipe, calib)
 
     say(
         f"[sparsec] loading {model}"
-        + (" (weights read lazily from its files: nothing needs to run the model)" if lazy else "")
+        + (
+            " (weights read lazily from its files: "
+            + ("each block's when it runs" if runs_model else "nothing needs to run the model")
+            + ")"
+            if lazy
+            else ""
+        )
     )
     t = time.perf_counter()
     loaded = load_model(model, dtype=dtype, device=device, weights="lazy" if lazy else True)
@@ -209,51 +227,62 @@ def compile_model(
         "parameters": n_params,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(device),
+        "weights": "lazy" if lazy else "memory",
     }
     units = _units(loaded, recipe, calib)
     tokenizer_dir = loaded.directory
 
     say(f"[sparsec] capturing ({loaded.family.name}, {n_params:,} parameters)")
     t = time.perf_counter()
-    spill = Path(tempfile.mkdtemp(prefix="sparsec-spill-")) if lazy else None  # TMPDIR, removed after the passes
-    for unit in units:
-        unit.capture(recipe)
-        loaded.attach_weights(unit.program)  # lazy: read from the files; loaded: snapshots refer to them
-        if lazy:
-            unit.program.spill_to(spill)  # sliced weights go to scratch files, not into memory
-    times["capture"] = time.perf_counter() - t
-    for unit in units:
-        if lazy:
-            unit.report["calibration"] = {
-                "skipped": "weights read lazily: no pass needs data and the recipe sets no quality gate, "
-                "so the model is not run (no quality metrics)"
-            }
-            continue
-        unit.load_calibration(loaded, recipe, say)
-        unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
-    del loaded
-    release_freed_memory()
-
-    say(
-        f"[sparsec] running {len(recipe.passes)} pass(es)"
-        + (f" on {len(units)} entry points" if recipe.entry_points else "")
-    )
-    t = time.perf_counter()
-    decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
+    spill = Path(tempfile.mkdtemp(prefix="sparsec-spill-")) if lazy else None  # TMPDIR, removed at the end
     try:
         for unit in units:
+            unit.capture(recipe)
+            loaded.attach_weights(unit.program)  # lazy: read from the files; loaded: snapshots refer to them
+            if lazy:
+                unit.program.spill_to(spill)  # sliced weights go to scratch files, not into memory
+        times["capture"] = time.perf_counter() - t
+        for unit in units:
+            if not runs_model:
+                unit.report["calibration"] = {
+                    "skipped": "weights read lazily: no pass needs data and the recipe sets no quality gate, "
+                    "so the model is not run (no quality metrics)"
+                }
+                continue
+            unit.load_calibration(loaded, recipe, say, onload=lazy)
+            unit.entry = None  # the program holds what it needs: drop the model, so weights a pass replaces are freed
+        del loaded
+        release_freed_memory()
+
+        say(
+            f"[sparsec] running {len(recipe.passes)} pass(es)"
+            + (f" on {len(units)} entry points" if recipe.entry_points else "")
+        )
+        t = time.perf_counter()
+        decided: dict[int, list[tuple[list[str], Any]]] = {}  # recipe pass -> (targets, decisions) per program so far
+        for unit in units:
             unit.run_passes(recipe, decided, progress, say)
+        times["passes"] = time.perf_counter() - t
+        if lazy and not dry_run:
+            t = time.perf_counter()
+            for unit in units:
+                _check_materialized_fits(unit.program, recipe, target)
+                say(
+                    f"[sparsec] reading the transformed program's {unit.program.parameter_bytes() / GiB:.1f} GiB of weights"
+                )
+                unit.program.materialize()  # what the program holds now: kept weights and the spilled ones
+                release_freed_memory()
+            times["read"] = time.perf_counter() - t
     finally:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
-    times["passes"] = time.perf_counter() - t
 
     report: dict[str, Any] = {
         "sparsec": __version__,
         "model": model_facts,
         "recipe": recipe.source,
         "target": None if dry_run else target,
-        "quality_gates": _gates_report(recipe, lazy),
+        "quality_gates": _gates_report(recipe, not runs_model),
     }
     report.update(_program_reports(units, recipe))
     if dry_run:
@@ -309,7 +338,9 @@ class _Unit:
             "ops": sum(1 for n in self.program.graph.nodes if n.op == "call_function"),
         }
 
-    def load_calibration(self, loaded, recipe: Recipe, say: Callable[[str], None]) -> None:
+    def load_calibration(self, loaded, recipe: Recipe, say: Callable[[str], None], onload: bool = False) -> None:
+        """The program's calibration set; layer-sequential with `calibration.sequential`, or `onload` (weights read
+        lazily: each block's are read when it runs, `Program.run_segmented`)."""
         cal = recipe.calibration
         self.calibration = load_calibration(
             self.calib,
@@ -321,7 +352,7 @@ class _Unit:
             batch_size=cal.batch_size,
             vocab=embedding_sizes(self.program),
         )
-        if cal.sequential:
+        if cal.sequential or onload:
             self.calibration.cuts = block_boundaries
         label = f"[sparsec] calibration{f' ({self.name})' if recipe.entry_points else ''}"
         if self.calibration.synthetic:
@@ -488,28 +519,38 @@ class _PassProgress(PassInstrument):
         )
 
 
+LAZY_ABOVE = 0.5
+"""`compile_model(lazy=None)` reads weights lazily when the in-memory estimate exceeds this share of the available
+memory: the estimate leaves out allocator slack and transient copies, lazy reading gives the same results, and on
+the CPU it costs little time next to the model's runs (README "Real-size models")."""
+
 PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest: parity is judged at the coarser of two
 _PRECISION_OF = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _lazy_blocker(recipe: Recipe, dry_run: bool) -> str | None:
+def _lazy_blocker(recipe: Recipe, device: torch.device) -> str | None:
     """Why this compile needs the weights in memory (None: it can read them lazily; see `compile_model`)."""
-    if not dry_run:
-        return "a compile writes the program and its ONNX file, which hold every weight (only --dry-run reads lazily)"
     if recipe.entry_points:
-        return "the recipe compiles several entry points"
-    needing = [p.name for p in recipe.passes if p.needs_calibration()]
-    if needing:
-        return f"pass(es) {needing} decide from calibration data, which runs the model"
-    if recipe.quality.gates and not recipe.quality.is_default:
-        return "the recipe's quality: gates run the model after every pass"
-    return None  # the default gates do not keep a weight-only dry run from reading lazily: it reports them unchecked
+        return "the recipe compiles several entry points, which share weights"
+    if device.type != "cpu":
+        return f"lazily read weights are read onto the CPU, and --device is {device}"
+    return None
 
 
-def _gates_report(recipe: Recipe, lazy: bool) -> dict[str, Any]:
-    """`QualityGates.describe()`, with `checked: false` and why when the model never ran (lazy weights)."""
+def _runs_model(recipe: Recipe, dry_run: bool) -> bool:
+    """Whether a lazily read compile runs the model: always but for a weight-only dry run (no pass decides from
+    calibration data, no `quality:` gates of the recipe's own; the default gates are then reported unchecked)."""
+    return (
+        not dry_run
+        or any(p.needs_calibration() for p in recipe.passes)
+        or bool(recipe.quality.gates and not recipe.quality.is_default)
+    )
+
+
+def _gates_report(recipe: Recipe, unrun: bool) -> dict[str, Any]:
+    """`QualityGates.describe()`, with `checked: false` and why when the model never ran (a weight-only lazy dry run)."""
     gates = recipe.quality.describe()
-    if lazy and gates["gated"]:
+    if unrun and gates["gated"]:
         gates["checked"] = False
         gates["unchecked"] = "weights read lazily: the model was not run, so these gates could not be checked"
     else:
@@ -521,7 +562,7 @@ def _program_precision(program) -> str:
     """`fp32`, `fp16` or `bf16`: the dtype holding most of the program's floating-point parameter bytes."""
     by_dtype: dict[torch.dtype, int] = {}
     for name in program.parameter_names():
-        tensor = program.state_tensor(name)
+        tensor = program.exported.state_dict[name]  # a meta tensor for a lazily backed one: nothing is read
         if tensor.is_floating_point():
             by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + tensor.nbytes
     return _PRECISION_OF.get(max(by_dtype, key=by_dtype.get), "fp32") if by_dtype else "fp32"
@@ -551,14 +592,15 @@ def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | 
     config = _config(directory)
     text = _text_config(config)
     load_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else max(1, round(sum(by_dtype.values()) / elements))
-    onnx_bytes = None
+    session = 0
     if target is not None:
-        onnx_bytes = 4 if get_target(target).lowering(recipe).precision == "fp32" else 2
+        file_bytes = elements * (4 if get_target(target).lowering(recipe).precision == "fp32" else 2)
+        session = _parity_session_bytes(file_bytes, recipe, int(text.get("num_hidden_layers") or 1))
     cal = recipe.calibration
     return estimate_compile(
         elements,
         load_bytes,
-        onnx_bytes_per_element=onnx_bytes,
+        parity_session=session,
         calibration_tokens=cal.samples * cal.seq_len,
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         output_width=int(text.get("vocab_size") or config.get("vocab_size") or 0),
@@ -567,8 +609,28 @@ def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | 
     )
 
 
+def _parity_session_bytes(file_bytes: int, recipe: Recipe, layers: int) -> int:
+    """The parity session's bytes for an ONNX file of `file_bytes`: the whole model's, or one block's where parity
+    will run block by block (`parity_mode_for`, as the ONNX Runtime target decides)."""
+    from sparsec.exporters.targets.onnxruntime import SESSION_BYTES_PER_FILE_BYTE, parity_mode_for
+
+    mode = parity_mode_for(file_bytes, recipe.export.parity.mode, resources.available_memory())
+    return int(SESSION_BYTES_PER_FILE_BYTE * (file_bytes if mode == "whole" else file_bytes // max(layers, 1)))
+
+
+def _check_materialized_fits(program, recipe: Recipe, target: str) -> None:
+    """Before a lazily read program's weights are read into memory for writing: `SparsecError` (exit 2, nothing
+    written) when they and the parity session cannot fit in the memory available now."""
+    weights = program.parameter_bytes()
+    session = 0
+    if recipe.export.onnx and get_target(target).builds_from_onnx:
+        file_bytes = program.num_parameters() * (4 if get_target(target).lowering(recipe).precision == "fp32" else 2)
+        session = _parity_session_bytes(file_bytes, recipe, max(len(block_boundaries(program)), 1))
+    check_fits(MemoryEstimate(weights, 0, session), "writing the transformed program")
+
+
 def _available() -> str:
-    available = available_memory()
+    available = resources.available_memory()
     return f"{available / GiB:.1f} GiB" if available is not None else "unknown"
 
 

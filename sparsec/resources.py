@@ -6,8 +6,12 @@ calibration shape, the memory a `sparsec compile` holds at its peak:
 - the program's weights (loaded once; the captured program shares them with the model);
 - the reference outputs the quality gates compare against (every calibration batch's outputs) and one batch's
   forward activations;
-- the ONNX Runtime session of the parity check (the ONNX file's weights, FP32 unless the recipe says otherwise),
-  which is open while the program is still in memory.
+- the ONNX Runtime session of the parity check: of the whole model (about twice the ONNX file's bytes) or of its
+  largest block (`export.parity.mode`; the compiler decides as the target will).
+
+Weights read lazily (a compile that does not fit otherwise, `sparsec.compiler`) hold one block's weights while
+the model runs (`MemoryEstimate.lazy`); the transformed program's weights are checked again after the passes,
+before they are read into memory for writing.
 
 It is an estimate (allocator slack, fragmentation and library code come on top), printed before heavy work. A
 compile is refused only when its weights and the parity session alone cannot fit in the memory available now
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import json
 import math
@@ -65,6 +70,11 @@ class MemoryEstimate:
     weights: int
     calibration: int
     parity_session: int
+    block_weights: int = 0
+
+    def lazy(self) -> MemoryEstimate:
+        """The estimate of a compile that reads weights lazily: `block_weights` (one block's) in memory at a time."""
+        return dataclasses.replace(self, weights=self.block_weights)
 
     @property
     def total(self) -> int:
@@ -215,7 +225,7 @@ def estimate_compile(
     parameters: int,
     load_bytes_per_element: int,
     *,
-    onnx_bytes_per_element: int | None,
+    parity_session: int,
     calibration_tokens: int,
     batch_tokens: int,
     output_width: int,
@@ -224,13 +234,15 @@ def estimate_compile(
 ) -> MemoryEstimate:
     """The peak of a compile of a model with `parameters` weights (see the module docstring).
 
-    `onnx_bytes_per_element`: None when no parity session runs in this process. `output_width`: the last dim of
-    the largest output (the vocabulary for logits); `hidden`, `layers`: for the activations of one batch.
+    `parity_session`: the bytes of the parity check's session (0 when none runs in this process). `output_width`:
+    the last dim of the largest output (the vocabulary for logits); `hidden`, `layers`: for the activations of one
+    batch, and one block's share of the weights (`block_weights`).
     """
     reference = calibration_tokens * output_width * 4
     activations = batch_tokens * (4 * output_width + 4 * hidden * (layers + 8)) * 4
-    session = parameters * onnx_bytes_per_element if onnx_bytes_per_element else 0
-    return MemoryEstimate(parameters * load_bytes_per_element, reference + activations, session)
+    weights = parameters * load_bytes_per_element
+    block = weights // max(layers, 1) + output_width * hidden * load_bytes_per_element  # a block, or the head's table
+    return MemoryEstimate(weights, reference + activations, parity_session, min(block, weights))
 
 
 def available_memory() -> int | None:
@@ -275,13 +287,15 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
-def check_fits(estimate: MemoryEstimate, what: str) -> None:
-    """Raise `SparsecError` (exit 2) when `estimate.required` exceeds the memory available now."""
+def check_fits(estimate: MemoryEstimate, what: str, *, could_read_lazily: bool = False) -> None:
+    """Raise `SparsecError` (exit 2) when `estimate.required` exceeds the memory available now; the message
+    suggests `--weights lazy` when `could_read_lazily` (the compile loads the weights whole but need not)."""
     available = available_memory()
     if available is not None and estimate.required > available:
+        lazily = "read the weights lazily (--weights lazy), " if could_read_lazily else ""
         raise SparsecError(
             f"{what} needs at least {estimate.required / GiB:.1f} GiB (weights {estimate.weights / GiB:.1f} GiB and "
             f"the ONNX Runtime session of the parity check {estimate.parity_session / GiB:.1f} GiB) and "
-            f"{available / GiB:.1f} GiB are available: load in bfloat16 (--dtype bfloat16), export in a half "
+            f"{available / GiB:.1f} GiB are available: {lazily}load in bfloat16 (--dtype bfloat16), export in a half "
             "precision (export.precision: fp16), or compile on a machine with more memory"
         )

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from sparsec import resources
 from sparsec.data import parity
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.lowering.segments import BOUNDARY_PREFIX as BOUNDARY
 from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Runner, Target
-from sparsec.resources import available_memory
 
 if TYPE_CHECKING:
     import onnx
@@ -163,14 +163,30 @@ def onnx_bytes(onnx_path: str | Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+WHOLE_SESSION_MAX_FILE_BYTES = 2**30
+"""The largest ONNX file (with its external data) whose parity `auto` checks in one whole-model session."""
+
+
+def parity_mode_for(file_bytes: int, mode: str, available: int | None) -> str:
+    """`whole` or `blocks` for an ONNX file of `file_bytes`: `mode` unless `auto`.
+
+    `auto` runs the whole model in one session up to `WHOLE_SESSION_MAX_FILE_BYTES` (1 GiB) of ONNX, when that
+    session (`SESSION_BYTES_PER_FILE_BYTE` x the file) fits in `available` bytes: the file is then checked end to end
+    as it will be deployed, at a cost small next to the compile. Above, it checks block by block (every segment of
+    the file, stem, blocks and head, each against the program on the same boundary values): a whole-model session
+    would hold about twice the file, and the FP32 file of a bf16 model is already twice its weights, so the compile's
+    peak would be that session's (1.78x a 1.5B bf16 checkpoint's bytes against 1.28x block by block, README
+    "Real-size models")."""
+    if mode != "auto":
+        return mode
+    needed = file_bytes * SESSION_BYTES_PER_FILE_BYTE
+    fits = available is None or needed <= available
+    return "whole" if file_bytes <= WHOLE_SESSION_MAX_FILE_BYTES and fits else "blocks"
+
+
 def parity_mode(onnx_path: str | Path, options: ParityOptions) -> str:
-    """`whole` or `blocks`: `options.mode` unless `auto`, which checks block by block when a session of the whole
-    model (`SESSION_BYTES_PER_FILE_BYTE` x the file's bytes) would not fit in `available_memory()`."""
-    if options.mode != "auto":
-        return options.mode
-    available = available_memory()
-    needed = onnx_bytes(onnx_path) * SESSION_BYTES_PER_FILE_BYTE
-    return "blocks" if available is not None and needed > available else "whole"
+    """`parity_mode_for` the file at `onnx_path` and the memory available now."""
+    return parity_mode_for(onnx_bytes(onnx_path), options.mode, resources.available_memory())
 
 
 def check_parity(

@@ -155,15 +155,28 @@ class CalibrationSet:
         (`Program.run_segmented` at `cuts(program)`): memory holds the values live at one cut for all batches
         instead of any batch's values across the whole graph, and the outputs are the same bit for bit.
         `observe(batch_index, node, value)` sees the values of `nodes` (all if None) as they are computed,
-        batch by batch in the first case, segment by segment (batches 0..N-1 each) in the second.
+        batch by batch in the first case, segment by segment (batches 0..N-1 each) in the second; `progress`
+        then counts segments, since every segment runs before the first batch's outputs.
         """
         batches = list(self.batches())
-        results = (
-            program.run_segmented(batches, self.cuts(program), observe=observe, nodes=nodes)
-            if self.cuts is not None
-            else self._whole_model(program, batches, observe, nodes)
-        )
-        yield from progress_bar(zip(batches, results), total=len(batches), desc=desc, enabled=progress)
+        if self.cuts is None:
+            results = self._whole_model(program, batches, observe, nodes)
+            yield from progress_bar(zip(batches, results), total=len(batches), desc=desc, enabled=progress)
+            return
+        bar = progress_bar(desc=f"{desc}, segments", enabled=progress)  # all segments run before the first output
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        cuts = self.cuts(program)
+        try:
+            for outputs, batch in zip(
+                program.run_segmented(batches, cuts, observe, nodes, on_segment=advance), batches
+            ):
+                yield batch, outputs
+        finally:
+            bar.close()
 
     @staticmethod
     def _whole_model(

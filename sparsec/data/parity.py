@@ -33,7 +33,7 @@ export:
   precision: fp16
   parity:
     samples: 8                      # calibration samples run through both
-    mode: auto                      # whole | blocks (block by block, when one session would not fit) | auto
+    mode: auto                      # whole | blocks | auto (blocks above 1 GiB of ONNX or where one session would not fit)
     percentiles: [50, 90, 99]       # reported as p50_abs ... p99_rel
     tolerances:                     # output name or glob -> bounds over the precision's defaults
       "*": {cosine: 0.9995}

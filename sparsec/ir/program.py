@@ -17,8 +17,10 @@ and dtypes), `state_tensor` reads a weight from its file on each call (not cache
 (small) tensor, `prune` drops entries, and `num_parameters` / `parameter_bytes` / `state_shape` never read.
 With `spill_to(directory)`, the tensors a pass puts in place
 of lazily backed ones (a sliced FFN: half the weights of a 14B model) are written there and read back lazily too,
-so memory stays at one tensor. Running it (`run`) reads every weight for each call: `materialize()` first to run it repeatedly; `save` and the
-ONNX exporter materialise it before they write. Passes call `state_tensor` and cannot tell the difference.
+so memory stays at one tensor. Running it reads every weight for each call: `run` reads them all at once,
+`run_segmented` reads each segment's (a block's) weights once for all batches and drops them after it (layer by
+layer onloading: a model larger than memory runs in it). `materialize()` first to run it repeatedly in memory;
+`save` and the ONNX exporter materialise it before they write. Passes call `state_tensor` and cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -695,8 +697,10 @@ class Program:
 
             mode = FakeTensorMode()
             args = self._fake_args(inputs, mode)
+        elif observe is None and not rewrite:
+            return self.named_outputs(self.graph_module(*self.flat_args(inputs)))
         else:
-            mode, args = contextlib.nullcontext(), self.flat_args(inputs)
+            mode, args = contextlib.nullcontext(), self._interpreted_args(inputs)
         with mode:
             if observe is None and not rewrite:
                 return self.named_outputs(self.graph_module(*args))
@@ -711,6 +715,7 @@ class Program:
         observe: Callable[[int, Node, Any], None] | None = None,
         nodes: set[Node] | None = None,
         rewrite: Mapping[Node, ValueRewrite] | None = None,
+        on_segment: Callable[[int, int], None] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Run the graph over all `batches` segment by segment and yield each batch's outputs by name, in order.
 
@@ -719,21 +724,30 @@ class Program:
         only the values live across the cut are kept, for every batch (the residual stream, masks, rotary
         tables): memory holds one cut's live set for all batches plus one batch's values within a segment,
         never every batch's activations of the whole graph, and each segment's weights are used for all
-        batches in a row (layer-sequential calibration, llm-compressor's "sequential onloading").
+        batches in a row (layer-sequential calibration, llm-compressor's "sequential onloading"). A lazily backed
+        program (module docstring) reads a segment's weights from their files when the segment starts and drops
+        them when it ends: memory then holds one block's weights, never the model's.
 
         Every node computes exactly what `run` computes (the same ops on the same values), so outputs and
         observed values are equal to `run`'s bit for bit. `observe(batch_index, node, value)` is called for
         every node in `nodes` (all nodes if None) as soon as it is computed, segment by segment: batch 0..N-1
         of the first segment, then of the second, ...; `rewrite` works as in `run`. The outputs of batch i
         are yielded when the last segment finishes it; earlier segments run on the first `next()`.
+        `on_segment(done, total)` is called when a segment has run for every batch (progress).
 
         Example::
 
             blocks = [block.outputs()[-1] for block in region_index(program).blocks()]
             outputs = list(program.run_segmented(list(calibration.batches()), blocks))
         """
-        # references to the state and the batches' inputs, no copies
-        yield from self._interpret([self.flat_args(batch) for batch in batches], cuts, observe, nodes, rewrite)
+        args = [self._interpreted_args(batch) for batch in batches]
+        yield from self._interpret(args, cuts, observe, nodes, rewrite, on_segment)
+
+    def _interpreted_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        """`flat_args` for `_interpret`: references to the held state and the inputs, no copies; None for lazily
+        backed state, which `_interpret` reads segment by segment."""
+        self._check_inputs(inputs)
+        return self._args(inputs, lambda name: None if name in self._stored else self._held(name))
 
     def _interpret(
         self,
@@ -742,8 +756,10 @@ class Program:
         observe: Callable[[int, Node, Any], None] | None,
         nodes: set[Node] | None,
         rewrite: Mapping[Node, ValueRewrite] | None,
+        on_segment: Callable[[int, int], None] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """`run_segmented` on the graph module's flat arguments of each batch (`flat_args`, or fake ones)."""
+        """`run_segmented` on the graph module's flat arguments of each batch (`_interpreted_args`, or fake ones):
+        a state argument that is None is read when a segment needs it (`_onload`)."""
         cuts = list(cuts)
         order = list(self.graph.nodes)
         position = {n: i for i, n in enumerate(order)}
@@ -766,13 +782,21 @@ class Program:
 
         interpreter = torch.fx.Interpreter(self.graph_module, garbage_collect_values=False)
         argument = {n: j for j, n in enumerate(self.graph.find_nodes(op="placeholder"))}
+        lazy = {n: name for name, n in self.state_placeholders().items() if args and args[0][argument[n]] is None}
         envs: list[dict[Node, Any] | None] = [None] * len(args)
         for k, segment in enumerate(segments):
             last = k == len(segments) - 1
+            onloaded = self._onload(segment, lazy)
             for i in range(len(args)):
                 env = envs[i] if envs[i] is not None else {}
                 interpreter.env = env
+                for node, value in onloaded.items():
+                    if observe is not None and (nodes is None or node in nodes):
+                        observe(i, node, value)
+                    env[node] = value
                 for node in segment:
+                    if node in lazy:
+                        continue
                     value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
                     if node in rewrite:
                         value = rewrite[node].fn(value, *(env[r] for r in rewrite[node].reads))
@@ -782,9 +806,20 @@ class Program:
                     for dead in freed_after.get(position[node], ()):
                         if dead.op != "output":
                             env.pop(dead, None)
+                for node in onloaded:
+                    env.pop(node, None)
                 envs[i] = None if last else env
                 if last:
                     yield self.named_outputs(value)
+            del onloaded
+            if on_segment is not None:
+                on_segment(k + 1, len(segments))
+
+    def _onload(self, segment: Sequence[Node], lazy: Mapping[Node, str]) -> dict[Node, torch.Tensor]:
+        """The lazily backed state tensors `segment` reads, each read once from its file for all batches (layer by
+        layer onloading: a block's weights are in memory while that block runs, and only then)."""
+        read = dict.fromkeys(p for node in segment for p in node.all_input_nodes if p in lazy)
+        return {p: self.state_tensor(lazy[p]) for p in read}
 
     # ----- mutation support --------------------------------------------------------------------------
     def recompile(self) -> None:

@@ -97,3 +97,17 @@ def test_cuts_follow_the_program_and_are_reported(captured):
     assert [n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0] for n in ends] == [
         f"model.layers.{i}" for i in range(len(ends))
     ]
+
+
+def test_a_sequential_run_reports_progress_segment_by_segment(captured, monkeypatch, capsys):
+    """All segments run before the first output, so progress counts segments (the cuts plus the head)."""
+    model, program = captured("tiny-qwen2")
+    _, sequential = _sets(model)
+    monkeypatch.setattr("sparsec.progress.LOG_EVERY_S", 0.0)
+    outputs = sequential.reference_outputs(program, progress=True)
+    segments = len(block_boundaries(program)) + 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:segments] == [
+        f"[sparsec]     reference outputs, segments: {k}/{segments}" for k in range(1, segments + 1)
+    ]
+    assert lines[segments].startswith(f"{lines[segments - 1]} done in") and len(outputs) == 3

@@ -30,3 +30,15 @@ def test_parity_mode_is_validated():
     assert Recipe.from_dict({"export": {"parity": {"mode": "blocks"}}}).export.parity.mode == "blocks"
     with pytest.raises(RecipeError, match="mode"):
         Recipe.from_dict({"export": {"parity": {"mode": "halves"}}})
+
+
+def test_auto_parity_checks_large_files_block_by_block():
+    from sparsec.exporters.targets.onnxruntime import WHOLE_SESSION_MAX_FILE_BYTES as LIMIT
+    from sparsec.exporters.targets.onnxruntime import parity_mode_for
+
+    gib = 2**30
+    assert parity_mode_for(LIMIT, "auto", 64 * gib) == "whole"
+    assert parity_mode_for(LIMIT + 1, "auto", 64 * gib) == "blocks"  # the session would set the compile's peak
+    assert parity_mode_for(LIMIT // 2, "auto", LIMIT // 2) == "blocks"  # about twice the file would not fit
+    assert parity_mode_for(LIMIT // 2, "auto", None) == "whole"  # memory unknown
+    assert parity_mode_for(LIMIT + 1, "whole", 1) == "whole" and parity_mode_for(1, "blocks", None) == "blocks"

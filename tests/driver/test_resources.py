@@ -31,11 +31,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_estimate_adds_weights_session_and_calibration():
     estimate = resources.estimate_compile(
-        1000, 2, onnx_bytes_per_element=4, calibration_tokens=10, batch_tokens=5, output_width=7, hidden=3, layers=2
+        1000, 2, parity_session=4000, calibration_tokens=10, batch_tokens=5, output_width=7, hidden=3, layers=2
     )
     assert estimate.weights == 2000 and estimate.parity_session == 4000
     assert estimate.calibration == 10 * 7 * 4 + 5 * (4 * 7 + 4 * 3 * 10) * 4
     assert estimate.required == 6000 and estimate.total == 6000 + estimate.calibration
+    assert estimate.block_weights == 2000 // 2 + 7 * 3 * 2 and estimate.lazy().weights == estimate.block_weights
 
 
 def test_refuses_only_what_cannot_fit(monkeypatch):
