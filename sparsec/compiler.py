@@ -594,7 +594,7 @@ def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | 
     load_bytes = DTYPE_BYTES[dtype] if dtype != "auto" else max(1, round(sum(by_dtype.values()) / elements))
     session = 0
     if target is not None:
-        file_bytes = elements * (4 if get_target(target).lowering(recipe).precision == "fp32" else 2)
+        file_bytes = elements * _onnx_bytes_per_element(recipe, target)
         session = _parity_session_bytes(file_bytes, recipe, int(text.get("num_hidden_layers") or 1))
     cal = recipe.calibration
     return estimate_compile(
@@ -607,6 +607,11 @@ def _memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | 
         hidden=int(text.get("hidden_size") or 0),
         layers=int(text.get("num_hidden_layers") or 0),
     )
+
+
+def _onnx_bytes_per_element(recipe: Recipe, target: str) -> int:
+    """Bytes per weight in the ONNX file the target lowers to: 4 for FP32, else 2."""
+    return 4 if get_target(target).lowering(recipe).precision == "fp32" else 2
 
 
 def _parity_session_bytes(file_bytes: int, recipe: Recipe, layers: int) -> int:
@@ -624,7 +629,7 @@ def _check_materialized_fits(program, recipe: Recipe, target: str) -> None:
     weights = program.parameter_bytes()
     session = 0
     if recipe.export.onnx and get_target(target).builds_from_onnx:
-        file_bytes = program.num_parameters() * (4 if get_target(target).lowering(recipe).precision == "fp32" else 2)
+        file_bytes = program.num_parameters() * _onnx_bytes_per_element(recipe, target)
         session = _parity_session_bytes(file_bytes, recipe, max(len(block_boundaries(program)), 1))
     check_fits(MemoryEstimate(weights, 0, session), "writing the transformed program")
 

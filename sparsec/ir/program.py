@@ -692,17 +692,17 @@ class Program:
         computed with (FLOP counting of a lazily backed program); ops whose output shape depends on values
         (`aten.nonzero`) then fail.
         """
+        plain = observe is None and not rewrite
         if shapes_only:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             mode = FakeTensorMode()
             args = self._fake_args(inputs, mode)
-        elif observe is None and not rewrite:
-            return self.named_outputs(self.graph_module(*self.flat_args(inputs)))
-        else:
-            mode, args = contextlib.nullcontext(), self._interpreted_args(inputs)
+        else:  # the graph module reads every weight; the interpreter onloads lazily backed ones (`_interpret`)
+            mode = contextlib.nullcontext()
+            args = self.flat_args(inputs) if plain else self._interpreted_args(inputs)
         with mode:
-            if observe is None and not rewrite:
+            if plain:
                 return self.named_outputs(self.graph_module(*args))
             report = None if observe is None else (lambda _index, node, value: observe(node, value))
             return next(self._interpret([args], (), report, nodes, rewrite))
