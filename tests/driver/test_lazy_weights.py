@@ -31,9 +31,11 @@ WEIGHT_ONLY = {
 
 
 def _checkpoint(tmp_path, kind: str, dtype=torch.bfloat16):
-    """A save_pretrained directory (bf16 unless `dtype`) of a tiny model: untied or tied Qwen2, or the MoT."""
+    """A save_pretrained directory (bf16 unless `dtype`) of a tiny model: untied or tied Qwen2, Llama, or the MoT."""
     if kind == "mot":
         model = MoTForCausalLM(MoTConfig(**MOT_PRESETS["tiny"]))
+    elif kind == "llama":
+        model = build_model(builtin_config("tiny-llama"))
     else:
         config = builtin_config("tiny-qwen2")
         config.tie_word_embeddings = kind == "qwen2-tied"
@@ -123,11 +125,12 @@ def _left_padded_batches(vocab: int, sizes=((3, 11), (2, 13), (3, 11))):
     return batches
 
 
-def test_segmented_run_onloads_one_block_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_segmented_run_onloads_one_block_at_a_time(tmp_path, monkeypatch, kind):
     """Layer by layer onloading: each lazily backed weight is read once for all batches, when its segment starts,
     and dropped when it ends; the outputs equal the materialised program's `run`, bit for bit (fp32)."""
 
-    directory = _checkpoint(tmp_path, "qwen2", torch.float32)
+    directory = _checkpoint(tmp_path, kind, torch.float32)
     lazy = load_model(directory, weights="lazy")
     program = capture(lazy.model, lazy.family.example_inputs(lazy.model, 2, 16), family=lazy.family)
     lazy.attach_weights(program)
