@@ -1,4 +1,4 @@
-"""The `sparsec` command line: inspect, compile, analyze, run, bench, passes.
+"""The `sparsec` command line: inspect, compile, analyze, run, bench, eval, passes.
 
 Exit codes: 0 success; 1 a quality gate or the backend parity check failed (nothing written); 2 bad input
 (model, recipe, calibration file, options, a target that cannot run here); 3 an internal error (a bug: please report it with the trace).
@@ -315,6 +315,114 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import time
+
+    from sparsec import evaluation as ev
+
+    if not args.text and not args.tasks:
+        raise SparsecError("nothing to evaluate: give --text FILE (perplexity) and/or --tasks NAME,... (lm-eval)")
+    if args.baseline and not args.text:
+        raise SparsecError("--baseline compares the two models on --text FILE; give one")
+    if args.batch_size < 1:
+        raise SparsecError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.text:
+        ev.read_text(args.text)
+    if args.artifact:
+        directory = ev.artifact_directory(args.artifact, args.entry)
+        target = args.target or _compiled_target(str(directory))
+        names = ev.artifact_input_names(directory, target)
+        tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"the artifact {directory}")
+    else:
+        directory = None if args.model.startswith(BUILTIN_PREFIX) else Path(args.model)
+        tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"--model {args.model}")
+    if args.baseline:
+        baseline_dir = ev.artifact_directory(args.baseline, args.entry)
+        baseline_target = args.target or _compiled_target(str(baseline_dir))
+        baseline_names = ev.artifact_input_names(baseline_dir, baseline_target)
+    tasks, manager = [], None
+    if args.tasks:
+        from sparsec.harness import check_tasks, task_manager
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        manager = task_manager(args.tasks_dir)
+        check_tasks(tasks, manager, args.tasks_dir)
+
+    progress = not args.quiet
+    start = time.perf_counter()
+    samples = (
+        ev.TextSamples.read(args.text, tokenizer_dir=tokenizer_dir, protocol=args.protocol, seq_len=args.seq_len)
+        if args.text
+        else None
+    )
+    timings = {"tokenize_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    model = ev.load_artifact_lm(directory, target, names) if args.artifact else ev.load_model_lm(args.model)
+    timings["load_s"] = time.perf_counter() - start
+    result: dict = {
+        "model": {"source": model.source, **({"target": target} if args.artifact else {})},
+        "tokenizer": str(tokenizer_dir),
+    }
+    if samples is not None:
+        result["protocol"] = dict(samples.protocol.__dict__)
+        if args.baseline:
+            baseline = ev.load_artifact_lm(baseline_dir, baseline_target, baseline_names)
+            compared = ev.agreement(model, baseline, samples, batch_size=args.batch_size, progress=progress)
+            measured = compared.artifact
+            result["baseline"] = {"source": baseline.source, "target": baseline_target, **compared.describe()}
+        else:
+            measured = ev.perplexity(model, samples, batch_size=args.batch_size, progress=progress)
+        scored = measured.describe()
+        timings["perplexity_s"] = scored.pop("seconds")
+        timings["tokens_per_second"] = scored.pop("tokens_per_second")
+        result.update(scored)
+    if tasks:
+        from sparsec.harness import make_lm, run_tasks
+
+        lm = make_lm(
+            model,
+            ev.load_tokenizer(tokenizer_dir),
+            max_length=args.seq_len,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        start = time.perf_counter()
+        ran = run_tasks(lm, tasks, manager, limit=args.limit)
+        timings["tasks_s"] = time.perf_counter() - start
+        result["tasks"] = {"results": ran["results"], "n_samples": ran["n_samples"], "limit": args.limit}
+    result["timings"] = timings
+    print(json.dumps(result, indent=2) if args.json else _eval_summary(result))
+    return 0
+
+
+def _eval_summary(result: dict) -> str:
+    lines = [f"model      {result['model']['source']}"]
+    if "protocol" in result:
+        from sparsec.evaluation import TextProtocol
+
+        lines.append("protocol   " + TextProtocol(**result["protocol"]).describe())
+        timings = result["timings"]
+        lines.append(
+            f"perplexity {result['perplexity']:.4f} (loss {result['loss']:.5f} nats/token over {result['tokens']:,} "
+            f"predicted tokens; {timings['perplexity_s']:.2f} s, {timings['tokens_per_second']:.0f} tokens/s)"
+        )
+    if "baseline" in result:
+        base = result["baseline"]
+        lines.append(
+            f"baseline   {base['source']}: perplexity {base['perplexity']:.4f}; artifact / baseline "
+            f"{base['perplexity_ratio']:.4f}"
+        )
+        for name, m in base["outputs"].items():
+            extra = f" kl {m['kl']:.5f} top1 {m['top1']:.4f}" if "kl" in m else ""
+            lines.append(f"agreement  {name}:{extra} cosine {m['cosine']:.5f} over {m['tokens']:,} tokens")
+    for task, metrics in result.get("tasks", {}).get("results", {}).items():
+        shown = ", ".join(
+            f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k
+        )
+        lines.append(f"task       {task}: {shown}")
+    return "\n".join(lines)
+
+
 def _cmd_passes(args: argparse.Namespace) -> int:
     from sparsec.transform.options import describe_section
     from sparsec.transform.pass_manager import available_passes
@@ -569,6 +677,66 @@ def build_parser() -> argparse.ArgumentParser:
                 "the reports",
             )
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of an artifact or model on a text, agreement with a baseline, lm-eval task accuracy",
+        description="What a model is worth in the terms users report. Perplexity: next-token loss over a text "
+        "file, exp(total nats / predicted tokens) (sparsec.data.language_model.next_token_loss): every token but a "
+        "sample's first is predicted from the ones before it in the same sample. The protocol is fixed by the "
+        "options and recorded with the result (--json 'protocol'): the tokenizer (the artifact's OUT/tokenizer, "
+        "copied from the model directory at compile; the model directory's; or --tokenizer) with its own special "
+        "tokens (whether it adds BOS is recorded); --protocol lines: one sample per non-empty line, truncated to "
+        "--seq-len tokens; --protocol windows: the file's whole text tokenized once and cut into non-overlapping "
+        "windows of --seq-len tokens (BOS first when the tokenizer adds one); samples batched in file order, "
+        "right-padded; the number of samples and predicted tokens; the file's sha256. The same protocol gives the "
+        "same number on every run, and the same predicted tokens for every model with that tokenizer.",
+        epilog="Examples: sparsec eval --artifact out/ --text held_out.txt --seq-len 512 --json; "
+        "sparsec eval --model DIR --text held_out.txt (the uncompressed model); sparsec eval --artifact out/ "
+        "--baseline dense/ --text held_out.txt; sparsec eval --artifact out/ --tasks sparsec_tiny_mc "
+        "--tasks-dir examples/eval_tasks (needs " + 'pip install -e ".[eval]")',
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--artifact", metavar="OUT", help="a sparsec compile output directory")
+    which.add_argument(
+        "--model", help="the uncompressed model, run by PyTorch: a save_pretrained directory or builtin:NAME"
+    )
+    p.add_argument(
+        "--target",
+        choices=list(targets),
+        help="backend to run the artifact (and --baseline) on (default: the one each was compiled for, in its "
+        "report.json; pytorch: program.pt2)",
+    )
+    p.add_argument("--entry", metavar="NAME", help="the program of a multi-program output (OUT/NAME)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text file to measure perplexity on")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the artifact's or model's)")
+    p.add_argument(
+        "--protocol", choices=["lines", "windows"], default="lines", help="how the text is cut (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="tokens per sample; also lm-eval's maximum length (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="samples per run of the model (default: %(default)s)")
+    p.add_argument(
+        "--baseline",
+        metavar="OUT2",
+        help="a second compile output run on the same samples: its perplexity, the ratio, and per output KL "
+        "(baseline || artifact), top-1 agreement and cosine",
+    )
+    p.add_argument(
+        "--tasks",
+        metavar="NAME,...",
+        help="lm-evaluation-harness tasks to score (loglikelihood, rolling loglikelihood, greedy generation by full "
+        "recompute)",
+    )
+    p.add_argument("--tasks-dir", metavar="DIR", help="a directory of lm-eval task YAML files (and their data)")
+    p.add_argument("--limit", type=int, help="items per task (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "passes",

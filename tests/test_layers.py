@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Top to bottom. Names on one line are siblings: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
     ("sparsec.cli",),
-    ("sparsec.compiler", "sparsec.probe", "sparsec.testing"),
+    ("sparsec.harness",),
+    ("sparsec.compiler", "sparsec.probe", "sparsec.testing", "sparsec.evaluation"),
     ("sparsec.runner",),
     ("sparsec.recipe",),
     ("sparsec.capture", "sparsec.models"),
