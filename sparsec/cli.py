@@ -342,11 +342,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         baseline_names = ev.artifact_input_names(baseline_dir, baseline_target)
     tasks, manager = [], None
     if args.tasks:
-        from sparsec.harness import check_tasks, task_manager
+        from sparsec.harness import task_manager
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        manager = task_manager(args.tasks_dir)
-        check_tasks(tasks, manager, args.tasks_dir)
+        manager = task_manager(tasks, args.tasks_dir)
 
     progress = not args.quiet
     start = time.perf_counter()

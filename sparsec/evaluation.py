@@ -286,8 +286,10 @@ def _batches(model: CausalLM, samples: TextSamples, batch_size: int, progress: b
 def _loss(logits: Any, ids: torch.Tensor, mask: torch.Tensor) -> NextTokenLoss:
     if not torch.is_tensor(logits) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
         shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-        raise SparsecError(f"the model's `logits` output is {shape} for input_ids {tuple(ids.shape)}; eval needs "
-                           "[batch, seq, vocab] logits of a causal language model")
+        raise SparsecError(
+            f"the model's `logits` output is {shape} for input_ids {tuple(ids.shape)}; eval needs "
+            "[batch, seq, vocab] logits of a causal language model"
+        )
     return next_token_loss(logits, ids, mask)
 
 

@@ -218,7 +218,8 @@ def test_lm_eval_backend_matches_the_hf_backend(model_dir, dense, capsys):
     from sparsec.evaluation import load_artifact_lm, load_tokenizer
     from sparsec.harness import make_lm, run_tasks, task_manager
 
-    manager = task_manager(TASKS_DIR)
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend, the reference here, needs accelerate")
+    manager = task_manager(["sparsec_tiny_mc"], TASKS_DIR)
     lm = make_lm(
         load_artifact_lm(dense, "onnxruntime", ("input_ids", "attention_mask")),
         load_tokenizer(dense / "tokenizer"),
@@ -242,8 +243,9 @@ def test_lm_eval_backend_matches_the_hf_backend(model_dir, dense, capsys):
     assert len({round(v, 3) for item in mine for v in item}) > 12  # distinct scores: a real comparison
     torch.testing.assert_close(torch.tensor(mine), torch.tensor(reference), rtol=1e-4, atol=1e-4)
 
-    result = _eval(capsys, "--artifact", str(dense), "--tasks", "sparsec_tiny_mc", "--tasks-dir", str(TASKS_DIR),
-                   "--limit", "12")
+    result = _eval(
+        capsys, "--artifact", str(dense), "--tasks", "sparsec_tiny_mc", "--tasks-dir", str(TASKS_DIR), "--limit", "12"
+    )
     assert result["tasks"]["results"]["sparsec_tiny_mc"]["acc,none"] == ours["results"]["sparsec_tiny_mc"]["acc,none"]
 
 
@@ -258,8 +260,9 @@ def test_greedy_generation_and_rolling_loglikelihood(model_dir, dense):
     from sparsec.harness import make_lm
 
     tok = load_tokenizer(dense / "tokenizer")
-    lm = make_lm(load_artifact_lm(dense, "onnxruntime", ("input_ids", "attention_mask")), tok, max_length=64,
-                 batch_size=2)
+    lm = make_lm(
+        load_artifact_lm(dense, "onnxruntime", ("input_ids", "attention_mask")), tok, max_length=64, batch_size=2
+    )
     context = "the cat sat on"
     request = Instance("generate_until", {}, (context, {"until": ["[EOS]"], "max_gen_toks": 6}), 0)
     [text] = lm.generate_until([request])
@@ -287,3 +290,20 @@ def test_perplexity_of_an_aotinductor_artifact(model_dir, capsys):
     result = _eval(capsys, "--artifact", str(out), "--text", str(model_dir.parent / "text.txt"), "--seq-len", "12")
     assert result["model"]["target"] == "aotinductor" and result["tokens"] == tokens
     assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+
+
+def test_the_pytorch_target_compiles_to_program_pt2_alone(model_dir, tmp_path, capsys):
+    """`--target pytorch`: program.pt2 and no ONNX file; parity: the saved file loaded back against the program."""
+    out = tmp_path / "pt"
+    report = compile_model(model_dir, Recipe(), out, target="pytorch", progress=False)
+    assert report["target"] == "pytorch" and not (out / "model.onnx").exists() and (out / "program.pt2").is_file()
+    assert report["parity"]["runtime"].endswith("(program.pt2)")
+    assert report["parity"]["metrics"]["logits"]["cosine"] == pytest.approx(1.0, abs=1e-9)
+    result = _eval(capsys, "--artifact", str(out), "--text", str(model_dir.parent / "text.txt"), "--seq-len", "12")
+    assert result["model"]["target"] == "pytorch"
+
+    recipe = tmp_path / "no_pt2.yaml"
+    recipe.write_text("export: {pt2: false}\n")
+    argv = ["compile", "--model", str(model_dir), "--recipe", str(recipe), "--target", "pytorch", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--target pytorch runs program.pt2: leave export.pt2 on" in capsys.readouterr().err
