@@ -316,6 +316,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
     from sparsec import evaluation as ev
@@ -324,8 +325,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SparsecError("nothing to evaluate: give --text FILE (perplexity) and/or --tasks NAME,... (lm-eval)")
     if args.baseline and not args.text:
         raise SparsecError("--baseline compares the two models on --text FILE; give one")
-    if args.batch_size < 1:
-        raise SparsecError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise SparsecError(f"--batch-size and --limit must be >= 1, got {args.batch_size} and {args.limit}")
     if args.text:
         ev.read_text(args.text)
     if args.artifact:
@@ -363,7 +364,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "tokenizer": str(tokenizer_dir),
     }
     if samples is not None:
-        result["protocol"] = dict(samples.protocol.__dict__)
+        result["protocol"] = dataclasses.asdict(samples.protocol)
         if args.baseline:
             baseline = ev.load_artifact_lm(baseline_dir, baseline_target, baseline_names)
             compared = ev.agreement(model, baseline, samples, batch_size=args.batch_size, progress=progress)

@@ -277,8 +277,7 @@ class Perplexity:
         }
 
 
-def _batches(model: CausalLM, samples: TextSamples, batch_size: int, progress: bool, desc: str):
-    size = batch_size if model.takes_mask else 1
+def _batches(samples: TextSamples, size: int, progress: bool, desc: str):
     total = -(-len(samples.ids) // size)
     return progress_bar(samples.batches(size), desc=desc, total=total, enabled=progress)
 
@@ -296,7 +295,7 @@ def _loss(logits: Any, ids: torch.Tensor, mask: torch.Tensor) -> NextTokenLoss:
 def perplexity(model: CausalLM, samples: TextSamples, *, batch_size: int, progress: bool = False) -> Perplexity:
     """`model`'s next-token loss over `samples` (module docstring)."""
     total, start = NextTokenLoss(), time.perf_counter()
-    for ids, mask in _batches(model, samples, batch_size, progress, "perplexity"):
+    for ids, mask in _batches(samples, batch_size if model.takes_mask else 1, progress, "perplexity"):
         total += _loss(_logits_of(model.outputs(ids, mask)), ids, mask)
     return Perplexity(total, time.perf_counter() - start)
 
@@ -334,9 +333,7 @@ def agreement(
     size = batch_size if model.takes_mask and baseline.takes_mask else 1
 
     def pairs():
-        for ids, mask in progress_bar(
-            samples.batches(size), desc="agreement", total=-(-len(samples.ids) // size), enabled=progress
-        ):
+        for ids, mask in _batches(samples, size, progress, "agreement"):
             outputs = {}
             for name, lm in (("model", model), ("baseline", baseline)):
                 start = time.perf_counter()

@@ -85,7 +85,9 @@ def test_builtins_are_found_by_scanning_the_package():
 
 
 def test_unknown_target_names_the_registered_ones(tmp_path):
-    message = r"--target 'tpu': choose one of \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
+    message = (
+        r"--target 'tpu': choose one of \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
+    )
     with pytest.raises(SparsecError, match=message):
         get_target("tpu")
     with pytest.raises(SparsecError, match=message):
