@@ -205,7 +205,7 @@ class CausalLM:
         return self.run({name: inputs[name] for name in self.input_names})
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.outputs(input_ids, attention_mask)[LOGITS]
+        return _logits_of(self.outputs(input_ids, attention_mask))
 
 
 def artifact_directory(artifact: str | Path, entry: str | None) -> Path:
