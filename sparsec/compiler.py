@@ -339,7 +339,7 @@ class _Unit:
         example = self.entry.example_inputs(shape.batch, shape.seq)
         dynamic = self.entry.dynamic_dims if shape.dynamic else False
         self.program = capture(self.entry.module, example, dynamic=dynamic, family=self.entry.family, tags=recipe.tags)
-        recipe.quality.check_program(self.program.input_names, self.program.output_names)
+        recipe.quality.check_program(self.program)
         self.captured_parameters = self.program.num_parameters()
         self.report["capture"] = {
             "example_shapes": {k: list(v.shape) for k, v in example.items()},

@@ -8,6 +8,10 @@ Calibration inputs come from (in this order of preference):
 - otherwise a synthetic set of random inputs, announced as such: fine for checking that rewrites are
   exact, meaningless for choosing what to prune.
 
+A compile splits the set by whole samples (`CalibrationSet.split`, the recipe's `calibration.holdout`): the
+passes and their statistics get the decision samples, the quality gates measure on the held-out ones, so a
+compression is judged on data it was not chosen for.
+
 Statistics are collected at graph nodes by running the program once over the set (`StatisticsCache`):
 passes ask for all the nodes they need in one call, and results are cached until the graph changes.
 Only valid tokens (where `attention_mask` is 1) count.

@@ -183,10 +183,19 @@ def compare_outputs(
     return {name: c.result() for name, c in comps.items()}
 
 
-def is_causal_lm(input_names: Sequence[str], output_names: Sequence[str]) -> bool:
+def is_causal_lm(program) -> bool:
     """Whether a program's perplexity is measured (`compare_programs`) and `max_ppl_ratio` may gate it: it takes
-    `input_ids` and returns `logits` (a causal language model's next-token logits, [batch, seq, vocab])."""
-    return "input_ids" in input_names and PERPLEXITY_OUTPUT in output_names
+    `input_ids` [batch, seq] and returns `logits` [batch, seq, vocab] over the same batch and sequence (a causal
+    language model's next-token logits; not, e.g., Janus' image-token logits for a generation step)."""
+    if "input_ids" not in program.input_names or PERPLEXITY_OUTPUT not in program.output_names:
+        return False
+    user_outputs = dict(zip(program.output_names, program.exported.graph_signature.user_outputs))
+    nodes = {n.name: n for n in program.graph.nodes if n.op in ("placeholder", "call_function")}
+    ids, logits = (nodes.get(name) for name in ("input_ids", user_outputs[PERPLEXITY_OUTPUT]))
+    if ids is None or logits is None or "val" not in ids.meta or "val" not in logits.meta:
+        return False
+    ids_shape, logits_shape = ([str(d) for d in n.meta["val"].shape] for n in (ids, logits))
+    return len(ids_shape) == 2 and len(logits_shape) == 3 and logits_shape[:2] == ids_shape
 
 
 PERPLEXITY_OUTPUT = "logits"  # the output whose metrics hold `perplexity`, `dense_perplexity` and `ppl_ratio`
@@ -201,7 +210,7 @@ def compare_programs(
     For a causal language model (`is_causal_lm`) the `logits` metrics also hold `perplexity` (the program's),
     `dense_perplexity` (the reference's) and their ratio `ppl_ratio`, from the next-token loss over valid tokens
     (`sparsec.data.language_model.next_token_loss`) on the same batches."""
-    lm = is_causal_lm(program.input_names, program.output_names)
+    lm = is_causal_lm(program)
     losses = [NextTokenLoss(), NextTokenLoss()]  # the reference's, the program's
 
     def pairs():
@@ -216,11 +225,16 @@ def compare_programs(
     if lm:
         dense, compressed = losses
         metrics[PERPLEXITY_OUTPUT].update(
-            perplexity=compressed.perplexity,
-            dense_perplexity=dense.perplexity,
-            ppl_ratio=math.exp(compressed.mean - dense.mean) if dense.tokens else math.nan,
+            perplexity=_exp(compressed.mean),
+            dense_perplexity=_exp(dense.mean),
+            ppl_ratio=_exp(compressed.mean - dense.mean),
         )
     return metrics
+
+
+def _exp(x: float) -> float:
+    """e**x, inf past float range (a broken program's loss), NaN for NaN (nothing predicted: NaN fails every gate)."""
+    return math.exp(x) if x < 709.0 else x if x != x else math.inf
 
 
 def describe_quality(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
@@ -410,14 +424,15 @@ class QualityGates:
             v is not None for v in (self.min_cosine, self.max_rel_l2, self.min_top1, self.max_kl, self.max_ppl_ratio)
         )
 
-    def check_program(self, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    def check_program(self, program) -> None:
         """`RecipeError` when `max_ppl_ratio` bounds a program that has no perplexity (not `is_causal_lm`): asked
         before any work, so a recipe cannot gate on a metric its program never reports."""
-        if self.gates and self.max_ppl_ratio is not None and not is_causal_lm(input_names, output_names):
+        if self.gates and self.max_ppl_ratio is not None and not is_causal_lm(program):
             raise RecipeError(
-                f"quality.max_ppl_ratio: perplexity needs a causal language model, a program taking `input_ids` and "
-                f"returning `{PERPLEXITY_OUTPUT}`; this one takes {list(input_names)} and returns {list(output_names)}. "
-                "Gate it with min_cosine / max_rel_l2 / outputs instead"
+                f"quality.max_ppl_ratio: perplexity needs a causal language model, a program taking `input_ids` "
+                f"[batch, seq] and returning `{PERPLEXITY_OUTPUT}` [batch, seq, vocab]; this one takes "
+                f"{program.input_names} and returns {program.output_names}. Gate it with min_cosine / max_rel_l2 / "
+                "outputs instead"
             )
 
     def bounds(self) -> Bounds:

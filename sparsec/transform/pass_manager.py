@@ -77,7 +77,9 @@ class PassContext:
     """What passes share: calibration data, cached activation statistics, and a seed.
 
     Attributes:
-        calibration: the calibration set, or None when the pipeline runs without data.
+        calibration: the calibration samples the passes decide on, or None when the pipeline runs without data.
+            In a compile, the held-out samples the quality gates measure on are never here
+            (`CalibrationSet.split`, `PassManager(holdout=...)`).
         statistics: per-node activation statistics, collected in one forward pass per request batch.
         seed: for passes with randomness.
     """
@@ -425,7 +427,7 @@ class PassManager:
         measured_on = self.holdout if self.holdout is not None else ctx.calibration
         gated = self.gates is not None and self.gates.gates and self.gates.bounds_set()
         if gated:
-            self.gates.check_program(program.input_names, program.output_names)
+            self.gates.check_program(program)
             if measured_on is None and not self.gates.is_default:
                 raise RecipeError(
                     "quality gates are set, and there is no calibration data to check them on; give calibration "

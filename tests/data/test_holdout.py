@@ -92,7 +92,7 @@ class _SeesData(Pass):
 RECIPE = {
     "passes": ["sees_data", {"slice_neurons": {"keep_ratio": 0.5, "importance": "activation"}}],
     "calibration": {"holdout": 0.25, "seed": 5, "batch_size": 4},
-    "quality": {"gates": False},
+    "quality": {"max_ppl_ratio": 100.0},  # gated, and loose enough to hold for poisoned held-out samples
 }
 
 
@@ -120,7 +120,13 @@ def test_the_held_out_samples_are_never_seen_by_a_pass_and_are_what_the_gates_me
         "samples": 3,
         "tokens": int(inputs["attention_mask"][held].sum()),
     }
-    assert clean["quality_gates"]["measured_on"] == "held_out"
+    assert clean["quality_gates"] == {
+        "source": "recipe",
+        "gated": True,
+        "bounds": {"logits": {"ppl_ratio": 100.0}},
+        "checked": True,
+        "measured_on": "held_out",
+    }
 
     def poisoned(rows):
         ids = inputs["input_ids"].clone()
