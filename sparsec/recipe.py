@@ -256,8 +256,7 @@ def _parse_quality(data: Any) -> QualityGates:
     if gates.gates and not gates.bounds_set():
         raise RecipeError(
             "quality: sets no bound; name the gates (min_cosine, min_top1, max_rel_l2, max_kl, max_ppl_ratio, "
-            "outputs), leave the "
-            "section out for the defaults, or write `quality: {gates: off}` to compile ungated"
+            "outputs), leave the section out for the defaults, or write `quality: {gates: off}` to compile ungated"
         )
     return gates
 

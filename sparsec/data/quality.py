@@ -6,6 +6,9 @@ Metrics per output, over valid tokens only (attention_mask == 1), each a vector 
 - `max_abs`, `mean_abs`: absolute error;
 - for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
   KL(softmax(ref) || softmax(cand)) per token;
+- for a causal language model's `logits` (`compare_programs`, `is_causal_lm`): `perplexity`, `dense_perplexity`
+  (the reference's) and `ppl_ratio`, from the next-token loss over valid tokens
+  (`sparsec.data.language_model.next_token_loss`);
 - with `percentiles` (backend parity, `sparsec.data.parity`): the error distribution over valid entries,
   `p{q}_abs` of |cand - ref| and `max_rel`, `mean_rel`, `p{q}_rel` of the relative error
   |cand - ref| / max(|ref|, 1e-3 * rms(ref_token)) (the floor, relative to each token's RMS, keeps entries
@@ -183,6 +186,9 @@ def compare_outputs(
     return {name: c.result() for name, c in comps.items()}
 
 
+PERPLEXITY_OUTPUT = "logits"  # the output whose metrics hold `perplexity`, `dense_perplexity` and `ppl_ratio`
+
+
 def is_causal_lm(program) -> bool:
     """Whether a program's perplexity is measured (`compare_programs`) and `max_ppl_ratio` may gate it: it takes
     `input_ids` [batch, seq] and returns `logits` [batch, seq, vocab] over the same batch and sequence (a causal
@@ -196,9 +202,6 @@ def is_causal_lm(program) -> bool:
         return False
     ids_shape, logits_shape = ([str(d) for d in n.meta["val"].shape] for n in (ids, logits))
     return len(ids_shape) == 2 and len(logits_shape) == 3 and logits_shape[:2] == ids_shape
-
-
-PERPLEXITY_OUTPUT = "logits"  # the output whose metrics hold `perplexity`, `dense_perplexity` and `ppl_ratio`
 
 
 def compare_programs(
@@ -269,7 +272,6 @@ def describe_perplexity(metrics: Mapping[str, Mapping[str, float]] | None) -> st
 AGREEMENTS = ("cosine", "top1")  # bounded from below; every other metric is an error, bounded from above
 LOGITS_ONLY = ("top1", "kl")
 GATE_METRICS = ("cosine", "rel_l2", "max_abs", "mean_abs", "top1", "kl")  # what `compare_outputs` always reports
-PERPLEXITY_METRICS = ("perplexity", "dense_perplexity", "ppl_ratio")  # `compare_programs`, causal LMs only
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ The manager runs passes in stage order (`transform` before `lowering`, recipe or
 modifying pass it recompiles and prunes dead code and unused weights; then its *instruments* (`PassInstrument`,
 as in TVM) check and measure it: `VerifyInstrument` (`Program.verify`: lint, shape re-propagation, parameter
 bookkeeping; then the pass's `ensures`), `QualityInstrument` (outputs on held-out calibration data, which no pass
-sees, against the program as it was before the first pass, and the gates) and `TimingInstrument`; users add their own (e.g. one that
-dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
+sees, against the program as it was before the first pass, and the gates) and `TimingInstrument`; users add
+their own (e.g. one that dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
 instrument, is re-raised with its type kept and the pass named, with the passes before it
 (`after pass 'slice_neurons' (passes before it: drop_layers): shape propagation failed ...`), and the program
 is restored to what it was before that pass (`Program.snapshot` / `restore`): a failed gate leaves nothing
@@ -48,7 +48,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
-from sparsec.data.quality import QualityGates, compare_programs
+from sparsec.data.quality import QualityGates, compare_programs, describe_quality
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.ir.program import Program
 from sparsec.transform.options import as_dict, parse_section
@@ -350,6 +350,7 @@ class QualityInstrument(PassInstrument):
             raise QualityError(
                 "quality gate failed: "
                 + "; ".join(failures)
+                + f" (measured on {self.calibration.num_tokens()} tokens: {describe_quality(record.quality)})"
                 + ". Relax the recipe's `quality:` gates or make the pass less aggressive"
                 + (
                     " (these are the default gates of a recipe without a `quality:` section; "
@@ -387,15 +388,15 @@ class PassManager:
             caller set (not `QualityGates.default()`) with no data to measure on (no `holdout`, no
             `ctx.calibration`) are refused (`RecipeError`) before any pass runs; the default gates are then left
             unchecked, and every record says so (`PassRecord.unchecked`).
-        holdout: the calibration samples the quality checks run on (`CalibrationSplit.holdout`): no pass sees them
-            (`ctx.calibration` holds the others), so the gates judge the passes on data they did not decide on.
-            None: the checks run on `ctx.calibration`, the data the passes decided on.
         verify: verify the program after every modifying pass and check the pass's `ensures` (the
             `VerifyInstrument`; leave on, off only to profile).
         prepare: called right before each pass with the program as it is then; returns the pass to run (e.g.
             one repeating decisions made in another entry point) or None to skip it.
         instruments: extra `PassInstrument`s, outside the built-in ones: their `after_pass` sees the program
             verified and the record complete.
+        holdout: the calibration samples the quality checks run on (`CalibrationSplit.holdout`): no pass sees them
+            (`ctx.calibration` holds the others), so the gates judge the passes on data they did not decide on.
+            None: the checks run on `ctx.calibration`, the data the passes decided on.
 
     Example::
 

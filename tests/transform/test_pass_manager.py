@@ -334,7 +334,12 @@ def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
 
     before, outputs = _fingerprint(program), program.run(split.holdout.inputs)["logits"]
     gated = PassManager([_ScalesLogits(4.0)], gates=QualityGates(max_ppl_ratio=1.1), holdout=split.holdout)
-    with pytest.raises(QualityError, match=rf"quality gate failed: logits: ppl_ratio {ratio:.6g} > 1.1\."):
+    tokens = split.holdout.num_tokens()
+    with pytest.raises(
+        QualityError,
+        match=rf"quality gate failed: logits: ppl_ratio {ratio:.6g} > 1.1 \(measured on {tokens} tokens: logits cos "
+        rf".*; ppl .* x{ratio:.3f}\)\. Relax",
+    ):
         gated.run(program, ctx)
     _assert_same(program, before)
     torch.testing.assert_close(program.run(split.holdout.inputs)["logits"], outputs, rtol=0, atol=0)
