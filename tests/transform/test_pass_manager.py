@@ -338,7 +338,7 @@ def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
     with pytest.raises(
         QualityError,
         match=rf"quality gate failed: logits: ppl_ratio {ratio:.6g} > 1.1 \(measured on {tokens} tokens: logits cos "
-        rf".*; ppl .* x{ratio:.3f}\)\. Relax",
+        rf".*; ppl .* x{ratio:.3f}\)\)\. Relax",
     ):
         gated.run(program, ctx)
     _assert_same(program, before)
