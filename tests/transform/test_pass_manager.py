@@ -330,6 +330,8 @@ def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
     (ungated,) = PassManager([_ScalesLogits(4.0)], holdout=split.holdout).run(program, ctx)
     ratio = ungated.quality["logits"]["ppl_ratio"]
     assert ratio > 1.1  # what the gate below must refuse
+    logits = ungated.quality["logits"]
+    assert logits["top1"] == 1.0 and logits["cosine"] > 0.9999  # scaled logits: only the perplexity sees the change
     program.restore(dense)
 
     before, outputs = _fingerprint(program), program.run(split.holdout.inputs)["logits"]
