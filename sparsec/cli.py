@@ -79,6 +79,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _decisions(report: dict) -> str:
     """The gates, a table of the passes (parameters, quality, decision summary), then each pass's decisions."""
+    from sparsec.data.quality import describe_agreement, describe_perplexity
     from sparsec.transform.pass_manager import get_pass, table_lines
 
     lines = [_gates_line(report["quality_gates"])]
@@ -87,12 +88,14 @@ def _decisions(report: dict) -> str:
             lines.append(f"== entry point {entry}")
         if not program["passes"]:
             continue
+        lines.append(_calibration_line(program["calibration"]))
         lines += table_lines(
             [
                 {
                     "pass": p["name"],
                     "params before -> after": f"{p['parameters_before']:,} -> {p['parameters_after']:,}",
-                    "quality": _quality(p["quality"]),
+                    "quality": describe_agreement(p["quality"]),
+                    "perplexity": describe_perplexity(p["quality"]).removeprefix("ppl "),
                     "decided": ", ".join(f"{k} {v}" for k, v in p["stats"].items() if not isinstance(v, (dict, list))),
                 }
                 for p in program["passes"]
@@ -107,14 +110,6 @@ def _decisions(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _quality(metrics: dict | None) -> str:
-    """`logits cos 0.9912 top1 0.934` per output; empty when the pass changed nothing (no check ran)."""
-    return "; ".join(
-        f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
-        for o, m in (metrics or {}).items()
-    )
-
-
 def _gates_line(gates: dict) -> str:
     """The applied quality gates (report["quality_gates"]), loud when nothing was gated or checked."""
     if not gates["gated"]:
@@ -127,7 +122,21 @@ def _gates_line(gates: dict) -> str:
     line = f"gates      {gates['source']}: {bounds}"
     if not gates["checked"]:
         line += f" (NOT CHECKED: {gates['unchecked']})"
+    elif gates.get("measured_on") == "held_out":
+        line += ", on held-out calibration samples no pass saw"
+    elif gates.get("measured_on") == "decision":
+        line += ", on the samples the passes decided on (calibration.holdout: 0)"
     return "\n".join(textwrap.wrap(line, 100, subsequent_indent=" " * 11))
+
+
+def _calibration_line(calibration: dict) -> str:
+    """The calibration source and its split (`describe_split`): what the passes decided on, what the gates measured."""
+    from sparsec.data.calibration import describe_split
+
+    if "split" not in calibration:  # the model was not run (a weight-only lazy dry run)
+        return f"calibration {calibration['skipped']}"
+    line = f"calibration {calibration['source']}: {describe_split(calibration['split'])}"
+    return "\n".join(textwrap.wrap(line, 100, subsequent_indent=" " * 12))
 
 
 def _programs(report: dict) -> list[tuple[str, dict]]:
@@ -140,6 +149,8 @@ def _log(message: str) -> None:
 
 
 def _summary(report: dict) -> str:
+    from sparsec.data.quality import describe_quality
+
     lines = [
         f"model      {report['model']['source']} ({report['model']['family']}, {report['model']['class']})",
         _gates_line(report["quality_gates"]),
@@ -149,10 +160,10 @@ def _summary(report: dict) -> str:
             lines.append(f"entry      {entry}/")
         lines += [
             f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
-            f"calibration {program['calibration']['source']}",
+            _calibration_line(program["calibration"]),
         ]
         for p in program["passes"]:
-            quality = _quality(p["quality"])
+            quality = describe_quality(p["quality"])
             lines.append(
                 f"pass       {p['name']}: modified={p['modified']} params {p['parameters_before']:,} -> "
                 f"{p['parameters_after']:,}" + (f" ({quality})" if quality else "") + f", {p['seconds']:.2f}s"

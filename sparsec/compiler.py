@@ -25,11 +25,13 @@ from sparsec.capture import capture
 from sparsec.data.calibration import (
     TOKENIZER_DIR,
     check_calibration_file,
+    describe_split,
     embedding_sizes,
     load_calibration,
     tokenizer_files,
 )
 from sparsec.data.parity import ProgramReference
+from sparsec.data.quality import describe_quality
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import Target, available_targets, get_target
 from sparsec.families import entry_points, family_for_directory
@@ -117,8 +119,14 @@ def compile_model(
     quality are in the report) and writes nothing. Files and directories get the modes the umask allows.
 
     Quality gates (`recipe.quality`; a recipe without a `quality:` section gets `QualityGates.default()`) are checked
-    after every pass; `report["quality_gates"]` records them (`QualityGates.describe()`, with `checked`), and says
-    `gated: false` when nothing was gated (`quality: {gates: off}`).
+    after every pass, on the held-out calibration samples (`calibration.holdout`, a fifth by default,
+    `CalibrationSet.split`): the passes decide on the other samples and never see these. `report["quality_gates"]`
+    records the gates (`QualityGates.describe()`, with `checked`, and `measured_on`: `held_out`, or `decision` with
+    `calibration.holdout: 0`), and says `gated: false` when nothing was gated (`quality: {gates: off}`);
+    `report["calibration"]["split"]` has each side's samples and tokens (`CalibrationSplit.describe`). A causal LM's
+    passes report `perplexity`, `dense_perplexity` and `ppl_ratio` on the held-out samples; `max_ppl_ratio` on any
+    other program is refused after capture, before calibration (`QualityGates.check_program`). A synthetic
+    calibration set (no file) is split the same way.
 
     `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
     `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`), `aotinductor` (writes `model.pt2`, no ONNX file)),
@@ -322,6 +330,7 @@ class _Unit:
         self.calib = calib
         self.program = None
         self.calibration = None
+        self.split = None
         self.captured_parameters = 0
         self.report: dict[str, Any] = {}
 
@@ -330,6 +339,7 @@ class _Unit:
         example = self.entry.example_inputs(shape.batch, shape.seq)
         dynamic = self.entry.dynamic_dims if shape.dynamic else False
         self.program = capture(self.entry.module, example, dynamic=dynamic, family=self.entry.family, tags=recipe.tags)
+        recipe.quality.check_program(self.program)
         self.captured_parameters = self.program.num_parameters()
         self.report["capture"] = {
             "example_shapes": {k: list(v.shape) for k, v in example.items()},
@@ -339,8 +349,9 @@ class _Unit:
         }
 
     def load_calibration(self, loaded, recipe: Recipe, say: Callable[[str], None], onload: bool = False) -> None:
-        """The program's calibration set; layer-sequential with `calibration.sequential`, or `onload` (weights read
-        lazily: each block's are read when it runs, `Program.run_segmented`)."""
+        """The program's calibration set, split into the samples the passes decide on and those the gates measure on
+        (`calibration.holdout`); layer-sequential with `calibration.sequential`, or `onload` (weights read lazily:
+        each block's are read when it runs, `Program.run_segmented`)."""
         cal = recipe.calibration
         self.calibration = load_calibration(
             self.calib,
@@ -354,6 +365,7 @@ class _Unit:
         )
         if cal.sequential or onload:
             self.calibration.cuts = block_boundaries
+        self.split = self.calibration.split(cal.holdout, cal.seed)
         label = f"[sparsec] calibration{f' ({self.name})' if recipe.entry_points else ''}"
         if self.calibration.synthetic:
             say(
@@ -362,7 +374,8 @@ class _Unit:
             )
         else:
             say(f"{label}: {len(self.calibration)} samples from {self.calibration.source}")
-        self.report["calibration"] = self.calibration.describe()
+        say(f"{label}: {describe_split(self.split.describe())}")
+        self.report["calibration"] = {**self.calibration.describe(), "split": self.split.describe()}
 
     def run_passes(
         self,
@@ -392,10 +405,15 @@ class _Unit:
             ran.append((p, targets))
             return run
 
-        ctx = PassContext(calibration=self.calibration, seed=recipe.calibration.seed, progress=progress)
+        split = self.split
+        ctx = PassContext(calibration=split and split.decision, seed=recipe.calibration.seed, progress=progress)
         label = f" ({self.name})" if recipe.entry_points else ""
         records = PassManager(
-            recipe.passes, gates=recipe.quality, prepare=prepare, instruments=[_PassProgress(say, label)]
+            recipe.passes,
+            gates=recipe.quality,
+            prepare=prepare,
+            instruments=[_PassProgress(say, label)],
+            holdout=split and split.holdout,
         ).run(self.program, ctx)
         for (p, targets), record in zip(ran, records):
             if targets:
@@ -512,7 +530,7 @@ class _PassProgress(PassInstrument):
 
     def after_pass(self, p: Pass, program, ctx: PassContext, result, record) -> None:
         release_freed_memory()  # the weights the pass dropped or replaced (and its snapshot of them)
-        q = "; ".join(f"{o} cos {m['cosine']:.4f}" for o, m in (record.quality or {}).items())
+        q = describe_quality(record.quality)
         self.say(
             f"[sparsec]   {record.name}{self.label}: params {record.parameters_before:,} -> "
             f"{record.parameters_after:,}" + (f" ({q})" if q else "") + f", {record.seconds:.1f}s"
@@ -548,13 +566,17 @@ def _runs_model(recipe: Recipe, dry_run: bool) -> bool:
 
 
 def _gates_report(recipe: Recipe, unrun: bool) -> dict[str, Any]:
-    """`QualityGates.describe()`, with `checked: false` and why when the model never ran (a weight-only lazy dry run)."""
+    """`QualityGates.describe()`, with `checked: false` and why when the model never ran (a weight-only lazy dry run),
+    and `measured_on` when it ran: `held_out` (the calibration samples no pass saw) or `decision` (`calibration.holdout:
+    0`: the samples the passes decided on)."""
     gates = recipe.quality.describe()
     if unrun and gates["gated"]:
         gates["checked"] = False
         gates["unchecked"] = "weights read lazily: the model was not run, so these gates could not be checked"
     else:
         gates["checked"] = gates["gated"]
+    if not unrun:
+        gates["measured_on"] = "held_out" if recipe.calibration.holdout else "decision"
     return gates
 
 

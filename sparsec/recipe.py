@@ -5,10 +5,12 @@ passes:                      # ordered; each item is {pass_name: {options}}
   - my_pass: {threshold: 0.5}
 model:     {dtype: auto, device: cpu}                 # the checkpoint's dtype; cpu or cuda[:N]
 capture:   {batch: 2, seq: 16, dynamic: true}
-calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0}
-quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass, and per
-            outputs: {logits: {kl: 0.05}}}               #   output glob: Bounds as in export.parity;
-                                                         #   none: DEFAULT_GATES; {gates: off}: ungated
+calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0,
+              holdout: 0.2}                              # a fifth held out for the gates, never seen by a pass
+quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass (on the held-out
+            max_ppl_ratio: 1.10,                         #   samples), perplexity over the dense one's (causal
+            outputs: {logits: {kl: 0.05}}}               #   LMs), and per output glob: Bounds as in
+                                                         #   export.parity; none: DEFAULT_GATES; {gates: off}
 export:    {onnx: true, pt2: true, opset: 18, external_data: auto, precision: fp32,
             parity: {samples: 8, percentiles: [50, 99], tolerances: {logits: {cosine: 0.9999, p99_abs: 0.01}}}}
 tags:      [{glob: "model.layers.*", tag: generation}]   # put in front of the family's defaults
@@ -75,6 +77,12 @@ class CalibrationOptions:
     in memory both hold about the same (one batch's activations, against the block-boundary values of all
     batches plus one batch's activations within a block; measured equal at 0.5B), so it pays off only once a
     block's weights are loaded for it alone, and `auto` is to be decided then from the weights that do not fit.
+
+    `holdout`: the fraction of the calibration samples held out for the quality gates (`CalibrationSet.split`: whole
+    samples, rounded to the nearest and at least one, chosen by `seed`); the passes decide on the rest and never see
+    them, so the gates measure how a compression does on data it was not chosen for. In [0, 1); 0 gates on the
+    samples the passes decided on. A synthetic set (no file) is split the same way; a set too small to leave a
+    sample on each side is refused, naming this option.
     """
 
     file: str | None = None
@@ -84,11 +92,17 @@ class CalibrationOptions:
     batch_size: int = 8
     seed: int = 0
     sequential: bool = False
+    holdout: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(
+                f"holdout: must be in [0, 1) (the fraction of calibration samples held out for the quality gates; "
+                f"0 holds out none), got {self.holdout}"
+            )
 
 
 @dataclass
@@ -241,8 +255,8 @@ def _parse_quality(data: Any) -> QualityGates:
     gates = parse_section(QualityGates, data, "quality")
     if gates.gates and not gates.bounds_set():
         raise RecipeError(
-            "quality: sets no bound; name the gates (min_cosine, min_top1, max_rel_l2, max_kl, outputs), leave the "
-            "section out for the defaults, or write `quality: {gates: off}` to compile ungated"
+            "quality: sets no bound; name the gates (min_cosine, min_top1, max_rel_l2, max_kl, max_ppl_ratio, "
+            "outputs), leave the section out for the defaults, or write `quality: {gates: off}` to compile ungated"
         )
     return gates
 

@@ -8,6 +8,10 @@ Calibration inputs come from (in this order of preference):
 - otherwise a synthetic set of random inputs, announced as such: fine for checking that rewrites are
   exact, meaningless for choosing what to prune.
 
+A compile splits the set by whole samples (`CalibrationSet.split`, the recipe's `calibration.holdout`): the
+passes and their statistics get the decision samples, the quality gates measure on the held-out ones, so a
+compression is judged on data it was not chosen for.
+
 Statistics are collected at graph nodes by running the program once over the set (`StatisticsCache`):
 passes ask for all the nodes they need in one call, and results are cached until the graph changes.
 Only valid tokens (where `attention_mask` is 1) count.
@@ -103,12 +107,46 @@ class CalibrationSet:
 
     def head(self, samples: int) -> CalibrationSet:
         """The first `samples` samples, same source and batch size (what backend parity runs)."""
-        return CalibrationSet(
-            {k: v[:samples] for k, v in self.inputs.items()},
-            self.source,
-            batch_size=self.batch_size,
-            synthetic=self.synthetic,
-            cuts=self.cuts,
+        return self._with_inputs({k: v[:samples] for k, v in self.inputs.items()})
+
+    def _with_inputs(self, inputs: dict[str, torch.Tensor]) -> CalibrationSet:
+        """A set of `inputs` (some of this set's samples) with this set's source, batch size and cuts."""
+        return CalibrationSet(inputs, self.source, batch_size=self.batch_size, synthetic=self.synthetic, cuts=self.cuts)
+
+    def split(self, holdout: float, seed: int) -> CalibrationSplit:
+        """Hold out a fraction of the samples for the quality gates (`CalibrationSplit`); the rest decide.
+
+        By whole samples: `holdout` x samples, rounded to the nearest, at least one, chosen by a permutation seeded
+        with `seed` (the same set and seed hold out the same samples), each side kept in the set's order.
+        `holdout` 0 holds out nothing. `CalibrationError` naming `calibration.holdout` when a side would be empty
+        (a set of one sample, or a fraction that leaves nothing to decide on).
+
+        Example:
+            >>> calib = CalibrationSet({"input_ids": torch.arange(10).view(10, 1)}, source="ids")
+            >>> split = calib.split(0.2, seed=0)
+            >>> len(split.decision), len(split.holdout)
+            (8, 2)
+        """
+        if not 0.0 <= holdout < 1.0:
+            raise CalibrationError(f"calibration.holdout: must be in [0, 1), got {holdout}")
+        samples = len(self)
+        if holdout == 0.0:
+            return CalibrationSplit(self, None, 0.0)
+        held = max(1, int(holdout * samples + 0.5))
+        if held >= samples:
+            raise CalibrationError(
+                f"calibration.holdout: {holdout:g} of {self.source}'s {samples} sample(s) leaves "
+                f"{samples - held} for the passes to decide on; the split needs at least one sample on each side: "
+                "use more calibration samples (calibration.samples, or a larger file), or `calibration.holdout: 0` "
+                "to gate on the samples the passes decide on"
+            )
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+        kept = order[held:].sort().values
+        held_out = order[:held].sort().values
+        return CalibrationSplit(
+            self._with_inputs({k: v[kept] for k, v in self.inputs.items()}),
+            self._with_inputs({k: v[held_out] for k, v in self.inputs.items()}),
+            holdout,
         )
 
     @property
@@ -189,6 +227,49 @@ class CalibrationSet:
     def reference_outputs(self, program, progress: bool = False) -> list[dict[str, torch.Tensor]]:
         """The program's outputs on every batch (the reference later quality checks compare against)."""
         return [outputs for _, outputs in self.run(program, progress=progress, desc="reference outputs")]
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """A calibration set split by whole samples (`CalibrationSet.split`).
+
+    `decision`: what the passes see (`PassContext.calibration`, their statistics); `holdout`: the samples the quality
+    gates measure on (`PassManager(holdout=...)`), which no pass ever sees, or None when `fraction` is 0 and the
+    gates measure on `decision`. Gates on held-out samples judge a compression on data it was not chosen for.
+    """
+
+    decision: CalibrationSet
+    holdout: CalibrationSet | None
+    fraction: float
+
+    def describe(self) -> dict:
+        """What the report records: the fraction held out and each side's samples and valid tokens.
+
+        Example:
+            >>> calib = CalibrationSet({"input_ids": torch.zeros(5, 4, dtype=torch.long)}, source="ids")
+            >>> calib.split(0.2, seed=0).describe()
+            {'holdout': 0.2, 'decision': {'samples': 4, 'tokens': 16}, 'held_out': {'samples': 1, 'tokens': 4}}
+        """
+        sides = {"decision": self.decision, "held_out": self.holdout}
+        return {
+            "holdout": self.fraction,
+            **{k: None if s is None else {"samples": len(s), "tokens": s.num_tokens()} for k, s in sides.items()},
+        }
+
+
+def describe_split(split: Mapping[str, Any]) -> str:
+    """A `CalibrationSplit.describe()` in words, for the compile's log and summary.
+
+    Example:
+        >>> describe_split({"holdout": 0.2, "decision": {"samples": 13, "tokens": 312},
+        ...                 "held_out": {"samples": 3, "tokens": 72}})
+        'passes decide on 13 samples (312 tokens); quality measured on 3 held-out samples (72 tokens)'
+    """
+    decision, held = split["decision"], split["held_out"]
+    passes = f"passes decide on {decision['samples']} samples ({decision['tokens']} tokens)"
+    if held is None:
+        return f"{passes}; quality measured on the same samples (calibration.holdout: 0)"
+    return f"{passes}; quality measured on {held['samples']} held-out samples ({held['tokens']} tokens)"
 
 
 TENSOR_SUFFIXES = (".safetensors", ".npz")

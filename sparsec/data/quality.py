@@ -6,6 +6,9 @@ Metrics per output, over valid tokens only (attention_mask == 1), each a vector 
 - `max_abs`, `mean_abs`: absolute error;
 - for logits (outputs named `*logits*`): `top1` agreement of the argmax and `kl`, the mean
   KL(softmax(ref) || softmax(cand)) per token;
+- for a causal language model's `logits` (`compare_programs`, `is_causal_lm`): `perplexity`, `dense_perplexity`
+  (the reference's) and `ppl_ratio`, from the next-token loss over valid tokens
+  (`sparsec.data.language_model.next_token_loss`);
 - with `percentiles` (backend parity, `sparsec.data.parity`): the error distribution over valid entries,
   `p{q}_abs` of |cand - ref| and `max_rel`, `mean_rel`, `p{q}_rel` of the relative error
   |cand - ref| / max(|ref|, 1e-3 * rms(ref_token)) (the floor, relative to each token's RMS, keeps entries
@@ -24,6 +27,7 @@ them. Token vectors equal on both sides (all zeros, e.g. a padding embedding's l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.data.calibration import CalibrationSet
-from sparsec.errors import SparsecError
+from sparsec.data.language_model import NextTokenLoss, next_token_loss
+from sparsec.errors import RecipeError, SparsecError
 from sparsec.ir.paths import glob_match
 
 PERCENTILE_SAMPLES = 1 << 22
@@ -181,13 +186,87 @@ def compare_outputs(
     return {name: c.result() for name, c in comps.items()}
 
 
+PERPLEXITY_OUTPUT = "logits"  # the output whose metrics hold `perplexity`, `dense_perplexity` and `ppl_ratio`
+
+
+def is_causal_lm(program) -> bool:
+    """Whether a program's perplexity is measured (`compare_programs`) and `max_ppl_ratio` may gate it: it takes
+    `input_ids` [batch, seq] and returns `logits` [batch, seq, vocab] over the same batch and sequence (a causal
+    language model's next-token logits; not, e.g., Janus' image-token logits for a generation step)."""
+    if "input_ids" not in program.input_names or PERPLEXITY_OUTPUT not in program.output_names:
+        return False
+    user_outputs = dict(zip(program.output_names, program.exported.graph_signature.user_outputs))
+    nodes = {n.name: n for n in program.graph.nodes if n.op in ("placeholder", "call_function")}
+    ids, logits = (nodes.get(name) for name in ("input_ids", user_outputs[PERPLEXITY_OUTPUT]))
+    if ids is None or logits is None or "val" not in ids.meta or "val" not in logits.meta:
+        return False
+    ids_shape, logits_shape = ([str(d) for d in n.meta["val"].shape] for n in (ids, logits))
+    return len(ids_shape) == 2 and len(logits_shape) == 3 and logits_shape[:2] == ids_shape
+
+
 def compare_programs(
     program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]], progress: bool = False
 ) -> dict[str, dict[str, float]]:
     """Run `program` over the calibration set (`CalibrationSet.run`: whole-model or layer-sequential) and compare
-    with the reference outputs of each batch, one batch's outputs at a time."""
-    runs = calibration.run(program, progress=progress, desc="quality check")
-    return compare_outputs((ref, outputs, CalibrationSet.valid_mask(b)) for ref, (b, outputs) in zip(reference, runs))
+    with the reference outputs of each batch, one batch's outputs at a time.
+
+    For a causal language model (`is_causal_lm`) the `logits` metrics also hold `perplexity` (the program's),
+    `dense_perplexity` (the reference's) and their ratio `ppl_ratio`, from the next-token loss over valid tokens
+    (`sparsec.data.language_model.next_token_loss`) on the same batches."""
+    lm = is_causal_lm(program)
+    losses = [NextTokenLoss(), NextTokenLoss()]  # the reference's, the program's
+
+    def pairs():
+        for ref, (batch, outputs) in zip(reference, calibration.run(program, progress=progress, desc="quality check")):
+            mask = CalibrationSet.valid_mask(batch)
+            if lm:
+                for i, logits in enumerate((ref[PERPLEXITY_OUTPUT], outputs[PERPLEXITY_OUTPUT])):
+                    losses[i] += next_token_loss(logits, batch["input_ids"], mask)
+            yield ref, outputs, mask
+
+    metrics = compare_outputs(pairs())
+    if lm:
+        dense, compressed = losses
+        metrics[PERPLEXITY_OUTPUT].update(
+            perplexity=_exp(compressed.mean),
+            dense_perplexity=_exp(dense.mean),
+            ppl_ratio=_exp(compressed.mean - dense.mean),
+        )
+    return metrics
+
+
+def _exp(x: float) -> float:
+    """e**x, inf past float range (a broken program's loss), NaN for NaN (nothing predicted: NaN fails every gate)."""
+    return math.exp(x) if x < 709.0 else x if x != x else math.inf
+
+
+def describe_quality(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
+    """One pass's quality in a line: its agreement (`describe_agreement`), then its perplexity where it has one
+    (`describe_perplexity`); empty when the pass changed nothing (no check ran).
+
+    Example:
+        >>> describe_quality({"logits": {"cosine": 0.99, "top1": 0.9, "perplexity": 31.0, "dense_perplexity": 30.0,
+        ...                              "ppl_ratio": 1.0333}})
+        'logits cos 0.9900 top1 0.900; ppl 31 (dense 30, x1.033)'
+    """
+    return "; ".join(part for part in (describe_agreement(metrics), describe_perplexity(metrics)) if part)
+
+
+def describe_agreement(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
+    """`logits cos 0.9912 top1 0.934` per output."""
+    return "; ".join(
+        f"{o} cos {m['cosine']:.4f}" + (f" top1 {m['top1']:.3f}" if "top1" in m else "")
+        for o, m in (metrics or {}).items()
+    )
+
+
+def describe_perplexity(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
+    """`ppl 31 (dense 30, x1.033)`: the program's perplexity, the dense program's and their ratio (`compare_programs`);
+    empty for a program that has none."""
+    m = (metrics or {}).get(PERPLEXITY_OUTPUT, {})
+    if "ppl_ratio" not in m:
+        return ""
+    return f"ppl {m['perplexity']:.4g} (dense {m['dense_perplexity']:.4g}, x{m['ppl_ratio']:.3f})"
 
 
 AGREEMENTS = ("cosine", "top1")  # bounded from below; every other metric is an error, bounded from above
@@ -293,10 +372,14 @@ class QualityGates:
 
     `min_cosine`, `max_rel_l2`, `min_top1`, `max_kl` bound every output that has the metric (top1 and kl: the
     logits); `outputs` adds bounds per output name or glob in the `Bounds` form, e.g.
-    `quality: {min_cosine: 0.98, outputs: {logits: {top1: 0.9, cosine: null}}}`. A section states the gates in
-    full (what it does not bound is not gated); a recipe without one gets `QualityGates.default()`
-    (`DEFAULT_GATES`). `gates: false` (`quality: {gates: off}` in YAML) turns gating off: metrics are still
-    measured and reported, the compile says that nothing was gated.
+    `quality: {min_cosine: 0.98, outputs: {logits: {top1: 0.9, cosine: null}}}`. `max_ppl_ratio` bounds the
+    program's perplexity over the dense program's (`ppl_ratio` of `compare_programs`, e.g. 1.10: at most 10%
+    higher); only a causal language model has one (`is_causal_lm`), and `check_program` refuses the bound on any
+    other program. A section states the gates in full (what it does not bound is not gated); a recipe without one
+    gets `QualityGates.default()` (`DEFAULT_GATES`). `gates: false` (`quality: {gates: off}` in YAML) turns gating
+    off: metrics are still measured and reported, the compile says that nothing was gated.
+
+    The compile measures the gates on the held-out calibration samples (`CalibrationSet.split`), which no pass sees.
 
     Example:
         >>> QualityGates(min_cosine=0.99, min_top1=0.9).failures({"logits": {"cosine": 0.95, "top1": 0.97}})
@@ -308,6 +391,7 @@ class QualityGates:
     max_rel_l2: float | None = None
     min_top1: float | None = None
     max_kl: float | None = None
+    max_ppl_ratio: float | None = None
     outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
     is_default: bool = field(default=False, init=False)  # from DEFAULT_GATES, not the recipe (see `default`)
 
@@ -327,6 +411,11 @@ class QualityGates:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1.0:
+            raise ValueError(
+                f"max_ppl_ratio: must be >= 1 (the compressed program's perplexity over the dense one's; 1.10 allows "
+                f"10% more), got {self.max_ppl_ratio}"
+            )
         Bounds(self.outputs, label="outputs")  # its ValueErrors name the key
         if not self.gates and self.bounds_set():
             raise ValueError("gates: off, yet bounds are set; remove them, or remove `gates: off` to gate by them")
@@ -334,11 +423,23 @@ class QualityGates:
     def bounds_set(self) -> bool:
         """Whether any bound is set (with `gates` on, the compile is gated)."""
         return bool(self.outputs) or any(
-            v is not None for v in (self.min_cosine, self.max_rel_l2, self.min_top1, self.max_kl)
+            v is not None for v in (self.min_cosine, self.max_rel_l2, self.min_top1, self.max_kl, self.max_ppl_ratio)
         )
 
+    def check_program(self, program) -> None:
+        """`RecipeError` when `max_ppl_ratio` bounds a program that has no perplexity (not `is_causal_lm`): asked
+        before any work, so a recipe cannot gate on a metric its program never reports."""
+        if self.gates and self.max_ppl_ratio is not None and not is_causal_lm(program):
+            raise RecipeError(
+                f"quality.max_ppl_ratio: perplexity needs a causal language model, a program taking `input_ids` "
+                f"[batch, seq] and returning `{PERPLEXITY_OUTPUT}` [batch, seq, vocab]; this one takes "
+                f"{program.input_names} and returns {program.output_names}. Gate it with min_cosine / max_rel_l2 / "
+                "outputs instead"
+            )
+
     def bounds(self) -> Bounds:
-        """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`; none when off."""
+        """The gates as `Bounds`: the four global gates for every output (`*`), then `outputs`, then `max_ppl_ratio`
+        on `logits` (`ppl_ratio`); none when off."""
         if not self.gates:
             return Bounds({}, label="quality.outputs")
         every = {
@@ -353,7 +454,9 @@ class QualityGates:
         }
         every.update(self.outputs.get("*", {}))
         entries = {**({"*": every} if every else {}), **{k: v for k, v in self.outputs.items() if k != "*"}}
-        return Bounds(entries, label="quality.outputs")
+        if self.max_ppl_ratio is not None:
+            entries[PERPLEXITY_OUTPUT] = {**entries.get(PERPLEXITY_OUTPUT, {}), "ppl_ratio": self.max_ppl_ratio}
+        return Bounds(entries, (*GATE_METRICS, "ppl_ratio"), label="quality.outputs")
 
     def describe(self) -> dict:
         """What the report records: `source` (`default`, `recipe` or `off`) and the bounds per output glob

@@ -14,9 +14,9 @@ A pass is a small object in the style of torch.fx's pass infrastructure:
 The manager runs passes in stage order (`transform` before `lowering`, recipe order within a stage). After each
 modifying pass it recompiles and prunes dead code and unused weights; then its *instruments* (`PassInstrument`,
 as in TVM) check and measure it: `VerifyInstrument` (`Program.verify`: lint, shape re-propagation, parameter
-bookkeeping; then the pass's `ensures`), `QualityInstrument` (outputs on calibration data against the program
-as it was before the first pass, and the gates) and `TimingInstrument`; users add their own (e.g. one that
-dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
+bookkeeping; then the pass's `ensures`), `QualityInstrument` (outputs on held-out calibration data, which no pass
+sees, against the program as it was before the first pass, and the gates) and `TimingInstrument`; users add
+their own (e.g. one that dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
 instrument, is re-raised with its type kept and the pass named, with the passes before it
 (`after pass 'slice_neurons' (passes before it: drop_layers): shape propagation failed ...`), and the program
 is restored to what it was before that pass (`Program.snapshot` / `restore`): a failed gate leaves nothing
@@ -48,7 +48,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
-from sparsec.data.quality import QualityGates, compare_programs
+from sparsec.data.quality import QualityGates, compare_programs, describe_quality
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.ir.program import Program
 from sparsec.transform.options import as_dict, parse_section
@@ -77,7 +77,9 @@ class PassContext:
     """What passes share: calibration data, cached activation statistics, and a seed.
 
     Attributes:
-        calibration: the calibration set, or None when the pipeline runs without data.
+        calibration: the calibration samples the passes decide on, or None when the pipeline runs without data.
+            In a compile, the held-out samples the quality gates measure on are never here
+            (`CalibrationSet.split`, `PassManager(holdout=...)`).
         statistics: per-node activation statistics, collected in one forward pass per request batch.
         seed: for passes with randomness.
     """
@@ -282,6 +284,7 @@ class PassRecord:
     decisions: Any
     quality: dict[str, dict[str, float]] | None
     seconds: float
+    unchecked: str | None = None  # why the gates were not checked after this modifying pass (no data to run on)
 
 
 # ----- instruments ----------------------------------------------------------------------------------------
@@ -328,8 +331,10 @@ class TimingInstrument(PassInstrument):
 
 
 class QualityInstrument(PassInstrument):
-    """After every modifying pass, compares the outputs on the calibration set with `reference` (the program's
-    outputs before the first pass) into `record.quality`, and raises `QualityError` when `gates` fail."""
+    """After every modifying pass, compares the outputs on `calibration` (the held-out samples, or the passes' own
+    data without a split) with `reference` (the program's outputs on it before the first pass) into
+    `record.quality` (`compare_programs`: agreement metrics, and perplexity for a causal LM), and raises
+    `QualityError` when `gates` fail."""
 
     def __init__(self, calibration: CalibrationSet, reference: Sequence[dict], gates: QualityGates | None) -> None:
         self.calibration = calibration
@@ -345,6 +350,7 @@ class QualityInstrument(PassInstrument):
             raise QualityError(
                 "quality gate failed: "
                 + "; ".join(failures)
+                + f" (measured on {self.calibration.num_tokens()} tokens: {describe_quality(record.quality)})"
                 + ". Relax the recipe's `quality:` gates or make the pass less aggressive"
                 + (
                     " (these are the default gates of a recipe without a `quality:` section; "
@@ -353,6 +359,14 @@ class QualityInstrument(PassInstrument):
                     else "."
                 )
             )
+
+
+class _Unchecked(PassInstrument):
+    """Says on every modifying pass's record that the (default) gates were not checked: there was no data."""
+
+    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
+        if result.modified:
+            record.unchecked = "no calibration data: the default quality gates were not checked"
 
 
 class VerifyInstrument(PassInstrument):
@@ -370,18 +384,25 @@ class PassManager:
 
     Args:
         passes: pass instances; stably sorted by stage (`transform`, then `lowering`).
-        gates: quality thresholds checked after every pass (None: metrics are reported, nothing gated).
+        gates: quality thresholds checked after every pass (None: metrics are reported, nothing gated). Gates the
+            caller set (not `QualityGates.default()`) with no data to measure on (no `holdout`, no
+            `ctx.calibration`) are refused (`RecipeError`) before any pass runs; the default gates are then left
+            unchecked, and every record says so (`PassRecord.unchecked`).
         verify: verify the program after every modifying pass and check the pass's `ensures` (the
             `VerifyInstrument`; leave on, off only to profile).
         prepare: called right before each pass with the program as it is then; returns the pass to run (e.g.
             one repeating decisions made in another entry point) or None to skip it.
         instruments: extra `PassInstrument`s, outside the built-in ones: their `after_pass` sees the program
             verified and the record complete.
+        holdout: the calibration samples the quality checks run on (`CalibrationSplit.holdout`): no pass sees them
+            (`ctx.calibration` holds the others), so the gates judge the passes on data they did not decide on.
+            None: the checks run on `ctx.calibration`, the data the passes decided on.
 
     Example::
 
-        manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99), instruments=[DumpGraph("dumps")])
-        records = manager.run(program, PassContext(calibration=calib))
+        split = calib.split(0.2, seed=0)
+        manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99), holdout=split.holdout)
+        records = manager.run(program, PassContext(calibration=split.decision))
     """
 
     def __init__(
@@ -391,10 +412,12 @@ class PassManager:
         verify: bool = True,
         prepare: Callable[[Pass, Program], Pass | None] | None = None,
         instruments: Iterable[PassInstrument] = (),
+        holdout: CalibrationSet | None = None,
     ) -> None:
         passes = list(passes)
         self.passes: list[Pass] = sorted(passes, key=lambda p: STAGES.index(p.stage))
         self.gates = gates
+        self.holdout = holdout
         self.verify = verify
         self.prepare = prepare
         self.instruments = list(instruments)
@@ -402,12 +425,23 @@ class PassManager:
     def run(self, program: Program, ctx: PassContext | None = None) -> list[PassRecord]:
         """Run every pass on `program` in place; return their records. Raises what a pass raised, naming it."""
         ctx = ctx or PassContext()
+        measured_on = self.holdout if self.holdout is not None else ctx.calibration
+        gated = self.gates is not None and self.gates.gates and self.gates.bounds_set()
+        if gated:
+            self.gates.check_program(program)
+            if measured_on is None and not self.gates.is_default:
+                raise RecipeError(
+                    "quality gates are set, and there is no calibration data to check them on; give calibration "
+                    "data (PassContext(calibration=...), or the compile's calibration) or drop the gates"
+                )
         if ctx.calibration is not None and ctx.statistics is None:
             ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
         instruments = [*self.instruments, TimingInstrument()]
-        if ctx.calibration is not None and self.passes:
-            reference = ctx.calibration.reference_outputs(program, progress=ctx.progress)
-            instruments.append(QualityInstrument(ctx.calibration, reference, self.gates))
+        if measured_on is not None and self.passes:
+            reference = measured_on.reference_outputs(program, progress=ctx.progress)
+            instruments.append(QualityInstrument(measured_on, reference, self.gates))
+        elif gated:
+            instruments.append(_Unchecked())
         if self.verify:
             instruments.append(VerifyInstrument())
         records: list[PassRecord] = []

@@ -156,3 +156,19 @@ def test_one_rule_says_whether_a_directory_holds_a_tokenizer(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("")
     assert tokenizer_files(tmp_path) == ["config.json", "vocab.json", "merges.txt"]
+
+
+def test_max_ppl_ratio_is_a_bound_on_the_logits_ppl_ratio_beside_the_agreement_gates():
+    gates = QualityGates(min_cosine=0.99, max_ppl_ratio=1.1, outputs={"logits": {"kl": 0.5}})
+    assert gates.describe()["bounds"] == {"*": {"cosine": 0.99}, "logits": {"kl": 0.5, "ppl_ratio": 1.1}}
+    metrics = {"logits": {"cosine": 0.995, "kl": 0.1, "ppl_ratio": 1.2}, "hidden": {"cosine": 0.999}}
+    assert gates.failures(metrics) == ["logits: ppl_ratio 1.2 > 1.1"]
+    assert gates.failures({**metrics, "logits": {**metrics["logits"], "ppl_ratio": 1.1}}) == []
+    assert gates.failures({**metrics, "logits": {**metrics["logits"], "ppl_ratio": float("nan")}}) == [
+        "logits: ppl_ratio nan > 1.1"
+    ]
+    assert QualityGates(max_ppl_ratio=1.05).bounds_set()
+    with pytest.raises(ValueError, match="max_ppl_ratio: must be >= 1"):
+        QualityGates(max_ppl_ratio=0.95)
+    with pytest.raises(ValueError, match="gates: off, yet bounds are set"):
+        QualityGates(gates=False, max_ppl_ratio=1.1)

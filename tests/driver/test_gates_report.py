@@ -70,9 +70,28 @@ def ungated(tmp_path_factory):
 @pytest.mark.slow
 def test_gates_off_compiles_and_says_nothing_was_gated(ungated):
     _, summary, report, _ = ungated
-    assert report["quality_gates"] == {"source": "off", "gated": False, "bounds": {}, "checked": False}
+    assert report["quality_gates"] == {
+        "source": "off",
+        "gated": False,
+        "bounds": {},
+        "checked": False,
+        "measured_on": "held_out",
+    }
     assert "gates      NONE: nothing was gated (quality: {gates: off})" in summary
     assert all(p["quality"]["logits"]["cosine"] < 0.99 for p in report["passes"])  # measured, not gated
+    split = report["calibration"]["split"]  # 16 synthetic samples of 32 tokens (the defaults), a fifth held out
+    assert split == {
+        "holdout": 0.2,
+        "decision": {"samples": 13, "tokens": 416},
+        "held_out": {"samples": 3, "tokens": 96},
+    }
+    assert "passes decide on 13 samples (416 tokens); quality measured on 3 held-out samples (96 tokens)" in " ".join(
+        summary.split()
+    )
+    for p in report["passes"]:
+        logits = p["quality"]["logits"]
+        assert logits["ppl_ratio"] == pytest.approx(logits["perplexity"] / logits["dense_perplexity"], rel=1e-12)
+        assert f"ppl {logits['perplexity']:.4g} (dense {logits['dense_perplexity']:.4g}" in summary
 
 
 @pytest.mark.slow
@@ -114,8 +133,13 @@ def test_dry_run_prints_tables_within_100_columns_and_logs_no_carriage_returns(t
     lines = done.stdout.splitlines()
     assert max(map(len, lines)) <= 100
     assert lines[0].startswith("gates      NONE: nothing was gated")
-    assert lines[1].split() == ["pass", "params", "before", "->", "after", "quality"]
-    assert lines[2].split()[:4] == ["drop_layers", "181,312", "->", "144,192"]
+    assert lines[1].startswith("calibration synthetic random inputs")
+    header = next(i for i, line in enumerate(lines) if line.startswith("pass "))
+    assert " ".join(lines[1:header]).split()[-6:] == ["on", "3", "held-out", "samples", "(96", "tokens)"]
+    assert lines[header].split() == ["pass", "params", "before", "->", "after", "quality", "perplexity"]
+    assert lines[header + 1].split()[:4] == ["drop_layers", "181,312", "->", "144,192"]
+    dense = [line.split()[-3:-1] for line in lines[header + 1 : header + 3]]  # ["(dense", "264.7,"] per pass
+    assert dense[0] == dense[1] and dense[0][0] == "(dense"  # one dense program, one held-out split
 
 
 class _Terminal(io.StringIO):

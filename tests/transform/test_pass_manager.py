@@ -300,3 +300,108 @@ def test_wide_tables_wrap_into_column_groups_that_repeat_the_name():
     assert lines[0].split()[0] == lines[4].split()[0] == "path" and lines[7].split()[0] == "model.layers.2.mlp"
     cells = {h: v for block in (lines[:4], lines[4:]) for h, v in zip(block[0].split(), block[3].split())}
     assert cells == {"path": "model.layers.2.mlp", **{f"metric_{j}": str(2000 + j) for j in range(12)}}
+
+
+class _ScalesLogits(Pass):
+    """Multiplies the final norm's weight, so the logits by the same factor (no bias after it): above 1 a random
+    model's wrong guesses get surer, and its perplexity rises."""
+
+    name = "scales_logits"
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def run(self, program, ctx, plan):
+        program.replace_state("model.norm.weight", program.state_tensor("model.norm.weight") * self.factor)
+        return PassResult(modified=True)
+
+
+def _lm_split():
+    model, program = _fresh()
+    inputs = make_inputs(model, 6, 10, seed=3, pad_left=3)
+    return program, CalibrationSet(inputs, source="test", batch_size=4).split(0.5, seed=0)
+
+
+def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
+    program, split = _lm_split()
+    ctx = PassContext(calibration=split.decision, progress=False)
+    dense = program.snapshot()
+    (ungated,) = PassManager([_ScalesLogits(4.0)], holdout=split.holdout).run(program, ctx)
+    ratio = ungated.quality["logits"]["ppl_ratio"]
+    assert ratio > 1.1  # what the gate below must refuse
+    logits = ungated.quality["logits"]
+    assert logits["top1"] == 1.0 and logits["cosine"] > 0.9999  # scaled logits: only the perplexity sees the change
+    program.restore(dense)
+
+    before, outputs = _fingerprint(program), program.run(split.holdout.inputs)["logits"]
+    gated = PassManager([_ScalesLogits(4.0)], gates=QualityGates(max_ppl_ratio=1.1), holdout=split.holdout)
+    tokens = split.holdout.num_tokens()
+    with pytest.raises(
+        QualityError,
+        match=rf"quality gate failed: logits: ppl_ratio {ratio:.6g} > 1.1 \(measured on {tokens} tokens: logits cos "
+        rf".*; ppl .* x{ratio:.3f}\)\)\. Relax",
+    ):
+        gated.run(program, ctx)
+    _assert_same(program, before)
+    torch.testing.assert_close(program.run(split.holdout.inputs)["logits"], outputs, rtol=0, atol=0)
+
+    (kept,) = PassManager([_ScalesLogits(4.0)], gates=QualityGates(max_ppl_ratio=ratio), holdout=split.holdout).run(
+        program, ctx
+    )
+    assert kept.quality["logits"]["ppl_ratio"] == ratio
+    (same,) = PassManager([_ScalesLogits(1.0)], gates=QualityGates(max_ppl_ratio=1.0), holdout=split.holdout).run(
+        program, ctx
+    )
+    assert same.quality["logits"]["ppl_ratio"] == 1.0
+
+
+class _Counts(NoOp):
+    name = "counts"
+    runs = 0
+
+    def requires(self, program, ctx):
+        type(self).runs += 1
+
+
+def test_max_ppl_ratio_on_a_program_without_perplexity_is_refused_before_any_pass():
+    _, program = small_program()  # x -> y: no input_ids, no logits
+    manager = PassManager([_Counts()], gates=QualityGates(max_ppl_ratio=1.1))
+    with pytest.raises(RecipeError, match=r"max_ppl_ratio: perplexity needs a causal language model.* \['x'\]"):
+        manager.run(program, PassContext(calibration=_small_calibration(), progress=False))
+    assert _Counts.runs == 0
+
+
+def test_gates_without_data_are_refused_when_set_and_reported_unchecked_when_default():
+    _, program = small_program()
+    with pytest.raises(RecipeError, match="quality gates are set, and there is no calibration data to check them on"):
+        PassManager([SkipFfn(where="blocks.0")], gates=QualityGates(min_cosine=0.9)).run(program, PassContext())
+    (record,) = PassManager([SkipFfn(where="blocks.0")], gates=QualityGates.default()).run(
+        program, PassContext(progress=False)
+    )
+    assert (
+        record.quality is None and record.unchecked == "no calibration data: the default quality gates were not checked"
+    )
+    with pytest.raises(QualityError, match="quality gate failed: y: cosine"):  # with data, the same gates are checked
+        PassManager([SkipFfn(where="blocks.1")], gates=QualityGates.default()).run(
+            program, PassContext(calibration=_small_calibration(), progress=False)
+        )
+
+
+def test_the_gates_measure_on_the_held_out_samples_and_the_passes_get_the_others():
+    _, program = small_program()
+    calibration = _small_calibration()
+    split = calibration.split(0.25, seed=0)
+    seen = []
+
+    class Sees(NoOp):
+        name = "sees"
+
+        def requires(self, program, ctx):
+            seen.append((ctx.calibration, ctx.statistics.calibration))
+
+    (_, record) = PassManager([Sees(), SkipFfn(where="blocks.0")], holdout=split.holdout).run(
+        program, PassContext(calibration=split.decision, progress=False)
+    )
+    assert seen == [(split.decision, split.decision)]
+    assert record.quality["y"]["tokens"] == len(split.holdout) * 3  # [samples, 3, 8]: 3 token vectors a sample
