@@ -875,7 +875,8 @@ class Program:
         """State tensors the program still shares with `snapshot` that were modified in place since.
 
         Such a change survives `restore`; a pass must `replace_state` instead. (Detected by the tensors'
-        in-place version counters; writes through `.data` escape it.)
+        in-place version counters; writes through `.data` escape it.) A tensor the snapshot knows by its stored
+        copy and that has been freed since (the pass removed it) is shared with nothing.
         """
         now = _tensor_versions(self.exported)
         shared = {
@@ -886,7 +887,7 @@ class Program:
         return sorted(
             name
             for name, version in snapshot.tensor_versions.items()
-            if current.get(name) is shared[name] and now.get(name) != version
+            if shared[name] is not None and current.get(name) is shared[name] and now.get(name) != version
         )
 
     def prune(self) -> list[str]:
