@@ -1041,6 +1041,62 @@ class Program:
         program._on_disk = dict(self._on_disk)
         return program
 
+    def frozen_copy(self) -> Program:
+        """A copy of the program as it is now, which later rewrites of this one leave alone: its own graph, signature
+        and state dicts, holding the same tensors (no copy; passes replace tensors, never edit them).
+
+        A tensor this program holds with an exact copy on disk (`note_stored_copies`), or reads lazily, the copy
+        reads from its file when it runs: it keeps no weight that passes drop or replace in this program alive (the
+        dense reference a recovery pass trains against, `PassContext.reference`).
+        """
+        ep = self.exported
+        graph = Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        gm = GraphModule(self.graph_module, graph)
+        on_disk = {n: c.stored for n, c in self._on_disk.items() if n in ep.state_dict and c.holds(ep.state_dict[n])}
+        state = {}
+        for name, tensor in ep.state_dict.items():
+            if name in on_disk:
+                meta = tensor.detach().to("meta")
+                tensor = (
+                    torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
+                )
+            state[name] = tensor
+        signature = ExportGraphSignature(list(ep.graph_signature.input_specs), list(ep.graph_signature.output_specs))
+        exported = ExportedProgram(
+            root=gm,
+            graph=gm.graph,
+            graph_signature=signature,
+            state_dict=state,
+            range_constraints=ep.range_constraints,
+            module_call_graph=list(ep.module_call_graph),
+            constants=dict(ep.constants),
+            verifiers=ep.verifiers,
+        )
+        program = Program(
+            exported, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims, dim_bounds=self.dim_bounds
+        )
+        program._stored = {**self._stored, **on_disk}
+        return program
+
+    def shares_state(self, other: Program, name: str) -> bool:
+        """Whether state tensor `name` is the same in this program and `other` (a `frozen_copy` of one of them):
+        the same tensor object, or the same stored tensor that both read or hold an exact copy of. False when either
+        lacks it. Passes replace what they change, so a tensor shared is a tensor unchanged."""
+
+        def identity(program: Program) -> Any:
+            if name in program._stored:
+                return program._stored[name]
+            ep = program.exported
+            held = ep.state_dict.get(name, ep.constants.get(name))
+            copy = program._on_disk.get(name)
+            return copy.stored if copy is not None and held is not None and copy.holds(held) else held
+
+        mine, theirs = identity(self), identity(other)
+        if mine is None or theirs is None:
+            return False
+        return mine is theirs or (isinstance(mine, StoredTensor) and mine == theirs)
+
     # ----- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write a `.pt2` file loadable with plain `torch.export.load`; sparsec metadata rides in extra files.

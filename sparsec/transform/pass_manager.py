@@ -74,16 +74,20 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share: calibration data, cached activation statistics, and a seed.
+    """What passes share: calibration data, cached activation statistics, the dense reference, and a seed.
 
     Attributes:
         calibration: the calibration set, or None when the pipeline runs without data.
         statistics: per-node activation statistics, collected in one forward pass per request batch.
+        reference: the program as it was before the first pass (`Program.frozen_copy`: it shares the weights and
+            reads the ones passes replace from the checkpoint, so it costs no memory for them), the teacher of
+            recovery training (`distill`); the `PassManager` sets it when it is None.
         seed: for passes with randomness.
     """
 
     calibration: CalibrationSet | None = None
     statistics: StatisticsCache | None = None
+    reference: Program | None = None
     seed: int = 0
     progress: bool = True
 
@@ -404,6 +408,8 @@ class PassManager:
         ctx = ctx or PassContext()
         if ctx.calibration is not None and ctx.statistics is None:
             ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
+        if ctx.reference is None and self.passes:
+            ctx.reference = program.frozen_copy()
         instruments = [*self.instruments, TimingInstrument()]
         if ctx.calibration is not None and self.passes:
             reference = ctx.calibration.reference_outputs(program, progress=ctx.progress)
