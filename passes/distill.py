@@ -48,8 +48,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from torch.fx import Node
+
 from sparsec.analysis.regions import region_index
 from sparsec.data.distill import (
+    Block,
     Schedule,
     TrainingReport,
     TrainingSettings,
@@ -74,10 +78,13 @@ class ChangedBlock:
 
 @dataclass
 class DistillPlan:
-    """What `run` trains: parameter names, and the blocks behind the default choice (empty with `trainable` globs)."""
+    """What `run` trains: parameter names, the blocks behind the default choice (empty with `trainable` globs), the
+    block boundaries the hidden-state term compares, and the blocks block-local training cuts out."""
 
     trainable: list[str]
     blocks: list[ChangedBlock]
+    boundaries: list[tuple[str, str]]
+    local: list[Block]
 
 
 @dataclass
@@ -87,6 +94,50 @@ class DistillDecisions:
     trainable_from: Literal["changed_blocks", "globs"]
     blocks: list[ChangedBlock]
     training: TrainingReport | None
+
+
+def _shape(node: Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _block_outputs(program: Program) -> dict[str, Node]:
+    return {b.path: b.outputs()[-1] for b in region_index(program).blocks() if b.outputs()}
+
+
+def shared_boundaries(program: Program, reference: Program) -> list[tuple[str, str]]:
+    """(program node, reference node) names of the block boundaries both programs have, matched by block path, where
+    the residual stream has the same shape (after `slice_hidden` none has)."""
+    theirs = _block_outputs(reference)
+    return [
+        (node.name, theirs[path].name)
+        for path, node in _block_outputs(program).items()
+        if path in theirs and _shape(theirs[path]) == _shape(node)
+    ]
+
+
+def local_blocks(program: Program, reference: Program, trainable: set[str]) -> list[Block]:
+    """The blocks of `program` holding `trainable` parameters, for block-local training: each from the boundary
+    before it (the previous block's output, or the residual input of the first block) to its output, with the
+    reference's output of the same block. `PassError` for a block without a counterpart of the same shape."""
+    blocks = region_index(program).blocks()
+    theirs = _block_outputs(reference)
+    reference_nodes = {n.name for n in reference.graph.nodes}
+    found = []
+    for index, block in enumerate(blocks):
+        if not block.outputs() or not trainable.intersection(block.parameters):
+            continue
+        end = block.outputs()[-1]
+        previous = blocks[index - 1].outputs() if index > 0 else []
+        start = previous[-1] if previous else next((n for n in block.inputs() if _shape(n) == _shape(end)), None)
+        other = theirs.get(block.path)
+        if start is None or other is None or _shape(other) != _shape(end) or start.name not in reference_nodes:
+            raise PassError(
+                f"distill: block {block.path} has no counterpart of the same shape in the dense program (a pass "
+                "changed the residual width, e.g. slice_hidden), so it cannot be trained block-local; use mode: end_to_end"
+            )
+        found.append(Block(block.path, start.name, end.name, other.name))
+    return found
 
 
 def changed_blocks(program: Program, reference: Program) -> list[ChangedBlock]:
@@ -158,18 +209,23 @@ class Distill(Pass):
         if ctx.reference is None:
             raise PassError("distill: no dense reference program; run it through the PassManager (sparsec compile)")
         o = self.options
+        parameters = program.parameter_names()
+        blocks: list[ChangedBlock] = []
         if o.trainable is None:
             blocks = changed_blocks(program, ctx.reference)
-            names = [n for b in blocks for n in region_index(program).region(b.path).parameters]
-            floating = [n for n in names if n in set(program.parameter_names())]
-            return DistillPlan([n for n in floating if program.state_shape(n).numel()], blocks)
-        parameters = program.parameter_names()
-        unmatched = [g for g in o.trainable if not any(glob_match(n, g) for n in parameters)]
-        if unmatched:
-            raise PassError(
-                f"distill: trainable globs {unmatched} match no parameter; parameters look like {parameters[:3]}"
-            )
-        return DistillPlan([n for n in parameters if any(glob_match(n, g) for g in o.trainable)], [])
+            names = {n for b in blocks for n in region_index(program).region(b.path).parameters}
+            trainable = [n for n in parameters if n in names]
+        else:
+            unmatched = [g for g in o.trainable if not any(glob_match(n, g) for n in parameters)]
+            if unmatched:
+                raise PassError(
+                    f"distill: trainable globs {unmatched} match no parameter; parameters look like {parameters[:3]}"
+                )
+            trainable = [n for n in parameters if any(glob_match(n, g) for g in o.trainable)]
+        trainable = [n for n in trainable if program.state_shape(n).numel()]
+        local = local_blocks(program, ctx.reference, set(trainable)) if o.mode == "block_local" and trainable else []
+        boundaries = shared_boundaries(program, ctx.reference) if o.hidden_mse > 0 else []
+        return DistillPlan(trainable, blocks, boundaries, local)
 
     def run(self, program: Program, ctx: PassContext, plan: DistillPlan) -> PassResult:
         o = self.options
@@ -177,8 +233,26 @@ class Distill(Pass):
         if not plan.trainable:
             decisions = DistillDecisions(source, plan.blocks, None)
             return PassResult(modified=False, stats={"trained_parameters": 0}, decisions=dataclasses.asdict(decisions))
-        train = train_end_to_end if o.mode == "end_to_end" else train_block_local
-        report = train(program, ctx.reference, plan.trainable, ctx.calibration, self.settings(), progress=ctx.progress)
+        if o.mode == "end_to_end":
+            report = train_end_to_end(
+                program,
+                ctx.reference,
+                plan.trainable,
+                ctx.calibration,
+                self.settings(),
+                boundaries=plan.boundaries,
+                progress=ctx.progress,
+            )
+        else:
+            report = train_block_local(
+                program,
+                ctx.reference,
+                plan.local,
+                plan.trainable,
+                ctx.calibration,
+                self.settings(),
+                progress=ctx.progress,
+            )
         stats = {
             "mode": o.mode,
             "trained_parameters": report.trained_parameters,

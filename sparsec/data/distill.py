@@ -46,7 +46,6 @@ from typing import Literal
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet, token_vectors
 from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
@@ -143,27 +142,6 @@ def output_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch
     return torch.stack(terms).sum()
 
 
-def shared_boundaries(student: Program, teacher: Program) -> list[tuple[str, str]]:
-    """(student node, teacher node) names of the block boundaries both programs have, matched by block path, where
-    the residual stream has the same shape (a block whose width `slice_hidden` changed has no counterpart)."""
-
-    def boundaries(program: Program) -> dict[str, Node]:
-        return {b.path: b.outputs()[-1] for b in region_index(program).blocks() if b.outputs()}
-
-    theirs = boundaries(teacher)
-    pairs = []
-    for path, node in boundaries(student).items():
-        other = theirs.get(path)
-        if other is not None and _shape(node) == _shape(other):
-            pairs.append((node.name, other.name))
-    return pairs
-
-
-def _shape(node: Node) -> tuple | None:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 class _Runner:
     """A program's graph module with extra outputs, called on a batch with given state tensors."""
 
@@ -179,8 +157,7 @@ class _Runner:
     def __call__(
         self, batch: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        self.program._check_inputs(batch)
-        flat = self.module(*self.program._args(batch, state))
+        flat = self.module(*self.program.flat_args(batch, state))
         extra = list(flat[len(flat) - self.extra :]) if self.extra else []
         return self.program.named_outputs(flat), extra
 
@@ -253,17 +230,19 @@ def train_end_to_end(
     calibration: CalibrationSet,
     settings: TrainingSettings,
     *,
+    boundaries: Sequence[tuple[str, str]] = (),
     auxiliary: AuxiliaryLoss | None = None,
     progress: bool = False,
     description: str = "distill",
 ) -> TrainingReport:
     """Train `trainable` so that `student` reproduces `teacher` on the calibration batches (module docstring); the
-    trained tensors replace the student's."""
+    trained tensors replace the student's. `boundaries`: (student node, teacher node) names of the block boundaries
+    the `hidden_mse` term compares (unused when it is 0)."""
     start = time.perf_counter()
     _check_trainable(student, trainable)
     torch.manual_seed(settings.seed)
     batches = _batches(calibration, settings)
-    pairs = shared_boundaries(student, teacher) if settings.hidden_mse > 0 else []
+    pairs = list(boundaries) if settings.hidden_mse > 0 else []
     aux_nodes = auxiliary.nodes if auxiliary is not None else []
     student_run = _Runner(student, [s for s, _ in pairs] + aux_nodes)
     teacher_run = _Runner(teacher, [t for _, t in pairs])
@@ -318,74 +297,63 @@ def train_end_to_end(
     )
 
 
+@dataclass(frozen=True)
+class Block:
+    """A block for block-local training, by node names: the student computes it from the value `start` (the
+    residual stream before it) to `end` (its output); the teacher's output of the same block is `teacher_end`.
+    The block's other inputs (masks, rotary tables) must be nodes of the same name in the teacher."""
+
+    path: str
+    start: str
+    end: str
+    teacher_end: str
+
+
 @dataclass
 class _Span:
-    """One student block trained on its own: its nodes after the boundary before it (its residual input, one of
-    `inputs`) up to its output, as a graph module."""
+    """One student block cut out of the graph as a graph module whose placeholders are `inputs`: state names (the
+    student's tensors, `state`) or node names (the teacher's values: the residual stream, masks, rotary tables)."""
 
-    block: str
+    block: Block
     module: GraphModule
-    inputs: list[
-        str
-    ]  # the module's placeholders: state names (the student's tensors) or node names (the teacher's values)
-    state: set[str]  # which of `inputs` are state names
-    end_in_teacher: str  # the teacher's node holding the block's output
+    inputs: list[str]
+    state: set[str]
     trainable: list[str]
 
 
-def _spans(student: Program, teacher: Program, trainable: set[str]) -> list[_Span]:
-    """The student blocks holding trained parameters, each cut out of the graph from the boundary before it."""
-    blocks = region_index(student).blocks()
-    theirs = {b.path: b.outputs()[-1] for b in region_index(teacher).blocks() if b.outputs()}
-    teacher_nodes = {n.name: n for n in teacher.graph.nodes}
+def _cut(student: Program, teacher: Program, block: Block, trainable: set[str]) -> _Span:
     order = list(student.graph.nodes)
-    position = {n: i for i, n in enumerate(order)}
-    spans = []
-    for index, block in enumerate(blocks):
-        names = [p for p in block.parameters if p in trainable]
-        if not names or not block.outputs():
-            continue
-        end = block.outputs()[-1]
-        if index > 0 and blocks[index - 1].outputs():
-            start = blocks[index - 1].outputs()[-1]
-        else:
-            residual = [n for n in block.inputs() if _shape(n) == _shape(end)]
-            if not residual:
-                raise SparsecError(f"block-local training: cannot find the residual input of block {block.path}")
-            start = residual[0]
-        other = theirs.get(block.path)
-        if other is None or _shape(other) != _shape(end) or start.name not in teacher_nodes:
-            raise SparsecError(
-                f"block-local training: block {block.path} has no counterpart of the same shape in the dense "
-                "program (a pass changed the residual width, e.g. slice_hidden); use mode: end_to_end"
-            )
-        segment = [n for n in order[position[start] + 1 : position[end] + 1] if n.op != "placeholder"]
-        inside = set(segment)
-        graph, env, inputs, state = Graph(), {}, [], set()
-        for node in segment:
-            for arg in node.all_input_nodes:
-                if arg not in inside and arg not in env:
-                    name = student.state_name(arg) or arg.name
-                    if name != arg.name:
-                        state.add(name)
-                    elif arg.name not in teacher_nodes:
-                        raise SparsecError(
-                            f"block-local training: block {block.path} reads {arg.name}, which the dense program "
-                            "does not compute; use mode: end_to_end"
-                        )
-                    env[arg] = graph.placeholder(arg.name)
-                    env[arg].meta = dict(arg.meta)
-                    inputs.append(name)
-            env[node] = graph.node_copy(node, env.__getitem__)
-        graph.output(env[end])
-        module = GraphModule(student.graph_module, graph)
-        spans.append(_Span(block.path, module, inputs, state, other.name, names))
-    return spans
+    by_name = {n.name: n for n in order}
+    teacher_nodes = {n.name for n in teacher.graph.nodes}
+    start, end = by_name[block.start], by_name[block.end]
+    segment = [n for n in order[order.index(start) + 1 : order.index(end) + 1] if n.op != "placeholder"]
+    inside = set(segment)
+    graph, env, inputs, state = Graph(), {}, [], set()
+    for node in segment:
+        for arg in node.all_input_nodes:
+            if arg in inside or arg in env:
+                continue
+            name = student.state_name(arg) or arg.name
+            if name != arg.name:
+                state.add(name)
+            elif arg.name not in teacher_nodes:
+                raise SparsecError(
+                    f"block-local training: block {block.path} reads {arg.name}, which the dense program does not "
+                    "compute; use mode: end_to_end"
+                )
+            env[arg] = graph.placeholder(arg.name)
+            env[arg].meta = dict(arg.meta)
+            inputs.append(name)
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[end])
+    module = GraphModule(student.graph_module, graph)
+    return _Span(block, module, inputs, state, sorted(state & trainable))
 
 
 def train_block_local(
     student: Program,
     teacher: Program,
+    blocks: Sequence[Block],
     trainable: Sequence[str],
     calibration: CalibrationSet,
     settings: TrainingSettings,
@@ -393,7 +361,7 @@ def train_block_local(
     progress: bool = False,
     description: str = "distill (block-local)",
 ) -> TrainingReport:
-    """Train each student block holding parameters of `trainable` to map the teacher's input of that block to the
+    """Train each of `blocks` that reads parameters of `trainable` to map the teacher's input of that block to the
     teacher's output of it (relative squared error on valid tokens), `settings.steps` steps per block, one block
     after the other; the teacher runs layer by layer over all batches once (`Program.run_segmented`) and each
     block trains when its boundary has been computed for every batch. The report's losses are end to end."""
@@ -401,7 +369,7 @@ def train_block_local(
     _check_trainable(student, trainable)
     torch.manual_seed(settings.seed)
     batches = _batches(calibration, settings)
-    spans = _spans(student, teacher, set(trainable))
+    spans = [s for s in (_cut(student, teacher, b, set(trainable)) for b in blocks) if s.trainable]
     covered = {n for s in spans for n in s.trainable}
     outside = [n for n in trainable if n not in covered]
     if outside:
@@ -410,7 +378,7 @@ def train_block_local(
             "use mode: end_to_end, or leave them out of `trainable`"
         )
     before = _mean_output_loss(student, teacher, batches)
-    wanted = {n for s in spans for n in [s.end_in_teacher, *[i for i in s.inputs if i not in s.state]]}
+    wanted = {n for s in spans for n in [s.block.teacher_end, *[i for i in s.inputs if i not in s.state]]}
     nodes = {n for n in teacher.graph.nodes if n.name in wanted}
     values: dict[str, list[torch.Tensor | None]] = {n.name: [None] * len(batches) for n in nodes}
     pending = list(spans)
@@ -420,15 +388,15 @@ def train_block_local(
         values[node.name][index] = value
 
     def train_ready(_done: int, _total: int) -> None:
-        while pending and all(v is not None for v in values[pending[0].end_in_teacher]):
+        while pending and all(v is not None for v in values[pending[0].block.teacher_end]):
             span = pending.pop(0)
             results.append(_train_span(student, span, values, batches, settings, progress, description))
-            needed = {n for s in pending for n in [s.end_in_teacher, *s.inputs]}
+            needed = {n for s in pending for n in [s.block.teacher_end, *s.inputs]}
             for name in list(values):
                 if name not in needed:
                     values[name] = [None] * len(batches)
 
-    cuts = [n for n in teacher.graph.nodes if n.name in {s.end_in_teacher for s in spans}]
+    cuts = [n for n in teacher.graph.nodes if n.name in {s.block.teacher_end for s in spans}]
     for _ in teacher.run_segmented(batches, cuts, observe, nodes, on_segment=train_ready):
         pass
     after = _mean_output_loss(student, teacher, batches)
@@ -462,7 +430,7 @@ def _train_span(
     def loss_of(index: int) -> torch.Tensor:
         args = [state(name) if name in span.state else values[name][index] for name in span.inputs]
         got = span.module(*args)
-        return relative_error(got, values[span.end_in_teacher][index], CalibrationSet.valid_mask(batches[index]))
+        return relative_error(got, values[span.block.teacher_end][index], CalibrationSet.valid_mask(batches[index]))
 
     def mean_loss() -> float:
         with torch.no_grad():
@@ -472,11 +440,11 @@ def _train_span(
     parameters = list(state.masters.values())
     optimizer = _adam(parameters, settings)
     with torch.enable_grad():
-        for step in progress_bar(range(settings.steps), desc=f"{description}: {span.block}", enabled=progress):
+        for step in progress_bar(range(settings.steps), desc=f"{description}: {span.block.path}", enabled=progress):
             _step(optimizer, loss_of(step % len(batches)), parameters, settings.rate(step), settings.clip)
     after = mean_loss()
     state.write_back()
-    return BlockLoss(span.block, sum(p.numel() for p in parameters), before, after)
+    return BlockLoss(span.block.path, sum(p.numel() for p in parameters), before, after)
 
 
 def _mean_output_loss(student: Program, teacher: Program, batches: list[dict[str, torch.Tensor]]) -> float:

@@ -617,14 +617,17 @@ class Program:
         return sum(self.exported.state_dict[n].nbytes for n in self.parameter_names())
 
     # ----- execution -------------------------------------------------------------------------------
-    def flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+    def flat_args(
+        self, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor] | None = None
+    ) -> list[Any]:
         """The graph module's positional arguments for user `inputs` by name: state tensors and inputs in
         signature order. `named_outputs(program.graph_module(*program.flat_args(inputs)))` is `run(inputs)`
-        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`).
+        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`, which
+        passes `state`: the tensor to use for each state name instead of `state_tensor`'s).
         Inputs on another device than the program's weights are moved to it (calibration data stays on the CPU
         while the program runs on `cuda`)."""
         self._check_inputs(inputs)
-        return self._args(inputs, self.state_tensor)
+        return self._args(inputs, state or self.state_tensor)
 
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         names = self.input_names
@@ -1045,15 +1048,19 @@ class Program:
         """A copy of the program as it is now, which later rewrites of this one leave alone: its own graph, signature
         and state dicts, holding the same tensors (no copy; passes replace tensors, never edit them).
 
-        A tensor this program holds with an exact copy on disk (`note_stored_copies`), or reads lazily, the copy
-        reads from its file when it runs: it keeps no weight that passes drop or replace in this program alive (the
+        A tensor this program holds on the CPU with an exact copy on disk (`note_stored_copies`), or reads lazily, the
+        copy reads from its file when it runs: it keeps no weight that passes drop or replace in this program alive (the
         dense reference a recovery pass trains against, `PassContext.reference`).
         """
         ep = self.exported
         graph = Graph()
         graph.output(graph.graph_copy(self.graph, {}))
         gm = GraphModule(self.graph_module, graph)
-        on_disk = {n: c.stored for n, c in self._on_disk.items() if n in ep.state_dict and c.holds(ep.state_dict[n])}
+        on_disk = {
+            n: c.stored
+            for n, c in self._on_disk.items()
+            if n in ep.state_dict and c.holds(ep.state_dict[n]) and c.device.type == "cpu"  # files read onto the CPU
+        }
         state = {}
         for name, tensor in ep.state_dict.items():
             if name in on_disk:

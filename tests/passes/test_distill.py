@@ -217,7 +217,7 @@ def test_compile_with_distill_lowers_to_onnx_with_parity(checkpoint, tmp_path):
         {
             "passes": [{"slice_neurons": {"keep_ratio": 0.5}}, {"distill": {"steps": 10, "lr": 3e-3}}],
             "calibration": {"file": str(tmp_path / "calib.safetensors"), "batch_size": 8},
-            "quality": {"gates": "off"},
+            "quality": {"gates": False},
         }
     )
     report = compile_model(checkpoint, recipe, tmp_path / "out", progress=False)
