@@ -204,6 +204,9 @@ class Distill(Pass):
             seed=o.seed,
         )
 
+    def needs_reference(self) -> bool:
+        return True
+
     def requires(self, program: Program, ctx: PassContext) -> DistillPlan:
         ctx.require_calibration(self.name)
         if ctx.reference is None:

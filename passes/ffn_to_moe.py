@@ -35,8 +35,9 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
    `full` tunes routers and experts. Loss: KL of the logits (relative squared error of other outputs) plus
    `balance` times the Switch load-balancing term (E * sum_e f_e * P_e) per MoE node, read off the MoE nodes' inputs
    as extra graph outputs. Adam, `adapt_steps` steps at constant `lr`, deterministic. `ffn_to_moe` with `adapt`
-   equals `ffn_to_moe` followed by `distill: {trainable: ["**.moe.router_*", ...], schedule: constant}` but for the
-   balance term, which only this pass knows how to read.
+   equals `ffn_to_moe` followed by `distill: {trainable: ["**.moe.router_*", "**.moe.shared_gate_weight"], lr: 1e-3,
+   schedule: constant, warmup: 0}` (with `full`, `["**.moe.*"]`) but for the balance term, which only this pass knows how to read; so
+   `adapt` stays, a thin use of the same training.
 
 Recipe:
     passes:
@@ -324,6 +325,9 @@ class FfnToMoe(Pass):
             hits = torch.zeros_like(target[-held_out:]).scatter_(1, picked, 1.0) * target[-held_out:]
             report["held_out_recall"] = float(hits.sum() / target[-held_out:].sum())
         return weight, bias, report
+
+    def needs_reference(self) -> bool:
+        return self.options.adapt != "none"
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()

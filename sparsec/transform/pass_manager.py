@@ -81,7 +81,8 @@ class PassContext:
         statistics: per-node activation statistics, collected in one forward pass per request batch.
         reference: the program as it was before the first pass (`Program.frozen_copy`: it shares the weights and
             reads the ones passes replace from the checkpoint, so it costs no memory for them), the teacher of
-            recovery training (`distill`); the `PassManager` sets it when it is None.
+            recovery training (`distill`); the `PassManager` sets it when it is None and a pass needs it
+            (`Pass.needs_reference`).
         seed: for passes with randomness.
     """
 
@@ -125,6 +126,12 @@ class Pass:
         `compile --dry-run`) only when no pass needs data. A pass that overrides it asks for data exactly then.
         """
         return True
+
+    def needs_reference(self) -> bool:
+        """Whether this pass, with its options, reads `PassContext.reference` (the dense program: recovery
+        training). False unless a pass says otherwise; the `PassManager` keeps a reference only when some pass
+        needs it, since on a device it holds the weights the passes replace."""
+        return False
 
     def requires(self, program: Program, ctx: PassContext) -> Any:
         """Raise `PassError` if the program is not something this pass can rewrite; return the plan for `run`.
@@ -408,7 +415,7 @@ class PassManager:
         ctx = ctx or PassContext()
         if ctx.calibration is not None and ctx.statistics is None:
             ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
-        if ctx.reference is None and self.passes:
+        if ctx.reference is None and any(p.needs_reference() for p in self.passes):
             ctx.reference = program.frozen_copy()
         instruments = [*self.instruments, TimingInstrument()]
         if ctx.calibration is not None and self.passes:

@@ -103,7 +103,10 @@ def _compress_then_distill(program, compress: tuple[str, dict], distill: dict):
     name, options = compress
     ctx = PassContext(calibration=_calibration(), progress=False)
     dense = _held_out_loss(program)
+    reference = program.frozen_copy()
     PassManager([get_pass(name)(**options)]).run(program, ctx)
+    assert ctx.reference is None  # no pass of that run needs it
+    ctx.reference = reference  # what one PassManager running both passes sets: the program before the first
     compressed = _held_out_loss(program)
     (record,) = PassManager([get_pass("distill")(**distill)]).run(program, ctx)  # ctx.reference: the dense program
     return (dense, compressed, _held_out_loss(program)), record
