@@ -227,3 +227,34 @@ def test_compile_with_distill_lowers_to_onnx_with_parity(checkpoint, tmp_path):
     distill = report["passes"][1]
     assert distill["name"] == "distill" and distill["stats"]["loss_after"] < distill["stats"]["loss_before"]
     assert report["parity"]["metrics"]["logits"]["cosine"] > 0.9999  # compile refuses a failed parity check
+
+
+def test_a_lazily_read_compile_distills_as_the_in_memory_one(checkpoint, tmp_path):
+    """Weights read from the checkpoint when needed (the teacher's too, block by block in block-local mode): the
+    same training as with the weights in memory."""
+    from sparsec.compiler import compile_model
+    from sparsec.recipe import Recipe
+
+    save_file(_sequences(16, seed=3, pad_left=4), str(tmp_path / "calib.safetensors"))
+    recipe = Recipe.from_dict(
+        {
+            "passes": [
+                {"slice_neurons": {"keep_ratio": 0.5}},
+                {"distill": {"steps": 5, "lr": 1e-3}},
+                {"distill": {"steps": 5, "lr": 1e-3, "mode": "block_local"}},
+            ],
+            "calibration": {"file": str(tmp_path / "calib.safetensors"), "batch_size": 8},
+            "quality": {"gates": False},
+        }
+    )
+    reports = {
+        mode: compile_model(checkpoint, recipe, None, dry_run=True, progress=False, lazy=mode == "lazy")
+        for mode in ("lazy", "memory")
+    }
+    assert reports["lazy"]["model"]["weights"] == "lazy" and reports["memory"]["model"]["weights"] == "memory"
+    for lazy, memory in zip(reports["lazy"]["passes"][1:], reports["memory"]["passes"][1:], strict=True):
+        assert lazy["decisions"]["blocks"] == memory["decisions"]["blocks"]
+        assert lazy["stats"]["loss_after"] < lazy["stats"]["loss_before"]
+        for key in ("loss_before", "loss_after"):
+            assert abs(lazy["stats"][key] - memory["stats"][key]) < 1e-5 * memory["stats"][key]
+        assert lazy["quality"]["logits"] == pytest.approx(memory["quality"]["logits"], rel=1e-5)
