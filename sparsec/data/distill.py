@@ -167,10 +167,11 @@ class _Masters:
 
     def __init__(self, program: Program, trainable: Sequence[str], frozen: Sequence[str]) -> None:
         self.program = program
-        self.dtypes = {name: program.state_tensor(name).dtype for name in trainable}
-        self.masters = {
-            name: program.state_tensor(name).detach().float().clone().requires_grad_(True) for name in trainable
-        }
+        self.dtypes, self.masters = {}, {}
+        for name in trainable:
+            tensor = program.state_tensor(name)
+            self.dtypes[name] = tensor.dtype
+            self.masters[name] = tensor.detach().float().clone().requires_grad_(True)
         self.frozen = {name: program.state_tensor(name).detach() for name in frozen}
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -209,10 +210,6 @@ def _tokens(batch: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[:2].numel())
 
 
-def _adam(parameters: list[torch.Tensor], settings: TrainingSettings) -> torch.optim.Adam:
-    return torch.optim.Adam(parameters, lr=settings.lr)
-
-
 def _step(optimizer: torch.optim.Adam, loss: torch.Tensor, parameters: list[torch.Tensor], rate: float, clip: float):
     for group in optimizer.param_groups:
         group["lr"] = rate
@@ -247,7 +244,9 @@ def train_end_to_end(
     student_run = _Runner(student, [s for s, _ in pairs] + aux_nodes)
     teacher_run = _Runner(teacher, [t for _, t in pairs])
     state = _Masters(student, trainable, [n for n in student.state_placeholders() if n not in set(trainable)])
-    teacher_state = {}  # a lazily read teacher: read once, only tensors the student no longer shares
+    # the student's tensors the teacher shares (unchanged by the passes); None: the teacher's own, read for each
+    # step's forward when it reads them from the checkpoint, so the replaced weights are never all held twice
+    teacher_state: dict[str, torch.Tensor | None] = {}
 
     def teacher_tensor(name: str) -> torch.Tensor:
         if name not in teacher_state:
@@ -276,7 +275,7 @@ def train_end_to_end(
 
     before = mean_loss()
     parameters = list(state.masters.values())
-    optimizer = _adam(parameters, settings)
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     with torch.enable_grad():
         for step in progress_bar(range(settings.steps), desc=description, enabled=progress):
             loss = loss_of(batches[step % len(batches)])
@@ -438,7 +437,7 @@ def _train_span(
 
     before = mean_loss()
     parameters = list(state.masters.values())
-    optimizer = _adam(parameters, settings)
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     with torch.enable_grad():
         for step in progress_bar(range(settings.steps), desc=f"{description}: {span.block.path}", enabled=progress):
             _step(optimizer, loss_of(step % len(batches)), parameters, settings.rate(step), settings.clip)
