@@ -186,7 +186,9 @@ def test_a_removed_weight_known_by_its_stored_copy_is_not_taken_for_changed_in_p
     name = "blocks.1.down.bias"
     save_file({name: program.state_tensor(name).detach().clone()}, str(tmp_path / "w.safetensors"))
     tensor = program.state_tensor(name)
-    program.note_stored_copies({name: StoredTensor(tmp_path / "w.safetensors", name, tuple(tensor.shape), tensor.dtype)})
+    program.note_stored_copies(
+        {name: StoredTensor(tmp_path / "w.safetensors", name, tuple(tensor.shape), tensor.dtype)}
+    )
     del tensor
     snapshot = program.snapshot()
     replacement = program.add_parameter("blocks.1.down.new_bias", torch.zeros_like(program.state_tensor(name)))
