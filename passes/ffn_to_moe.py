@@ -29,10 +29,15 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
    dense FFN; with calibration data the pass checks that on sampled tokens before it rewrites anything.
    Under `one_plus_logit` the logits are the expert weights' offsets from 1: a `learned` router's logits (fit for
    ranking) rescale the experts, so start from `zero` and `adapt`.
-4. **Adapt** (optional): `router` tunes the routers (and shared gates) end to end against the dense model's
-   outputs with the experts frozen; `full` tunes routers and experts. Loss: relative squared error of the outputs plus
-   `balance` times the Switch load-balancing term (E * sum_e f_e * P_e) per MoE node. Adam, `adapt_steps`
-   steps at `lr`, deterministic.
+4. **Adapt** (optional): the recovery training of the `distill` pass (`sparsec.data.distill.train_end_to_end`)
+   run inside this pass on the parameters it adds: `router` tunes the routers (and shared gates) end to end against
+   the dense program (`PassContext.reference`, the program before the recipe's first pass) with the experts frozen;
+   `full` tunes routers and experts. Loss: KL of the logits (relative squared error of other outputs) plus
+   `balance` times the Switch load-balancing term (E * sum_e f_e * P_e) per MoE node, read off the MoE nodes' inputs
+   as extra graph outputs. Adam, `adapt_steps` steps at constant `lr`, deterministic. `ffn_to_moe` with `adapt`
+   equals `ffn_to_moe` followed by `distill: {trainable: ["**.moe.router_*", "**.moe.shared_gate_weight"], lr: 1e-3,
+   schedule: constant, warmup: 0}` (with `full`, `["**.moe.*"]`) but for the balance term, which only this pass knows how to read; so
+   `adapt` stays, a thin use of the same training.
 
 Recipe:
     passes:
@@ -42,6 +47,7 @@ Recipe:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -54,7 +60,7 @@ from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group, linear_
 from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.analysis.regions import region_index
 from sparsec.analysis.structure import Ffn, ffn_activation
-from sparsec.data.distill import distill
+from sparsec.data.distill import AuxiliaryLoss, TrainingSettings, train_end_to_end
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.ops.moe import Gating, moe_dense_reference, route, router_logits
@@ -320,6 +326,9 @@ class FfnToMoe(Pass):
             report["held_out_recall"] = float(hits.sum() / target[-held_out:].sum())
         return weight, bias, report
 
+    def needs_reference(self) -> bool:
+        return self.options.adapt != "none"
+
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, program: Program, ctx: PassContext, plan: list[tuple[Ffn, ChannelGroup, str, int]]) -> PassResult:
@@ -329,9 +338,8 @@ class FfnToMoe(Pass):
         samples: dict[str, torch.Tensor] = {}
         if ctx.calibration is not None:
             samples = ctx.statistics.samples([n for f in ffns for n in (f.up.args[0], f.down)], o.max_tokens)
-        teacher = ctx.calibration.reference_outputs(program, progress=ctx.progress) if o.adapt != "none" else None
         generator = torch.Generator().manual_seed(o.seed)
-        decisions, trainable = [], []
+        decisions, trainable, routers = [], [], []
         for (ffn, group, activation, shared), score in progress_bar(
             list(zip(plan, scores)), desc="ffn_to_moe: experts and routers", enabled=ctx.progress
         ):
@@ -359,6 +367,7 @@ class FfnToMoe(Pass):
                 o.gating,
             )
             trainable += [n for k, n in names.items() if k in ROUTING_STATE or o.adapt == "full"]
+            routers.append(names)
             after = sum(program.state_tensor(n).numel() for n in names.values()) + (
                 group.num_parameters(program) if shared else 0
             )
@@ -388,16 +397,19 @@ class FfnToMoe(Pass):
         if o.adapt != "none":
             program.recompile()
             program.prune()
-            adaptation = distill(
-                program,
-                trainable,
-                ctx.calibration,
-                teacher,
-                steps=o.adapt_steps,
-                lr=o.lr,
-                node_loss=self._balance_loss if o.balance else None,
-                progress=ctx.progress,
-                description=f"ffn_to_moe adapt ({o.adapt})",
+            if ctx.reference is None:
+                raise PassError("ffn_to_moe: adapt needs the dense reference program; run it through the PassManager")
+            adaptation = dataclasses.asdict(
+                train_end_to_end(
+                    program,
+                    ctx.reference,
+                    trainable,
+                    ctx.calibration,
+                    TrainingSettings(steps=o.adapt_steps, lr=o.lr, schedule="constant", seed=o.seed),
+                    auxiliary=self._balance_loss(program, routers) if o.balance else None,
+                    progress=ctx.progress,
+                    description=f"ffn_to_moe adapt ({o.adapt})",
+                )
             )
         stats = {
             "ffns": len(decisions),
@@ -412,17 +424,26 @@ class FfnToMoe(Pass):
             decisions={"partition": o.partition, "gating": o.gating, "adapt": adaptation, "ffns": decisions},
         )
 
-    def _balance_loss(self, node: Node, args: tuple, _value) -> torch.Tensor | None:
-        """Switch load-balancing term E * sum_e f_e * P_e at an MoE node, scaled by `balance`."""
-        if node.target is not MOE:
-            return None
-        x, router_weight, router_bias, fc1 = args[:4]
-        top_k, gating = args[8], args[10]
-        logits = router_logits(x.reshape(-1, x.shape[-1]), router_weight, router_bias)
-        probs = torch.softmax(logits, dim=-1)
-        _, chosen = route(logits, top_k, gating)  # the experts the op picks (one_plus_logit breaks ties its own way)
-        fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
-        return self.options.balance * fc1.shape[0] * (fraction * probs.mean(0)).sum()
+    def _balance_loss(self, program: Program, routers: list[dict[str, str]]) -> AuxiliaryLoss:
+        """The Switch load-balancing term E * sum_e f_e * P_e summed over the MoE nodes whose state names by role are
+        `routers`, scaled by `balance`: their inputs are extra graph outputs, their routers the trained tensors."""
+        by_router = {n.args[1].name: n for n in program.graph.find_nodes(op="call_function", target=MOE)}
+        placeholders = program.state_placeholders()
+        nodes = [by_router[placeholders[names["router_weight"]].name] for names in routers]
+
+        def compute(inputs: list[torch.Tensor], state) -> torch.Tensor:
+            total = []
+            for x, node, names in zip(inputs, nodes, routers):
+                bias = state(names["router_bias"]) if "router_bias" in names else None
+                logits = router_logits(x.reshape(-1, x.shape[-1]), state(names["router_weight"]), bias)
+                probs = torch.softmax(logits, dim=-1)
+                top_k, gating = node.args[8], node.args[10]
+                _, chosen = route(logits, top_k, gating)  # the experts the op picks (one_plus_logit: its own ties)
+                fraction = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k
+                total.append(probs.shape[-1] * (fraction * probs.mean(0)).sum())
+            return self.options.balance * torch.stack(total).sum()
+
+        return AuxiliaryLoss([n.args[0].name for n in nodes], compute)
 
     def _exactness(
         self,

@@ -26,6 +26,7 @@ and `variants.png` (the variants' accuracies and Frechet distances).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -49,7 +50,7 @@ import testbed as tb  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.data.calibration import CalibrationSet  # noqa: E402
-from sparsec.data.distill import distill  # noqa: E402
+from sparsec.data.distill import TrainingSettings, train_end_to_end  # noqa: E402
 from sparsec.models import load_model  # noqa: E402
 from sparsec.probe import COMPONENTS, DEFAULT_KINDS, Probe, Task  # noqa: E402
 from sparsec.testing import apply_pass  # noqa: E402
@@ -256,16 +257,16 @@ def ffn_widths(record, variant: Variant, dense_width: int) -> tuple[int, int]:
     return gen, und
 
 
-def finetune(
-    program: sparsec.Program, calib: CalibrationSet, teacher: list[dict[str, torch.Tensor]], steps: int
-) -> dict[str, float]:
-    """Distill the generation FFNs' weights of `program` to `teacher` (the dense outputs), like adapt full."""
+def finetune(program: sparsec.Program, calib: CalibrationSet, teacher: sparsec.Program, steps: int) -> dict[str, float]:
+    """Distill the generation FFNs' weights of `program` to `teacher` (the dense program), like adapt full."""
     trainable = [
         program.state_name(linear.args[1])
         for ffn in region_index(program).ffns(GEN_FFNS)
         for linear in ffn.linears.values()
     ]
-    return distill(program, trainable, calib, teacher, steps=steps, lr=FINETUNE_LR, description="fine-tune")
+    settings = TrainingSettings(steps=steps, lr=FINETUNE_LR, schedule="constant")
+    report = train_end_to_end(program, teacher, trainable, calib, settings, description="fine-tune")
+    return dataclasses.asdict(report)
 
 
 def evaluate_variant(
@@ -274,7 +275,7 @@ def evaluate_variant(
     """Capture afresh, apply the variant's pass (and fine-tuning), score; the dense row is scored in `main`."""
     start = time.perf_counter()
     program = capture(loaded)
-    teacher = calib.reference_outputs(program) if variant.finetune else None
+    teacher = program.frozen_copy() if variant.finetune else None
     options = dict(variant.options)
     if variant.adapted:
         options["adapt_steps"] = adapt_steps

@@ -617,14 +617,17 @@ class Program:
         return sum(self.exported.state_dict[n].nbytes for n in self.parameter_names())
 
     # ----- execution -------------------------------------------------------------------------------
-    def flat_args(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+    def flat_args(
+        self, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor] | None = None
+    ) -> list[Any]:
         """The graph module's positional arguments for user `inputs` by name: state tensors and inputs in
         signature order. `named_outputs(program.graph_module(*program.flat_args(inputs)))` is `run(inputs)`
-        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`).
+        without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`, which
+        passes `state`: the tensor to use for each state name instead of `state_tensor`'s).
         Inputs on another device than the program's weights are moved to it (calibration data stays on the CPU
         while the program runs on `cuda`)."""
         self._check_inputs(inputs)
-        return self._args(inputs, self.state_tensor)
+        return self._args(inputs, state or self.state_tensor)
 
     def _check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         names = self.input_names
@@ -875,7 +878,8 @@ class Program:
         """State tensors the program still shares with `snapshot` that were modified in place since.
 
         Such a change survives `restore`; a pass must `replace_state` instead. (Detected by the tensors'
-        in-place version counters; writes through `.data` escape it.)
+        in-place version counters; writes through `.data` escape it.) A tensor the snapshot knows by its stored
+        copy and that has been freed since (the pass removed it) is shared with nothing.
         """
         now = _tensor_versions(self.exported)
         shared = {
@@ -886,7 +890,7 @@ class Program:
         return sorted(
             name
             for name, version in snapshot.tensor_versions.items()
-            if current.get(name) is shared[name] and now.get(name) != version
+            if shared[name] is not None and current.get(name) is shared[name] and now.get(name) != version
         )
 
     def prune(self) -> list[str]:
@@ -1039,6 +1043,66 @@ class Program:
         program._stored = dict(self._stored)
         program._on_disk = dict(self._on_disk)
         return program
+
+    def frozen_copy(self) -> Program:
+        """A copy of the program as it is now, which later rewrites of this one leave alone: its own graph, signature
+        and state dicts, holding the same tensors (no copy; passes replace tensors, never edit them).
+
+        A tensor this program holds on the CPU with an exact copy on disk (`note_stored_copies`), or reads lazily, the
+        copy reads from its file when it runs: it keeps no weight that passes drop or replace in this program alive (the
+        dense reference a recovery pass trains against, `PassContext.reference`).
+        """
+        ep = self.exported
+        graph = Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        gm = GraphModule(self.graph_module, graph)
+        on_disk = {
+            n: c.stored
+            for n, c in self._on_disk.items()
+            if n in ep.state_dict and c.holds(ep.state_dict[n]) and c.device.type == "cpu"  # files read onto the CPU
+        }
+        state = {}
+        for name, tensor in ep.state_dict.items():
+            if name in on_disk:
+                meta = tensor.detach().to("meta")
+                tensor = (
+                    torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
+                )
+            state[name] = tensor
+        signature = ExportGraphSignature(list(ep.graph_signature.input_specs), list(ep.graph_signature.output_specs))
+        exported = ExportedProgram(
+            root=gm,
+            graph=gm.graph,
+            graph_signature=signature,
+            state_dict=state,
+            range_constraints=ep.range_constraints,
+            module_call_graph=list(ep.module_call_graph),
+            constants=dict(ep.constants),
+            verifiers=ep.verifiers,
+        )
+        program = Program(
+            exported, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims, dim_bounds=self.dim_bounds
+        )
+        program._stored = {**self._stored, **on_disk}
+        return program
+
+    def shares_state(self, other: Program, name: str) -> bool:
+        """Whether state tensor `name` is the same in this program and `other` (a `frozen_copy` of one of them):
+        the same tensor object, or the same stored tensor that both read or hold an exact copy of. False when either
+        lacks it. Passes replace what they change, so a tensor shared is a tensor unchanged."""
+
+        def identity(program: Program) -> Any:
+            if name in program._stored:
+                return program._stored[name]
+            ep = program.exported
+            held = ep.state_dict.get(name, ep.constants.get(name))
+            copy = program._on_disk.get(name)
+            return copy.stored if copy is not None and held is not None and copy.holds(held) else held
+
+        mine, theirs = identity(self), identity(other)
+        if mine is None or theirs is None:
+            return False
+        return mine is theirs or (isinstance(mine, StoredTensor) and mine == theirs)
 
     # ----- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -74,18 +74,23 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share: calibration data, cached activation statistics, and a seed.
+    """What passes share: calibration data, cached activation statistics, the dense reference, and a seed.
 
     Attributes:
         calibration: the calibration samples the passes decide on, or None when the pipeline runs without data.
             In a compile, the held-out samples the quality gates measure on are never here
             (`CalibrationSet.split`, `PassManager(holdout=...)`).
         statistics: per-node activation statistics, collected in one forward pass per request batch.
+        reference: the program as it was before the first pass (`Program.frozen_copy`: it shares the weights and
+            reads the ones passes replace from the checkpoint, so it costs no memory for them), the teacher of
+            recovery training (`distill`); the `PassManager` sets it when it is None and a pass needs it
+            (`Pass.needs_reference`).
         seed: for passes with randomness.
     """
 
     calibration: CalibrationSet | None = None
     statistics: StatisticsCache | None = None
+    reference: Program | None = None
     seed: int = 0
     progress: bool = True
 
@@ -123,6 +128,12 @@ class Pass:
         `compile --dry-run`) only when no pass needs data. A pass that overrides it asks for data exactly then.
         """
         return True
+
+    def needs_reference(self) -> bool:
+        """Whether this pass, with its options, reads `PassContext.reference` (the dense program: recovery
+        training). False unless a pass says otherwise; the `PassManager` keeps a reference only when some pass
+        needs it, since on a device it holds the weights the passes replace."""
+        return False
 
     def requires(self, program: Program, ctx: PassContext) -> Any:
         """Raise `PassError` if the program is not something this pass can rewrite; return the plan for `run`.
@@ -436,6 +447,8 @@ class PassManager:
                 )
         if ctx.calibration is not None and ctx.statistics is None:
             ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
+        if ctx.reference is None and any(p.needs_reference() for p in self.passes):
+            ctx.reference = program.frozen_copy()
         instruments = [*self.instruments, TimingInstrument()]
         if measured_on is not None and self.passes:
             reference = measured_on.reference_outputs(program, progress=ctx.progress)

@@ -173,6 +173,36 @@ def test_changed_in_place_names_tensors_modified_in_place():
     assert program.changed_in_place(snapshot) == ["blocks.1.down.bias"]
 
 
+def test_a_removed_weight_known_by_its_stored_copy_is_not_taken_for_changed_in_place(tmp_path):
+    """A model read from a checkpoint: its snapshot refers to a weight's file copy by a weak reference, so once a
+    pass removes the weight and it is freed, neither the program nor the snapshot holds it: that is no change."""
+    import gc
+
+    from safetensors.torch import save_file
+
+    from sparsec.ir.stored import StoredTensor
+
+    program = small_program()[1]  # not the model, which would keep its tensors alive
+    name = "blocks.1.down.bias"
+    save_file({name: program.state_tensor(name).detach().clone()}, str(tmp_path / "w.safetensors"))
+    tensor = program.state_tensor(name)
+    program.note_stored_copies(
+        {name: StoredTensor(tmp_path / "w.safetensors", name, tuple(tensor.shape), tensor.dtype)}
+    )
+    del tensor
+    snapshot = program.snapshot()
+    replacement = program.add_parameter("blocks.1.down.new_bias", torch.zeros_like(program.state_tensor(name)))
+    program.replace_uses(program.state_placeholders()[name], replacement)
+    program.remove_state(name)
+    gc.collect()
+    assert program.changed_in_place(snapshot) == []
+    program.restore(snapshot)  # read back from the file
+    again = program.snapshot()
+    with torch.no_grad():
+        program.state_tensor(name).add_(1.0)  # a living tensor changed in place is still found
+    assert program.changed_in_place(again) == [name]
+
+
 def _in_block(node, path):
     stack = node.meta.get("nn_module_stack")
     return bool(stack) and list(stack.values())[-1][0] == path
