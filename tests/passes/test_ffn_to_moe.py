@@ -120,7 +120,8 @@ def test_top_k_equals_moe_by_hand(partition, gating):
     )
     for d in record.decisions["ffns"]:
         assert_true_partition(d)
-        assert d["shared_neurons"] == 0 and d["expert_size"] == 16 and d["active_neurons_per_token"] == 48
+        # the default shared third: round(128 / 3) = 43, + (128 - 43) mod 8 = 48; experts of (128 - 48) / 8 = 10
+        assert d["shared_neurons"] == 48 and d["expert_size"] == 10 and d["active_neurons_per_token"] == 78
     reference = moe_by_hand(model, program, record.decisions)
     testing.assert_equivalent(
         program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits", rtol=1e-4, atol=1e-5
@@ -220,21 +221,66 @@ def _rel_error(program, model, inputs):
 
 
 @pytest.mark.parametrize("partition", ["kmeans", "coactivation"])
-def test_learned_router_beats_random_router_and_static_slice(partition):
+def test_fitted_routers_beat_random_router_and_static_slice(partition):
     model = ClusteredFfn().eval()
     calib = CalibrationSet(model.tokens(32, 16, seed=1), source="clustered tokens")
     held_out = model.tokens(8, 16, seed=2)
     errors = {}
-    for router in ("learned", "random"):
+    for router in ("learned", "regression", "random"):
         program = sparsec.capture(model, model.tokens(2, 8, seed=0))
         testing.apply_pass(
-            program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib
+            program, "ffn_to_moe", experts=8, top_k=4, shared=0, partition=partition, router=router, calibration=calib
         )
         errors[router] = _rel_error(program, model, held_out)
     program = sparsec.capture(model, model.tokens(2, 8, seed=0))
     testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calib)  # same active width
     errors["static"] = _rel_error(program, model, held_out)
-    assert errors["learned"] < 0.1 < 0.5 < min(errors["random"], errors["static"]), errors
+    assert max(errors["learned"], errors["regression"]) < 0.1 < 0.5 < min(errors["random"], errors["static"]), errors
+
+
+def test_regression_router_is_the_least_squares_fit_of_expert_output_norms():
+    """router: regression equals a ridge least-squares solve (an augmented lstsq) of each expert's output norm,
+    computed by hand from the HF FFN's own weights on its calibration inputs (hooked, valid tokens only)."""
+    model = make_model("tiny-llama")
+    calib_inputs = make_inputs(model, 6, 12, seed=1, pad_left=3)
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=4,
+        top_k=2,
+        router="regression",
+        calibration=CalibrationSet(calib_inputs, source="test inputs"),
+    )
+    mlp = model.model.layers[0].mlp
+    seen = []
+    hook = mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(**calib_inputs)
+    hook.remove()
+    x = seen[0][calib_inputs["attention_mask"].bool()].double()
+    decision = next(d for d in record.decisions["ffns"] if d["path"] == "model.layers.0.mlp")
+    norms = torch.stack(
+        [
+            F.linear(
+                F.silu(F.linear(x, mlp.gate_proj.weight[idx].double())) * F.linear(x, mlp.up_proj.weight[idx].double()),
+                mlp.down_proj.weight[:, idx].double(),
+            ).norm(dim=-1)
+            for idx in map(torch.tensor, decision["expert_indices"])
+        ],
+        dim=1,
+    )
+    xc, nc = x - x.mean(0), norms - norms.mean(0)
+    ridge = 1e-3 * float((xc * xc).sum(0).mean())
+    augmented = torch.cat([xc, ridge**0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    want = torch.linalg.lstsq(
+        augmented, torch.cat([nc, torch.zeros(x.shape[1], nc.shape[1], dtype=x.dtype)])
+    ).solution.T
+    got = program.state_tensor("model.layers.0.mlp.moe.router_weight").double()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    bias = program.state_tensor("model.layers.0.mlp.moe.router_bias").double()
+    torch.testing.assert_close(bias, norms.mean(0) - want @ x.mean(0), rtol=1e-3, atol=1e-4)
+    assert 0 < decision["router"]["r2"] <= 1 and decision["router"]["tokens"] == len(x)
 
 
 # ----- adaptation -----------------------------------------------------------------------------------------
