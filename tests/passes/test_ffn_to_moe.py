@@ -144,7 +144,16 @@ def test_bfloat16_model_keeps_its_dtype_and_stays_close():
 def test_remainder_joins_the_shared_expert():
     model = make_model("tiny-qwen2")  # FFN width 128
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    record = testing.apply_pass(program, "ffn_to_moe", experts=6, top_k=6, importance="magnitude", router="random")
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=6,
+        top_k=6,
+        shared=0,
+        partition="balanced",
+        importance="magnitude",
+        router="random",
+    )
     for d in record.decisions["ffns"]:
         assert_true_partition(d)
         assert (d["shared_neurons"], d["expert_size"]) == (2, 21)
@@ -283,7 +292,11 @@ def test_regression_router_is_the_least_squares_fit_of_expert_output_norms():
     assert 0 < decision["router"]["r2"] <= 1 and decision["router"]["tokens"] == len(x)
 
 
-# ----- adaptation -----------------------------------------------------------------------------------------
+# ----- adaptation -----
+# what the adaptation tests exercise: a learned router over balanced experts without a shared one
+ADAPTED_MOE = dict(experts=8, top_k=4, shared=0, partition="balanced", router="learned")
+
+
 def test_adapt_router_tunes_only_routers_deterministically():
     model = make_model("tiny-qwen2")
     calib = calibration(model, samples=16, seq=16)
@@ -291,7 +304,7 @@ def test_adapt_router_tunes_only_routers_deterministically():
     for _ in range(2):
         program = sparsec.capture(model, make_inputs(model, 2, 16))
         record = testing.apply_pass(
-            program, "ffn_to_moe", experts=8, top_k=4, adapt="router", adapt_steps=12, lr=1e-2, calibration=calib
+            program, "ffn_to_moe", **ADAPTED_MOE, adapt="router", adapt_steps=12, lr=1e-2, calibration=calib
         )
         results.append((program, record))
     (a, record), (b, _) = results
@@ -299,7 +312,7 @@ def test_adapt_router_tunes_only_routers_deterministically():
     adapt = record.decisions["adapt"]
     assert adapt["steps"] == 12 and adapt["loss_after"] < adapt["loss_before"]
     fresh = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(fresh, "ffn_to_moe", experts=8, top_k=4, calibration=calib)
+    testing.apply_pass(fresh, "ffn_to_moe", **ADAPTED_MOE, calibration=calib)
     changed = {n for n in a.parameter_names() if not torch.equal(a.state_tensor(n), fresh.state_tensor(n))}
     assert changed and all(".moe.router_" in n for n in changed)
 
@@ -311,8 +324,7 @@ def test_adapt_full_tunes_experts():
     record = testing.apply_pass(
         program,
         "ffn_to_moe",
-        experts=8,
-        top_k=4,
+        **ADAPTED_MOE,
         adapt="full",
         adapt_steps=12,
         where="model.layers.0.mlp",
@@ -320,7 +332,7 @@ def test_adapt_full_tunes_experts():
     )
     assert record.decisions["adapt"]["loss_after"] < record.decisions["adapt"]["loss_before"]
     fresh = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(fresh, "ffn_to_moe", experts=8, top_k=4, where="model.layers.0.mlp", calibration=calib)
+    testing.apply_pass(fresh, "ffn_to_moe", **ADAPTED_MOE, where="model.layers.0.mlp", calibration=calib)
     changed = {n for n in program.parameter_names() if not torch.equal(program.state_tensor(n), fresh.state_tensor(n))}
     assert "model.layers.0.mlp.moe.fc1_weight" in changed and "model.layers.0.mlp.moe.router_weight" in changed
     assert not any(n.startswith("model.layers.1.") for n in changed)
@@ -435,7 +447,15 @@ def test_papers_moe_equals_its_forward_by_hand(router):
     plus the shared expert, weight 1 each) and random router and shared gates, against a per-token reference."""
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router=router, importance="magnitude")
+    options = dict(
+        experts=4,
+        top_k=2,
+        shared=0.25,
+        partition="balanced",
+        gating="one_plus_logit",
+        router=router,
+        importance="magnitude",
+    )
     record = testing.apply_pass(program, "ffn_to_moe", **options)
     gen = torch.Generator().manual_seed(3)
     for d in record.decisions["ffns"]:
@@ -460,7 +480,15 @@ def test_papers_moe_equals_its_forward_by_hand(router):
 def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
     model = make_model("tiny-qwen2")
     calib = calibration(model, samples=8, seq=16)
-    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router="zero", where="model.layers.0.mlp")
+    options = dict(
+        experts=4,
+        top_k=2,
+        shared=0.25,
+        partition="balanced",
+        gating="one_plus_logit",
+        router="zero",
+        where="model.layers.0.mlp",
+    )
     program = sparsec.capture(model, make_inputs(model, 2, 16))
     record = testing.apply_pass(
         program, "ffn_to_moe", **options, adapt="router", adapt_steps=6, lr=1e-2, calibration=calib
@@ -475,7 +503,9 @@ def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
 def test_program_with_moe_saves_and_loads(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, importance="magnitude", router="similarity")
+    testing.apply_pass(
+        program, "ffn_to_moe", experts=4, top_k=2, partition="balanced", importance="magnitude", router="similarity"
+    )
     loaded = sparsec.Program.load(program.save(tmp_path / "moe.pt2"))
     testing.assert_equivalent(loaded, program, make_inputs(model, 2, 9, seed=2))
 
