@@ -16,8 +16,8 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
      so every expert gets a fair share of important neurons;
    - `kmeans`: balanced k-means on the neurons' input weight vectors (gate and up rows; MoEfication);
    - `coactivation` (default): neurons whose activation magnitudes rise and fall together over the calibration
-     tokens go together (CMoE, MoEfication; balanced k-means on each neuron's standardized activation profile, which groups the
-     strongly connected neurons of the co-activation graph).
+     tokens go together (CMoE, MoEfication; balanced k-means on each neuron's standardized activation profile,
+     which groups the strongly connected neurons of the co-activation graph).
    Remainder rule: when the non-shared width is not a multiple of `experts`, the `width mod experts` most
    important leftover neurons join the shared expert, so experts stay equal and the MoE stays exact.
 2. **Router** (linear, hidden -> E, with bias), fit on calibration hidden states to pick, per token, the experts
@@ -287,7 +287,8 @@ class FfnToMoe(Pass):
         if o.router == "similarity":
             return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num, device=device), {}
         if o.router == "regression":
-            return regression_router(expert_output_norms(experts, activation, inputs.float()), inputs.float())
+            x = inputs.float()
+            return regression_router(expert_output_norms(experts, activation, x), x)
         return self._fit_router(experts, activation, inputs)
 
     def _fit_router(
