@@ -20,7 +20,7 @@ import sparsec  # noqa: E402
 from sparsec import testing  # noqa: E402
 from sparsec.data.calibration import CalibrationSet  # noqa: E402
 
-ROUTERS = ("learned", "similarity", "random")
+ROUTERS = ("regression", "learned", "similarity", "random")
 PARTITIONS = ("balanced", "kmeans", "coactivation")
 
 
@@ -34,7 +34,14 @@ def clustered() -> None:
         for router in ROUTERS:
             program = sparsec.capture(model, model.tokens(2, 8, seed=0))
             testing.apply_pass(
-                program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib
+                program,
+                "ffn_to_moe",
+                experts=8,
+                top_k=4,
+                shared=0,
+                partition=partition,
+                router=router,
+                calibration=calib,
             )
             errors[router] = round(_rel_error(program, model, held_out), 3)
         print(f"  {partition:12s} {errors}")
@@ -70,7 +77,14 @@ def tiny_qwen2() -> None:
         for router in ROUTERS:
             program = sparsec.capture(model, make_inputs(model, 2, 16))
             testing.apply_pass(
-                program, "ffn_to_moe", experts=8, top_k=4, router=router, partition=partition, calibration=calib
+                program,
+                "ffn_to_moe",
+                experts=8,
+                top_k=4,
+                shared=0,
+                router=router,
+                partition=partition,
+                calibration=calib,
             )
             errors = []
             for i, node in enumerate(

@@ -1,20 +1,29 @@
-"""`ffn_to_moe`: turn dense FFNs into mixtures of experts made of their own neurons, with a learned router.
+"""`ffn_to_moe`: turn dense FFNs into mixtures of experts made of their own neurons, with a fitted router.
+
+The defaults (16 experts, 4 active, a shared expert of the top third of the neurons: half the FFN neurons active
+per token; `coactivation` partition; `regression` router) are what held-out perplexity on a real pretrained LLM
+chose, before any training: there, an MoE without a shared expert loses to a static slice of the same active
+width even when each token gets the experts of largest true activation mass (every expert holds some of the
+few neurons every token needs), and a shared expert of the most important neurons plus routed experts clustered
+by co-activation beats the slice (bench/moe_search.py).
 
 For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structure`):
 
-1. **Partition.** An optional always-on shared expert takes the `shared` fraction of most important neurons
-   (`sparsec.analysis.importance`). The other neurons are split into `experts` equal experts:
-   - `balanced` (default): neurons sorted by importance are dealt to experts in snake order (0..E-1, E-1..0, ...),
+1. **Partition.** An always-on shared expert takes the `shared` fraction of most important neurons
+   (`sparsec.analysis.importance`; default a third, 0 for none). The other neurons are split into `experts` equal
+   experts:
+   - `balanced`: neurons sorted by importance are dealt to experts in snake order (0..E-1, E-1..0, ...),
      so every expert gets a fair share of important neurons;
    - `kmeans`: balanced k-means on the neurons' input weight vectors (gate and up rows; MoEfication);
-   - `coactivation`: neurons whose activation magnitudes rise and fall together over the calibration tokens
-     go together (balanced k-means on each neuron's standardized activation profile, which groups the
-     strongly connected neurons of the co-activation graph).
+   - `coactivation` (default): neurons whose activation magnitudes rise and fall together over the calibration
+     tokens go together (CMoE, MoEfication; balanced k-means on each neuron's standardized activation profile,
+     which groups the strongly connected neurons of the co-activation graph).
    Remainder rule: when the non-shared width is not a multiple of `experts`, the `width mod experts` most
    important leftover neurons join the shared expert, so experts stay equal and the MoE stays exact.
-2. **Router** (linear, hidden -> E, with bias): `learned` (default) is fit on calibration hidden states to
-   pick, per token, the experts whose outputs are largest (MoEfication's recipe: binary cross-entropy
-   against each token's top-k experts by output norm, on standardized inputs); `similarity` uses each
+2. **Router** (linear, hidden -> E, with bias), fit on calibration hidden states to pick, per token, the experts
+   whose outputs are largest: `regression` (default) predicts each expert's output norm by least squares
+   (closed form, `regression_router`); `learned` is MoEfication's recipe (binary cross-entropy against each
+   token's top-k experts by output norm, on standardized inputs, `fit_steps` Adam steps); `similarity` uses each
    expert's mean input weight vector (no data); `random` is a seeded baseline; `zero` is the paper's
    initialisation (weights zero, no bias). A zero router ties every logit: the k lowest-index experts serve
    every token (`sparsec.ops.moe`) until `adapt` trains it, as the paper does (it fine-tunes the zero-initialised
@@ -27,7 +36,7 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
    `gating: one_plus_logit, router: zero` is exactly the paper's conversion: the sum of k experts plus the shared
    expert. Under the default `gating: unit`, `top_k == experts` computes exactly the
    dense FFN; with calibration data the pass checks that on sampled tokens before it rewrites anything.
-   Under `one_plus_logit` the logits are the expert weights' offsets from 1: a `learned` router's logits (fit for
+   Under `one_plus_logit` the logits are the expert weights' offsets from 1: a fitted router's logits (fit for
    ranking) rescale the experts, so start from `zero` and `adapt`.
 4. **Adapt** (optional): the recovery training of the `distill` pass (`sparsec.data.distill.train_end_to_end`)
    run inside this pass on the parameters it adds: `router` tunes the routers (and shared gates) end to end against
@@ -41,8 +50,9 @@ For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structu
 
 Recipe:
     passes:
-      - ffn_to_moe: {experts: 16, top_k: 8, where: "model.layers.*.mlp", adapt: router}
-      - ffn_to_moe: {experts: 16, top_k: 8, gating: one_plus_logit, router: zero, adapt: router}  # the paper's
+      - ffn_to_moe: {where: "model.layers.*.mlp"}   # 16 experts, 4 active, a third shared: half active
+      - ffn_to_moe: {experts: 16, top_k: 8, shared: 0, partition: balanced, gating: one_plus_logit, router: zero,
+                     adapt: router}  # the paper's
 """
 
 from __future__ import annotations
@@ -168,10 +178,10 @@ class FfnToMoe(Pass):
     @dataclass
     class Options:
         experts: int = 16
-        top_k: int = 8
-        shared: float = 0.0
-        partition: Literal["balanced", "kmeans", "coactivation"] = "balanced"
-        router: Literal["learned", "similarity", "random", "zero"] = "learned"
+        top_k: int = 4
+        shared: float = 1 / 3
+        partition: Literal["balanced", "kmeans", "coactivation"] = "coactivation"
+        router: Literal["regression", "learned", "similarity", "random", "zero"] = "regression"
         gating: Gating = "unit"
         importance: Importance = "activation"
         where: str = "**"
@@ -200,7 +210,10 @@ class FfnToMoe(Pass):
     def _needs_data(self) -> bool:
         o = self.options
         return (
-            o.importance == "activation" or o.partition == "coactivation" or o.router == "learned" or o.adapt != "none"
+            o.importance == "activation"
+            or o.partition == "coactivation"
+            or o.router in ("learned", "regression")
+            or o.adapt != "none"
         )
 
     def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
@@ -244,7 +257,6 @@ class FfnToMoe(Pass):
 
     def _partition(
         self,
-        ffn: Ffn,
         weights: ExpertWeights,
         activation: str,
         score: torch.Tensor,
@@ -260,7 +272,7 @@ class FfnToMoe(Pass):
             rows = [weights.fc1] + ([weights.fc3] if weights.fc3 is not None else [])
             features = torch.cat([F.normalize(r.float(), dim=1) for r in rows], dim=1)[rest]
         else:
-            single = _float(weights.stacked([torch.arange(ffn.intermediate_size)]))
+            single = _float(weights.stacked([torch.arange(weights.fc1.shape[0])]))
             h = moe_dense_reference(inputs[:4096].float(), *single.values(), activation, hidden=True)
             profile = h.squeeze(-2).abs()[:, rest]
             features = ((profile - profile.mean(0)) / profile.std(0).clamp_min(1e-12)).T
@@ -280,6 +292,9 @@ class FfnToMoe(Pass):
             return weight.to(device), torch.zeros(num, device=device), {}
         if o.router == "similarity":
             return F.normalize(experts["fc1_weight"].float().mean(1), dim=1), torch.zeros(num, device=device), {}
+        if o.router == "regression":
+            x = inputs.float()
+            return regression_router(expert_output_norms(experts, activation, x), x)
         return self._fit_router(experts, activation, inputs)
 
     def _fit_router(
@@ -288,21 +303,7 @@ class FfnToMoe(Pass):
         """MoEfication: predict each token's top-k experts by output norm (BCE), on standardized inputs."""
         o = self.options
         x = inputs.float()
-        stacked = _float(experts)
-        mass = torch.cat(
-            [
-                moe_dense_reference(
-                    chunk,
-                    stacked["fc1_weight"],
-                    stacked["fc1_bias"],
-                    stacked["fc3_weight"],
-                    stacked["fc3_bias"],
-                    stacked["fc2_weight"],
-                    activation,
-                ).norm(dim=-1)
-                for chunk in x.split(1024)
-            ]
-        )
+        mass = expert_output_norms(experts, activation, x)
         target = torch.zeros_like(mass).scatter_(1, mass.topk(o.top_k, dim=1).indices, 1.0)
         held_out = max(1, len(x) // 10) if len(x) >= 20 else 0
         train_x, train_t = x[: len(x) - held_out], target[: len(x) - held_out]
@@ -345,7 +346,7 @@ class FfnToMoe(Pass):
         ):
             weights = ExpertWeights.of(program, ffn)
             inputs = samples.get(ffn.up.args[0].name)
-            shared_idx, experts = self._partition(ffn, weights, activation, score, shared, inputs)
+            shared_idx, experts = self._partition(weights, activation, score, shared, inputs)
             stacked = weights.stacked(experts)
             router_weight, router_bias, fit = self._router(stacked, activation, inputs, generator)
             error = None
@@ -483,6 +484,42 @@ class FfnToMoe(Pass):
             experts, width = node.args[3].meta["val"].shape[:2]
             if (experts, width, node.args[8]) != (decision["experts"], decision["expert_size"], decision["top_k"]):
                 raise PassError(f"ffn_to_moe: the MoE node at {decision['path']} is not what the report says")
+
+
+def expert_output_norms(experts: dict, activation: str, x: torch.Tensor) -> torch.Tensor:
+    """[T, E]: the norm of each expert's output ||expert_e(x_t)|| on the tokens `x` [T, H] (float32)."""
+    stacked = _float(experts)
+    return torch.cat(
+        [
+            moe_dense_reference(
+                chunk,
+                stacked["fc1_weight"],
+                stacked["fc1_bias"],
+                stacked["fc3_weight"],
+                stacked["fc3_bias"],
+                stacked["fc2_weight"],
+                activation,
+            ).norm(dim=-1)
+            for chunk in x.split(1024)
+        ]
+    )
+
+
+def regression_router(
+    norms: torch.Tensor, x: torch.Tensor, ridge: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The linear router (weight [E, H], bias [E]) whose logits are the least-squares prediction of each expert's
+    output norm `norms` [T, E] from the tokens `x` [T, H]: a closed-form solve on centred inputs with a ridge of
+    `ridge` times the mean input variance, so the top-k logits pick the experts expected to contribute most."""
+    mean_x, mean_n = x.mean(0), norms.mean(0)
+    xc = (x - mean_x).double()
+    gram = xc.T @ xc
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
+    weight = torch.linalg.solve(gram, xc.T @ (norms - mean_n).double()).T.float()
+    bias = mean_n - weight @ mean_x
+    fitted = x @ weight.T + bias
+    explained = 1 - float((fitted - norms).square().sum() / (norms - mean_n).square().sum().clamp_min(1e-30))
+    return weight, bias, {"r2": explained, "tokens": len(x)}
 
 
 def moe_nodes(program: Program) -> dict[str, Node]:

@@ -95,7 +95,7 @@ def test_every_pytorch_step_runs_on_cuda_and_decides_as_on_the_cpu(tmp_path):
                 {"drop_layers": {"count": 1}},
                 {"slice_neurons": {"keep_ratio": 0.75}},
                 {"prune_heads": {"keep": 2, "unit": "query"}},
-                {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router", "adapt_steps": 5}},
+                {"ffn_to_moe": {"experts": 4, "top_k": 2, "router": "learned", "adapt": "router", "adapt_steps": 5}},
             ],
             "calibration": {"samples": 8, "seq_len": 16},
             "quality": {"gates": False},

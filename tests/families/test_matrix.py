@@ -237,7 +237,15 @@ def _moe(family: Family, program, reference=None, renumbered: Callable[[str], st
     """`reference`: the model to route by hand (a copy of the family's model if None); `renumbered`: a program
     path -> the same module's path in `reference` (after a drop, the reference's blocks are numbered anew)."""
     record = testing.apply_pass(
-        program, "ffn_to_moe", experts=4, top_k=2, router="random", importance="magnitude", seed=3
+        program,
+        "ffn_to_moe",
+        experts=4,
+        top_k=2,
+        shared=0,
+        partition="balanced",
+        router="random",
+        importance="magnitude",
+        seed=3,
     )
     reference = copy.deepcopy(family.model) if reference is None else reference
     roles = family.arch.roles

@@ -120,7 +120,8 @@ def test_top_k_equals_moe_by_hand(partition, gating):
     )
     for d in record.decisions["ffns"]:
         assert_true_partition(d)
-        assert d["shared_neurons"] == 0 and d["expert_size"] == 16 and d["active_neurons_per_token"] == 48
+        # the default shared third: round(128 / 3) = 43, + (128 - 43) mod 8 = 48; experts of (128 - 48) / 8 = 10
+        assert d["shared_neurons"] == 48 and d["expert_size"] == 10 and d["active_neurons_per_token"] == 78
     reference = moe_by_hand(model, program, record.decisions)
     testing.assert_equivalent(
         program, reference, make_inputs(model, 2, 7, seed=5, pad_left=1), output="logits", rtol=1e-4, atol=1e-5
@@ -143,7 +144,16 @@ def test_bfloat16_model_keeps_its_dtype_and_stays_close():
 def test_remainder_joins_the_shared_expert():
     model = make_model("tiny-qwen2")  # FFN width 128
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    record = testing.apply_pass(program, "ffn_to_moe", experts=6, top_k=6, importance="magnitude", router="random")
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=6,
+        top_k=6,
+        shared=0,
+        partition="balanced",
+        importance="magnitude",
+        router="random",
+    )
     for d in record.decisions["ffns"]:
         assert_true_partition(d)
         assert (d["shared_neurons"], d["expert_size"]) == (2, 21)
@@ -220,24 +230,73 @@ def _rel_error(program, model, inputs):
 
 
 @pytest.mark.parametrize("partition", ["kmeans", "coactivation"])
-def test_learned_router_beats_random_router_and_static_slice(partition):
+def test_fitted_routers_beat_random_router_and_static_slice(partition):
     model = ClusteredFfn().eval()
     calib = CalibrationSet(model.tokens(32, 16, seed=1), source="clustered tokens")
     held_out = model.tokens(8, 16, seed=2)
     errors = {}
-    for router in ("learned", "random"):
+    for router in ("learned", "regression", "random"):
         program = sparsec.capture(model, model.tokens(2, 8, seed=0))
         testing.apply_pass(
-            program, "ffn_to_moe", experts=8, top_k=4, partition=partition, router=router, calibration=calib
+            program, "ffn_to_moe", experts=8, top_k=4, shared=0, partition=partition, router=router, calibration=calib
         )
         errors[router] = _rel_error(program, model, held_out)
     program = sparsec.capture(model, model.tokens(2, 8, seed=0))
     testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calib)  # same active width
     errors["static"] = _rel_error(program, model, held_out)
-    assert errors["learned"] < 0.1 < 0.5 < min(errors["random"], errors["static"]), errors
+    assert max(errors["learned"], errors["regression"]) < 0.1 < 0.5 < min(errors["random"], errors["static"]), errors
 
 
-# ----- adaptation -----------------------------------------------------------------------------------------
+def test_regression_router_is_the_least_squares_fit_of_expert_output_norms():
+    """router: regression equals a ridge least-squares solve (an augmented lstsq) of each expert's output norm,
+    computed by hand from the HF FFN's own weights on its calibration inputs (hooked, valid tokens only)."""
+    model = make_model("tiny-llama")
+    calib_inputs = make_inputs(model, 6, 12, seed=1, pad_left=3)
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    record = testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=4,
+        top_k=2,
+        router="regression",
+        calibration=CalibrationSet(calib_inputs, source="test inputs"),
+    )
+    mlp = model.model.layers[0].mlp
+    seen = []
+    hook = mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(**calib_inputs)
+    hook.remove()
+    x = seen[0][calib_inputs["attention_mask"].bool()].double()
+    decision = next(d for d in record.decisions["ffns"] if d["path"] == "model.layers.0.mlp")
+    norms = torch.stack(
+        [
+            F.linear(
+                F.silu(F.linear(x, mlp.gate_proj.weight[idx].double())) * F.linear(x, mlp.up_proj.weight[idx].double()),
+                mlp.down_proj.weight[:, idx].double(),
+            ).norm(dim=-1)
+            for idx in map(torch.tensor, decision["expert_indices"])
+        ],
+        dim=1,
+    )
+    xc, nc = x - x.mean(0), norms - norms.mean(0)
+    ridge = 1e-3 * float((xc * xc).sum(0).mean())
+    augmented = torch.cat([xc, ridge**0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    want = torch.linalg.lstsq(
+        augmented, torch.cat([nc, torch.zeros(x.shape[1], nc.shape[1], dtype=x.dtype)])
+    ).solution.T
+    got = program.state_tensor("model.layers.0.mlp.moe.router_weight").double()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    bias = program.state_tensor("model.layers.0.mlp.moe.router_bias").double()
+    torch.testing.assert_close(bias, norms.mean(0) - want @ x.mean(0), rtol=1e-3, atol=1e-4)
+    assert 0 < decision["router"]["r2"] <= 1 and decision["router"]["tokens"] == len(x)
+
+
+# ----- adaptation -----
+# what the adaptation tests exercise: a learned router over balanced experts without a shared one
+ADAPTED_MOE = dict(experts=8, top_k=4, shared=0, partition="balanced", router="learned")
+
+
 def test_adapt_router_tunes_only_routers_deterministically():
     model = make_model("tiny-qwen2")
     calib = calibration(model, samples=16, seq=16)
@@ -245,7 +304,7 @@ def test_adapt_router_tunes_only_routers_deterministically():
     for _ in range(2):
         program = sparsec.capture(model, make_inputs(model, 2, 16))
         record = testing.apply_pass(
-            program, "ffn_to_moe", experts=8, top_k=4, adapt="router", adapt_steps=12, lr=1e-2, calibration=calib
+            program, "ffn_to_moe", **ADAPTED_MOE, adapt="router", adapt_steps=12, lr=1e-2, calibration=calib
         )
         results.append((program, record))
     (a, record), (b, _) = results
@@ -253,7 +312,7 @@ def test_adapt_router_tunes_only_routers_deterministically():
     adapt = record.decisions["adapt"]
     assert adapt["steps"] == 12 and adapt["loss_after"] < adapt["loss_before"]
     fresh = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(fresh, "ffn_to_moe", experts=8, top_k=4, calibration=calib)
+    testing.apply_pass(fresh, "ffn_to_moe", **ADAPTED_MOE, calibration=calib)
     changed = {n for n in a.parameter_names() if not torch.equal(a.state_tensor(n), fresh.state_tensor(n))}
     assert changed and all(".moe.router_" in n for n in changed)
 
@@ -265,8 +324,7 @@ def test_adapt_full_tunes_experts():
     record = testing.apply_pass(
         program,
         "ffn_to_moe",
-        experts=8,
-        top_k=4,
+        **ADAPTED_MOE,
         adapt="full",
         adapt_steps=12,
         where="model.layers.0.mlp",
@@ -274,7 +332,7 @@ def test_adapt_full_tunes_experts():
     )
     assert record.decisions["adapt"]["loss_after"] < record.decisions["adapt"]["loss_before"]
     fresh = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(fresh, "ffn_to_moe", experts=8, top_k=4, where="model.layers.0.mlp", calibration=calib)
+    testing.apply_pass(fresh, "ffn_to_moe", **ADAPTED_MOE, where="model.layers.0.mlp", calibration=calib)
     changed = {n for n in program.parameter_names() if not torch.equal(program.state_tensor(n), fresh.state_tensor(n))}
     assert "model.layers.0.mlp.moe.fc1_weight" in changed and "model.layers.0.mlp.moe.router_weight" in changed
     assert not any(n.startswith("model.layers.1.") for n in changed)
@@ -389,7 +447,15 @@ def test_papers_moe_equals_its_forward_by_hand(router):
     plus the shared expert, weight 1 each) and random router and shared gates, against a per-token reference."""
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router=router, importance="magnitude")
+    options = dict(
+        experts=4,
+        top_k=2,
+        shared=0.25,
+        partition="balanced",
+        gating="one_plus_logit",
+        router=router,
+        importance="magnitude",
+    )
     record = testing.apply_pass(program, "ffn_to_moe", **options)
     gen = torch.Generator().manual_seed(3)
     for d in record.decisions["ffns"]:
@@ -414,7 +480,15 @@ def test_papers_moe_equals_its_forward_by_hand(router):
 def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
     model = make_model("tiny-qwen2")
     calib = calibration(model, samples=8, seq=16)
-    options = dict(experts=4, top_k=2, shared=0.25, gating="one_plus_logit", router="zero", where="model.layers.0.mlp")
+    options = dict(
+        experts=4,
+        top_k=2,
+        shared=0.25,
+        partition="balanced",
+        gating="one_plus_logit",
+        router="zero",
+        where="model.layers.0.mlp",
+    )
     program = sparsec.capture(model, make_inputs(model, 2, 16))
     record = testing.apply_pass(
         program, "ffn_to_moe", **options, adapt="router", adapt_steps=6, lr=1e-2, calibration=calib
@@ -429,7 +503,9 @@ def test_adapt_router_trains_the_zero_router_and_the_shared_gate():
 def test_program_with_moe_saves_and_loads(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, importance="magnitude", router="similarity")
+    testing.apply_pass(
+        program, "ffn_to_moe", experts=4, top_k=2, partition="balanced", importance="magnitude", router="similarity"
+    )
     loaded = sparsec.Program.load(program.save(tmp_path / "moe.pt2"))
     testing.assert_equivalent(loaded, program, make_inputs(model, 2, 9, seed=2))
 

@@ -106,7 +106,15 @@ def test_a_checkpoint_in_the_papers_layout_imports_as_its_forward(tmp_path, rout
 def test_export_then_import_round_trips_bit_for_bit(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    options = dict(experts=7, top_k=3, shared=0.125, gating="one_plus_logit", router="random", importance="magnitude")
+    options = dict(
+        experts=7,
+        top_k=3,
+        shared=0.125,
+        partition="balanced",
+        gating="one_plus_logit",
+        router="random",
+        importance="magnitude",
+    )
     record = testing.apply_pass(program, "ffn_to_moe", **options)
     gen = torch.Generator().manual_seed(1)
     for d in record.decisions["ffns"]:  # trained shared gates, as the paper's would be
@@ -187,7 +195,14 @@ def test_config_and_program_mismatches_are_refused(tmp_path):
 def test_export_refuses_what_the_papers_block_cannot_hold(tmp_path, options, message):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 8))
-    testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=2, importance="magnitude", **options)
+    testing.apply_pass(
+        program,
+        "ffn_to_moe",
+        experts=4,
+        top_k=2,
+        importance="magnitude",
+        **{"shared": 0, "partition": "balanced", **options},
+    )
     if options["router"] == "random":
         name = "model.layers.0.mlp.moe.router_bias"
         program.replace_state(name, torch.ones_like(program.state_tensor(name)))

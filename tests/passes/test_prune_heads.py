@@ -256,7 +256,10 @@ def test_composes_with_drop_layers_slice_neurons_and_ffn_to_moe(captured):
         ("slice_neurons", dict(keep_ratio=0.5, importance="magnitude")),
         ("prune_heads", dict(keep=2, unit="query", importance="magnitude")),
         ("drop_layers", dict(layers=[1], where="model.layers.*")),
-        ("ffn_to_moe", dict(experts=2, top_k=1, router="random", importance="magnitude", seed=3)),
+        (
+            "ffn_to_moe",
+            dict(experts=2, top_k=1, shared=0, partition="balanced", router="random", importance="magnitude", seed=3),
+        ),
     ]
     dense, moe = program, captured("qwen2")[1]
     records = PassManager([get_pass(n)(**o) for n, o in passes[:3]]).run(dense, PassContext(progress=False))

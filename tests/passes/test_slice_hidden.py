@@ -248,9 +248,13 @@ def test_composes_with_drop_layers_and_slice_neurons_then_ffn_to_moe():
     assert hidden.decisions["width_after"] == 48
     testing.assert_equivalent(program, reference, _inputs(model, 3, 11), rtol=1e-5, atol=1e-5)
 
-    (moe,) = PassManager([get_pass("ffn_to_moe")(experts=4, top_k=2, router="random", importance="magnitude")]).run(
-        program, PassContext(progress=False)
-    )
+    (moe,) = PassManager(
+        [
+            get_pass("ffn_to_moe")(
+                experts=4, top_k=2, shared=0, partition="balanced", router="random", importance="magnitude"
+            )
+        ]
+    ).run(program, PassContext(progress=False))
     for d in moe.decisions["ffns"]:  # the experts read the narrowed stream
         assert program.state_shape(f"{d['path']}.moe.router_weight") == (4, 48)
     nodes = [n.name for n in program.graph.nodes]
