@@ -18,7 +18,7 @@ benchmark measures what each recipe costs; gating is the user's choice), and rec
 `--plot`.
 
     python bench/quality.py --out bench/results/quality            # every variant: about an hour on 2 cores
-    python bench/quality.py --only dense,slice-50,moe-16x8 --no-distill
+    python bench/quality.py --only dense,slice-50,moe-50 --no-distill
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from sparsec.recipe import Recipe  # noqa: E402
 
 TARGET = "pytorch"  # program.pt2 as compiled: perplexity needs no ONNX export (the eval tests prove the targets agree)
 
-# Name -> the passes of the recipe (before recovery). Widths: slice_neurons keep_ratio 0.5 and ffn_to_moe 16/8 leave
-# the same FFN neurons active per token; 0.25 and 16/4 likewise.
+# Name -> the passes of the recipe (before recovery). The MoE and slice variants of one number leave the same FFN
+# neurons active per token: moe-50 is ffn_to_moe's defaults (a shared expert of a third of the neurons + 4 of 16
+# routed experts: 512 + 4 x 64 of SmolLM2's 1536), moe-25 a 224-neuron shared expert + 2 of 16 experts of 82 (388).
 VARIANTS: dict[str, list[dict]] = {
     "dense": [],
     "drop-2": [{"drop_layers": {"count": 2}}],
@@ -54,8 +55,8 @@ VARIANTS: dict[str, list[dict]] = {
     "slice-25": [{"slice_neurons": {"keep_ratio": 0.25}}],
     "heads-67": [{"prune_heads": {"keep_ratio": 0.67, "unit": "query"}}],
     "hidden-75": [{"slice_hidden": {"keep_ratio": 0.75}}],
-    "moe-16x8": [{"ffn_to_moe": {"experts": 16, "top_k": 8}}],
-    "moe-16x4": [{"ffn_to_moe": {"experts": 16, "top_k": 4}}],
+    "moe-50": [{"ffn_to_moe": {}}],
+    "moe-25": [{"ffn_to_moe": {"top_k": 2, "shared": 0.146}}],
 }
 
 

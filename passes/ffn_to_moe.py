@@ -140,7 +140,7 @@ def _snake_deal(order: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
 def _balanced_assign(distance: torch.Tensor, size: int) -> torch.Tensor:
     """Assign N points to E clusters of exactly `size` each, greedily by increasing distance."""
     n, e = distance.shape
-    labels = torch.full((n,), -1, dtype=torch.long)
+    labels = [-1] * n
     room = [size] * e
     left = n
     for flat in distance.flatten().argsort().tolist():
@@ -151,7 +151,7 @@ def _balanced_assign(distance: torch.Tensor, size: int) -> torch.Tensor:
             left -= 1
             if not left:
                 break
-    return labels
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def _balanced_kmeans(features: torch.Tensor, num_experts: int, seed: int, iterations: int = 25) -> torch.Tensor:
