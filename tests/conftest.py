@@ -61,6 +61,18 @@ def captured():
     return get
 
 
+@pytest.fixture(scope="session")
+def default_artifact(tmp_path_factory):
+    """(output directory, report) of `compile_model("builtin:tiny-qwen2", Recipe())`: the default compile to
+    ONNX with its parity check, made once per session (per xdist worker) for the tests that only read it. Do not
+    write into it; copy it first."""
+    from sparsec.compiler import compile_model
+    from sparsec.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("default_artifact") / "out"
+    return out, compile_model("builtin:tiny-qwen2", Recipe(), out, progress=False)
+
+
 def make_qwenimage(seed: int = 0) -> QwenImageStep:
     """A tiny QwenImageTransformer2DModel (random weights) as one denoising step on a 4x4 latent grid."""
     return tiny_qwenimage(seed)
@@ -91,6 +103,12 @@ def gpu_missing(needs: tuple[str, ...] = ()) -> list[str]:
         elif need not in ("tensorrt", "triton", "onnxruntime-cuda"):
             raise ValueError(f"@pytest.mark.gpu({need!r}): not a known need")
     return missing
+
+
+def pytest_configure(config):
+    from time_budget import TimeBudget
+
+    config.pluginmanager.register(TimeBudget(config), "sparsec-time-budget")
 
 
 def pytest_collection_modifyitems(config, items):

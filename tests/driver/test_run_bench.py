@@ -10,19 +10,15 @@ from conftest import make_inputs, make_model
 from safetensors.torch import save_file
 
 from sparsec.cli import main
-from sparsec.compiler import compile_model
 from sparsec.exporters.targets.base import onnx_embedding_sizes
-from sparsec.recipe import Recipe
 from sparsec.runner import artifact_inputs, synthetic_inputs
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifact") / "out"
-    compile_model("builtin:tiny-qwen2", Recipe(), out, progress=False)
-    return out
+@pytest.fixture
+def artifact(default_artifact):
+    return default_artifact[0]
 
 
 def test_run_on_a_calibration_file_gives_the_programs_outputs(tmp_path, artifact, capsys):
