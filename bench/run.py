@@ -5,7 +5,10 @@ stream's width), bench/prune_heads.py (heads: KV groups and query heads), bench/
 on several engines, and the whole model) and bench/compile_time.py (sparsec's capture + passes + export against a
 bare torch.onnx.export) in one process, each printing its own table as it finishes, then one summary table:
 every compressed variant's measured speedup against its ideal (FLOP ratio, or E/k for an MoE layer), and
-the compile time against the bare export's. Each benchmark's own docstring says how it measures.
+the compile time against the bare export's. `--only quality` runs bench/quality.py (the quality frontier of a real
+model: held-out perplexity, task accuracy and latency per recipe, with and without recovery), which needs the real
+model and texts bench/real_model.py writes (`--real-model`, `--calib-text`, `--eval-text`). Each benchmark's own
+docstring says how it measures.
 
     python bench/run.py                                  # all five at the benchmark sizes (16 layers, hidden 1024)
     python bench/run.py --only depth,compile --reps 5 --compile-reps 5
@@ -29,6 +32,7 @@ import compile_time  # noqa: E402
 import drop_layers  # noqa: E402
 import ffn_to_moe  # noqa: E402
 import prune_heads  # noqa: E402
+import quality  # noqa: E402
 import slice_hidden  # noqa: E402
 import slice_neurons  # noqa: E402
 from common import markdown_table, parser  # noqa: E402
@@ -40,7 +44,9 @@ BENCHMARKS: dict[str, Callable] = {
     "heads": prune_heads.run,
     "moe": ffn_to_moe.run,
     "compile": compile_time.run,
+    "quality": quality.run,
 }
+SPEED = [name for name in BENCHMARKS if name != "quality"]  # the default: quality needs a real model (--real-model)
 QUICK = {
     "layers": 4,
     "hidden": 128,
@@ -88,6 +94,11 @@ def summary_rows(name: str, result: dict) -> list[list[str]]:
                 f"{1 / result['no_passes_ratio_to_bare']:.2f}",
             ],
         ]
+    if name == "quality":
+        return [
+            ["quality", variant, f"ppl {r['ppl_ratio']:.2f}x dense", f"{r['active_parameters'] / 1e6:.1f}M active", ""]
+            for variant, r in result.items()
+        ]
     if name == "moe":
         rows = speedups("moe layer", result.get("layer", {}), "speedup", "ideal")
         return rows + speedups("moe model", result.get("model", {}), "measured_speedup", "ideal_speedup")
@@ -98,10 +109,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     ffn_to_moe.add_arguments(p)
     compile_time.add_arguments(p)
+    quality.add_arguments(p)
     p.add_argument(
         "--only",
-        default=",".join(BENCHMARKS),
-        help=f"comma-separated benchmarks to run (default: all of {','.join(BENCHMARKS)})",
+        default=",".join(SPEED),
+        help=f"comma-separated benchmarks to run (default: {','.join(SPEED)}; also: quality)",
     )
     p.add_argument(
         "--quick",
