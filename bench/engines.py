@@ -55,8 +55,12 @@ def variant_passes(name: str, layers: int) -> list[dict]:
         "dense": [],
         "drop-50": [{"drop_layers": {"layers": list(range(1, layers, 2))}}],
         "slice-50": [{"slice_neurons": {"keep_ratio": 0.5}}],
-        "moe-8top2": [{"ffn_to_moe": {"experts": 8, "top_k": 2, "router": "similarity"}}],
-        "moe-16top8": [{"ffn_to_moe": {"experts": 16, "top_k": 8, "router": "similarity"}}],
+        "moe-8top2": [
+            {"ffn_to_moe": {"experts": 8, "top_k": 2, "shared": 0, "partition": "balanced", "router": "similarity"}}
+        ],
+        "moe-16top8": [
+            {"ffn_to_moe": {"experts": 16, "top_k": 8, "shared": 0, "partition": "balanced", "router": "similarity"}}
+        ],
     }[name]
 
 

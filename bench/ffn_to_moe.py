@@ -50,6 +50,8 @@ from sparsec.ops.moe import DECOMPOSITIONS  # noqa: E402
 from sparsec.transform.pass_manager import PassManager, get_pass  # noqa: E402
 
 ENGINES = ("torch", "transformers", "ort", "aotinductor")
+# E experts, k active, no shared expert, no data needed: the layout whose ideal speedup is E/k
+PLAIN_MOE = {"shared": 0, "partition": "balanced", "router": "random", "importance": "magnitude"}
 
 
 class GatedFfn(torch.nn.Module):
@@ -106,7 +108,7 @@ def layer_benchmark(args) -> dict:
     programs = {"dense": sparsec.capture(dense, example, dynamic=dims)}
     for k in args.top_k:
         program = sparsec.capture(dense, example, dynamic=dims)
-        PassManager([moe(experts=args.experts, top_k=k, router="random", importance="magnitude")]).run(program)
+        PassManager([moe(**PLAIN_MOE, experts=args.experts, top_k=k)]).run(program)
         programs[f"MoE {args.experts}/{k}"] = program
     inputs = {"x": x}
     flops = {name: sum(flops_by_path(p, inputs).values()) for name, p in programs.items()}
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         variants = {
             "dense": [],
             f"MoE {args.experts}/{args.experts // 2}": [
-                moe(experts=args.experts, top_k=args.experts // 2, router="random", importance="magnitude")
+                moe(**PLAIN_MOE, experts=args.experts, top_k=args.experts // 2)
             ],
         }
         model_args = argparse.Namespace(**{**vars(args), "reps": args.model_reps, "json": None})

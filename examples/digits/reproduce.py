@@ -79,7 +79,7 @@ class Variant:
 
 def variants(adapt_steps: int) -> list[Variant]:
     """The variants of issue 8, in table order."""
-    moe = {"where": GEN_FFNS, "experts": 16, "top_k": 8, "router": "learned"}
+    moe = {"where": GEN_FFNS, "experts": 16, "top_k": 8, "shared": 0, "partition": "balanced", "router": "learned"}
     gen_slice = {"where": GEN_FFNS, "keep_ratio": 0.5, "importance": "activation"}
     return [
         Variant("dense", "no pass"),

@@ -204,7 +204,15 @@ def test_export_then_load_round_trips(tmp_path):
     step = entry_points(load_model(source).model)["generation_step"]
     program = step.capture(batch=2, seq=6)
     where = "language_model.model.layers.{1-2}.mlp_moe_gen"
-    options = dict(experts=EXPERTS, top_k=TOP_K, shared=1 / 3, gating="one_plus_logit", router="zero", where=where)
+    options = dict(
+        experts=EXPERTS,
+        top_k=TOP_K,
+        shared=1 / 3,
+        partition="balanced",
+        gating="one_plus_logit",
+        router="zero",
+        where=where,
+    )
     record = testing.apply_pass(program, "ffn_to_moe", importance="magnitude", **options)
     gen = torch.Generator().manual_seed(5)
     for d in record.decisions["ffns"]:

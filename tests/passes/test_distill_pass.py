@@ -200,9 +200,10 @@ def test_trainable_globs_train_what_they_name(dense):
 def test_ffn_to_moe_adapt_on_a_directory_loaded_model(checkpoint):
     """It failed: the pass prunes the dense FFN weights, which the snapshot knew by their stored copies."""
     program = _program(checkpoint)
-    (record,) = PassManager([get_pass("ffn_to_moe")(experts=4, top_k=2, adapt="router", adapt_steps=12, lr=1e-2)]).run(
-        program, PassContext(calibration=_calibration(), progress=False)
+    moe = get_pass("ffn_to_moe")(
+        experts=4, top_k=2, shared=0, partition="balanced", router="learned", adapt="router", adapt_steps=12, lr=1e-2
     )
+    (record,) = PassManager([moe]).run(program, PassContext(calibration=_calibration(), progress=False))
     adapt = record.decisions["adapt"]
     assert adapt["steps"] == 12 and adapt["loss_after"] < adapt["loss_before"]
     assert set(adapt["trained"]) == {
