@@ -150,18 +150,15 @@ def measure(name: str, distill: bool, samples: TextSamples, args: argparse.Names
     label = f"{name}{' + distill' if distill else ''}"
     artifact = artifact_dir(out, label)
     settings = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "calib",
-            "eval",
-            "samples",
-            "seq_len",
-            "batch_size",
-            "distill_steps",
-            "eval_seq_len",
-            "tasks",
-        )
+        "model": args.real_model,
+        "calib": args.calib_text,
+        "eval": args.eval_text,
+        "samples": args.text_samples,
+        "seq_len": args.text_seq_len,
+        "batch_size": args.text_batch_size,
+        "eval_seq_len": args.eval_seq_len,
+        "tasks": args.tasks,
+        **({"distill_steps": args.distill_steps} if distill else {}),
     }
     saved = artifact / "bench_result.json"
     if saved.exists() and not args.fresh:
