@@ -207,6 +207,18 @@ def slice_hidden_by_hand(model, kept, writers):
     return reference
 
 
+# The paper's MoE layout with a gated shared expert, made without data (random router): what lowers and round-trips.
+PAPER_MOE = dict(
+    experts=7,
+    top_k=3,
+    shared=0.125,
+    partition="balanced",
+    gating="one_plus_logit",
+    router="random",
+    importance="magnitude",
+)
+
+
 def random_moe_weights(experts=4, width=8, hidden=16, gated=True, seed=0):
     """Random `sparsec::moe` weights (router, fc1, fc3, fc2 with biases), seeded."""
     gen = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    PAPER_MOE,
     MoeOpModule,
     make_inputs,
     make_model,
@@ -575,16 +576,7 @@ def test_onnx_model_with_moe_matches_pytorch_at_another_shape(tmp_path, lowering
 def test_papers_moe_with_a_gated_shared_expert_lowers_to_onnx(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    options = dict(
-        experts=7,
-        top_k=3,
-        shared=0.125,
-        partition="balanced",
-        gating="one_plus_logit",
-        router="random",
-        importance="magnitude",
-    )
-    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    record = testing.apply_pass(program, "ffn_to_moe", **PAPER_MOE)
     gen = torch.Generator().manual_seed(0)
     for d in record.decisions["ffns"]:
         program.replace_state(d["shared_gate"], torch.randn(1, 64, generator=gen) / 8)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, make_model, mot_inputs, paper_moe_by_hand
+from conftest import PAPER_MOE, make_inputs, make_model, mot_inputs, paper_moe_by_hand
 from safetensors.torch import save_file
 
 import sparsec
@@ -106,16 +106,7 @@ def test_a_checkpoint_in_the_papers_layout_imports_as_its_forward(tmp_path, rout
 def test_export_then_import_round_trips_bit_for_bit(tmp_path):
     model = make_model("tiny-qwen2")
     program = sparsec.capture(model, make_inputs(model, 2, 16))
-    options = dict(
-        experts=7,
-        top_k=3,
-        shared=0.125,
-        partition="balanced",
-        gating="one_plus_logit",
-        router="random",
-        importance="magnitude",
-    )
-    record = testing.apply_pass(program, "ffn_to_moe", **options)
+    record = testing.apply_pass(program, "ffn_to_moe", **PAPER_MOE)
     gen = torch.Generator().manual_seed(1)
     for d in record.decisions["ffns"]:  # trained shared gates, as the paper's would be
         program.replace_state(d["shared_gate"], torch.randn(1, HIDDEN, generator=gen))
