@@ -192,6 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-out", default="bench/results/quality", help="results, artifacts and the plot")
     p.add_argument("--variants", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
     p.add_argument("--no-distill", action="store_true", help="skip the recovered variants")
+    p.add_argument("--distilled", help="comma-separated variants also measured with distill (default: all but dense)")
     p.add_argument("--distill-steps", type=int, help="steps of every distill (default: the pass's own default)")
     p.add_argument("--text-samples", type=int, default=128, help="calibration lines (default %(default)s)")
     p.add_argument("--text-seq-len", type=int, default=128, help="calibration tokens per line (default %(default)s)")
@@ -218,10 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         args.eval_text, tokenizer_dir=Path(args.real_model), protocol="lines", seq_len=args.eval_seq_len
     )
     print(f"held-out text: {samples.protocol.describe()}", flush=True)
+    recovered = set(args.distilled.split(",")) if args.distilled else set(names) - {"dense"}
     labels = [
         (name, distill)
         for name in names
-        for distill in ([False] if args.no_distill or name == "dense" else [False, True])
+        for distill in ([False, True] if name in recovered and not args.no_distill else [False])
     ]
     results = [measure(name, distill, samples, args, out) for name, distill in labels]
     dense = next((r for r in results if r.variant == "dense"), None)
