@@ -14,7 +14,7 @@ measured side by side in one run:
 
 Every variant is compiled with the same calibration set (text lines, `--text-samples` x `--text-seq-len`, a fifth
 held out by the compile), gates off (the benchmark measures what each recipe costs; gating is the user's choice), and
-recovered with the same budget (`distill: {}`, the pass's defaults, or `--distill-steps`). Each variant's artifact and
+recovered with the same budget (`distill: {}`, the pass's defaults, or the options of `--distill`). Each variant's artifact and
 result stay in `--quality-out`/artifacts, so an interrupted run resumes where it stopped. The table goes to stdout,
 `quality.md` and `quality.json`, the plot (perplexity against active parameters) to `quality.png`.
 
@@ -79,7 +79,7 @@ class Result:
 
 
 def recipe(passes: list[dict], args: argparse.Namespace, distill: bool) -> Recipe:
-    recovery = {"distill": {} if args.distill_steps is None else {"steps": args.distill_steps}}
+    recovery = {"distill": distill_options(args)}
     steps = [*passes, *([recovery] if distill else [])]
     return Recipe.from_dict(
         {
@@ -94,6 +94,17 @@ def recipe(passes: list[dict], args: argparse.Namespace, distill: bool) -> Recip
         },
         source=f"bench/quality.py:{'+'.join(next(iter(p)) for p in steps) or 'dense'}",
     )
+
+
+def distill_options(args: argparse.Namespace) -> dict:
+    """The `distill` pass's options from `--distill` (JSON object)."""
+    try:
+        options = json.loads(args.distill)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"bench/quality.py: --distill is not JSON ({e}); e.g. --distill '{{\"steps\": 50}}'") from e
+    if not isinstance(options, dict):
+        raise SystemExit("bench/quality.py: --distill must be a JSON object of distill options, e.g. '{\"steps\": 50}'")
+    return options
 
 
 def active_parameters(program: torch.export.ExportedProgram) -> tuple[int, int]:
@@ -158,7 +169,7 @@ def measure(name: str, distill: bool, samples: TextSamples, args: argparse.Names
         "batch_size": args.text_batch_size,
         "eval_seq_len": args.eval_seq_len,
         "tasks": args.tasks,
-        **({"distill_steps": args.distill_steps} if distill else {}),
+        **({"distill": distill_options(args)} if distill else {}),
     }
     saved = artifact / "bench_result.json"
     if saved.exists() and not args.fresh:
@@ -193,7 +204,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
     p.add_argument("--no-distill", action="store_true", help="skip the recovered variants")
     p.add_argument("--distilled", help="comma-separated variants also measured with distill (default: all but dense)")
-    p.add_argument("--distill-steps", type=int, help="steps of every distill (default: the pass's own default)")
+    p.add_argument(
+        "--distill",
+        default="{}",
+        help="options of every distill pass, as JSON (default: %(default)s, the pass's defaults), e.g. '{\"steps\": 50}'",
+    )
     p.add_argument("--text-samples", type=int, default=128, help="calibration lines (default %(default)s)")
     p.add_argument("--text-seq-len", type=int, default=128, help="calibration tokens per line (default %(default)s)")
     p.add_argument("--text-batch-size", type=int, default=8, help="calibration batch (default %(default)s)")
