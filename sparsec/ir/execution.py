@@ -1,0 +1,254 @@
+"""Execution: running a program's graph on named inputs, whole or segment by segment, observed or rewritten.
+
+Contract: outputs come back by name (`Program.output_names`). A plain run calls the graph module with every
+weight read at once; an observed or rewritten run goes through an FX interpreter, which reads lazily backed
+weights segment by segment (a segment's weights once for all batches, dropped after it: layer by layer onloading,
+so a model larger than memory runs in it). Every node computes the same ops on the same values either way, so
+outputs and observed values agree bit for bit. A shapes-only run uses fake tensors and reads no weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx import Node
+
+from sparsec.errors import SparsecError
+from sparsec.ir.editing import STATE_KINDS
+
+if TYPE_CHECKING:
+    from sparsec.ir.program import Program
+
+
+@dataclass(frozen=True)
+class ValueRewrite:
+    """For `Program.run(rewrite=...)`: the node's value becomes `fn(value, *values of reads)`.
+
+    Example::
+
+        skip = ValueRewrite(lambda out, inp: inp, reads=(block.input,))   # the block passes its input on
+        program.run(batch, rewrite={block.output: skip})
+    """
+
+    fn: Callable[..., Any]
+    reads: tuple[Node, ...] = ()
+
+
+def flat_args(
+    program: Program, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor] | None = None
+) -> list[Any]:
+    """`Program.flat_args`: the graph module's positional arguments for user `inputs` by name, state tensors and
+    inputs in signature order. `named_outputs(program, program.graph_module(*flat_args(program, inputs)))` is
+    `run(inputs)` without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`,
+    which passes `state`: the tensor to use for each state name instead of `Program.state_tensor`'s). Inputs on
+    another device than the program's weights are moved to it (calibration data stays on the CPU while the program
+    runs on `cuda`)."""
+    _check_inputs(program, inputs)
+    return _args(program, inputs, state or program.state_tensor)
+
+
+def named_outputs(program: Program, flat: Any) -> dict[str, torch.Tensor]:
+    """The user outputs by name from the graph module's flat result (see `flat_args`)."""
+    specs = program.exported.graph_signature.output_specs
+    user = [v for v, s in zip(flat, specs) if s.kind == OutputKind.USER_OUTPUT]
+    return dict(zip(program.output_names, user))
+
+
+def _check_inputs(program: Program, inputs: Mapping[str, torch.Tensor]) -> None:
+    names = program.input_names
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names]
+    if missing or extra:
+        raise SparsecError(
+            f"program inputs are {names}; got {sorted(inputs)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else "")
+        )
+
+
+def _args(program: Program, inputs: Mapping[str, torch.Tensor], state: Callable[[str], Any]) -> list[Any]:
+    device = program.device
+    user = iter(
+        inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device else inputs[n]
+        for n in program.input_names
+    )
+    args: list[Any] = []
+    for spec in program.exported.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            args.append(next(user))
+        elif spec.kind in STATE_KINDS:
+            args.append(state(spec.target))
+        else:
+            raise SparsecError(f"unsupported program input kind {spec.kind} ({spec.arg.name})")
+    return args
+
+
+def _fake_args(program: Program, inputs: Mapping[str, torch.Tensor], mode: Any) -> list[Any]:
+    """`flat_args` as fake tensors of `mode`: shapes and dtypes only, nothing read (state on the inputs' device)."""
+    _check_inputs(program, inputs)
+    device = next((v.device for v in inputs.values()), torch.device("cpu"))
+
+    def fake(name: str) -> Any:
+        held = program.weights.held(name)
+        if held.device.type == "meta":
+            return mode.fake_tensor_converter.from_meta_and_device(mode, held.detach(), device)
+        return mode.from_tensor(held)
+
+    return _args(program, {n: mode.from_tensor(v) for n, v in inputs.items()}, fake)
+
+
+def _interpreted_args(program: Program, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+    """`flat_args` for `_interpret`: references to the held state and the inputs, no copies; None for lazily
+    backed state, which `_interpret` reads segment by segment."""
+    _check_inputs(program, inputs)
+    weights = program.weights
+    return _args(program, inputs, lambda name: None if weights.is_lazy(name) else weights.held(name))
+
+
+@torch.no_grad()
+def run(
+    program: Program,
+    inputs: Mapping[str, torch.Tensor],
+    observe: Callable[[Node, Any], None] | None,
+    nodes: set[Node] | None,
+    rewrite: Mapping[Node, ValueRewrite] | None,
+    shapes_only: bool,
+) -> dict[str, torch.Tensor]:
+    """`Program.run`: run the graph on `inputs` (by name) and return the outputs by name.
+
+    With `observe`, every node in `nodes` (all nodes if None) is reported as `observe(node, value)`
+    as soon as it is computed: calibration statistics are collected this way in one pass.
+    With `rewrite`, the value of each node in it is replaced by its `ValueRewrite` before any user reads
+    it: a what-if run of a change without editing the graph (`sparsec.probe` masks neurons and skips
+    blocks this way).
+    With `shapes_only`, the graph runs on fake tensors: values carry shapes and dtypes, no weight is read or
+    computed with (FLOP counting of a lazily backed program); ops whose output shape depends on values
+    (`aten.nonzero`) then fail.
+    """
+    plain = observe is None and not rewrite
+    if shapes_only:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+        args = _fake_args(program, inputs, mode)
+    else:  # the graph module reads every weight; the interpreter onloads lazily backed ones (`_interpret`)
+        mode = contextlib.nullcontext()
+        args = flat_args(program, inputs) if plain else _interpreted_args(program, inputs)
+    with mode:
+        if plain:
+            return named_outputs(program, program.graph_module(*args))
+        report = None if observe is None else (lambda _index, node, value: observe(node, value))
+        return next(_interpret(program, [args], (), report, nodes, rewrite))
+
+
+@torch.no_grad()
+def run_segmented(
+    program: Program,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    cuts: Iterable[Node],
+    observe: Callable[[int, Node, Any], None] | None,
+    nodes: set[Node] | None,
+    rewrite: Mapping[Node, ValueRewrite] | None,
+    on_segment: Callable[[int, int], None] | None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`Program.run_segmented`: run the graph over all `batches` segment by segment and yield each batch's outputs
+    by name, in order.
+
+    The nodes (in graph order) are split after each node of `cuts` (e.g. the last output of every block
+    of a block stack). Segment k runs for every batch before segment k+1 starts, and between segments
+    only the values live across the cut are kept, for every batch (the residual stream, masks, rotary
+    tables): memory holds one cut's live set for all batches plus one batch's values within a segment,
+    never every batch's activations of the whole graph, and each segment's weights are used for all
+    batches in a row (layer-sequential calibration, llm-compressor's "sequential onloading"). A lazily backed
+    program reads a segment's weights from their files when the segment starts and drops them when it ends:
+    memory then holds one block's weights, never the model's.
+
+    Every node computes exactly what `run` computes (the same ops on the same values), so outputs and
+    observed values are equal to `run`'s bit for bit. `observe(batch_index, node, value)` is called for
+    every node in `nodes` (all nodes if None) as soon as it is computed, segment by segment: batch 0..N-1
+    of the first segment, then of the second, ...; `rewrite` works as in `run`. The outputs of batch i
+    are yielded when the last segment finishes it; earlier segments run on the first `next()`.
+    `on_segment(done, total)` is called when a segment has run for every batch (progress).
+    """
+    args = [_interpreted_args(program, batch) for batch in batches]
+    yield from _interpret(program, args, cuts, observe, nodes, rewrite, on_segment)
+
+
+def _interpret(
+    program: Program,
+    args: list[list[Any]],
+    cuts: Iterable[Node],
+    observe: Callable[[int, Node, Any], None] | None,
+    nodes: set[Node] | None,
+    rewrite: Mapping[Node, ValueRewrite] | None,
+    on_segment: Callable[[int, int], None] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`run_segmented` on the graph module's flat arguments of each batch (`_interpreted_args`, or fake ones):
+    a state argument that is None is read when a segment needs it (`_onload`)."""
+    cuts = list(cuts)
+    graph = program.graph
+    order = list(graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    strangers = [c for c in cuts if c not in position]
+    if strangers:
+        raise SparsecError(
+            f"cut node(s) {[c.name for c in strangers][:5]} are not in the program's graph; "
+            "compute the cuts from the program as it is now"
+        )
+    rewrite = rewrite or {}
+    last_use = {n: max([position[n]] + [position[u] for u in n.users]) for n in order}
+    for target, rw in rewrite.items():  # a value a rewrite reads stays alive until the rewrite ran
+        for read in rw.reads:
+            last_use[read] = max(last_use[read], position[target])
+    freed_after: dict[int, list[Node]] = {}
+    for n, last in last_use.items():
+        freed_after.setdefault(last, []).append(n)
+    ends = sorted({position[c] for c in cuts} | {len(order) - 1})
+    segments = [order[start + 1 : end + 1] for start, end in zip([-1, *ends], ends)]
+
+    interpreter = torch.fx.Interpreter(program.graph_module, garbage_collect_values=False)
+    argument = {n: j for j, n in enumerate(graph.find_nodes(op="placeholder"))}
+    lazy = {n: name for name, n in program.state_placeholders().items() if args and args[0][argument[n]] is None}
+    envs: list[dict[Node, Any] | None] = [None] * len(args)
+    for k, segment in enumerate(segments):
+        last = k == len(segments) - 1
+        onloaded = _onload(program, segment, lazy)
+        for i in range(len(args)):
+            env = envs[i] if envs[i] is not None else {}
+            interpreter.env = env
+            for node, value in onloaded.items():
+                if observe is not None and (nodes is None or node in nodes):
+                    observe(i, node, value)
+                env[node] = value
+            for node in segment:
+                if node in lazy:
+                    continue
+                value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
+                if node in rewrite:
+                    value = rewrite[node].fn(value, *(env[r] for r in rewrite[node].reads))
+                if observe is not None and (nodes is None or node in nodes):
+                    observe(i, node, value)
+                env[node] = value
+                for dead in freed_after.get(position[node], ()):
+                    if dead.op != "output":
+                        env.pop(dead, None)
+            for node in onloaded:
+                env.pop(node, None)
+            envs[i] = None if last else env
+            if last:
+                yield named_outputs(program, value)
+        del onloaded
+        if on_segment is not None:
+            on_segment(k + 1, len(segments))
+
+
+def _onload(program: Program, segment: Sequence[Node], lazy: Mapping[Node, str]) -> dict[Node, torch.Tensor]:
+    """The lazily backed state tensors `segment` reads, each read once from its file for all batches (layer by
+    layer onloading: a block's weights are in memory while that block runs, and only then)."""
+    read = dict.fromkeys(p for node in segment for p in node.all_input_nodes if p in lazy)
+    return {p: program.state_tensor(lazy[p]) for p in read}
