@@ -4,12 +4,13 @@ dead code and unread state pruned.
 Contract: parameters are graph inputs, so "a weight is gone" has a precise meaning: no placeholder, no signature
 entry, no tensor. Every function here keeps the three in step (the tensors through the program's `WeightStore`),
 and `set_signature` is the one place the graph signature changes. `prune` establishes the meaning after a rewrite.
+The functions take the `ExportedProgram` and its `WeightStore`; `Program`'s methods of the same names call them.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 from torch.export import ExportedProgram
@@ -20,13 +21,10 @@ from torch.export.graph_signature import (
     OutputSpec,
     TensorArgument,
 )
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from sparsec.errors import SparsecError
-from sparsec.ir.verification import fake_mode
-
-if TYPE_CHECKING:
-    from sparsec.ir.program import Program
+from sparsec.ir.weights import WeightStore
 
 aten = torch.ops.aten
 
@@ -52,6 +50,23 @@ RUNTIME_ASSERTS = frozenset(
 )
 
 
+def state_placeholders(exported: ExportedProgram) -> dict[str, Node]:
+    """Fully qualified state name (parameter, buffer, constant) -> its placeholder node."""
+    nodes = {n.name: n for n in exported.graph_module.graph.find_nodes(op="placeholder")}
+    return {
+        spec.target: nodes[spec.arg.name]
+        for spec in exported.graph_signature.input_specs
+        if spec.kind in STATE_KINDS and spec.arg.name in nodes
+    }
+
+
+def fake_mode(graph: Graph) -> Any:
+    """The fake-tensor mode of the graph's shape metadata (None if its placeholders carry none)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+
+
 def set_signature(
     exported: ExportedProgram, *, inputs: list[InputSpec] | None = None, outputs: list[OutputSpec] | None = None
 ) -> None:
@@ -63,7 +78,9 @@ def set_signature(
     )
 
 
-def add_state(program: Program, name: str, value: torch.Tensor, kind: StateKind, persistent: bool) -> Node:
+def add_state(
+    exported: ExportedProgram, weights: WeightStore, name: str, value: torch.Tensor, kind: StateKind, persistent: bool
+) -> Node:
     """`Program.add_state`: add a parameter, buffer or constant tensor and return its placeholder node.
 
     The placeholder, its signature entry (after the other state of its kind, in torch.export's order:
@@ -74,7 +91,7 @@ def add_state(program: Program, name: str, value: torch.Tensor, kind: StateKind,
     """
     if kind not in _KIND:
         raise SparsecError(f"unknown state kind {kind!r}; use one of {sorted(_KIND)}")
-    ep, graph = program.exported, program.graph
+    ep, graph = exported, exported.graph_module.graph
     if name in ep.state_dict or name in ep.constants:
         raise SparsecError(f"the program already has a tensor named {name!r}; pick another name")
     order = STATE_KINDS[: STATE_KINDS.index(_KIND[kind]) + 1]
@@ -94,13 +111,13 @@ def add_state(program: Program, name: str, value: torch.Tensor, kind: StateKind,
         position, InputSpec(_KIND[kind], TensorArgument(node.name), name, persistent if kind == "buffer" else None)
     )
     set_signature(ep, inputs=specs)
-    program.weights.add(name, tensor, in_state_dict=kind == "parameter" or (kind == "buffer" and persistent))
+    weights.add(name, tensor, in_state_dict=kind == "parameter" or (kind == "buffer" and persistent))
     return node
 
 
-def remove_state(program: Program, name: str) -> None:
+def remove_state(exported: ExportedProgram, weights: WeightStore, name: str) -> None:
     """`Program.remove_state`: placeholder, signature entry and tensor of a state tensor nobody reads."""
-    node = program.state_placeholders().get(name)
+    node = state_placeholders(exported).get(name)
     if node is None:
         raise SparsecError(f"the program has no state tensor named {name!r}")
     if node.users:
@@ -108,10 +125,9 @@ def remove_state(program: Program, name: str) -> None:
             f"cannot remove {name!r}: {[u.name for u in node.users][:5]} still read it; "
             "rewire them first (prune() removes state once nothing reads it)"
         )
-    program.graph.erase_node(node)
-    ep = program.exported
-    set_signature(ep, inputs=[s for s in ep.graph_signature.input_specs if s.arg.name != node.name])
-    program.weights.drop(name)
+    exported.graph_module.graph.erase_node(node)
+    set_signature(exported, inputs=[s for s in exported.graph_signature.input_specs if s.arg.name != node.name])
+    weights.drop(name)
 
 
 def replace_uses(exported: ExportedProgram, node: Node, replacement: Node, except_in: Node | None) -> None:
@@ -125,7 +141,7 @@ def replace_uses(exported: ExportedProgram, node: Node, replacement: Node, excep
     set_signature(exported, outputs=specs)
 
 
-def prune(program: Program) -> list[str]:
+def prune(exported: ExportedProgram, weights: WeightStore) -> list[str]:
     """`Program.prune`: dead-code-eliminate, then remove every state tensor nobody reads (returned by name)."""
 
     def is_impure(node: Node) -> bool:
@@ -136,11 +152,11 @@ def prune(program: Program) -> list[str]:
             and not _is_dead_inplace_update(node)
         )
 
-    while program.graph.eliminate_dead_code(is_impure_node=is_impure):
+    while exported.graph_module.graph.eliminate_dead_code(is_impure_node=is_impure):
         pass
-    removed = [name for name, node in program.state_placeholders().items() if not node.users]
+    removed = [name for name, node in state_placeholders(exported).items() if not node.users]
     for name in removed:
-        remove_state(program, name)
+        remove_state(exported, weights, name)
     return removed
 
 

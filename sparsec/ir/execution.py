@@ -1,10 +1,11 @@
 """Execution: running a program's graph on named inputs, whole or segment by segment, observed or rewritten.
 
-Contract: outputs come back by name (`Program.output_names`). A plain run calls the graph module with every
+Contract: inputs go in and outputs come back by name (`input_names`, `output_names`). A plain run calls the graph module with every
 weight read at once; an observed or rewritten run goes through an FX interpreter, which reads lazily backed
 weights segment by segment (a segment's weights once for all batches, dropped after it: layer by layer onloading,
 so a model larger than memory runs in it). Every node computes the same ops on the same values either way, so
-outputs and observed values agree bit for bit. A shapes-only run uses fake tensors and reads no weight.
+outputs and observed values agree bit for bit. A shapes-only run uses fake tensors and reads no weight. The
+functions take the `ExportedProgram`, its `WeightStore` and `read`, how a state tensor is read (`Program.state_tensor`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Node
 
 from sparsec.errors import SparsecError
-from sparsec.ir.editing import STATE_KINDS
+from sparsec.ir.editing import STATE_KINDS, state_placeholders
+from sparsec.ir.weights import WeightStore
 
-if TYPE_CHECKING:
-    from sparsec.ir.program import Program
+Read = Callable[[str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,28 +41,52 @@ class ValueRewrite:
     reads: tuple[Node, ...] = ()
 
 
+def input_names(exported: ExportedProgram) -> list[str]:
+    """The user inputs, in call order (all captured as keyword arguments)."""
+    return [str(k) for k in exported.call_spec.in_spec.child(1).context]
+
+
+def output_names(exported: ExportedProgram) -> list[str]:
+    """The user outputs' names: `logits` for a ModelOutput, `0`, `1` for a tuple."""
+    return _leaf_names(exported.call_spec.out_spec)
+
+
+def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
+    if spec.is_leaf():
+        return [prefix or "output"]
+    context = spec.context
+    if isinstance(context, (list, tuple)) and len(context) == spec.num_children:
+        keys = [str(k) for k in context]
+    else:
+        keys = [str(i) for i in range(spec.num_children)]
+    names: list[str] = []
+    for key, child in zip(keys, spec.children()):
+        names += _leaf_names(child, f"{prefix}.{key}" if prefix else key)
+    return names
+
+
 def flat_args(
-    program: Program, inputs: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor] | None = None
+    exported: ExportedProgram, weights: WeightStore, inputs: Mapping[str, torch.Tensor], state: Read
 ) -> list[Any]:
     """`Program.flat_args`: the graph module's positional arguments for user `inputs` by name, state tensors and
-    inputs in signature order. `named_outputs(program, program.graph_module(*flat_args(program, inputs)))` is
+    inputs in signature order. `program.named_outputs(program.graph_module(*program.flat_args(inputs)))` is
     `run(inputs)` without `run`'s no-grad mode and hooks (for training through the graph, `sparsec.data.distill`,
     which passes `state`: the tensor to use for each state name instead of `Program.state_tensor`'s). Inputs on
     another device than the program's weights are moved to it (calibration data stays on the CPU while the program
     runs on `cuda`)."""
-    _check_inputs(program, inputs)
-    return _args(program, inputs, state or program.state_tensor)
+    _check_inputs(exported, inputs)
+    return _args(exported, weights.device, inputs, state)
 
 
-def named_outputs(program: Program, flat: Any) -> dict[str, torch.Tensor]:
+def named_outputs(exported: ExportedProgram, flat: Any) -> dict[str, torch.Tensor]:
     """The user outputs by name from the graph module's flat result (see `flat_args`)."""
-    specs = program.exported.graph_signature.output_specs
+    specs = exported.graph_signature.output_specs
     user = [v for v, s in zip(flat, specs) if s.kind == OutputKind.USER_OUTPUT]
-    return dict(zip(program.output_names, user))
+    return dict(zip(output_names(exported), user))
 
 
-def _check_inputs(program: Program, inputs: Mapping[str, torch.Tensor]) -> None:
-    names = program.input_names
+def _check_inputs(exported: ExportedProgram, inputs: Mapping[str, torch.Tensor]) -> None:
+    names = input_names(exported)
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
     if missing or extra:
@@ -71,14 +97,15 @@ def _check_inputs(program: Program, inputs: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def _args(program: Program, inputs: Mapping[str, torch.Tensor], state: Callable[[str], Any]) -> list[Any]:
-    device = program.device
+def _args(
+    exported: ExportedProgram, device: torch.device, inputs: Mapping[str, torch.Tensor], state: Callable[[str], Any]
+) -> list[Any]:
     user = iter(
         inputs[n].to(device) if isinstance(inputs[n], torch.Tensor) and inputs[n].device != device else inputs[n]
-        for n in program.input_names
+        for n in input_names(exported)
     )
     args: list[Any] = []
-    for spec in program.exported.graph_signature.input_specs:
+    for spec in exported.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             args.append(next(user))
         elif spec.kind in STATE_KINDS:
@@ -88,31 +115,34 @@ def _args(program: Program, inputs: Mapping[str, torch.Tensor], state: Callable[
     return args
 
 
-def _fake_args(program: Program, inputs: Mapping[str, torch.Tensor], mode: Any) -> list[Any]:
+def _fake_args(
+    exported: ExportedProgram, weights: WeightStore, inputs: Mapping[str, torch.Tensor], mode: Any
+) -> list[Any]:
     """`flat_args` as fake tensors of `mode`: shapes and dtypes only, nothing read (state on the inputs' device)."""
-    _check_inputs(program, inputs)
+    _check_inputs(exported, inputs)
     device = next((v.device for v in inputs.values()), torch.device("cpu"))
 
     def fake(name: str) -> Any:
-        held = program.weights.held(name)
+        held = weights.held(name)
         if held.device.type == "meta":
             return mode.fake_tensor_converter.from_meta_and_device(mode, held.detach(), device)
         return mode.from_tensor(held)
 
-    return _args(program, {n: mode.from_tensor(v) for n, v in inputs.items()}, fake)
+    return _args(exported, weights.device, {n: mode.from_tensor(v) for n, v in inputs.items()}, fake)
 
 
-def _interpreted_args(program: Program, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+def _interpreted_args(exported: ExportedProgram, weights: WeightStore, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
     """`flat_args` for `_interpret`: references to the held state and the inputs, no copies; None for lazily
     backed state, which `_interpret` reads segment by segment."""
-    _check_inputs(program, inputs)
-    weights = program.weights
-    return _args(program, inputs, lambda name: None if weights.is_lazy(name) else weights.held(name))
+    _check_inputs(exported, inputs)
+    return _args(exported, weights.device, inputs, lambda name: None if weights.is_lazy(name) else weights.held(name))
 
 
 @torch.no_grad()
 def run(
-    program: Program,
+    exported: ExportedProgram,
+    weights: WeightStore,
+    read: Read,
     inputs: Mapping[str, torch.Tensor],
     observe: Callable[[Node, Any], None] | None,
     nodes: set[Node] | None,
@@ -135,20 +165,22 @@ def run(
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode()
-        args = _fake_args(program, inputs, mode)
+        args = _fake_args(exported, weights, inputs, mode)
     else:  # the graph module reads every weight; the interpreter onloads lazily backed ones (`_interpret`)
         mode = contextlib.nullcontext()
-        args = flat_args(program, inputs) if plain else _interpreted_args(program, inputs)
+        args = flat_args(exported, weights, inputs, read) if plain else _interpreted_args(exported, weights, inputs)
     with mode:
         if plain:
-            return named_outputs(program, program.graph_module(*args))
+            return named_outputs(exported, exported.graph_module(*args))
         report = None if observe is None else (lambda _index, node, value: observe(node, value))
-        return next(_interpret(program, [args], (), report, nodes, rewrite))
+        return next(_interpret(exported, read, [args], (), report, nodes, rewrite))
 
 
 @torch.no_grad()
 def run_segmented(
-    program: Program,
+    exported: ExportedProgram,
+    weights: WeightStore,
+    read: Read,
     batches: Sequence[Mapping[str, torch.Tensor]],
     cuts: Iterable[Node],
     observe: Callable[[int, Node, Any], None] | None,
@@ -175,12 +207,13 @@ def run_segmented(
     are yielded when the last segment finishes it; earlier segments run on the first `next()`.
     `on_segment(done, total)` is called when a segment has run for every batch (progress).
     """
-    args = [_interpreted_args(program, batch) for batch in batches]
-    yield from _interpret(program, args, cuts, observe, nodes, rewrite, on_segment)
+    args = [_interpreted_args(exported, weights, batch) for batch in batches]
+    yield from _interpret(exported, read, args, cuts, observe, nodes, rewrite, on_segment)
 
 
 def _interpret(
-    program: Program,
+    exported: ExportedProgram,
+    read: Read,
     args: list[list[Any]],
     cuts: Iterable[Node],
     observe: Callable[[int, Node, Any], None] | None,
@@ -191,7 +224,7 @@ def _interpret(
     """`run_segmented` on the graph module's flat arguments of each batch (`_interpreted_args`, or fake ones):
     a state argument that is None is read when a segment needs it (`_onload`)."""
     cuts = list(cuts)
-    graph = program.graph
+    graph = exported.graph_module.graph
     order = list(graph.nodes)
     position = {n: i for i, n in enumerate(order)}
     strangers = [c for c in cuts if c not in position]
@@ -211,13 +244,13 @@ def _interpret(
     ends = sorted({position[c] for c in cuts} | {len(order) - 1})
     segments = [order[start + 1 : end + 1] for start, end in zip([-1, *ends], ends)]
 
-    interpreter = torch.fx.Interpreter(program.graph_module, garbage_collect_values=False)
+    interpreter = torch.fx.Interpreter(exported.graph_module, garbage_collect_values=False)
     argument = {n: j for j, n in enumerate(graph.find_nodes(op="placeholder"))}
-    lazy = {n: name for name, n in program.state_placeholders().items() if args and args[0][argument[n]] is None}
+    lazy = {n: name for name, n in state_placeholders(exported).items() if args and args[0][argument[n]] is None}
     envs: list[dict[Node, Any] | None] = [None] * len(args)
     for k, segment in enumerate(segments):
         last = k == len(segments) - 1
-        onloaded = _onload(program, segment, lazy)
+        onloaded = _onload(segment, lazy, read)
         for i in range(len(args)):
             env = envs[i] if envs[i] is not None else {}
             interpreter.env = env
@@ -241,14 +274,14 @@ def _interpret(
                 env.pop(node, None)
             envs[i] = None if last else env
             if last:
-                yield named_outputs(program, value)
+                yield named_outputs(exported, value)
         del onloaded
         if on_segment is not None:
             on_segment(k + 1, len(segments))
 
 
-def _onload(program: Program, segment: Sequence[Node], lazy: Mapping[Node, str]) -> dict[Node, torch.Tensor]:
+def _onload(segment: Sequence[Node], lazy: Mapping[Node, str], read: Read) -> dict[Node, torch.Tensor]:
     """The lazily backed state tensors `segment` reads, each read once from its file for all batches (layer by
     layer onloading: a block's weights are in memory while that block runs, and only then)."""
-    read = dict.fromkeys(p for node in segment for p in node.all_input_nodes if p in lazy)
-    return {p: program.state_tensor(lazy[p]) for p in read}
+    needed = dict.fromkeys(p for node in segment for p in node.all_input_nodes if p in lazy)
+    return {p: read(lazy[p]) for p in needed}

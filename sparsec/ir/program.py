@@ -16,6 +16,7 @@ spilled weights), `editing`, `execution`, `snapshots`, `verification`, `copies` 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -97,11 +98,11 @@ class Program:
     @property
     def input_names(self) -> list[str]:
         """The user inputs, in call order (all captured as keyword arguments)."""
-        return [str(k) for k in self.exported.call_spec.in_spec.child(1).context]
+        return execution.input_names(self.exported)
 
     @property
     def output_names(self) -> list[str]:
-        return serialization.leaf_names(self.exported.call_spec.out_spec)
+        return execution.output_names(self.exported)
 
     @property
     def device(self) -> torch.device:
@@ -129,12 +130,7 @@ class Program:
 
     def state_placeholders(self) -> dict[str, Node]:
         """Fully qualified state name (parameter, buffer, constant) -> its placeholder node."""
-        nodes = {n.name: n for n in self.graph.find_nodes(op="placeholder")}
-        return {
-            spec.target: nodes[spec.arg.name]
-            for spec in self.exported.graph_signature.input_specs
-            if spec.kind in STATE_KINDS and spec.arg.name in nodes
-        }
+        return editing.state_placeholders(self.exported)
 
     def state_name(self, node: Node) -> str | None:
         """The parameter/buffer name a placeholder node stands for, or None for user inputs and other nodes."""
@@ -198,7 +194,7 @@ class Program:
     ) -> Node:
         """Add a parameter, buffer or constant tensor (a copy of `value`) with its placeholder node, which it returns,
         and signature entry (`sparsec.ir.editing.add_state`)."""
-        return editing.add_state(self, name, value, kind, persistent)
+        return editing.add_state(self.exported, self.weights, name, value, kind, persistent)
 
     def add_parameter(self, name: str, value: torch.Tensor) -> Node:
         """`add_state(name, value, "parameter")`: a new weight (frozen; `distill` can train it)."""
@@ -206,7 +202,7 @@ class Program:
 
     def remove_state(self, name: str) -> None:
         """Remove a state tensor nobody reads (placeholder, signature entry, tensor); one still read is refused."""
-        editing.remove_state(self, name)
+        editing.remove_state(self.exported, self.weights, name)
 
     def replace_uses(self, node: Node, replacement: Node, *, except_in: Node | None = None) -> None:
         """Make every user of `node` (but `except_in`) read `replacement`, program outputs included."""
@@ -214,7 +210,7 @@ class Program:
 
     def prune(self) -> list[str]:
         """Dead-code-eliminate and drop state nobody uses; returns the removed state names. Recompiles."""
-        removed = editing.prune(self)
+        removed = editing.prune(self.exported, self.weights)
         self.recompile()
         return removed
 
@@ -230,11 +226,11 @@ class Program:
         """The graph module's positional arguments for `inputs` by name (moved to `device`) and the state tensors
         (`state(name)`, default `state_tensor`): `named_outputs(program.graph_module(*program.flat_args(inputs)))`
         is `run(inputs)` with grad (training through the graph, `sparsec.data.distill`)."""
-        return execution.flat_args(self, inputs, state)
+        return execution.flat_args(self.exported, self.weights, inputs, state or self.state_tensor)
 
     def named_outputs(self, flat: Any) -> dict[str, torch.Tensor]:
         """The user outputs by name from the graph module's flat result (see `flat_args`)."""
-        return execution.named_outputs(self, flat)
+        return execution.named_outputs(self.exported, flat)
 
     def run(
         self,
@@ -246,7 +242,9 @@ class Program:
     ) -> dict[str, torch.Tensor]:
         """Run the graph on `inputs` by name and return the outputs by name; `observe` reports node values as they
         are computed, `rewrite` replaces them, `shapes_only` runs on fake tensors (`sparsec.ir.execution.run`)."""
-        return execution.run(self, inputs, observe, nodes, rewrite, shapes_only)
+        return execution.run(
+            self.exported, self.weights, self.state_tensor, inputs, observe, nodes, rewrite, shapes_only
+        )
 
     def run_segmented(
         self,
@@ -265,16 +263,22 @@ class Program:
             blocks = [block.outputs()[-1] for block in region_index(program).blocks()]
             outputs = list(program.run_segmented(list(calibration.batches()), blocks))
         """
-        return execution.run_segmented(self, batches, cuts, observe, nodes, rewrite, on_segment)
+        return execution.run_segmented(
+            self.exported, self.weights, self.state_tensor, batches, cuts, observe, nodes, rewrite, on_segment
+        )
 
     # ----- snapshots, verification, copies, persistence ------------------------------------------------
     def snapshot(self) -> ProgramSnapshot:
         """The program as it is now, for `restore`: cheap, the tensors are shared (`sparsec.ir.snapshots`)."""
-        return snapshots.take(self)
+        return snapshots.take(self.exported, self.weights, self.family, self.tagger, self.dynamic_dims)
 
     def restore(self, snapshot: ProgramSnapshot) -> None:
         """Make the program what it was at `snapshot` (which stays valid). Bumps `version`: the nodes are new."""
-        snapshots.restore(self, snapshot)
+        snapshots.restore(self.exported, self.weights, snapshot)
+        self.family = snapshot.family
+        self.tagger = copy.deepcopy(snapshot.tagger)
+        self.dynamic_dims = copy.deepcopy(snapshot.dynamic_dims)
+        self.recompile()
 
     def changed_in_place(self, snapshot: ProgramSnapshot) -> list[str]:
         """State tensors still shared with `snapshot` and modified in place since (`WeightStore.changed_in_place`):
@@ -284,7 +288,7 @@ class Program:
     def verify(self) -> None:
         """Check the invariants every pass must keep (`sparsec.ir.verification`); raise `VerificationError`
         naming the broken one."""
-        verification.verify(self)
+        verification.verify(self.exported, self.weights)
 
     def without_runtime_asserts(self, extra_outputs: Sequence[str] = ()) -> Program:
         """A copy without runtime-assert nodes (ONNX has no meaning for them), sharing the weight tensors, whose

@@ -98,18 +98,3 @@ def with_plain_outputs(exported: ExportedProgram) -> None:
             calls[i] = dataclasses.replace(
                 entry, signature=dataclasses.replace(entry.signature, out_spec=plain_spec(spec))
             )
-
-
-def leaf_names(spec: Any, prefix: str = "") -> list[str]:
-    """Names of the leaves of a pytree spec: `logits` for a ModelOutput, `0`, `1` for a tuple."""
-    if spec.is_leaf():
-        return [prefix or "output"]
-    context = spec.context
-    if isinstance(context, (list, tuple)) and len(context) == spec.num_children:
-        keys = [str(k) for k in context]
-    else:
-        keys = [str(i) for i in range(spec.num_children)]
-    names: list[str] = []
-    for key, child in zip(keys, spec.children()):
-        names += leaf_names(child, f"{prefix}.{key}" if prefix else key)
-    return names

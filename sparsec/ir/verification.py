@@ -9,24 +9,17 @@ inferred from (`mark_inferred`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.export import ExportedProgram
 from torch.fx import Graph, Node
 
 from sparsec.errors import VerificationError
-
-if TYPE_CHECKING:
-    from sparsec.ir.program import Program
+from sparsec.ir.editing import fake_mode, state_placeholders
+from sparsec.ir.weights import WeightStore
 
 _INPUTS_KEY = "sparsec_inputs"  # node meta: the inputs its meta["val"] was inferred from
-
-
-def fake_mode(graph: Graph) -> Any:
-    """The fake-tensor mode of the graph's shape metadata (None if its placeholders carry none)."""
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
 
 
 def same_meta(old: Any, new: Any) -> bool:
@@ -49,28 +42,28 @@ def mark_inferred(graph: Graph) -> None:
         node.meta[_INPUTS_KEY] = _input_names(node)
 
 
-def verify(program: Program) -> None:
+def verify(exported: ExportedProgram, weights: WeightStore) -> None:
     """`Program.verify` (see the module docstring)."""
+    ep, graph = exported, exported.graph_module.graph
     try:
-        program.graph.lint()
+        graph.lint()
     except Exception as exc:
         raise VerificationError(f"graph lint failed: {exc}") from exc
 
-    ep = program.exported
-    placeholders = [n.name for n in program.graph.find_nodes(op="placeholder")]
+    placeholders = [n.name for n in graph.find_nodes(op="placeholder")]
     signature = [s.arg.name for s in ep.graph_signature.input_specs]
     if placeholders != signature:
         raise VerificationError(
             f"graph placeholders and the program signature disagree: only in graph "
             f"{sorted(set(placeholders) - set(signature))}, only in signature {sorted(set(signature) - set(placeholders))}"
         )
-    state = set(program.state_placeholders())  # every state entry of the signature: placeholders agree with it
+    state = set(state_placeholders(ep))  # every state entry of the signature: placeholders agree with it
     orphans = (set(ep.state_dict) | {k for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}) - state
     if orphans:
         raise VerificationError(f"tensors kept in the program that no graph input uses: {sorted(orphans)[:8]}")
 
     try:
-        infer_shapes(program)
+        infer_shapes(ep, weights)
     except Exception as exc:
         raise VerificationError(f"shape propagation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     try:
@@ -79,7 +72,7 @@ def verify(program: Program) -> None:
         raise VerificationError(f"torch.export verifier rejected the program: {exc}") from exc
 
 
-def infer_shapes(program: Program) -> None:
+def infer_shapes(exported: ExportedProgram, weights: WeightStore) -> None:
     """Re-infer `meta["val"]` (fake tensors, symbolic dims) for nodes a rewrite touched.
 
     A node is re-inferred when its inputs are not the ones its value was inferred from (rewired or
@@ -87,13 +80,13 @@ def infer_shapes(program: Program) -> None:
     cheap, and it never re-runs ops nobody touched (some meta kernels, e.g. masked_scatter, do not
     re-run under symbolic shapes).
     """
-    graph = program.graph
+    graph = exported.graph_module.graph
     placeholders = graph.find_nodes(op="placeholder")
     mode = fake_mode(graph)
     changed: set[Node] = set()
-    for name, node in program.state_placeholders().items():
+    for name, node in state_placeholders(exported).items():
         if "val" not in node.meta:  # replaced by `replace_state`
-            held = program.weights.held(name)
+            held = weights.held(name)
             if held.device.type == "meta":  # spilled to a file: fake it on the device the graph was captured on
                 device = next(
                     (p.meta["val"].device for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)),
