@@ -177,6 +177,7 @@ def measure(name: str, distill: bool, samples: TextSamples, args: argparse.Names
         if record["settings"] == settings:
             print(f"== {label}: measured before ({saved})", flush=True)
             return Result(**record["result"])
+        saved.unlink()  # measured with other settings: compiled again
     print(f"== {label}", flush=True)
     start = time.perf_counter()
     report = compile_model(
