@@ -1,9 +1,10 @@
 """How a structural matcher says no: a returned `NoMatch`, never an exception reaching its caller.
 
-Every matcher of `sparsec.analysis` (`match_ffn`, `match_residual_block`, `match_experts`, `match_attention`,
-`match_hidden_channels`) returns what it found or a `NoMatch`: the pattern, where, the rule that broke and the node
-that broke it. `sparsec inspect --why` lists those; a pass that cannot go on without the match turns it into its
-own `PassError`, naming itself.
+Every matcher of `sparsec.analysis` (`match_ffn`, `ffn_activation`, `match_residual_block`, `match_experts`,
+`match_attention`, `hidden_channel_group`) returns what it found or a `NoMatch`: the pattern, where, the rule that
+broke and the node that broke it. `sparsec inspect --why` lists those; a pass that cannot go on without the match
+raises its own `PassError` with that reason. (A match that a rewrite then refuses, such as an FFN whose neurons are
+read outside it, is the rewrite's `PassError`, not a `NoMatch`: `sparsec.analysis.dependency`.)
 
 Deep inside a matcher (a walk over the graph, a helper three calls down), the rule breaks where the walk meets it:
 there the matcher raises `Mismatch`, and its entry point catches it, once, and returns `miss.no_match(...)`.

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 import sparsec
 from sparsec.analysis.blocks import match_residual_block
 from sparsec.analysis.ffn import ffn_activation, ffn_misses, find_ffns
+from sparsec.analysis.hidden import HIDDEN_STREAM, hidden_channel_group
 from sparsec.analysis.inspection import explain, format_inspection, inspect_program
 from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
@@ -245,3 +246,22 @@ def test_flops_count_the_attention_core_on_the_cpu(captured):
     assert flops["model.layers.0.self_attn"] == 4 * heads * 37 * 37 * head_dim
     projections = sum(v for k, v in flops.items() if k.startswith("model.layers.0.self_attn."))
     assert projections == linears
+
+
+class _StreamTransposed(nn.Module):
+    """Moves the embeddings' channels off the last axis before its head reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(32, 16), nn.Linear(5, 4)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).transpose(-1, -2))
+
+
+def test_a_stream_walk_stopped_deep_inside_is_one_no_match_naming_the_op():
+    """`hidden_channel_group` stops several ops into its walk; the caller gets a `NoMatch`, not an exception."""
+    program = sparsec.capture(_StreamTransposed(), {"input_ids": torch.randint(0, 32, (2, 5))}, dynamic=False)
+    miss = hidden_channel_group(program)
+    assert isinstance(miss, NoMatch) and miss.pattern == HIDDEN_STREAM and miss.node.startswith("transpose")
+    assert miss.rule.startswith(f"{miss.node} (aten.transpose.int) moves the hidden channels of embedding off")
