@@ -99,7 +99,7 @@ def _order_problems(modules: dict[str, Path]) -> dict[tuple[str, int, str], str]
         present = {_place(layer, m) for m in modules} - {None}
         for name in sorted(present - set(order)):
             problems[(f"{layer}.{name}", 0, "")] = f"{layer}.{name}: no place in MODULE_ORDER[{layer!r}]; add it"
-        for name in sorted(set(order) - present) if present else ():
+        for name in sorted(set(order) - present) if present else ():  # a tree without the layer places nothing
             problems[(f"{layer}.{name}", 0, "")] = f"MODULE_ORDER[{layer!r}] places {name}, which is no module"
     return problems
 
