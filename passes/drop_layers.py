@@ -27,15 +27,10 @@ from typing import Literal
 
 from torch.fx import Node
 
+from sparsec.analysis.blocks import ResidualBlock, Sublayer, residual_structure
+from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import BlockStack, region_index
-from sparsec.analysis.structure import (
-    LINEAR,
-    ResidualBlock,
-    Sublayer,
-    residual_structure,
-    skip_noop_casts,
-    skip_passthrough,
-)
+from sparsec.analysis.vocabulary import LINEAR, skip_noop_casts, skip_passthrough
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
@@ -135,6 +130,8 @@ class DropLayers(Pass):
             if not any(n.target is LINEAR for n in region.nodes):
                 continue  # dropped earlier
             streams = structure.streams(region.path)
+            if isinstance(streams, NoMatch):
+                raise PassError(f"drop_layers: cannot find the residual structure of {region.path}: {streams.rule}")
             if kinds is None:
                 units.append(_Unit(region.path, region.path, tuple(s.sublayers for s in streams), tuple(streams)))
                 continue

@@ -7,7 +7,7 @@ width even when each token gets the experts of largest true activation mass (eve
 few neurons every token needs), and a shared expert of the most important neurons plus routed experts clustered
 by co-activation beats the slice (bench/moe_search.py).
 
-For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.structure`):
+For each matched FFN (gated, fused gated or plain; see `sparsec.analysis.ffn`):
 
 1. **Partition.** An always-on shared expert takes the `shared` fraction of most important neurons
    (`sparsec.analysis.importance`; default a third, 0 for none). The other neurons are split into `experts` equal
@@ -67,9 +67,10 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group, linear_weight
+from sparsec.analysis.ffn import Ffn, ffn_activation
 from sparsec.analysis.importance import Importance, neuron_importance
+from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import Ffn, ffn_activation
 from sparsec.data.distill import AuxiliaryLoss, TrainingSettings, train_end_to_end
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
@@ -224,6 +225,8 @@ class FfnToMoe(Pass):
         for ffn in ffns:
             group = ffn_channel_group(program, ffn)
             activation = ffn_activation(ffn)
+            if isinstance(activation, NoMatch):
+                raise PassError(f"ffn_to_moe: FFN {ffn.describe()}: {activation.rule}")
             if ffn.gate is not None and ffn.gate.args[0] is not ffn.up.args[0]:
                 raise PassError(
                     f"ffn_to_moe: FFN {ffn.describe()}: gate and up read different values; "

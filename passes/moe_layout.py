@@ -49,8 +49,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sparsec.analysis.dependency import ffn_channel_group, linear_weight_node
+from sparsec.analysis.ffn import Ffn, ffn_activation
+from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import Ffn, ffn_activation
 from sparsec.errors import PassError, SparsecError
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
@@ -215,7 +216,10 @@ def _planned(
         shared, expert_size = paper_sizes(ffn.intermediate_size, experts, shared_experts)
         if expert_size < 1 or not 1 <= top_k <= experts:
             raise SparsecError(f"{who}: num_experts={experts}, top_k={top_k} do not fit FFN {ffn.describe()}")
-        planned.append(_Planned(ffn, ffn_activation(ffn), shared, expert_size))
+        activation = ffn_activation(ffn)
+        if isinstance(activation, NoMatch):
+            raise PassError(f"{who}: FFN {ffn.describe()}: {activation.rule}")
+        planned.append(_Planned(ffn, activation, shared, expert_size))
     return planned, experts, top_k
 
 

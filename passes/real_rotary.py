@@ -40,7 +40,7 @@ from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind
 from torch.fx import Graph, Node
 
-from sparsec.analysis.regions import module_path
+from sparsec.analysis.vocabulary import describe, module_path
 from sparsec.errors import PassError
 from sparsec.ir.program import RUNTIME_ASSERTS, Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
@@ -139,11 +139,6 @@ def _rule(node: Node) -> str | None:
     return "partwise" if target in PARTWISE else None
 
 
-def _describe(node: Node) -> str:
-    path = module_path(node)
-    return f"{node.target} (node {node.name}, {'in ' + path if path else 'top level'})"
-
-
 class RealRotary(Pass):
     """Carry complex values as (real, imaginary) pairs of real tensors: complex rotary -> cos/sin rotation."""
 
@@ -168,7 +163,7 @@ class RealRotary(Pass):
             if is_complex_node(value):
                 problems.append(f"program output {value.name!r} is complex (the program's outputs cannot change)")
         unsupported = [
-            _describe(n)
+            describe(n, where=True)
             for n in program.graph.nodes
             if n.op == "call_function"
             and (is_complex_node(n) or any(is_complex_node(a) for a in n.all_input_nodes))
@@ -229,7 +224,7 @@ class RealRotary(Pass):
                         self._emit(graph, node, node.target, *self._on_part(node, parts, i)) for i in (0, 1)
                     )
                 else:  # requires() refuses these; reaching here means the graph changed in between
-                    raise PassError(f"{self.name}: cannot rewrite complex op {_describe(node)}")
+                    raise PassError(f"{self.name}: cannot rewrite complex op {describe(node, where=True)}")
             rewritten.append(node)
         for node in reversed(rewritten):
             if not node.users:
@@ -243,7 +238,7 @@ class RealRotary(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         left = [
-            _describe(n) if n.op == "call_function" else n.name
+            describe(n, where=True)
             for n in program.graph.nodes
             if is_complex_node(n) or n.target in (aten.view_as_complex.default, aten.view_as_real.default)
         ]

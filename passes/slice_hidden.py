@@ -39,10 +39,19 @@ import torch
 from sparsec.analysis.dependency import linear_weight
 from sparsec.analysis.hidden import HiddenGroup, hidden_channel_group
 from sparsec.analysis.importance import Importance
+from sparsec.analysis.match import NoMatch
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
+
+
+def _channel_group(program: Program) -> HiddenGroup:
+    """The stream's channel group; `PassError` saying why when the graph cannot be sliced."""
+    group = hidden_channel_group(program)
+    if isinstance(group, NoMatch):
+        raise PassError(f"slice_hidden: {group.rule}")
+    return group
 
 
 class SliceHidden(Pass):
@@ -83,7 +92,7 @@ class SliceHidden(Pass):
 
     def requires(self, program: Program, ctx: PassContext) -> tuple[HiddenGroup, int]:
         """The plan: the stream's channel group and the kept width; refuses before any change."""
-        group = hidden_channel_group(program)
+        group = _channel_group(program)
         kept = self.options.kept
         if kept is not None:
             if not kept or len(set(kept)) != len(kept) or not all(0 <= i < group.width for i in kept):
@@ -145,14 +154,14 @@ class SliceHidden(Pass):
 
     def targets(self, program: Program) -> list[str]:
         """The coupled tensors: entry points sharing any of them slice the same channels (`replay`)."""
-        return [p.name for p in hidden_channel_group(program).params]
+        return [p.name for p in _channel_group(program).params]
 
     def replay(self, decisions: dict, shared: list[str]) -> SliceHidden:
         """The same channels kept (as `kept`): the stream is one group, so a shared tensor pins all of it."""
         return SliceHidden(dataclasses.replace(self.options, kept=decisions["kept_indices"]))
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
-        group = hidden_channel_group(program)
+        group = _channel_group(program)
         k = result.decisions["width_after"]
         wrong = [p.name for p in group.params if program.state_shape(p.name)[p.dim] != k]
         if group.width != k or wrong or len(group.params) != len(result.decisions["sliced"]):

@@ -34,9 +34,9 @@ import torch
 
 from sparsec.analysis.dependency import ChannelGroup, ffn_channel_group
 from sparsec.analysis.experts import MoeExperts, expert_channel_group, expert_neuron_importance, find_experts
+from sparsec.analysis.ffn import Ffn
 from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import Ffn
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.transform.options import check_keep

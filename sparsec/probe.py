@@ -58,10 +58,12 @@ from pathlib import Path
 import torch
 from torch.fx import Node
 
+from sparsec.analysis.blocks import residual_structure
+from sparsec.analysis.ffn import Ffn
 from sparsec.analysis.heads import Attention, find_attentions, output_projection_input
 from sparsec.analysis.importance import head_contribution_sums, neuron_importance, output_weight
+from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import Ffn, residual_structure
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.data.quality import compare_outputs
 from sparsec.errors import SparsecError
@@ -195,7 +197,10 @@ def component_targets(program: Program, component: str) -> Targets:
                 token_value = 1 if component == "generation" else 0
             else:
                 continue
-            streams = tuple((s.input, s.output) for s in residual_structure(program).streams(region.path))
+            found = residual_structure(program).streams(region.path)
+            if isinstance(found, NoMatch):
+                raise SparsecError(f"cannot find the residual structure of {region.path}: {found.rule}")
+            streams = tuple((s.input, s.output) for s in found)
             targets.blocks.append(BlockTarget(region.path, streams, token_value))
     return targets
 

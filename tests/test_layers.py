@@ -1,8 +1,10 @@
-"""The import contract: sparsec's layers depend on each other one way only.
+"""The import contract: sparsec's layers depend on each other one way only, and so do the modules inside a layer.
 
 Every `import` in the package (module level and inside functions alike) is read from the source with `ast`
 and mapped to the layer it lands in. A layer may import itself and the layers below it, never one above;
-layers on one line are independent of each other. Run on its own in `.ci/run` before the tests.
+layers on one line are independent of each other. Inside a layer given a `MODULE_ORDER`, a module may import only
+the modules listed before it, so no import circle can form there (a function-level import does not hide one).
+Run on its own in `.ci/run` before the tests.
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.resources", "sparsec.progress"),
     ("sparsec.errors",),
 ]
+# Inside a layer, bottom first: each module may import only the modules before it. Every module of a layer listed
+# here must have a place (a new module is placed when it is added); layers not listed are not ordered inside (yet).
+MODULE_ORDER: dict[str, list[str]] = {
+    "sparsec.analysis": [
+        "vocabulary",  # op sets, node predicates, module paths: what every matcher reads ops through
+        "match",  # NoMatch and the Mismatch a matcher raises inside and returns as a NoMatch
+        "ffn",
+        "dependency",
+        "experts",
+        "regions",
+        "blocks",
+        "heads",
+        "hidden",
+        "importance",
+        "inspection",
+    ],
+}
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}
 
 
@@ -68,18 +87,45 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
     return [(line, name) for line, name in found if name.startswith("sparsec")]
 
 
+def _place(layer: str, module: str) -> str | None:
+    """The top-level module of `layer` that the dotted name `module` lies in; None for the layer's package itself."""
+    return module[len(layer) + 1 :].split(".")[0] if module.startswith(layer + ".") else None
+
+
+def _order_problems(modules: dict[str, Path]) -> dict[tuple[str, int, str], str]:
+    """Modules of an ordered layer that are not placed in `MODULE_ORDER`, and places that name no module."""
+    problems = {}
+    for layer, order in MODULE_ORDER.items():
+        present = {_place(layer, m) for m in modules} - {None}
+        for name in sorted(present - set(order)):
+            problems[(f"{layer}.{name}", 0, "")] = f"{layer}.{name}: no place in MODULE_ORDER[{layer!r}]; add it"
+        for name in sorted(set(order) - present) if present else ():  # a tree without the layer places nothing
+            problems[(f"{layer}.{name}", 0, "")] = f"MODULE_ORDER[{layer!r}] places {name}, which is no module"
+    return problems
+
+
 def violations() -> list[str]:
     modules = _modules()
-    problems: dict[tuple[str, int, str], str] = {}  # one per import statement and layer it reaches
+    problems = _order_problems(modules)  # one per import statement and layer (or module of a layer) it reaches
     for module, path in sorted(modules.items()):
         own = _layer(module)
         if own is None:
             if module != "sparsec":
                 problems[(module, 0, "")] = f"{module}: in no layer; add it to LAYERS"
             continue
+        order = MODULE_ORDER.get(own[1], [])
+        mine = _place(own[1], module)
         for line, imported in _imports(module, path):
             target = _layer(imported)
-            if target is None or target[1] == own[1]:
+            if target is None:
+                continue
+            if target[1] == own[1]:
+                theirs = _place(own[1], imported)
+                if mine in order and theirs in order and order.index(theirs) > order.index(mine):
+                    problems.setdefault(
+                        (module, line, f"{own[1]}.{theirs}"),
+                        f"{module}:{line}: imports {imported} ({own[1]}.{theirs} is above {mine} in MODULE_ORDER)",
+                    )
                 continue
             if target[0] <= own[0] and (module, line, target[1]) not in problems:
                 problems[(module, line, target[1])] = (
@@ -103,6 +149,50 @@ def test_contract_catches_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
     monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
     assert violations() == ["sparsec.ir.bad:1: sparsec.ir imports sparsec.compiler (sparsec.compiler is a layer above)"]
+
+
+def _fake_tree(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """Point the checker at a package made of `files` (path under `sparsec/` -> source)."""
+    for name, source in files.items():
+        path = tmp_path / "sparsec" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec", tmp_path / "sparsec")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
+
+
+def test_contract_catches_an_import_circle_inside_a_layer(tmp_path, monkeypatch):
+    """The checker itself: two modules of one layer importing each other, one of them from inside a function (the
+    way a circle hides from Python), break the order; the import from the lower module is the one reported."""
+    monkeypatch.setitem(MODULE_ORDER, "sparsec.analysis", ["vocabulary", "ffn"])
+    _fake_tree(
+        tmp_path,
+        monkeypatch,
+        {
+            "analysis/__init__.py": "",
+            "analysis/vocabulary.py": "def ffn_of(node):\n    from sparsec.analysis.ffn import match_ffn\n",
+            "analysis/ffn.py": "from sparsec.analysis.vocabulary import ffn_of\n",
+        },
+    )
+    assert violations() == [
+        "sparsec.analysis.vocabulary:2: imports sparsec.analysis.ffn (sparsec.analysis.ffn is above vocabulary in "
+        "MODULE_ORDER)"
+    ]
+
+
+def test_contract_places_every_module_of_an_ordered_layer(tmp_path, monkeypatch):
+    """A module missing from its layer's order, and a place naming no module, are reported."""
+    monkeypatch.setitem(MODULE_ORDER, "sparsec.analysis", ["vocabulary", "structure"])
+    _fake_tree(
+        tmp_path,
+        monkeypatch,
+        {"analysis/__init__.py": "", "analysis/vocabulary.py": "", "analysis/blocks.py": "import sparsec.ir\n"},
+    )
+    assert violations() == [
+        "MODULE_ORDER['sparsec.analysis'] places structure, which is no module",
+        "sparsec.analysis.blocks: no place in MODULE_ORDER['sparsec.analysis']; add it",
+    ]
 
 
 if __name__ == "__main__":

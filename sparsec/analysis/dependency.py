@@ -19,7 +19,8 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from sparsec.analysis.structure import SPLIT_OPS, Ffn
+from sparsec.analysis.ffn import Ffn
+from sparsec.analysis.vocabulary import SPLIT_OPS
 from sparsec.errors import PassError
 from sparsec.ir.canonical import transposed_source
 

@@ -33,16 +33,18 @@ import torch
 from torch.fx import Node
 
 from sparsec.analysis.dependency import ChannelGroup, ParamSlice
-from sparsec.analysis.regions import module_path
-from sparsec.analysis.structure import (
+from sparsec.analysis.match import Mismatch, NoMatch
+from sparsec.analysis.vocabulary import (
     LINEAR,
+    METADATA_ASSERT,
     PASSTHROUGH,
     SPLIT_OPS,
-    NoMatch,
-    _common_path,
-    _describe,
-    _is_half_split,
-    _is_pointwise,
+    VIEW_OPS,
+    common_path,
+    describe,
+    is_half_split,
+    is_pointwise,
+    module_path,
     skip_passthrough,
 )
 from sparsec.errors import PassError
@@ -53,8 +55,7 @@ aten = torch.ops.aten
 TOPK = aten.topk.default
 INDEX = aten.index.Tensor
 BMM = aten.bmm.default
-SHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
-_TOKEN_OPS = frozenset({aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, *SHAPE_OPS})
+_TOKEN_OPS = frozenset({aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, *VIEW_OPS})
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class MoeExperts:
 
 
 def _users(node: Node) -> list[Node]:
-    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+    return [u for u in node.users if u.target is not METADATA_ASSERT]
 
 
 def _single_user(node: Node, targets) -> Node | None:
@@ -145,7 +146,7 @@ def _indexing_view(indices: Node) -> Node | None:
         node = stack.pop()
         if any(u.target is INDEX for u in _users(node)):
             found.append(node)
-        stack.extend(u for u in _users(node) if u.target in SHAPE_OPS | PASSTHROUGH)
+        stack.extend(u for u in _users(node) if u.target in VIEW_OPS | PASSTHROUGH)
     return found[0] if len(found) == 1 else None
 
 
@@ -175,7 +176,7 @@ def _pointwise_from(hidden: Node, up: Node) -> list[Node] | Node:
         seen.add(node)
         if _strip(node) is up:
             continue
-        if _is_pointwise(node) or _is_half_split(node):
+        if is_pointwise(node) or is_half_split(node):
             interior.append(node)
             stack.extend(node.all_input_nodes)
         elif not (node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0):
@@ -185,28 +186,30 @@ def _pointwise_from(hidden: Node, up: Node) -> list[Node] | Node:
 
 def match_experts(topk: Node) -> MoeExperts | NoMatch:
     """The router and routed experts whose expert choice is the `topk` node, or the rule they break."""
-    path = module_path(topk)
+    try:
+        return _experts(topk)
+    except Mismatch as miss:
+        return miss.no_match("MoE router", module_path(topk))
 
-    def miss(rule: str, node: Node) -> NoMatch:
-        return NoMatch("MoE router", path, rule, node.name)
 
+def _experts(topk: Node) -> MoeExperts:
     picks = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
     ids = _indexing_view(picks[1]) if 1 in picks else None
     readers = [u for u in _users(ids) if u.target is INDEX] if ids is not None else []
     if not readers:
-        return miss(f"the indices {topk.name} chooses index no per-expert tensor (index(param, [ids]))", topk)
+        raise Mismatch(f"the indices {topk.name} chooses index no per-expert tensor (index(param, [ids]))", topk)
     linears, _ = _router_cone(topk)
     if len(linears) != 1:
         found = sorted(n.name for n in linears)
-        return miss(f"{topk.name} must choose from the logits of one linear (the router), it reads {found}", topk)
+        raise Mismatch(f"{topk.name} must choose from the logits of one linear (the router), it reads {found}", topk)
     (router,) = linears
     num_experts = int(router.meta["val"].shape[-1])
     bmms: dict[Node, Node] = {}
     for index in readers:
         source = skip_passthrough(index.args[0])
         if source.op != "placeholder" or len(index.args[1]) != 1 or source.meta["val"].shape[0] != num_experts:
-            return miss(
-                f"{index.name} indexes {_describe(source)} by the chosen experts, which is not a state tensor with "
+            raise Mismatch(
+                f"{index.name} indexes {describe(source)} by the chosen experts, which is not a state tensor with "
                 f"one slice per expert ({num_experts}, the router's outputs) along dim 0",
                 index,
             )
@@ -229,7 +232,7 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
     ]
     ups = [i for i in bmms if i not in downs]
     if len(ups) != 1 or len(downs) != 1:
-        return miss(
+        raise Mismatch(
             f"the experts {topk.name} chooses are not one up and one down batched matmul (bmm) of per-expert "
             f"weights, the second reading the first ({len(ups)} up, {len(downs)} down)",
             topk,
@@ -239,9 +242,9 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
     hidden = _strip(token_operand(down_index))
     interior = _pointwise_from(hidden, up)
     if isinstance(interior, Node):
-        return miss(
+        raise Mismatch(
             f"the input of the down bmm {down.name} is not computed by pointwise ops from the up bmm {up.name}: "
-            f"{_describe(interior)} lies on the way",
+            f"{describe(interior)} lies on the way",
             interior,
         )
     width = int(hidden.meta["val"].shape[-1])
@@ -251,18 +254,18 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
     if any(n.target in SPLIT_OPS for n in interior):
         activated = [n for n in interior if n.target is operator.getitem and _activated(n, interior)]
         if up_width != 2 * width or len(activated) != 1:
-            return miss(
+            raise Mismatch(
                 f"{up.name} (width {up_width}) is split, but not into a gate half through an activation and an up "
                 f"half of the expert width {width}",
                 up,
             )
         gate_half = int(activated[0].args[1])
     elif up_width != width or all(n.target in PASSTHROUGH for n in interior):
-        return miss(f"{up.name} (width {up_width}) is not act(up) of the expert width {width}", up)
+        raise Mismatch(f"{up.name} (width {up_width}) is not act(up) of the expert width {width}", up)
     weighted = _single_user(_follow(down, _TOKEN_OPS | PASSTHROUGH), {aten.mul.Tensor})
-    output = _single_user(_follow(weighted, SHAPE_OPS), {aten.sum.dim_IntList}) if weighted is not None else None
+    output = _single_user(_follow(weighted, VIEW_OPS), {aten.sum.dim_IntList}) if weighted is not None else None
     if output is None:
-        return miss(f"the output of the down bmm {down.name} is not weighted (mul) and summed per token", down)
+        raise Mismatch(f"the output of the down bmm {down.name} is not weighted (mul) and summed per token", down)
     tensors = []
     for index in sorted(readers, key=lambda i: (i is not up_index, i is not down_index)):
         role = "up" if index is up_index else "down" if index is down_index else "other"
@@ -270,8 +273,8 @@ def match_experts(topk: Node) -> MoeExperts | NoMatch:
         neuron_dim = None if role == "other" else (1 if (role == "up") != transposed else 2)
         tensors.append(ExpertTensor(skip_passthrough(index.args[0]).name, index, role, neuron_dim))
     return MoeExperts(
-        path=_common_path([up_index, down_index]),
-        block_path=_common_path([router, up_index, down_index]),
+        path=common_path([up_index, down_index]),
+        block_path=common_path([router, up_index, down_index]),
         router=router,
         topk=topk,
         expert_ids=ids,
@@ -299,7 +302,7 @@ def _computed_from(node: Node, source: Node) -> bool:
         if n in seen or not isinstance(n, Node) or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in _TOKEN_OPS or _is_pointwise(n) or _is_half_split(n):
+        if n.target in _TOKEN_OPS or is_pointwise(n) or is_half_split(n):
             stack.extend(n.all_input_nodes)
     return False
 
@@ -499,9 +502,9 @@ def expert_slices(program, experts: MoeExperts) -> list[tuple[str, int]]:
                         f"{experts.block_path}: the router reads {name} of shape {tuple(shape)} on the way to "
                         f"its top-k, which is not one value per expert; cannot remove experts"
                     )
-        if node.target in SHAPE_OPS | {aten.expand.default} and _constant_size(node.args[1]) == count:
+        if node.target in VIEW_OPS | {aten.expand.default} and _constant_size(node.args[1]) == count:
             raise PassError(
-                f"{experts.block_path}: the router's {_describe(node)} writes the expert count into its shape "
+                f"{experts.block_path}: the router's {describe(node)} writes the expert count into its shape "
                 f"{node.args[1]}; removing experts would leave it stale (a group-limited router), so it is refused"
             )
     return slices

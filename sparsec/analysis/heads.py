@@ -39,8 +39,18 @@ import torch
 from torch.fx import Node
 
 from sparsec.analysis.dependency import linear_weight_node
-from sparsec.analysis.regions import module_path
-from sparsec.analysis.structure import PASSTHROUGH, NoMatch, _common_path, _describe, _is_pointwise
+from sparsec.analysis.match import Mismatch, NoMatch
+from sparsec.analysis.vocabulary import (
+    METADATA_ASSERT,
+    PASSTHROUGH,
+    REDUCTION_OPS,
+    SPLIT_OPS,
+    VIEW_OPS,
+    common_path,
+    describe,
+    is_pointwise,
+    module_path,
+)
 from sparsec.errors import PassError
 
 aten = torch.ops.aten
@@ -49,11 +59,7 @@ Factor = tuple[str, int]  # (kind, size); kind in g, r, r*, o
 HEAD_KINDS = ("g", "r", "r*")
 SDPA = aten.scaled_dot_product_attention.default
 SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default})
-VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 IDENTITY = frozenset({aten.contiguous.default, aten.detach.default, *PASSTHROUGH})
-SPLITS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
-REDUCTIONS = frozenset({aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction})
-_IGNORED_READERS = frozenset({aten._assert_tensor_metadata.default})
 
 
 class Segmented:
@@ -164,20 +170,12 @@ def _clean(axis: tuple[Factor, ...]) -> AxisLayout:
     return factors if any(k in HEAD_KINDS for k, _ in factors) else None
 
 
-class _Stop(Exception):
-    """Propagation stopped at `node` for `rule`."""
-
-    def __init__(self, node: Node, rule: str) -> None:
-        super().__init__(rule)
-        self.node, self.rule = node, rule
-
-
 def _regroup(node: Node, layout: Layout, src: list, dst: list) -> Layout:
     """The layout of a tensor of shape `dst` viewing a tensor of shape `src` with `layout` (row-major)."""
     atoms: list[list] = []
     for axis, size in zip(layout, src):
         if isinstance(axis, Segmented):
-            raise _Stop(node, "a view of the segments of a fused projection (slice them first)")
+            raise Mismatch("a view of the segments of a fused projection (slice them first)", node)
         if axis is None:
             if size != 1:
                 atoms.append(["o", size])
@@ -189,7 +187,7 @@ def _regroup(node: Node, layout: Layout, src: list, dst: list) -> Layout:
         rest = size
         while rest != 1:
             if not atoms:
-                raise _Stop(node, "the view's sizes do not regroup its input's")
+                raise Mismatch("the view's sizes do not regroup its input's", node)
             kind, s = atoms[0]
             ratio = sympy.simplify(rest / s)
             if ratio.is_integer and ratio.is_positive:
@@ -202,10 +200,10 @@ def _regroup(node: Node, layout: Layout, src: list, dst: list) -> Layout:
                 rest = sympy.Integer(1)
             else:
                 what = "a head factor" if kind in HEAD_KINDS else "a factor"
-                raise _Stop(node, f"{what} ({kind}={s}) straddles an axis boundary of the view")
+                raise Mismatch(f"{what} ({kind}={s}) straddles an axis boundary of the view", node)
         out.append(_clean(tuple((k, int(s)) if k in HEAD_KINDS or s.is_Integer else (k, s) for k, s in taken)))
     if any(s != 1 for _, s in atoms):
-        raise _Stop(node, "the view's sizes do not regroup its input's")
+        raise Mismatch("the view's sizes do not regroup its input's", node)
     return tuple(out)
 
 
@@ -271,7 +269,7 @@ class _Propagation:
             return
         if node in self.layouts:
             if self.layouts[node] != layout:
-                raise _Stop(node, f"reached with two head layouts ({self.layouts[node]} and {layout})")
+                raise Mismatch(f"reached with two head layouts ({self.layouts[node]} and {layout})", node)
             return
         self.layouts[node] = layout
         self.work.append(node)
@@ -290,23 +288,23 @@ class _Propagation:
         if node.op == "placeholder":
             name = self.program.state_name(node)
             if name is None:
-                raise _Stop(node, "a model input carries heads")
+                raise Mismatch("a model input carries heads", node)
             axes = [i for i, a in enumerate(layout) if _heads(a)]
             if len(axes) != 1:
-                raise _Stop(node, f"the state tensor {name} carries heads on {len(axes)} axes")
+                raise Mismatch(f"the state tensor {name} carries heads on {len(axes)} axes", node)
             self.params[name] = HeadParam(name, axes[0], layout[axes[0]])
             return
         if node.op != "call_function":
-            raise _Stop(node, "not an operator")
+            raise Mismatch("not an operator", node)
         target = node.target
         if target is aten.linear.default:
             axes = [i for i, a in enumerate(layout) if _heads(a)]
             if axes != [len(layout) - 1]:
-                raise _Stop(node, "a projection whose output carries heads on an axis other than the last")
+                raise Mismatch("a projection whose output carries heads on an axis other than the last", node)
             self.projections[node] = layout[-1]
             return
         if isinstance(layout[-1] if layout else None, Segmented) and target is not aten.linear.default:
-            raise _Stop(node, "segments of a head axis computed by something other than a projection")
+            raise Mismatch("segments of a head axis computed by something other than a projection", node)
         for arg, arg_layout in self._inputs(node, layout):
             if isinstance(arg, Node):
                 self._assign(arg, arg_layout)
@@ -317,7 +315,7 @@ class _Propagation:
         shape = _shape(src) if src is not None else None
         out = _shape(node)
         if target is operator.getitem:
-            if src.op == "call_function" and src.target in SPLITS:
+            if src.op == "call_function" and src.target in SPLIT_OPS:
                 d = _dim(src, 2, 0, len(layout))
                 if layout[d] is not None:  # one part of a fused projection split along its heads
                     self.splits.add(src)
@@ -325,7 +323,7 @@ class _Propagation:
                     start = sum(sizes[: args[1]])
                     return self._segment(node, src.args[0], layout, d, start, sizes[args[1]])
             return [(src, layout)]
-        if target in VIEWS:
+        if target in VIEW_OPS:
             return [(src, _regroup(node, layout, out, shape))]
         if target is aten.transpose.int:
             a, b = args[1] % len(layout), args[2] % len(layout)
@@ -349,7 +347,7 @@ class _Propagation:
                 if s == o:
                     result.append(a)
                 elif a is not None and any(k in ("g", "r") for k, _ in a):
-                    raise _Stop(node, "an expand creates heads out of a broadcast")
+                    raise Mismatch("an expand creates heads out of a broadcast", node)
                 else:
                     result.append(None)
             return [(src, tuple(result))]
@@ -360,23 +358,23 @@ class _Propagation:
             if layout[d] is None or full:
                 return [(src, layout)]
             if not isinstance(start, int) or not isinstance(end, int) or (len(args) > 4 and args[4] != 1):
-                raise _Stop(node, "a strided or symbolic slice of a head axis")
+                raise Mismatch("a strided or symbolic slice of a head axis", node)
             return self._segment(node, src, layout, d, start, int(out[d]))
-        if target in SPLITS:
+        if target in SPLIT_OPS:
             d = _dim(node, 2, 0, len(layout))
             if layout[d] is not None:
-                raise _Stop(node, "a split of a head axis not read through its parts")
+                raise Mismatch("a split of a head axis not read through its parts", node)
             return [(src, layout)]
         if target is aten.index_select.default:
             if layout[args[1] % len(layout)] is not None:
-                raise _Stop(node, "an index_select along a head axis")
+                raise Mismatch("an index_select along a head axis", node)
             return [(src, layout)]
         if target is aten.cat.default:
             d = _dim(node, 1, 0, len(layout))
             if layout[d] is not None:
-                raise _Stop(node, "a concatenation along a head axis")
+                raise Mismatch("a concatenation along a head axis", node)
             return [(t, layout) for t in args[0] if isinstance(t, Node)]
-        if target in REDUCTIONS:
+        if target in REDUCTION_OPS:
             dims = [d % len(shape) for d in args[1]]
             keep = (args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)) is True
             it = iter(layout)
@@ -384,9 +382,9 @@ class _Propagation:
             return [(src, full)]
         if target in SOFTMAX:
             if layout[args[1] % len(layout)] is not None:
-                raise _Stop(node, "a softmax over a head axis")
+                raise Mismatch("a softmax over a head axis", node)
             return [(src, layout)]
-        if target in IDENTITY or _is_pointwise(node):
+        if target in IDENTITY or is_pointwise(node):
             result = []
             for arg in node.all_input_nodes:
                 arg_shape = _shape(arg)
@@ -394,22 +392,22 @@ class _Propagation:
                     continue
                 aligned = _align(layout, len(arg_shape), arg_shape)
                 if _carries(aligned) and arg not in self.layouts and not self._may_carry(arg):
-                    raise _Stop(
-                        node,
+                    raise Mismatch(
                         f"its operand {arg.name} is per head but computed outside the attention "
-                        f"({_describe(arg)}); removing heads would change it",
+                        f"({describe(arg)}); removing heads would change it",
+                        node,
                     )
                 result.append((arg, aligned))
             return result
-        raise _Stop(node, f"{_describe(node)} is not an op the head layout passes through")
+        raise Mismatch(f"{describe(node)} is not an op the head layout passes through", node)
 
     def _segment(self, node: Node, src: Node, layout: Layout, d: int, start: int, size: int) -> list:
         """`node` is rows [start, start + size) of axis `d` of `src` (a fused projection's output)."""
         if isinstance(layout[d], Segmented):
-            raise _Stop(node, "a segment of a segment of a head axis")
+            raise Mismatch("a segment of a segment of a head axis", node)
         known = self.layouts.get(src)
         if known is not None and not isinstance(known[d], Segmented):
-            raise _Stop(node, f"{src.name} is read whole and in segments")
+            raise Mismatch(f"{src.name} is read whole and in segments", node)
         segmented = known[d] if known is not None else Segmented()
         segmented.parts[start] = (size, layout[d])
         if known is not None:  # another segment of a value already reached: extended in place
@@ -436,21 +434,21 @@ class _Propagation:
 
     # A user's output from one input's layout.
     def _forward(self, node: Node, user: Node, layout: Layout) -> None:
-        if user in self.core or user.target in _IGNORED_READERS:
+        if user in self.core or user.target is METADATA_ASSERT:
             return
         target = user.target
         if user.op != "call_function":
-            raise _Stop(user, f"{node.name}, which carries heads, is read by {user.op} {user.name}")
+            raise Mismatch(f"{node.name}, which carries heads, is read by {user.op} {user.name}", user)
         if target is aten.sym_size.int:
             if layout[user.args[1]] is not None:
-                raise _Stop(user, "the size of a head axis is read as a value")
+                raise Mismatch("the size of a head axis is read as a value", user)
             return
         if target is aten.linear.default:
             if user.args[0] is not node:
-                raise _Stop(user, f"{node.name}, which carries heads, is a linear's weight")
+                raise Mismatch(f"{node.name}, which carries heads, is a linear's weight", user)
             axes = [i for i, a in enumerate(layout) if _heads(a)]
             if axes != [len(layout) - 1] or isinstance(layout[-1], Segmented):
-                raise _Stop(user, "the output projection's input carries heads on an axis other than the last")
+                raise Mismatch("the output projection's input carries heads on an axis other than the last", user)
             self.outputs[user] = layout[-1]
             return
         out = self._output(node, user, layout)
@@ -464,11 +462,11 @@ class _Propagation:
         if target is operator.getitem:
             return layout
         if isinstance(layout[-1] if layout else None, Segmented):
-            if target in SPLITS:
+            if target in SPLIT_OPS:
                 return None  # its parts reach it from q, k and v (checked when closing)
             if target is not aten.slice.Tensor:
-                raise _Stop(user, "the segments of a fused projection are read other than through slices")
-        if target in VIEWS or target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+                raise Mismatch("the segments of a fused projection are read other than through slices", user)
+        if target in VIEW_OPS or target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             return _regroup(user, layout, src, out)
         if target is aten.transpose.int:
             a, b = args[1] % len(layout), args[2] % len(layout)
@@ -501,29 +499,34 @@ class _Propagation:
                     return None  # a segment not reached yet: its own operand reaches it (checked when closing)
                 return tuple(part[1] if i == d else a for i, a in enumerate(layout))
             if axis is not None and out[d] != src[d]:
-                raise _Stop(user, "a slice of part of a head axis")
+                raise Mismatch("a slice of part of a head axis", user)
             return layout
-        if target in SPLITS or target is aten.cat.default or target in SOFTMAX or target is aten.index_select.default:
+        if (
+            target in SPLIT_OPS
+            or target is aten.cat.default
+            or target in SOFTMAX
+            or target is aten.index_select.default
+        ):
             return self._pass_same(node, user, layout)
-        if target in REDUCTIONS:
+        if target in REDUCTION_OPS:
             dims = {d % len(src) for d in args[1]}
             keep = (args[2] if len(args) > 2 else user.kwargs.get("keepdim", False)) is True
             if any(layout[d] is not None for d in dims):
                 self.sinks.add(user)
                 self.approximate.append(
-                    f"{_describe(user)} reduces over a head axis: after pruning it reduces over the "
+                    f"{describe(user)} reduces over a head axis: after pruning it reduces over the "
                     "kept heads only (as the model rebuilt with fewer heads does)"
                 )
             return tuple(None if d in dims else a for d, a in enumerate(layout) if keep or d not in dims)
-        if target in IDENTITY or _is_pointwise(user):
+        if target in IDENTITY or is_pointwise(user):
             return (None,) * (len(out) - len(layout)) + layout if len(out) >= len(layout) else None
-        raise _Stop(user, f"{_describe(user)} reads {node.name}, which carries heads, and is not an op it passes")
+        raise Mismatch(f"{describe(user)} reads {node.name}, which carries heads, and is not an op it passes", user)
 
     def _pass_same(self, node: Node, user: Node, layout: Layout) -> Layout:
         """Splits, concatenations, softmaxes and index_selects along a head-free axis keep the layout."""
-        d = _dim(user, 2 if user.target in SPLITS else 1, 0, len(layout))
+        d = _dim(user, 2 if user.target in SPLIT_OPS else 1, 0, len(layout))
         if layout[d] is not None:
-            raise _Stop(user, f"{_describe(user)} along a head axis")
+            raise Mismatch(f"{describe(user)} along a head axis", user)
         return layout
 
     def close(self) -> None:
@@ -534,11 +537,11 @@ class _Propagation:
                     size, covered = None, 0
                     for start, (length, _) in sorted(axis.parts.items()):
                         if start != covered:
-                            raise _Stop(node, f"rows [{covered}, {start}) of the fused projection are not q, k or v")
+                            raise Mismatch(f"rows [{covered}, {start}) of the fused projection are not q, k or v", node)
                         covered += length
                     size = _shape(node)[-1]
                     if covered != size:
-                        raise _Stop(node, f"rows [{covered}, {size}) of the fused projection are not q, k or v")
+                        raise Mismatch(f"rows [{covered}, {size}) of the fused projection are not q, k or v", node)
             for user in node.users:
                 handled = (
                     user in self.layouts
@@ -546,11 +549,11 @@ class _Propagation:
                     or user in self.outputs
                     or user in self.sinks
                     or user in self.splits
-                    or user.target in _IGNORED_READERS
+                    or user.target is METADATA_ASSERT
                     or user.target is aten.sym_size.int
                 )
                 if not handled:
-                    raise _Stop(user, f"{node.name}, which carries heads, is also read by {user.name} outside it")
+                    raise Mismatch(f"{node.name}, which carries heads, is also read by {user.name} outside it", user)
 
 
 # ----- cores -----------------------------------------------------------------------------------------------
@@ -572,7 +575,7 @@ def _repeat(k: Node) -> int:
             for s, o in zip(src, out[len(out) - len(src) :]):
                 if s == 1 and o != 1 and o.is_Integer:
                     return int(o)
-        elif node.target not in VIEWS | IDENTITY | {aten.transpose.int}:
+        elif node.target not in VIEW_OPS | IDENTITY | {aten.transpose.int}:
             return 1
     return 1
 
@@ -598,14 +601,14 @@ def _cores(program) -> list[_Core | NoMatch]:
             cores.append(_Core((node,), q, k, v, node, None, bool(node.kwargs.get("enable_gqa", False))))
         elif node.target in SOFTMAX:
             scores = node.args[0]
-            while scores.op == "call_function" and (_is_pointwise(scores) or scores.target in VIEWS):
+            while scores.op == "call_function" and (is_pointwise(scores) or scores.target in VIEW_OPS):
                 scores = next(a for a in scores.args if isinstance(a, Node))
             if scores.target in (aten.bmm.default, aten.baddbmm.default):
                 cores.append(
                     NoMatch(
                         "head-prunable attention",
                         module_path(node),
-                        f"an eager attention in 3D {_describe(scores)}, batch and heads flattened into one axis"
+                        f"an eager attention in 3D {describe(scores)}, batch and heads flattened into one axis"
                         + (" (with a per-head bias added: ALiBi)" if scores.target is aten.baddbmm.default else ""),
                         scores.name,
                     )
@@ -613,11 +616,11 @@ def _cores(program) -> list[_Core | NoMatch]:
                 continue
             if scores.target is not aten.matmul.default or _shape(scores) is None or len(_shape(scores)) != 4:
                 continue
-            users = [u for u in node.users if u.target not in _IGNORED_READERS]
+            users = [u for u in node.users if u.target is not METADATA_ASSERT]
             probs = node
             while len(users) == 1 and users[0].target in IDENTITY:
                 probs = users[0]
-                users = [u for u in probs.users if u.target not in _IGNORED_READERS]
+                users = [u for u in probs.users if u.target is not METADATA_ASSERT]
             if len(users) != 1 or users[0].target is not aten.matmul.default or users[0].args[0] is not probs:
                 continue
             out = users[0]
@@ -657,8 +660,8 @@ def match_attention(program, core: _Core) -> Attention | NoMatch:
         prop = _Propagation(program, core.nodes, initial, r)
         prop.run()
         prop.close()
-    except _Stop as stop:
-        return NoMatch("head-prunable attention", path, f"{stop.rule} at {_describe(stop.node)}", stop.node.name)
+    except Mismatch as miss:  # raised anywhere in the propagation: the rule and the node it stopped at
+        return NoMatch("head-prunable attention", path, f"{miss.rule} at {describe(miss.node)}", miss.node.name)
     if len(prop.outputs) != 1 or not prop.projections:
         return NoMatch(
             "head-prunable attention", path, f"{len(prop.outputs)} output projections (one is needed)", core.out.name
@@ -685,7 +688,7 @@ def match_attention(program, core: _Core) -> Attention | NoMatch:
         return NoMatch("head-prunable attention", path, f"a state tensor is coupled twice ({names})", output.name)
     literals = []
     for node, layout in prop.layouts.items():
-        if node.op == "call_function" and node.target in VIEWS | {aten.expand.default}:
+        if node.op == "call_function" and node.target in VIEW_OPS | {aten.expand.default}:
             for i, (axis, literal) in enumerate(zip(layout, node.args[1])):
                 if _heads(axis) and isinstance(literal, int) and literal != -1:
                     literals.append((node, i, axis))
@@ -697,7 +700,7 @@ def match_attention(program, core: _Core) -> Attention | NoMatch:
             elif user in prop.splits:
                 segments.append((user, layout[_dim(user, 2, 0, len(layout))]))
     return Attention(
-        path=_common_path([*prop.projections, output]),
+        path=common_path([*prop.projections, output]),
         num_heads=hq,
         num_kv_heads=g,
         head_dim=int(q_shape[-1]),

@@ -13,7 +13,7 @@ never from module names.
 
 Anything else that reads or produces a stream value (attention on it, a graph input such as `inputs_embeds`, the
 width read as a number, a concatenation along the channels, MoE experts) is a reason, naming the op and node, and
-`hidden_channel_group` raises `PassError` before anything changes.
+`hidden_channel_group` returns it as a `NoMatch` before anything changes.
 
 Exactness: removing channels is exact for every linear, embedding and pointwise op, but LayerNorm and RMSNorm then
 normalise over the kept channels only (their mean / RMS changes), so the result equals the Hugging Face model
@@ -32,6 +32,8 @@ from torch.fx import Node
 
 from sparsec.analysis.dependency import ParamSlice, linear_weight_node
 from sparsec.analysis.experts import find_experts
+from sparsec.analysis.match import Mismatch, NoMatch
+from sparsec.analysis.vocabulary import METADATA_ASSERT, REDUCTION_OPS, VIEW_OPS, module_path
 from sparsec.errors import PassError
 
 aten = torch.ops.aten
@@ -71,9 +73,8 @@ UNARY = {
     aten.detach.default,
     aten.type_as.default,
 }
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.var.correction, aten.amax.default}
-IGNORED = {aten._assert_tensor_metadata.default}
+# Views, reshapes and expands: `args[1]` is the output shape (a literal width in it is rewritten).
+SHAPE_ARG_OPS = VIEW_OPS | {aten.expand.default}
 # Read only the template's dtype and device; make a tensor of the sizes given (a literal width is rewritten).
 NEW_TENSORS = {aten.new_zeros.default, aten.new_empty.default, aten.new_ones.default}
 
@@ -154,10 +155,8 @@ class _Walk:
         self.join(seed)
 
     # ----- bookkeeping --------------------------------------------------------------------------------
-    def refuse(self, node: Node, why: str) -> PassError:
-        return PassError(
-            f"slice_hidden: {node.name} ({node.target}) {why}; the hidden channels cannot be sliced in this graph"
-        )
+    def refuse(self, node: Node, why: str) -> Mismatch:
+        return Mismatch(f"{node.name} ({node.target}) {why}; the hidden channels cannot be sliced in this graph", node)
 
     def carries(self, node) -> bool:
         """Whether a value has the hidden width on its last axis (a candidate for the stream)."""
@@ -204,7 +203,7 @@ class _Walk:
             return False
         if t in UNARY:
             return True
-        if t in RESHAPES:
+        if t in SHAPE_ARG_OPS:
             self.literal(node, 1)
             return True
         if t is aten.unsqueeze.default:
@@ -228,7 +227,7 @@ class _Walk:
         return _axis(dim, ndim) != ndim - 1
 
     SHAPE_OPS = (
-        RESHAPES
+        SHAPE_ARG_OPS
         | UNARY
         | {
             aten.unsqueeze.default,
@@ -290,7 +289,7 @@ class _Walk:
         ):
             for arg in node.args[0]:
                 self.join(arg)
-        elif t in REDUCTIONS and self.carries(node.args[0]):
+        elif t in REDUCTION_OPS and self.carries(node.args[0]):
             self.join(node.args[0])
         elif t in NEW_TENSORS:
             self.literal(node, 1)
@@ -306,7 +305,7 @@ class _Walk:
         t = user.target
         if user.op == "output":
             self.outputs.append(node.name)
-        elif t in IGNORED or (t in NEW_TENSORS and node is user.args[0]):
+        elif t is METADATA_ASSERT or (t in NEW_TENSORS and node is user.args[0]):
             return
         elif t is aten.index_copy.default and node is not user.args[2]:
             if not self.off_last_axis(user, user.args[1]):
@@ -330,7 +329,7 @@ class _Walk:
             self.join(user)
         elif t in POINTWISE or t is aten.layer_norm.default:
             self.join(user)
-        elif t in REDUCTIONS:
+        elif t in REDUCTION_OPS:
             dims = user.args[1] if len(user.args) > 1 else None
             ndim = _val(node).dim()
             if dims is None or (ndim - 1) in {_axis(d, ndim) for d in dims}:
@@ -354,9 +353,12 @@ class _Walk:
             raise self.refuse(user, f"reads the stream value {node.name}")
 
 
-def hidden_channel_group(program) -> HiddenGroup:
-    """The residual stream's channels and every tensor and literal coupled through them; `PassError` naming the op
-    and node when the graph reads them in a way slicing cannot honour (see the module docstring).
+HIDDEN_STREAM = "residual stream of sliceable hidden channels"
+
+
+def hidden_channel_group(program) -> HiddenGroup | NoMatch:
+    """The residual stream's channels and every tensor and literal coupled through them, or a `NoMatch` naming the
+    op and node where the graph reads them in a way slicing cannot honour (see the module docstring).
 
     Example::
         group = hidden_channel_group(program)
@@ -370,14 +372,21 @@ def hidden_channel_group(program) -> HiddenGroup:
         if program.state_name(n.args[0]) is not None
     ]
     if not seeds:
-        raise PassError("slice_hidden: the graph has no token embedding (aten.embedding of a parameter) to start from")
+        return NoMatch(
+            HIDDEN_STREAM, "", "the graph has no token embedding (aten.embedding of a parameter) to start from"
+        )
     experts = find_experts(program)
     if experts:
-        raise PassError(
-            f"slice_hidden: the model has MoE experts ({experts[0].path}, ...) whose fused [E, ...] weights "
-            "slice_hidden does not rewrite; slice the hidden channels of the dense model (before ffn_to_moe)"
+        return NoMatch(
+            HIDDEN_STREAM,
+            "",
+            f"the model has MoE experts ({experts[0].path}, ...) whose fused [E, ...] weights "
+            "slice_hidden does not rewrite; slice the hidden channels of the dense model (before ffn_to_moe)",
         )
-    walk = _Walk(program, seeds[0]).run()
+    try:
+        walk = _Walk(program, seeds[0]).run()
+    except Mismatch as miss:
+        return miss.no_match(HIDDEN_STREAM, module_path(miss.node))
     return HiddenGroup(
         width=walk.width,
         params=tuple(walk.params.values()),

@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 
 from sparsec.analysis.dependency import linear_weight
+from sparsec.analysis.ffn import Ffn
 from sparsec.analysis.heads import Attention
-from sparsec.analysis.structure import Ffn
 
 Importance = Literal["activation", "magnitude", "random"]
 IMPORTANCES = ("activation", "magnitude", "random")

@@ -20,10 +20,13 @@ from collections.abc import Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from sparsec.analysis.blocks import match_residual_block
 from sparsec.analysis.experts import expert_misses, find_experts
+from sparsec.analysis.ffn import ffn_misses, match_ffn
 from sparsec.analysis.heads import attention_misses, find_attentions
-from sparsec.analysis.regions import Region, module_path, region_index
-from sparsec.analysis.structure import LINEAR, NoMatch, ffn_misses, match_ffn, match_residual_block
+from sparsec.analysis.match import NoMatch
+from sparsec.analysis.regions import Region, region_index
+from sparsec.analysis.vocabulary import LINEAR, module_path
 from sparsec.ir.program import Program
 from sparsec.ir.tags import COMPONENTS
 

@@ -19,37 +19,14 @@ import difflib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from torch.fx import Node
 
+from sparsec.analysis.ffn import Ffn, ffn_misses, find_ffns
+from sparsec.analysis.vocabulary import module_stack
 from sparsec.errors import PassError, SparsecError
-from sparsec.ir.paths import ancestors, glob_match, normalize
-
-if TYPE_CHECKING:
-    from sparsec.analysis.structure import Ffn
-    from sparsec.ir.program import Program
-
-
-_EXPORT_PLACEHOLDER = "_empty_nn_module_stack_from_metadata_hook"
-
-
-def module_stack(node: Node) -> list[tuple[str, str]]:
-    """The (module path, module type name) pairs a node was computed under, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for key, (path, typ) in stack.items():
-        path = normalize(path)
-        # torch.export labels top-level symbolic-size nodes with a placeholder entry, not a module
-        if path and not str(key).startswith(_EXPORT_PLACEHOLDER):
-            out.append((path, typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))))
-    return out
-
-
-def module_path(node: Node) -> str:
-    """The innermost module path of a node ('' for nodes outside any submodule, e.g. placeholders)."""
-    stack = module_stack(node)
-    return stack[-1][0] if stack else ""
+from sparsec.ir.paths import ancestors, glob_match
+from sparsec.ir.program import Program
 
 
 @dataclass
@@ -172,9 +149,7 @@ class RegionIndex:
         return [b for s in self.block_stacks() for b in s.blocks if glob_match(b.path, where)]
 
     def ffns(self, where: str = "**") -> list[Ffn]:
-        """Feed-forward networks found by graph structure (see `sparsec.analysis.structure.find_ffns`)."""
-        from sparsec.analysis.structure import find_ffns
-
+        """Feed-forward networks found by graph structure (see `sparsec.analysis.ffn.find_ffns`)."""
         return [f for f in self.program.analysis(find_ffns) if glob_match(f.path, where)]
 
     def require_ffns(self, where: str, who: str) -> list[Ffn]:
@@ -182,8 +157,6 @@ class RegionIndex:
         closest to `where` (linears under it, else the nearest paths), why they are not FFNs."""
         ffns = self.ffns(where)
         if not ffns:
-            from sparsec.analysis.structure import ffn_misses
-
             known = [f.path for f in self.ffns()]
             listing = f"{known[:6]}{' ...' if len(known) > 6 else ''}" if known else "none"
             misses = ffn_misses(self.program)

@@ -20,7 +20,8 @@ from torch.fx import Graph, Node
 aten = torch.ops.aten
 
 TRANSPOSES = frozenset({aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default})
-_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+# Ops that give a value a new shape and nothing else (what every analysis calls a view or reshape).
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 
 
 def transposed_source(node: Node) -> Node | None:
@@ -64,8 +65,8 @@ def canonicalize_linears(graph: Graph, weights: set[str]) -> int:
                 all(isinstance(a, Node) for a in (bias, flat, weight))
                 and _is_weight(weight, weights)
                 and _is_weight(bias, weights)
-                and flat.target in _VIEWS
-                and out.target in _VIEWS
+                and flat.target in VIEW_OPS
+                and out.target in VIEW_OPS
                 and not node.kwargs
             ):
                 continue

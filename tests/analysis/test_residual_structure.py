@@ -1,10 +1,9 @@
 """`residual_structure`: the residual streams of blocks, cached per graph version by `Program.analysis`."""
 
-import pytest
 from conftest import small_program
 
-from sparsec.analysis.structure import residual_structure
-from sparsec.errors import PassError
+from sparsec.analysis.blocks import residual_structure
+from sparsec.analysis.match import NoMatch
 
 
 def test_residual_streams_are_cached_until_the_graph_changes():
@@ -17,7 +16,8 @@ def test_residual_streams_are_cached_until_the_graph_changes():
     assert residual_structure(program) is not structure
 
 
-def test_a_region_without_residual_structure_is_refused():
+def test_a_region_without_residual_structure_is_a_no_match_saying_why():
     _, program = small_program()
-    with pytest.raises(PassError, match="cannot find the residual structure of head"):
-        residual_structure(program).streams("head")
+    miss = residual_structure(program).streams("head")
+    assert isinstance(miss, NoMatch) and (miss.pattern, miss.path) == ("residual block", "head")
+    assert "is not a residual add `stream + sublayer(stream)`" in miss.rule and miss.node

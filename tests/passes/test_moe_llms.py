@@ -15,7 +15,7 @@ from sparsec import testing
 from sparsec.analysis.experts import find_experts
 from sparsec.analysis.inspection import format_inspection, inspect_program
 from sparsec.analysis.regions import region_index
-from sparsec.analysis.structure import skip_passthrough
+from sparsec.analysis.vocabulary import skip_passthrough
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError
 from sparsec.exporters.lowering.onnx import export_onnx
