@@ -46,6 +46,21 @@ MODULE_ORDER: dict[str, list[str]] = {
         "importance",
         "inspection",
     ],
+    "sparsec.ir": [
+        "paths",
+        "tags",
+        "stored",
+        "canonical",
+        "weights",
+        "editing",
+        "verification",
+        "serialization",
+        "execution",
+        "copies",
+        "snapshots",
+        "program",
+        "capture",
+    ],
 }
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}
 
