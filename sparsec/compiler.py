@@ -362,6 +362,7 @@ class _Unit:
             seq_len=cal.seq_len,
             batch_size=cal.batch_size,
             vocab=embedding_sizes(self.program),
+            static_shapes=None if self.program.dynamic_dims else self.report["capture"]["example_shapes"],
         )
         if cal.sequential or onload:
             self.calibration.cuts = block_boundaries
