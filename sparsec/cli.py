@@ -347,6 +347,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"the artifact {directory}")
     else:
         directory = None if args.model.startswith(BUILTIN_PREFIX) else Path(args.model)
+        if directory is not None and not directory.is_dir():
+            from sparsec.models import hub_id_error
+
+            raise SparsecError(hub_id_error(args.model) or f"--model {args.model}: no such directory")
         tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"--model {args.model}")
     if args.baseline:
         baseline_dir = ev.artifact_directory(args.baseline, args.entry)
@@ -759,18 +763,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse `argv` and run the command; parsing is inside the handlers too, since building the parser imports the
+    model families and targets (seconds), and a Ctrl-C then is still a plain `interrupted`, exit 130."""
+    prog = "sparsec"
     try:
+        args = build_parser().parse_args(argv)
+        prog = f"sparsec {args.command}"
         return args.func(args)
     except SparsecError as exc:
-        print(f"sparsec {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
-        print(f"sparsec {args.command}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
+        print(f"{prog}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
         return 3
 
 
