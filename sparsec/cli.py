@@ -18,6 +18,7 @@ from sparsec.errors import SparsecError
 from sparsec.exporters.targets import available_targets
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
+from sparsec.runner import DEFAULT_DIMS
 
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
 
@@ -217,8 +218,8 @@ def _artifact_inputs(args: argparse.Namespace, specs: list) -> tuple[list[dict],
             vocab={spec.name: spec.high for spec in specs if spec.high is not None},
         )
         return list(calibration.batches()), calibration.source
-    dims = parse_dims(args.dims)
-    return [synthetic_inputs(specs, dims)], f"synthetic inputs ({args.dims})"
+    dims = {**DEFAULT_DIMS, **parse_dims(args.dims or "")}
+    return [synthetic_inputs(specs, dims)], "synthetic inputs (" + ",".join(f"{k}={v}" for k, v in dims.items()) + ")"
 
 
 def _compiled_target(directory: str) -> str:
@@ -228,9 +229,20 @@ def _compiled_target(directory: str) -> str:
     return (artifact_report(directory) or {}).get("target") or "onnxruntime"
 
 
+def _program_directories(args: argparse.Namespace) -> None:
+    """--artifact (and --baseline) as the directory of one program: OUT itself, or OUT/NAME of a multi-program
+    output chosen with --entry (`artifact_directory`, which lists the programs when none is chosen)."""
+    from sparsec.evaluation import artifact_directory
+
+    args.artifact = str(artifact_directory(args.artifact, args.entry))
+    if getattr(args, "baseline", None):
+        args.baseline = str(artifact_directory(args.baseline, args.entry))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    _program_directories(args)
     args.target = args.target or _compiled_target(args.artifact)
     from sparsec.runner import load_artifact
 
@@ -273,6 +285,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sparsec.runner import ideal_speedup, interleaved_timing, load_artifact
 
+    _program_directories(args)
     baseline_target = args.target or (_compiled_target(args.baseline) if args.baseline else None)
     args.target = args.target or _compiled_target(args.artifact)
     specs = _inputs_of(args.artifact, args.target, "--artifact")
@@ -662,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--target aotinductor; program.pt2, the program itself, for --target pytorch).",
         )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
+        p.add_argument("--entry", metavar="NAME", help="the program of a multi-program output (OUT/NAME)")
         p.add_argument(
             "--target",
             choices=list(targets),
@@ -676,8 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
         p.add_argument(
             "--dims",
-            default="batch=1,seq=128",
-            help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)",
+            metavar="NAME=N,...",
+            help="sizes of the dynamic dims for synthetic inputs, over the defaults "
+            + ",".join(f"{k}={v}" for k, v in DEFAULT_DIMS.items())
+            + " (--dims batch=4 keeps seq=128)",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
         if name == "bench":
