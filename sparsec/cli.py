@@ -469,13 +469,21 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from sparsec.data.calibration import check_calibration_file
     from sparsec.models import load_model
-    from sparsec.probe import DEFAULT_KINDS, Probe, check_options, format_markdown, load_tasks, write_report
+    from sparsec.probe import (
+        DEFAULT_KINDS,
+        Probe,
+        check_options,
+        default_tasks,
+        format_markdown,
+        load_tasks,
+        write_report,
+    )
     from sparsec.recipe import Recipe
 
     if not args.out:
         raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")
     specs: dict[str, tuple[str | None, str | None]] = {}
-    for item in args.task or ["understanding", "generation"]:
+    for item in args.task or []:
         head, _, path = item.partition("=")
         name, _, entry = head.partition("@")
         if not name or name in specs:
@@ -496,6 +504,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if path:
             check_calibration_file(path, tokenizer_dir=directory)
     loaded = load_model(args.model)
+    if not specs:
+        specs = {name: (None, None) for name in default_tasks(loaded.model, recipe.tags)}
     tasks = load_tasks(
         loaded.model,
         specs,
@@ -624,9 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME[@ENTRY]=FILE",
         help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
-        "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "
-        "both synthetic). ENTRY: the entry point serving it (Janus: understanding, generation_step; "
-        "default: the one named like the task, generation_step for 'generation', else forward)",
+        "repeat per task; NAME alone uses synthetic inputs (default, synthetic: understanding and generation for a "
+        "model with those components, else one task named after its entry point, forward). ENTRY: the entry point "
+        "serving it (Janus: understanding, generation_step; default: the one named like the task, generation_step "
+        "for 'generation', else forward)",
     )
     p.add_argument(
         "--components",

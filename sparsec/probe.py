@@ -65,8 +65,9 @@ from sparsec.analysis.structure import Ffn, residual_structure
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.data.quality import compare_outputs
 from sparsec.errors import SparsecError
-from sparsec.families import family_by_name
+from sparsec.families import entry_points, family_by_name
 from sparsec.ir.program import Program, ValueRewrite
+from sparsec.ir.tags import TagRule
 from sparsec.progress import progress_bar
 
 KINDS = ("depth", "width", "heads")
@@ -844,6 +845,18 @@ def task_entry(entries: dict, task: str, entry_name: str | None) -> str:
     return mapped if mapped in entries else first
 
 
+def default_tasks(model: torch.nn.Module, tags: Sequence[TagRule] = ()) -> list[str]:
+    """The tasks probed when none is given (all on synthetic inputs): `understanding` and `generation` for a model
+    whose family (or `tags`) tags regions with those components or marks generation tokens (a Mixture-of-Transformers
+    modality mask); else one task on the model's first entry point, named after it (`forward`): a plain LLM has no
+    understanding or generation to tell apart, and its one component is `shared`, the whole model."""
+    first = next(iter(entry_points(model).values()))
+    family = first.family
+    if family.modality_mask or any(rule.tag in COMPONENTS for rule in (*family.tags, *tags)):
+        return list(COMPONENTS)
+    return [first.name]
+
+
 def load_tasks(
     model: torch.nn.Module,
     specs: dict[str, tuple[str | None, str | None]],
@@ -861,7 +874,6 @@ def load_tasks(
     once (tasks on the same entry point share its program); no file means synthetic inputs (announced). Text
     files are tokenized with the tokenizer in `tokenizer_dir` (the model directory)."""
     from sparsec.data.calibration import embedding_sizes, load_calibration
-    from sparsec.families import entry_points
 
     entries = dict(entry_points(model))
     programs: dict[str, Program] = {}
