@@ -411,3 +411,28 @@ def test_heads_sweep_equals_query_heads_removed_by_hand():
     assert row["value"] == pytest.approx(float(agree))
     assert [u["path"] for u in result["units"]] == [f"model.layers.{i}.self_attn" for i in range(len(layers))]
     assert "heads" in format_markdown(result) and "query heads removed" in format_markdown(result)
+
+
+def test_plot_legends_cover_no_curve_and_fit_in_the_image(tmp_path, mot_probe, monkeypatch):
+    """Each legend lies outside every axes of its figure (so over no curve) and inside the saved image."""
+    import matplotlib.figure
+
+    _, _, probe, _, _ = mot_probe
+    result = probe.run(ratios=[0.25, 0.5])
+    saved = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        save(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        image = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # inches -> pixels, as the extents
+        axes = [ax.get_window_extent(renderer) for ax in fig.axes]
+        saved.append((image, axes, [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    write_report(result, tmp_path / "probe")
+    assert len(saved) == 4  # quality_depth, quality_width, sensitivity, sparsity
+    for image, axes, legends in saved:
+        for legend in legends:
+            assert not any(legend.overlaps(ax) for ax in axes)
+            assert image.x0 <= legend.x0 + 1 and legend.x1 <= image.x1 + 1
