@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=helptext,
             description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
-            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.pt2 for "
+            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.aoti.pt2 for "
             "--target aotinductor; program.pt2, the program itself, for --target pytorch).",
         )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")

@@ -1,7 +1,7 @@
 """Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
 
 An artifact is a `sparsec compile` output directory, loaded by its target (`sparsec.exporters.targets`):
-`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.pt2` (AOTInductor). Inputs come from
+`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.aoti.pt2` (AOTInductor). Inputs come from
 a calibration file (as for compile) or are synthesized from the artifact's input types (`artifact_inputs`: the
 ONNX file's inputs, or those an AOTInductor package records), with the dynamic dims given by name (`--dims
 batch=1,seq=128`): integer inputs named `*mask*` are ones, other integer inputs (token ids) uniform in [0, n)
