@@ -536,6 +536,55 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_plugin(spec: str) -> None:
+    """Import `spec`, a module name (`my_passes`, `pkg.passes`) or a Python file (`./my_pass.py`), whose import
+    registers passes, targets or families (`register_pass`, `register_target`, `register_family`): how a pass in a
+    local file reaches the command line without being installed. `SparsecError` (exit 2) naming the plugin for a
+    file or module that does not exist and for an error its import raises (where it was raised)."""
+    import importlib
+    import importlib.util
+
+    is_file = spec.endswith(".py") or "/" in spec or "\\" in spec
+    try:
+        if not is_file:
+            importlib.import_module(spec)
+            return
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SparsecError(f"--plugin {spec}: no such file (give a .py file that registers passes or targets)")
+        name = f"sparsec_plugin_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up by name
+        module_spec.loader.exec_module(module)
+    except ModuleNotFoundError as exc:
+        if not is_file and spec.startswith(str(exc.name)):
+            raise SparsecError(
+                f"--plugin {spec}: no module named {exc.name!r} on the Python path; give an importable module name "
+                "or the path of a .py file"
+            ) from exc
+        raise _plugin_error(spec, exc) from exc
+    except SparsecError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(spec, exc) from exc
+
+
+def _plugin_error(spec: str, exc: Exception) -> SparsecError:
+    """An error raised while importing plugin `spec`, with where the plugin's code raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return SparsecError(f"--plugin {spec} failed to import: {type(exc).__name__}: {exc}{where}")
+
+
+def _plugins(argv: list[str] | None) -> list[str]:
+    """The --plugin values of `argv`, read before the parser is built (its --target choices include the targets
+    plugins register)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--plugin", action="append", default=[])
+    return early.parse_known_args(argv)[0].plugin
+
+
 def build_parser() -> argparse.ArgumentParser:
     model_help = (
         "a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
@@ -548,9 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'sparsec COMMAND --help' for a command's options. Exit codes: 0 ok, 1 quality/parity "
         "check failed (nothing written), 2 bad input, 3 internal error.",
     )
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE_OR_FILE",
+        help="import a module (my_passes) or a .py file (./my_pass.py) first, whose import registers passes or "
+        "targets (register_pass, register_target); repeatable",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[plugin], **kwargs)
+
+    p = command(
         "inspect",
         help="show regions, component tags, parameters and FLOPs per component",
         description="Capture the model and show its regions, component tags (understanding / "
@@ -566,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser(
+    p = command(
         "compile",
         help="run a recipe's passes and write program.pt2, model.onnx, report.json and decisions.json",
         description="Capture the model, run the recipe's passes (each verified and quality-checked on "
@@ -615,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser(
+    p = command(
         "analyze",
         help="probe which component (understanding / generation; a plain LLM: the whole model) tolerates depth "
         "and width compression",
@@ -678,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
         ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles"),
     ):
-        p = sub.add_parser(
+        p = command(
             name,
             help=helptext,
             description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
@@ -720,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
-    p = sub.add_parser(
+    p = command(
         "eval",
         help="perplexity of an artifact or model on a text, agreement with a baseline, lm-eval task accuracy",
         description="What a model is worth in the terms users report. Perplexity: next-token loss over a text "
@@ -780,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser(
+    p = command(
         "passes",
         help="list registered passes and their options",
         description="List every registered pass (built-in, entry point 'sparsec.passes') with options.",
@@ -794,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     model families and targets (seconds), and a Ctrl-C then is still a plain `interrupted`, exit 130."""
     prog = "sparsec"
     try:
+        for spec in _plugins(argv):
+            load_plugin(spec)
         args = build_parser().parse_args(argv)
         prog = f"sparsec {args.command}"
         return args.func(args)
