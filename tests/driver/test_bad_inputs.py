@@ -280,6 +280,11 @@ def test_ctrl_c_while_the_parser_is_built_is_a_plain_interrupted(monkeypatch, ca
         return builtin_names()
 
     monkeypatch.setattr(sparsec.cli, "builtin_names", interrupted)
-    assert main(["passes"]) == 130
+    # Python's own SIGINT handler, as in a terminal (a background job may have inherited SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["passes"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err.strip() == "interrupted", err
