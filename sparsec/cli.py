@@ -18,6 +18,7 @@ from sparsec.errors import SparsecError
 from sparsec.exporters.targets import available_targets
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
+from sparsec.runner import DEFAULT_DIMS
 
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
 
@@ -217,8 +218,8 @@ def _artifact_inputs(args: argparse.Namespace, specs: list) -> tuple[list[dict],
             vocab={spec.name: spec.high for spec in specs if spec.high is not None},
         )
         return list(calibration.batches()), calibration.source
-    dims = parse_dims(args.dims)
-    return [synthetic_inputs(specs, dims)], f"synthetic inputs ({args.dims})"
+    dims = {**DEFAULT_DIMS, **parse_dims(args.dims or "")}
+    return [synthetic_inputs(specs, dims)], "synthetic inputs (" + ",".join(f"{k}={v}" for k, v in dims.items()) + ")"
 
 
 def _compiled_target(directory: str) -> str:
@@ -228,9 +229,20 @@ def _compiled_target(directory: str) -> str:
     return (artifact_report(directory) or {}).get("target") or "onnxruntime"
 
 
+def _program_directories(args: argparse.Namespace) -> None:
+    """--artifact (and --baseline) as the directory of one program: OUT itself, or OUT/NAME of a multi-program
+    output chosen with --entry (`artifact_directory`, which lists the programs when none is chosen)."""
+    from sparsec.evaluation import artifact_directory
+
+    args.artifact = str(artifact_directory(args.artifact, args.entry))
+    if getattr(args, "baseline", None):
+        args.baseline = str(artifact_directory(args.baseline, args.entry))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    _program_directories(args)
     args.target = args.target or _compiled_target(args.artifact)
     from sparsec.runner import load_artifact
 
@@ -273,6 +285,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sparsec.runner import ideal_speedup, interleaved_timing, load_artifact
 
+    _program_directories(args)
     baseline_target = args.target or (_compiled_target(args.baseline) if args.baseline else None)
     args.target = args.target or _compiled_target(args.artifact)
     specs = _inputs_of(args.artifact, args.target, "--artifact")
@@ -347,6 +360,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"the artifact {directory}")
     else:
         directory = None if args.model.startswith(BUILTIN_PREFIX) else Path(args.model)
+        if directory is not None and not directory.is_dir():
+            from sparsec.models import hub_id_error
+
+            raise SparsecError(hub_id_error(args.model) or f"--model {args.model}: no such directory")
         tokenizer_dir = ev.find_tokenizer(directory, args.tokenizer, f"--model {args.model}")
     if args.baseline:
         baseline_dir = ev.artifact_directory(args.baseline, args.entry)
@@ -452,13 +469,21 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from sparsec.data.calibration import check_calibration_file
     from sparsec.models import load_model
-    from sparsec.probe import DEFAULT_KINDS, Probe, check_options, format_markdown, load_tasks, write_report
+    from sparsec.probe import (
+        DEFAULT_KINDS,
+        Probe,
+        check_options,
+        default_tasks,
+        format_markdown,
+        load_tasks,
+        write_report,
+    )
     from sparsec.recipe import Recipe
 
     if not args.out:
         raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")
     specs: dict[str, tuple[str | None, str | None]] = {}
-    for item in args.task or ["understanding", "generation"]:
+    for item in args.task or []:
         head, _, path = item.partition("=")
         name, _, entry = head.partition("@")
         if not name or name in specs:
@@ -479,6 +504,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if path:
             check_calibration_file(path, tokenizer_dir=directory)
     loaded = load_model(args.model)
+    if not specs:
+        specs = {name: (None, None) for name in default_tasks(loaded.model, recipe.tags)}
     tasks = load_tasks(
         loaded.model,
         specs,
@@ -509,6 +536,55 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_plugin(spec: str) -> None:
+    """Import `spec`, a module name (`my_passes`, `pkg.passes`) or a Python file (`./my_pass.py`), whose import
+    registers passes, targets or families (`register_pass`, `register_target`, `register_family`): how a pass in a
+    local file reaches the command line without being installed. `SparsecError` (exit 2) naming the plugin for a
+    file or module that does not exist and for an error its import raises (where it was raised)."""
+    import importlib
+    import importlib.util
+
+    is_file = spec.endswith(".py") or "/" in spec or "\\" in spec
+    try:
+        if not is_file:
+            importlib.import_module(spec)
+            return
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SparsecError(f"--plugin {spec}: no such file (give a .py file that registers passes or targets)")
+        name = f"sparsec_plugin_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up by name
+        module_spec.loader.exec_module(module)
+    except ModuleNotFoundError as exc:
+        if not is_file and spec.startswith(str(exc.name)):
+            raise SparsecError(
+                f"--plugin {spec}: no module named {exc.name!r} on the Python path; give an importable module name "
+                "or the path of a .py file"
+            ) from exc
+        raise _plugin_error(spec, exc) from exc
+    except SparsecError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(spec, exc) from exc
+
+
+def _plugin_error(spec: str, exc: Exception) -> SparsecError:
+    """An error raised while importing plugin `spec`, with where the plugin's code raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return SparsecError(f"--plugin {spec} failed to import: {type(exc).__name__}: {exc}{where}")
+
+
+def _plugins(argv: list[str] | None) -> list[str]:
+    """The --plugin values of `argv`, read before the parser is built (its --target choices include the targets
+    plugins register)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--plugin", action="append", default=[])
+    return early.parse_known_args(argv)[0].plugin
+
+
 def build_parser() -> argparse.ArgumentParser:
     model_help = (
         "a Hugging Face save_pretrained directory (config.json + *.safetensors) or a built-in tiny model: "
@@ -521,9 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'sparsec COMMAND --help' for a command's options. Exit codes: 0 ok, 1 quality/parity "
         "check failed (nothing written), 2 bad input, 3 internal error.",
     )
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE_OR_FILE",
+        help="import a module (my_passes) or a .py file (./my_pass.py) first, whose import registers passes or "
+        "targets (register_pass, register_target); repeatable",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[plugin], **kwargs)
+
+    p = command(
         "inspect",
         help="show regions, component tags, parameters and FLOPs per component",
         description="Capture the model and show its regions, component tags (understanding / "
@@ -539,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser(
+    p = command(
         "compile",
         help="run a recipe's passes and write program.pt2, model.onnx, report.json and decisions.json",
         description="Capture the model, run the recipe's passes (each verified and quality-checked on "
@@ -588,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output or summary")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser(
+    p = command(
         "analyze",
         help="probe which component (understanding / generation; a plain LLM: the whole model) tolerates depth "
         "and width compression",
@@ -607,9 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME[@ENTRY]=FILE",
         help="a task and its calibration inputs (.safetensors/.npz of the program's inputs, or .txt/.jsonl); "
-        "repeat per task; NAME alone uses synthetic inputs (default: understanding and generation, "
-        "both synthetic). ENTRY: the entry point serving it (Janus: understanding, generation_step; "
-        "default: the one named like the task, generation_step for 'generation', else forward)",
+        "repeat per task; NAME alone uses synthetic inputs (default, synthetic: understanding and generation for a "
+        "model with those components, else one task named after its entry point, forward). ENTRY: the entry point "
+        "serving it (Janus: understanding, generation_step; default: the one named like the task, generation_step "
+        "for 'generation', else forward)",
     )
     p.add_argument(
         "--components",
@@ -650,14 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run a compiled artifact on calibration or synthetic inputs, summarize its outputs"),
         ("bench", "time a compiled artifact: warm-up, then timed runs; mean and percentiles"),
     ):
-        p = sub.add_parser(
+        p = command(
             name,
             help=helptext,
             description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
-            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.pt2 for "
+            "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.aoti.pt2 for "
             "--target aotinductor; program.pt2, the program itself, for --target pytorch).",
         )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
+        p.add_argument("--entry", metavar="NAME", help="the program of a multi-program output (OUT/NAME)")
         p.add_argument(
             "--target",
             choices=list(targets),
@@ -672,8 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="batch size for --calib (default: %(default)s)")
         p.add_argument(
             "--dims",
-            default="batch=1,seq=128",
-            help="sizes of the dynamic dims for synthetic inputs (default: %(default)s)",
+            metavar="NAME=N,...",
+            help="sizes of the dynamic dims for synthetic inputs, over the defaults "
+            + ",".join(f"{k}={v}" for k, v in DEFAULT_DIMS.items())
+            + " (--dims batch=4 keeps seq=128)",
         )
         p.add_argument("--json", action="store_true", help="print JSON")
         if name == "bench":
@@ -689,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(func=_cmd_run if name == "run" else _cmd_bench)
 
-    p = sub.add_parser(
+    p = command(
         "eval",
         help="perplexity of an artifact or model on a text, agreement with a baseline, lm-eval task accuracy",
         description="What a model is worth in the terms users report. Perplexity: next-token loss over a text "
@@ -749,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser(
+    p = command(
         "passes",
         help="list registered passes and their options",
         description="List every registered pass (built-in, entry point 'sparsec.passes') with options.",
@@ -759,18 +850,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse `argv` and run the command; parsing is inside the handlers too, since building the parser imports the
+    model families and targets (seconds), and a Ctrl-C then is still a plain `interrupted`, exit 130."""
+    prog = "sparsec"
     try:
+        for spec in _plugins(argv):
+            load_plugin(spec)
+        args = build_parser().parse_args(argv)
+        prog = f"sparsec {args.command}"
         return args.func(args)
     except SparsecError as exc:
-        print(f"sparsec {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
-        print(f"sparsec {args.command}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
+        print(f"{prog}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
         return 3
 
 

@@ -129,7 +129,7 @@ def compile_model(
     calibration set (no file) is split the same way.
 
     `target`: a registered target's name (`sparsec.exporters.targets`; built-in: `onnxruntime` (CPU),
-    `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`), `aotinductor` (writes `model.pt2`, no ONNX file)),
+    `onnxruntime-cuda`, `tensorrt` (also writes `model.engine`), `aotinductor` (writes `model.aoti.pt2`, no ONNX file)),
     checked before any work (`check_target`). The ONNX file is lowered as the target asks (`Target.lowering`: by
     default in `recipe.export.precision`), the target builds its artifact from it, or from the program when
     `Target.builds_from_onnx` is False (`Target.build`), and backend parity (`sparsec.data.parity`) runs the
@@ -362,6 +362,7 @@ class _Unit:
             seq_len=cal.seq_len,
             batch_size=cal.batch_size,
             vocab=embedding_sizes(self.program),
+            static_shapes=None if self.program.dynamic_dims else self.report["capture"]["example_shapes"],
         )
         if cal.sequential or onload:
             self.calibration.cuts = block_boundaries

@@ -220,7 +220,10 @@ def artifact_directory(artifact: str | Path, entry: str | None) -> Path:
             raise SparsecError(f"--entry {entry!r}: {artifact} holds the programs {programs or '(one, unnamed)'}")
         return artifact / entry
     if programs:
-        raise SparsecError(f"{artifact} holds several programs ({', '.join(programs)}); choose one with --entry NAME")
+        raise SparsecError(
+            f"{artifact} holds one program per entry point ({', '.join(programs)}), each in {artifact}/NAME; choose "
+            f"one with --entry NAME (e.g. --entry {programs[0]})"
+        )
     return artifact
 
 

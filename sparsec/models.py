@@ -160,6 +160,19 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def hub_id_error(spec: str) -> str:
+    """The error for a model that names no directory here but reads like a Hub repository id (`owner/name`): that
+    sparsec reads local directories only, and how to download one; "" for any other spec."""
+    parts = spec.split("/")
+    if Path(spec).exists() or len(parts) != 2 or not all(parts) or spec.startswith((".", "~")):
+        return ""
+    return (
+        f"{spec} is no directory here; it looks like a Hugging Face Hub id, and sparsec reads local directories only "
+        f"(it downloads nothing): download it first (`hf download {spec} --local-dir {parts[1]}`, or "
+        f"huggingface_hub.snapshot_download) and pass that directory (--model {parts[1]})"
+    )
+
+
 def load_model(
     spec: str | Path, *, dtype: str = "auto", device: str | torch.device = "cpu", weights: bool | Literal["lazy"] = True
 ) -> LoadedModel:
@@ -199,7 +212,8 @@ def load_model(
         return _load_own_layout(own_layout, directory, cast, device, weights)
     if not (directory / "config.json").is_file():
         raise SparsecError(
-            f"{directory} is not a Hugging Face model directory (no config.json); "
+            hub_id_error(spec)
+            or f"{directory} is not a Hugging Face model directory (no config.json); "
             f"pass a save_pretrained directory or one of {[BUILTIN_PREFIX + b for b in builtin_names()]}"
         )
     has_weights = any(directory.glob("*.safetensors"))

@@ -67,8 +67,9 @@ from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.data.quality import compare_outputs
 from sparsec.errors import SparsecError
-from sparsec.families import family_by_name
+from sparsec.families import entry_points, family_by_name
 from sparsec.ir.program import Program, ValueRewrite
+from sparsec.ir.tags import TagRule
 from sparsec.progress import progress_bar
 
 KINDS = ("depth", "width", "heads")
@@ -706,9 +707,13 @@ def _plots(result: dict, directory: Path) -> list[str]:
         if note:
             fig.suptitle(textwrap.fill(note, int(12 * fig.get_figwidth())), color="tab:red", fontsize=9)
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=120)
+        fig.savefig(directory / name, dpi=120, bbox_inches="tight")  # the image grows to hold the legends
         plt.close(fig)
         return name
+
+    def legend_beside(ax) -> None:
+        """The legend right of the axes, never over a curve (it names up to a line per component and task)."""
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
     def curves(ax, rows: list[dict], x: str, y: str) -> None:
         """One curve per (component, task) of `rows`, sorted along `x`."""
@@ -729,7 +734,7 @@ def _plots(result: dict, directory: Path) -> list[str]:
         rows = [r for r in result["sweep"] if r["kind"] == kind]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(9, 4))  # 3 inches for the legend
         starts = [
             {**r, "actual_ratio": 0.0, "value": 1.0} for r in {(r["component"], r["task"]): r for r in rows}.values()
         ]
@@ -744,11 +749,11 @@ def _plots(result: dict, directory: Path) -> list[str]:
         ax.set_ylabel(f"{result['metric']} vs uncompressed")
         ax.set_title(f"{kind} compression")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        legend_beside(ax)
         written.append(save(fig, f"quality_{kind}.png"))
     kinds = [k for k in KINDS if any(u["kind"] == k for u in result["units"])]
     if kinds:
-        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(kinds), figsize=(9 * len(kinds), 4), squeeze=False)
         for ax, kind in zip(axes[0], kinds):
             units = [u for u in result["units"] if u["kind"] == kind]
             curves(ax, units, "index", "value")
@@ -764,11 +769,11 @@ def _plots(result: dict, directory: Path) -> list[str]:
                 + " removed"
             )
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            legend_beside(ax)
         written.append(save(fig, "sensitivity.png"))
     if result["sparsity"]:
         components = sorted({e["component"] for e in result["sparsity"]})
-        fig, axes = plt.subplots(1, len(components), figsize=(6 * len(components), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(components), figsize=(9 * len(components), 4), squeeze=False)
         for ax, component in zip(axes[0], components):
             entries = [e for e in result["sparsity"] if e["component"] == component]
             series = {f"within {t}": [e["within"].get(t) for e in entries] for t in result["tasks"]}
@@ -787,7 +792,7 @@ def _plots(result: dict, directory: Path) -> list[str]:
             ax.set_ylabel("Jaccard overlap of top neurons")
             ax.set_title(f"{component} FFNs")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            legend_beside(ax)
         written.append(save(fig, "sparsity.png"))
     return written
 
@@ -849,6 +854,18 @@ def task_entry(entries: dict, task: str, entry_name: str | None) -> str:
     return mapped if mapped in entries else first
 
 
+def default_tasks(model: torch.nn.Module, tags: Sequence[TagRule] = ()) -> list[str]:
+    """The tasks probed when none is given (all on synthetic inputs): `understanding` and `generation` for a model
+    whose family (or `tags`) tags regions with those components or marks generation tokens (a Mixture-of-Transformers
+    modality mask); else one task on the model's first entry point, named after it (`forward`): a plain LLM has no
+    understanding or generation to tell apart, and its one component is `shared`, the whole model."""
+    first = next(iter(entry_points(model).values()))
+    family = first.family
+    if family.modality_mask or any(rule.tag in COMPONENTS for rule in (*family.tags, *tags)):
+        return list(COMPONENTS)
+    return [first.name]
+
+
 def load_tasks(
     model: torch.nn.Module,
     specs: dict[str, tuple[str | None, str | None]],
@@ -866,7 +883,6 @@ def load_tasks(
     once (tasks on the same entry point share its program); no file means synthetic inputs (announced). Text
     files are tokenized with the tokenizer in `tokenizer_dir` (the model directory)."""
     from sparsec.data.calibration import embedding_sizes, load_calibration
-    from sparsec.families import entry_points
 
     entries = dict(entry_points(model))
     programs: dict[str, Program] = {}

@@ -4,7 +4,8 @@
 passes:                      # ordered; each item is {pass_name: {options}}
   - my_pass: {threshold: 0.5}
 model:     {dtype: auto, device: cpu}                 # the checkpoint's dtype; cpu or cuda[:N]
-capture:   {batch: 2, seq: 16, dynamic: true}
+capture:   {batch: 2, seq: 16, dynamic: true}         # dynamic: false: a fixed-shape program;
+                                                      #   calibration runs at its shape
 calibration: {file: calib.safetensors, samples: 16, seq_len: 32, batch_size: 8, seed: 0,
               holdout: 0.2}                              # a fifth held out for the gates, never seen by a pass
 quality:   {min_cosine: 0.98, min_top1: 0.9,             # gates checked after every pass (on the held-out
@@ -221,6 +222,7 @@ class Recipe:
             entry_points=_parse_entry_points(data.get("entry_points") or []),
             source=source,
         )
+        _fit_static_calibration(recipe, data.get("calibration") or {})
         cal = recipe.calibration
         if base_dir is not None:
             if cal.file and not Path(cal.file).is_absolute():
@@ -245,6 +247,24 @@ class Recipe:
         except yaml.YAMLError as exc:
             raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
         return cls.from_dict(data, source=str(path), base_dir=path.parent)
+
+
+def _fit_static_calibration(recipe: Recipe, calibration: dict) -> None:
+    """`capture.dynamic: false` captures a program that takes only the capture shape, so its calibration runs
+    there: `calibration.batch_size` and `seq_len` default to `capture.batch` and `seq`; set to other values, they
+    are refused. (A partial last batch is left out: `CalibrationSet.static_batch`.)"""
+    if recipe.capture.dynamic:
+        return
+    for key, size in (("batch_size", recipe.capture.batch), ("seq_len", recipe.capture.seq)):
+        given = calibration.get(key)
+        if given is not None and given != size:
+            shape = f"[{recipe.capture.batch}, {recipe.capture.seq}]"
+            raise RecipeError(
+                f"calibration.{key}: {given}, but `capture: {{dynamic: false}}` captures a program that takes only "
+                f"its capture shape {shape} (capture.batch, capture.seq): leave calibration.{key} out (it then "
+                f"follows the capture shape), set it to {size}, or keep the capture dynamic"
+            )
+        setattr(recipe.calibration, key, size)
 
 
 def _parse_quality(data: Any) -> QualityGates:

@@ -1,7 +1,7 @@
 """Load a compiled artifact and run or time it: what `sparsec run` and `sparsec bench` do.
 
 An artifact is a `sparsec compile` output directory, loaded by its target (`sparsec.exporters.targets`):
-`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.pt2` (AOTInductor). Inputs come from
+`model.onnx` (ONNX Runtime, CPU or CUDA), `model.engine` (TensorRT) or `model.aoti.pt2` (AOTInductor). Inputs come from
 a calibration file (as for compile) or are synthesized from the artifact's input types (`artifact_inputs`: the
 ONNX file's inputs, or those an AOTInductor package records), with the dynamic dims given by name (`--dims
 batch=1,seq=128`): integer inputs named `*mask*` are ones, other integer inputs (token ids) uniform in [0, n)
@@ -50,7 +50,8 @@ def artifact_inputs(directory: str | Path, target: str = "onnxruntime") -> list[
 
 def artifact_report(directory: str | Path) -> dict | None:
     """The compile report of the program in `directory`: `directory/report.json`, or for an entry point's directory
-    (`OUT/NAME`) its section of `OUT/report.json` with the report's `model` facts added; None without a report."""
+    (`OUT/NAME`) its section of `OUT/report.json` with the report's `model` and `target` added; None without a
+    report."""
     directory = Path(directory)
     for path, section in ((directory / "report.json", None), (directory.parent / "report.json", directory.name)):
         if path.is_file():
@@ -58,7 +59,11 @@ def artifact_report(directory: str | Path) -> dict | None:
             if section is None:
                 return report
             if section in report.get("entry_points", {}):
-                return {"model": report.get("model", {}), **report["entry_points"][section]}
+                return {
+                    "model": report.get("model", {}),
+                    "target": report.get("target"),
+                    **report["entry_points"][section],
+                }
     return None
 
 
@@ -109,6 +114,10 @@ def synthetic_inputs(specs: Sequence[InputSpec], dims: Mapping[str, int], seed: 
         else:
             inputs[spec.name] = torch.randn(shape, generator=generator).to(spec.dtype)
     return inputs
+
+
+DEFAULT_DIMS = {"batch": 1, "seq": 128}
+"""Sizes of the dynamic dims of synthetic inputs that `--dims` does not give (`sparsec run` / `bench`)."""
 
 
 def parse_dims(text: str) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""AOTInductor: the transformed program compiled ahead of time by PyTorch's Inductor into one package, `model.pt2`.
+"""AOTInductor: the transformed program compiled ahead of time by PyTorch's Inductor into one package, `model.aoti.pt2`.
 
 `--target aotinductor` builds from the program itself, not from ONNX (`Target.builds_from_onnx` is False: no
 `model.onnx` is written). The program, in the dtype it was loaded in (`--dtype`), is compiled for the device it
@@ -8,6 +8,11 @@ in a `.pt2` package that runs without the Python program, from Python (`torch._i
 ATen ops first (`sparsec.ops.moe.DECOMPOSITIONS`: grouped GEMMs on CUDA in bfloat16, a matmul chain per expert
 elsewhere), so the package holds no Python op; any other op Inductor could only run through Python is refused,
 named.
+
+Two `.pt2` files, two loaders: `model.aoti.pt2` is this compiled package (`torch._inductor.aoti_load_package`,
+what `sparsec run` uses); `program.pt2` beside it, written for every target, is the transformed program as
+torch.export saves it (`torch.export.load` / `sparsec.load_program`; `--target pytorch`). Neither loader reads the
+other's file, hence the names.
 
 The package records what `sparsec run` / `bench` need (`aot_inductor.metadata`): the inputs (names, dtypes, dims
 by name, token-id bounds) and the output names.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,11 +51,14 @@ from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
 from sparsec.ir.program import Program
 from sparsec.ops.moe import DECOMPOSITIONS
 
-PACKAGE = "model.pt2"
+PACKAGE = "model.aoti.pt2"
 INPUTS_KEY = "sparsec.inputs"
 OUTPUTS_KEY = "sparsec.outputs"
 CUDA_GRAPHS_KEY = "sparsec.cuda_graphs"
 RUNS_PYTHON_FREE = ("aten", "prims")  # op namespaces an AOTInductor package runs without Python
+TORCH_INTERNAL_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+"""The FutureWarning torch's own `run_decompositions` / AOTInductor raise while copying the program's pytree specs
+(torch 2.13): nothing a user can act on, so `build` keeps it off their terminal."""
 
 
 @dataclass
@@ -88,7 +97,7 @@ class AOTInductor(Target):
     """The `aotinductor` target (module docstring)."""
 
     name = "aotinductor"
-    description = "an AOTInductor package (model.pt2) for --device cpu or cuda, run by torch (C++ compiler needed)"
+    description = "an AOTInductor package (model.aoti.pt2) for --device cpu or cuda, run by torch (C++ compiler needed)"
     section = "aotinductor"
     options = AOTInductorOptions
     needs_onnx = False
@@ -131,6 +140,11 @@ class AOTInductor(Target):
         calibration: CalibrationSet,
         log,
     ) -> dict[str, Any]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TORCH_INTERNAL_WARNING, category=FutureWarning)
+            return self._build(program, directory, recipe, log)
+
+    def _build(self, program: Program, directory: Path, recipe: Any, log) -> dict[str, Any]:
         options = self.recipe_options(recipe)
         program.materialize()
         moe_nodes = sum(1 for n in program.graph.nodes if n.target in DECOMPOSITIONS)

@@ -1,4 +1,5 @@
-"""`inspect`: what a captured program is made of, per component (understanding / generation / shared).
+"""`inspect`: what a captured program is made of, per component (understanding / generation / shared): block stacks,
+FFNs, MoE experts and attentions (query heads, KV heads and their groups).
 
 It also says how each block stack was read (its sublayers: attn, mlp, parallel; post-norm) and what the
 structural matchers did not recognise and why (`explain`, `sparsec inspect --why PATH`): the linears that are no
@@ -66,6 +67,9 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
     tagger = program.tagger
     experts = find_experts(program)
     routers = {module_path(e.router) for e in experts}  # a router is no FFN, and is listed with its experts
+    attentions = find_attentions(program)
+    projection_names = {name for a in attentions for name in (*a.projections, a.output)}
+    projections = {module_path(n) for n in program.graph.nodes if n.name in projection_names}  # their attention's
     params: dict[str, int] = defaultdict(int)
     for name in program.parameter_names():
         path = name.rsplit(".", 1)[0]
@@ -144,9 +148,22 @@ def inspect_program(program: Program, inputs: Mapping[str, torch.Tensor]) -> dic
             }
             for e in experts
         ],
+        "attentions": [
+            {
+                "path": a.path,
+                "heads": a.num_heads,
+                "kv_heads": a.num_kv_heads,
+                "head_dim": a.head_dim,
+                "tag": tagger.tag(a.path),
+            }
+            for a in attentions
+        ],
+        "not_attentions": [{"path": m.path, "reason": m.rule, "node": m.node} for m in attention_misses(program)],
         "not_experts": [{"path": m.path, "reason": m.rule, "node": m.node} for m in expert_misses(program)],
         "not_ffns": [
-            {"path": m.path, "reason": m.rule, "node": m.node} for m in ffn_misses(program) if m.path not in routers
+            {"path": m.path, "reason": m.rule, "node": m.node}
+            for m in ffn_misses(program)
+            if m.path not in routers and m.path not in projections
         ],
         "unclassified_blocks": [{"path": m.path, "reason": m.rule, "node": m.node} for m in _block_misses(program)],
         "unclassified_sublayers": _sublayer_misses(program),
@@ -288,8 +305,15 @@ def format_inspection(info: dict) -> str:
     lines += [f"  {f['path']}  {f['kind']}  width {f['intermediate_size']}  ({f['tag']})" for f in info["ffns"]] or [
         "  none"
     ]
-    for key, title, shown in (  # every unclassified block and branch; the many attention linears in short
-        ("not_ffns", "linears no part of an FFN", 12),
+    lines += ["", f"attentions ({len(info['attentions'])}; heads prune_heads can remove):"]
+    lines += [
+        f"  {a['path']}  {a['heads']} query heads, {a['kv_heads']} KV heads ({a['kv_heads']} group(s) of "
+        f"{a['heads'] // a['kv_heads']}), head dim {a['head_dim']}  ({a['tag']})"
+        for a in info["attentions"]
+    ] or ["  none"]
+    for key, title, shown in (  # every unclassified block and branch; many linears in short
+        ("not_attentions", "attention cores whose heads cannot be pruned", None),
+        ("not_ffns", "linears no part of an FFN or attention", 12),
         ("not_experts", "top-k ops that choose no experts", None),
         ("unclassified_blocks", "blocks without residual structure", None),
         ("unclassified_sublayers", "block sublayers neither attention nor FFN", None),

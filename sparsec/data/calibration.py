@@ -75,6 +75,10 @@ class CalibrationSet:
     `cuts`: None to run a program over the set batch by batch through the whole model (the fast path), or a
     function giving the nodes to cut the program at for layer-sequential runs (see `run`).
 
+    `static_batch`: the program runs only batches of exactly `batch_size` samples (captured with `capture.dynamic:
+    false`), so the set keeps whole batches: the samples past the last whole one are left out (its length says how
+    many it kept; `split` and `head` keep whole batches too), and a set smaller than one batch is refused.
+
     Example::
 
         calib = CalibrationSet({"input_ids": ids, "attention_mask": mask}, source="my.safetensors")
@@ -86,6 +90,7 @@ class CalibrationSet:
     batch_size: int = 8
     synthetic: bool = False
     cuts: Callable[[Any], Sequence[Node]] | None = None
+    static_batch: bool = False
 
     def __post_init__(self) -> None:
         sizes = {k: int(v.shape[0]) for k, v in self.inputs.items()}
@@ -97,6 +102,16 @@ class CalibrationSet:
             raise CalibrationError(f"calibration set {self.source} has zero samples")
         if self.batch_size < 1:
             raise CalibrationError(f"calibration batch_size must be >= 1, got {self.batch_size}")
+        if self.static_batch:
+            kept = len(self) // self.batch_size * self.batch_size
+            if not kept:
+                raise CalibrationError(
+                    f"calibration set {self.source} has {len(self)} sample(s), fewer than one batch of "
+                    f"{self.batch_size}, the only batch size of a program captured with `capture: {{dynamic: false}}`: "
+                    "use more calibration samples (calibration.samples, or a larger file; the held-out side needs a "
+                    "whole batch too, calibration.holdout), or keep the capture dynamic"
+                )
+            self.inputs = {k: v[:kept] for k, v in self.inputs.items()}
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -111,7 +126,14 @@ class CalibrationSet:
 
     def _with_inputs(self, inputs: dict[str, torch.Tensor]) -> CalibrationSet:
         """A set of `inputs` (some of this set's samples) with this set's source, batch size and cuts."""
-        return CalibrationSet(inputs, self.source, batch_size=self.batch_size, synthetic=self.synthetic, cuts=self.cuts)
+        return CalibrationSet(
+            inputs,
+            self.source,
+            batch_size=self.batch_size,
+            synthetic=self.synthetic,
+            cuts=self.cuts,
+            static_batch=self.static_batch,
+        )
 
     def split(self, holdout: float, seed: int) -> CalibrationSplit:
         """Hold out a fraction of the samples for the quality gates (`CalibrationSplit`); the rest decide.
@@ -424,6 +446,7 @@ def load_calibration(
     seq_len: int = 32,
     batch_size: int = 8,
     vocab: Mapping[str, int] | None = None,
+    static_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> CalibrationSet:
     """Read calibration inputs for a program with inputs `input_names`, checked by `check_inputs`.
 
@@ -436,13 +459,22 @@ def load_calibration(
             (where one was looked for and how to get one there, e.g. for a built-in model or an artifact).
         samples, seq_len: how many text samples to use and the length they are padded/truncated to.
         vocab: input name -> the embedding table's rows its token ids must stay below (`embedding_sizes`).
+        static_shapes: input name -> the one shape a program captured with `capture: {dynamic: false}` takes; the
+            samples must match it past the batch axis, and the set keeps whole batches (`static_batch`).
     """
     if path is None:
         if synthetic is None:
             raise CalibrationError("no calibration file given and no synthetic inputs available")
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in synthetic.items())
-        return CalibrationSet(
-            dict(synthetic), source=f"synthetic random inputs ({shapes})", batch_size=batch_size, synthetic=True
+        return _fitted(
+            CalibrationSet(
+                dict(synthetic),
+                source=f"synthetic random inputs ({shapes})",
+                batch_size=batch_size,
+                synthetic=True,
+                static_batch=static_shapes is not None,
+            ),
+            static_shapes,
         )
     path = _calibration_path(path)
     if path.suffix in TENSOR_SUFFIXES:
@@ -460,7 +492,24 @@ def load_calibration(
     for name in ("input_ids", "attention_mask"):
         if name in inputs and inputs[name].dtype != torch.long:
             inputs[name] = inputs[name].long()
-    return CalibrationSet(inputs, source=str(path), batch_size=batch_size)
+    return _fitted(
+        CalibrationSet(inputs, source=str(path), batch_size=batch_size, static_batch=static_shapes is not None),
+        static_shapes,
+    )
+
+
+def _fitted(calibration: CalibrationSet, static_shapes: Mapping[str, Sequence[int]] | None) -> CalibrationSet:
+    """`calibration`, checked against the one shape of a fixed-shape program (`load_calibration`'s
+    `static_shapes`), past the batch axis."""
+    for name, shape in (static_shapes or {}).items():
+        found = list(calibration.inputs[name].shape)
+        if found[1:] != list(shape)[1:]:
+            raise CalibrationError(
+                f"calibration {calibration.source}: input {name!r} has samples of shape {found[1:]}, but the program "
+                f"was captured with `capture: {{dynamic: false}}` and takes only {list(shape)}: give samples of shape "
+                f"{list(shape)[1:]} (for text: calibration.seq_len follows capture.seq), or keep the capture dynamic"
+            )
+    return calibration
 
 
 def _tokenize(texts: list[str], tokenizer_dir: Path, seq_len: int, path: Path) -> dict[str, torch.Tensor]:

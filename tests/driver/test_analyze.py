@@ -216,7 +216,8 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 
 
 def test_plain_llm_is_probed_whole(tmp_path, capsys):
-    """A model with every region `shared` gets the sweep and per-block / per-FFN numbers of the whole model."""
+    """A model with every region `shared` gets the sweep and per-block / per-FFN numbers of the whole model, on one
+    task named after its entry point: no understanding or generation task is invented for it."""
     out = tmp_path / "probe"
     assert (
         main(
@@ -227,14 +228,17 @@ def test_plain_llm_is_probed_whole(tmp_path, capsys):
     )
     data = json.loads((out / "analysis.json").read_text())
     assert data["components"] == ["shared"] and data["untagged"] and not data["skipped"]
+    assert list(data["tasks"]) == ["forward"] and data["synthetic"] == ["forward"]
     assert {(r["kind"], r["ratio"]) for r in data["sweep"]} == {(k, r) for k in ("depth", "width") for r in (0.25, 0.5)}
     layers = builtin_config("tiny-llama").num_hidden_layers
-    depth = [u for u in data["units"] if u["kind"] == "depth" and u["task"] == "understanding"]
+    depth = [u for u in data["units"] if u["kind"] == "depth"]
     assert [u["path"] for u in depth] == [f"model.layers.{i}" for i in range(layers)]
+    assert {u["task"] for u in data["units"]} == {"forward"}
     markdown = (out / "analysis.md").read_text()
-    assert "Warning: synthetic inputs (tasks understanding, generation)" in markdown
-    assert "every region is `shared`" in markdown
+    assert "Warning: synthetic inputs (task forward)" in markdown
+    assert "every region is `shared`" in markdown and "understanding |" not in markdown
     sweep, units, _ = _tables(markdown)
+    assert sweep[0][-1] == "forward" and units[0][-1] == "forward"
     assert len(units) == 1 + 2 * layers  # the header, then one row per block and per FFN (a column per task)
     assert "sensitivity.png" in [p.name for p in out.iterdir()]
 
@@ -286,6 +290,8 @@ def test_cli(tmp_path, capsys):
     )
     assert code == 0 and (out / "analysis.md").is_file()
     assert "no calibration file" in capsys.readouterr().err
+    # a model with understanding and generation components gets a synthetic task of each by default
+    assert list(json.loads((out / "analysis.json").read_text())["tasks"]) == ["understanding", "generation"]
     code = main(
         [
             "analyze",
@@ -405,3 +411,28 @@ def test_heads_sweep_equals_query_heads_removed_by_hand():
     assert row["value"] == pytest.approx(float(agree))
     assert [u["path"] for u in result["units"]] == [f"model.layers.{i}.self_attn" for i in range(len(layers))]
     assert "heads" in format_markdown(result) and "query heads removed" in format_markdown(result)
+
+
+def test_plot_legends_cover_no_curve_and_fit_in_the_image(tmp_path, mot_probe, monkeypatch):
+    """Each legend lies outside every axes of its figure (so over no curve) and inside the saved image."""
+    import matplotlib.figure
+
+    _, _, probe, _, _ = mot_probe
+    result = probe.run(ratios=[0.25, 0.5])
+    saved = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        save(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        image = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # inches -> pixels, as the extents
+        axes = [ax.get_window_extent(renderer) for ax in fig.axes]
+        saved.append((image, axes, [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    write_report(result, tmp_path / "probe")
+    assert len(saved) == 4  # quality_depth, quality_width, sensitivity, sparsity
+    for image, axes, legends in saved:
+        for legend in legends:
+            assert not any(legend.overlaps(ax) for ax in axes)
+            assert image.x0 <= legend.x0 + 1 and legend.x1 <= image.x1 + 1

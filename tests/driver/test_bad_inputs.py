@@ -245,3 +245,46 @@ def test_analyze_text_task_needs_a_tokenizer(model_dir, tmp_path, capsys):
         main(["analyze", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--task", f"t={tmp_path}/t.txt"]) == 2
     )
     assert "needs the model's tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["compile", "--dry-run"], ["eval", "--text", "held_out.txt"]])
+def test_a_hub_id_gets_the_local_directory_hint(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)  # no Qwen/ directory here
+    (tmp_path / "held_out.txt").write_text("some text\n")
+    assert main([*command, "--model", "Qwen/Qwen2.5-0.5B"]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a Hugging Face Hub id, and sparsec reads local directories only" in err, err
+    assert "hf download Qwen/Qwen2.5-0.5B --local-dir Qwen2.5-0.5B" in err and "Traceback" not in err
+
+
+def test_an_existing_owner_name_directory_is_not_taken_for_a_hub_id(saved, tmp_path, monkeypatch, capsys):
+    (tmp_path / "Qwen").mkdir()
+    shutil.copytree(saved, tmp_path / "Qwen" / "tiny")
+    (tmp_path / "Qwen" / "tiny" / "config.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--model", "Qwen/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "Qwen/tiny is not a Hugging Face model directory (no config.json)" in err and "Hub" not in err
+
+
+def test_ctrl_c_while_the_parser_is_built_is_a_plain_interrupted(monkeypatch, capsys):
+    import os
+    import signal
+
+    import sparsec.cli
+
+    builtin_names = sparsec.cli.builtin_names
+
+    def interrupted():  # a real SIGINT, delivered while the families are listed for --model's help
+        os.kill(os.getpid(), signal.SIGINT)
+        return builtin_names()
+
+    monkeypatch.setattr(sparsec.cli, "builtin_names", interrupted)
+    # Python's own SIGINT handler, as in a terminal (a background job may have inherited SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["passes"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted", err

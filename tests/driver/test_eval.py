@@ -192,7 +192,8 @@ def test_a_multi_program_output_needs_an_entry(tmp_path, capsys):
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"entry_points": {"understanding": {}, "generation_step": {}}}))
     err = _bad(capsys, "--artifact", str(out), "--text", __file__)
-    assert "several programs (understanding, generation_step); choose one with --entry NAME" in err
+    assert "one program per entry point (understanding, generation_step)" in err
+    assert "choose one with --entry NAME (e.g. --entry understanding)" in err
     assert "--entry 'other'" in _bad(capsys, "--artifact", str(out), "--entry", "other", "--text", __file__)
 
 

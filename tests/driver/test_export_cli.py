@@ -12,6 +12,7 @@ from skip_ffn import SkipFfn
 from sparsec import testing
 from sparsec.cli import main
 from sparsec.ir.program import Program
+from sparsec.models import builtin_config
 from sparsec.transform.pass_manager import register_pass
 
 pytestmark = pytest.mark.slow
@@ -263,11 +264,31 @@ def test_inspect_shows_components_and_tags(capsys):
     assert info["unclassified_blocks"] == [] and all(m["reason"] and m["node"] for m in info["not_ffns"])
     total = sum(c["parameters"] for c in info["components"].values())
     assert total == info["parameters"]
+    assert main(["inspect", "--model", "builtin:tiny-qwen2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = builtin_config("tiny-qwen2")  # the reference: the heads the Hugging Face config declares
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    assert info["attentions"] == [
+        {
+            "path": f"model.layers.{i}.self_attn",
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": config.hidden_size // heads,
+            "tag": "shared",
+        }
+        for i in range(config.num_hidden_layers)
+    ]
+    assert info["not_attentions"] == [] and [m["path"] for m in info["not_ffns"]] == ["lm_head"]
     assert main(["inspect", "--model", "builtin:tiny-qwen2"]) == 0
     text = capsys.readouterr().out
     assert "model.layers.[0-3]" in text and "model.layers.0.mlp  gated  width 128" in text
-    assert "linears no part of an FFN (17; why one is not: sparsec inspect --why PATH):" in text
-    assert "  model.layers.0.self_attn.o_proj: the input of linear_3 is not computed by pointwise ops" in text
+    assert (
+        f"  model.layers.0.self_attn  {heads} query heads, {kv_heads} KV heads ({kv_heads} group(s) of "
+        f"{heads // kv_heads}), head dim {config.hidden_size // heads}  (shared)"
+    ) in text
+    # the attentions' projections are listed with their attention, not as linears that are no FFN
+    assert "linears no part of an FFN or attention (1; why one is not: sparsec inspect --why PATH):" in text
+    assert "self_attn.o_proj" not in text and "  lm_head: the input of " in text
 
 
 @pytest.mark.parametrize(

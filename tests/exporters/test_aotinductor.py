@@ -6,6 +6,7 @@ decomposition. One compile (module fixture) serves the end-to-end assertions; th
 """
 
 import json
+import warnings
 import zipfile
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import MoeOpModule, make_inputs, make_model, random_moe_weights
 from safetensors.torch import save_file
 
+import sparsec
 from sparsec.cli import main
 from sparsec.compiler import compile_model
 from sparsec.errors import SparsecError
@@ -49,7 +51,10 @@ def compiled(tmp_path_factory):
         }
     )
     out = tmp / "out"
-    report = compile_model("builtin:tiny-qwen2", recipe, out, calib=tmp / "calib.safetensors", target="aotinductor")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = compile_model("builtin:tiny-qwen2", recipe, out, calib=tmp / "calib.safetensors", target="aotinductor")
+    report["test_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
     return out, report, tmp / "calib.safetensors"
 
 
@@ -58,11 +63,16 @@ def test_the_package_equals_the_hf_model_changed_by_hand(compiled):
     out, report, _ = compiled
     assert report["target"] == "aotinductor"
     assert report["aotinductor"]["moe_decomposed"] == 3 and report["aotinductor"]["device"] == "cpu"
-    assert not (out / "model.onnx").exists() and (out / "model.pt2").is_file()
+    assert not (out / "model.onnx").exists() and (out / "model.aoti.pt2").is_file()
+    # torch's own FutureWarnings while it decomposes and compiles reach no user's terminal
+    assert not [w for w in report["test_warnings"] if w.startswith("FutureWarning")], report["test_warnings"]
+    # the program beside the package is torch.export's, the package AOTInductor's: each name says its loader
+    exported = sparsec.load_program(out / "program.pt2")
+    assert isinstance(exported, torch.export.ExportedProgram)
     assert report["parity"]["metrics"]["logits"]["cosine"] > 0.99999
     assert report["parity"]["input_shapes"] == {"input_ids": [6, 20], "attention_mask": [6, 20]}
 
-    package = torch._inductor.aoti_load_package(str(out / "model.pt2"))
+    package = torch._inductor.aoti_load_package(str(out / "model.aoti.pt2"))
     reference = _reference_without_layer_1()
     inputs = make_inputs(reference, 3, 11, seed=8, pad_left=4)  # neither the capture nor the calibration shape
     got = package(**inputs)["logits"]
@@ -77,7 +87,7 @@ def test_the_package_calls_no_python(compiled):
     """Every op of the package is compiled code or a C shim: no call goes through the proxy executor, which is
     how AOTInductor runs an op it has no C++ for (a Python custom op such as an undecomposed sparsec::moe)."""
     out, _, _ = compiled
-    with zipfile.ZipFile(out / "model.pt2") as archive:
+    with zipfile.ZipFile(out / "model.aoti.pt2") as archive:
         wrappers = [n for n in archive.namelist() if n.endswith(".wrapper.cpp")]
         assert wrappers
         code = "".join(archive.read(n).decode() for n in wrappers)
@@ -128,10 +138,10 @@ def test_unknown_inductor_settings_are_refused_when_the_recipe_is_read():
 
 def test_a_directory_without_a_package_is_a_clear_error(tmp_path, capsys):
     assert main(["run", "--artifact", str(tmp_path), "--target", "aotinductor", "--dims", "batch=1,seq=4"]) == 2
-    assert f"--artifact {tmp_path} has no model.pt2" in capsys.readouterr().err
-    (tmp_path / "model.pt2").write_bytes(b"not a zip")
+    assert f"--artifact {tmp_path} has no model.aoti.pt2" in capsys.readouterr().err
+    (tmp_path / "model.aoti.pt2").write_bytes(b"not a zip")
     assert main(["run", "--artifact", str(tmp_path), "--target", "aotinductor", "--dims", "batch=1,seq=4"]) == 2
-    assert "model.pt2 is not an AOTInductor package (BadZipFile" in capsys.readouterr().err
+    assert "model.aoti.pt2 is not an AOTInductor package (BadZipFile" in capsys.readouterr().err
 
 
 @torch.library.custom_op("sparsec_test::twice", mutates_args=())
@@ -227,7 +237,7 @@ def test_a_cuda_bfloat16_package_runs_grouped_gemms_and_equals_the_model(tmp_pat
     )
     assert report["aotinductor"]["device"].startswith("cuda") and report["aotinductor"]["dtype"] == "bfloat16"
     assert report["parity"]["metrics"]["logits"]["cosine"] > 0.999
-    with zipfile.ZipFile(out / "model.pt2") as archive:
+    with zipfile.ZipFile(out / "model.aoti.pt2") as archive:
         code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp"))
     assert "grouped_mm" in code and "proxy_executor_call_function" not in code
 
