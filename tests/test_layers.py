@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
-    ("sparsec.resources", "sparsec.progress"),
+    ("sparsec.resources", "sparsec.progress", "sparsec.registry"),
     ("sparsec.errors",),
 ]
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}

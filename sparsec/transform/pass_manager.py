@@ -44,13 +44,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
 from sparsec.data.quality import QualityGates, compare_programs, describe_quality
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.ir.program import Program
+from sparsec.registry import Registry
 from sparsec.transform.options import as_dict, parse_section
 
 ENTRY_POINT_GROUP = "sparsec.passes"
@@ -239,45 +239,25 @@ def table_lines(rows: Sequence[Mapping[str, Any]], width: int = 100, indent: int
 
 
 # ----- registry -------------------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Pass]] = {}
-_entry_points_loaded = False
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Register a pass class under `cls.name` (usable as a decorator). Re-registering a name replaces it."""
+def _checked_pass(cls: Any, others: Mapping[str, type[Pass]]) -> type[Pass]:
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
-        raise TypeError("register_pass takes a Pass subclass with a non-empty `name`")
+        raise TypeError(f"register_pass takes a Pass subclass with a non-empty `name`, got {cls!r}")
     if not dataclasses.is_dataclass(cls.Options):
         raise TypeError(f"{cls.__name__}.Options must be a dataclass")
-    _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        cls = ep.load()
-        if getattr(cls, "name", None) != ep.name:
-            raise RecipeError(f"entry point {ep.name!r} ({ep.value}) loads a pass named {getattr(cls, 'name', None)!r}")
-        register_pass(cls)
+PASS_REGISTRY: Registry[type[Pass]] = Registry(
+    "pass", "passes", group=ENTRY_POINT_GROUP, prepare=_checked_pass, error=RecipeError
+)
+register_pass = PASS_REGISTRY.register  # `@register_pass`, `register_pass(cls)`, `register_pass(cls, replace=True)`
+get_pass = PASS_REGISTRY.get
 
 
 def available_passes() -> dict[str, type[Pass]]:
-    """All registered passes by name: built-ins, entry points of installed packages, `register_pass` calls."""
-    _load_entry_points()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass(name: str) -> type[Pass]:
-    passes = available_passes()
-    if name not in passes:
-        raise RecipeError(f"unknown pass {name!r}; registered passes: {sorted(passes) or 'none'}")
-    return passes[name]
+    """All registered passes by name, sorted: built-ins and installed packages (the `sparsec.passes` entry-point
+    group), `register_pass` calls."""
+    return dict(sorted(PASS_REGISTRY.items().items()))
 
 
 # ----- manager --------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from sparsec.data.quality import QualityGates
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.recipe import Recipe
 from sparsec.transform.pass_manager import (
+    PASS_REGISTRY,
     Pass,
     PassContext,
     PassInstrument,
     PassManager,
     PassResult,
-    register_pass,
     table_lines,
 )
 
@@ -37,8 +37,8 @@ class NoOp(Pass):
 
 @pytest.fixture(autouse=True)
 def _registered():
-    register_pass(NoOp)
-    register_pass(SkipFfn)
+    with PASS_REGISTRY.temporarily(NoOp, SkipFfn):
+        yield
 
 
 def _fresh(name="tiny-qwen2"):
