@@ -493,14 +493,19 @@ class PassManager:
 
 
 def _reraise(exc: Exception, where: str, ran: list[str]) -> NoReturn:
-    """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept."""
+    """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept.
+
+    An exception type whose constructor takes something other than a message is raised as it is, with that text
+    as a PEP 678 note: `__notes__` set directly, as `add_note` (Python 3.11+) does, so it works on 3.10 too
+    (where tracebacks do not print notes; the CLI's internal-error line does).
+    """
     message = f"{where} ({'passes before it: ' + ', '.join(ran) if ran else 'the first pass'}): {exc}"
     try:
         renamed = type(exc)(message)
         renamed.__dict__.update(exc.__dict__)
-    except Exception:  # an exception type whose constructor takes something else: keep it, add a note
+    except Exception:
         renamed = None
     if renamed is None:
-        exc.add_note(message)
+        exc.__notes__ = [*getattr(exc, "__notes__", []), message]
         raise exc
     raise renamed from exc
