@@ -64,12 +64,33 @@ class PassResult:
     Attributes:
         modified: whether the graph changed (the manager verifies only then).
         stats: numbers worth reporting (e.g. `{"layers_dropped": 2}`).
-        decisions: what the pass chose and why (e.g. per-layer scores); goes to decisions.json as is (report.json points to it).
+        decisions: what the pass chose and why (e.g. per-layer scores): a dataclass of the pass's own (its fields
+            the contract, e.g. `DropDecisions`), or plain JSON data. `ensures` reads it as the pass made it; the
+            `PassRecord`, report.json and decisions.json hold it as plain data (`plain_decisions`).
     """
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     decisions: Any = None
+
+
+def plain_decisions(decisions: Any) -> Any:
+    """`decisions` as plain JSON data: a dataclass (nested ones too) as a dict of its fields, where a field that
+    defaults to None and is None is left out (an optional entry, absent when it does not apply); lists and
+    dicts item by item; anything else as it is."""
+    if dataclasses.is_dataclass(decisions) and not isinstance(decisions, type):
+        return {
+            f.name: plain_decisions(value)
+            for f in dataclasses.fields(decisions)
+            if not ((value := getattr(decisions, f.name)) is None and f.default is None)
+        }
+    if isinstance(decisions, list):
+        return [plain_decisions(v) for v in decisions]
+    if isinstance(decisions, tuple):
+        return tuple(plain_decisions(v) for v in decisions)
+    if isinstance(decisions, dict):
+        return {k: plain_decisions(v) for k, v in decisions.items()}
+    return decisions
 
 
 @dataclass
@@ -480,7 +501,7 @@ class PassManager:
                 parameters_after=program.num_parameters(),
                 removed_state=sorted(state_before - set(program.state_placeholders())),
                 stats=result.stats,
-                decisions=result.decisions,
+                decisions=plain_decisions(result.decisions),
                 quality=None,
                 seconds=0.0,
             )

@@ -2,6 +2,7 @@
 errors naming the pass, the program restored after a failed pass, plans handed to `run`, instruments."""
 
 import traceback
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -301,6 +302,47 @@ def test_the_plan_from_requires_reaches_run_once():
     assert planned.analyses == 1 and len(planned.received) == 1
     assert [f.path for f in planned.received[0]["ffns"]] == ["blocks.0", "blocks.1"]
     assert record.stats == {"ffns": 2}
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    path: str
+    score: float | None  # always reported, None when unscored
+    note: str | None = None  # an optional entry: absent unless set
+
+
+@dataclass(frozen=True)
+class _Decisions:
+    skipped: list[_Skipped]
+    reason: str
+
+
+class _DecidesTyped(Pass):
+    """Decides in typed dataclasses; its `ensures` reads them by attribute."""
+
+    name = "decides_typed"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ensured = None
+
+    def run(self, program, ctx, plan):
+        skipped = [_Skipped("blocks.0", 0.5, note="first"), _Skipped("blocks.1", None)]
+        return PassResult(modified=True, decisions=_Decisions(skipped, "test"))  # modified: ensures runs
+
+    def ensures(self, program, ctx, result):
+        self.ensured = [d.path for d in result.decisions.skipped]
+
+
+def test_typed_decisions_reach_ensures_as_made_and_the_record_as_plain_data():
+    _, program = small_program()
+    typed = _DecidesTyped()
+    (record,) = PassManager([typed]).run(program, PassContext(progress=False))
+    assert typed.ensured == ["blocks.0", "blocks.1"]
+    assert record.decisions == {
+        "skipped": [{"path": "blocks.0", "score": 0.5, "note": "first"}, {"path": "blocks.1", "score": None}],
+        "reason": "test",
+    }
 
 
 class _Log(PassInstrument):
