@@ -10,6 +10,10 @@ this order:
    `[project.entry-points."sparsec.families"]` / `gpt2 = "mypkg.families:GPT2"`;
 3. `register_family(family)` calls.
 
+They live in `FAMILY_REGISTRY` (a `sparsec.registry.Registry`): names, model types and built-in model names
+are unique (a taken name is refused unless `register_family(family, replace=True)`), and
+`FAMILY_REGISTRY.temporarily(family)` registers one for a `with` block (tests).
+
 A model's family is the one claiming its `config.model_type`; if none does (diffusers models have no
 `model_type`), the first family in registration order whose `matches(model)` holds (a module class in its
 tree); else `GENERIC`, a causal LM over `input_ids` / `attention_mask` with every region tagged `shared`.
