@@ -160,25 +160,33 @@ class Registry(Generic[T]):
 
     def _discover(self) -> None:
         """Register the built-ins (once) and the entry points not loaded yet, when `sys.path` changed since the
-        last look. All or nothing: an entry point that fails leaves none of this look's registered."""
+        last look. All or nothing for each: an entry point that fails leaves none of this look's entry points
+        registered (and the built-ins in place)."""
         path = tuple(sys.path)
         if self._discovering or (self._builtins_loaded and self._scanned_path == path):
             return
         self._discovering = True
+        try:
+            if not self._builtins_loaded:
+                self._all_or_nothing(self._builtins or (lambda: None))
+                self._builtins_loaded = True
+            self._all_or_nothing(self._load_entry_points)
+            self._scanned_path = path
+        finally:
+            self._discovering = False
+
+    def _all_or_nothing(self, register: Callable[[], None]) -> None:
         saved = dict(self._entries), set(self._loaded_entry_points)
         try:
-            if not self._builtins_loaded and self._builtins is not None:
-                self._builtins()
-            self._builtins_loaded = True
-            for ep in sorted(entry_points(group=self.group), key=lambda e: (e.name, e.value)):
-                if (ep.name, ep.value) not in self._loaded_entry_points:
-                    self._load_entry_point(ep)
-            self._scanned_path = path
+            register()
         except BaseException:
             self._entries, self._loaded_entry_points = saved
             raise
-        finally:
-            self._discovering = False
+
+    def _load_entry_points(self) -> None:
+        for ep in sorted(entry_points(group=self.group), key=lambda e: (e.name, e.value)):
+            if (ep.name, ep.value) not in self._loaded_entry_points:
+                self._load_entry_point(ep)
 
     def _load_entry_point(self, ep: EntryPoint) -> None:
         dist = getattr(getattr(ep, "dist", None), "name", None)

@@ -145,9 +145,13 @@ def test_an_entry_point_may_load_several_items_one_named_after_it(tmp_path, monk
         ("one = sparsec_items_bad:MISSING", "failed to load .*AttributeError.*; fix or uninstall it"),
     ],
 )
-def test_a_bad_entry_point_fails_every_lookup_and_registers_nothing(tmp_path, monkeypatch, entry, message):
+@pytest.mark.parametrize("looked_before", [True, False])
+def test_a_bad_entry_point_fails_every_lookup_and_registers_nothing(
+    tmp_path, monkeypatch, entry, message, looked_before
+):
     registry = _registry()
-    registry.items()
+    if looked_before:
+        registry.items()
     _distribution(tmp_path / "site", "sparsec_items_bad", entry, ITEMS)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     for _ in range(2):
