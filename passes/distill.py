@@ -44,7 +44,6 @@ Recipe:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -235,7 +234,7 @@ class Distill(Pass):
         source = "changed_blocks" if o.trainable is None else "globs"
         if not plan.trainable:
             decisions = DistillDecisions(source, plan.blocks, None)
-            return PassResult(modified=False, stats={"trained_parameters": 0}, decisions=dataclasses.asdict(decisions))
+            return PassResult(modified=False, stats={"trained_parameters": 0}, decisions=decisions)
         if o.mode == "end_to_end":
             report = train_end_to_end(
                 program,
@@ -265,4 +264,4 @@ class Distill(Pass):
             "seconds": report.seconds,
         }
         decisions = DistillDecisions(source, plan.blocks, report)
-        return PassResult(modified=True, stats=stats, decisions=dataclasses.asdict(decisions))
+        return PassResult(modified=True, stats=stats, decisions=decisions)

@@ -66,6 +66,51 @@ class _Unit:
         return [(s.residual_add, s.stream_in) for s in reversed(self.sublayers)]
 
 
+@dataclass(frozen=True)
+class DropRound:
+    """One round of iterative dropping: every unit's score, and the one dropped."""
+
+    scores: dict[str, float]
+    dropped: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropDecisions:
+    """What `drop_layers` chose and why (decisions.json holds these fields; absent ones are None here).
+
+    Attributes:
+        stack: the block stack's path (`model.layers`).
+        kind: the unit dropped (`block`, `attn`, `mlp`, `joint`).
+        units: how many units of that kind the stack had.
+        scores: each unit's score (label -> mean cosine of its input and output; the first round's when
+            iterative); None for explicit layers.
+        ranking: the labels by descending score (scored, one-shot only).
+        rounds: the rounds of iterative dropping, in order.
+        reason: why these units went.
+        parameters: per dropped unit, the weights that left with it.
+        dropped: the dropped units' labels (`model.layers.3`, `model.layers.3:mlp`).
+    """
+
+    stack: str
+    kind: str
+    units: int
+    scores: dict[str, float] | None = None
+    ranking: list[str] | None = None
+    rounds: list[DropRound] | None = None
+    reason: str
+    parameters: dict[str, list[str]]
+    dropped: list[str]
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """What `requires` checked and `run` drops: the stack, its droppable units, and how many of them go."""
+
+    stack: BlockStack
+    units: list[_Unit]
+    count: int
+
+
 class DropLayers(Pass):
     """Drop blocks / attention / MLP sublayers, chosen explicitly or by calibration cosine similarity."""
 
@@ -149,7 +194,7 @@ class DropLayers(Pass):
             raise PassError(f"drop_layers: no {self.options.kind} unit left in {stack.path}")
         return units
 
-    def _plan(self, program: Program) -> tuple[BlockStack, list[_Unit], int]:
+    def _plan(self, program: Program) -> DropPlan:
         """Check everything and decide how many units go, before touching the graph."""
         stack, stack_size = self._stack(program)
         units = self._units(program, stack)
@@ -174,9 +219,9 @@ class DropLayers(Pass):
                 f"drop_layers: would drop all {len(units)} {o.kind} units of {stack.path}; "
                 "at least one must stay (lower count/ratio or list fewer layers)"
             )
-        return stack, units, n_drop
+        return DropPlan(stack, units, n_drop)
 
-    def requires(self, program: Program, ctx: PassContext) -> tuple[BlockStack, list[_Unit], int]:
+    def requires(self, program: Program, ctx: PassContext) -> DropPlan:
         """The plan: the stack, its droppable units and how many of them go."""
         plan = self._plan(program)
         if self.needs_calibration():
@@ -238,32 +283,29 @@ class DropLayers(Pass):
         sims = ctx.statistics.cosine([pair for u in units for pair in u.pairs])
         return {u.label: round(sum(sims[(a.name, b.name)] for a, b in u.pairs) / len(u.pairs), 6) for u in units}
 
-    def run(self, program: Program, ctx: PassContext, plan: tuple[BlockStack, list[_Unit], int]) -> PassResult:
-        stack, units, n_drop = plan
+    def run(self, program: Program, ctx: PassContext, plan: DropPlan) -> PassResult:
+        stack, units, n_drop = plan.stack, plan.units, plan.count
         o = self.options
-        decisions: dict = {"stack": stack.path, "kind": o.kind, "units": len(units)}
+        scores = ranking = rounds = None
         if not o.iterative:
             if o.layers is not None:
                 wanted = {f"{stack.path}.{i}" for i in o.layers}
                 chosen = [u for u in units if u.path in wanted]
-                decisions["reason"] = "explicit layers"
+                reason = "explicit layers"
             else:
                 scores = self._scores(units, ctx)
-                ranking = sorted(units, key=lambda u: -scores[u.label])
-                chosen = ranking[:n_drop]
-                decisions.update(
-                    scores=scores,
-                    ranking=[u.label for u in ranking],
-                    reason=f"highest {o.score} similarity of input and output (most redundant)",
-                )
-            decisions["parameters"] = self._drop(program, chosen)
+                ordered = sorted(units, key=lambda u: -scores[u.label])
+                chosen = ordered[:n_drop]
+                ranking = [u.label for u in ordered]
+                reason = f"highest {o.score} similarity of input and output (most redundant)"
+            parameters = self._drop(program, chosen)
             dropped = [u.label for u in chosen]
         else:
             dropped, rounds, parameters = [], [], {}
             for _ in range(n_drop):
-                scores = self._scores(units, ctx)
-                best = max(units, key=lambda u: scores[u.label])
-                rounds.append({"scores": scores, "dropped": best.label})
+                round_scores = self._scores(units, ctx)
+                best = max(units, key=lambda u: round_scores[u.label])
+                rounds.append(DropRound(scores=round_scores, dropped=best.label))
                 parameters.update(self._drop(program, [best]))
                 program.recompile()
                 program.prune()
@@ -273,16 +315,20 @@ class DropLayers(Pass):
                     [region_index(program).region(b.path) for b in stack.blocks if b.path in region_index(program)],
                 )
                 units = self._units(program, fresh)
-            decisions.update(
-                scores=rounds[0]["scores"],
-                rounds=rounds,
-                parameters=parameters,
-                reason=f"iterative: highest {o.score} similarity, re-scored after each drop",
-            )
-        decisions["dropped"] = dropped
-        return PassResult(
-            modified=True, stats={"dropped": len(dropped), "units": decisions["units"]}, decisions=decisions
+            scores = rounds[0].scores
+            reason = f"iterative: highest {o.score} similarity, re-scored after each drop"
+        decisions = DropDecisions(
+            stack=stack.path,
+            kind=o.kind,
+            units=len(plan.units),
+            scores=scores,
+            ranking=ranking,
+            rounds=rounds,
+            reason=reason,
+            parameters=parameters,
+            dropped=dropped,
         )
+        return PassResult(modified=True, stats={"dropped": len(dropped), "units": decisions.units}, decisions=decisions)
 
     @classmethod
     def describe_decisions(cls, decisions: dict) -> list[str]:
@@ -317,6 +363,6 @@ class DropLayers(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         left = set(program.state_placeholders())
-        kept = sorted(n for names in result.decisions["parameters"].values() for n in names if n in left)
+        kept = sorted(n for names in result.decisions.parameters.values() for n in names if n in left)
         if kept:
             raise PassError(f"drop_layers: weights of dropped units are still in the program: {kept[:5]}")

@@ -57,10 +57,9 @@ Recipe:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +70,7 @@ from sparsec.analysis.ffn import Ffn, ffn_activation
 from sparsec.analysis.importance import Importance, neuron_importance
 from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
-from sparsec.data.distill import AuxiliaryLoss, TrainingSettings, train_end_to_end
+from sparsec.data.distill import AuxiliaryLoss, TrainingReport, TrainingSettings, train_end_to_end
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
 from sparsec.ops.moe import Gating, moe_dense_reference, route, router_logits
@@ -171,6 +170,52 @@ def _balanced_kmeans(features: torch.Tensor, num_experts: int, seed: int, iterat
     return labels
 
 
+@dataclass(frozen=True, kw_only=True)
+class FfnDecision:
+    """One FFN made a MoE: its widths and experts, the exactness on calibration tokens (relative L2 error of the
+    MoE with every expert active against the dense FFN; None without data), the router's fit, the shared gate's
+    tensor (None without one) and the neurons of the shared part and of each expert (dense indices)."""
+
+    path: str
+    kind: str
+    activation: str
+    width: int
+    experts: int
+    expert_size: int
+    top_k: int
+    shared_neurons: int
+    active_neurons_per_token: int
+    active_fraction: float
+    parameters_before: int
+    parameters_after: int
+    exactness_rel_l2: float | None
+    router: dict[str, Any]
+    shared_gate: str | None
+    shared_indices: list[int]
+    expert_indices: list[list[int]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeDecisions:
+    """What `ffn_to_moe` chose (decisions.json holds these fields): partition and gating, the adaptation's
+    training report (None without `adapt`) and each FFN's decision."""
+
+    partition: str
+    gating: str
+    adapt: TrainingReport | None
+    ffns: list[FfnDecision]
+
+
+@dataclass(frozen=True)
+class FfnPlan:
+    """One matched FFN: its channel group, activation and the width of its shared expert (0: none)."""
+
+    ffn: Ffn
+    group: ChannelGroup
+    activation: str
+    shared: int
+
+
 class FfnToMoe(Pass):
     """Replace dense FFNs by MoE FFNs of their own neurons (`torch.ops.sparsec.moe`), routed by a learned router."""
 
@@ -217,8 +262,8 @@ class FfnToMoe(Pass):
             or o.adapt != "none"
         )
 
-    def _plan(self, program: Program) -> list[tuple[Ffn, ChannelGroup, str, int]]:
-        """(ffn, its channel group, activation, shared width) per matched FFN; PassError before any change."""
+    def _plan(self, program: Program) -> list[FfnPlan]:
+        """One `FfnPlan` per matched FFN; PassError before any change."""
         o = self.options
         ffns = region_index(program).require_ffns(o.where, self.name)
         plan = []
@@ -240,13 +285,13 @@ class FfnToMoe(Pass):
                     f"ffn_to_moe: FFN {ffn.describe()} has {width} neurons, too few for {o.experts} experts "
                     f"after {shared} shared; use fewer experts"
                 )
-            plan.append((ffn, group, activation, shared))
+            plan.append(FfnPlan(ffn, group, activation, shared))
         return plan
 
     def targets(self, program: Program) -> list[str]:
         return [f.path for f in region_index(program).ffns(self.options.where)]
 
-    def requires(self, program: Program, ctx: PassContext) -> list[tuple[Ffn, ChannelGroup, str, int]]:
+    def requires(self, program: Program, ctx: PassContext) -> list[FfnPlan]:
         """The plan: per matched FFN, its channel group, activation and shared width (see `_plan`)."""
         plan = self._plan(program)
         if self._needs_data():
@@ -335,18 +380,19 @@ class FfnToMoe(Pass):
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext, plan: list[tuple[Ffn, ChannelGroup, str, int]]) -> PassResult:
+    def run(self, program: Program, ctx: PassContext, plan: list[FfnPlan]) -> PassResult:
         o = self.options
-        ffns = [f for f, *_ in plan]
+        ffns = [p.ffn for p in plan]
         scores = neuron_importance(program, ffns, o.importance, ctx.statistics, o.seed)
         samples: dict[str, torch.Tensor] = {}
         if ctx.calibration is not None:
             samples = ctx.statistics.samples([n for f in ffns for n in (f.up.args[0], f.down)], o.max_tokens)
         generator = torch.Generator().manual_seed(o.seed)
         decisions, trainable, routers = [], [], []
-        for (ffn, group, activation, shared), score in progress_bar(
+        for p, score in progress_bar(
             list(zip(plan, scores)), desc="ffn_to_moe: experts and routers", enabled=ctx.progress
         ):
+            ffn, group, activation, shared = p.ffn, p.group, p.activation, p.shared
             weights = ExpertWeights.of(program, ffn)
             inputs = samples.get(ffn.up.args[0].name)
             shared_idx, experts = self._partition(weights, activation, score, shared, inputs)
@@ -377,25 +423,25 @@ class FfnToMoe(Pass):
             )
             width = ffn.intermediate_size
             decisions.append(
-                {
-                    "path": ffn.path,
-                    "kind": ffn.kind,
-                    "activation": activation,
-                    "width": width,
-                    "experts": o.experts,
-                    "expert_size": len(experts[0]),
-                    "top_k": o.top_k,
-                    "shared_neurons": int(shared),
-                    "active_neurons_per_token": int(shared + o.top_k * len(experts[0])),
-                    "active_fraction": (shared + o.top_k * len(experts[0])) / width,
-                    "parameters_before": before,
-                    "parameters_after": after,
-                    "exactness_rel_l2": error,
-                    "router": {"kind": o.router, **fit},
-                    "shared_gate": names.get("shared_gate_weight"),
-                    "shared_indices": shared_idx.tolist(),
-                    "expert_indices": [e.tolist() for e in experts],
-                }
+                FfnDecision(
+                    path=ffn.path,
+                    kind=ffn.kind,
+                    activation=activation,
+                    width=width,
+                    experts=o.experts,
+                    expert_size=len(experts[0]),
+                    top_k=o.top_k,
+                    shared_neurons=int(shared),
+                    active_neurons_per_token=int(shared + o.top_k * len(experts[0])),
+                    active_fraction=(shared + o.top_k * len(experts[0])) / width,
+                    parameters_before=before,
+                    parameters_after=after,
+                    exactness_rel_l2=error,
+                    router={"kind": o.router, **fit},
+                    shared_gate=names.get("shared_gate_weight"),
+                    shared_indices=shared_idx.tolist(),
+                    expert_indices=[e.tolist() for e in experts],
+                )
             )
         adaptation = None
         if o.adapt != "none":
@@ -403,29 +449,26 @@ class FfnToMoe(Pass):
             program.prune()
             if ctx.reference is None:
                 raise PassError("ffn_to_moe: adapt needs the dense reference program; run it through the PassManager")
-            adaptation = dataclasses.asdict(
-                train_end_to_end(
-                    program,
-                    ctx.reference,
-                    trainable,
-                    ctx.calibration,
-                    TrainingSettings(steps=o.adapt_steps, lr=o.lr, schedule="constant", seed=o.seed),
-                    auxiliary=self._balance_loss(program, routers) if o.balance else None,
-                    progress=ctx.progress,
-                    description=f"ffn_to_moe adapt ({o.adapt})",
-                )
+            adaptation = train_end_to_end(
+                program,
+                ctx.reference,
+                trainable,
+                ctx.calibration,
+                TrainingSettings(steps=o.adapt_steps, lr=o.lr, schedule="constant", seed=o.seed),
+                auxiliary=self._balance_loss(program, routers) if o.balance else None,
+                progress=ctx.progress,
+                description=f"ffn_to_moe adapt ({o.adapt})",
             )
         stats = {
             "ffns": len(decisions),
             "experts": o.experts,
             "top_k": o.top_k,
-            "active_fraction": sum(d["active_neurons_per_token"] for d in decisions)
-            / sum(d["width"] for d in decisions),
+            "active_fraction": sum(d.active_neurons_per_token for d in decisions) / sum(d.width for d in decisions),
         }
         return PassResult(
             modified=True,
             stats=stats,
-            decisions={"partition": o.partition, "gating": o.gating, "adapt": adaptation, "ffns": decisions},
+            decisions=MoeDecisions(partition=o.partition, gating=o.gating, adapt=adaptation, ffns=decisions),
         )
 
     def _balance_loss(self, program: Program, routers: list[dict[str, str]]) -> AuxiliaryLoss:
@@ -480,13 +523,13 @@ class FfnToMoe(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         found = moe_nodes(program)
-        for decision in result.decisions["ffns"]:
-            node = found.get(decision["path"])
+        for decision in result.decisions.ffns:
+            node = found.get(decision.path)
             if node is None:
-                raise PassError(f"ffn_to_moe: no MoE node at {decision['path']} after the rewrite")
+                raise PassError(f"ffn_to_moe: no MoE node at {decision.path} after the rewrite")
             experts, width = node.args[3].meta["val"].shape[:2]
-            if (experts, width, node.args[8]) != (decision["experts"], decision["expert_size"], decision["top_k"]):
-                raise PassError(f"ffn_to_moe: the MoE node at {decision['path']} is not what the report says")
+            if (experts, width, node.args[8]) != (decision.experts, decision.expert_size, decision.top_k):
+                raise PassError(f"ffn_to_moe: the MoE node at {decision.path} is not what the report says")
 
 
 def expert_output_norms(experts: dict, activation: str, x: torch.Tensor) -> torch.Tensor:

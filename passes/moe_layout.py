@@ -238,6 +238,28 @@ def _expected(plan: _Planned, experts: int, hidden: int) -> dict[str, tuple[int,
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImportedFfn:
+    """One dense FFN replaced by the checkpoint's MoE: its experts, their width, top-k, the shared expert's width
+    and the state tensors the MoE node reads."""
+
+    path: str
+    experts: int
+    expert_size: int
+    top_k: int
+    shared_neurons: int
+    state: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportDecisions:
+    """What `import_moe` did (decisions.json holds these fields): the config read, the gating and each FFN."""
+
+    config: str
+    gating: str
+    ffns: list[ImportedFfn]
+
+
 def import_paper_moe(
     program: Program,
     read: Callable[[str], torch.Tensor | None],
@@ -248,7 +270,7 @@ def import_paper_moe(
     layers_key: str = LAYERS_KEY,
     source: str = "the checkpoint",
     who: str = "import_moe",
-) -> list[dict]:
+) -> list[ImportedFfn]:
     """Turn the dense FFNs under `where` of the layers the config converts into the paper's MoEs read by `read`
     (a tensor name -> tensor, None if absent); return one decision per FFN. Every tensor is checked (present, shape)
     before the program changes: a SparsecError names the tensor, its shape and the expected shape."""
@@ -306,14 +328,14 @@ def import_paper_moe(
                 weight = program.state_name(linear_weight_node(linear)[0])
                 program.replace_state(weight, tensors[f"{proj}.weight"].to(dtype))
         decisions.append(
-            {
-                "path": ffn.path,
-                "experts": experts,
-                "expert_size": plan.expert_size,
-                "top_k": top_k,
-                "shared_neurons": plan.shared,
-                "state": sorted(names.values()),
-            }
+            ImportedFfn(
+                path=ffn.path,
+                experts=experts,
+                expert_size=plan.expert_size,
+                top_k=top_k,
+                shared_neurons=plan.shared,
+                state=sorted(names.values()),
+            )
         )
     return decisions
 
@@ -335,6 +357,14 @@ def read_checkpoint(path: Path) -> tuple[Callable[[str], torch.Tensor | None], s
             return f.get_tensor(name)
 
     return read, ", ".join(f.name for f in files)
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """The paper's MoE config (checked against the program) and the file it came from."""
+
+    config: dict
+    config_path: Path
 
 
 class ImportMoe(Pass):
@@ -363,13 +393,13 @@ class ImportMoe(Pass):
             raise SparsecError(f"import_moe: no config {config}; set config: to the paper's {CONFIG_FILE}")
         return read_json_object(config, f"set config: to the paper's {CONFIG_FILE}"), config
 
-    def requires(self, program: Program, ctx: PassContext) -> tuple[dict, Path]:
+    def requires(self, program: Program, ctx: PassContext) -> ImportPlan:
         config, path = self._config()
         _planned(program, config, self.options.where, self.options.layers_key, self.name)
-        return config, path
+        return ImportPlan(config, path)
 
-    def run(self, program: Program, ctx: PassContext, plan: tuple[dict, Path]) -> PassResult:
-        config, config_path = plan
+    def run(self, program: Program, ctx: PassContext, plan: ImportPlan) -> PassResult:
+        config, config_path = plan.config, plan.config_path
         o = self.options
         read, source = read_checkpoint(Path(o.path))
         decisions = import_paper_moe(
@@ -378,5 +408,5 @@ class ImportMoe(Pass):
         return PassResult(
             modified=True,
             stats={"ffns": len(decisions), "experts": config["num_experts"], "top_k": config["top_k"]},
-            decisions={"config": str(config_path), "gating": GATING, "ffns": decisions},
+            decisions=ImportDecisions(config=str(config_path), gating=GATING, ffns=decisions),
         )

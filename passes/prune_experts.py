@@ -40,6 +40,40 @@ from sparsec.ir.program import Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
+@dataclass(frozen=True)
+class BlockDecision:
+    """One MoE block pruned: the experts kept and removed (router indices before pruning), each expert's
+    routing frequency and mass on the calibration tokens, and the parameters before and after."""
+
+    path: str
+    experts_path: str
+    experts_before: int
+    experts_after: int
+    top_k: int
+    kept_experts: list[int]
+    removed_experts: list[int]
+    frequency: list[float]
+    mass: list[float]
+    parameters_before: int
+    parameters_after: int
+
+
+@dataclass(frozen=True)
+class ExpertsDecisions:
+    """What `prune_experts` chose (decisions.json holds these fields): the criterion, and each block's decision."""
+
+    criterion: str
+    blocks: list[BlockDecision]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One matched MoE block and the number of its experts that stay."""
+
+    experts: MoeExperts
+    keep: int
+
+
 class PruneExperts(Pass):
     """Remove the least used experts of every matched MoE block (routing frequency or routed output mass)."""
 
@@ -84,21 +118,22 @@ class PruneExperts(Pass):
             )
         return k
 
-    def requires(self, program: Program, ctx: PassContext) -> list[tuple[MoeExperts, int]]:
+    def requires(self, program: Program, ctx: PassContext) -> list[BlockPlan]:
         """The plan: each matched MoE block with the number of experts it keeps."""
-        plan = [(e, self._keep(e)) for e in self._blocks(program)]
-        for e, _ in plan:
-            expert_slices(program, e)  # refuses routers it cannot follow, before anything changes
+        plan = [BlockPlan(e, self._keep(e)) for e in self._blocks(program)]
+        for p in plan:
+            expert_slices(program, p.experts)  # refuses routers it cannot follow, before anything changes
         calibration = ctx.require_calibration(self.name)
         if calibration.num_tokens() == 0:
             raise PassError("prune_experts: the calibration set has no valid token (attention_mask is all 0)")
         return plan
 
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext, plan: list[tuple[MoeExperts, int]]) -> PassResult:
-        stats = routing_statistics(program, ctx.calibration, [e for e, _ in plan])
+    def run(self, program: Program, ctx: PassContext, plan: list[BlockPlan]) -> PassResult:
+        stats = routing_statistics(program, ctx.calibration, [p.experts for p in plan])
         decisions = []
-        for (e, k), s in zip(plan, stats):
+        for p, s in zip(plan, stats):
+            e, k = p.experts, p.keep
             score = s[self.options.criterion]
             kept = torch.argsort(-score, stable=True)[:k].sort().values
             names = [name for name, _ in expert_slices(program, e)]
@@ -106,35 +141,35 @@ class PruneExperts(Pass):
             if k < e.num_experts:
                 remove_experts(program, e, kept)
             decisions.append(
-                {
-                    "path": e.block_path,
-                    "experts_path": e.path,
-                    "experts_before": e.num_experts,
-                    "experts_after": k,
-                    "top_k": e.top_k,
-                    "kept_experts": kept.tolist(),
-                    "removed_experts": sorted(set(range(e.num_experts)) - set(kept.tolist())),
-                    "frequency": [round(float(v), 6) for v in s["frequency"]],
-                    "mass": [round(float(v), 6) for v in s["mass"]],
-                    "parameters_before": before,
-                    "parameters_after": sum(program.state_shape(n).numel() for n in names),
-                }
+                BlockDecision(
+                    path=e.block_path,
+                    experts_path=e.path,
+                    experts_before=e.num_experts,
+                    experts_after=k,
+                    top_k=e.top_k,
+                    kept_experts=kept.tolist(),
+                    removed_experts=sorted(set(range(e.num_experts)) - set(kept.tolist())),
+                    frequency=[round(float(v), 6) for v in s["frequency"]],
+                    mass=[round(float(v), 6) for v in s["mass"]],
+                    parameters_before=before,
+                    parameters_after=sum(program.state_shape(n).numel() for n in names),
+                )
             )
         return PassResult(
-            modified=any(d["experts_after"] < d["experts_before"] for d in decisions),
+            modified=any(d.experts_after < d.experts_before for d in decisions),
             stats={
                 "moe_blocks": len(decisions),
-                "experts_before": sum(d["experts_before"] for d in decisions),
-                "experts_after": sum(d["experts_after"] for d in decisions),
+                "experts_before": sum(d.experts_before for d in decisions),
+                "experts_after": sum(d.experts_after for d in decisions),
             },
-            decisions={"criterion": self.options.criterion, "blocks": decisions},
+            decisions=ExpertsDecisions(criterion=self.options.criterion, blocks=decisions),
         )
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         counts = {e.block_path: e.num_experts for e in find_experts(program)}
-        for d in result.decisions["blocks"]:
-            if counts.get(d["path"]) != d["experts_after"]:
-                raise PassError(f"prune_experts: {d['path']} does not have the reported {d['experts_after']} experts")
+        for d in result.decisions.blocks:
+            if counts.get(d.path) != d.experts_after:
+                raise PassError(f"prune_experts: {d.path} does not have the reported {d.experts_after} experts")
 
     def targets(self, program: Program) -> list[str]:
         return [e.block_path for e in find_experts(program, self.options.where)]

@@ -55,6 +55,54 @@ from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
+@dataclass(frozen=True)
+class HeadImportance:
+    """The range and mean of an attention's per-head scores."""
+
+    min: float
+    max: float
+    mean: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionDecision:
+    """One attention pruned: head counts before and after, the heads and KV groups kept (indices before pruning),
+    and `approximate`: what the rewrite cannot keep exact (a q/k norm over all heads), absent when exact."""
+
+    path: str
+    core_path: str
+    heads_before: int
+    heads_after: int
+    kv_heads_before: int
+    kv_heads_after: int
+    head_dim: int
+    kept_kv_heads: list[int]
+    kept_heads: list[int]
+    parameters_before: int
+    parameters_after: int
+    importance: HeadImportance
+    approximate: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class HeadsDecisions:
+    """What `prune_heads` chose (decisions.json holds these fields): the importance, the unit and each attention's
+    decision."""
+
+    importance: str
+    unit: str
+    attentions: list[AttentionDecision]
+
+
+@dataclass(frozen=True)
+class HeadsPlan:
+    """The matched attentions and the units (query heads or KV groups) each keeps; global scope decides the
+    counts again in `run`, from the scores."""
+
+    attentions: list[Attention]
+    keep: list[int]
+
+
 class PruneHeads(Pass):
     """Remove attention heads (whole KV groups, or query heads evenly from every group)."""
 
@@ -101,7 +149,7 @@ class PruneHeads(Pass):
             raise PassError(f"prune_heads: keep {k} exceeds the {units} {what} of {attention.path}")
         return k
 
-    def requires(self, program: Program, ctx: PassContext) -> tuple[list[Attention], list[int]]:
+    def requires(self, program: Program, ctx: PassContext) -> HeadsPlan:
         """The matched attentions and the units each keeps (global scope decides them in `run`)."""
         attentions = self._attentions(program)
         if not attentions:
@@ -121,7 +169,7 @@ class PruneHeads(Pass):
         targets = [self._target(a) for a in attentions]
         if self.needs_calibration():
             ctx.require_calibration(self.name)
-        return attentions, targets
+        return HeadsPlan(attentions, targets)
 
     def needs_calibration(self) -> bool:
         return self.options.importance == "activation"
@@ -175,8 +223,8 @@ class PruneHeads(Pass):
 
     # ----- rewrite ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext, plan: tuple[list[Attention], list[int]]) -> PassResult:
-        attentions, targets = plan
+    def run(self, program: Program, ctx: PassContext, plan: HeadsPlan) -> PassResult:
+        attentions, targets = plan.attentions, plan.keep
         scores = self._scores(program, ctx, attentions)
         if self.options.scope == "global":
             targets = self._global_targets(attentions, scores)
@@ -189,31 +237,31 @@ class PruneHeads(Pass):
             if not bool(keep.all()):
                 apply_heads(program, a, keep)
             decisions.append(
-                {
-                    "path": a.path,
-                    "core_path": a.core_path,
-                    "heads_before": a.num_heads,
-                    "heads_after": int(keep.sum()),
-                    "kv_heads_before": a.num_kv_heads,
-                    "kv_heads_after": len(kept_groups),
-                    "head_dim": a.head_dim,
-                    "kept_kv_heads": kept_groups,
-                    "kept_heads": keep.view(-1).nonzero().squeeze(1).tolist(),
-                    "parameters_before": before,
-                    "parameters_after": sum(program.state_shape(p.name).numel() for p in a.params),
-                    "importance": {"min": float(score.min()), "max": float(score.max()), "mean": float(score.mean())},
-                    **({"approximate": list(a.approximate)} if a.approximate else {}),
-                }
+                AttentionDecision(
+                    path=a.path,
+                    core_path=a.core_path,
+                    heads_before=a.num_heads,
+                    heads_after=int(keep.sum()),
+                    kv_heads_before=a.num_kv_heads,
+                    kv_heads_after=len(kept_groups),
+                    head_dim=a.head_dim,
+                    kept_kv_heads=kept_groups,
+                    kept_heads=keep.view(-1).nonzero().squeeze(1).tolist(),
+                    parameters_before=before,
+                    parameters_after=sum(program.state_shape(p.name).numel() for p in a.params),
+                    importance=HeadImportance(min=float(score.min()), max=float(score.max()), mean=float(score.mean())),
+                    approximate=list(a.approximate) if a.approximate else None,
+                )
             )
         stats = {
             "attentions": len(decisions),
-            "heads_before": sum(d["heads_before"] for d in decisions),
-            "heads_after": sum(d["heads_after"] for d in decisions),
-            "kv_heads_before": sum(d["kv_heads_before"] for d in decisions),
-            "kv_heads_after": sum(d["kv_heads_after"] for d in decisions),
+            "heads_before": sum(d.heads_before for d in decisions),
+            "heads_after": sum(d.heads_after for d in decisions),
+            "kv_heads_before": sum(d.kv_heads_before for d in decisions),
+            "kv_heads_after": sum(d.kv_heads_after for d in decisions),
         }
         modified = stats["heads_after"] < stats["heads_before"]
-        result = {"importance": self.options.importance, "unit": self.options.unit, "attentions": decisions}
+        result = HeadsDecisions(importance=self.options.importance, unit=self.options.unit, attentions=decisions)
         return PassResult(modified=modified, stats=stats, decisions=result)
 
     def targets(self, program: Program) -> list[str]:
@@ -226,11 +274,10 @@ class PruneHeads(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         counts = head_counts(program)
-        for d in result.decisions["attentions"]:
-            if counts.get(d["core_path"]) != (d["heads_after"], d["kv_heads_after"]):
+        for d in result.decisions.attentions:
+            if counts.get(d.core_path) != (d.heads_after, d.kv_heads_after):
                 raise PassError(
-                    f"prune_heads: {d['path']} does not have the reported {d['heads_after']} heads / "
-                    f"{d['kv_heads_after']} KV heads"
+                    f"prune_heads: {d.path} does not have the reported {d.heads_after} heads / {d.kv_heads_after} KV heads"
                 )
 
 

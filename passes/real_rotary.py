@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -139,6 +140,15 @@ def _rule(node: Node) -> str | None:
     return "partwise" if target in PARTWISE else None
 
 
+@dataclass(frozen=True, kw_only=True)
+class RotaryDecisions:
+    """What `real_rotary` rewrote (decisions.json holds these fields): each complex table split into its real
+    and imaginary tensors (name -> the two new names), and the module paths of the complex multiplies."""
+
+    tables: dict[str, list[str]]
+    complex_multiplies: list[str]
+
+
 class RealRotary(Pass):
     """Carry complex values as (real, imaginary) pairs of real tensors: complex rotary -> cos/sin rotation."""
 
@@ -233,7 +243,7 @@ class RealRotary(Pass):
         return PassResult(
             modified=bool(rewritten) or bool(tables),
             stats=stats,
-            decisions={"tables": tables, "complex_multiplies": multiplies},
+            decisions=RotaryDecisions(tables=tables, complex_multiplies=multiplies),
         )
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:

@@ -54,6 +54,42 @@ def _channel_group(program: Program) -> HiddenGroup:
     return group
 
 
+@dataclass(frozen=True, kw_only=True)
+class HiddenDecisions:
+    """What `slice_hidden` chose (decisions.json holds these fields).
+
+    Attributes:
+        importance: how channels were scored.
+        approximate: whether the result differs from the original model (channels were removed: the norms
+            normalise over fewer of them); `exactness` says how.
+        width_before, width_after: the residual stream's width.
+        kept_indices: the channels kept, in order.
+        sliced: every tensor sliced, with the dimension.
+        shape_literals: the graph's shape constants rewritten to the new width.
+        outputs_narrowed: the program outputs now `width_after` wide.
+    """
+
+    importance: str
+    approximate: bool
+    exactness: str
+    width_before: int
+    width_after: int
+    kept_indices: list[int]
+    parameters_before: int
+    parameters_after: int
+    sliced: dict[str, int]
+    shape_literals: list[str]
+    outputs_narrowed: list[str]
+
+
+@dataclass(frozen=True)
+class HiddenPlan:
+    """The residual stream's channel group and the width it keeps."""
+
+    group: HiddenGroup
+    keep: int
+
+
 class SliceHidden(Pass):
     """Slice the residual stream's hidden channels by calibration activation, weight magnitude or at random."""
 
@@ -90,18 +126,18 @@ class SliceHidden(Pass):
         r = o.round_to
         return min(width, max(r, int(round(k / r)) * r))
 
-    def requires(self, program: Program, ctx: PassContext) -> tuple[HiddenGroup, int]:
+    def requires(self, program: Program, ctx: PassContext) -> HiddenPlan:
         """The plan: the stream's channel group and the kept width; refuses before any change."""
         group = _channel_group(program)
         kept = self.options.kept
         if kept is not None:
             if not kept or len(set(kept)) != len(kept) or not all(0 <= i < group.width for i in kept):
                 raise PassError(f"slice_hidden: kept must list distinct channel indices in [0, {group.width})")
-            return group, len(kept)
+            return HiddenPlan(group, len(kept))
         k = self._target(group.width)
         if self.needs_calibration():
             ctx.require_calibration(self.name)
-        return group, k
+        return HiddenPlan(group, k)
 
     def needs_calibration(self) -> bool:
         """Activation importance needs data; magnitude and random do not."""
@@ -120,8 +156,8 @@ class SliceHidden(Pass):
         return torch.rand(group.width, generator=torch.Generator().manual_seed(self.options.seed))
 
     @torch.no_grad()
-    def run(self, program: Program, ctx: PassContext, plan: tuple[HiddenGroup, int]) -> PassResult:
-        group, k = plan
+    def run(self, program: Program, ctx: PassContext, plan: HiddenPlan) -> PassResult:
+        group, k = plan.group, plan.keep
         if self.options.kept is not None:
             kept = torch.tensor(sorted(self.options.kept))
         else:
@@ -129,20 +165,20 @@ class SliceHidden(Pass):
         before = group.num_parameters(program)
         if k < group.width:
             group.apply(program, kept)
-        decisions = {
-            "importance": self.options.importance,
-            "approximate": k < group.width,
-            "exactness": "norms normalise over the kept channels: equals the model rebuilt with hidden_size = "
+        decisions = HiddenDecisions(
+            importance=self.options.importance,
+            approximate=k < group.width,
+            exactness="norms normalise over the kept channels: equals the model rebuilt with hidden_size = "
             "width_after and these weights sliced, not the original model; the quality gate judges",
-            "width_before": group.width,
-            "width_after": k,
-            "kept_indices": kept.tolist(),
-            "parameters_before": before,
-            "parameters_after": group.num_parameters(program),
-            "sliced": {p.name: p.dim for p in group.params},
-            "shape_literals": [lit.node.name for lit in group.literals],
-            "outputs_narrowed": list(group.outputs),
-        }
+            width_before=group.width,
+            width_after=k,
+            kept_indices=kept.tolist(),
+            parameters_before=before,
+            parameters_after=group.num_parameters(program),
+            sliced={p.name: p.dim for p in group.params},
+            shape_literals=[lit.node.name for lit in group.literals],
+            outputs_narrowed=list(group.outputs),
+        )
         stats = {
             "hidden_before": group.width,
             "hidden_after": k,
@@ -162,7 +198,7 @@ class SliceHidden(Pass):
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         group = _channel_group(program)
-        k = result.decisions["width_after"]
+        k = result.decisions.width_after
         wrong = [p.name for p in group.params if program.state_shape(p.name)[p.dim] != k]
-        if group.width != k or wrong or len(group.params) != len(result.decisions["sliced"]):
+        if group.width != k or wrong or len(group.params) != len(result.decisions.sliced):
             raise PassError(f"slice_hidden: the stream is not {k} channels wide everywhere after slicing ({wrong[:3]})")

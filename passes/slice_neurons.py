@@ -43,6 +43,82 @@ from sparsec.transform.options import check_keep
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
+@dataclass(frozen=True)
+class ImportanceSummary:
+    """An FFN's neuron importance: its quantiles, mean, and the least important neuron kept."""
+
+    min: float
+    median: float
+    max: float
+    mean: float
+    kept_min: float
+
+
+@dataclass(frozen=True)
+class FfnDecision:
+    """One dense FFN sliced: its widths, parameters before and after, importance, and the neurons kept (in
+    order)."""
+
+    path: str
+    kind: str
+    width_before: int
+    width_after: int
+    parameters_before: int
+    parameters_after: int
+    importance: ImportanceSummary
+    kept_indices: list[int]
+
+
+@dataclass(frozen=True)
+class ExpertsDecision:
+    """One MoE block's experts sliced: `kept_indices[e]` are the neurons expert `e` keeps."""
+
+    path: str
+    experts: int
+    width_before: int
+    width_after: int
+    parameters_before: int
+    parameters_after: int
+    kept_indices: list[list[int]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeuronsDecisions:
+    """What `slice_neurons` chose (decisions.json holds these fields): the importance and scope, each dense
+    FFN's decision, and each MoE block's (`experts`, absent where none matched)."""
+
+    importance: str
+    scope: str
+    ffns: list[FfnDecision]
+    experts: list[ExpertsDecision] | None = None
+
+
+@dataclass(frozen=True)
+class FfnPlan:
+    """One matched FFN, its channel group and the width it keeps (global scope decides it again in `run`)."""
+
+    ffn: Ffn
+    group: ChannelGroup
+    keep: int
+
+
+@dataclass(frozen=True)
+class ExpertsPlan:
+    """One matched MoE block's experts, their channel group and the width every expert keeps."""
+
+    experts: MoeExperts
+    group: ChannelGroup
+    keep: int
+
+
+@dataclass(frozen=True)
+class NeuronsPlan:
+    """What `requires` checked and `run` slices: the dense FFNs and the MoE blocks' experts."""
+
+    ffns: list[FfnPlan]
+    experts: list[ExpertsPlan]
+
+
 class SliceNeurons(Pass):
     """Slice FFN neurons (gated or plain) by calibration activation, weight magnitude or at random."""
 
@@ -70,7 +146,9 @@ class SliceNeurons(Pass):
     def _experts(self, program: Program) -> list[MoeExperts]:
         return find_experts(program, self.options.where)
 
-    def _groups(self, program: Program) -> list[tuple[Ffn, ChannelGroup]]:
+    def _ffn_plans(self, program: Program) -> list[FfnPlan]:
+        """Each matched FFN with its channel group and kept width (global scope decides the widths again in
+        `run`, from the scores)."""
         regions = region_index(program)
         ffns = regions.ffns(self.options.where) if self._experts(program) else None
         ffns = regions.require_ffns(self.options.where, self.name) if ffns is None else ffns
@@ -85,7 +163,14 @@ class SliceNeurons(Pass):
             width = paths[path].intermediate_size
             if not indices or len(set(indices)) != len(indices) or not all(0 <= i < width for i in indices):
                 raise PassError(f"slice_neurons: kept[{path!r}] must list distinct neuron indices in [0, {width})")
-        return [(ffn, ffn_channel_group(program, ffn)) for ffn in ffns]
+        return [
+            FfnPlan(
+                ffn,
+                ffn_channel_group(program, ffn),
+                len(pinned[ffn.path]) if ffn.path in pinned else self._target(ffn.path, ffn.intermediate_size),
+            )
+            for ffn in ffns
+        ]
 
     def _round(self, k: int, width: int) -> int:
         r = self.options.round_to
@@ -103,33 +188,23 @@ class SliceNeurons(Pass):
             raise PassError(f"slice_neurons: keep {k} exceeds the {width} neurons of {path}{what}")
         return self._round(k, width)
 
-    def _targets(self, groups: list[tuple[Ffn, ChannelGroup]]) -> list[int]:
-        """Per-layer kept widths (global scope decides them later, from the scores)."""
-        pinned = self.options.kept or {}
-        return [
-            len(pinned[f.path]) if f.path in pinned else self._target(f.path, f.intermediate_size) for f, _ in groups
-        ]
-
-    def requires(
-        self, program: Program, ctx: PassContext
-    ) -> tuple[list[tuple[Ffn, ChannelGroup]], list[int], list[tuple[MoeExperts, ChannelGroup, int]]]:
-        """The plan: each matched FFN with its channel group, the per-layer kept widths, and each matched MoE
-        block's experts with their channel group and the width every expert keeps."""
-        groups = self._groups(program)
-        targets = self._targets(groups)
+    def requires(self, program: Program, ctx: PassContext) -> NeuronsPlan:
+        """The plan: each matched FFN with its channel group and kept width, and each matched MoE block's experts
+        with their channel group and the width every expert keeps."""
+        ffns = self._ffn_plans(program)
         experts = self._experts(program)
         if experts and self.options.scope == "global":
             raise PassError(
                 f"slice_neurons: scope 'global' ranks dense FFN neurons against each other; where={self.options.where!r} "
                 f"also matches MoE experts ({experts[0].path}, ...), which keep keep_ratio of each expert; narrow where"
             )
-        expert_plan = [
-            (e, expert_channel_group(program, e), self._target(e.path, e.intermediate_size, " (per expert)"))
+        expert_plans = [
+            ExpertsPlan(e, expert_channel_group(program, e), self._target(e.path, e.intermediate_size, " (per expert)"))
             for e in experts
         ]
         if self.needs_calibration():
             ctx.require_calibration(self.name)
-        return groups, targets, expert_plan
+        return NeuronsPlan(ffns, expert_plans)
 
     def needs_calibration(self) -> bool:
         """Activation importance needs data; magnitude and random do not."""
@@ -148,85 +223,76 @@ class SliceNeurons(Pass):
 
     # ----- rewrite ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(
-        self,
-        program: Program,
-        ctx: PassContext,
-        plan: tuple[list[tuple[Ffn, ChannelGroup]], list[int], list[tuple[MoeExperts, ChannelGroup, int]]],
-    ) -> PassResult:
-        groups, targets, expert_plan = plan
-        ffns = [f for f, _ in groups]
+    def run(self, program: Program, ctx: PassContext, plan: NeuronsPlan) -> PassResult:
+        ffns = [p.ffn for p in plan.ffns]
         pinned = self.options.kept or {}
         scores = neuron_importance(program, ffns, self.options.importance, ctx.statistics, self.options.seed)
-        targets = list(targets)
+        targets = [p.keep for p in plan.ffns]
         if self.options.scope == "global":
             free = [i for i, f in enumerate(ffns) if f.path not in pinned]
             for i, k in zip(free, self._global_targets([ffns[i] for i in free], [scores[i] for i in free])):
                 targets[i] = k
         decisions = []
-        for (ffn, group), score, k in zip(groups, scores, targets):
+        for ffn, group, score, k in zip(ffns, (p.group for p in plan.ffns), scores, targets):
             kept = torch.tensor(sorted(pinned[ffn.path])) if ffn.path in pinned else score.topk(k).indices.sort().values
             before = group.num_parameters(program)
             if k < ffn.intermediate_size:
                 group.apply(program, kept)
             q = torch.quantile(score.double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.double)).tolist()
             decisions.append(
-                {
-                    "path": ffn.path,
-                    "kind": ffn.kind,
-                    "width_before": ffn.intermediate_size,
-                    "width_after": k,
-                    "parameters_before": before,
-                    "parameters_after": group.num_parameters(program),
-                    "importance": {
-                        "min": q[0],
-                        "median": q[1],
-                        "max": q[2],
-                        "mean": float(score.mean()),
-                        "kept_min": float(score[kept].min()),
-                    },
-                    "kept_indices": kept.tolist(),
-                }
+                FfnDecision(
+                    path=ffn.path,
+                    kind=ffn.kind,
+                    width_before=ffn.intermediate_size,
+                    width_after=k,
+                    parameters_before=before,
+                    parameters_after=group.num_parameters(program),
+                    importance=ImportanceSummary(
+                        min=q[0], median=q[1], max=q[2], mean=float(score.mean()), kept_min=float(score[kept].min())
+                    ),
+                    kept_indices=kept.tolist(),
+                )
             )
-        expert_decisions = self._slice_experts(program, ctx, expert_plan)
-        everything = decisions + expert_decisions
-        modified = any(d["width_after"] < d["width_before"] for d in everything)
+        expert_decisions = self._slice_experts(program, ctx, plan.experts)
+        modified = any(d.width_after < d.width_before for d in [*decisions, *expert_decisions])
         stats = {
             "ffns": len(decisions),
-            "neurons_before": sum(d["width_before"] for d in decisions),
-            "neurons_after": sum(d["width_after"] for d in decisions),
+            "neurons_before": sum(d.width_before for d in decisions),
+            "neurons_after": sum(d.width_after for d in decisions),
         }
-        if expert_plan:
+        if plan.experts:
             stats["moe_blocks"] = len(expert_decisions)
-        result = {"importance": self.options.importance, "scope": self.options.scope, "ffns": decisions}
-        if expert_plan:
-            result["experts"] = expert_decisions
+        result = NeuronsDecisions(
+            importance=self.options.importance,
+            scope=self.options.scope,
+            ffns=decisions,
+            experts=expert_decisions if plan.experts else None,
+        )
         return PassResult(modified=modified, stats=stats, decisions=result)
 
-    def _slice_experts(
-        self, program: Program, ctx: PassContext, plan: list[tuple[MoeExperts, ChannelGroup, int]]
-    ) -> list[dict]:
+    def _slice_experts(self, program: Program, ctx: PassContext, plan: list[ExpertsPlan]) -> list[ExpertsDecision]:
         """Each expert of each planned MoE block keeps its `k` most important neurons (in their order)."""
         if not plan:
             return []
-        experts = [e for e, _, _ in plan]
+        experts = [p.experts for p in plan]
         scores = expert_neuron_importance(program, experts, self.options.importance, ctx.calibration, self.options.seed)
         decisions = []
-        for (e, group, k), score in zip(plan, scores):
+        for p, score in zip(plan, scores):
+            e, group, k = p.experts, p.group, p.keep
             kept = score.topk(k, dim=1).indices.sort(dim=1).values
             before = group.num_parameters(program)
             if k < e.intermediate_size:
                 group.apply(program, kept)
             decisions.append(
-                {
-                    "path": e.path,
-                    "experts": e.num_experts,
-                    "width_before": e.intermediate_size,
-                    "width_after": k,
-                    "parameters_before": before,
-                    "parameters_after": group.num_parameters(program),
-                    "kept_indices": kept.tolist(),
-                }
+                ExpertsDecision(
+                    path=e.path,
+                    experts=e.num_experts,
+                    width_before=e.intermediate_size,
+                    width_after=k,
+                    parameters_before=before,
+                    parameters_after=group.num_parameters(program),
+                    kept_indices=kept.tolist(),
+                )
             )
         return decisions
 
@@ -241,16 +307,15 @@ class SliceNeurons(Pass):
         return SliceNeurons(dataclasses.replace(self.options, kept={**(self.options.kept or {}), **kept}))
 
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
-        for decision in result.decisions["ffns"]:
-            ffn = next((f for f in region_index(program).ffns() if f.path == decision["path"]), None)
-            if ffn is None or ffn.intermediate_size != decision["width_after"]:
+        for decision in result.decisions.ffns:
+            ffn = next((f for f in region_index(program).ffns() if f.path == decision.path), None)
+            if ffn is None or ffn.intermediate_size != decision.width_after:
                 raise PassError(
-                    f"slice_neurons: {decision['path']} does not have the reported width {decision['width_after']}"
+                    f"slice_neurons: {decision.path} does not have the reported width {decision.width_after}"
                 )
         widths = {e.path: e.intermediate_size for e in find_experts(program)}
-        for decision in result.decisions.get("experts", []):
-            if widths.get(decision["path"]) != decision["width_after"]:
+        for decision in result.decisions.experts or []:
+            if widths.get(decision.path) != decision.width_after:
                 raise PassError(
-                    f"slice_neurons: the experts {decision['path']} do not have the reported width "
-                    f"{decision['width_after']}"
+                    f"slice_neurons: the experts {decision.path} do not have the reported width {decision.width_after}"
                 )

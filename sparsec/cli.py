@@ -14,7 +14,7 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from sparsec.errors import SparsecError
+from sparsec.errors import SparsecError, VerificationError
 from sparsec.exporters.targets import available_targets
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
@@ -859,15 +859,27 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         prog = f"sparsec {args.command}"
         return args.func(args)
+    except VerificationError as exc:
+        print(f"{prog}: internal error: {exc}", file=sys.stderr)
+        print(
+            f"{prog}: this is a bug in that pass (sparsec's for a built-in pass, its author's for "
+            "a custom one), not a problem with the model or recipe; please report it with the recipe and this message",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     except SparsecError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
-        print(f"{prog}: internal error (a bug in sparsec); the trace above says where", file=sys.stderr)
+        notes = getattr(exc, "__notes__", None)  # where it failed (`PassManager`), which 3.10's traceback omits
+        print(
+            f"{prog}: internal error{f': {notes[-1]}' if notes else ''} (a bug in sparsec); the trace above says where",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -1,7 +1,9 @@
 """Exceptions sparsec raises for problems a user can fix.
 
 Every error names what is wrong and what to do. The CLI maps them to exit codes: `SparsecError` (bad input:
-model, recipe, options) exits 2; `QualityError` (a quality gate or backend parity check failed) exits 1.
+model, recipe, options) exits 2; `QualityError` (a quality gate or backend parity check failed) exits 1;
+`VerificationError` (a pass broke the program: a bug in that pass, not in the input) exits 3, as any other
+internal error does.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class PassError(SparsecError):
 
 
 class VerificationError(SparsecError):
-    """The program is inconsistent after a pass (lint, shapes, parameter bookkeeping): a bug in that pass."""
+    """The program is inconsistent after a pass (lint, shapes, parameter bookkeeping): a bug in that pass (its
+    author's to fix: sparsec's for a built-in pass), not in the user's input."""
+
+    exit_code = 3
 
 
 class CalibrationError(SparsecError):

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
-    ("sparsec.resources", "sparsec.progress"),
+    ("sparsec.resources", "sparsec.progress", "sparsec.registry"),
     ("sparsec.errors",),
 ]
 # Inside a layer, bottom first: each module may import only the modules before it. Every module of a layer listed
@@ -150,9 +150,33 @@ def violations() -> list[str]:
     return sorted(problems.values())
 
 
+def stray_imports() -> list[str]:
+    """Imports of `passes` or `exporters` by their directory name (`from passes.drop_layers import ...`) anywhere in
+    the repository: each such module would load a second time under another name (two `DropLayers` classes)."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if any(part.startswith(".") or part.endswith(".egg-info") for part in path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}; import sparsec.{name} instead"
+                for name in names
+                if name.split(".")[0] in ("passes", "exporters")
+            ]
+    return found
+
+
 def test_layers_depend_one_way():
     problems = violations()
     assert not problems, "import contract broken:\n" + "\n".join(problems)
+
+
+def test_passes_and_exporters_are_imported_under_one_name():
+    problems = stray_imports()
+    assert not problems, "\n".join(problems)
 
 
 def test_contract_catches_an_upward_import(tmp_path, monkeypatch):
@@ -215,6 +239,6 @@ def test_contract_places_every_module_of_an_ordered_layer(tmp_path, monkeypatch)
 
 
 if __name__ == "__main__":
-    problems = violations()
+    problems = violations() + stray_imports()
     print("\n".join(problems) or "import contract kept")
     raise SystemExit(1 if problems else 0)

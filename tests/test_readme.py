@@ -4,8 +4,9 @@ and the analyze example's commands; every repository file a ```bash block names 
 Listings that are not Python to run (command synopses, output) are ```text blocks. Blocks see the repository's
 `examples/` (linked into their directory, as for a reader in a checkout) and `examples/custom_pass` on the import
 path, as after `pip install examples/custom_pass`, which the README names where a block imports its `skip_ffn`.
-The blocks share one interpreter (imports are paid once), so registrations persist from block to block: a block
-registering a pass name it uses must do so itself (the README's unit-test block does).
+The blocks share one interpreter (imports are paid once); what a block registers (passes, targets, families) is
+undone after it, as for a reader running it on its own: a block registering a pass name it uses must do so itself
+(the README's unit-test block does).
 """
 
 import json
@@ -47,7 +48,10 @@ PYTHON_BLOCKS = _blocks("python")
 # Each block with fresh globals, in a directory of its own: a name it uses without defining or importing it fails
 # as it would for a reader.
 RUN_BLOCKS = """
-import json, os, sys, traceback
+import contextlib, json, os, sys, traceback
+from sparsec.exporters.targets import TARGET_REGISTRY
+from sparsec.families import FAMILY_REGISTRY
+from sparsec.transform.pass_manager import PASS_REGISTRY
 blocks, root = json.loads(sys.stdin.read()), sys.argv[1]
 failures = []
 for line, code in blocks:
@@ -56,7 +60,10 @@ for line, code in blocks:
     os.symlink(sys.argv[2], os.path.join(work, "examples"))
     os.chdir(work)
     try:
-        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
+        with contextlib.ExitStack() as registered:
+            for registry in (PASS_REGISTRY, TARGET_REGISTRY, FAMILY_REGISTRY):
+                registered.enter_context(registry.temporarily())
+            exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
     except BaseException:
         failures.append([line, traceback.format_exc(limit=-3)])
 with open(os.path.join(root, "failures.json"), "w") as f:

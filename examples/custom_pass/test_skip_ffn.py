@@ -5,6 +5,7 @@ replaced by a module returning zeros), compared at a shape other than the captur
 in PyTorch and in ONNX Runtime. Structural checks say what the graph holds afterwards.
 """
 
+import pytest
 import torch
 from skip_ffn import SkipFfn
 
@@ -12,9 +13,14 @@ from sparsec import testing
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.families import detect_family
 from sparsec.models import build_model, builtin_config
-from sparsec.transform.pass_manager import register_pass
+from sparsec.transform.pass_manager import PASS_REGISTRY
 
-register_pass(SkipFfn)
+
+@pytest.fixture(autouse=True)
+def skip_ffn():
+    """`skip_ffn` registered for each test (what the installed package's entry point does), and not after it."""
+    with PASS_REGISTRY.temporarily(SkipFfn):
+        yield
 
 
 class Zero(torch.nn.Module):

@@ -46,7 +46,6 @@ from sparsec.data import parity
 from sparsec.data.calibration import CalibrationSet, embedding_sizes
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
 from sparsec.ir.program import Program
 from sparsec.ops.moe import DECOMPOSITIONS
@@ -338,4 +337,4 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-register_target(AOTInductor())
+TARGETS = (AOTInductor(),)  # registered by name in sparsec.exporters.targets

@@ -25,7 +25,6 @@ from sparsec.data import parity
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.lowering.segments import BOUNDARY_PREFIX as BOUNDARY
-from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Runner, Target
 
 if TYPE_CHECKING:
@@ -345,5 +344,4 @@ class OnnxRuntime(Target):
         return session(path, self.providers)
 
 
-register_target(OnnxRuntime(cuda=False))
-register_target(OnnxRuntime(cuda=True))
+TARGETS = (OnnxRuntime(cuda=False), OnnxRuntime(cuda=True))  # registered by name in sparsec.exporters.targets

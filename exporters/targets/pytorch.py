@@ -23,7 +23,6 @@ import torch
 from sparsec.data import parity
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.aotinductor import program_input_specs
 from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
 from sparsec.ir.program import Program
@@ -79,4 +78,4 @@ class PyTorchProgram(Target):
         return {"runtime": f"torch {torch.__version__} (program.pt2)", **report}
 
 
-register_target(PyTorchProgram())
+TARGETS = (PyTorchProgram(),)  # registered by name in sparsec.exporters.targets

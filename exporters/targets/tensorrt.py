@@ -36,7 +36,6 @@ import torch
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets import register_target
 from sparsec.exporters.targets.base import Lowering, Runner, Target
 from sparsec.ir.program import Program
 
@@ -418,4 +417,4 @@ class TensorRT(Target):
         return check_parity(reference, Path(directory) / "model.engine", options=options, precision=precision)
 
 
-register_target(TensorRT())
+TARGETS = (TensorRT(),)  # registered by name in sparsec.exporters.targets

@@ -10,6 +10,10 @@ this order:
    `[project.entry-points."sparsec.families"]` / `gpt2 = "mypkg.families:GPT2"`;
 3. `register_family(family)` calls.
 
+They live in `FAMILY_REGISTRY` (a `sparsec.registry.Registry`): names, model types and built-in model names
+are unique (a taken name is refused unless `register_family(family, replace=True)`), and
+`FAMILY_REGISTRY.temporarily(family)` registers one for a `with` block (tests).
+
 A model's family is the one claiming its `config.model_type`; if none does (diffusers models have no
 `model_type`), the first family in registration order whose `matches(model)` holds (a module class in its
 tree); else `GENERIC`, a causal LM over `input_ids` / `attention_mask` with every region tagged `shared`.
@@ -20,52 +24,79 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Iterable, Mapping
-from importlib.metadata import entry_points as _package_entry_points
 from pathlib import Path
 
 from torch import nn
 
 from sparsec.errors import FamilyError
 from sparsec.families.base import GENERIC, EntryPoint, Family
+from sparsec.registry import Registry
 
 ENTRY_POINT_GROUP = "sparsec.families"
 
-_FAMILIES: dict[str, Family] = {}
-_BY_MODEL_TYPE: dict[str, Family] = {}
-_loaded = False
+
+def _register_builtins() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for family in getattr(module, "FAMILIES", ()):
+            FAMILY_REGISTRY.register(family, source=f"built-in module {module.__name__}")
 
 
-def register_family(family: Family) -> Family:
-    """Register `family` after the built-in and installed ones; its name and model types must be new.
+def _checked_family(family: Family, others: Mapping[str, Family]) -> Family:
+    """`family`, checked to be a `Family` whose name, model types and built-in models are its own."""
+    if not isinstance(family, Family):
+        raise FamilyError(f"{family!r} is not a sparsec.families.base.Family")
+    if family.name == GENERIC.name:
+        raise FamilyError(f"a model family named {family.name!r} is registered already; give it another name")
+    for other in others.values():
+        taken = [t for t in family.model_types if t in other.model_types]
+        if taken:
+            raise FamilyError(
+                f"model_type {taken[0]!r} of family {family.name!r} is claimed by family {other.name!r} already; "
+                "a model_type selects one family"
+            )
+    clash = [b for b in family.builtin_names() if b in _builtin_names(others.values())]
+    if clash:
+        raise FamilyError(f"built-in model {clash[0]!r} of family {family.name!r} exists already; rename it")
+    return family
+
+
+FAMILY_REGISTRY: Registry[Family] = Registry(
+    "model family",
+    "families",
+    group=ENTRY_POINT_GROUP,
+    builtins=_register_builtins,
+    prepare=_checked_family,
+    error=FamilyError,
+)
+
+
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Register `family` after the built-in and installed ones; its name, model types and built-in models must be
+    new (a name may be taken with `replace=True`).
 
     Raises:
-        FamilyError: not a `Family`, or its name or one of its `model_types` is registered already.
+        FamilyError: not a `Family`, or its name (unless `replace`), one of its `model_types` or built-in models
+            is registered already.
     """
-    _load()
-    _add(family, origin="register_family")
-    return family
+    return FAMILY_REGISTRY.register(family, replace=replace)
 
 
 def available_families() -> dict[str, Family]:
     """Every registered family by name, in registration order (the order `detect_family` tries `matches`)."""
-    _load()
-    return dict(_FAMILIES)
+    return FAMILY_REGISTRY.items()
 
 
 def family_by_name(name: str) -> Family:
     """The registered family called `name` (`unknown` is `GENERIC`)."""
-    if name == GENERIC.name:
-        return GENERIC
-    families = available_families()
-    if name not in families:
-        raise FamilyError(f"unknown model family {name!r}; registered families: {sorted(families)}")
-    return families[name]
+    return GENERIC if name == GENERIC.name else FAMILY_REGISTRY.get(name)
 
 
 def family_for_model_type(model_type: str | None) -> Family:
     """The family claiming `config.model_type`, `GENERIC` if none does."""
-    _load()
-    return _BY_MODEL_TYPE.get(model_type, GENERIC) if model_type is not None else GENERIC
+    if model_type is None:
+        return GENERIC
+    return next((f for f in available_families().values() if model_type in f.model_types), GENERIC)
 
 
 def detect_family(model: nn.Module) -> Family:
@@ -78,7 +109,7 @@ def detect_family(model: nn.Module) -> Family:
     family = family_for_model_type(getattr(getattr(model, "config", None), "model_type", None))
     if family is not GENERIC:
         return family
-    return next((f for f in _FAMILIES.values() if f.matches(model)), GENERIC)
+    return next((f for f in available_families().values() if f.matches(model)), GENERIC)
 
 
 def family_for_directory(directory: Path) -> Family | None:
@@ -115,63 +146,13 @@ def builtin_names() -> list[str]:
     return _builtin_names(available_families().values())
 
 
-def _load() -> None:
-    """Register the built-in and installed families, once; on a failure none stays registered."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    try:
-        _load_all()
-    except BaseException:
-        _FAMILIES.clear()
-        _BY_MODEL_TYPE.clear()
-        _loaded = False
-        raise
-
-
-def _load_all() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for family in getattr(module, "FAMILIES", ()):
-            _add(family, origin=module.__name__)
-    for ep in sorted(_package_entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        loaded = ep.load()
-        families = tuple(loaded) if isinstance(loaded, Iterable) else (loaded,)
-        if ep.name not in {getattr(f, "name", None) for f in families}:
-            raise FamilyError(
-                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} loads no family "
-                f"named {ep.name!r}; name the entry point after the family it registers"
-            )
-        for family in families:
-            _add(family, origin=f"entry point {ep.name} ({ep.value})")
-
-
-def _add(family: Family, origin: str) -> None:
-    if not isinstance(family, Family):
-        raise FamilyError(f"{origin}: {family!r} is not a sparsec.families.base.Family")
-    if family.name in _FAMILIES or family.name == GENERIC.name:
-        raise FamilyError(f"{origin}: a model family named {family.name!r} is registered already; give it another name")
-    taken = [t for t in family.model_types if t in _BY_MODEL_TYPE]
-    if taken:
-        raise FamilyError(
-            f"{origin}: model_type {taken[0]!r} of family {family.name!r} is claimed by family "
-            f"{_BY_MODEL_TYPE[taken[0]].name!r} already; a model_type selects one family"
-        )
-    builtins = set(_builtin_names(_FAMILIES.values()))
-    clash = [b for b in family.builtin_names() if b in builtins]
-    if clash:
-        raise FamilyError(f"{origin}: built-in model {clash[0]!r} of family {family.name!r} exists already; rename it")
-    _FAMILIES[family.name] = family
-    _BY_MODEL_TYPE.update(dict.fromkeys(family.model_types, family))
-
-
 def _builtin_names(families: Iterable[Family]) -> list[str]:
     return [name for family in families for name in family.builtin_names()]
 
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "FAMILY_REGISTRY",
     "EntryPoint",
     "Family",
     "FamilyError",

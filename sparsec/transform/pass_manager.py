@@ -44,13 +44,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, NoReturn
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
 from sparsec.data.quality import QualityGates, compare_programs, describe_quality
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.ir.program import Program
+from sparsec.registry import Registry
 from sparsec.transform.options import as_dict, parse_section
 
 ENTRY_POINT_GROUP = "sparsec.passes"
@@ -64,12 +64,33 @@ class PassResult:
     Attributes:
         modified: whether the graph changed (the manager verifies only then).
         stats: numbers worth reporting (e.g. `{"layers_dropped": 2}`).
-        decisions: what the pass chose and why (e.g. per-layer scores); goes to decisions.json as is (report.json points to it).
+        decisions: what the pass chose and why (e.g. per-layer scores): a dataclass of the pass's own (its fields
+            the contract, e.g. `DropDecisions`), or plain JSON data. `ensures` reads it as the pass made it; the
+            `PassRecord`, report.json and decisions.json hold it as plain data (`plain_decisions`).
     """
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     decisions: Any = None
+
+
+def plain_decisions(decisions: Any) -> Any:
+    """`decisions` as plain JSON data: a dataclass (nested ones too) as a dict of its fields, where a field that
+    defaults to None and is None is left out (an optional entry, absent when it does not apply); lists and
+    dicts item by item; anything else as it is."""
+    if dataclasses.is_dataclass(decisions) and not isinstance(decisions, type):
+        return {
+            f.name: plain_decisions(value)
+            for f in dataclasses.fields(decisions)
+            if not ((value := getattr(decisions, f.name)) is None and f.default is None)
+        }
+    if isinstance(decisions, list):
+        return [plain_decisions(v) for v in decisions]
+    if isinstance(decisions, tuple):
+        return tuple(plain_decisions(v) for v in decisions)
+    if isinstance(decisions, dict):
+        return {k: plain_decisions(v) for k, v in decisions.items()}
+    return decisions
 
 
 @dataclass
@@ -239,45 +260,25 @@ def table_lines(rows: Sequence[Mapping[str, Any]], width: int = 100, indent: int
 
 
 # ----- registry -------------------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Pass]] = {}
-_entry_points_loaded = False
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Register a pass class under `cls.name` (usable as a decorator). Re-registering a name replaces it."""
+def _checked_pass(cls: Any, others: Mapping[str, type[Pass]]) -> type[Pass]:
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
-        raise TypeError("register_pass takes a Pass subclass with a non-empty `name`")
+        raise TypeError(f"register_pass takes a Pass subclass with a non-empty `name`, got {cls!r}")
     if not dataclasses.is_dataclass(cls.Options):
         raise TypeError(f"{cls.__name__}.Options must be a dataclass")
-    _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        cls = ep.load()
-        if getattr(cls, "name", None) != ep.name:
-            raise RecipeError(f"entry point {ep.name!r} ({ep.value}) loads a pass named {getattr(cls, 'name', None)!r}")
-        register_pass(cls)
+PASS_REGISTRY: Registry[type[Pass]] = Registry(
+    "pass", "passes", group=ENTRY_POINT_GROUP, prepare=_checked_pass, error=RecipeError
+)
+register_pass = PASS_REGISTRY.register  # `@register_pass`, `register_pass(cls)`, `register_pass(cls, replace=True)`
+get_pass = PASS_REGISTRY.get
 
 
 def available_passes() -> dict[str, type[Pass]]:
-    """All registered passes by name: built-ins, entry points of installed packages, `register_pass` calls."""
-    _load_entry_points()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass(name: str) -> type[Pass]:
-    passes = available_passes()
-    if name not in passes:
-        raise RecipeError(f"unknown pass {name!r}; registered passes: {sorted(passes) or 'none'}")
-    return passes[name]
+    """All registered passes by name, sorted: built-ins and installed packages (the `sparsec.passes` entry-point
+    group), `register_pass` calls."""
+    return dict(sorted(PASS_REGISTRY.items().items()))
 
 
 # ----- manager --------------------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ class PassManager:
                 parameters_after=program.num_parameters(),
                 removed_state=sorted(state_before - set(program.state_placeholders())),
                 stats=result.stats,
-                decisions=result.decisions,
+                decisions=plain_decisions(result.decisions),
                 quality=None,
                 seconds=0.0,
             )
@@ -513,14 +514,19 @@ class PassManager:
 
 
 def _reraise(exc: Exception, where: str, ran: list[str]) -> NoReturn:
-    """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept."""
+    """Raise `exc` again with `where` and the passes that ran before in front of its message, type kept.
+
+    An exception type whose constructor takes something other than a message is raised as it is, with that text
+    as a PEP 678 note: `__notes__` set directly, as `add_note` (Python 3.11+) does, so it works on 3.10 too
+    (where tracebacks do not print notes; the CLI's internal-error line does).
+    """
     message = f"{where} ({'passes before it: ' + ', '.join(ran) if ran else 'the first pass'}): {exc}"
     try:
         renamed = type(exc)(message)
         renamed.__dict__.update(exc.__dict__)
-    except Exception:  # an exception type whose constructor takes something else: keep it, add a note
+    except Exception:
         renamed = None
     if renamed is None:
-        exc.add_note(message)
+        exc.__notes__ = [*getattr(exc, "__notes__", []), message]
         raise exc
     raise renamed from exc

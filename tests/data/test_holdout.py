@@ -16,7 +16,7 @@ from sparsec.compiler import compile_model
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import CalibrationError
 from sparsec.recipe import Recipe
-from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassResult, get_pass, register_pass
+from sparsec.transform.pass_manager import PASS_REGISTRY, Pass, PassContext, PassManager, PassResult, get_pass
 
 
 def _ids_set(samples: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -102,10 +102,16 @@ def _dry_run(tmp_path, inputs, name):
     return compile_model("builtin:tiny-qwen2", Recipe.from_dict(RECIPE), None, calib=path, dry_run=True, progress=False)
 
 
+@pytest.fixture
+def _sees_data():
+    with PASS_REGISTRY.temporarily(_SeesData):
+        yield
+
+
+@pytest.mark.usefixtures("_sees_data")
 def test_the_held_out_samples_are_never_seen_by_a_pass_and_are_what_the_gates_measure(tmp_path):
     """Poisoning the held-out samples (garbage token ids) changes the reported quality and no decision; the same
     poison on a sample the passes decide on changes the decisions (so the comparison can fail)."""
-    register_pass(_SeesData)
     inputs = _ids_set(12, 10, seed=1)
     split = CalibrationSet(inputs, source="ids").split(0.25, seed=5)
     original = [tuple(r) for r in inputs["input_ids"].tolist()]

@@ -13,7 +13,7 @@ from sparsec import testing
 from sparsec.cli import main
 from sparsec.ir.program import Program
 from sparsec.models import builtin_config
-from sparsec.transform.pass_manager import register_pass
+from sparsec.transform.pass_manager import PASS_REGISTRY
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,21 @@ def test_empty_pipeline_exports_and_matches_hf_model(default_artifact):
 
 
 @pytest.fixture
+def skip_ffn():
+    """The example pass registered for the test."""
+    with PASS_REGISTRY.temporarily(SkipFfn):
+        yield
+
+
+@pytest.fixture
 def model_dir(tmp_path):
     model = make_model("tiny-qwen2", seed=1)
     model.save_pretrained(tmp_path / "model")
     return tmp_path / "model", model
 
 
+@pytest.mark.usefixtures("skip_ffn")
 def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, capsys):
-    register_pass(SkipFfn)
     directory, model = model_dir
     calib = make_inputs(model, 6, 20, seed=2, pad_left=5)
     save_file(calib, str(tmp_path / "calib.safetensors"))
@@ -100,8 +107,8 @@ def test_cli_compile_with_custom_pass_and_calibration_file(tmp_path, model_dir, 
     testing.assert_onnx_equivalent(out / "model.onnx", model, inputs, output="logits")
 
 
+@pytest.mark.usefixtures("skip_ffn")
 def test_failing_quality_gate_leaves_no_artifact(tmp_path, model_dir, capsys):
-    register_pass(SkipFfn)
     directory, _ = model_dir
     out = tmp_path / "out"
     (tmp_path / "ok.yaml").write_text("export: {onnx: false}\n")
@@ -226,8 +233,8 @@ def test_fp16_compile_and_a_failing_parity_check_leaves_nothing_behind(tmp_path,
         ("passes: [", "is not valid YAML"),
     ],
 )
+@pytest.mark.usefixtures("skip_ffn")
 def test_bad_recipes_fail_before_any_work(tmp_path, capsys, recipe, message):
-    register_pass(SkipFfn)
     (tmp_path / "r.yaml").write_text(recipe)
     code = main(
         ["compile", "--model", "/nonexistent/model", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]

@@ -15,6 +15,7 @@ from sparsec.cli import build_parser
 from sparsec.compiler import check_target, compile_model
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import (
+    TARGET_REGISTRY,
     Target,
     available_targets,
     get_target,
@@ -60,19 +61,15 @@ class OnnxFile(Target):
 
 
 @pytest.fixture
-def registered():
-    """Names the test registers; unregistered after it, so other tests see the built-ins only."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in available_targets():
-            unregister_target(name)
+def restored():
+    """The target registry as it was, after the test: other tests see the built-ins only."""
+    with TARGET_REGISTRY.temporarily():
+        yield
 
 
 @pytest.fixture
-def toy(registered):
+def toy(restored):
     register_target(OnnxFile)
-    registered.append(OnnxFile.name)
     return get_target(OnnxFile.name)
 
 
@@ -85,9 +82,7 @@ def test_builtins_are_found_by_scanning_the_package():
 
 
 def test_unknown_target_names_the_registered_ones(tmp_path):
-    message = (
-        r"--target 'tpu': choose one of \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
-    )
+    message = r"unknown target 'tpu'; registered targets: \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
     with pytest.raises(SparsecError, match=message):
         get_target("tpu")
     with pytest.raises(SparsecError, match=message):
@@ -163,13 +158,15 @@ def _installed_package(site: Path, module: str, entry_points: str) -> None:
     (info / "entry_points.txt").write_text(f"[sparsec.targets]\n{entry_points}\n")
 
 
-def test_entry_point_targets_are_discovered(tmp_path, monkeypatch, registered):
+def test_entry_point_targets_are_discovered(tmp_path, monkeypatch, restored):
     _installed_package(tmp_path / "site", "sparsec_ep_target", "onnx-file = sparsec_ep_target:OnnxFile")
     assert "onnx-file" not in available_targets()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    registered.append("onnx-file")
     target = get_target("onnx-file")  # the entry point names a class: registered as its instance
     assert type(target).__module__ == "sparsec_ep_target" and target.description.endswith("from an entry point")
+    assert TARGET_REGISTRY.source("onnx-file").startswith(
+        "entry point onnx-file = sparsec_ep_target:OnnxFile (group sparsec.targets, package sparsec_ep_target)"
+    )
     with pytest.raises(SparsecError, match="--target onnx-file lowers the ONNX file"):
         check_target("onnx-file", Recipe.from_dict({"export": {"onnx": False}}))
 
@@ -177,8 +174,13 @@ def test_entry_point_targets_are_discovered(tmp_path, monkeypatch, registered):
 def test_an_entry_point_must_be_named_like_its_target(tmp_path, monkeypatch):
     _installed_package(tmp_path / "site", "sparsec_misnamed_target", "other-name = sparsec_misnamed_target:OnnxFile")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(SparsecError, match=r"entry point 'other-name' .* loads a target named 'onnx-file'"):
+    with pytest.raises(
+        SparsecError,
+        match=r"entry point other-name = .* loads no target named 'other-name' \(it loads \['onnx-file'\]\)",
+    ):
         available_targets()
+    with pytest.raises(SparsecError, match="loads no target named 'other-name'"):  # every lookup, not once
+        get_target("onnxruntime")
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import torch
 import transformers
 
 import sparsec
-from sparsec import families
 from sparsec.errors import FamilyError, SparsecError
 from sparsec.families import (
+    FAMILY_REGISTRY,
     GENERIC,
     Family,
     available_families,
@@ -50,19 +50,11 @@ FAMILY = Family(
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """The registry with the built-in families loaded; changes to it are undone after the test."""
-    available_families()
-    monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))
-    monkeypatch.setattr(families, "_BY_MODEL_TYPE", dict(families._BY_MODEL_TYPE))
-
-
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    """An empty registry, loaded again (built-ins, then entry points) on first use; restored after the test."""
-    monkeypatch.setattr(families, "_FAMILIES", {})
-    monkeypatch.setattr(families, "_BY_MODEL_TYPE", {})
-    monkeypatch.setattr(families, "_loaded", False)
+def registry():
+    """The registry with the built-in families loaded; what the test registers is gone after it (entry points on
+    a path the test adds are found on the next lookup)."""
+    with FAMILY_REGISTRY.temporarily():
+        yield
 
 
 def _write_plugin(directory, module: str, entry_point: str = "gpt2") -> None:
@@ -98,12 +90,13 @@ def _assert_gpt2_family_used(caplog) -> None:
     sparsec.testing.assert_equivalent(program, loaded.model, loaded.family.example_inputs(loaded.model, 3, 5, seed=1))
 
 
-def test_new_family_through_an_entry_point_is_one_file(tmp_path, monkeypatch, fresh_registry, caplog):
+def test_new_family_through_an_entry_point_is_one_file(tmp_path, monkeypatch, registry, caplog):
     _write_plugin(tmp_path, "sparsec_gpt2_plugin_ep")
     monkeypatch.syspath_prepend(str(tmp_path))
     names = list(available_families())
     assert names[-1] == "gpt2" and {"qwen2", "janus", "chameleon", "qwenimage"} <= set(names)  # after the built-ins
     _assert_gpt2_family_used(caplog)
+    assert FAMILY_REGISTRY.source("gpt2").startswith("entry point gpt2 = sparsec_gpt2_plugin_ep:FAMILY")
 
 
 def test_new_family_through_register_family(tmp_path, registry, caplog):
@@ -116,16 +109,24 @@ def test_new_family_through_register_family(tmp_path, registry, caplog):
     _assert_gpt2_family_used(caplog)
 
 
-def test_entry_point_must_be_named_after_its_family(tmp_path, monkeypatch, fresh_registry):
+def test_entry_point_must_be_named_after_its_family(tmp_path, monkeypatch, registry):
     _write_plugin(tmp_path, "sparsec_gpt2_plugin_misnamed", entry_point="gpt-2")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(FamilyError, match="entry point 'gpt-2' .* loads no family named 'gpt-2'"):
+    message = r"entry point gpt-2 = sparsec_gpt2_plugin_misnamed:FAMILY .* loads no model family named 'gpt-2'"
+    with pytest.raises(FamilyError, match=message):
         available_families()
-    assert families._FAMILIES == {}, "a failed load leaves nothing half registered"
+    with pytest.raises(FamilyError, match=message):  # on every lookup while the package is there
+        family_by_name("qwen2")
+    monkeypatch.undo()
+    assert "gpt2" not in available_families() and "qwen2" in available_families()
 
 
 def test_register_rejects_taken_names_model_types_and_non_families(registry):
-    with pytest.raises(FamilyError, match="named 'qwen2' is registered already"):
+    with pytest.raises(
+        FamilyError,
+        match=r"a model family named 'qwen2' is registered already, from built-in module sparsec.families.decoders; "
+        r"sparsec.families.base.Family 'qwen2' registers another: give it another name, or pass replace=True",
+    ):
         register_family(Family(name="qwen2"))
     with pytest.raises(FamilyError, match="named 'unknown' is registered already"):
         register_family(Family(name=GENERIC.name))

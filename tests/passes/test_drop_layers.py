@@ -9,12 +9,12 @@ import torch
 from conftest import make_inputs, make_model
 
 import sparsec
-from passes.drop_layers import DropLayers
 from sparsec import testing
 from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError
 from sparsec.exporters.lowering.onnx import export_onnx
+from sparsec.passes.drop_layers import DropLayers
 from sparsec.recipe import Recipe
 
 STACKS = {"tiny-qwen2": "model.layers", "tiny-llama": "model.layers", "tiny-janus": "model.language_model.layers"}

@@ -7,13 +7,13 @@ import pytest
 from conftest import make_inputs, make_model
 
 import sparsec
-from passes.drop_layers import DropLayers
-from passes.slice_neurons import SliceNeurons
 from sparsec.analysis.regions import block_boundaries
 from sparsec.compiler import compile_model
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.quality import QualityGates
 from sparsec.errors import RecipeError
+from sparsec.passes.drop_layers import DropLayers
+from sparsec.passes.slice_neurons import SliceNeurons
 from sparsec.recipe import Recipe
 from sparsec.transform.pass_manager import PassContext, PassManager
 

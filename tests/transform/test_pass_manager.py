@@ -1,6 +1,9 @@
 """PassManager: custom passes by name, verification after every pass, parameter bookkeeping, quality gates;
 errors naming the pass, the program restored after a failed pass, plans handed to `run`, instruments."""
 
+import traceback
+from dataclasses import dataclass
+
 import pytest
 import torch
 from conftest import make_inputs, make_model, small_program
@@ -9,17 +12,18 @@ from skip_ffn import SkipFfn
 import sparsec
 from sparsec import testing
 from sparsec.analysis.regions import region_index
+from sparsec.cli import main
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.quality import QualityGates
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
 from sparsec.recipe import Recipe
 from sparsec.transform.pass_manager import (
+    PASS_REGISTRY,
     Pass,
     PassContext,
     PassInstrument,
     PassManager,
     PassResult,
-    register_pass,
     table_lines,
 )
 
@@ -37,8 +41,8 @@ class NoOp(Pass):
 
 @pytest.fixture(autouse=True)
 def _registered():
-    register_pass(NoOp)
-    register_pass(SkipFfn)
+    with PASS_REGISTRY.temporarily(NoOp, SkipFfn):
+        yield
 
 
 def _fresh(name="tiny-qwen2"):
@@ -170,6 +174,68 @@ def test_errors_name_the_pass_and_the_passes_before_it_and_keep_their_type():
         PassManager([NoOp(), SkipFfn(where="nowhere")]).run(program, PassContext(progress=False))
 
 
+class _ExitError(Exception):
+    """An exception whose constructor takes more than a message (as `subprocess.CalledProcessError` does)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"exit {code}: {detail}")
+        self.code = code
+
+
+class _RaisesOdd(Pass):
+    name = "raises_odd"
+
+    def run(self, program, ctx, plan):
+        raise _ExitError(7, "tool failed")
+
+
+def test_an_error_that_cannot_be_renamed_is_raised_as_it_is_with_a_note_naming_the_pass():
+    _, program = small_program()
+    with pytest.raises(_ExitError) as info:
+        PassManager([NoOp(), _RaisesOdd()]).run(program, PassContext(progress=False))
+    assert str(info.value) == "exit 7: tool failed" and info.value.code == 7
+    assert info.value.__notes__ == ["in pass 'raises_odd' (passes before it: noop): exit 7: tool failed"]
+    assert "in pass 'raises_odd' (passes before it: noop)" in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize(
+    "bad, code, lines",
+    [
+        (
+            _BreaksShapes,
+            3,
+            [
+                "sparsec compile: internal error: after pass 'breaks_shapes' (the first pass): shape propagation failed",
+                "sparsec compile: this is a bug in that pass (sparsec's for a built-in pass, its author's for a custom "
+                "one), not a problem with the model or recipe",
+            ],
+        ),
+        (
+            _RaisesOdd,
+            3,
+            ["sparsec compile: internal error: in pass 'raises_odd' (the first pass): exit 7: tool failed"],
+        ),
+    ],
+)
+def test_a_broken_pass_exits_3_as_a_bug_not_2_as_a_user_error(tmp_path, capsys, bad, code, lines):
+    (tmp_path / "recipe.yaml").write_text(f"passes: [{{{bad.name}: {{}}}}]\nexport: {{onnx: false}}\n")
+    out = tmp_path / "out"
+    with PASS_REGISTRY.temporarily(bad):
+        argv = [
+            "compile",
+            "--model",
+            "builtin:tiny-qwen2",
+            "--recipe",
+            str(tmp_path / "recipe.yaml"),
+            "--out",
+            str(out),
+        ]
+        assert main([*argv, "--quiet"]) == code
+    err = capsys.readouterr().err
+    assert all(line in err for line in lines), err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("bad", [_BreaksShapes, _LeavesOrphanWeight, _Raises])
 def test_a_failed_pass_leaves_the_program_as_it_was(bad):
     _, program = small_program()
@@ -236,6 +302,47 @@ def test_the_plan_from_requires_reaches_run_once():
     assert planned.analyses == 1 and len(planned.received) == 1
     assert [f.path for f in planned.received[0]["ffns"]] == ["blocks.0", "blocks.1"]
     assert record.stats == {"ffns": 2}
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    path: str
+    score: float | None  # always reported, None when unscored
+    note: str | None = None  # an optional entry: absent unless set
+
+
+@dataclass(frozen=True)
+class _Decisions:
+    skipped: list[_Skipped]
+    reason: str
+
+
+class _DecidesTyped(Pass):
+    """Decides in typed dataclasses; its `ensures` reads them by attribute."""
+
+    name = "decides_typed"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ensured = None
+
+    def run(self, program, ctx, plan):
+        skipped = [_Skipped("blocks.0", 0.5, note="first"), _Skipped("blocks.1", None)]
+        return PassResult(modified=True, decisions=_Decisions(skipped, "test"))  # modified: ensures runs
+
+    def ensures(self, program, ctx, result):
+        self.ensured = [d.path for d in result.decisions.skipped]
+
+
+def test_typed_decisions_reach_ensures_as_made_and_the_record_as_plain_data():
+    _, program = small_program()
+    typed = _DecidesTyped()
+    (record,) = PassManager([typed]).run(program, PassContext(progress=False))
+    assert typed.ensured == ["blocks.0", "blocks.1"]
+    assert record.decisions == {
+        "skipped": [{"path": "blocks.0", "score": 0.5, "note": "first"}, {"path": "blocks.1", "score": None}],
+        "reason": "test",
+    }
 
 
 class _Log(PassInstrument):
