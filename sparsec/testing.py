@@ -208,3 +208,24 @@ def linear_columns(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.nn.Line
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
     return out
+
+
+def save_word_tokenizer(
+    directory: str | os.PathLike, words: list[str], *, bos: str | None = None, eos: str | None = None
+) -> None:
+    """Save a whitespace word-level tokenizer (`words[i]` is token id i; `[PAD]` and `[UNK]` must be among them)
+    as transformers saves one, so a tiny model directory reads text like a real checkpoint: for tests of text
+    calibration and evaluation. `bos` (one of `words`) is prepended to every sequence and is its BOS token; `eos`
+    names its EOS token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    special = {key: token for key, token in [("bos_token", bos), ("eos_token", eos)] if token is not None}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", **special
+    ).save_pretrained(directory)

@@ -11,6 +11,7 @@ from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet, StatisticsCache, load_calibration
 from sparsec.data.quality import Bounds, QualityGates, compare_outputs
 from sparsec.errors import CalibrationError, SparsecError
+from sparsec.testing import save_word_tokenizer
 
 
 def test_files_load_and_are_checked(tmp_path):
@@ -103,13 +104,7 @@ def test_gates_per_output_are_bounds_over_the_global_gates():
 
 
 def test_text_calibration_uses_the_model_directory_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "cat": 3, "sat": 4, "down": 5}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path, ["[PAD]", "[UNK]", "the", "cat", "sat", "down"])
     (tmp_path / "c.jsonl").write_text('{"text": "the cat sat"}\n{"text": "the dog sat down now"}\n{"text": "x"}\n')
     calib = load_calibration(
         tmp_path / "c.jsonl", input_names=["input_ids", "attention_mask"], tokenizer_dir=tmp_path, samples=2, seq_len=4

@@ -12,6 +12,7 @@ from sparsec.cli import main
 from sparsec.compiler import _check_out_dir, compile_model
 from sparsec.ir.program import Program
 from sparsec.recipe import Recipe
+from sparsec.testing import save_word_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +24,9 @@ MOE = {"passes": [{"ffn_to_moe": {"experts": 4, "top_k": 2, "router": "similarit
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen2 `save_pretrained` directory with a real (word-level) tokenizer saved beside it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     directory = tmp_path_factory.mktemp("model")
     make_model("tiny-qwen2", seed=1).save_pretrained(directory)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(directory)
+    save_word_tokenizer(directory, WORDS)
     (directory.parent / "text.txt").write_text("\n".join(TEXT) + "\n")
     return directory
 

@@ -15,6 +15,7 @@ from conftest import make_model
 from sparsec.cli import main
 from sparsec.compiler import compile_model
 from sparsec.recipe import Recipe
+from sparsec.testing import save_word_tokenizer
 
 pytestmark = pytest.mark.slow  # compiles (ONNX export) once per module
 
@@ -36,19 +37,9 @@ TEXT = [
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen2 `save_pretrained` directory with a word-level tokenizer that adds BOS, saved beside it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     directory = tmp_path_factory.mktemp("eval") / "model"
     make_model("tiny-qwen2", seed=3).save_pretrained(directory)
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-    fast.save_pretrained(directory)
+    save_word_tokenizer(directory, WORDS, bos="[BOS]", eos="[EOS]")
     (directory.parent / "text.txt").write_text("\n".join(TEXT) + "\n")
     return directory
 
