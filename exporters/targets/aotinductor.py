@@ -42,11 +42,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsec.data import parity
-from sparsec.data.calibration import CalibrationSet, embedding_sizes
+from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
+from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target, program_input_specs, runner_parity
 from sparsec.ir.program import Program
 from sparsec.ops.moe import DECOMPOSITIONS
 
@@ -194,10 +193,7 @@ class AOTInductor(Target):
     def parity(
         self, reference: ProgramReference, directory: Path, options: ParityOptions, precision: Precision
     ) -> dict[str, Any]:
-        program_side = reference.compute()
-        run = self.load(directory)
-        report = parity.backend_parity(program_side, run, backend="AOTInductor", precision=precision, options=options)
-        return {"runtime": f"torch {torch.__version__} (AOTInductor)", **report}
+        return runner_parity(self, reference, directory, options, precision, backend="AOTInductor")
 
 
 def load_package(
@@ -222,20 +218,6 @@ def load_package(
         return dict(zip(outputs, pytree.tree_leaves(result)))
 
     return call, device
-
-
-def program_input_specs(program: Program) -> list[InputSpec]:
-    """The program's user inputs as `InputSpec`s: dtypes and sizes from the capture, its dynamic dims by name,
-    token-id bounds from the embedding tables the inputs index."""
-    placeholders = {n.name: n for n in program.graph.find_nodes(op="placeholder")}
-    bounds = embedding_sizes(program)
-    specs = []
-    for name, node_name in zip(program.input_names, program.exported.graph_signature.user_inputs):
-        value = placeholders[node_name].meta["val"]
-        dims = program.dynamic_dims.get(name, {})
-        shape = tuple(dims[axis] if axis in dims else int(size) for axis, size in enumerate(value.shape))
-        specs.append(InputSpec(name, value.dtype, shape, bounds.get(node_name)))
-    return specs
 
 
 def _spec_json(spec: InputSpec) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsec.data.calibration import CalibrationSet
+from sparsec.data import parity
+from sparsec.data.calibration import CalibrationSet, embedding_sizes
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
@@ -57,6 +58,20 @@ def onnx_input_specs(onnx_path: Path) -> list[InputSpec]:
         dtype = torch.from_numpy(np.zeros(0, np_dtype)).dtype
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "") for d in dims)
         specs.append(InputSpec(value.name, dtype, shape, bounds.get(value.name)))
+    return specs
+
+
+def program_input_specs(program: Program) -> list[InputSpec]:
+    """The program's user inputs as `InputSpec`s: dtypes and sizes from the capture, its dynamic dims by name,
+    token-id bounds from the embedding tables the inputs index."""
+    placeholders = {n.name: n for n in program.graph.find_nodes(op="placeholder")}
+    bounds = embedding_sizes(program)
+    specs = []
+    for name, node_name in zip(program.input_names, program.exported.graph_signature.user_inputs):
+        value = placeholders[node_name].meta["val"]
+        dims = program.dynamic_dims.get(name, {})
+        shape = tuple(dims[axis] if axis in dims else int(size) for axis, size in enumerate(value.shape))
+        specs.append(InputSpec(name, value.dtype, shape, bounds.get(node_name)))
     return specs
 
 
@@ -181,3 +196,21 @@ class Target(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def runner_parity(
+    target: Target,
+    reference: ProgramReference,
+    directory: Path,
+    options: ParityOptions,
+    precision: Precision,
+    *,
+    backend: str,
+) -> dict[str, Any]:
+    """`Target.parity` for a target whose artifact runs in this process through `target.load`: the program's
+    outputs first (`reference.compute()` releases the program), then the artifact's on the same samples."""
+    program_side = reference.compute()
+    report = parity.backend_parity(
+        program_side, target.load(directory), backend=backend, precision=precision, options=options
+    )
+    return {"runtime": f"torch {torch.__version__} ({backend})", **report}

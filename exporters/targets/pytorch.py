@@ -20,11 +20,9 @@ from typing import Any
 
 import torch
 
-from sparsec.data import parity
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets.aotinductor import program_input_specs
-from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target
+from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target, program_input_specs, runner_parity
 from sparsec.ir.program import Program
 
 PROGRAM = "program.pt2"
@@ -72,10 +70,7 @@ class PyTorchProgram(Target):
     def parity(
         self, reference: ProgramReference, directory: Path, options: ParityOptions, precision: Precision
     ) -> dict[str, Any]:
-        program_side = reference.compute()
-        run = self.load(directory)
-        report = parity.backend_parity(program_side, run, backend="PyTorch", precision=precision, options=options)
-        return {"runtime": f"torch {torch.__version__} (program.pt2)", **report}
+        return runner_parity(self, reference, directory, options, precision, backend="program.pt2")
 
 
 TARGETS = (PyTorchProgram(),)  # registered by name in sparsec.exporters.targets
