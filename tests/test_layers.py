@@ -2,7 +2,9 @@
 
 Every `import` in the package (module level and inside functions alike) is read from the source with `ast`
 and mapped to the layer it lands in. A layer may import itself and the layers below it, never one above;
-layers on one line are independent of each other. Run on its own in `.ci/run` before the tests.
+layers on one line are independent of each other. Imports under `if TYPE_CHECKING:` name types for annotations
+and never run, so they are not dependencies (as import-linter's `exclude_type_checking_imports`). Run on its own
+in `.ci/run` before the tests.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.runner",),
     ("sparsec.recipe",),
     ("sparsec.capture", "sparsec.models"),
-    ("sparsec.passes", "sparsec.exporters", "sparsec.families"),
-    ("sparsec.transform",),
-    ("sparsec.analysis", "sparsec.data"),
+    ("sparsec.passes", "sparsec.exporters", "sparsec.families", "sparsec.pipeline"),
+    ("sparsec.transform", "sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
-    ("sparsec.resources", "sparsec.progress"),
+    ("sparsec.resources", "sparsec.progress", "sparsec.staging", "sparsec.tables"),
     ("sparsec.errors",),
 ]
 SOURCE_DIRS = {"sparsec": ROOT / "sparsec", "sparsec.passes": ROOT / "passes", "sparsec.exporters": ROOT / "exporters"}
@@ -53,8 +54,17 @@ def _layer(module: str) -> tuple[int, str] | None:
 def _imports(module: str, path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     found = []
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -103,6 +113,20 @@ def test_contract_catches_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
     monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
     assert violations() == ["sparsec.ir.bad:1: sparsec.ir imports sparsec.compiler (sparsec.compiler is a layer above)"]
+
+
+def test_contract_skips_type_only_imports_and_still_sees_the_others(tmp_path, monkeypatch):
+    """An import under `if TYPE_CHECKING:` is no dependency; the same import outside it (even in the `else`) is."""
+    fake = tmp_path / "sparsec" / "ir"
+    fake.mkdir(parents=True)
+    (fake / "typed.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sparsec.compiler import compile_model\n"
+        "else:\n    import sparsec.cli\n"
+    )
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec", tmp_path / "sparsec")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
+    assert violations() == ["sparsec.ir.typed:5: sparsec.ir imports sparsec.cli (sparsec.cli is a layer above)"]
 
 
 if __name__ == "__main__":
