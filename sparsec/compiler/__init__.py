@@ -56,16 +56,16 @@ def compile_model(
 ) -> dict:
     """Compile `model` (a save_pretrained directory or `builtin:NAME`) with `recipe` into `out_dir`.
 
-    Writes `program.pt2` (the transformed program, `torch.export.load`-able; unless `export.pt2: false`), `model.onnx` (unless the
-    recipe turns ONNX off), `report.json`, `decisions.json` and `tokenizer/` (the model directory's tokenizer, when
-    it has one: `writing.copy_tokenizer`), and returns the report: report.json's content with
-    each pass's `decisions` inline (in the files, they are in decisions.json and the pass record names where,
+    Writes `program.pt2` (the transformed program, `torch.export.load`-able; unless `export.pt2: false`),
+    `model.onnx` (unless the recipe turns ONNX off), `report.json`, `decisions.json` and `tokenizer/` (the model
+    directory's tokenizer, when it has one: `writing.copy_tokenizer`), and returns the report: report.json's content
+    with each pass's `decisions` inline (in the files, they are in decisions.json and the pass record names where,
     `decisions.json#/passes/0`). With `dry_run`, stops after the passes (their decisions, e.g. layer rankings, and
-    quality are in the report) and writes nothing; it checks the target and recipe as the compile does, and a
-    failed gate does not stop it: the pass's record says why (`gate_failed`), and the later passes run on the
-    program as that pass left it, so every pass's decisions are shown. Files and directories get the modes the
-    umask allows; a staging directory beside `out_dir` holds them until every step passed, and is removed on an
-    error, Ctrl-C, SIGTERM or SIGHUP (`sparsec.staging`).
+    quality are in the report) and writes nothing; it checks the target and recipe as the compile does, and a failed
+    gate does not stop it: the pass's record says why (`gate_failed`), and the later passes run on the program as
+    that pass left it, so every pass's decisions are shown. Files and directories get the modes the umask allows; a
+    staging directory beside `out_dir` holds them until every step passed, and is removed on an error, Ctrl-C,
+    SIGTERM or SIGHUP (`sparsec.staging`).
 
     Quality gates (`recipe.quality`; a recipe without a `quality:` section gets `QualityGates.default()`) are checked
     after every pass, on the held-out calibration samples (`calibration.holdout`, a fifth by default,
@@ -92,26 +92,26 @@ def compile_model(
     in the available memory is refused (`sparsec.resources`).
 
     Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds half the
-    available memory (`resources.LAZY_ABOVE`) is captured without its weights (`load_model(weights="lazy")`); each pass reads the weights it decides
-    from, one tensor at a time, and the tensors it puts in their place (sliced FFNs) are written to scratch files
-    in TMPDIR (`Program.spill_to`, removed at the end). Calibration then runs layer by layer and onloads each
-    block's weights when the block runs (`Program.run_segmented`): statistics, quality gates and the parity
-    reference equal the in-memory ones, with one block's weights in memory instead of the model's. After the
-    passes, the transformed program's weights are read into memory to be written (refused first, nothing written,
-    when they cannot fit). A weight-only dry run (passes that need no calibration data, `Pass.needs_calibration`:
-    `drop_layers` by `layers`, `slice_neurons` by `magnitude` or `random`; no `quality:` gates of the recipe's own)
-    never runs the model: calibration is skipped, the passes report no quality metrics and the default gates are
-    reported unchecked (`quality_gates.checked: false`); a 14B model's weight-only dry run fits in 2 GB. Lazy
-    reading is for one program on the CPU. `lazy=True` insists (`SparsecError` naming why it cannot), `lazy=False`
-    loads the model whole. `report["model"]["weights"]` says which (`lazy` / `memory`).
+    available memory (`resources.LAZY_ABOVE`) is captured without its weights (`load_model(weights="lazy")`); each
+    pass reads the weights it decides from, one tensor at a time, and the tensors it puts in their place (sliced
+    FFNs) are written to scratch files in TMPDIR (`Program.spill_to`, removed at the end). Calibration then runs
+    layer by layer and onloads each block's weights when the block runs (`Program.run_segmented`): statistics,
+    quality gates and the parity reference equal the in-memory ones, with one block's weights in memory instead of
+    the model's. After the passes, the transformed program's weights are read into memory to be written (refused
+    first, nothing written, when they cannot fit). A weight-only dry run (passes that need no calibration data,
+    `Pass.needs_calibration`: `drop_layers` by `layers`, `slice_neurons` by `magnitude` or `random`; no `quality:`
+    gates of the recipe's own) never runs the model: calibration is skipped, the passes report no quality metrics
+    and the default gates are reported unchecked (`quality_gates.checked: false`); a 14B model's weight-only dry run
+    fits in 2 GB. Lazy reading is for one program on the CPU. `lazy=True` insists (`SparsecError` naming why it
+    cannot), `lazy=False` loads the model whole. `report["model"]["weights"]` says which (`lazy` / `memory`).
 
     With the recipe's `entry_points` (e.g. Janus' `[understanding, generation_step, vq_decode]`, see
     `sparsec.families.janus`), each entry point is captured and compiled as its own program into `out_dir/NAME/`,
-    with one `report.json` (per entry point under `entry_points`). Every pass runs on each program it has
-    something to change in (`ChangesTargets`); weights shared by several programs are changed the same way in
-    all of them: the first program decides, later ones repeat its decisions (`Replays`; `sparsec.compiler.shared`). Calibration:
-    `calibration.files[NAME]`, else `calibration.file` (a file holding several programs' inputs serves each
-    with the inputs it takes), else synthetic inputs.
+    with one `report.json` (per entry point under `entry_points`). Every pass runs on each program it has something
+    to change in (`ChangesTargets`); weights shared by several programs are changed the same way in all of them: the
+    first program decides, later ones repeat its decisions (`Replays`; `sparsec.compiler.shared`). Calibration:
+    `calibration.files[NAME]`, else `calibration.file` (a file holding several programs' inputs serves each with the
+    inputs it takes), else synthetic inputs.
 
     Raises:
         SparsecError: bad model, recipe, calibration data or output directory (before any work where possible).

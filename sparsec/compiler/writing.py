@@ -13,7 +13,7 @@ from sparsec.data.calibration import TOKENIZER_DIR, tokenizer_files
 
 
 def plain_json(report: dict[str, Any]) -> dict[str, Any]:
-    """`report` in the plain-JSON form report.json has (tensors as lists, paths as strings, numpy scalars as numbers)."""
+    """`report` in report.json's plain-JSON form (tensors as lists, paths as strings, numpy scalars as numbers)."""
     return json.loads(json.dumps(report, default=_jsonable))
 
 

@@ -223,11 +223,11 @@ class PassRecord:
 class PassInstrument:
     """Hooks around every pass the `PassManager` runs (TVM's pass instruments); subclass and override either.
 
-    `before_pass` runs before the pass's `requires`; `after_pass` after its `run`, recompile and prune, with
-    the pass's result and its record, which an instrument may complete (the built-in ones set `quality` and
-    `seconds`). Instruments nest: `before_pass` is called in list order and `after_pass` in reverse, so the
-    first instrument is the outermost. An exception from a hook fails the pass like any other (re-raised
-    naming the pass; the program restored).
+    `before_pass` runs before the pass's `requires`; `after_pass` after its `run`, recompile and prune, with the
+    pass's result and its record, which an instrument may complete (`TimingInstrument` sets `seconds`, the quality
+    check of `sparsec.pipeline` `quality`). Instruments nest: `before_pass` is called in list order and `after_pass`
+    in reverse, so the first instrument is the outermost. An exception from a hook fails the pass like any other
+    (re-raised naming the pass; the program restored).
 
     Example (dump the graph after every pass)::
 
