@@ -63,18 +63,23 @@ def make_readable(stage: Path) -> None:
 
 def move_into_place(stage: Path, out_dir: Path) -> None:
     """Replace `out_dir` (if any) with `stage`. The signals are held back between the two renames, so a signal
-    leaves either the earlier output or the new one in place, never neither."""
-    with _signals_held():
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
+    leaves either the earlier output or the new one in place, never neither; the earlier one is removed even when a
+    signal held back meanwhile is raised as they end."""
+    old, moved = None, False
+    try:
+        with _signals_held():
+            if out_dir.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                os.rmdir(aside)
+                os.replace(out_dir, aside)
+                old = aside
             os.replace(stage, out_dir)
-        else:
-            os.replace(stage, out_dir)
-            old = None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            moved = True
+    finally:
+        if old is not None and moved:
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            os.replace(old, out_dir)  # the new output could not be moved in: the earlier one goes back
 
 
 @contextmanager

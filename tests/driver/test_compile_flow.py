@@ -14,7 +14,9 @@ import sparsec.compiler
 import sparsec.models
 from sparsec.cli import main
 from sparsec.compiler import compile_model
+from sparsec.errors import Terminated
 from sparsec.recipe import Recipe
+from sparsec.staging import check_creatable, move_into_place, signals_as_exceptions
 
 PRUNE = {"passes": [{"slice_neurons": {"keep_ratio": 0.25}}, {"drop_layers": {"count": 1}}]}
 
@@ -42,8 +44,6 @@ def test_an_out_that_cannot_be_created_exits_2_before_the_model_loads(command, t
 
 
 def test_a_new_out_under_directories_still_to_be_made_is_accepted(tmp_path):
-    from sparsec.staging import check_creatable
-
     check_creatable(tmp_path / "a" / "b" / "out", "--out")
     assert list(tmp_path.iterdir()) == []  # checked by making and removing a directory in tmp_path
 
@@ -66,6 +66,53 @@ def test_sigterm_while_writing_leaves_nothing_half_written(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "sparsec compile: terminated by SIGTERM" in err
     assert list(parent.iterdir()) == []
+
+
+def _outputs(tmp_path):
+    """An earlier output `out/` (file `old`) and a staged new one beside it (file `new`)."""
+    out, stage = tmp_path / "out", tmp_path / ".out.tmp-x"
+    for directory, name in ((out, "old"), (stage, "new")):
+        directory.mkdir()
+        (directory / name).write_text(name)
+    return out, stage
+
+
+def test_sigterm_raises_terminated_and_the_default_handler_comes_back():
+    with pytest.raises(Terminated, match="terminated by SIGTERM") as caught, signals_as_exceptions():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises as soon as the signal arrives
+    assert caught.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_a_signal_between_the_renames_waits_until_the_new_output_is_in_place(tmp_path, monkeypatch):
+    out, stage = _outputs(tmp_path)
+    rename = os.replace
+
+    def rename_then_signal(source, target):
+        rename(source, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", rename_then_signal)
+    with pytest.raises(Terminated), signals_as_exceptions():
+        move_into_place(stage, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["new"]
+
+
+def test_an_output_that_cannot_be_moved_in_puts_the_earlier_one_back(tmp_path, monkeypatch):
+    out, stage = _outputs(tmp_path)
+    rename = os.replace
+
+    def refuse_the_stage(source, target):
+        if source == stage:
+            raise PermissionError(13, "Permission denied")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_stage)
+    with pytest.raises(PermissionError):
+        move_into_place(stage, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-x", "out"]
+    assert [p.name for p in out.iterdir()] == ["old"]
 
 
 def _dry_run(recipe: dict) -> dict:
