@@ -7,7 +7,7 @@ process, runs interleaved, median of `--compile-reps`:
   dynamo=True)` with the same dynamic batch and sequence dims and opset, saved to a file.
 - **sparsec, no passes**: `sparsec.capture` -> `export_onnx` of the same, unchanged model: the cost of going
   through sparsec's program (torch.export, then torch.onnx.export of the program, dims renamed).
-- **sparsec**: `sparsec.capture` (torch.export, dynamic dims) -> `PassManager` with two passes that need no
+- **sparsec**: `sparsec.capture` (torch.export, dynamic dims) -> `PassManager` (`sparsec.pipeline.run_passes`) with two passes that need no
   calibration data (`drop_layers` of a quarter of the blocks, named; `slice_neurons` to half width by weight
   magnitude), each followed by the manager's recompile, dead-code and weight pruning and full verification ->
   `export_onnx` (torch.onnx.export of the program, dims renamed, saved). Ideal: the bare export's time.
@@ -40,7 +40,8 @@ from common import markdown_table, parser, qwen2_model  # noqa: E402
 import sparsec  # noqa: E402
 from sparsec.data.calibration import CalibrationSet  # noqa: E402
 from sparsec.exporters.lowering.onnx import export_onnx  # noqa: E402
-from sparsec.transform.pass_manager import PassContext, PassManager, get_pass  # noqa: E402
+from sparsec.pipeline import run_passes  # noqa: E402
+from sparsec.transform.pass_manager import get_pass  # noqa: E402
 
 OPSET = 18
 
@@ -116,8 +117,7 @@ def sparsec_compile(
     times["capture"] = time.perf_counter() - start
     t = time.perf_counter()
     if passes:
-        ctx = PassContext(calibration=calibration, progress=False) if calibration is not None else None
-        PassManager(pipeline_passes(args, calibrated=calibration is not None)).run(program, ctx)
+        run_passes(program, pipeline_passes(args, calibrated=calibration is not None), calibration, progress=False)
     times["passes"] = time.perf_counter() - t
     if calibration is None:
         t = time.perf_counter()

@@ -33,6 +33,7 @@ from sparsec.analysis.regions import BlockStack, region_index
 from sparsec.analysis.vocabulary import LINEAR, skip_noop_casts, skip_passthrough
 from sparsec.errors import PassError
 from sparsec.ir.program import Program
+from sparsec.tables import decision_lines
 from sparsec.transform.pass_manager import Pass, PassContext, PassResult
 
 
@@ -342,7 +343,7 @@ class DropLayers(Pass):
             for rank, (unit, score) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), 1):
                 lines.append(f"  {rank:>4}  {score:>9.6f}  {unit}" + ("  <- dropped" if unit in dropped else ""))
         rest = {k: v for k, v in decisions.items() if k not in ("scores", "ranking", "parameters", "rounds")}
-        return lines + super().describe_decisions(rest)
+        return lines + decision_lines(rest)
 
     def targets(self, program: Program) -> list[str]:
         return [b.path for b in region_index(program).blocks(self.options.where or "**")]

@@ -14,11 +14,12 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from sparsec.errors import SparsecError, VerificationError
+from sparsec.errors import SparsecError, Terminated, VerificationError
 from sparsec.exporters.targets import available_targets
 from sparsec.families import builtin_names
 from sparsec.models import BUILTIN_PREFIX
 from sparsec.runner import DEFAULT_DIMS
+from sparsec.staging import check_creatable, signals_as_exceptions
 
 DEFAULT_MODEL = BUILTIN_PREFIX + "tiny-qwen2"
 
@@ -73,6 +74,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         print(_decisions(report))
+        failed = [
+            (entry, p["name"]) for entry, program in _programs(report) for p in program["passes"] if p["gate_failed"]
+        ]
+        if failed:
+            where = ", ".join(f"{name} ({entry})" if entry else name for entry, name in failed)
+            print(
+                f"sparsec compile: quality gate failed after {where}; the compile would stop at the first "
+                "(the passes after it ran on the program as it left it)",
+                file=sys.stderr,
+            )
+            return 1
     elif not args.quiet:
         print(_summary(report))
     return 0
@@ -81,7 +93,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _decisions(report: dict) -> str:
     """The gates, a table of the passes (parameters, quality, decision summary), then each pass's decisions."""
     from sparsec.data.quality import describe_agreement, describe_perplexity
-    from sparsec.transform.pass_manager import get_pass, table_lines
+    from sparsec.tables import describe_decisions, table_lines
+    from sparsec.transform.pass_manager import get_pass
 
     lines = [_gates_line(report["quality_gates"])]
     for entry, program in _programs(report):
@@ -95,7 +108,7 @@ def _decisions(report: dict) -> str:
                 {
                     "pass": p["name"],
                     "params before -> after": f"{p['parameters_before']:,} -> {p['parameters_after']:,}",
-                    "quality": describe_agreement(p["quality"]),
+                    "quality": ("GATE FAILED " if p["gate_failed"] else "") + describe_agreement(p["quality"]),
                     "perplexity": describe_perplexity(p["quality"]).removeprefix("ppl "),
                     "decided": ", ".join(f"{k} {v}" for k, v in p["stats"].items() if not isinstance(v, (dict, list))),
                 }
@@ -105,7 +118,9 @@ def _decisions(report: dict) -> str:
         for p in program["passes"]:
             options = ", ".join(f"{k}={v}" for k, v in p["options"].items() if v is not None)
             lines += ["", *textwrap.wrap(f"pass {p['name']} ({options})", 100, subsequent_indent="    ")]
-            lines += get_pass(p["name"]).describe_decisions(p["decisions"])
+            if p["gate_failed"]:
+                lines.append(f"  GATE FAILED: {p['gate_failed']}; the compile would stop here")
+            lines += describe_decisions(get_pass(p["name"]), p["decisions"])
     if len(lines) == 1:
         lines.append("no passes in the recipe")
     return "\n".join(lines)
@@ -482,6 +497,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise SparsecError("--out DIR is required: the table (analysis.md, analysis.json) and plots go there")
+    check_creatable(args.out, "--out")
     specs: dict[str, tuple[str | None, str | None]] = {}
     for item in args.task or []:
         head, _, path = item.partition("=")
@@ -858,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             load_plugin(spec)
         args = build_parser().parse_args(argv)
         prog = f"sparsec {args.command}"
-        return args.func(args)
+        with signals_as_exceptions():
+            return args.func(args)
     except VerificationError as exc:
         print(f"{prog}: internal error: {exc}", file=sys.stderr)
         print(
@@ -873,6 +890,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:
         traceback.print_exc()
         notes = getattr(exc, "__notes__", None)  # where it failed (`PassManager`), which 3.10's traceback omits

@@ -8,6 +8,8 @@ internal error does.
 
 from __future__ import annotations
 
+import signal
+
 
 class SparsecError(Exception):
     """Base class: a problem with the user's input, reported before or instead of doing work."""
@@ -53,3 +55,17 @@ class QualityError(SparsecError):
     """A quality gate or the backend parity check failed; no artifact is written."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM or SIGHUP (`timeout`, a CI cancel, a closed terminal) while sparsec held signals
+    as exceptions (`sparsec.staging.signals_as_exceptions`): raised where the program was, so every `finally`
+    removes what it staged. A `BaseException`, like `KeyboardInterrupt`, so no `except Exception` swallows it.
+
+    Attributes:
+        signum: the signal's number; the CLI exits with 128 + it, as a shell reports a process the signal ended.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum

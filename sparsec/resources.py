@@ -287,6 +287,25 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
+LAZY_ABOVE = 0.5
+"""A compile that may read weights lazily does when its in-memory estimate exceeds this share of the available
+memory (`reads_lazily`): the estimate leaves out allocator slack and transient copies, lazy reading gives the same
+results, and on the CPU it costs little time next to the model's runs (README "Real-size models")."""
+
+
+def reads_lazily(estimate: MemoryEstimate) -> bool:
+    """Whether a compile with this in-memory `estimate`, which could read its weights lazily, should (`LAZY_ABOVE`;
+    no when the available memory is unknown)."""
+    available = available_memory()
+    return available is not None and estimate.total > LAZY_ABOVE * available
+
+
+def describe_available() -> str:
+    """The memory available now in GiB, or `unknown`."""
+    available = available_memory()
+    return f"{available / GiB:.1f} GiB" if available is not None else "unknown"
+
+
 def check_fits(estimate: MemoryEstimate, what: str, *, could_read_lazily: bool = False) -> None:
     """Raise `SparsecError` (exit 2) when `estimate.required` exceeds the memory available now; the message
     suggests `--weights lazy` when `could_read_lazily` (the compile loads the weights whole but need not)."""

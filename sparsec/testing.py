@@ -26,7 +26,8 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.data.quality import QualityGates
 from sparsec.ir.paths import glob_match
 from sparsec.ir.program import Program
-from sparsec.transform.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+from sparsec.pipeline import run_passes
+from sparsec.transform.pass_manager import Pass, PassRecord, get_pass
 
 
 def apply_pass(
@@ -37,7 +38,8 @@ def apply_pass(
     gates: QualityGates | None = None,
     **options: Any,
 ) -> PassRecord:
-    """Run one pass through the `PassManager` (verification and bookkeeping on), return its record.
+    """Run one pass through the `PassManager` (verification and bookkeeping on; `sparsec.pipeline.run_passes`:
+    measured and gated on `calibration` when given), return its record.
 
     `p` is a pass instance or a registered name with `options`. `calibration` may be a dict of inputs.
     """
@@ -47,7 +49,7 @@ def apply_pass(
         raise TypeError("options go with a pass name, not with a pass instance")
     if calibration is not None and not isinstance(calibration, CalibrationSet):
         calibration = CalibrationSet(dict(calibration), source="test inputs")
-    (record,) = PassManager([p], gates=gates).run(program, PassContext(calibration=calibration, progress=False))
+    (record,) = run_passes(program, [p], calibration, gates=gates, progress=False)
     return record
 
 

@@ -4,7 +4,8 @@ Every `import` in the package (module level and inside functions alike) is read 
 and mapped to the layer it lands in. A layer may import itself and the layers below it, never one above;
 layers on one line are independent of each other. Inside a layer given a `MODULE_ORDER`, a module may import only
 the modules listed before it, so no import circle can form there (a function-level import does not hide one).
-Run on its own in `.ci/run` before the tests.
+Imports under `if TYPE_CHECKING:` name types for annotations and never run, so they are not dependencies (as
+import-linter's `exclude_type_checking_imports`). Run on its own in `.ci/run` before the tests.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.runner",),
     ("sparsec.recipe",),
     ("sparsec.capture", "sparsec.models"),
-    ("sparsec.passes", "sparsec.exporters", "sparsec.families"),
-    ("sparsec.transform",),
-    ("sparsec.analysis", "sparsec.data"),
+    ("sparsec.passes", "sparsec.exporters", "sparsec.families", "sparsec.pipeline"),
+    ("sparsec.transform", "sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),
     ("sparsec.ir",),
-    ("sparsec.resources", "sparsec.progress", "sparsec.registry"),
+    ("sparsec.resources", "sparsec.progress", "sparsec.registry", "sparsec.staging", "sparsec.tables"),
     ("sparsec.errors",),
 ]
 # Inside a layer, bottom first: each module may import only the modules before it. Every module of a layer listed
@@ -87,8 +87,17 @@ def _layer(module: str) -> tuple[int, str] | None:
 def _imports(module: str, path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     found = []
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -236,6 +245,21 @@ def test_contract_places_every_module_of_an_ordered_layer(tmp_path, monkeypatch)
         "MODULE_ORDER['sparsec.analysis'] places structure, which is no module",
         "sparsec.analysis.blocks: no place in MODULE_ORDER['sparsec.analysis']; add it",
     ]
+
+
+def test_contract_skips_type_only_imports_and_still_sees_the_others(tmp_path, monkeypatch):
+    """An import under `if TYPE_CHECKING:` is no dependency; the same import outside it (even in the `else`) is."""
+    fake = tmp_path / "sparsec" / "ir"
+    fake.mkdir(parents=True)
+    (fake / "typed.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sparsec.compiler import compile_model\n"
+        "else:\n    import sparsec.cli\n"
+    )
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec", tmp_path / "sparsec")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.passes", tmp_path / "none")
+    monkeypatch.setitem(SOURCE_DIRS, "sparsec.exporters", tmp_path / "none")
+    monkeypatch.delitem(MODULE_ORDER, "sparsec.ir")
+    assert violations() == ["sparsec.ir.typed:5: sparsec.ir imports sparsec.cli (sparsec.cli is a layer above)"]
 
 
 if __name__ == "__main__":

@@ -256,8 +256,9 @@ class CalibrationSplit:
     """A calibration set split by whole samples (`CalibrationSet.split`).
 
     `decision`: what the passes see (`PassContext.calibration`, their statistics); `holdout`: the samples the quality
-    gates measure on (`PassManager(holdout=...)`), which no pass ever sees, or None when `fraction` is 0 and the
-    gates measure on `decision`. Gates on held-out samples judge a compression on data it was not chosen for.
+    gates measure on (`sparsec.pipeline.run_passes(holdout=...)`), which no pass ever sees, or None when `fraction`
+    is 0 and the gates measure on `decision`. Gates on held-out samples judge a compression on data it was not
+    chosen for.
     """
 
     decision: CalibrationSet

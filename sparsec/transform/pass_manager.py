@@ -13,10 +13,11 @@ A pass is a small object in the style of torch.fx's pass infrastructure:
 
 The manager runs passes in stage order (`transform` before `lowering`, recipe order within a stage). After each
 modifying pass it recompiles and prunes dead code and unused weights; then its *instruments* (`PassInstrument`,
-as in TVM) check and measure it: `VerifyInstrument` (`Program.verify`: lint, shape re-propagation, parameter
-bookkeeping; then the pass's `ensures`), `QualityInstrument` (outputs on held-out calibration data, which no pass
-sees, against the program as it was before the first pass, and the gates) and `TimingInstrument`; users add
-their own (e.g. one that dumps the graph after every pass). Any exception raised while a pass runs, from `requires` to the last
+as in TVM) check and measure it: its own `VerifyInstrument` (`Program.verify`: lint, shape re-propagation,
+parameter bookkeeping; then the pass's `ensures`) and `TimingInstrument`, and those the caller composes: checks
+(the quality gates on held-out calibration data, `sparsec.pipeline`) and observers (progress lines, a graph dump).
+The manager knows nothing of calibration data, quality or presentation: the driver builds the `PassContext`
+(statistics included) and the instruments. Any exception raised while a pass runs, from `requires` to the last
 instrument, is re-raised with its type kept and the pass named, with the passes before it
 (`after pass 'slice_neurons' (passes before it: drop_layers): shape propagation failed ...`), and the program
 is restored to what it was before that pass (`Program.snapshot` / `restore`): a failed gate leaves nothing
@@ -42,16 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 
-from sparsec.data.calibration import CalibrationSet, StatisticsCache
-from sparsec.data.quality import QualityGates, compare_programs, describe_quality
-from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
+from sparsec.errors import PassError, RecipeError, VerificationError
 from sparsec.ir.program import Program
 from sparsec.registry import Registry
 from sparsec.transform.options import as_dict, parse_section
+
+if TYPE_CHECKING:  # annotations only: the manager never builds or reads calibration data
+    from sparsec.data.calibration import CalibrationSet, StatisticsCache
 
 ENTRY_POINT_GROUP = "sparsec.passes"
 STAGES = ("transform", "lowering")
@@ -97,11 +99,14 @@ def plain_decisions(decisions: Any) -> Any:
 class PassContext:
     """What passes share: calibration data, cached activation statistics, the dense reference, and a seed.
 
+    Built by the driver (`sparsec.pipeline.pass_context`), which owns the data; the manager only hands it on.
+
     Attributes:
         calibration: the calibration samples the passes decide on, or None when the pipeline runs without data.
             In a compile, the held-out samples the quality gates measure on are never here
-            (`CalibrationSet.split`, `PassManager(holdout=...)`).
-        statistics: per-node activation statistics, collected in one forward pass per request batch.
+            (`CalibrationSet.split`, `sparsec.pipeline.run_passes(holdout=...)`).
+        statistics: per-node activation statistics over `calibration` and the program being transformed,
+            collected in one forward pass per request batch (set whenever `calibration` is).
         reference: the program as it was before the first pass (`Program.frozen_copy`: it shares the weights and
             reads the ones passes replace from the checkpoint, so it costs no memory for them), the teacher of
             recovery training (`distill`); the `PassManager` sets it when it is None and a pass needs it
@@ -170,93 +175,8 @@ class Pass:
     def ensures(self, program: Program, ctx: PassContext, result: PassResult) -> None:
         """Raise `PassError` if the rewritten program lacks a property this pass promises."""
 
-    def targets(self, program: Program) -> list[str] | None:
-        """Module paths this pass would change in `program`, for compiling several entry points that share
-        weights (`sparsec.compiler`): `[]` skips the pass for that program (nothing to change there); the
-        default `None` runs it on every entry point on its own. A pass that returns paths implements `replay`."""
-        return None
-
-    def replay(self, decisions: Any, shared: list[str]) -> Pass:
-        """A pass that repeats `decisions` (this pass's `PassResult.decisions` in another entry point) on the
-        `shared` target paths, so weights shared by entry points are changed the same way in every program;
-        targets not in `shared` are decided as usual."""
-        raise PassError(
-            f"{self.name}: cannot repeat its decisions in another entry point, and {shared[:3]} are shared by "
-            "several; restrict the pass's `where` to one entry point's weights"
-        )
-
-    @classmethod
-    def describe_decisions(cls, decisions: Any) -> list[str]:
-        """This pass's `PassResult.decisions` as indented lines, for `sparsec compile --dry-run`.
-
-        The default writes each key and its value, long lists summarised as `<N items>` (decisions.json has them
-        in full), and a list of records (one per FFN) as a table of their plain values (`table_lines`); a pass
-        whose decisions read better otherwise overrides it (`drop_layers`: its ranking).
-        """
-        if not isinstance(decisions, dict):
-            decisions = {"decisions": decisions}
-        lines = []
-        for key, value in decisions.items():
-            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                lines.append(f"  {key}:")
-                lines += table_lines([_plain_columns(compact(v)) for v in value], indent=4)
-            else:
-                lines.append(f"  {key}: {compact(value)}")
-        return lines
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({as_dict(self.options)})"
-
-
-def compact(value: Any, limit: int = 8) -> Any:
-    """`value` with lists longer than `limit` (kept indices, expert membership) as `<N items>` and floats to 6
-    significant digits: decisions short enough to read."""
-    if isinstance(value, dict):
-        return {k: compact(v, limit) for k, v in value.items()}
-    if isinstance(value, list):
-        return f"<{len(value)} items>" if len(value) > limit else [compact(v, limit) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    return value
-
-
-def _plain_columns(record: dict, prefix: str = "") -> dict[str, Any]:
-    """`record`'s scalar values, nested records flattened (`importance.min`); lists and `<N items>` left out."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_plain_columns(value, f"{prefix}{key}."))
-        elif not isinstance(value, list) and not (isinstance(value, str) and value.endswith(" items>")):
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def table_lines(rows: Sequence[Mapping[str, Any]], width: int = 100, indent: int = 0) -> list[str]:
-    """`rows` (records with the same keys) as aligned text columns no wider than `width`: columns that do not
-    fit go to a further table below, which repeats the first column (the row's name).
-
-    Example:
-        >>> print("\\n".join(table_lines([{"pass": "drop_layers", "params": "181,312 -> 144,192"}])))
-        pass         params
-        drop_layers  181,312 -> 144,192
-    """
-    if not rows:
-        return []
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    cells = {k: [k] + ["" if row.get(k) is None else str(row.get(k)) for row in rows] for k in keys}
-    widths = {k: max(len(c) for c in cells[k]) for k in keys}
-    groups: list[list[str]] = []
-    for key in keys[1:]:
-        if groups and indent + sum(widths[k] + 2 for k in [keys[0], *groups[-1], key]) - 2 <= width:
-            groups[-1].append(key)
-        else:
-            groups.append([key])
-    lines = []
-    for group in groups or [[]]:
-        columns = [keys[0], *group]
-        for i in range(len(rows) + 1):
-            lines.append(" " * indent + "  ".join(cells[k][i].ljust(widths[k]) for k in columns).rstrip())
-    return lines
 
 
 # ----- registry -------------------------------------------------------------------------------------------
@@ -297,17 +217,18 @@ class PassRecord:
     quality: dict[str, dict[str, float]] | None
     seconds: float
     unchecked: str | None = None  # why the gates were not checked after this modifying pass (no data to run on)
+    gate_failed: str | None = None  # the failed gates, where the checks record a failure instead of raising (dry run)
 
 
 # ----- instruments ----------------------------------------------------------------------------------------
 class PassInstrument:
     """Hooks around every pass the `PassManager` runs (TVM's pass instruments); subclass and override either.
 
-    `before_pass` runs before the pass's `requires`; `after_pass` after its `run`, recompile and prune, with
-    the pass's result and its record, which an instrument may complete (the built-in ones set `quality` and
-    `seconds`). Instruments nest: `before_pass` is called in list order and `after_pass` in reverse, so the
-    first instrument is the outermost. An exception from a hook fails the pass like any other (re-raised
-    naming the pass; the program restored).
+    `before_pass` runs before the pass's `requires`; `after_pass` after its `run`, recompile and prune, with the
+    pass's result and its record, which an instrument may complete (`TimingInstrument` sets `seconds`, the quality
+    check of `sparsec.pipeline` `quality`). Instruments nest: `before_pass` is called in list order and `after_pass`
+    in reverse, so the first instrument is the outermost. An exception from a hook fails the pass like any other
+    (re-raised naming the pass; the program restored).
 
     Example (dump the graph after every pass)::
 
@@ -342,45 +263,6 @@ class TimingInstrument(PassInstrument):
         record.seconds = round(time.perf_counter() - self._start, 3)
 
 
-class QualityInstrument(PassInstrument):
-    """After every modifying pass, compares the outputs on `calibration` (the held-out samples, or the passes' own
-    data without a split) with `reference` (the program's outputs on it before the first pass) into
-    `record.quality` (`compare_programs`: agreement metrics, and perplexity for a causal LM), and raises
-    `QualityError` when `gates` fail."""
-
-    def __init__(self, calibration: CalibrationSet, reference: Sequence[dict], gates: QualityGates | None) -> None:
-        self.calibration = calibration
-        self.reference = reference
-        self.gates = gates
-
-    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
-        if not result.modified:
-            return
-        record.quality = compare_programs(program, self.calibration, self.reference, progress=ctx.progress)
-        failures = self.gates.failures(record.quality) if self.gates is not None else []
-        if failures:
-            raise QualityError(
-                "quality gate failed: "
-                + "; ".join(failures)
-                + f" (measured on {self.calibration.num_tokens()} tokens: {describe_quality(record.quality)})"
-                + ". Relax the recipe's `quality:` gates or make the pass less aggressive"
-                + (
-                    " (these are the default gates of a recipe without a `quality:` section; "
-                    "`quality: {gates: off}` compiles ungated)."
-                    if self.gates.is_default
-                    else "."
-                )
-            )
-
-
-class _Unchecked(PassInstrument):
-    """Says on every modifying pass's record that the (default) gates were not checked: there was no data."""
-
-    def after_pass(self, p: Pass, program: Program, ctx: PassContext, result: PassResult, record: PassRecord) -> None:
-        if result.modified:
-            record.unchecked = "no calibration data: the default quality gates were not checked"
-
-
 class VerifyInstrument(PassInstrument):
     """After every modifying pass, `Program.verify()` (the IR's invariants); then the pass's own `ensures`."""
 
@@ -392,70 +274,50 @@ class VerifyInstrument(PassInstrument):
 
 # ----- manager --------------------------------------------------------------------------------------------
 class PassManager:
-    """Runs passes in order; instruments verify, gate and time each one; a failed pass leaves no trace.
+    """Runs passes in order; instruments verify, check and time each one; a failed pass leaves no trace.
 
     Args:
         passes: pass instances; stably sorted by stage (`transform`, then `lowering`).
-        gates: quality thresholds checked after every pass (None: metrics are reported, nothing gated). Gates the
-            caller set (not `QualityGates.default()`) with no data to measure on (no `holdout`, no
-            `ctx.calibration`) are refused (`RecipeError`) before any pass runs; the default gates are then left
-            unchecked, and every record says so (`PassRecord.unchecked`).
         verify: verify the program after every modifying pass and check the pass's `ensures` (the
             `VerifyInstrument`; leave on, off only to profile).
         prepare: called right before each pass with the program as it is then; returns the pass to run (e.g.
             one repeating decisions made in another entry point) or None to skip it.
-        instruments: extra `PassInstrument`s, outside the built-in ones: their `after_pass` sees the program
-            verified and the record complete.
-        holdout: the calibration samples the quality checks run on (`CalibrationSplit.holdout`): no pass sees them
-            (`ctx.calibration` holds the others), so the gates judge the passes on data they did not decide on.
-            None: the checks run on `ctx.calibration`, the data the passes decided on.
+        instruments: observers, outermost: their `after_pass` sees the program verified, checked and the record
+            complete (its `seconds` included).
+        checks: instruments that judge each pass (the quality gates, `sparsec.pipeline`): inside the timing, so
+            their time counts as the pass's, and outside the verification, so they measure a verified program.
 
     Example::
 
-        split = calib.split(0.2, seed=0)
-        manager = PassManager([DropDropout()], gates=QualityGates(min_cosine=0.99), holdout=split.holdout)
-        records = manager.run(program, PassContext(calibration=split.decision))
+        records = PassManager([DropDropout()], instruments=[DumpGraph("graphs/")]).run(program, PassContext())
     """
 
     def __init__(
         self,
         passes: Iterable[Pass],
-        gates: QualityGates | None = None,
         verify: bool = True,
         prepare: Callable[[Pass, Program], Pass | None] | None = None,
         instruments: Iterable[PassInstrument] = (),
-        holdout: CalibrationSet | None = None,
+        checks: Iterable[PassInstrument] = (),
     ) -> None:
         passes = list(passes)
         self.passes: list[Pass] = sorted(passes, key=lambda p: STAGES.index(p.stage))
-        self.gates = gates
-        self.holdout = holdout
         self.verify = verify
         self.prepare = prepare
         self.instruments = list(instruments)
+        self.checks = list(checks)
 
     def run(self, program: Program, ctx: PassContext | None = None) -> list[PassRecord]:
         """Run every pass on `program` in place; return their records. Raises what a pass raised, naming it."""
         ctx = ctx or PassContext()
-        measured_on = self.holdout if self.holdout is not None else ctx.calibration
-        gated = self.gates is not None and self.gates.gates and self.gates.bounds_set()
-        if gated:
-            self.gates.check_program(program)
-            if measured_on is None and not self.gates.is_default:
-                raise RecipeError(
-                    "quality gates are set, and there is no calibration data to check them on; give calibration "
-                    "data (PassContext(calibration=...), or the compile's calibration) or drop the gates"
-                )
         if ctx.calibration is not None and ctx.statistics is None:
-            ctx.statistics = StatisticsCache(program, ctx.calibration, progress=ctx.progress)
+            raise TypeError(
+                "PassContext(calibration=...) without statistics: build it with sparsec.pipeline.pass_context "
+                "(or run the passes with sparsec.pipeline.run_passes)"
+            )
         if ctx.reference is None and any(p.needs_reference() for p in self.passes):
             ctx.reference = program.frozen_copy()
-        instruments = [*self.instruments, TimingInstrument()]
-        if measured_on is not None and self.passes:
-            reference = measured_on.reference_outputs(program, progress=ctx.progress)
-            instruments.append(QualityInstrument(measured_on, reference, self.gates))
-        elif gated:
-            instruments.append(_Unchecked())
+        instruments = [*self.instruments, TimingInstrument(), *self.checks]
         if self.verify:
             instruments.append(VerifyInstrument())
         records: list[PassRecord] = []

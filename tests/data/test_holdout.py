@@ -15,8 +15,14 @@ from sparsec.cli import main
 from sparsec.compiler import compile_model
 from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import CalibrationError
+from sparsec.pipeline import run_passes
 from sparsec.recipe import Recipe
-from sparsec.transform.pass_manager import PASS_REGISTRY, Pass, PassContext, PassManager, PassResult, get_pass
+from sparsec.transform.pass_manager import (
+    PASS_REGISTRY,
+    Pass,
+    PassResult,
+    get_pass,
+)
 
 
 def _ids_set(samples: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -170,9 +176,7 @@ def test_perplexity_on_the_held_out_samples_equals_a_hand_computation_with_left_
     held = split.holdout.inputs
     assert len(split.holdout) == 4 and (held["attention_mask"] == 0).any()
     slice_pass = get_pass("slice_neurons")(keep_ratio=0.25, importance="activation")
-    (record,) = PassManager([slice_pass], holdout=split.holdout).run(
-        program, PassContext(calibration=split.decision, progress=False)
-    )
+    (record,) = run_passes(program, [slice_pass], split.decision, holdout=split.holdout, progress=False)
     logits = record.quality["logits"]
     dense = _hand_perplexity(model, held)
     sliced = _hand_perplexity(slice_by_hand(model, record.decisions), held)

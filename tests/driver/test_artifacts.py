@@ -9,7 +9,8 @@ import torch
 from conftest import load_in_fresh_process, make_inputs, make_model
 
 from sparsec.cli import main
-from sparsec.compiler import _check_out_dir, compile_model
+from sparsec.compiler import compile_model
+from sparsec.compiler.checks import check_out_dir
 from sparsec.ir.program import Program
 from sparsec.recipe import Recipe
 from sparsec.testing import save_word_tokenizer
@@ -71,7 +72,7 @@ def test_the_tokenizer_travels_with_the_artifact(dense, model_dir, capsys):
     report = json.loads((dense / "report.json").read_text())
     assert {"tokenizer/tokenizer.json", "tokenizer/config.json", "program.pt2"} <= set(report["artifacts"])
     assert report["calibration"]["source"].endswith("text.txt")
-    _check_out_dir(dense)  # a later compile into it replaces it: the tokenizer directory counts as sparsec's
+    check_out_dir(dense)  # a later compile into it replaces it: the tokenizer directory counts as sparsec's
 
     text = model_dir.parent / "text.txt"
     assert main(["run", "--artifact", str(dense), "--calib", str(text), "--samples", "4", "--json"]) == 0

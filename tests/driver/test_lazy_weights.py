@@ -17,13 +17,15 @@ from sparsec import resources
 from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
 from sparsec.cli import main
-from sparsec.compiler import LAZY_ABOVE, _lazy_blocker, _memory_estimate, compile_model
+from sparsec.compiler import compile_model
+from sparsec.compiler.memory import lazy_blocker, memory_estimate
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets.onnxruntime import run, session
 from sparsec.families.mot import MOT_PRESETS, MoTConfig, MoTForCausalLM
 from sparsec.ir.program import Program
 from sparsec.models import build_model, builtin_config, load_model
 from sparsec.recipe import Recipe
+from sparsec.resources import LAZY_ABOVE
 
 WEIGHT_ONLY = {
     "passes": [{"drop_layers": {"layers": [2]}}, {"slice_neurons": {"keep_ratio": 0.5, "importance": "magnitude"}}]
@@ -206,8 +208,8 @@ def test_lazy_reading_is_refused_where_it_cannot_serve(tmp_path):
         )
     with pytest.raises(SparsecError, match="a built-in model has no checkpoint files"):
         compile_model("builtin:tiny-qwen2", Recipe.from_dict(WEIGHT_ONLY), None, dry_run=True, lazy=True)
-    assert "--device is cuda" in _lazy_blocker(Recipe.from_dict(WEIGHT_ONLY), torch.device("cuda"))
-    assert _lazy_blocker(Recipe.from_dict(WEIGHT_ONLY), torch.device("cpu")) is None
+    assert "--device is cuda" in lazy_blocker(Recipe.from_dict(WEIGHT_ONLY), torch.device("cuda"))
+    assert lazy_blocker(Recipe.from_dict(WEIGHT_ONLY), torch.device("cpu")) is None
 
 
 def test_writing_a_lazily_read_program_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -215,7 +217,7 @@ def test_writing_a_lazily_read_program_that_cannot_fit_is_refused_before_anythin
 
     directory = _checkpoint(tmp_path, "qwen2")
     recipe = Recipe.from_dict({**WEIGHT_ONLY, "quality": {"gates": False}, "export": {"onnx": False}})
-    available = _memory_estimate(directory, recipe, "auto", None).lazy().required + 20_000
+    available = memory_estimate(directory, recipe, "auto", None).lazy().required + 20_000
     monkeypatch.setattr(resources, "available_memory", lambda: available)
     with pytest.raises(SparsecError, match="writing the transformed program needs at least"):
         compile_model(str(directory), recipe, tmp_path / "out", progress=False, lazy=True)
@@ -232,7 +234,7 @@ def test_auto_reads_lazily_above_half_the_available_memory(tmp_path, monkeypatch
 
     directory = _checkpoint(tmp_path, "qwen2")
     recipe = Recipe.from_dict({**WEIGHT_ONLY, "quality": {"gates": False}})
-    total = _memory_estimate(directory, recipe, "auto", None).total
+    total = memory_estimate(directory, recipe, "auto", None).total
     monkeypatch.setattr(resources, "available_memory", lambda: int(headroom * total))
     assert (LAZY_ABOVE * headroom < 1) == (weights == "lazy")
     report = compile_model(str(directory), recipe, None, dry_run=True, progress=False)

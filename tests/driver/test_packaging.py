@@ -29,6 +29,8 @@ def test_wheel_contents(tmp_path):
         "sparsec/recipes/default.yaml",
     ):
         assert required in names
+    packages = [p.relative_to(ROOT).as_posix() for p in (ROOT / "sparsec").rglob("__init__.py")]
+    assert [p for p in packages if p not in names] == []  # every subpackage ships (pyproject's package list)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sparsec = sparsec.cli:main" in text

@@ -16,7 +16,8 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.data.language_model import next_token_loss
 from sparsec.errors import PassError
 from sparsec.models import load_model
-from sparsec.transform.pass_manager import PassContext, PassManager, get_pass
+from sparsec.pipeline import pass_context
+from sparsec.transform.pass_manager import PassManager, get_pass
 
 VOCAB, SEQ = 48, 24
 
@@ -101,7 +102,7 @@ def _compress_then_distill(program, compress: tuple[str, dict], distill: dict):
     """Run the pass `compress`, then `distill` on `program`; return (held-out loss before the pass, after it, after
     distill) and the distill record."""
     name, options = compress
-    ctx = PassContext(calibration=_calibration(), progress=False)
+    ctx = pass_context(program, _calibration(), progress=False)
     dense = _held_out_loss(program)
     reference = program.frozen_copy()
     PassManager([get_pass(name)(**options)]).run(program, ctx)
@@ -165,9 +166,7 @@ def test_distill_after_ffn_to_moe_trains_experts_and_routers(dense):
 def test_distill_on_the_dense_program_changes_nothing(dense):
     program = _fresh(dense)
     before = {n: program.state_tensor(n) for n in program.parameter_names()}
-    (record,) = PassManager([get_pass("distill")()]).run(
-        program, PassContext(calibration=_calibration(), progress=False)
-    )
+    (record,) = PassManager([get_pass("distill")()]).run(program, pass_context(program, _calibration(), progress=False))
     assert not record.modified and record.decisions["blocks"] == [] and record.decisions["training"] is None
     assert all(program.state_tensor(n) is t for n, t in before.items())
 
@@ -184,8 +183,9 @@ def test_distill_trains_bf16_weights_through_float32_masters(checkpoint):
 
 def test_trainable_globs_must_match_a_parameter(dense):
     with pytest.raises(PassError, match=r"trainable globs \['model.blocks.\*\*'\] match no parameter"):
+        program = _fresh(dense)
         PassManager([get_pass("distill")(trainable=["model.blocks.**"])]).run(
-            _fresh(dense), PassContext(calibration=_calibration(), progress=False)
+            program, pass_context(program, _calibration(), progress=False)
         )
 
 
@@ -203,7 +203,7 @@ def test_ffn_to_moe_adapt_on_a_directory_loaded_model(checkpoint):
     moe = get_pass("ffn_to_moe")(
         experts=4, top_k=2, shared=0, partition="balanced", router="learned", adapt="router", adapt_steps=12, lr=1e-2
     )
-    (record,) = PassManager([moe]).run(program, PassContext(calibration=_calibration(), progress=False))
+    (record,) = PassManager([moe]).run(program, pass_context(program, _calibration(), progress=False))
     adapt = record.decisions["adapt"]
     assert adapt["steps"] == 12 and adapt["loss_after"] < adapt["loss_before"]
     assert set(adapt["trained"]) == {

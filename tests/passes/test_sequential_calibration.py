@@ -14,8 +14,8 @@ from sparsec.data.quality import QualityGates
 from sparsec.errors import RecipeError
 from sparsec.passes.drop_layers import DropLayers
 from sparsec.passes.slice_neurons import SliceNeurons
+from sparsec.pipeline import run_passes
 from sparsec.recipe import Recipe
-from sparsec.transform.pass_manager import PassContext, PassManager
 
 
 def _compile(name, sequential):
@@ -25,9 +25,7 @@ def _compile(name, sequential):
     if sequential:
         calibration = dataclasses.replace(calibration, cuts=block_boundaries)
     passes = [DropLayers(count=2, iterative=True), SliceNeurons(keep_ratio=0.5, importance="activation")]
-    records = PassManager(passes, gates=QualityGates(min_cosine=-1.0)).run(
-        program, PassContext(calibration=calibration, progress=False)
-    )
+    records = run_passes(program, passes, calibration, gates=QualityGates(min_cosine=-1.0), progress=False)
     return [(r.name, r.decisions, r.quality, r.parameters_after) for r in records]
 
 

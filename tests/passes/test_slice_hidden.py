@@ -15,6 +15,7 @@ from sparsec.data.calibration import CalibrationSet
 from sparsec.errors import PassError, RecipeError, SparsecError
 from sparsec.exporters.lowering.onnx import export_onnx
 from sparsec.models import build_model, builtin_config
+from sparsec.pipeline import run_passes
 from sparsec.recipe import Recipe
 from sparsec.transform.pass_manager import PassContext, PassManager, get_pass
 
@@ -324,5 +325,5 @@ def test_a_narrowed_output_cannot_be_gated_and_says_so():
     with pytest.raises(
         SparsecError, match=r"output 'last_hidden_state' changed shape from \(2, 8, 64\) to \(2, 8, 40\)"
     ):
-        PassManager(passes).run(program, PassContext(calibration=calibration, progress=False))
+        run_passes(program, passes, calibration, progress=False)
     assert program.graph_module.code == before

@@ -16,7 +16,9 @@ from sparsec.cli import main
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.quality import QualityGates
 from sparsec.errors import PassError, QualityError, RecipeError, VerificationError
+from sparsec.pipeline import pass_context, run_passes
 from sparsec.recipe import Recipe
+from sparsec.tables import decision_lines, describe_decisions, table_lines
 from sparsec.transform.pass_manager import (
     PASS_REGISTRY,
     Pass,
@@ -24,7 +26,6 @@ from sparsec.transform.pass_manager import (
     PassInstrument,
     PassManager,
     PassResult,
-    table_lines,
 )
 
 aten = torch.ops.aten
@@ -97,11 +98,10 @@ def test_verification_catches_broken_passes(bad, message):
 def test_quality_gate_failure_stops_pipeline():
     model, program = _fresh()
     calib = CalibrationSet(make_inputs(model, 4, 12, seed=1), source="test")
-    manager = PassManager([SkipFfn(where="model.layers.*.mlp")], gates=QualityGates(min_cosine=0.999))
     with pytest.raises(
         QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: logits: cosine"
     ):
-        manager.run(program, PassContext(calibration=calib, progress=False))
+        run_passes(program, [SkipFfn(where="model.layers.*.mlp")], calib, gates=QualityGates(min_cosine=0.999))
 
 
 def test_manager_orders_lowering_after_transform():
@@ -251,9 +251,8 @@ def test_a_failed_quality_gate_leaves_the_program_as_it_was():
     _, program = small_program()
     inputs = {"x": torch.randn(2, 3, 8)}
     before, outputs = _fingerprint(program), program.run(inputs)["y"]
-    manager = PassManager([SkipFfn(where="blocks.*")], gates=QualityGates(min_cosine=0.99999))
     with pytest.raises(QualityError, match=r"after pass 'skip_ffn' \(the first pass\): quality gate failed: y: cosine"):
-        manager.run(program, PassContext(calibration=_small_calibration(), progress=False))
+        run_passes(program, [SkipFfn(where="blocks.*")], _small_calibration(), gates=QualityGates(min_cosine=0.99999))
     _assert_same(program, before)
     torch.testing.assert_close(program.run(inputs)["y"], outputs, rtol=0, atol=0)
 
@@ -360,9 +359,8 @@ def test_a_custom_instrument_sees_every_pass_after_the_built_in_checks():
     _, program = small_program()
     log = _Log()
     n = program.num_parameters()
-    records = PassManager([SkipFfn(where="blocks.0"), NoOp(), SkipFfn(where="blocks.1")], instruments=[log]).run(
-        program, PassContext(calibration=_small_calibration(), progress=False)
-    )
+    passes = [SkipFfn(where="blocks.0"), NoOp(), SkipFfn(where="blocks.1")]
+    records = run_passes(program, passes, _small_calibration(), progress=False, instruments=[log])
     m = records[0].parameters_after
     assert log.events == [
         ("before", "skip_ffn", n),
@@ -390,14 +388,27 @@ def test_an_instrument_error_is_a_failed_pass():
 def test_describe_decisions_writes_each_key_with_long_lists_summarised_and_records_as_a_table():
     ffns = [{"path": "mlp", "score": 0.123456789, "kept": list(range(20)), "fit": {"loss": 0.5}}]
     decisions = {"importance": "activation", "kept": list(range(20)), "ffns": ffns}
-    assert Pass.describe_decisions(decisions) == [
+    assert decision_lines(decisions) == [
         "  importance: activation",
         "  kept: <20 items>",
         "  ffns:",
         "    path  score     fit.loss",
         "    mlp   0.123457  0.5",
     ]
-    assert Pass.describe_decisions([1, 2]) == ["  decisions: [1, 2]"]
+    assert decision_lines([1, 2]) == ["  decisions: [1, 2]"]
+
+
+def test_a_pass_describes_its_decisions_itself_only_when_it_says_how():
+    class Ranks(NoOp):
+        name = "ranks"
+
+        @classmethod
+        def describe_decisions(cls, decisions):
+            return [f"  ranked {len(decisions['order'])}"]
+
+    decisions = {"order": [3, 1, 2]}
+    assert describe_decisions(Ranks, decisions) == ["  ranked 3"]
+    assert describe_decisions(NoOp, decisions) == decision_lines(decisions) == ["  order: [3, 1, 2]"]
 
 
 def test_wide_tables_wrap_into_column_groups_that_repeat_the_name():
@@ -432,9 +443,14 @@ def _lm_split():
 
 def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
     program, split = _lm_split()
-    ctx = PassContext(calibration=split.decision, progress=False)
     dense = program.snapshot()
-    (ungated,) = PassManager([_ScalesLogits(4.0)], holdout=split.holdout).run(program, ctx)
+
+    def run(scale, gates=None):
+        return run_passes(
+            program, [_ScalesLogits(scale)], split.decision, holdout=split.holdout, gates=gates, progress=False
+        )
+
+    (ungated,) = run(4.0)
     ratio = ungated.quality["logits"]["ppl_ratio"]
     assert ratio > 1.1  # what the gate below must refuse
     logits = ungated.quality["logits"]
@@ -442,24 +458,19 @@ def test_max_ppl_ratio_refuses_a_pass_over_it_and_keeps_one_under_it():
     program.restore(dense)
 
     before, outputs = _fingerprint(program), program.run(split.holdout.inputs)["logits"]
-    gated = PassManager([_ScalesLogits(4.0)], gates=QualityGates(max_ppl_ratio=1.1), holdout=split.holdout)
     tokens = split.holdout.num_tokens()
     with pytest.raises(
         QualityError,
         match=rf"quality gate failed: logits: ppl_ratio {ratio:.6g} > 1.1 \(measured on {tokens} tokens: logits cos "
         rf".*; ppl .* x{ratio:.3f}\)\)\. Relax",
     ):
-        gated.run(program, ctx)
+        run(4.0, QualityGates(max_ppl_ratio=1.1))
     _assert_same(program, before)
     torch.testing.assert_close(program.run(split.holdout.inputs)["logits"], outputs, rtol=0, atol=0)
 
-    (kept,) = PassManager([_ScalesLogits(4.0)], gates=QualityGates(max_ppl_ratio=ratio), holdout=split.holdout).run(
-        program, ctx
-    )
+    (kept,) = run(4.0, QualityGates(max_ppl_ratio=ratio))
     assert kept.quality["logits"]["ppl_ratio"] == ratio
-    (same,) = PassManager([_ScalesLogits(1.0)], gates=QualityGates(max_ppl_ratio=1.0), holdout=split.holdout).run(
-        program, ctx
-    )
+    (same,) = run(1.0, QualityGates(max_ppl_ratio=1.0))
     assert same.quality["logits"]["ppl_ratio"] == 1.0
 
 
@@ -473,26 +484,21 @@ class _Counts(NoOp):
 
 def test_max_ppl_ratio_on_a_program_without_perplexity_is_refused_before_any_pass():
     _, program = small_program()  # x -> y: no input_ids, no logits
-    manager = PassManager([_Counts()], gates=QualityGates(max_ppl_ratio=1.1))
     with pytest.raises(RecipeError, match=r"max_ppl_ratio: perplexity needs a causal language model.* \['x'\]"):
-        manager.run(program, PassContext(calibration=_small_calibration(), progress=False))
+        run_passes(program, [_Counts()], _small_calibration(), gates=QualityGates(max_ppl_ratio=1.1), progress=False)
     assert _Counts.runs == 0
 
 
 def test_gates_without_data_are_refused_when_set_and_reported_unchecked_when_default():
     _, program = small_program()
     with pytest.raises(RecipeError, match="quality gates are set, and there is no calibration data to check them on"):
-        PassManager([SkipFfn(where="blocks.0")], gates=QualityGates(min_cosine=0.9)).run(program, PassContext())
-    (record,) = PassManager([SkipFfn(where="blocks.0")], gates=QualityGates.default()).run(
-        program, PassContext(progress=False)
-    )
+        run_passes(program, [SkipFfn(where="blocks.0")], gates=QualityGates(min_cosine=0.9))
+    (record,) = run_passes(program, [SkipFfn(where="blocks.0")], gates=QualityGates.default(), progress=False)
     assert (
         record.quality is None and record.unchecked == "no calibration data: the default quality gates were not checked"
     )
     with pytest.raises(QualityError, match="quality gate failed: y: cosine"):  # with data, the same gates are checked
-        PassManager([SkipFfn(where="blocks.1")], gates=QualityGates.default()).run(
-            program, PassContext(calibration=_small_calibration(), progress=False)
-        )
+        run_passes(program, [SkipFfn(where="blocks.1")], _small_calibration(), gates=QualityGates.default())
 
 
 def test_the_gates_measure_on_the_held_out_samples_and_the_passes_get_the_others():
@@ -507,8 +513,36 @@ def test_the_gates_measure_on_the_held_out_samples_and_the_passes_get_the_others
         def requires(self, program, ctx):
             seen.append((ctx.calibration, ctx.statistics.calibration))
 
-    (_, record) = PassManager([Sees(), SkipFfn(where="blocks.0")], holdout=split.holdout).run(
-        program, PassContext(calibration=split.decision, progress=False)
+    (_, record) = run_passes(
+        program, [Sees(), SkipFfn(where="blocks.0")], split.decision, holdout=split.holdout, progress=False
     )
     assert seen == [(split.decision, split.decision)]
     assert record.quality["y"]["tokens"] == len(split.holdout) * 3  # [samples, 3, 8]: 3 token vectors a sample
+
+
+def test_keep_going_records_a_failed_gate_and_runs_the_later_passes_on_what_it_left():
+    """A dry run's checks: the failed gate is on the record, the pass is kept, the next pass decides after it."""
+    _, program = small_program()
+    gates = QualityGates(min_cosine=0.99999)
+    first, second = run_passes(
+        program,
+        [SkipFfn(where="blocks.0"), SkipFfn(where="blocks.1")],
+        _small_calibration(),
+        gates=gates,
+        keep_going=True,
+        progress=False,
+    )
+    assert first.gate_failed.startswith("y: cosine") and "< 0.99999" in first.gate_failed
+    assert second.gate_failed is not None and second.parameters_before == first.parameters_after
+    assert not any(n.startswith(("blocks.0.ffn", "blocks.1.ffn")) for n in program.parameter_names())
+    (passing,) = run_passes(program, [NoOp()], _small_calibration(), gates=gates, keep_going=True, progress=False)
+    assert passing.gate_failed is None
+
+
+def test_calibration_without_its_statistics_is_refused():
+    _, program = small_program()
+    with pytest.raises(TypeError, match="without statistics: build it with sparsec.pipeline.pass_context"):
+        PassManager([NoOp()]).run(program, PassContext(calibration=_small_calibration()))
+    ctx = pass_context(program, _small_calibration(), progress=False)
+    assert ctx.statistics.calibration is ctx.calibration and ctx.statistics.program is program
+    PassManager([NoOp()]).run(program, ctx)
