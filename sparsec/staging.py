@@ -109,13 +109,28 @@ def _raise_terminated(signum: int, frame) -> None:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Delivery of `CAUGHT_SIGNALS` and SIGINT postponed until the block ends (POSIX; elsewhere a no-op)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """`CAUGHT_SIGNALS` and SIGINT that arrive inside the block are recorded and acted on when it ends: the first
+    is then handed to the handler it would have reached (a Python handler is called and raises there; a default
+    action is taken by raising the signal again). Python runs signal handlers in the main thread whichever thread
+    the kernel chose (torch's worker threads block nothing), so deferring in the handler holds where a signal mask
+    would not. Outside the main thread, where handlers cannot be set, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {*CAUGHT_SIGNALS, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def record(signum: int, _frame) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (*CAUGHT_SIGNALS, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
