@@ -50,8 +50,9 @@ def _default(action: argparse.Action) -> str:
 
 
 def _command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
-    formatter = argparse.HelpFormatter(parser.prog, width=USAGE_WIDTH)
-    usage = parser.format_usage().strip()
+    formatter = argparse.HelpFormatter(parser.prog, width=USAGE_WIDTH)  # the same width whatever the terminal
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
+    usage = formatter.format_help().strip()
     lines = [f"## `sparsec {name}`", "", "```text", usage, "```", ""]
     if parser.description:
         lines += [parser.description, ""]
@@ -65,7 +66,8 @@ def _command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
             continue
         flags = ", ".join(f"`{flag}`" for flag in action.option_strings) or f"`{action.dest}`"
         helptext = formatter._expand_help(action) if action.help else ""
-        lines.append(f"| {flags} | {_value(action)} | {_cell(_default(action))} | {_cell(helptext)} |")
+        helptext = _cell(helptext).replace("*", "\\*")  # plain text: `*.safetensors` is no emphasis
+        lines.append(f"| {flags} | {_value(action)} | {_cell(_default(action))} | {helptext} |")
     if parser.epilog:
         lines += ["", parser.epilog]
     return lines + [""]
