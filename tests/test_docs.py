@@ -200,3 +200,31 @@ def test_site_builds(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     reference = (tmp_path / "site" / "reference" / "passes" / "index.html").read_text()
     assert all(f"<code>{name}</code>" in reference for name in ("slice_neurons", "prune_heads", "drop_layers"))
+
+
+def test_the_pass_guide_is_checked_against_the_options():
+    """The check `mkdocs build` runs on docs/passes.md: an option table that leaves out an option, or names one the
+    pass lacks, is reported; the page as it is passes."""
+    pytest.importorskip("mkdocs", reason='the docs extra: pip install -e ".[docs]"')
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import hooks
+    finally:
+        sys.path.pop(0)
+    page = """## `slice_neurons`: width
+
+| option | meaning |
+|---|---|
+| `keep_ratio` / `keep` | exactly one |
+| `where` | glob, e.g. `a \\| b` |
+"""
+    tables = hooks.guide_option_tables(page)
+    assert tables == {
+        "slice_neurons": {"keep_ratio": "exactly one", "keep": "exactly one", "where": "glob, e.g. `a \\| b`"}
+    }
+    problems = hooks._check_guide("slice_neurons", ["keep_ratio", "keep", "seed"], tables["slice_neurons"])
+    assert problems == [
+        "docs/passes.md documents option(s) ['where'] that pass 'slice_neurons' does not have",
+        "docs/passes.md leaves out option(s) ['seed'] of pass 'slice_neurons'",
+    ]
+    assert "prune_heads" in hooks.pass_reference()  # the real page passes the check (it raises otherwise)
