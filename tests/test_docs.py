@@ -40,7 +40,7 @@ REPO_PATH = re.compile(r"(examples|bench|tests|sparsec|docs|passes|exporters)/[\
 PAGE_OUTPUTS = {
     "README.md": ["out/small/model.onnx", "out/small/report.json", "out/dense/program.pt2"],
     "docs/getting-started.md": ["out/small/model.onnx", "out/small/tokenizer/tokenizer.json"],
-    "docs/analyze.md": ["out/probe/analysis.md", "out/probe-llm/sensitivity.png"],
+    "docs/analyze.md": ["out/probe/analysis.md", "out/probe-llm/sensitivity.png", "out/probe-mine/quality_heads.png"],
 }
 
 
