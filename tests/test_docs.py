@@ -85,24 +85,26 @@ def test_blocks_not_run_are_few_and_say_why():
     assert not [b.where for b in not_run if b.language in ("text", "yaml", "toml")], "only code to run is marked"
 
 
-def _custom_pass_registered() -> None:
+@pytest.fixture
+def custom_pass_registered():
+    """`skip_ffn` registered for the test only, so later tests in this process see the built-in passes alone."""
     sys.path.insert(0, str(ROOT / "examples" / "custom_pass"))
     try:
         from skip_ffn import SkipFfn
-
-        from sparsec.transform.pass_manager import register_pass
-
-        register_pass(SkipFfn)
     finally:
         sys.path.pop(0)
+    from sparsec.transform.pass_manager import PASS_REGISTRY
+
+    with PASS_REGISTRY.temporarily(SkipFfn, replace=True):
+        yield
 
 
+@pytest.mark.usefixtures("custom_pass_registered")
 @pytest.mark.parametrize("block", [b for b in ALL if b.language == "yaml"], ids=lambda b: b.where)
 def test_yaml_block_is_a_valid_recipe(block):
     """A list is a recipe's `passes:`; a mapping is a whole recipe. Both are validated as `sparsec compile` does."""
     from sparsec.recipe import Recipe
 
-    _custom_pass_registered()
     data = yaml.safe_load(block.code)
     Recipe.from_dict({"passes": data} if isinstance(data, list) else data, source=block.where)
 
