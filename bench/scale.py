@@ -15,6 +15,15 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --quick                                   # a 10M model: checks that the script runs
     python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
+The calibration axis (`--calibration 64,256,1024`): peak RSS of `compile --dry-run` against the number of
+calibration samples (token ids, 128 tokens each, the same batch size), with the default quality gates
+(`calib-gates`: statistics, then every pass measured on the held-out fifth against the dense program) and with
+`ffn_to_moe`'s `adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the
+target: no reference output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`.
+
+    python bench/scale.py --sizes vocab-262k --calibration 64,256,1024 --json calibration.json
+    python bench/scale.py --sizes 270m --calibration 128 --kept     # the gates' reference kept whole, for comparison
+
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity as `export.parity.mode: auto` decides: block by block above 1 GiB of ONNX),
 `compile-whole` (the same with `export: {parity: {mode: whole}}`: the whole model in one session),
@@ -48,6 +57,24 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "vocab-262k": dict(  # a 262,144-token vocabulary (Gemma 3's) on a small stack: the logits dominate
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=262144,
+        tie_word_embeddings=True,
+    ),
+    "270m": dict(  # Gemma 3 270M's widths and vocabulary on a Qwen2 stack: 268M parameters, 168M of them the table
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=262144,
         tie_word_embeddings=True,
     ),
     "0.5b": dict(
@@ -93,6 +120,16 @@ PRESETS: dict[str, dict] = {
 MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
 PHASES = ("inspect", "dry-run", "compile", "compile-whole", "compile-lazy")
+CALIBRATION_PHASES = {
+    "calib-gates": "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine: 0.0}\n",  # measured; random weights pass
+    "calib-adapt": "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n",
+}
+CALIBRATION_SEQ = 128
+# `calib-gates` as before the reference was recomputed: its outputs kept whole, however large (for comparison)
+KEPT_WHOLE = (
+    "import sys; import sparsec.data.reference as r; r.KEEP_BYTES = 1 << 62; "
+    "from sparsec.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def checkpoint_tensors(config) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -242,6 +279,62 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
     return row
 
 
+def calibration_file(path: Path, samples: int, vocab: int) -> Path:
+    """`samples` rows of random token ids, `CALIBRATION_SEQ` long; every third row left-padded by 1 to 16."""
+    from safetensors.torch import save_file
+
+    ids = torch.randint(0, vocab, (samples, CALIBRATION_SEQ), generator=torch.Generator().manual_seed(samples))
+    mask = torch.ones_like(ids)
+    for i in range(0, samples, 3):
+        mask[i, : 1 + i % 16] = 0
+    save_file({"input_ids": ids, "attention_mask": mask}, str(path))
+    return path
+
+
+def measure_calibration(size: str, cache: Path, samples: list[int], work: Path, kept: bool) -> list[dict]:
+    """Peak RSS of each `CALIBRATION_PHASES` dry run at every sample count, one process each; with `kept`, also
+    `calib-gates` with its reference outputs kept whole (`KEPT_WHOLE`)."""
+    directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
+    vocab = model_config(size).vocab_size
+    rows = []
+    for phase in [*CALIBRATION_PHASES, *(["calib-gates kept"] if kept else [])]:
+        name = phase.split()[0]
+        for count in samples:
+            recipe = work / f"{name}.yaml"
+            calibration = f"calibration: {{samples: {count}, seq_len: {CALIBRATION_SEQ}, batch_size: 8}}\n"
+            recipe.write_text(CALIBRATION_PHASES[name] + calibration)
+            calib = calibration_file(work / f"calib-{count}.safetensors", count, vocab)
+            sparsec = ["-c", KEPT_WHOLE] if phase.endswith("kept") else ["-m", "sparsec.cli"]
+            command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
+            command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
+            print(f"[scale] {size}: {phase} at {count} samples ...", flush=True)
+            result = run_measured(command, work / f"{phase.replace(' ', '-')}-{count}.log")
+            rows.append({"size": size, "phase": phase, "samples": count, "tokens": count * CALIBRATION_SEQ, **result})
+            print(
+                f"[scale] {phase} {count}: rc {result['rc']}, {result['seconds']} s, "
+                f"peak {(result['peak_rss_bytes'] or 0) / 2**30:.2f} GiB",
+                flush=True,
+            )
+    return rows
+
+
+def calibration_markdown(rows: list[dict]) -> str:
+    """Peak RSS per sample count, and over the smallest count's peak of the same phase."""
+    first = {}
+    lines = [
+        "| model | phase | samples x tokens | exit | peak RSS | / fewest samples | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = r["peak_rss_bytes"] or 0
+        base = first.setdefault(r["phase"], peak)
+        lines.append(
+            f"| {r['size']} | {r['phase']} | {r['samples']} x {CALIBRATION_SEQ} | {r['rc']} | {peak / 2**30:.2f} GiB | "
+            f"{peak / base:.2f}x | {r['seconds']} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| checkpoint | on disk | phase | exit | peak RSS | peak / disk | seconds | ONNX | parity cosine |",
@@ -270,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path.home() / ".cache" / "sparsec-scale"),
         help="where the checkpoints are written once (default: %(default)s)",
     )
+    p.add_argument(
+        "--calibration",
+        help="comma-separated sample counts: run the calibration axis (CALIBRATION_PHASES) instead of --phases",
+    )
+    p.add_argument("--kept", action="store_true", help="with --calibration: also the gates' reference kept whole")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")
     args = p.parse_args(argv)
@@ -279,8 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown size or phase {bad}; sizes {[*PRESETS, *MOT_SIZES]}, phases {list(PHASES)}")
     with tempfile.TemporaryDirectory(prefix="sparsec-scale-") as work:
-        rows = [measure(size, Path(args.cache).expanduser(), phases, Path(work)) for size in sizes]
-    table = markdown(rows)
+        cache = Path(args.cache).expanduser()
+        if args.calibration:
+            counts = [int(n) for n in args.calibration.split(",")]
+            rows = [r for size in sizes for r in measure_calibration(size, cache, counts, Path(work), args.kept)]
+            table = calibration_markdown(rows)
+        else:
+            rows = [measure(size, cache, phases, Path(work)) for size in sizes]
+            table = markdown(rows)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "markdown": table}, indent=2) + "\n")

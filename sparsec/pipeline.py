@@ -6,7 +6,8 @@ together, for the compiler and for anyone running passes from Python:
 - `pass_context`: the `PassContext` with the calibration samples the passes decide on and the activation
   statistics over them (`StatisticsCache`, one forward pass per request);
 - `quality_checks`: the `QualityInstrument` that measures every modifying pass on held-out samples against the
-  program as it was before the first pass and applies the gates; gates the caller set with no data to measure
+  program as it was before the first pass (`ReferenceOutputs`: kept while small, else recomputed per batch) and
+  applies the gates; gates the caller set with no data to measure
   on are refused before any pass runs (`RecipeError`), the default gates are then reported unchecked;
 - `run_passes`: both, around one `PassManager` run.
 
@@ -19,10 +20,11 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
 from sparsec.data.quality import QualityGates, compare_programs, describe_quality
+from sparsec.data.reference import ReferenceOutputs
 from sparsec.errors import QualityError, RecipeError
 from sparsec.ir.program import Program
 from sparsec.transform.pass_manager import Pass, PassContext, PassInstrument, PassManager, PassRecord, PassResult
@@ -47,7 +49,7 @@ class QualityInstrument(PassInstrument):
     def __init__(
         self,
         calibration: CalibrationSet,
-        reference: Sequence[dict],
+        reference: ReferenceOutputs,
         gates: QualityGates | None,
         keep_going: bool = False,
     ) -> None:
@@ -96,7 +98,8 @@ def quality_checks(
     progress: bool = True,
 ) -> list[PassInstrument]:
     """The checks that measure and gate every pass on `program` (`PassManager(checks=...)`): a `QualityInstrument`
-    on `measured_on` (its reference outputs computed now, from the program before any pass) when there is data;
+    on `measured_on` (its reference outputs from the program as it is now, before any pass: computed now and kept
+    while small, else recomputed per batch from a frozen copy, `ReferenceOutputs`) when there is data;
     without data, nothing measured, and gates the caller set are refused (`RecipeError`) while the default ones
     are reported unchecked (`PassRecord.unchecked`). A program without perplexity with `max_ppl_ratio` gates is
     refused now (`QualityGates.check_program`)."""
@@ -109,7 +112,7 @@ def quality_checks(
                 "data (the compile's calibration, or run_passes(calibration=...)) or drop the gates"
             )
     if measured_on is not None:
-        reference = measured_on.reference_outputs(program, progress=progress)
+        reference = ReferenceOutputs(program.frozen_copy(), measured_on, progress=progress)
         return [QualityInstrument(measured_on, reference, gates, keep_going=keep_going)]
     return [_Unchecked()] if gated else []
 

@@ -51,7 +51,7 @@ import os
 import shutil
 import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from sparsec.analysis.match import NoMatch
 from sparsec.analysis.regions import region_index
 from sparsec.data.calibration import CalibrationSet, ChannelAccumulator, ChannelStats, StatisticsCache, cosine_sum
 from sparsec.data.quality import compare_outputs
+from sparsec.data.reference import ReferenceOutputs
 from sparsec.errors import SparsecError
 from sparsec.families import entry_points, family_by_name
 from sparsec.ir.program import Program, ValueRewrite
@@ -485,9 +486,9 @@ class Probe:
         plan = self.plan(task.program, component, kind, ratio, self.statistics()[id(task.program)])
         return lambda batch: task.program.run(batch, rewrite=self.rewrites(task.program, plan, batch))
 
-    def outputs(self, task: Task, plan: dict) -> list[dict[str, torch.Tensor]]:
-        """The task's program outputs on its calibration batches with `plan` applied."""
-        return [task.program.run(b, rewrite=self.rewrites(task.program, plan, b)) for b in task.calibration.batches()]
+    def outputs(self, task: Task, plan: dict) -> Iterator[dict[str, torch.Tensor]]:
+        """The task's program outputs on its calibration batches with `plan` applied, one batch at a time."""
+        return (task.program.run(b, rewrite=self.rewrites(task.program, plan, b)) for b in task.calibration.batches())
 
     # ----- the sweep ---------------------------------------------------------------------------------
     def _headline(self, metrics: dict[str, dict[str, float]]) -> tuple[str, str, float]:
@@ -495,13 +496,13 @@ class Probe:
         metric = self.metric if self.metric != "auto" else ("top1" if "top1" in metrics[name] else "cosine")
         return name, metric, metrics[name][metric]
 
-    def _measure(self, task: Task, plan: dict, reference: list[dict[str, torch.Tensor]]) -> dict:
+    def _measure(self, task: Task, plan: dict, reference: ReferenceOutputs) -> dict:
         """The task's quality with `plan` applied, relative to `reference` (its uncompressed outputs)."""
         metrics = compare_outputs(zip(reference, self.outputs(task, plan), task.score_masks()))
         output, metric, value = self._headline(metrics)
         return {"value": value, "output": output, "metric": metric, "metrics": metrics}
 
-    def _units(self, ratio: float, stats: dict[int, _ProgramStats], references: dict[str, list]) -> list[dict]:
+    def _units(self, ratio: float, stats: dict[int, _ProgramStats], references: dict[str, ReferenceOutputs]) -> list[dict]:
         """Each block of a probed component skipped alone, each FFN sliced alone by `ratio` (its neurons
         ranked as in the sweep), on every task whose program holds it: which layer the model needs most."""
         rows = []
@@ -527,7 +528,7 @@ class Probe:
         block and FFN alone (FFNs at the largest ratio; `units: []` without); the result as a dict."""
         check_options(ratios=ratios)
         stats = self.statistics()
-        references = {t.name: t.calibration.reference_outputs(t.program) for t in self.tasks}
+        references = {t.name: ReferenceOutputs(t.program, t.calibration) for t in self.tasks}  # programs not changed
         rows = []
         steps = [(c, k, r, t) for c, k in self.combos for r in ratios for t in self.tasks]
         for component, kind, ratio, task in progress_bar(steps, desc="probe sweep", enabled=self.progress):

@@ -4,8 +4,11 @@
 calibration shape, the memory a `sparsec compile` holds at its peak:
 
 - the program's weights (loaded once; the captured program shares them with the model);
-- the reference outputs the quality gates compare against (every calibration batch's outputs) and one batch's
-  forward activations;
+- calibration: one batch's forward activations and one batch of reference outputs, plus the outputs kept whole: the
+  quality gates' reference while it is small (`sparsec.data.reference`; a larger one is recomputed batch by batch)
+  and the parity check's reference (`export.parity.samples` samples). None of it grows with the number of
+  calibration samples, except what a layer-sequential run keeps between blocks (the hidden states of every sample:
+  `calibration.sequential`, or weights read lazily);
 - the ONNX Runtime session of the parity check: of the whole model (about twice the ONNX file's bytes) or of its
   largest block (`export.parity.mode`; the compiler decides as the target will).
 
@@ -14,9 +17,8 @@ the model runs (`MemoryEstimate.lazy`); the transformed program's weights are ch
 before they are read into memory for writing.
 
 It is an estimate (allocator slack, fragmentation and library code come on top), printed before heavy work. A
-compile is refused only when its weights and the parity session alone cannot fit in the memory available now
-(`MemAvailable`, or the cgroup's limit if lower): that one cannot succeed, and saying so costs seconds instead of
-a kill minutes later.
+compile whose estimate exceeds the memory available now (`MemAvailable`, or the cgroup's limit if lower) is refused,
+naming what to change: it would not succeed, and saying so costs seconds instead of a kill minutes later.
 """
 
 from __future__ import annotations
@@ -65,30 +67,34 @@ def read_json_object(path: Path, fix: str) -> dict:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes each part of a compile holds at its peak (see the module docstring)."""
+    """Bytes each part of a compile holds at its peak (see the module docstring).
+
+    `between_blocks`: what a layer-sequential run keeps between blocks for every sample, counted when `sequential`
+    (the recipe asks for it, or `lazy()`: lazily read weights run block by block).
+    """
 
     weights: int
     calibration: int
     parity_session: int
     block_weights: int = 0
+    between_blocks: int = 0
+    sequential: bool = False
 
     def lazy(self) -> MemoryEstimate:
-        """The estimate of a compile that reads weights lazily: `block_weights` (one block's) in memory at a time."""
-        return dataclasses.replace(self, weights=self.block_weights)
+        """The estimate of a compile that reads weights lazily: `block_weights` (one block's) in memory at a time,
+        and the model run block by block."""
+        return dataclasses.replace(self, weights=self.block_weights, sequential=True)
 
     @property
     def total(self) -> int:
-        return self.weights + self.calibration + self.parity_session
-
-    @property
-    def required(self) -> int:
-        """What must fit for the compile to succeed at all: weights and the parity session."""
-        return self.weights + self.parity_session
+        between = self.between_blocks if self.sequential else 0
+        return self.weights + self.calibration + between + self.parity_session
 
     def describe(self) -> str:
+        calibration = self.calibration + (self.between_blocks if self.sequential else 0)
         return (
             f"estimated peak {self.total / GiB:.1f} GiB (weights {self.weights / GiB:.1f}, calibration "
-            f"{self.calibration / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})"
+            f"{calibration / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})"
         )
 
 
@@ -226,23 +232,30 @@ def estimate_compile(
     load_bytes_per_element: int,
     *,
     parity_session: int,
-    calibration_tokens: int,
+    kept_outputs: int,
     batch_tokens: int,
+    sequential_tokens: int,
     output_width: int,
     hidden: int,
     layers: int,
+    sequential: bool = False,
 ) -> MemoryEstimate:
     """The peak of a compile of a model with `parameters` weights (see the module docstring).
 
-    `parity_session`: the bytes of the parity check's session (0 when none runs in this process). `output_width`:
-    the last dim of the largest output (the vocabulary for logits); `hidden`, `layers`: for the activations of one
-    batch, and one block's share of the weights (`block_weights`).
+    `parity_session`: the bytes of the parity check's session (0 when none runs in this process). `kept_outputs`:
+    the bytes of the reference outputs kept whole (the gates' while small, the parity check's). `batch_tokens`: one
+    calibration batch's; `sequential_tokens`: the tokens whose hidden states a layer-sequential run keeps between
+    blocks (`sequential`: whether the compile runs that way with its weights in memory). `output_width`: the last
+    dim of the largest output (the vocabulary for logits); `hidden`, `layers`: for the activations of one batch,
+    and one block's share of the weights (`block_weights`).
     """
-    reference = calibration_tokens * output_width * 4
-    activations = batch_tokens * (4 * output_width + 4 * hidden * (layers + 8)) * 4
+    activations = batch_tokens * (5 * output_width + 4 * hidden * (layers + 8)) * 4
     weights = parameters * load_bytes_per_element
     block = weights // max(layers, 1) + output_width * hidden * load_bytes_per_element  # a block, or the head's table
-    return MemoryEstimate(weights, reference + activations, parity_session, min(block, weights))
+    between_blocks = sequential_tokens * hidden * 4 * 2
+    return MemoryEstimate(
+        weights, kept_outputs + activations, parity_session, min(block, weights), between_blocks, sequential
+    )
 
 
 def available_memory() -> int | None:
@@ -307,14 +320,20 @@ def describe_available() -> str:
 
 
 def check_fits(estimate: MemoryEstimate, what: str, *, could_read_lazily: bool = False) -> None:
-    """Raise `SparsecError` (exit 2) when `estimate.required` exceeds the memory available now; the message
-    suggests `--weights lazy` when `could_read_lazily` (the compile loads the weights whole but need not)."""
+    """Raise `SparsecError` (exit 2) when `estimate.total` exceeds the memory available now, naming the options that
+    shrink each part; it suggests `--weights lazy` when `could_read_lazily` (the compile loads the weights whole but
+    need not)."""
     available = available_memory()
-    if available is not None and estimate.required > available:
-        lazily = "read the weights lazily (--weights lazy), " if could_read_lazily else ""
-        raise SparsecError(
-            f"{what} needs at least {estimate.required / GiB:.1f} GiB (weights {estimate.weights / GiB:.1f} GiB and "
-            f"the ONNX Runtime session of the parity check {estimate.parity_session / GiB:.1f} GiB) and "
-            f"{available / GiB:.1f} GiB are available: {lazily}load in bfloat16 (--dtype bfloat16), export in a half "
-            "precision (export.precision: fp16), or compile on a machine with more memory"
-        )
+    if available is None or estimate.total <= available:
+        return
+    lazily = "read the weights lazily (--weights lazy), " if could_read_lazily else ""
+    calibration = estimate.calibration + (estimate.between_blocks if estimate.sequential else 0)
+    raise SparsecError(
+        f"{what} needs about {estimate.total / GiB:.1f} GiB (weights {estimate.weights / GiB:.1f} GiB, calibration "
+        f"{calibration / GiB:.1f} GiB, the ONNX Runtime session of the parity check "
+        f"{estimate.parity_session / GiB:.1f} GiB) and {available / GiB:.1f} GiB are available: {lazily}load in "
+        "bfloat16 (--dtype bfloat16), export in a half precision (export.precision: fp16), use smaller calibration "
+        "batches (calibration.batch_size) or fewer parity samples (export.parity.samples)"
+        + (", fewer calibration samples (calibration.samples)" if estimate.sequential else "")
+        + ", or compile on a machine with more memory"
+    )

@@ -246,10 +246,6 @@ class CalibrationSet:
             report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
             yield program.run(batch, observe=report, nodes=nodes)
 
-    def reference_outputs(self, program, progress: bool = False) -> list[dict[str, torch.Tensor]]:
-        """The program's outputs on every batch (the reference later quality checks compare against)."""
-        return [outputs for _, outputs in self.run(program, progress=progress, desc="reference outputs")]
-
 
 @dataclass(frozen=True)
 class CalibrationSplit:

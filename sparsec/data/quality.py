@@ -205,7 +205,7 @@ def is_causal_lm(program) -> bool:
 
 
 def compare_programs(
-    program, calibration: CalibrationSet, reference: Sequence[Mapping[str, torch.Tensor]], progress: bool = False
+    program, calibration: CalibrationSet, reference: Iterable[Mapping[str, torch.Tensor]], progress: bool = False
 ) -> dict[str, dict[str, float]]:
     """Run `program` over the calibration set (`CalibrationSet.run`: whole-model or layer-sequential) and compare
     with the reference outputs of each batch, one batch's outputs at a time.

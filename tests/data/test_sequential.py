@@ -11,6 +11,7 @@ from sparsec.analysis.regions import block_boundaries, region_index
 from sparsec.data.calibration import CalibrationSet, StatisticsCache
 from sparsec.data.parity import ParityOptions, ProgramReference, backend_parity
 from sparsec.data.quality import compare_programs
+from sparsec.data.reference import ReferenceOutputs
 
 EXACT = {"rtol": 0, "atol": 0}
 
@@ -58,8 +59,8 @@ def test_sequential_statistics_equal_whole_model(captured, name):
 def test_sequential_reference_quality_and_parity_equal_whole_model(captured, name):
     model, program = captured(name)
     whole, sequential = _sets(model)
-    reference = whole.reference_outputs(program)
-    seq_reference = sequential.reference_outputs(program)
+    reference = list(ReferenceOutputs(program, whole))
+    seq_reference = list(ReferenceOutputs(program, sequential, keep_bytes=0))  # recomputed, layer-sequentially
     assert len(seq_reference) == whole.num_batches == 3
     for expected, got in zip(reference, seq_reference):
         assert got.keys() == expected.keys()
@@ -104,7 +105,7 @@ def test_a_sequential_run_reports_progress_segment_by_segment(captured, monkeypa
     model, program = captured("tiny-qwen2")
     _, sequential = _sets(model)
     monkeypatch.setattr("sparsec.progress.LOG_EVERY_S", 0.0)
-    outputs = sequential.reference_outputs(program, progress=True)
+    outputs = list(ReferenceOutputs(program, sequential, progress=True))
     segments = len(block_boundaries(program)) + 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[:segments] == [

@@ -216,10 +216,17 @@ def test_writing_a_lazily_read_program_that_cannot_fit_is_refused_before_anythin
     """One block's weights fit, the transformed program's do not: refused after the passes, nothing written."""
 
     directory = _checkpoint(tmp_path, "qwen2")
-    recipe = Recipe.from_dict({**WEIGHT_ONLY, "quality": {"gates": False}, "export": {"onnx": False}})
-    available = memory_estimate(directory, recipe, "auto", None).lazy().required + 20_000
+    recipe = Recipe.from_dict(
+        {
+            **WEIGHT_ONLY,
+            "quality": {"gates": False},
+            "export": {"onnx": False},
+            "calibration": {"samples": 2, "seq_len": 4, "batch_size": 1},  # calibration's share: less than a block's
+        }
+    )
+    available = memory_estimate(directory, recipe, "auto", None).lazy().total + 1_000
     monkeypatch.setattr(resources, "available_memory", lambda: available)
-    with pytest.raises(SparsecError, match="writing the transformed program needs at least"):
+    with pytest.raises(SparsecError, match="writing the transformed program needs about"):
         compile_model(str(directory), recipe, tmp_path / "out", progress=False, lazy=True)
     assert not (tmp_path / "out").exists()
 

@@ -31,23 +31,44 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_estimate_adds_weights_session_and_calibration():
     estimate = resources.estimate_compile(
-        1000, 2, parity_session=4000, calibration_tokens=10, batch_tokens=5, output_width=7, hidden=3, layers=2
+        1000,
+        2,
+        parity_session=4000,
+        kept_outputs=300,
+        batch_tokens=5,
+        sequential_tokens=40,
+        output_width=7,
+        hidden=3,
+        layers=2,
     )
     assert estimate.weights == 2000 and estimate.parity_session == 4000
-    assert estimate.calibration == 10 * 7 * 4 + 5 * (4 * 7 + 4 * 3 * 10) * 4
-    assert estimate.required == 6000 and estimate.total == 6000 + estimate.calibration
-    assert estimate.block_weights == 2000 // 2 + 7 * 3 * 2 and estimate.lazy().weights == estimate.block_weights
+    assert estimate.calibration == 300 + 5 * (5 * 7 + 4 * 3 * 10) * 4  # kept outputs, one batch's forward
+    assert estimate.total == 6000 + estimate.calibration  # whole-model: nothing kept between blocks
+    assert estimate.block_weights == 2000 // 2 + 7 * 3 * 2
+    lazy = estimate.lazy()  # block by block: one block's weights, and every sample's hidden states between blocks
+    assert lazy.weights == estimate.block_weights and lazy.total == lazy.weights + estimate.calibration + 40 * 3 * 8 + 4000
 
 
-def test_refuses_only_what_cannot_fit(monkeypatch):
+def test_refuses_what_cannot_fit_naming_the_options(monkeypatch):
     estimate = resources.MemoryEstimate(
-        weights=6 * resources.GiB, calibration=50 * resources.GiB, parity_session=12 * resources.GiB
+        weights=6 * resources.GiB,
+        calibration=2 * resources.GiB,
+        parity_session=12 * resources.GiB,
+        block_weights=resources.GiB,
+        between_blocks=14 * resources.GiB,
     )
     monkeypatch.setattr(resources, "available_memory", lambda: 20 * resources.GiB)
-    resources.check_fits(estimate, "compiling M")  # the calibration part is an estimate: not refused for it
-    monkeypatch.setattr(resources, "available_memory", lambda: 16 * resources.GiB)
-    with pytest.raises(SparsecError, match=r"compiling M needs at least 18.0 GiB .* 16.0 GiB are available"):
+    resources.check_fits(estimate, "compiling M")
+    monkeypatch.setattr(resources, "available_memory", lambda: 19 * resources.GiB)
+    message = (
+        r"compiling M needs about 20.0 GiB \(weights 6.0 GiB, calibration 2.0 GiB, .* session of the parity check "
+        r"12.0 GiB\) and 19.0 GiB are available: load in bfloat16 .* \(calibration.batch_size\) or fewer parity "
+        r"samples \(export.parity.samples\), or compile"
+    )
+    with pytest.raises(SparsecError, match=message):
         resources.check_fits(estimate, "compiling M")
+    with pytest.raises(SparsecError, match=r"calibration 16.0 GiB, .*fewer calibration samples \(calibration.samples\)"):
+        resources.check_fits(estimate.lazy(), "compiling M")
 
 
 def test_available_memory_is_positive():
