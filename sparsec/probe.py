@@ -502,7 +502,9 @@ class Probe:
         output, metric, value = self._headline(metrics)
         return {"value": value, "output": output, "metric": metric, "metrics": metrics}
 
-    def _units(self, ratio: float, stats: dict[int, _ProgramStats], references: dict[str, ReferenceOutputs]) -> list[dict]:
+    def _units(
+        self, ratio: float, stats: dict[int, _ProgramStats], references: dict[str, ReferenceOutputs]
+    ) -> list[dict]:
         """Each block of a probed component skipped alone, each FFN sliced alone by `ratio` (its neurons
         ranked as in the sweep), on every task whose program holds it: which layer the model needs most."""
         rows = []

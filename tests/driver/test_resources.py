@@ -46,7 +46,9 @@ def test_estimate_adds_weights_session_and_calibration():
     assert estimate.total == 6000 + estimate.calibration  # whole-model: nothing kept between blocks
     assert estimate.block_weights == 2000 // 2 + 7 * 3 * 2
     lazy = estimate.lazy()  # block by block: one block's weights, and every sample's hidden states between blocks
-    assert lazy.weights == estimate.block_weights and lazy.total == lazy.weights + estimate.calibration + 40 * 3 * 8 + 4000
+    assert (
+        lazy.weights == estimate.block_weights and lazy.total == lazy.weights + estimate.calibration + 40 * 3 * 8 + 4000
+    )
 
 
 def test_refuses_what_cannot_fit_naming_the_options(monkeypatch):
@@ -67,7 +69,9 @@ def test_refuses_what_cannot_fit_naming_the_options(monkeypatch):
     )
     with pytest.raises(SparsecError, match=message):
         resources.check_fits(estimate, "compiling M")
-    with pytest.raises(SparsecError, match=r"calibration 16.0 GiB, .*fewer calibration samples \(calibration.samples\)"):
+    with pytest.raises(
+        SparsecError, match=r"calibration 16.0 GiB, .*fewer calibration samples \(calibration.samples\)"
+    ):
         resources.check_fits(estimate.lazy(), "compiling M")
 
 
