@@ -16,13 +16,14 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
 The calibration axis (`--calibration 64,256,1024`): peak RSS of `compile --dry-run` against the number of
-calibration samples (token ids, 128 tokens each, the same batch size), with the default quality gates
-(`calib-gates`: statistics, then every pass measured on the held-out fifth against the dense program) and with
-`ffn_to_moe`'s `adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the
-target: no reference output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`.
+calibration samples (token ids, 128 tokens each, batches of 8), with a quality gate (`calib-gates`: statistics,
+then the pass measured on the held-out fifth against the dense program, every metric) and with `ffn_to_moe`'s
+`adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the target: no reference
+output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`. `calib-gates-kept` is `calib-gates` with
+the reference kept whole whatever its size, as sparsec did before.
 
     python bench/scale.py --sizes vocab-262k --calibration 64,256,1024 --json calibration.json
-    python bench/scale.py --sizes 270m --calibration 128 --kept     # the gates' reference kept whole, for comparison
+    python bench/scale.py --sizes 270m --calibration 128 --phases calib-gates,calib-gates-kept  # kept whole: before
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity as `export.parity.mode: auto` decides: block by block above 1 GiB of ONNX),
@@ -120,9 +121,11 @@ PRESETS: dict[str, dict] = {
 MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
 PHASES = ("inspect", "dry-run", "compile", "compile-whole", "compile-lazy")
+CALIBRATION_GATES = "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine: 0.0}\n"  # random weights pass
 CALIBRATION_PHASES = {
-    "calib-gates": "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine: 0.0}\n",  # measured; random weights pass
+    "calib-gates": CALIBRATION_GATES,
     "calib-adapt": "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n",
+    "calib-gates-kept": CALIBRATION_GATES,  # as before: the reference outputs kept whole (KEPT_WHOLE)
 }
 CALIBRATION_SEQ = 128
 # `calib-gates` as before the reference was recomputed: its outputs kept whole, however large (for comparison)
@@ -291,24 +294,22 @@ def calibration_file(path: Path, samples: int, vocab: int) -> Path:
     return path
 
 
-def measure_calibration(size: str, cache: Path, samples: list[int], work: Path, kept: bool) -> list[dict]:
-    """Peak RSS of each `CALIBRATION_PHASES` dry run at every sample count, one process each; with `kept`, also
-    `calib-gates` with its reference outputs kept whole (`KEPT_WHOLE`)."""
+def measure_calibration(size: str, cache: Path, samples: list[int], phases: list[str], work: Path) -> list[dict]:
+    """Peak RSS of each of `phases` (`CALIBRATION_PHASES`), a dry run, at every sample count, one process each."""
     directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
     vocab = model_config(size).vocab_size
     rows = []
-    for phase in [*CALIBRATION_PHASES, *(["calib-gates kept"] if kept else [])]:
-        name = phase.split()[0]
+    for phase in phases:
         for count in samples:
-            recipe = work / f"{name}.yaml"
+            recipe = work / f"{phase}.yaml"
             calibration = f"calibration: {{samples: {count}, seq_len: {CALIBRATION_SEQ}, batch_size: 8}}\n"
-            recipe.write_text(CALIBRATION_PHASES[name] + calibration)
+            recipe.write_text(CALIBRATION_PHASES[phase] + calibration)
             calib = calibration_file(work / f"calib-{count}.safetensors", count, vocab)
-            sparsec = ["-c", KEPT_WHOLE] if phase.endswith("kept") else ["-m", "sparsec.cli"]
+            sparsec = ["-c", KEPT_WHOLE] if phase == "calib-gates-kept" else ["-m", "sparsec.cli"]
             command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
             command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
             print(f"[scale] {size}: {phase} at {count} samples ...", flush=True)
-            result = run_measured(command, work / f"{phase.replace(' ', '-')}-{count}.log")
+            result = run_measured(command, work / f"{phase}-{count}.log")
             rows.append({"size": size, "phase": phase, "samples": count, "tokens": count * CALIBRATION_SEQ, **result})
             print(
                 f"[scale] {phase} {count}: rc {result['rc']}, {result['seconds']} s, "
@@ -357,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes", default="0.5b,1.5b", help=f"comma-separated, of {[*PRESETS, *MOT_SIZES]} (default: %(default)s)"
     )
-    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
+    p.add_argument(
+        "--phases",
+        help=f"comma-separated, of {list(PHASES)} (default: all); with --calibration, of {list(CALIBRATION_PHASES)} "
+        "(default: calib-gates,calib-adapt)",
+    )
     p.add_argument(
         "--cache",
         default=str(Path.home() / ".cache" / "sparsec-scale"),
@@ -367,20 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration",
         help="comma-separated sample counts: run the calibration axis (CALIBRATION_PHASES) instead of --phases",
     )
-    p.add_argument("--kept", action="store_true", help="with --calibration: also the gates' reference kept whole")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")
     args = p.parse_args(argv)
     sizes = ["quick"] if args.quick else args.sizes.split(",")
-    phases = args.phases.split(",")
-    bad = [s for s in sizes if s not in PRESETS and s not in MOT_SIZES] + [f for f in phases if f not in PHASES]
+    known = CALIBRATION_PHASES if args.calibration else PHASES
+    default = "calib-gates,calib-adapt" if args.calibration else ",".join(PHASES)
+    phases = (args.phases or default).split(",")
+    bad = [s for s in sizes if s not in PRESETS and s not in MOT_SIZES] + [f for f in phases if f not in known]
     if bad:
-        p.error(f"unknown size or phase {bad}; sizes {[*PRESETS, *MOT_SIZES]}, phases {list(PHASES)}")
+        p.error(f"unknown size or phase {bad}; sizes {[*PRESETS, *MOT_SIZES]}, phases {list(known)}")
     with tempfile.TemporaryDirectory(prefix="sparsec-scale-") as work:
         cache = Path(args.cache).expanduser()
         if args.calibration:
             counts = [int(n) for n in args.calibration.split(",")]
-            rows = [r for size in sizes for r in measure_calibration(size, cache, counts, Path(work), args.kept)]
+            rows = [r for size in sizes for r in measure_calibration(size, cache, counts, phases, Path(work))]
             table = calibration_markdown(rows)
         else:
             rows = [measure(size, cache, phases, Path(work)) for size in sizes]

@@ -498,7 +498,7 @@ class Probe:
 
     def _measure(self, task: Task, plan: dict, reference: ReferenceOutputs) -> dict:
         """The task's quality with `plan` applied, relative to `reference` (its uncompressed outputs)."""
-        metrics = compare_outputs(zip(reference, self.outputs(task, plan), task.score_masks()))
+        metrics = compare_outputs(_lockstep(reference, self.outputs(task, plan), task.score_masks()))
         output, metric, value = self._headline(metrics)
         return {"value": value, "output": output, "metric": metric, "metrics": metrics}
 
@@ -594,6 +594,20 @@ class Probe:
             }
             out.append(entry)
         return out
+
+
+def _lockstep(*iterables) -> Iterator[tuple]:
+    """`zip`, without holding the previous items while the next ones are computed (zip keeps its last tuple)."""
+    iterators = [iter(i) for i in iterables]
+    while True:
+        items = []
+        for iterator in iterators:
+            try:
+                items.append(next(iterator))
+            except StopIteration:
+                return
+        yield tuple(items)
+        del items
 
 
 # ----- report -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from sparsec import resources
 from sparsec.analysis.regions import block_boundaries
 from sparsec.compiler.checks import model_config, text_config
-from sparsec.data.reference import KEEP_BYTES
+from sparsec.data import reference
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import get_target
 from sparsec.models import BUILTIN_PREFIX
@@ -114,7 +114,7 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
         elements,
         load_bytes,
         parity_session=session,
-        kept_outputs=(gates_reference if gates_reference <= KEEP_BYTES else 0) + parity_reference,
+        kept_outputs=(gates_reference if gates_reference <= reference.KEEP_BYTES else 0) + parity_reference,
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out if cal.holdout else cal.samples) * cal.seq_len,
         output_width=width,

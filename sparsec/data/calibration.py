@@ -220,8 +220,16 @@ class CalibrationSet:
         """
         batches = list(self.batches())
         if self.cuts is None:
-            results = self._whole_model(program, batches, observe, nodes)
-            yield from progress_bar(zip(batches, results), total=len(batches), desc=desc, enabled=progress)
+            bar = progress_bar(total=len(batches), desc=desc, enabled=progress)
+            try:
+                for i, batch in enumerate(batches):
+                    report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
+                    outputs = program.run(batch, observe=report, nodes=nodes)
+                    yield batch, outputs
+                    del outputs  # a batch's outputs are not held while the next one is computed
+                    bar.update(1)
+            finally:
+                bar.close()
             return
         bar = progress_bar(desc=f"{desc}, segments", enabled=progress)  # all segments run before the first output
 
@@ -231,20 +239,13 @@ class CalibrationSet:
 
         cuts = self.cuts(program)
         try:
-            for outputs, batch in zip(
-                program.run_segmented(batches, cuts, observe, nodes, on_segment=advance), batches
-            ):
-                yield batch, outputs
+            index = 0
+            for outputs in program.run_segmented(batches, cuts, observe, nodes, on_segment=advance):
+                yield batches[index], outputs
+                del outputs
+                index += 1
         finally:
             bar.close()
-
-    @staticmethod
-    def _whole_model(
-        program, batches: list[dict[str, torch.Tensor]], observe, nodes
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        for i, batch in enumerate(batches):
-            report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
-            yield program.run(batch, observe=report, nodes=nodes)
 
 
 @dataclass(frozen=True)

@@ -170,20 +170,32 @@ def compare_outputs(
     """
     comps: dict[str, OutputComparison] = {}
     for ref, cand, mask in pairs:
-        for name, r in ref.items():
-            if not torch.is_tensor(r) or not r.is_floating_point():
-                continue
-            if name not in cand:
-                raise ValueError(f"candidate lacks output {name!r}")
-            c = torch.as_tensor(cand[name])
-            if r.shape != c.shape:
-                raise SparsecError(
-                    f"output {name!r} changed shape from {tuple(r.shape)} to {tuple(c.shape)}, so its quality cannot "
-                    "be compared with the original model's (slice_hidden narrows an encoder's hidden-state output); "
-                    "compare a downstream output instead, or compress something that keeps the model's outputs"
-                )
-            comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, c, mask)
+        _add_batch(comps, ref, cand, mask, percentiles)
+        del ref, cand, mask  # not held while the next batch is computed
     return {name: c.result() for name, c in comps.items()}
+
+
+def _add_batch(
+    comps: dict[str, OutputComparison],
+    ref: Mapping[str, torch.Tensor],
+    cand: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+    percentiles: Sequence[float],
+) -> None:
+    """One batch of `compare_outputs`: each floating-point output into its `OutputComparison`."""
+    for name, r in ref.items():
+        if not torch.is_tensor(r) or not r.is_floating_point():
+            continue
+        if name not in cand:
+            raise ValueError(f"candidate lacks output {name!r}")
+        c = torch.as_tensor(cand[name])
+        if r.shape != c.shape:
+            raise SparsecError(
+                f"output {name!r} changed shape from {tuple(r.shape)} to {tuple(c.shape)}, so its quality cannot "
+                "be compared with the original model's (slice_hidden narrows an encoder's hidden-state output); "
+                "compare a downstream output instead, or compress something that keeps the model's outputs"
+            )
+        comps.setdefault(name, OutputComparison("logits" in name, percentiles)).add(r, c, mask)
 
 
 PERPLEXITY_OUTPUT = "logits"  # the output whose metrics hold `perplexity`, `dense_perplexity` and `ppl_ratio`
@@ -217,12 +229,15 @@ def compare_programs(
     losses = [NextTokenLoss(), NextTokenLoss()]  # the reference's, the program's
 
     def pairs():
-        for ref, (batch, outputs) in zip(reference, calibration.run(program, progress=progress, desc="quality check")):
+        references = iter(reference)
+        for batch, outputs in calibration.run(program, progress=progress, desc="quality check"):
+            ref = next(references)
             mask = CalibrationSet.valid_mask(batch)
             if lm:
-                for i, logits in enumerate((ref[PERPLEXITY_OUTPUT], outputs[PERPLEXITY_OUTPUT])):
-                    losses[i] += next_token_loss(logits, batch["input_ids"], mask)
+                losses[0] += next_token_loss(ref[PERPLEXITY_OUTPUT], batch["input_ids"], mask)
+                losses[1] += next_token_loss(outputs[PERPLEXITY_OUTPUT], batch["input_ids"], mask)
             yield ref, outputs, mask
+            del ref, outputs  # one batch's outputs at a time: not held while the next batch is computed
 
     metrics = compare_outputs(pairs())
     if lm:

@@ -45,8 +45,11 @@ class ReferenceOutputs:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._outputs is not None:
-            return iter(self._outputs)
-        return (outputs for _, outputs in self.calibration.run(self._program))
+            yield from self._outputs
+            return
+        for _, outputs in self.calibration.run(self._program):
+            yield outputs
+            del outputs  # not held while the next batch is computed
 
     def describe(self) -> dict:
         """What the report records: kept or recomputed, and the bytes all batches' outputs take (None: unknown)."""

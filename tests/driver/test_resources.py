@@ -2,10 +2,15 @@
 
 import pytest
 import torch
+import yaml
 from conftest import make_model
 
 from sparsec import resources
+from sparsec.cli import main
+from sparsec.compiler.memory import memory_estimate
+from sparsec.data import reference
 from sparsec.errors import SparsecError
+from sparsec.recipe import Recipe
 
 
 def test_checkpoint_facts_read_the_headers_only(tmp_path):
@@ -73,6 +78,37 @@ def test_refuses_what_cannot_fit_naming_the_options(monkeypatch):
         SparsecError, match=r"calibration 16.0 GiB, .*fewer calibration samples \(calibration.samples\)"
     ):
         resources.check_fits(estimate.lazy(), "compiling M")
+
+
+def _recipe_dict(**calibration) -> dict:
+    return {"passes": [{"drop_layers": {"count": 1}}], "calibration": calibration}
+
+
+def _recipe(**calibration) -> Recipe:
+    return Recipe.from_dict(_recipe_dict(**calibration))
+
+
+def test_the_calibration_estimate_does_not_grow_with_the_samples(tmp_path):
+    make_model("tiny-qwen2").save_pretrained(tmp_path)
+    estimate = lambda samples, **more: memory_estimate(  # noqa: E731
+        tmp_path, _recipe(samples=samples, seq_len=64, batch_size=8, **more), "auto", None
+    )
+    kept = estimate(64)  # the gates' reference, kept: 13 held-out samples of 64 tokens x 256 logits, 2 of 8
+    assert kept.calibration - estimate(8).calibration == (13 - 2) * 64 * 256 * 4
+    recomputed = estimate(100_000)  # 20,000 held out: recomputed batch by batch
+    assert recomputed.calibration == estimate(400_000).calibration < kept.calibration < reference.KEEP_BYTES
+    assert estimate(400_000, sequential=True).total > recomputed.total  # hidden states kept between blocks
+
+
+def test_a_compile_that_cannot_fit_is_refused_before_loading_naming_the_batch_size(tmp_path, monkeypatch, capsys):
+    make_model("tiny-qwen2").save_pretrained(tmp_path / "model")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(batch_size=256, seq_len=512)))
+    estimate = memory_estimate(tmp_path / "model", _recipe(batch_size=256, seq_len=512), "auto", "onnxruntime")
+    monkeypatch.setattr(resources, "available_memory", lambda: estimate.weights + estimate.parity_session + 1)
+    argv = ["compile", "--model", str(tmp_path / "model"), "--recipe", str(tmp_path / "recipe.yaml")]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--weights", "memory"]) == 2
+    assert "use smaller calibration batches (calibration.batch_size)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_available_memory_is_positive():
