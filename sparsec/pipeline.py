@@ -7,8 +7,8 @@ together, for the compiler and for anyone running passes from Python:
   statistics over them (`StatisticsCache`, one forward pass per request);
 - `quality_checks`: the `QualityInstrument` that measures every modifying pass on held-out samples against the
   program as it was before the first pass (`ReferenceOutputs`: kept while small, else recomputed per batch) and
-  applies the gates; gates the caller set with no data to measure
-  on are refused before any pass runs (`RecipeError`), the default gates are then reported unchecked;
+  applies the gates; gates the caller set with no data to measure on are refused before any pass runs
+  (`RecipeError`), the default gates are then reported unchecked;
 - `run_passes`: both, around one `PassManager` run.
 
 Example::
