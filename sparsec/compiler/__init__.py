@@ -88,8 +88,8 @@ def compile_model(
     the checkpoint's dtype by default and every PyTorch step runs in it. A half-precision program lowered for an
     FP32 target is written as FP32 ONNX (weights converted as they are written), and parity uses the tolerances
     of the coarser of the program's and the ONNX file's precision. Before loading a checkpoint directory, the
-    peak memory is estimated from its headers and printed; a compile whose weights and parity session cannot fit
-    in the available memory is refused (`sparsec.resources`).
+    peak memory is estimated from its headers and the recipe and printed; a compile whose estimate (weights,
+    calibration, parity session) cannot fit in the available memory is refused (`sparsec.resources`).
 
     Weights read lazily (`lazy`; None decides): a checkpoint directory whose estimated peak exceeds half the
     available memory (`resources.LAZY_ABOVE`) is captured without its weights (`load_model(weights="lazy")`); each
