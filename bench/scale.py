@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
         vocab_size=262144,
         tie_word_embeddings=True,
     ),
-    "270m": dict(  # Gemma 3 270M's widths and vocabulary on a Qwen2 stack: 268M parameters, 168M of them the table
+    "270m": dict(  # Gemma 3 270M's widths and vocabulary on a Qwen2 stack: 257M parameters, 168M of them the table
         hidden_size=640,
         intermediate_size=2048,
         num_hidden_layers=18,
@@ -298,13 +298,13 @@ def measure_calibration(size: str, cache: Path, samples: list[int], phases: list
     """Peak RSS of each of `phases` (`CALIBRATION_PHASES`), a dry run, at every sample count, one process each."""
     directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
     vocab = model_config(size).vocab_size
+    calibs = {count: calibration_file(work / f"calib-{count}.safetensors", count, vocab) for count in samples}
     rows = []
     for phase in phases:
-        for count in samples:
+        for count, calib in calibs.items():
             recipe = work / f"{phase}.yaml"
             calibration = f"calibration: {{samples: {count}, seq_len: {CALIBRATION_SEQ}, batch_size: 8}}\n"
             recipe.write_text(CALIBRATION_PHASES[phase] + calibration)
-            calib = calibration_file(work / f"calib-{count}.safetensors", count, vocab)
             sparsec = ["-c", KEPT_WHOLE] if phase == "calib-gates-kept" else ["-m", "sparsec.cli"]
             command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
             command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--calibration",
-        help="comma-separated sample counts: run the calibration axis (CALIBRATION_PHASES) instead of --phases",
+        help="comma-separated sample counts: run the calibration axis (its phases, chosen by --phases) instead",
     )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")

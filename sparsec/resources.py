@@ -86,15 +86,18 @@ class MemoryEstimate:
         return dataclasses.replace(self, weights=self.block_weights, sequential=True)
 
     @property
+    def calibration_held(self) -> int:
+        """Calibration's share of the peak: `calibration`, and `between_blocks` when the run is sequential."""
+        return self.calibration + (self.between_blocks if self.sequential else 0)
+
+    @property
     def total(self) -> int:
-        between = self.between_blocks if self.sequential else 0
-        return self.weights + self.calibration + between + self.parity_session
+        return self.weights + self.calibration_held + self.parity_session
 
     def describe(self) -> str:
-        calibration = self.calibration + (self.between_blocks if self.sequential else 0)
         return (
             f"estimated peak {self.total / GiB:.1f} GiB (weights {self.weights / GiB:.1f}, calibration "
-            f"{calibration / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})"
+            f"{self.calibration_held / GiB:.1f}, ONNX Runtime session {self.parity_session / GiB:.1f})"
         )
 
 
@@ -327,10 +330,9 @@ def check_fits(estimate: MemoryEstimate, what: str, *, could_read_lazily: bool =
     if available is None or estimate.total <= available:
         return
     lazily = "read the weights lazily (--weights lazy), " if could_read_lazily else ""
-    calibration = estimate.calibration + (estimate.between_blocks if estimate.sequential else 0)
     raise SparsecError(
         f"{what} needs about {estimate.total / GiB:.1f} GiB (weights {estimate.weights / GiB:.1f} GiB, calibration "
-        f"{calibration / GiB:.1f} GiB, the ONNX Runtime session of the parity check "
+        f"{estimate.calibration_held / GiB:.1f} GiB, the ONNX Runtime session of the parity check "
         f"{estimate.parity_session / GiB:.1f} GiB) and {available / GiB:.1f} GiB are available: {lazily}load in "
         "bfloat16 (--dtype bfloat16), export in a half precision (export.precision: fp16), use smaller calibration "
         "batches (calibration.batch_size) or fewer parity samples (export.parity.samples)"

@@ -14,6 +14,7 @@ from sparsec import resources
 from sparsec.analysis.regions import block_boundaries
 from sparsec.compiler.checks import model_config, text_config
 from sparsec.data import reference
+from sparsec.data.calibration import held_out_samples
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import get_target
 from sparsec.models import BUILTIN_PREFIX
@@ -107,8 +108,8 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
         session = _parity_session_bytes(file_bytes, recipe, int(text.get("num_hidden_layers") or 1))
     cal = recipe.calibration
     width = int(text.get("vocab_size") or config.get("vocab_size") or 0)
-    held_out = max(1, round(cal.samples * cal.holdout)) if cal.holdout else cal.samples
-    gates_reference = held_out * cal.seq_len * width * 4
+    held_out = held_out_samples(cal.samples, cal.holdout)
+    gates_reference = (held_out or cal.samples) * cal.seq_len * width * 4  # no split: gated on every sample
     parity_reference = min(recipe.export.parity.samples, cal.samples) * cal.seq_len * width * 4 if target else 0
     return estimate_compile(
         elements,
@@ -116,7 +117,7 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
         parity_session=session,
         kept_outputs=(gates_reference if gates_reference <= reference.KEEP_BYTES else 0) + parity_reference,
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
-        sequential_tokens=(cal.samples - held_out if cal.holdout else cal.samples) * cal.seq_len,
+        sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
         hidden=int(text.get("hidden_size") or 0),
         layers=int(text.get("num_hidden_layers") or 0),

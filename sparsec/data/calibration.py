@@ -154,7 +154,7 @@ class CalibrationSet:
         samples = len(self)
         if holdout == 0.0:
             return CalibrationSplit(self, None, 0.0)
-        held = max(1, int(holdout * samples + 0.5))
+        held = held_out_samples(samples, holdout)
         if held >= samples:
             raise CalibrationError(
                 f"calibration.holdout: {holdout:g} of {self.source}'s {samples} sample(s) leaves "
@@ -246,6 +246,12 @@ class CalibrationSet:
                 index += 1
         finally:
             bar.close()
+
+
+def held_out_samples(samples: int, holdout: float) -> int:
+    """How many of `samples` `CalibrationSet.split` holds out for `holdout`: rounded half up, at least one; none
+    for 0."""
+    return max(1, int(holdout * samples + 0.5)) if holdout else 0
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ class ReferenceOutputs:
 
     `program` must stay as it is while this is used: give a `Program.frozen_copy()` of a program that passes will
     change (it shares the weights, and reads those passes replace back from the checkpoint when it has one). Kept
-    (computed once, now) when all batches' outputs take at most `keep_bytes` (default `KEEP_BYTES`; `output_bytes`); otherwise recomputed
-    on every iteration, one batch at a time, and `program` is held instead.
+    (computed once, now) when all batches' outputs take at most `keep_bytes` (default `KEEP_BYTES`; their size is
+    `output_bytes`, in `bytes`); otherwise recomputed on every iteration, one batch at a time, and `program` is held
+    instead (`kept` says which).
     """
 
     def __init__(
@@ -50,10 +51,6 @@ class ReferenceOutputs:
         for _, outputs in self.calibration.run(self._program):
             yield outputs
             del outputs  # not held while the next batch is computed
-
-    def describe(self) -> dict:
-        """What the report records: kept or recomputed, and the bytes all batches' outputs take (None: unknown)."""
-        return {"reference_outputs": "kept" if self.kept else "recomputed per batch", "bytes": self.bytes}
 
 
 def output_bytes(program, calibration: CalibrationSet) -> int | None:
