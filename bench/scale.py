@@ -16,14 +16,16 @@ synthetic calibration of 8 samples x 64 tokens.
     python bench/scale.py --sizes bagel-7b-mot --phases inspect,dry-run --cache /work/scale-cache   # 14B, 28 GB
 
 The calibration axis (`--calibration 64,256,1024`): peak RSS of `compile --dry-run` against the number of
-calibration samples (token ids, 128 tokens each, batches of 8), with a quality gate (`calib-gates`: statistics,
-then the pass measured on the held-out fifth against the dense program, every metric) and with `ffn_to_moe`'s
-`adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the target: no reference
-output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`. `calib-gates-kept` is `calib-gates` with
-the reference kept whole whatever its size, as sparsec did before.
+calibration samples (token ids, `--seq-len` tokens each, batches of 8), with a quality gate (`calib-gates`:
+statistics, then the pass measured on the held-out fifth against the dense program, every metric) and with
+`ffn_to_moe`'s `adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the target:
+no reference output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`, and logits that are a plain
+projection are kept as hidden states (`sparsec.data.logits`). `calib-gates-whole` is `calib-gates` with every
+batch's logits computed whole, as sparsec did before that projection (the baseline, side by side).
 
     python bench/scale.py --sizes vocab-262k --calibration 64,256,1024 --json calibration.json
-    python bench/scale.py --sizes 270m --calibration 128 --phases calib-gates,calib-gates-kept  # kept whole: before
+    python bench/scale.py --sizes 270m --calibration 128 --phases calib-gates,calib-gates-whole
+    python bench/scale.py --sizes vocab-262k --calibration 64,256 --seq-len 512 --phases calib-gates,calib-gates-whole
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity as `export.parity.mode: auto` decides: block by block above 1 GiB of ONNX),
@@ -125,12 +127,12 @@ CALIBRATION_GATES = "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine:
 CALIBRATION_PHASES = {
     "calib-gates": CALIBRATION_GATES,
     "calib-adapt": "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n",
-    "calib-gates-kept": CALIBRATION_GATES,  # as before: the reference outputs kept whole (KEPT_WHOLE)
+    "calib-gates-whole": CALIBRATION_GATES,  # every batch's logits computed whole (WHOLE_LOGITS)
 }
-CALIBRATION_SEQ = 128
-# `calib-gates` as before the reference was recomputed: its outputs kept whole, however large (for comparison)
-KEPT_WHOLE = (
-    "import sys; import sparsec.data.reference as r; r.KEEP_BYTES = 1 << 62; "
+# `calib-gates` as before logits were projected from hidden states when read (for comparison)
+WHOLE_LOGITS = (
+    "import sys; import sparsec.data.logits as l, sparsec.data.calibration as c; "
+    "l.find_logits_head = c.find_logits_head = lambda program, output='logits': None; "
     "from sparsec.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -282,11 +284,11 @@ def measure(size: str, cache: Path, phases: list[str], work: Path) -> dict:
     return row
 
 
-def calibration_file(path: Path, samples: int, vocab: int) -> Path:
-    """`samples` rows of random token ids, `CALIBRATION_SEQ` long; every third row left-padded by 1 to 16."""
+def calibration_file(path: Path, samples: int, seq_len: int, vocab: int) -> Path:
+    """`samples` rows of random token ids, `seq_len` long; every third row left-padded by 1 to 16."""
     from safetensors.torch import save_file
 
-    ids = torch.randint(0, vocab, (samples, CALIBRATION_SEQ), generator=torch.Generator().manual_seed(samples))
+    ids = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(samples))
     mask = torch.ones_like(ids)
     for i in range(0, samples, 3):
         mask[i, : 1 + i % 16] = 0
@@ -294,23 +296,25 @@ def calibration_file(path: Path, samples: int, vocab: int) -> Path:
     return path
 
 
-def measure_calibration(size: str, cache: Path, samples: list[int], phases: list[str], work: Path) -> list[dict]:
+def measure_calibration(
+    size: str, cache: Path, samples: list[int], seq_len: int, phases: list[str], work: Path
+) -> list[dict]:
     """Peak RSS of each of `phases` (`CALIBRATION_PHASES`), a dry run, at every sample count, one process each."""
     directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
     vocab = model_config(size).vocab_size
-    calibs = {count: calibration_file(work / f"calib-{count}.safetensors", count, vocab) for count in samples}
+    calibs = {n: calibration_file(work / f"calib-{n}.safetensors", n, seq_len, vocab) for n in samples}
     rows = []
     for phase in phases:
         for count, calib in calibs.items():
             recipe = work / f"{phase}.yaml"
-            calibration = f"calibration: {{samples: {count}, seq_len: {CALIBRATION_SEQ}, batch_size: 8}}\n"
+            calibration = f"calibration: {{samples: {count}, seq_len: {seq_len}, batch_size: 8}}\n"
             recipe.write_text(CALIBRATION_PHASES[phase] + calibration)
-            sparsec = ["-c", KEPT_WHOLE] if phase == "calib-gates-kept" else ["-m", "sparsec.cli"]
+            sparsec = ["-c", WHOLE_LOGITS] if phase == "calib-gates-whole" else ["-m", "sparsec.cli"]
             command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
             command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
             print(f"[scale] {size}: {phase} at {count} samples ...", flush=True)
             result = run_measured(command, work / f"{phase}-{count}.log")
-            rows.append({"size": size, "phase": phase, "samples": count, "tokens": count * CALIBRATION_SEQ, **result})
+            rows.append({"size": size, "phase": phase, "samples": count, "seq_len": seq_len, **result})
             print(
                 f"[scale] {phase} {count}: rc {result['rc']}, {result['seconds']} s, "
                 f"peak {(result['peak_rss_bytes'] or 0) / 2**30:.2f} GiB",
@@ -328,9 +332,9 @@ def calibration_markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         peak = r["peak_rss_bytes"] or 0
-        base = first.setdefault(r["phase"], peak)
+        base = first.setdefault((r["size"], r["phase"], r["seq_len"]), peak)
         lines.append(
-            f"| {r['size']} | {r['phase']} | {r['samples']} x {CALIBRATION_SEQ} | {r['rc']} | {peak / 2**30:.2f} GiB | "
+            f"| {r['size']} | {r['phase']} | {r['samples']} x {r['seq_len']} | {r['rc']} | {peak / 2**30:.2f} GiB | "
             f"{peak / base:.2f}x | {r['seconds']} |"
         )
     return "\n".join(lines)
@@ -372,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration",
         help="comma-separated sample counts: run the calibration axis (its phases, chosen by --phases) instead",
     )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per calibration sample (with --calibration; default: %(default)s)",
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="the 10M `quick` size only")
     args = p.parse_args(argv)
@@ -386,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(args.cache).expanduser()
         if args.calibration:
             counts = [int(n) for n in args.calibration.split(",")]
-            rows = [r for size in sizes for r in measure_calibration(size, cache, counts, phases, Path(work))]
+            rows = [
+                r for size in sizes for r in measure_calibration(size, cache, counts, args.seq_len, phases, Path(work))
+            ]
             table = calibration_markdown(rows)
         else:
             rows = [measure(size, cache, phases, Path(work)) for size in sizes]

@@ -109,17 +109,20 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
     cal = recipe.calibration
     width = int(text.get("vocab_size") or config.get("vocab_size") or 0)
     held_out = held_out_samples(cal.samples, cal.holdout)
-    gates_reference = (held_out or cal.samples) * cal.seq_len * width * 4  # no split: gated on every sample
+    hidden = int(text.get("hidden_size") or 0)
+    gated_tokens = (held_out or cal.samples) * cal.seq_len  # no split: gated on every sample
+    # kept while small: the hidden states logits are projected from, or whole logits where something follows the head
+    kept = [b for b in (gated_tokens * hidden * 4, gated_tokens * width * 4) if b <= reference.KEEP_BYTES]
     parity_reference = min(recipe.export.parity.samples, cal.samples) * cal.seq_len * width * 4 if target else 0
     return estimate_compile(
         elements,
         load_bytes,
         parity_session=session,
-        kept_outputs=(gates_reference if gates_reference <= reference.KEEP_BYTES else 0) + parity_reference,
+        kept_outputs=max(kept, default=0) + parity_reference,
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
-        hidden=int(text.get("hidden_size") or 0),
+        hidden=hidden,
         layers=int(text.get("num_hidden_layers") or 0),
         sequential=cal.sequential,
     )

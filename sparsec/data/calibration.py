@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
+from sparsec.data.logits import find_logits_head
 from sparsec.errors import CalibrationError
 from sparsec.progress import progress_bar
 
@@ -207,6 +208,7 @@ class CalibrationSet:
         nodes: set[Node] | None = None,
         progress: bool = False,
         desc: str = "calibration run",
+        outputs_from: Mapping[Node, Node] | None = None,
     ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """Run `program` over every batch and yield `(batch, outputs)` in batch order; the one loop behind the
         statistics, reference outputs, quality checks and parity reference.
@@ -216,7 +218,8 @@ class CalibrationSet:
         instead of any batch's values across the whole graph, and the outputs are the same bit for bit.
         `observe(batch_index, node, value)` sees the values of `nodes` (all if None) as they are computed,
         batch by batch in the first case, segment by segment (batches 0..N-1 each) in the second; `progress`
-        then counts segments, since every segment runs before the first batch's outputs.
+        then counts segments, since every segment runs before the first batch's outputs. `outputs_from` returns
+        other nodes' values in place of outputs (`Program.run`).
         """
         batches = list(self.batches())
         if self.cuts is None:
@@ -224,7 +227,7 @@ class CalibrationSet:
             try:
                 for i, batch in enumerate(batches):
                     report = None if observe is None else (lambda node, value, i=i: observe(i, node, value))
-                    outputs = program.run(batch, observe=report, nodes=nodes)
+                    outputs = program.run(batch, observe=report, nodes=nodes, outputs_from=outputs_from)
                     yield batch, outputs
                     del outputs  # a batch's outputs are not held while the next one is computed
                     bar.update(1)
@@ -240,7 +243,10 @@ class CalibrationSet:
         cuts = self.cuts(program)
         try:
             index = 0
-            for outputs in program.run_segmented(batches, cuts, observe, nodes, on_segment=advance):
+            segments = program.run_segmented(
+                batches, cuts, observe, nodes, on_segment=advance, outputs_from=outputs_from
+            )
+            for outputs in segments:
                 yield batches[index], outputs
                 del outputs
                 index += 1
@@ -651,9 +657,15 @@ class StatisticsCache:
         desc: str,
         calibration: CalibrationSet | None = None,
     ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+        """One observed run; the logits are not computed when they are a plain projection nobody observes (their
+        outputs are not read here, and at a large vocabulary the projection is much of the work)."""
         self.passes_run += 1
+        head = self.program.analysis(find_logits_head)
+        outputs_from = (
+            head.outputs_from if head is not None and nodes is not None and head.projection not in nodes else None
+        )
         return (calibration or self.calibration).run(
-            self.program, observe=observe, nodes=nodes, progress=self.progress, desc=desc
+            self.program, observe=observe, nodes=nodes, progress=self.progress, desc=desc, outputs_from=outputs_from
         )
 
     def samples(self, nodes: Sequence[Node], max_tokens: int) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsec.data.logits import Logits, ProjectedLogits, logit_rows
+
 # Tokens scored per log-softmax: the float32 copy of a chunk's logits stays small at large vocabularies.
 _CHUNK_TOKENS = 1024
 
@@ -45,9 +47,10 @@ class NextTokenLoss:
 
 
 def next_token_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    logits: Logits, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> NextTokenLoss:
-    """The summed next-token loss of `logits` [batch, seq, vocab] on `input_ids` [batch, seq] over valid pairs."""
+    """The summed next-token loss of `logits` [batch, seq, vocab] (or `ProjectedLogits`) on `input_ids`
+    [batch, seq] over valid pairs."""
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
     predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -55,10 +58,9 @@ def next_token_loss(
     if attention_mask is not None:
         valid = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).reshape(-1)
         predicted, targets = predicted[valid], targets[valid]
+    step = predicted.chunk_rows() if isinstance(predicted, ProjectedLogits) else _CHUNK_TOKENS
     nll = 0.0
-    for start in range(0, targets.numel(), _CHUNK_TOKENS):
-        chunk = predicted[start : start + _CHUNK_TOKENS].float()
-        nll += float(
-            torch.nn.functional.cross_entropy(chunk, targets[start : start + _CHUNK_TOKENS], reduction="sum").double()
-        )
+    for start in range(0, targets.numel(), step):
+        chunk = logit_rows(predicted[start : start + step]).float()
+        nll += float(torch.nn.functional.cross_entropy(chunk, targets[start : start + step], reduction="sum").double())
     return NextTokenLoss(nll, int(targets.numel()))

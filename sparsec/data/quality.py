@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.language_model import NextTokenLoss, next_token_loss
+from sparsec.data.logits import Logits, ProjectedLogits, logit_rows, logits_run
 from sparsec.errors import RecipeError, SparsecError
 from sparsec.ir.paths import glob_match
 
@@ -45,9 +46,10 @@ REL_FLOOR = 1e-3
 CHUNK_ENTRIES = 1 << 20  # entries per metric chunk: 8 MiB per float64 temporary
 
 
-def _token_chunks(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None):
+def _token_chunks(ref: Logits, cand: Logits, mask: torch.Tensor | None):
     """(ref, cand) token vectors [T, C] over valid tokens, a few at a time (`CHUNK_ENTRIES` entries at most,
-    one token at least), without copying the whole batch first."""
+    one token at least), without copying the whole batch first; `ProjectedLogits` are projected
+    `ProjectedLogits.chunk_rows` tokens at a time."""
     if mask is not None and ref.dim() >= 3 and tuple(ref.shape[:2]) == tuple(mask.shape):
         mask = mask.bool()
         rows = (
@@ -59,9 +61,13 @@ def _token_chunks(ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | No
     else:
         rows = [(ref.reshape(1, 1), cand.reshape(1, 1))]
     for r, c in rows:
-        step = max(1, CHUNK_ENTRIES // max(1, r.shape[-1]))
-        for start in range(0, r.shape[0], step):
-            yield r[start : start + step], c[start : start + step]
+        projected = [x.chunk_rows() for x in (r, c) if isinstance(x, ProjectedLogits)]
+        outer = min(projected, default=max(1, r.shape[0]))
+        for first in range(0, r.shape[0], outer):
+            r_rows, c_rows = logit_rows(r[first : first + outer]), logit_rows(c[first : first + outer])
+            step = max(1, CHUNK_ENTRIES // max(1, r_rows.shape[-1]))
+            for start in range(0, r_rows.shape[0], step):
+                yield r_rows[start : start + step], c_rows[start : start + step]
 
 
 def percentile_key(q: float, kind: str) -> str:
@@ -85,7 +91,7 @@ class OutputComparison:
         self._keys = torch.empty(0)
         self._generator = torch.Generator().manual_seed(0x5A3C)  # sampling keys, independent of data seeds
 
-    def add(self, ref: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def add(self, ref: Logits, cand: Logits, mask: torch.Tensor | None) -> None:
         """Accumulate one batch. Works through it in chunks of about `CHUNK_ENTRIES` entries (a few rows of
         logits), so memory stays bounded by the chunk, never by the batch: [8, 64, 151936] logits would need
         ~10 GiB of float64 temporaries at once. Each chunk is computed in float64 and the sums accumulate in
@@ -184,11 +190,11 @@ def _add_batch(
 ) -> None:
     """One batch of `compare_outputs`: each floating-point output into its `OutputComparison`."""
     for name, r in ref.items():
-        if not torch.is_tensor(r) or not r.is_floating_point():
+        if not isinstance(r, ProjectedLogits) and (not torch.is_tensor(r) or not r.is_floating_point()):
             continue
         if name not in cand:
             raise ValueError(f"candidate lacks output {name!r}")
-        c = torch.as_tensor(cand[name])
+        c = cand[name] if isinstance(cand[name], ProjectedLogits) else torch.as_tensor(cand[name])
         if r.shape != c.shape:
             raise SparsecError(
                 f"output {name!r} changed shape from {tuple(r.shape)} to {tuple(c.shape)}, so its quality cannot "
@@ -224,13 +230,19 @@ def compare_programs(
 
     For a causal language model (`is_causal_lm`) the `logits` metrics also hold `perplexity` (the program's),
     `dense_perplexity` (the reference's) and their ratio `ppl_ratio`, from the next-token loss over valid tokens
-    (`sparsec.data.language_model.next_token_loss`) on the same batches."""
+    (`sparsec.data.language_model.next_token_loss`) on the same batches. Logits that are a plain projection
+    (`find_logits_head`) are never computed whole: the program runs up to their hidden states, and the metrics
+    project a few tokens at a time (`sparsec.data.logits`)."""
     lm = is_causal_lm(program)
     losses = [NextTokenLoss(), NextTokenLoss()]  # the reference's, the program's
+    run = logits_run(program)
 
     def pairs():
         references = iter(reference)
-        for batch, outputs in calibration.run(program, progress=progress, desc="quality check"):
+        for batch, outputs in calibration.run(
+            program, progress=progress, desc="quality check", outputs_from=run.outputs_from
+        ):
+            outputs = run.logits(outputs)
             ref = next(references)
             mask = CalibrationSet.valid_mask(batch)
             if lm:

@@ -5,18 +5,22 @@ Kept whole, those outputs cost samples x sequence x vocabulary floats (128 x 128
 vocabulary: 17 GB), so `ReferenceOutputs` keeps them only while they are small (`KEEP_BYTES`) and otherwise
 recomputes each batch from the unchanged program when a check reads it: memory then holds one batch's outputs
 whatever the number of samples and the vocabulary, and the values are the same bit for bit (the same program on the
-same batches), at the price of one more forward pass per check.
+same batches), at the price of one more forward pass per check. A language model's logits that are a plain
+projection (`sparsec.data.logits.logits_run`) are held as their hidden states and projected when read:
+vocabulary-wide logits then cost nothing to keep.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx import Node
 
 from sparsec.data.calibration import CalibrationSet
+from sparsec.data.logits import logits_run
 
 KEEP_BYTES = 256 * 2**20  # reference outputs up to this size are kept; larger ones are recomputed per batch
 
@@ -35,29 +39,30 @@ class ReferenceOutputs:
         self, program, calibration: CalibrationSet, *, keep_bytes: int | None = None, progress: bool = False
     ) -> None:
         self.calibration = calibration
-        self.bytes = output_bytes(program, calibration)
+        self._run_as = logits_run(program)
+        self.bytes = output_bytes(program, calibration, self._run_as.outputs_from)
         self.kept = self.bytes is not None and self.bytes <= (KEEP_BYTES if keep_bytes is None else keep_bytes)
         self._program = None if self.kept else program
-        self._outputs = (
-            [outputs for _, outputs in calibration.run(program, progress=progress, desc="reference outputs")]
-            if self.kept
-            else None
-        )
+        self._outputs = list(self._run(program, progress)) if self.kept else None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._outputs is not None:
-            yield from self._outputs
-            return
-        for _, outputs in self.calibration.run(self._program):
+    def _run(self, program, progress: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        outputs_from = self._run_as.outputs_from
+        runs = self.calibration.run(program, progress=progress, desc="reference outputs", outputs_from=outputs_from)
+        for _, outputs in runs:
             yield outputs
             del outputs  # not held while the next batch is computed
 
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for outputs in self._outputs if self._outputs is not None else self._run(self._program):
+            yield self._run_as.logits(outputs)
 
-def output_bytes(program, calibration: CalibrationSet) -> int | None:
-    """The bytes of `program`'s user outputs over every batch of `calibration`: a full batch's, from the captured
-    output shapes with each symbolic dimension read off the batch input that has it, times the number of batches
-    (an upper bound when the last batch is short). None when a dimension cannot be resolved that way (an output
-    whose size depends on values, not shapes)."""
+
+def output_bytes(program, calibration: CalibrationSet, outputs_from: Mapping[Node, Node] | None = None) -> int | None:
+    """The bytes of `program`'s user outputs over every batch of `calibration` (with `outputs_from`, of the nodes
+    returned in their place): a full batch's, from the captured output shapes with each symbolic dimension read
+    off the batch input that has it, times the number of batches (an upper bound when the last batch is short).
+    None when a dimension cannot be resolved that way (an output whose size depends on values, not shapes)."""
+    outputs_from = outputs_from or {}
     signature = program.exported.graph_signature
     placeholders = {n.name: n for n in program.graph.find_nodes(op="placeholder")}
     user_inputs = [s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
@@ -75,6 +80,7 @@ def output_bytes(program, calibration: CalibrationSet) -> int | None:
     for node, spec in zip(output.args[0], signature.output_specs):
         if spec.kind != OutputKind.USER_OUTPUT or not hasattr(node, "meta"):
             continue
+        node = outputs_from.get(node, node)
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             continue

@@ -148,6 +148,7 @@ def run(
     nodes: set[Node] | None,
     rewrite: Mapping[Node, ValueRewrite] | None,
     shapes_only: bool,
+    outputs_from: Mapping[Node, Node] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`Program.run`: run the graph on `inputs` (by name) and return the outputs by name.
 
@@ -156,11 +157,14 @@ def run(
     With `rewrite`, the value of each node in it is replaced by its `ValueRewrite` before any user reads
     it: a what-if run of a change without editing the graph (`sparsec.probe` masks neurons and skips
     blocks this way).
+    With `outputs_from`, an output node's value is taken from another node, and what only the replaced node
+    needs is not computed: `{projection: hidden}` returns a language model's hidden states in place of its
+    logits without ever computing the logits (`sparsec.data.logits`).
     With `shapes_only`, the graph runs on fake tensors: values carry shapes and dtypes, no weight is read or
     computed with (FLOP counting of a lazily backed program); ops whose output shape depends on values
     (`aten.nonzero`) then fail.
     """
-    plain = observe is None and not rewrite
+    plain = observe is None and not rewrite and not outputs_from
     if shapes_only:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -173,7 +177,7 @@ def run(
         if plain:
             return named_outputs(exported, exported.graph_module(*args))
         report = None if observe is None else (lambda _index, node, value: observe(node, value))
-        return next(_interpret(exported, read, [args], (), report, nodes, rewrite))
+        return next(_interpret(exported, read, [args], (), report, nodes, rewrite, outputs_from=outputs_from))
 
 
 @torch.no_grad()
@@ -187,6 +191,7 @@ def run_segmented(
     nodes: set[Node] | None,
     rewrite: Mapping[Node, ValueRewrite] | None,
     on_segment: Callable[[int, int], None] | None,
+    outputs_from: Mapping[Node, Node] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`Program.run_segmented`: run the graph over all `batches` segment by segment and yield each batch's outputs
     by name, in order.
@@ -203,12 +208,12 @@ def run_segmented(
     Every node computes exactly what `run` computes (the same ops on the same values), so outputs and
     observed values are equal to `run`'s bit for bit. `observe(batch_index, node, value)` is called for
     every node in `nodes` (all nodes if None) as soon as it is computed, segment by segment: batch 0..N-1
-    of the first segment, then of the second, ...; `rewrite` works as in `run`. The outputs of batch i
+    of the first segment, then of the second, ...; `rewrite` and `outputs_from` work as in `run`. The outputs of batch i
     are yielded when the last segment finishes it; earlier segments run on the first `next()`.
     `on_segment(done, total)` is called when a segment has run for every batch (progress).
     """
     args = [_interpreted_args(exported, weights, batch) for batch in batches]
-    yield from _interpret(exported, read, args, cuts, observe, nodes, rewrite, on_segment)
+    yield from _interpret(exported, read, args, cuts, observe, nodes, rewrite, on_segment, outputs_from)
 
 
 def _interpret(
@@ -220,9 +225,11 @@ def _interpret(
     nodes: set[Node] | None,
     rewrite: Mapping[Node, ValueRewrite] | None,
     on_segment: Callable[[int, int], None] | None = None,
+    outputs_from: Mapping[Node, Node] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`run_segmented` on the graph module's flat arguments of each batch (`_interpreted_args`, or fake ones):
-    a state argument that is None is read when a segment needs it (`_onload`)."""
+    a state argument that is None is read when a segment needs it (`_onload`); only the nodes the outputs need
+    (`_needed`, after `outputs_from`) run."""
     cuts = list(cuts)
     graph = exported.graph_module.graph
     order = list(graph.nodes)
@@ -233,11 +240,15 @@ def _interpret(
             f"cut node(s) {[c.name for c in strangers][:5]} are not in the program's graph; "
             "compute the cuts from the program as it is now"
         )
-    rewrite = rewrite or {}
-    last_use = {n: max([position[n]] + [position[u] for u in n.users]) for n in order}
+    rewrite, outputs_from = rewrite or {}, outputs_from or {}
+    output = order[-1]
+    needed = _needed(order, rewrite, outputs_from)
+    last_use = {n: max([position[n]] + [position[u] for u in n.users if u in needed]) for n in order}
     for target, rw in rewrite.items():  # a value a rewrite reads stays alive until the rewrite ran
         for read in rw.reads:
             last_use[read] = max(last_use[read], position[target])
+    for source in outputs_from.values():
+        last_use[source] = position[output]
     freed_after: dict[int, list[Node]] = {}
     for n, last in last_use.items():
         freed_after.setdefault(last, []).append(n)
@@ -250,7 +261,7 @@ def _interpret(
     envs: list[dict[Node, Any] | None] = [None] * len(args)
     for k, segment in enumerate(segments):
         last = k == len(segments) - 1
-        onloaded = _onload(segment, lazy, read)
+        onloaded = _onload(segment, lazy, read, needed)
         for i in range(len(args)):
             env = envs[i] if envs[i] is not None else {}
             interpreter.env = env
@@ -259,9 +270,12 @@ def _interpret(
                     observe(i, node, value)
                 env[node] = value
             for node in segment:
-                if node in lazy:
+                if node in lazy or node not in needed:
                     continue
-                value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
+                if node is output:
+                    value = torch.fx.node.map_arg(node.args[0], lambda n, env=env: env[outputs_from.get(n, n)])
+                else:
+                    value = args[i][argument[node]] if node in argument else interpreter.run_node(node)
                 if node in rewrite:
                     value = rewrite[node].fn(value, *(env[r] for r in rewrite[node].reads))
                 if observe is not None and (nodes is None or node in nodes):
@@ -280,8 +294,24 @@ def _interpret(
             on_segment(k + 1, len(segments))
 
 
-def _onload(segment: Sequence[Node], lazy: Mapping[Node, str], read: Read) -> dict[Node, torch.Tensor]:
-    """The lazily backed state tensors `segment` reads, each read once from its file for all batches (layer by
-    layer onloading: a block's weights are in memory while that block runs, and only then)."""
-    needed = dict.fromkeys(p for node in segment for p in node.all_input_nodes if p in lazy)
-    return {p: read(lazy[p]) for p in needed}
+def _needed(
+    order: Sequence[Node], rewrite: Mapping[Node, ValueRewrite], outputs_from: Mapping[Node, Node]
+) -> set[Node]:
+    """The nodes of `order` (the graph's) a run computes: all but those used only where `outputs_from` replaces
+    them (the output) or by nodes dropped so; nodes without users (runtime asserts among them) always run."""
+    kept = {source for source in outputs_from.values()} | {r for rw in rewrite.values() for r in rw.reads}
+    dropped: set[Node] = set()
+    for node in reversed(order):
+        replaced = node in outputs_from
+        if node.users and node not in kept and all(u in dropped or (replaced and u.op == "output") for u in node.users):
+            dropped.add(node)
+    return {n for n in order if n not in dropped}
+
+
+def _onload(
+    segment: Sequence[Node], lazy: Mapping[Node, str], read: Read, needed: set[Node]
+) -> dict[Node, torch.Tensor]:
+    """The lazily backed state tensors the `needed` nodes of `segment` read, each read once from its file for all
+    batches (layer by layer onloading: a block's weights are in memory while that block runs, and only then)."""
+    reads = dict.fromkeys(p for node in segment if node in needed for p in node.all_input_nodes if p in lazy)
+    return {p: read(lazy[p]) for p in reads}

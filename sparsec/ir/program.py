@@ -239,11 +239,13 @@ class Program:
         nodes: set[Node] | None = None,
         rewrite: Mapping[Node, ValueRewrite] | None = None,
         shapes_only: bool = False,
+        outputs_from: Mapping[Node, Node] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the graph on `inputs` by name and return the outputs by name; `observe` reports node values as they
-        are computed, `rewrite` replaces them, `shapes_only` runs on fake tensors (`sparsec.ir.execution.run`)."""
+        are computed, `rewrite` replaces them, `shapes_only` runs on fake tensors, `outputs_from` returns another
+        node's value in place of an output's and skips what only that output needed (`sparsec.ir.execution.run`)."""
         return execution.run(
-            self.exported, self.weights, self.state_tensor, inputs, observe, nodes, rewrite, shapes_only
+            self.exported, self.weights, self.state_tensor, inputs, observe, nodes, rewrite, shapes_only, outputs_from
         )
 
     def run_segmented(
@@ -254,6 +256,7 @@ class Program:
         nodes: set[Node] | None = None,
         rewrite: Mapping[Node, ValueRewrite] | None = None,
         on_segment: Callable[[int, int], None] | None = None,
+        outputs_from: Mapping[Node, Node] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Run the graph over all `batches` segment by segment, split after each node of `cuts`, and yield each
         batch's outputs by name, equal to `run`'s (`sparsec.ir.execution.run_segmented`).
@@ -264,7 +267,16 @@ class Program:
             outputs = list(program.run_segmented(list(calibration.batches()), blocks))
         """
         return execution.run_segmented(
-            self.exported, self.weights, self.state_tensor, batches, cuts, observe, nodes, rewrite, on_segment
+            self.exported,
+            self.weights,
+            self.state_tensor,
+            batches,
+            cuts,
+            observe,
+            nodes,
+            rewrite,
+            on_segment,
+            outputs_from,
         )
 
     # ----- snapshots, verification, copies, persistence ------------------------------------------------

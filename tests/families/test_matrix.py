@@ -1,14 +1,17 @@
 """The architecture matrix in PyTorch: every pass on every transformer shape (the families of
 tests/families/matrix.py) equals the same change made by hand on the Hugging Face model at a shape other than the
 capture shape, with left padding where the model takes a mask; `inspect` reads every block and FFN; a sublayer
-drop in a parallel block is refused. The ONNX export of every family: tests/families/test_matrix_onnx.py.
+drop in a parallel block is refused; a causal LM's logits come from its hidden states projected when read. The ONNX
+export of every family: tests/families/test_matrix_onnx.py.
 """
 
 import pytest
+import torch
 from matrix import ARCHS, PASSES, check_structure, family_cache
 
 from sparsec import testing
 from sparsec.analysis.inspection import inspect_program
+from sparsec.data.logits import logit_rows, logits_run
 from sparsec.errors import PassError
 
 
@@ -50,3 +53,28 @@ def test_inspect_reads_every_block_and_ffn(families, arch):
     assert stack["structure"] == expected and stack["blocks"] == 4
     assert info["unclassified_blocks"] == [] and info["unclassified_sublayers"] == []
     assert len(info["ffns"]) >= 4
+
+
+LOGITS_AFTER_THE_PROJECTION = {  # compared as whole logits: something follows the projection
+    "chameleon": "image-token logits masked",
+    "gemma2 (GeGLU tanh, sandwich norms, softcap, sliding window, tied)": "soft-capped",
+    "cohere (parallel as a chain, tied)": "scaled by logit_scale",
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_projected_from_the_hidden_states_equal_the_models(families, arch):
+    """Where the logits are a plain projection, the program runs up to the hidden states (the projection is never
+    computed) and their projection is the Hugging Face model's logits; elsewhere the program runs as it is."""
+    family = families(arch)
+    program = family.program
+    run = logits_run(program)
+    if "logits" not in program.output_names or arch in LOGITS_AFTER_THE_PROJECTION:
+        assert run.outputs_from is None
+        return
+    ((projection, hidden),) = run.outputs_from.items()
+    seen = set()
+    outputs = program.run(family.inputs, observe=lambda node, _: seen.add(node), outputs_from=run.outputs_from)
+    assert hidden in seen and projection not in seen
+    expected = family.model(**family.inputs).logits
+    torch.testing.assert_close(logit_rows(run.logits(outputs)["logits"]), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,73 @@
+"""Logits held as hidden states and projected when read: the quality a compile measures equals the one measured
+on whole logits (to float rounding, 1e-5 relative: a product over fewer rows may round differently), for kept and recomputed
+references, with left padding and projections split into many chunks."""
+
+import pytest
+import torch
+from conftest import make_inputs, make_model
+
+from sparsec import capture, testing
+from sparsec.data import logits as logits_module
+from sparsec.data.calibration import CalibrationSet
+from sparsec.data.language_model import next_token_loss
+from sparsec.data.logits import ProjectedLogits, logit_rows
+from sparsec.data.quality import compare_outputs, compare_programs
+from sparsec.data.reference import ReferenceOutputs
+
+
+def _close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for output, metrics in expected.items():
+        assert got[output].keys() == metrics.keys()
+        for name, value in metrics.items():
+            assert got[output][name] == pytest.approx(value, rel=1e-5, abs=1e-9), f"{output}.{name}"
+
+
+@pytest.fixture(scope="module")
+def changed():
+    """(dense program, the same model with a block dropped and half its neurons sliced, calibration set)."""
+    model = make_model("tiny-llama")
+    dense = capture(model, make_inputs(model, 2, 16))
+    program = capture(model, make_inputs(model, 2, 16))
+    calibration = CalibrationSet(make_inputs(model, 7, 12, seed=3, pad_left=4), source="test", batch_size=3)
+    testing.apply_pass(program, "drop_layers", layers=[1])
+    testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calibration)
+    return dense, program, calibration
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_quality_from_projected_logits_equals_quality_from_whole_logits(changed, monkeypatch, keep_bytes):
+    dense, program, calibration = changed
+    monkeypatch.setattr(logits_module, "PROJECTED_BYTES", 3 * 256 * 4)  # three rows of the 256-token vocabulary
+    projected = compare_programs(program, calibration, ReferenceOutputs(dense, calibration, keep_bytes=keep_bytes))
+    monkeypatch.setattr(logits_module, "find_logits_head", lambda program, output="logits": None)
+    reference = ReferenceOutputs(dense, calibration, keep_bytes=keep_bytes)
+    assert all(isinstance(outputs["logits"], torch.Tensor) for outputs in reference)
+    whole = compare_programs(program, calibration, reference)
+    assert projected["logits"]["cosine"] < 0.999 and projected["logits"]["ppl_ratio"] != 1.0
+    _close(projected, whole)
+
+
+def test_projected_and_whole_logits_compare_alike_on_either_side(changed, monkeypatch):
+    """The probe compares projected reference logits with a candidate's whole ones."""
+    dense, program, calibration = changed
+    monkeypatch.setattr(logits_module, "PROJECTED_BYTES", 5 * 256 * 4)
+    batch = next(calibration.batches())
+    mask = CalibrationSet.valid_mask(batch)
+    ref = ReferenceOutputs(dense, calibration)
+    (projected, *_) = list(ref)
+    whole_ref = {"logits": logit_rows(projected["logits"])}
+    cand = program.run(batch)
+    expected = compare_outputs([(whole_ref, cand, mask)], percentiles=[50, 99])
+    _close(compare_outputs([(projected, cand, mask)], percentiles=[50, 99]), expected)
+    loss = next_token_loss(projected["logits"], batch["input_ids"], mask)
+    whole = next_token_loss(whole_ref["logits"], batch["input_ids"], mask)
+    assert loss.tokens == whole.tokens > 0 and loss.nll == pytest.approx(whole.nll, rel=1e-6)
+
+
+def test_projected_logits_keep_the_vocabulary_as_their_last_dimension():
+    logits = ProjectedLogits(torch.randn(2, 5, 4), torch.randn(9, 4), torch.randn(9))
+    assert logits.shape == (2, 5, 9) and logits[:, :-1].reshape(-1, 9).shape == (8, 9)
+    torch.testing.assert_close(logit_rows(logits[1]), logits.hidden[1] @ logits.weight.T + logits.bias)
+    with pytest.raises(ValueError, match="vocabulary"):
+        logits.reshape(-1, 4)
