@@ -112,7 +112,7 @@ def quality_checks(
                 "data (the compile's calibration, or run_passes(calibration=...)) or drop the gates"
             )
     if measured_on is not None:
-        reference = ReferenceOutputs(program.frozen_copy(), measured_on, progress=progress)
+        reference = ReferenceOutputs(program, measured_on, progress=progress)
         return [QualityInstrument(measured_on, reference, gates, keep_going=keep_going)]
     return [_Unchecked()] if gated else []
 

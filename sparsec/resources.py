@@ -4,9 +4,10 @@
 calibration shape, the memory a `sparsec compile` holds at its peak:
 
 - the program's weights (loaded once; the captured program shares them with the model);
-- calibration: one batch's forward activations and one batch of reference outputs, plus the outputs kept whole: the
-  quality gates' reference while it is small (`sparsec.data.reference`; a larger one is recomputed batch by batch)
-  and the parity check's reference (`export.parity.samples` samples). None of it grows with the number of
+- calibration: one batch's forward activations and outputs (a language model's logits several times over where
+  they are compared or trained through whole, else projected a few rows at a time: `sparsec.data.logits`), plus the
+  outputs kept whole: the quality gates' reference while it is small (`sparsec.data.reference`; a larger one is
+  recomputed batch by batch) and the parity check's reference (`export.parity.samples` samples). None of it grows with the number of
   calibration samples, except what a layer-sequential run keeps between blocks (the hidden states of every sample:
   `calibration.sequential`, or weights read lazily);
 - the ONNX Runtime session of the parity check: of the whole model (about twice the ONNX file's bytes) or of its
@@ -241,6 +242,7 @@ def estimate_compile(
     output_width: int,
     hidden: int,
     layers: int,
+    output_copies: int = 5,
     sequential: bool = False,
 ) -> MemoryEstimate:
     """The peak of a compile of a model with `parameters` weights (see the module docstring).
@@ -249,10 +251,11 @@ def estimate_compile(
     the bytes of the reference outputs kept whole (the gates' while small, the parity check's). `batch_tokens`: one
     calibration batch's; `sequential_tokens`: the tokens whose hidden states a layer-sequential run keeps between
     blocks (`sequential`: whether the compile runs that way with its weights in memory). `output_width`: the last
-    dim of the largest output (the vocabulary for logits); `hidden`, `layers`: for the activations of one batch,
-    and one block's share of the weights (`block_weights`).
+    dim of the largest output (the vocabulary for logits), held `output_copies` times for one batch (5 where
+    logits are compared or trained through whole; 2 where the checks project them from hidden states); `hidden`,
+    `layers`: for the activations of one batch, and one block's share of the weights (`block_weights`).
     """
-    activations = batch_tokens * (5 * output_width + 4 * hidden * (layers + 8)) * 4
+    activations = batch_tokens * (output_copies * output_width + 4 * hidden * (layers + 8)) * 4
     weights = parameters * load_bytes_per_element
     block = weights // max(layers, 1) + output_width * hidden * load_bytes_per_element  # a block, or the head's table
     between_blocks = sequential_tokens * hidden * 4 * 2

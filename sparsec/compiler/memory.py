@@ -122,10 +122,28 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
+        output_copies=5 if _whole_logits(recipe, config) else 2,
         hidden=hidden,
         layers=int(text.get("num_hidden_layers") or 0),
         sequential=cal.sequential,
     )
+
+
+# Models whose logits are more than a plain projection, so the checks compare them whole (`find_logits_head`)
+WHOLE_LOGITS_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale")  # soft-capped, scaled
+WHOLE_LOGITS_MODEL_TYPES = ("chameleon",)  # image-token logits masked
+
+
+def _whole_logits(recipe: Recipe, config: dict) -> bool:
+    """Whether a calibration batch holds its whole logits several times over: a pass trains through them against
+    the dense program (`needs_reference`), or the checks compare them whole because something follows the
+    projection (soft-capping, a logit scale, masked image tokens). Otherwise they are projected from the hidden
+    states a few rows at a time, and only the parity check's batch is whole."""
+    text = text_config(config)
+    after = (
+        any(text.get(key) for key in WHOLE_LOGITS_CONFIG_KEYS) or config.get("model_type") in WHOLE_LOGITS_MODEL_TYPES
+    )
+    return after or any(p.needs_reference() for p in recipe.passes)
 
 
 def check_materialized_fits(program, recipe: Recipe, target: str) -> None:

@@ -58,7 +58,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,7 +122,7 @@ def resolve_tolerances(precision: Precision, bounds: Bounds, outputs: Sequence[s
 
 
 def check_parity(
-    pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    pairs: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
     *,
     backend: str,
     precision: Precision,
@@ -223,7 +223,8 @@ def backend_parity(
                        options=ParityOptions())["input_shapes"]
         # {'input_ids': [8, 24], 'attention_mask': [8, 24]}
     """
-    pairs = [(ref, run(batch), mask) for batch, ref, mask in zip(reference.inputs, reference.outputs, reference.masks)]
+    batches = zip(reference.inputs, reference.outputs, reference.masks)
+    pairs = ((ref, run(batch), mask) for batch, ref, mask in batches)  # one batch of backend outputs at a time
     report = check_parity(pairs, backend=backend, precision=precision, options=options)
     return {"mode": "whole", "input_shapes": reference.input_shapes, **report}
 

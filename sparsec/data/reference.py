@@ -7,7 +7,7 @@ recomputes each batch from the unchanged program when a check reads it: memory t
 whatever the number of samples and the vocabulary, and the values are the same bit for bit (the same program on the
 same batches), at the price of one more forward pass per check. A language model's logits that are a plain
 projection (`sparsec.data.logits.logits_run`) are held as their hidden states and projected when read:
-vocabulary-wide logits then cost nothing to keep.
+vocabulary-wide logits then cost little to keep.
 """
 
 from __future__ import annotations
@@ -26,35 +26,41 @@ KEEP_BYTES = 256 * 2**20  # reference outputs up to this size are kept; larger o
 
 
 class ReferenceOutputs:
-    """The outputs of `program` on every batch of `calibration`, in batch order, each time it is iterated.
+    """The outputs of `program` as it is now on every batch of `calibration`, in batch order, each time it is
+    iterated; passes may change `program` afterwards.
 
-    `program` must stay as it is while this is used: give a `Program.frozen_copy()` of a program that passes will
-    change (it shares the weights, and reads those passes replace back from the checkpoint when it has one). Kept
-    (computed once, now) when all batches' outputs take at most `keep_bytes` (default `KEEP_BYTES`; their size is
-    `output_bytes`, in `bytes`); otherwise recomputed on every iteration, one batch at a time, and `program` is held
-    instead (`kept` says which).
+    Kept (computed once, now, from `program` itself) when all batches' outputs take at most `keep_bytes` (default
+    `KEEP_BYTES`; their size is `output_bytes`, in `bytes`); otherwise recomputed on every iteration, one batch at a
+    time, from a `Program.frozen_copy()` made now (it shares the weights, and reads those passes replace back from
+    the checkpoint when it has one). `kept` says which. Logits that are a plain projection come as
+    `ProjectedLogits` with the projection as it is now.
     """
 
     def __init__(
         self, program, calibration: CalibrationSet, *, keep_bytes: int | None = None, progress: bool = False
     ) -> None:
         self.calibration = calibration
-        self._run_as = logits_run(program)
-        self.bytes = output_bytes(program, calibration, self._run_as.outputs_from)
+        run_as = logits_run(program)
+        self.bytes = output_bytes(program, calibration, run_as.outputs_from)
         self.kept = self.bytes is not None and self.bytes <= (KEEP_BYTES if keep_bytes is None else keep_bytes)
-        self._program = None if self.kept else program
-        self._outputs = list(self._run(program, progress)) if self.kept else None
+        if self.kept:
+            self._program, self._logits = None, run_as.logits
+            self._outputs = list(self._run(program, run_as.outputs_from, progress))
+        else:
+            self._program, self._logits, self._outputs = program.frozen_copy(), run_as.logits, None
+            nodes = {n.name: n for n in self._program.graph.nodes}  # the copy's, by the names they share
+            self._outputs_from = {nodes[k.name]: nodes[v.name] for k, v in (run_as.outputs_from or {}).items()}
 
-    def _run(self, program, progress: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        outputs_from = self._run_as.outputs_from
+    def _run(self, program, outputs_from, progress: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         runs = self.calibration.run(program, progress=progress, desc="reference outputs", outputs_from=outputs_from)
         for _, outputs in runs:
             yield outputs
             del outputs  # not held while the next batch is computed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for outputs in self._outputs if self._outputs is not None else self._run(self._program):
-            yield self._run_as.logits(outputs)
+        outputs = self._outputs if self._outputs is not None else self._run(self._program, self._outputs_from)
+        for batch in outputs:
+            yield self._logits(batch)
 
 
 def output_bytes(program, calibration: CalibrationSet, outputs_from: Mapping[Node, Node] | None = None) -> int | None:

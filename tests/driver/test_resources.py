@@ -1,5 +1,7 @@
 """Memory estimates from checkpoint headers, and the refusal before heavy work."""
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -98,6 +100,23 @@ def test_the_calibration_estimate_does_not_grow_with_the_samples(tmp_path):
     recomputed = estimate(100_000)  # 20,000 held out: recomputed batch by batch
     assert recomputed.calibration == estimate(400_000).calibration < kept.calibration < reference.KEEP_BYTES
     assert estimate(400_000, sequential=True).total > recomputed.total  # hidden states kept between blocks
+
+
+def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_trained_through_whole(tmp_path):
+    """Logits projected from hidden states when read: two batch-wide copies (the parity check's); five where a pass
+    trains against the dense program or the head soft-caps its logits."""
+    make_model("tiny-qwen2").save_pretrained(tmp_path)
+    calibration = {"samples": 8, "seq_len": 64, "batch_size": 8}
+    adapt = {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router"}}
+    plain, trained = (
+        memory_estimate(tmp_path, Recipe.from_dict({"passes": passes, "calibration": calibration}), "auto", None)
+        for passes in ([{"drop_layers": {"count": 1}}], [adapt])
+    )
+    assert trained.calibration - plain.calibration == 3 * 8 * 64 * 256 * 4
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    capped = memory_estimate(tmp_path, Recipe.from_dict({"passes": [], "calibration": calibration}), "auto", None)
+    assert capped.calibration == trained.calibration
 
 
 def test_a_compile_that_cannot_fit_is_refused_before_loading_naming_the_batch_size(tmp_path, monkeypatch, capsys):
