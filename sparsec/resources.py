@@ -251,8 +251,8 @@ def estimate_compile(
     the bytes of the reference outputs kept whole (the gates' while small, the parity check's). `batch_tokens`: one
     calibration batch's; `sequential_tokens`: the tokens whose hidden states a layer-sequential run keeps between
     blocks (`sequential`: whether the compile runs that way with its weights in memory). `output_width`: the last
-    dim of the largest output (the vocabulary for logits), held `output_copies` times for one batch (5 where
-    logits are compared or trained through whole; 2 where the checks project them from hidden states); `hidden`,
+    dim of the largest output (the vocabulary for logits), held `output_copies` times for one batch (more where
+    logits are trained through or compared whole, fewer where the checks project them from hidden states); `hidden`,
     `layers`: for the activations of one batch, and one block's share of the weights (`block_weights`).
     """
     activations = batch_tokens * (output_copies * output_width + 4 * hidden * (layers + 8)) * 4

@@ -122,7 +122,7 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
-        output_copies=5 if _whole_logits(recipe, config) else 2,
+        output_copies=_output_copies(recipe, config, parity=target is not None),
         hidden=hidden,
         layers=int(text.get("num_hidden_layers") or 0),
         sequential=cal.sequential,
@@ -134,16 +134,18 @@ WHOLE_LOGITS_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale")  # soft-ca
 WHOLE_LOGITS_MODEL_TYPES = ("chameleon",)  # image-token logits masked
 
 
-def _whole_logits(recipe: Recipe, config: dict) -> bool:
-    """Whether a calibration batch holds its whole logits several times over: a pass trains through them against
-    the dense program (`needs_reference`), or the checks compare them whole because something follows the
-    projection (soft-capping, a logit scale, masked image tokens). Otherwise they are projected from the hidden
-    states a few rows at a time, and only the parity check's batch is whole."""
+def _output_copies(recipe: Recipe, config: dict, *, parity: bool) -> int:
+    """How many times one calibration batch's widest output (a language model's logits) is held at once: 8 where a
+    pass trains through the logits against the dense program (`needs_reference`: teacher, student, their
+    log-softmaxes and gradients); 5 where the checks compare them whole because something follows the projection
+    (soft-capping, a logit scale, masked image tokens); else they are projected from hidden states a few rows at a
+    time, and only the parity check holds whole ones (the program's batch and the backend's), or one transient copy."""
+    if any(p.needs_reference() for p in recipe.passes):
+        return 8
     text = text_config(config)
-    after = (
-        any(text.get(key) for key in WHOLE_LOGITS_CONFIG_KEYS) or config.get("model_type") in WHOLE_LOGITS_MODEL_TYPES
-    )
-    return after or any(p.needs_reference() for p in recipe.passes)
+    if any(text.get(key) for key in WHOLE_LOGITS_CONFIG_KEYS) or config.get("model_type") in WHOLE_LOGITS_MODEL_TYPES:
+        return 5
+    return 2 if parity else 1
 
 
 def check_materialized_fits(program, recipe: Recipe, target: str) -> None:

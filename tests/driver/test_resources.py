@@ -103,8 +103,9 @@ def test_the_calibration_estimate_does_not_grow_with_the_samples(tmp_path):
 
 
 def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_trained_through_whole(tmp_path):
-    """Logits projected from hidden states when read: two batch-wide copies (the parity check's); five where a pass
-    trains against the dense program or the head soft-caps its logits."""
+    """Logits projected from hidden states when read: one batch-wide copy without a parity check, two with it
+    (the program's batch and the backend's); five where the head soft-caps its logits; eight where a pass trains
+    through them against the dense program."""
     make_model("tiny-qwen2").save_pretrained(tmp_path)
     calibration = {"samples": 8, "seq_len": 64, "batch_size": 8}
     adapt = {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router"}}
@@ -112,11 +113,15 @@ def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_traine
         memory_estimate(tmp_path, Recipe.from_dict({"passes": passes, "calibration": calibration}), "auto", None)
         for passes in ([{"drop_layers": {"count": 1}}], [adapt])
     )
-    assert trained.calibration - plain.calibration == 3 * 8 * 64 * 256 * 4
+    batch_logits = 8 * 64 * 256 * 4
+    assert trained.calibration - plain.calibration == 7 * batch_logits
+    with_parity = memory_estimate(tmp_path, Recipe.from_dict({"calibration": calibration}), "auto", "onnxruntime")
+    parity_reference = batch_logits  # the parity check's 8 samples, kept
+    assert with_parity.calibration - plain.calibration == batch_logits + parity_reference
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     capped = memory_estimate(tmp_path, Recipe.from_dict({"passes": [], "calibration": calibration}), "auto", None)
-    assert capped.calibration == trained.calibration
+    assert capped.calibration - plain.calibration == 4 * batch_logits
 
 
 def test_a_compile_that_cannot_fit_is_refused_before_loading_naming_the_batch_size(tmp_path, monkeypatch, capsys):
