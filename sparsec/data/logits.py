@@ -38,10 +38,6 @@ class ProjectedLogits:
     def shape(self) -> torch.Size:
         return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
-
     def dim(self) -> int:
         return self.hidden.dim()
 
