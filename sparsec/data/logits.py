@@ -86,12 +86,13 @@ class LogitsHead:
     def outputs_from(self) -> dict[Node, Node]:
         return {self.projection: self.hidden}
 
-    def projector(self, program) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def projector(self, program, device: str | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """What turns the outputs of a run with `outputs_from` into logits: the hidden states of `output` become
         `ProjectedLogits` with the program's projection, read once, now (a lazily backed program reads it from its
-        file; the run itself never does), without grad: these logits are measured, never trained through."""
-        weight = program.state_tensor(self.weight).detach()
-        bias = None if self.bias is None else program.state_tensor(self.bias).detach()
+        file; the run itself never does; moved to `device` if given), without grad: these logits are measured,
+        never trained through."""
+        weight = program.state_tensor(self.weight).detach().to(device)
+        bias = None if self.bias is None else program.state_tensor(self.bias).detach().to(device)
         return lambda outputs: {**outputs, self.output: ProjectedLogits(outputs[self.output], weight, bias)}
 
 
@@ -126,10 +127,11 @@ class LogitsRun:
     logits: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def logits_run(program) -> LogitsRun:
-    """Run `program` up to the hidden states of its logits and project them when read, where its `LogitsHead` is
-    found; run it as it is otherwise."""
+def logits_run(program, observed: set[Node] | None = None, device: str | None = None) -> LogitsRun:
+    """Run `program` up to the hidden states of its logits and project them when read (with the projection on
+    `device` if given), where its `LogitsHead` is found and the run does not observe the projection (`observed`);
+    run it as it is otherwise."""
     head = program.analysis(find_logits_head)
-    if head is None:
+    if head is None or head.projection in (observed or ()):
         return LogitsRun(None, lambda outputs: outputs)
-    return LogitsRun(head.outputs_from, head.projector(program))
+    return LogitsRun(head.outputs_from, head.projector(program, device))

@@ -65,6 +65,7 @@ from typing import Literal
 import torch
 
 from sparsec.data.calibration import CalibrationSet
+from sparsec.data.logits import Logits, logits_run
 from sparsec.data.quality import Bounds, bound_failures, compare_outputs, percentile_key
 from sparsec.errors import QualityError, SparsecError
 
@@ -148,12 +149,14 @@ def check_parity(
 
 @dataclass
 class ParityReference:
-    """The program's side of a parity check, on the host: per batch, its inputs, its outputs, the valid-token mask
-    and the intermediate values asked for (`values`, by FX node name). Everything the backend is compared with, so
-    the program itself can be let go before the backend's session opens."""
+    """The program's side of a parity check, on the host: per batch, its inputs, its outputs (a language model's
+    logits as `ProjectedLogits` where they are a plain projection: hidden states and the projection, a few hundred
+    times smaller), the valid-token mask and the intermediate values asked for (`values`, by FX node name).
+    Everything the backend is compared with, so the program itself can be let go before the backend's session
+    opens."""
 
     inputs: list[dict[str, torch.Tensor]]
-    outputs: list[dict[str, torch.Tensor]]
+    outputs: list[dict[str, Logits]]
     masks: list[torch.Tensor | None]
     values: list[dict[str, torch.Tensor]]
     input_shapes: dict[str, list[int]]
@@ -192,11 +195,16 @@ class ProgramReference:
             )
 
         inputs, outputs, masks = [], [], []
+        run_as = logits_run(self.program, observed=wanted, device="cpu")  # logits kept as hidden states
         for batch, result in self.calibration.run(
-            self.program, observe=observe if wanted else None, nodes=wanted, desc="parity reference"
+            self.program,
+            observe=observe if wanted else None,
+            nodes=wanted,
+            desc="parity reference",
+            outputs_from=run_as.outputs_from,
         ):
             inputs.append({k: v.cpu() for k, v in batch.items()})
-            outputs.append({k: v.detach().cpu() for k, v in result.items()})
+            outputs.append(run_as.logits({k: v.detach().cpu() for k, v in result.items()}))
             masks.append(CalibrationSet.valid_mask(batch))
         shapes = {k: list(v.shape) for k, v in self.calibration.inputs.items()}
         self.program = None

@@ -11,6 +11,7 @@ from sparsec.data import logits as logits_module
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.language_model import next_token_loss
 from sparsec.data.logits import ProjectedLogits, logit_rows
+from sparsec.data.parity import ParityOptions, ProgramReference, backend_parity
 from sparsec.data.quality import compare_outputs, compare_programs
 from sparsec.data.reference import ReferenceOutputs
 
@@ -71,3 +72,24 @@ def test_projected_logits_keep_the_vocabulary_as_their_last_dimension():
     torch.testing.assert_close(logit_rows(logits[1]), logits.hidden[1] @ logits.weight.T + logits.bias)
     with pytest.raises(ValueError, match="vocabulary"):
         logits.reshape(-1, 4)
+
+
+def test_the_parity_reference_holds_hidden_states_and_measures_what_whole_logits_do(changed, monkeypatch):
+    dense, program, calibration = changed
+    options = ParityOptions(samples=6, tolerances={"logits": {"cosine": None, "rel_l2": None, "top1": None}})
+    backend = lambda batch: program.run(batch)  # noqa: E731  (a "backend" that differs from the dense program)
+
+    def parity():
+        reference = ProgramReference(dense, calibration, samples=options.samples).compute()
+        report = backend_parity(reference, backend, backend="test", precision="fp32", options=options)
+        return reference, {"logits": report["metrics"]["logits"]}
+
+    monkeypatch.setattr(logits_module, "PROJECTED_BYTES", 4 * 256 * 4)
+    reference, projected = parity()
+    assert all(isinstance(outputs["logits"], ProjectedLogits) for outputs in reference.outputs)
+    assert all(outputs["logits"].hidden.shape[-1] == 64 for outputs in reference.outputs)
+    monkeypatch.setattr(logits_module, "find_logits_head", lambda program, output="logits": None)
+    reference, whole = parity()
+    assert all(isinstance(outputs["logits"], torch.Tensor) for outputs in reference.outputs)
+    assert projected["logits"]["cosine"] < 0.999
+    _close(projected, whole)
