@@ -131,8 +131,7 @@ CALIBRATION_PHASES = {
 }
 # `calib-gates` as before logits were projected from hidden states when read (for comparison)
 WHOLE_LOGITS = (
-    "import sys; import sparsec.data.logits as l, sparsec.data.calibration as c; "
-    "l.find_logits_head = c.find_logits_head = lambda program, output='logits': None; "
+    "import sys; import sparsec.data.logits as l; l.find_logits_head = lambda program, output='logits': None; "
     "from sparsec.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 

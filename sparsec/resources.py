@@ -7,9 +7,9 @@ calibration shape, the memory a `sparsec compile` holds at its peak:
 - calibration: one batch's forward activations and outputs (a language model's logits several times over where
   they are compared or trained through whole, else projected a few rows at a time: `sparsec.data.logits`), plus the
   outputs kept whole: the quality gates' reference while it is small (`sparsec.data.reference`; a larger one is
-  recomputed batch by batch) and the parity check's reference (`export.parity.samples` samples). None of it grows with the number of
-  calibration samples, except what a layer-sequential run keeps between blocks (the hidden states of every sample:
-  `calibration.sequential`, or weights read lazily);
+  recomputed batch by batch) and the parity check's reference (`export.parity.samples` samples). None of it grows
+  with the number of calibration samples, except what a layer-sequential run keeps between blocks (the hidden
+  states of every sample: `calibration.sequential`, or weights read lazily);
 - the ONNX Runtime session of the parity check: of the whole model (about twice the ONNX file's bytes) or of its
   largest block (`export.parity.mode`; the compiler decides as the target will).
 

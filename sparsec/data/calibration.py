@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from sparsec.data.logits import find_logits_head
+from sparsec.data.logits import unobserved_head
 from sparsec.errors import CalibrationError
 from sparsec.progress import progress_bar
 
@@ -660,10 +660,8 @@ class StatisticsCache:
         """One observed run; the logits are not computed when they are a plain projection nobody observes (their
         outputs are not read here, and at a large vocabulary the projection is much of the work)."""
         self.passes_run += 1
-        head = self.program.analysis(find_logits_head)
-        outputs_from = (
-            head.outputs_from if head is not None and nodes is not None and head.projection not in nodes else None
-        )
+        head = unobserved_head(self.program, nodes) if nodes is not None else None  # None: every node observed
+        outputs_from = None if head is None else head.outputs_from
         return (calibration or self.calibration).run(
             self.program, observe=observe, nodes=nodes, progress=self.progress, desc=desc, outputs_from=outputs_from
         )

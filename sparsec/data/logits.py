@@ -127,11 +127,16 @@ class LogitsRun:
     logits: Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def unobserved_head(program, observed: set[Node] | None = None) -> LogitsHead | None:
+    """`program`'s `LogitsHead` where a run observing `observed` may skip the projection: found, and not observed."""
+    head = program.analysis(find_logits_head)
+    return None if head is None or head.projection in (observed or ()) else head
+
+
 def logits_run(program, observed: set[Node] | None = None, device: str | None = None) -> LogitsRun:
     """Run `program` up to the hidden states of its logits and project them when read (with the projection on
-    `device` if given), where its `LogitsHead` is found and the run does not observe the projection (`observed`);
-    run it as it is otherwise."""
-    head = program.analysis(find_logits_head)
-    if head is None or head.projection in (observed or ()):
+    `device` if given), where `unobserved_head` finds its head; run it as it is otherwise."""
+    head = unobserved_head(program, observed)
+    if head is None:
         return LogitsRun(None, lambda outputs: outputs)
     return LogitsRun(head.outputs_from, head.projector(program, device))

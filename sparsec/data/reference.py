@@ -43,11 +43,12 @@ class ReferenceOutputs:
         run_as = logits_run(program)
         self.bytes = output_bytes(program, calibration, run_as.outputs_from)
         self.kept = self.bytes is not None and self.bytes <= (KEEP_BYTES if keep_bytes is None else keep_bytes)
+        self._logits = run_as.logits
         if self.kept:
-            self._program, self._logits = None, run_as.logits
+            self._program, self._outputs_from = None, None
             self._outputs = list(self._run(program, run_as.outputs_from, progress))
         else:
-            self._program, self._logits, self._outputs = program.frozen_copy(), run_as.logits, None
+            self._program, self._outputs = program.frozen_copy(), None
             nodes = {n.name: n for n in self._program.graph.nodes}  # the copy's, by the names they share
             self._outputs_from = {nodes[k.name]: nodes[v.name] for k, v in (run_as.outputs_from or {}).items()}
 

@@ -299,7 +299,7 @@ def _needed(
 ) -> set[Node]:
     """The nodes of `order` (the graph's) a run computes: all but those used only where `outputs_from` replaces
     them (the output) or by nodes dropped so; nodes without users (runtime asserts among them) always run."""
-    kept = {source for source in outputs_from.values()} | {r for rw in rewrite.values() for r in rw.reads}
+    kept = set(outputs_from.values()) | {r for rw in rewrite.values() for r in rw.reads}
     dropped: set[Node] = set()
     for node in reversed(order):
         replaced = node in outputs_from
