@@ -20,12 +20,14 @@ calibration samples (token ids, `--seq-len` tokens each, batches of 8), with a q
 statistics, then the pass measured on the held-out fifth against the dense program, every metric) and with
 `ffn_to_moe`'s `adapt: router` (`calib-adapt`: the router trained against the dense program). Flat is the target:
 no reference output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`, and logits that are a plain
-projection are kept as hidden states (`sparsec.data.logits`). `calib-gates-whole` is `calib-gates` with every
-batch's logits computed whole, as sparsec did before that projection (the baseline, side by side).
+projection are kept as hidden states (`sparsec.data.logits`) and trained through a few rows at a time
+(`sparsec.data.projected_kl`). `calib-gates-whole` and `calib-adapt-whole` are the same with every batch's logits
+computed whole, as sparsec did before that projection (the baseline, side by side).
 
     python bench/scale.py --sizes vocab-262k --calibration 64,256,1024 --json calibration.json
     python bench/scale.py --sizes 270m --calibration 128 --phases calib-gates,calib-gates-whole
     python bench/scale.py --sizes vocab-262k --calibration 64,256 --seq-len 512 --phases calib-gates,calib-gates-whole
+    python bench/scale.py --sizes vocab-262k --calibration 64,256 --phases calib-adapt,calib-adapt-whole
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity as `export.parity.mode: auto` decides: block by block above 1 GiB of ONNX),
@@ -124,12 +126,14 @@ MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
 PHASES = ("inspect", "dry-run", "compile", "compile-whole", "compile-lazy")
 CALIBRATION_GATES = "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine: 0.0}\n"  # random weights pass
+CALIBRATION_ADAPT = "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n"
 CALIBRATION_PHASES = {
     "calib-gates": CALIBRATION_GATES,
-    "calib-adapt": "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n",
+    "calib-adapt": CALIBRATION_ADAPT,
     "calib-gates-whole": CALIBRATION_GATES,  # every batch's logits computed whole (WHOLE_LOGITS)
+    "calib-adapt-whole": CALIBRATION_ADAPT,
 }
-# `calib-gates` as before logits were projected from hidden states when read (for comparison)
+# The `-whole` phases: logits computed whole, as before they were projected from hidden states (for comparison)
 WHOLE_LOGITS = (
     "import sys; import sparsec.data.logits as l; l.find_logits_head = lambda program, output='logits': None; "
     "from sparsec.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -308,7 +312,7 @@ def measure_calibration(
             recipe = work / f"{phase}.yaml"
             calibration = f"calibration: {{samples: {count}, seq_len: {seq_len}, batch_size: 8}}\n"
             recipe.write_text(CALIBRATION_PHASES[phase] + calibration)
-            sparsec = ["-c", WHOLE_LOGITS] if phase == "calib-gates-whole" else ["-m", "sparsec.cli"]
+            sparsec = ["-c", WHOLE_LOGITS] if phase.endswith("-whole") else ["-m", "sparsec.cli"]
             command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
             command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
             print(f"[scale] {size}: {phase} at {count} samples ...", flush=True)

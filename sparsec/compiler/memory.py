@@ -111,18 +111,20 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
     held_out = held_out_samples(cal.samples, cal.holdout)
     hidden = int(text.get("hidden_size") or 0)
     gated_tokens = (held_out or cal.samples) * cal.seq_len  # no split: gated on every sample
-    # kept while small: the hidden states logits are projected from, or whole logits where something follows the head
-    kept = [b for b in (gated_tokens * hidden * 4, gated_tokens * width * 4) if b <= reference.KEEP_BYTES]
-    parity_reference = min(recipe.export.parity.samples, cal.samples) * cal.seq_len * width * 4 if target else 0
+    whole = _holds_whole_logits(config)
+    # references hold the hidden states logits are projected from, or whole logits where something follows the head
+    reference_token_bytes = (width if whole else hidden) * 4
+    kept = gated_tokens * reference_token_bytes
+    parity_reference = min(recipe.export.parity.samples, cal.samples) * cal.seq_len * reference_token_bytes
     return estimate_compile(
         elements,
         load_bytes,
         parity_session=session,
-        kept_outputs=max(kept, default=0) + parity_reference,
+        kept_outputs=(kept if kept <= reference.KEEP_BYTES else 0) + (parity_reference if target else 0),
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
-        output_copies=_output_copies(recipe, config, parity=target is not None),
+        output_copies=_output_copies(recipe, whole=whole, parity=target is not None),
         hidden=hidden,
         layers=int(text.get("num_hidden_layers") or 0),
         sequential=cal.sequential,
@@ -134,17 +136,23 @@ WHOLE_LOGITS_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale")  # soft-ca
 WHOLE_LOGITS_MODEL_TYPES = ("chameleon",)  # image-token logits masked
 
 
-def _output_copies(recipe: Recipe, config: dict, *, parity: bool) -> int:
-    """How many times one calibration batch's widest output (a language model's logits) is held at once: 8 where a
-    pass trains through the logits against the dense program (`needs_reference`: teacher, student, their
-    log-softmaxes and gradients); 5 where the checks compare them whole because something follows the projection
-    (soft-capping, a logit scale, masked image tokens); else they are projected from hidden states a few rows at a
-    time, and only the parity check holds whole ones (the program's batch and the backend's), or one transient copy."""
-    if any(p.needs_reference() for p in recipe.passes):
-        return 8
+def _holds_whole_logits(config: dict) -> bool:
+    """Whether the checks and training hold this model's logits whole: something follows its projection
+    (soft-capping, a logit scale, masked image tokens), so `find_logits_head` will not find a plain one."""
     text = text_config(config)
-    if any(text.get(key) for key in WHOLE_LOGITS_CONFIG_KEYS) or config.get("model_type") in WHOLE_LOGITS_MODEL_TYPES:
-        return 5
+    return (
+        any(text.get(key) for key in WHOLE_LOGITS_CONFIG_KEYS) or config.get("model_type") in WHOLE_LOGITS_MODEL_TYPES
+    )
+
+
+def _output_copies(recipe: Recipe, *, whole: bool, parity: bool) -> int:
+    """How many times one calibration batch's widest output (a language model's logits) is held at once. Logits
+    held whole: 8 times where a pass trains through them against the dense program (`needs_reference`: teacher,
+    student, their log-softmaxes and gradients), else 5 for the checks. Otherwise they are projected from hidden
+    states a few rows at a time, by the checks and by training alike (`sparsec.data.projected_kl`), and only the
+    parity check holds whole ones (the program's batch and the backend's), or one transient copy."""
+    if whole:
+        return 8 if any(p.needs_reference() for p in recipe.passes) else 5
     return 2 if parity else 1
 
 

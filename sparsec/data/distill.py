@@ -15,7 +15,9 @@ Losses, on valid tokens only (`attention_mask`):
   shape);
 - an `AuxiliaryLoss` (the MoE load-balancing term), read off extra graph outputs and the trained tensors.
 
-Memory stays bounded: the teacher's outputs are recomputed for each step's batch, never kept for all batches.
+Memory stays bounded: the teacher's outputs are recomputed for each step's batch, never kept for all batches, and
+where the logits are a plain projection (`find_logits_head`) both programs return the hidden states and the KL
+projects a few rows at a time with its gradient (`sparsec.data.projected_kl`): no batch's logits are held whole.
 Trained parameters get float32 master copies (a bf16 program trains in float32 and gets its weights back in bf16);
 the program's tensors are never changed in place: the result replaces them (`Program.replace_state`), so a
 snapshot taken before (the `PassManager`'s) still holds the weights as they were. Adam, seeded, deterministic:
@@ -41,12 +43,14 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from sparsec.data.calibration import CalibrationSet, token_vectors
+from sparsec.data.logits import Logits, ProjectedLogits, find_logits_head, logit_rows, logits_run
+from sparsec.data.projected_kl import projected_kl
 from sparsec.errors import SparsecError
 from sparsec.ir.program import Program
 from sparsec.progress import progress_bar
@@ -117,9 +121,13 @@ class TrainingReport:
     blocks: list[BlockLoss] = field(default_factory=list)
 
 
-def kl_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over valid tokens of KL(softmax(teacher) || softmax(student)), computed in float32."""
+def kl_logits(student: Logits, teacher: Logits, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over valid tokens of KL(softmax(teacher) || softmax(student)), computed in float32; a few rows of
+    logits at a time where the student's are `ProjectedLogits` (`projected_kl`)."""
+    if isinstance(student, ProjectedLogits):
+        return projected_kl(token_vectors(student, mask), token_vectors(teacher, mask))
     s = token_vectors(student, mask).float().log_softmax(-1)
+    teacher = logit_rows(teacher)
     t = token_vectors(teacher, mask).float().log_softmax(-1)
     return (t.exp() * (t - s)).sum(-1).mean()
 
@@ -130,12 +138,12 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
 
 
-def output_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor], mask) -> torch.Tensor:
+def output_loss(student: Mapping[str, Any], teacher: Mapping[str, Any], mask) -> torch.Tensor:
     """KL of `logits`, relative squared error of the other floating-point outputs; their sum."""
     terms = [
         kl_logits(student[name], ref, mask) if name == "logits" else relative_error(student[name], ref, mask)
         for name, ref in teacher.items()
-        if isinstance(ref, torch.Tensor) and ref.is_floating_point()
+        if isinstance(ref, ProjectedLogits) or (isinstance(ref, torch.Tensor) and ref.is_floating_point())
     ]
     if not terms:
         raise SparsecError("distillation needs at least one floating-point program output")
@@ -143,23 +151,36 @@ def output_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch
 
 
 class _Runner:
-    """A program's graph module with extra outputs, called on a batch with given state tensors."""
+    """A program's graph module with extra outputs, called on a batch with given state tensors. Where its logits
+    are a plain projection (`find_logits_head`), the module returns the hidden states instead and the call the
+    logits as `ProjectedLogits` with the projection's state tensors: the loss projects them a few rows at a time."""
 
     def __init__(self, program: Program, extra: Sequence[str]) -> None:
         graph, env = Graph(), {}
         outputs = graph.graph_copy(program.graph, env)
         by_name = {old.name: new for old, new in env.items()}
+        self.head = program.analysis(find_logits_head)
+        if self.head is not None:
+            projection, hidden = env[self.head.projection], env[self.head.hidden]
+            outputs = tuple(hidden if o is projection else o for o in outputs)
         graph.output((*outputs, *(by_name[name] for name in extra)))
+        if self.head is not None:
+            graph.erase_node(projection)
         self.program = program
         self.module = GraphModule(program.graph_module, graph)
         self.extra = len(extra)
 
     def __call__(
         self, batch: Mapping[str, torch.Tensor], state: Callable[[str], torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[dict[str, Any], list[torch.Tensor]]:
         flat = self.module(*self.program.flat_args(batch, state))
         extra = list(flat[len(flat) - self.extra :]) if self.extra else []
-        return self.program.named_outputs(flat), extra
+        outputs = self.program.named_outputs(flat)
+        if self.head is not None:
+            head = self.head
+            bias = None if head.bias is None else state(head.bias)
+            outputs[head.output] = ProjectedLogits(outputs[head.output], state(head.weight), bias)
+        return outputs, extra
 
 
 class _Masters:
@@ -449,7 +470,9 @@ def _train_span(
 def _mean_output_loss(student: Program, teacher: Program, batches: list[dict[str, torch.Tensor]]) -> float:
     """The end-to-end output loss (KL of the logits) over `batches`, each program run as it is."""
     total = 0.0
+    runs = [(program, logits_run(program)) for program in (student, teacher)]
     with torch.no_grad():
         for batch in batches:
-            total += float(output_loss(student.run(batch), teacher.run(batch), CalibrationSet.valid_mask(batch)))
+            got, want = (run.logits(program.run(batch, outputs_from=run.outputs_from)) for program, run in runs)
+            total += float(output_loss(got, want, CalibrationSet.valid_mask(batch)))
     return total / len(batches)

@@ -95,33 +95,43 @@ def test_the_calibration_estimate_does_not_grow_with_the_samples(tmp_path):
     estimate = lambda samples, **more: memory_estimate(  # noqa: E731
         tmp_path, _recipe(samples=samples, seq_len=64, batch_size=8, **more), "auto", None
     )
-    kept = estimate(64)  # the gates' reference, kept: 13 held-out samples of 64 tokens x 256 logits, 2 of 8
-    assert kept.calibration - estimate(8).calibration == (13 - 2) * 64 * 256 * 4
+    hidden = json.loads((tmp_path / "config.json").read_text())["hidden_size"]
+    kept = estimate(64)  # the gates' reference, kept: 13 held-out samples' hidden states (64 tokens each), 2 of 8
+    assert kept.calibration - estimate(8).calibration == (13 - 2) * 64 * hidden * 4
     recomputed = estimate(100_000)  # 20,000 held out: recomputed batch by batch
     assert recomputed.calibration == estimate(400_000).calibration < kept.calibration < reference.KEEP_BYTES
     assert estimate(400_000, sequential=True).total > recomputed.total  # hidden states kept between blocks
 
 
 def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_trained_through_whole(tmp_path):
-    """Logits projected from hidden states when read: one batch-wide copy without a parity check, two with it
-    (the program's batch and the backend's); five where the head soft-caps its logits; eight where a pass trains
-    through them against the dense program."""
+    """Logits projected from hidden states when read, by the checks and by training: one batch-wide copy without a
+    parity check, two with it (the program's batch and the backend's). Where the head soft-caps its logits they are
+    held whole: five copies, eight where a pass trains through them against the dense program."""
     make_model("tiny-qwen2").save_pretrained(tmp_path)
     calibration = {"samples": 8, "seq_len": 64, "batch_size": 8}
     adapt = {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router"}}
-    plain, trained = (
-        memory_estimate(tmp_path, Recipe.from_dict({"passes": passes, "calibration": calibration}), "auto", None)
-        for passes in ([{"drop_layers": {"count": 1}}], [adapt])
-    )
+
+    def estimates(target=None):
+        return (
+            memory_estimate(tmp_path, Recipe.from_dict({"passes": passes, "calibration": calibration}), "auto", target)
+            for passes in ([{"drop_layers": {"count": 1}}], [adapt])
+        )
+
+    plain, trained = estimates()
     batch_logits = 8 * 64 * 256 * 4
-    assert trained.calibration - plain.calibration == 7 * batch_logits
-    with_parity = memory_estimate(tmp_path, Recipe.from_dict({"calibration": calibration}), "auto", "onnxruntime")
-    parity_reference = batch_logits  # the parity check's 8 samples, kept
-    assert with_parity.calibration - plain.calibration == batch_logits + parity_reference
+    assert trained.calibration == plain.calibration
     config = json.loads((tmp_path / "config.json").read_text())
+    with_parity, _ = estimates("onnxruntime")
+    parity_reference = 8 * 64 * config["hidden_size"] * 4  # the parity check's 8 samples, as hidden states
+    assert with_parity.calibration - plain.calibration == batch_logits + parity_reference
     (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
-    capped = memory_estimate(tmp_path, Recipe.from_dict({"passes": [], "calibration": calibration}), "auto", None)
-    assert capped.calibration - plain.calibration == 4 * batch_logits
+    capped, capped_trained = estimates()
+    capped_parity, _ = estimates("onnxruntime")
+    held_out = 2 * 64  # the gates' reference: the held-out fifth's logits, kept whole instead of hidden states
+    kept_logits = held_out * (256 - config["hidden_size"]) * 4
+    assert capped.calibration - plain.calibration == 4 * batch_logits + kept_logits
+    assert capped_trained.calibration - plain.calibration == 7 * batch_logits + kept_logits
+    assert capped_parity.calibration - capped.calibration == batch_logits  # the parity check's 8 samples, whole
 
 
 def test_a_compile_that_cannot_fit_is_refused_before_loading_naming_the_batch_size(tmp_path, monkeypatch, capsys):
