@@ -82,6 +82,15 @@ PRESETS: dict[str, dict] = {
         vocab_size=262144,
         tie_word_embeddings=True,
     ),
+    "0.5b-262k": dict(  # Qwen2-0.5B's stack with a 262,144-token vocabulary: 593M parameters, 235M the table
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=262144,
+        tie_word_embeddings=True,
+    ),
     "0.5b": dict(
         hidden_size=896,
         intermediate_size=4864,

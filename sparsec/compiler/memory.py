@@ -13,7 +13,7 @@ import torch
 from sparsec import resources
 from sparsec.analysis.regions import block_boundaries
 from sparsec.compiler.checks import model_config, text_config
-from sparsec.data import reference
+from sparsec.data import parity, reference
 from sparsec.data.calibration import held_out_samples
 from sparsec.errors import SparsecError
 from sparsec.exporters.targets import get_target
@@ -115,16 +115,21 @@ def memory_estimate(directory: Path, recipe: Recipe, dtype: str, target: str | N
     # references hold the hidden states logits are projected from, or whole logits where something follows the head
     reference_token_bytes = (width if whole else hidden) * 4
     kept = gated_tokens * reference_token_bytes
-    parity_reference = min(recipe.export.parity.samples, cal.samples) * cal.seq_len * reference_token_bytes
+    parity_samples = min(recipe.export.parity.samples, cal.samples)
+    parity_reference = parity_samples * cal.seq_len * reference_token_bytes
+    # the backend's outputs of one run (`backend_parity`'s pieces), held twice: its buffer and the returned array
+    sample_bytes = cal.seq_len * width * 4
+    backend_outputs = 2 * sample_bytes * min(parity_samples, max(1, parity.BACKEND_RUN_BYTES // max(sample_bytes, 1)))
     return estimate_compile(
         elements,
         load_bytes,
         parity_session=session,
-        kept_outputs=(kept if kept <= reference.KEEP_BYTES else 0) + (parity_reference if target else 0),
+        kept_outputs=(kept if kept <= reference.KEEP_BYTES else 0)
+        + (parity_reference + backend_outputs if target else 0),
         batch_tokens=min(cal.batch_size, cal.samples) * cal.seq_len,
         sequential_tokens=(cal.samples - held_out) * cal.seq_len,
         output_width=width,
-        output_copies=_output_copies(recipe, whole=whole, parity=target is not None),
+        output_copies=_output_copies(recipe, whole=whole),
         hidden=hidden,
         layers=int(text.get("num_hidden_layers") or 0),
         sequential=cal.sequential,
@@ -145,15 +150,15 @@ def _holds_whole_logits(config: dict) -> bool:
     )
 
 
-def _output_copies(recipe: Recipe, *, whole: bool, parity: bool) -> int:
+def _output_copies(recipe: Recipe, *, whole: bool) -> int:
     """How many times one calibration batch's widest output (a language model's logits) is held at once. Logits
     held whole: 8 times where a pass trains through them against the dense program (`needs_reference`: teacher,
     student, their log-softmaxes and gradients), else 5 for the checks. Otherwise they are projected from hidden
-    states a few rows at a time, by the checks and by training alike (`sparsec.data.projected_kl`), and only the
-    parity check holds whole ones (the program's batch and the backend's), or one transient copy."""
+    states a few rows at a time, by the checks and by training alike (`sparsec.data.projected_kl`): one transient
+    copy. (The parity check's backend outputs are counted apart, with the kept outputs.)"""
     if whole:
         return 8 if any(p.needs_reference() for p in recipe.passes) else 5
-    return 2 if parity else 1
+    return 1
 
 
 def check_materialized_fits(program, recipe: Recipe, target: str) -> None:

@@ -43,9 +43,10 @@ export:
 Entries apply in order, later ones override earlier ones for the outputs they match.
 
 The program side is computed first (`ProgramReference.compute`: outputs on the host), then the program is let go
-and only then does a backend open its session (`backend_parity`), so the two never share memory. Where the whole
-backend model would not fit, a target checks block by block instead (`check_block_parity`; ONNX Runtime's
-`export.parity.mode`).
+and only then does a backend open its session (`backend_parity`), so the two never share memory. The backend runs
+on pieces of the batches whose outputs take at most `BACKEND_RUN_BYTES` (a few samples of a large vocabulary's
+logits), so its outputs are never held for a whole batch. Where the whole backend model would not fit, a target
+checks block by block instead (`check_block_parity`; ONNX Runtime's `export.parity.mode`).
 
 Example::
 
@@ -58,9 +59,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -76,6 +78,7 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"cosine": 0.999, "rel_l2": 1e-2, "top1": 0.95},
     "bf16": {"cosine": 0.99, "rel_l2": 5e-2, "top1": 0.90},
 }
+BACKEND_RUN_BYTES = 256 * 2**20  # a backend's outputs of one run at most (`backend_parity` splits batches)
 BASE_METRICS = ("cosine", "rel_l2", "max_abs", "mean_abs", "max_rel", "mean_rel", "top1", "kl")
 
 
@@ -232,9 +235,35 @@ def backend_parity(
         # {'input_ids': [8, 24], 'attention_mask': [8, 24]}
     """
     batches = zip(reference.inputs, reference.outputs, reference.masks)
-    pairs = ((ref, run(batch), mask) for batch, ref, mask in batches)  # one batch of backend outputs at a time
+    pieces = (piece for batch in batches for piece in _run_pieces(*batch))
+    pairs = ((ref, run(inputs), mask) for inputs, ref, mask in pieces)  # one piece of backend outputs at a time
     report = check_parity(pairs, backend=backend, precision=precision, options=options)
     return {"mode": "whole", "input_shapes": reference.input_shapes, **report}
+
+
+def _run_pieces(
+    inputs: dict[str, torch.Tensor], outputs: dict[str, Logits], mask: torch.Tensor | None
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Logits], torch.Tensor | None]]:
+    """A batch split along the samples so that the backend's outputs of each piece take at most `BACKEND_RUN_BYTES`
+    in float32 (one sample at least): a backend returns a language model's logits whole, 134 MB a sample at 128
+    tokens of a 262,144-token vocabulary, and holds them twice (its own buffer and the returned array)."""
+    samples = next(iter(inputs.values())).shape[0]
+    rows = max(1, BACKEND_RUN_BYTES // max(sample_output_bytes(outputs), 1))
+    if rows >= samples:
+        yield inputs, outputs, mask
+        return
+    for start in range(0, samples, rows):
+        part = slice(start, start + rows)
+        yield (
+            {k: v[part] for k, v in inputs.items()},
+            {k: v[part] for k, v in outputs.items()},
+            None if mask is None else mask[part],
+        )
+
+
+def sample_output_bytes(outputs: Mapping[str, Any]) -> int:
+    """The float32 bytes of one sample's outputs (every output's size past the batch dimension)."""
+    return sum(math.prod(v.shape[1:]) * 4 for v in outputs.values() if hasattr(v, "shape") and len(v.shape) > 0)
 
 
 def check_block_parity(

@@ -8,6 +8,7 @@ from conftest import make_inputs, make_model
 
 from sparsec import capture, testing
 from sparsec.data import logits as logits_module
+from sparsec.data import parity as parity_module
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.language_model import next_token_loss
 from sparsec.data.logits import ProjectedLogits, logit_rows
@@ -93,3 +94,24 @@ def test_the_parity_reference_holds_hidden_states_and_measures_what_whole_logits
     assert all(isinstance(outputs["logits"], torch.Tensor) for outputs in reference.outputs)
     assert projected["logits"]["cosine"] < 0.999
     _close(projected, whole)
+
+
+def test_the_backend_runs_on_pieces_of_a_batch_whose_outputs_fit_its_budget(changed, monkeypatch):
+    """Two samples' logits per backend run (12 tokens x 256 x 4 bytes each): the batches of 3 are split 2 + 1, and
+    the metrics are those of whole batches."""
+    dense, program, calibration = changed
+    options = ParityOptions(samples=6, tolerances={"logits": {"cosine": None, "rel_l2": None, "top1": None}})
+    reference = ProgramReference(dense, calibration, samples=options.samples).compute()
+    runs = []
+
+    def backend(batch):
+        runs.append(batch["input_ids"].shape[0])
+        return program.run(batch)
+
+    whole = backend_parity(reference, backend, backend="test", precision="fp32", options=options)["metrics"]
+    assert runs == [3, 3]
+    monkeypatch.setattr(parity_module, "BACKEND_RUN_BYTES", 2 * 12 * 256 * 4)
+    runs.clear()
+    pieces = backend_parity(reference, backend, backend="test", precision="fp32", options=options)["metrics"]
+    assert runs == [2, 1, 2, 1]
+    _close(pieces, whole)

@@ -104,9 +104,9 @@ def test_the_calibration_estimate_does_not_grow_with_the_samples(tmp_path):
 
 
 def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_trained_through_whole(tmp_path):
-    """Logits projected from hidden states when read, by the checks and by training: one batch-wide copy without a
-    parity check, two with it (the program's batch and the backend's). Where the head soft-caps its logits they are
-    held whole: five copies, eight where a pass trains through them against the dense program."""
+    """Logits projected from hidden states when read, by the checks and by training: one batch-wide copy; a parity
+    check adds the backend's outputs of one run twice. Where the head soft-caps its logits they are held whole: five
+    copies, eight where a pass trains through them against the dense program."""
     make_model("tiny-qwen2").save_pretrained(tmp_path)
     calibration = {"samples": 8, "seq_len": 64, "batch_size": 8}
     adapt = {"ffn_to_moe": {"experts": 4, "top_k": 2, "adapt": "router"}}
@@ -123,7 +123,8 @@ def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_traine
     config = json.loads((tmp_path / "config.json").read_text())
     with_parity, _ = estimates("onnxruntime")
     parity_reference = 8 * 64 * config["hidden_size"] * 4  # the parity check's 8 samples, as hidden states
-    assert with_parity.calibration - plain.calibration == batch_logits + parity_reference
+    backend_outputs = 2 * batch_logits  # one run of the backend on the 8 samples: its buffer and the array returned
+    assert with_parity.calibration - plain.calibration == backend_outputs + parity_reference
     (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     capped, capped_trained = estimates()
     capped_parity, _ = estimates("onnxruntime")
@@ -131,7 +132,7 @@ def test_the_estimate_counts_whole_logits_only_where_they_are_compared_or_traine
     kept_logits = held_out * (256 - config["hidden_size"]) * 4
     assert capped.calibration - plain.calibration == 4 * batch_logits + kept_logits
     assert capped_trained.calibration - plain.calibration == 7 * batch_logits + kept_logits
-    assert capped_parity.calibration - capped.calibration == batch_logits  # the parity check's 8 samples, whole
+    assert capped_parity.calibration - capped.calibration == batch_logits + backend_outputs  # 8 samples, whole
 
 
 def test_a_compile_that_cannot_fit_is_refused_before_loading_naming_the_batch_size(tmp_path, monkeypatch, capsys):
