@@ -67,6 +67,9 @@ def capture(
     tagger = Tagger(family.tags).with_overrides(tags)
     bounds = family.dim_bounds(model)
     program = capture_program(model, example_inputs, dims, family=family.name, tagger=tagger, dim_bounds=bounds)
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):  # with the class captured, which a config may not name
+        program.source_config = {**config.to_dict(), "architectures": [type(model).__name__]}
     if family.name == GENERIC.name and not tags:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         log.warning(

@@ -102,7 +102,7 @@ def _decisions(report: dict) -> str:
             lines.append(f"== entry point {entry}")
         if not program["passes"]:
             continue
-        lines.append(_calibration_line(program["calibration"]))
+        lines += [f"result      {program['architecture']['summary']}", _calibration_line(program["calibration"])]
         lines += table_lines(
             [
                 {
@@ -176,6 +176,7 @@ def _summary(report: dict) -> str:
             lines.append(f"entry      {entry}/")
         lines += [
             f"parameters {program['parameters']['before']:,} -> {program['parameters']['after']:,}",
+            f"result     {program['architecture']['summary']}",
             _calibration_line(program["calibration"]),
         ]
         for p in program["passes"]:
@@ -759,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=helptext,
             description=helptext[0].upper() + helptext[1:] + ". The artifact is a "
             "`sparsec compile --out` directory (model.onnx; model.engine for --target tensorrt; model.aoti.pt2 for "
-            "--target aotinductor; program.pt2, the program itself, for --target pytorch).",
+            "--target aotinductor; program.pt2, the program itself, for --target pytorch; config.json and "
+            "model.safetensors for --target hf).",
         )
         p.add_argument("--artifact", required=True, help="a sparsec compile output directory")
         p.add_argument("--entry", metavar="NAME", help="the program of a multi-program output (OUT/NAME)")

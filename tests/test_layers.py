@@ -43,6 +43,7 @@ MODULE_ORDER: dict[str, list[str]] = {
         "blocks",
         "heads",
         "hidden",
+        "architecture",  # what a config states: blocks, widths, heads, experts
         "importance",
         "inspection",
     ],

@@ -729,16 +729,35 @@ def attention_misses(program) -> list[NoMatch]:
     return [a for a in program.analysis(_attention_matches) if isinstance(a, NoMatch)]
 
 
-def head_counts(program) -> dict[str, tuple[int, int]]:
-    """(query heads, KV heads) of every attention core by the module path of its output, read from the shapes
-    (an attention left with one head, which `find_attentions` has nothing to prune in, included)."""
-    counts = {}
+@dataclass(frozen=True)
+class HeadShape:
+    """An attention core's query heads, KV heads and head width, read from the shapes of its inputs."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def head_shapes(program) -> dict[str, HeadShape | NoMatch]:
+    """The `HeadShape` of every attention core by the module path of its output, whether or not its heads can be
+    pruned (`find_attentions` finds those): an attention left with one head included; a `NoMatch` where a core's
+    heads cannot be read (batch and heads flattened into one axis)."""
+    shapes: dict[str, HeadShape | NoMatch] = {}
     for core in _cores(program):
         if isinstance(core, NoMatch):
+            shapes[core.path] = core
             continue
-        hq, hk = int(_shape(core.q)[-3]), int(_shape(core.k)[-3])
-        counts[module_path(core.out)] = (hq, hk if core.gqa or hk != hq else hq // _repeat(core.k))
-    return counts
+        q, k = _shape(core.q), _shape(core.k)
+        hq, hk = int(q[-3]), int(k[-3])
+        kv = hk if core.gqa or hk != hq else hq // _repeat(core.k)
+        shapes[module_path(core.out)] = HeadShape(hq, kv, int(q[-1]))
+    return shapes
+
+
+def head_counts(program) -> dict[str, tuple[int, int]]:
+    """(query heads, KV heads) of every attention core by the module path of its output (`head_shapes`)."""
+    shapes = head_shapes(program).items()
+    return {path: (shape.heads, shape.kv_heads) for path, shape in shapes if isinstance(shape, HeadShape)}
 
 
 def apply_heads(program, attention: Attention, keep: torch.Tensor) -> None:

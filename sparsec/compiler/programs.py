@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sparsec.analysis.architecture import as_report as architecture_report
 from sparsec.analysis.regions import block_boundaries
 from sparsec.capture import capture
 from sparsec.compiler.shared import SharedDecisions
@@ -111,6 +112,7 @@ class ProgramCompile:
         if decisions is not None and decisions.skipped:
             self.report["passes_skipped"] = {name: "nothing to change in this program" for name in decisions.skipped}
         self.report["parameters"] = {"before": self.captured_parameters, "after": self.program.num_parameters()}
+        self.report["architecture"] = architecture_report(self.program)
 
     def write(
         self, directory: Path, recipe: Recipe, target: Target, times: dict[str, float], say: Callable[[str], None]

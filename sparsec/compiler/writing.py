@@ -35,16 +35,28 @@ def _jsonable(value: Any) -> Any:
 
 
 def copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
-    """Copy the model directory's tokenizer (the `TOKENIZER_FILES` it has, config.json included: transformers picks
-    the tokenizer class by its model_type) into `directory/tokenizer/`, so the artifact tokenizes text inputs on its
-    own and as the compile did (`sparsec run --calib FILE.txt`). A model without tokenizer files (a built-in) gets none.
-    """
-    present = tokenizer_files(model_dir)
+    """Copy the model directory's tokenizer (the `TOKENIZER_FILES` it has) into `directory/tokenizer/`, so the
+    artifact tokenizes text inputs on its own and as the compile did (`sparsec run --calib FILE.txt`). A model
+    without tokenizer files (a built-in) gets none.
+
+    config.json is not copied: it describes the model before compression, a trap beside a compressed one (the
+    compile's `report.json` states the resulting architecture). transformers reads its `model_type` to pick the
+    tokenizer class (over tokenizer_config.json's), so the copy's tokenizer_config.json names the class the model
+    directory's tokenizer loads as: the copy loads as that class, with or without config.json."""
+    present = [name for name in tokenizer_files(model_dir) if name != "config.json"]
     if not present:
         return
-    (directory / TOKENIZER_DIR).mkdir()
+    target = directory / TOKENIZER_DIR
+    target.mkdir()
     for name in present:
-        shutil.copyfile(model_dir / name, directory / TOKENIZER_DIR / name)
+        shutil.copyfile(model_dir / name, target / name)
+    from transformers import AutoTokenizer
+
+    loaded_as = type(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)).__name__
+    settings_path = target / "tokenizer_config.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    if settings.get("tokenizer_class") != loaded_as:
+        settings_path.write_text(json.dumps({**settings, "tokenizer_class": loaded_as}, indent=2) + "\n")
 
 
 def split_decisions(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

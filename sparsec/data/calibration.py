@@ -41,8 +41,9 @@ from sparsec.errors import CalibrationError
 from sparsec.progress import progress_bar
 
 # What `AutoTokenizer.from_pretrained` reads from a model directory (fast, slow and SentencePiece tokenizers, and
-# config.json, whose model_type can decide the tokenizer class). `sparsec compile` copies those present into
-# OUT/tokenizer/ (`TOKENIZER_DIR`), so `sparsec run --calib FILE.txt` tokenizes as the compile did.
+# config.json, whose model_type can decide the tokenizer class). `sparsec compile` copies the tokenizer into
+# OUT/tokenizer/ (`TOKENIZER_DIR`; config.json is not copied), so `sparsec run --calib FILE.txt` tokenizes as the
+# compile did.
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
     "config.json",

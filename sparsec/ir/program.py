@@ -52,6 +52,9 @@ class Program:
         dim_bounds: `{dim name: largest size}` of the dynamic dims the model bounds (BERT's `seq` at
             `max_position_embeddings`); the others are unbounded.
         weights: the `WeightStore` of its state tensors (lazily backed, spilled, stored copies).
+        source_config: the configuration of the model it was captured from, as a plain dict (a Hugging Face
+            model's `config.to_dict()`), or None; it describes the model before any pass (a target writing a
+            checkpoint rewrites it from the program). Not saved in `.pt2` files.
 
     The program's outputs are plain containers, made so when the `Program` is made: a model returning a
     `ModelOutput` returns a dict of the same names (`logits`), as the `.pt2` file `save` writes does.
@@ -73,10 +76,12 @@ class Program:
         tagger: Tagger | None = None,
         dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
         dim_bounds: Mapping[str, int] | None = None,
+        source_config: Mapping[str, Any] | None = None,
     ) -> None:
         serialization.with_plain_outputs(exported)
         self.exported = exported
         self.family = family
+        self.source_config = dict(source_config) if source_config is not None else None
         self.tagger = tagger or Tagger()
         self.dynamic_dims = {k: dict(v) for k, v in (dynamic_dims or {}).items()}
         self.dim_bounds = dict(dim_bounds or {})
@@ -325,7 +330,12 @@ class Program:
     def _with(self, exported: ExportedProgram) -> Program:
         """A program of `exported` with this one's metadata."""
         return Program(
-            exported, family=self.family, tagger=self.tagger, dynamic_dims=self.dynamic_dims, dim_bounds=self.dim_bounds
+            exported,
+            family=self.family,
+            tagger=self.tagger,
+            dynamic_dims=self.dynamic_dims,
+            dim_bounds=self.dim_bounds,
+            source_config=self.source_config,
         )
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -66,11 +66,16 @@ def test_programs_load_and_run_in_a_fresh_interpreter(tmp_path, dense, moe):
     torch.testing.assert_close(loaded["outputs"]["moe"], Program.load(moe / "program.pt2").run(inputs))
 
 
-def test_the_tokenizer_travels_with_the_artifact(dense, model_dir, capsys):
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-        assert (dense / "tokenizer" / name).read_bytes() == (model_dir / name).read_bytes()
+def test_the_tokenizer_travels_with_the_artifact_without_the_models_config(dense, model_dir, capsys):
+    """config.json describes the model before compression: not copied. The copy names the tokenizer class the model
+    directory's tokenizer loads as (there, config.json's model_type picks it)."""
+    assert (dense / "tokenizer" / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    settings = json.loads((dense / "tokenizer" / "tokenizer_config.json").read_text())
+    original = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert settings == {**original, "tokenizer_class": "Qwen2Tokenizer"} != original
     report = json.loads((dense / "report.json").read_text())
-    assert {"tokenizer/tokenizer.json", "tokenizer/config.json", "program.pt2"} <= set(report["artifacts"])
+    assert {"tokenizer/tokenizer.json", "program.pt2"} <= set(report["artifacts"])
+    assert not (dense / "tokenizer" / "config.json").exists()
     assert report["calibration"]["source"].endswith("text.txt")
     check_out_dir(dense)  # a later compile into it replaces it: the tokenizer directory counts as sparsec's
 

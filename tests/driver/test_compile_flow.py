@@ -10,6 +10,7 @@ import time
 import pytest
 import yaml
 
+import sparsec.cli
 import sparsec.compiler
 import sparsec.models
 from sparsec.cli import main
@@ -147,3 +148,33 @@ def test_dry_run_refuses_an_export_the_target_cannot_run_as_the_compile_does(tmp
         assert main(["compile", "--recipe", str(recipe), "--quiet", *extra]) == 2
         assert "export.precision: bf16 does not run on ONNX Runtime's CPU provider" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.yaml"]
+
+
+def test_the_report_and_the_dry_run_state_the_resulting_architecture():
+    """A block dropped, FFNs sliced to half and half the KV groups pruned on tiny-llama (4 blocks, FFN 128, 4 heads
+    in 2 KV groups of 16): the report says so in one place, and the dry run prints it."""
+    recipe = {
+        "passes": [
+            {"drop_layers": {"count": 1}},
+            {"slice_neurons": {"keep_ratio": 0.5}},
+            {"prune_heads": {"keep_ratio": 0.5, "unit": "kv_group"}},
+        ],
+        "calibration": {"samples": 8, "seq_len": 16},
+        "quality": {"gates": False},
+    }
+    report = compile_model("builtin:tiny-llama", Recipe.from_dict(recipe), None, dry_run=True, progress=False)
+    summary = "3 blocks (model.layers); hidden 64; heads 2, kv heads 1, head dim 16; FFN 64"
+    assert report["architecture"] == {
+        "stack": "model.layers",
+        "blocks": 3,
+        "hidden": 64,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 16,
+        "ffn": 64,
+        "experts": None,
+        "top_k": None,
+        "expert_ffn": None,
+        "summary": summary,
+    }
+    assert f"result      {summary}" in sparsec.cli._decisions(report).splitlines()  # what the dry run prints

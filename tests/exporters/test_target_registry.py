@@ -75,14 +75,14 @@ def toy(restored):
 
 def test_builtins_are_found_by_scanning_the_package():
     targets = available_targets()
-    assert list(targets) == ["aotinductor", "onnxruntime", "onnxruntime-cuda", "pytorch", "tensorrt"]
+    assert list(targets) == ["aotinductor", "hf", "onnxruntime", "onnxruntime-cuda", "pytorch", "tensorrt"]
     assert targets["onnxruntime-cuda"].providers == ("CUDAExecutionProvider",)
     assert targets["tensorrt"].section == "tensorrt" and targets["tensorrt"].artifacts == ("model.engine",)
     assert not targets["onnxruntime"].needs_onnx and targets["tensorrt"].needs_onnx
 
 
 def test_unknown_target_names_the_registered_ones(tmp_path):
-    message = r"unknown target 'tpu'; registered targets: \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
+    message = r"unknown target 'tpu'; registered targets: \['aotinductor', 'hf', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]"
     with pytest.raises(SparsecError, match=message):
         get_target("tpu")
     with pytest.raises(SparsecError, match=message):
@@ -128,7 +128,7 @@ def test_register_target_rejects_incomplete_targets():
         register_target(SectionWithoutOptions)
     with pytest.raises(TypeError, match="non-empty `name`"):
         register_target(type("Nameless", (OnnxFile,), {"name": ""}))
-    assert set(available_targets()) == {"aotinductor", "onnxruntime", "onnxruntime-cuda", "pytorch", "tensorrt"}
+    assert set(available_targets()) == {"aotinductor", "hf", "onnxruntime", "onnxruntime-cuda", "pytorch", "tensorrt"}
 
 
 def _installed_package(site: Path, module: str, entry_points: str) -> None:

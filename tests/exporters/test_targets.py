@@ -105,7 +105,7 @@ def test_targets_that_do_not_fit_the_recipe(recipe, target, message):
     check_target("onnxruntime", Recipe())  # the default target runs anywhere
     with pytest.raises(
         SparsecError,
-        match=r"unknown target 'tpu'; registered targets: \['aotinductor', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]",
+        match=r"unknown target 'tpu'; registered targets: \['aotinductor', 'hf', 'onnxruntime', 'onnxruntime-cuda', 'pytorch', 'tensorrt'\]",
     ):
         check_target("tpu", Recipe())
 
