@@ -22,12 +22,14 @@ statistics, then the pass measured on the held-out fifth against the dense progr
 no reference output is kept whole once it passes `sparsec.data.reference.KEEP_BYTES`, and logits that are a plain
 projection are kept as hidden states (`sparsec.data.logits`) and trained through a few rows at a time
 (`sparsec.data.projected_kl`). `calib-gates-whole` and `calib-adapt-whole` are the same with every batch's logits
-computed whole, as sparsec did before that projection (the baseline, side by side).
+computed whole, as sparsec did before that projection (the baseline, side by side). `calib-compile` is
+`calib-gates` compiled to the end: program.pt2, the ONNX export and ONNX Runtime parity.
 
     python bench/scale.py --sizes vocab-262k --calibration 64,256,1024 --json calibration.json
     python bench/scale.py --sizes 270m --calibration 128 --phases calib-gates,calib-gates-whole
     python bench/scale.py --sizes vocab-262k --calibration 64,256 --seq-len 512 --phases calib-gates,calib-gates-whole
     python bench/scale.py --sizes vocab-262k --calibration 64,256 --phases calib-adapt,calib-adapt-whole
+    python bench/scale.py --sizes 0.5b-262k --calibration 64 --phases calib-compile
 
 Phases: `inspect`, `dry-run` (`compile --dry-run`: the passes' decisions, nothing written), `compile` (program.pt2,
 model.onnx, ONNX Runtime parity as `export.parity.mode: auto` decides: block by block above 1 GiB of ONNX),
@@ -135,12 +137,15 @@ MOT_SIZES = {"bagel-7b-mot": "bagel-7b"}
 SHARD_BYTES = 1 << 30
 PHASES = ("inspect", "dry-run", "compile", "compile-whole", "compile-lazy")
 CALIBRATION_GATES = "passes:\n  - drop_layers: {count: 1}\nquality: {min_cosine: 0.0}\n"  # random weights pass
-CALIBRATION_ADAPT = "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n"
+CALIBRATION_ADAPT = (
+    "passes:\n  - ffn_to_moe: {experts: 8, top_k: 2, adapt: router, adapt_steps: 4}\nquality: {gates: off}\n"
+)
 CALIBRATION_PHASES = {
     "calib-gates": CALIBRATION_GATES,
     "calib-adapt": CALIBRATION_ADAPT,
     "calib-gates-whole": CALIBRATION_GATES,  # every batch's logits computed whole (WHOLE_LOGITS)
     "calib-adapt-whole": CALIBRATION_ADAPT,
+    "calib-compile": CALIBRATION_GATES,  # the whole compile: the gates, ONNX export and ONNX Runtime parity
 }
 # The `-whole` phases: logits computed whole, as before they were projected from hidden states (for comparison)
 WHOLE_LOGITS = (
@@ -311,7 +316,8 @@ def calibration_file(path: Path, samples: int, seq_len: int, vocab: int) -> Path
 def measure_calibration(
     size: str, cache: Path, samples: list[int], seq_len: int, phases: list[str], work: Path
 ) -> list[dict]:
-    """Peak RSS of each of `phases` (`CALIBRATION_PHASES`), a dry run, at every sample count, one process each."""
+    """Peak RSS of each of `phases` (`CALIBRATION_PHASES`), a dry run (`calib-compile`: a compile to the end), at
+    every sample count, one process each."""
     directory = write_checkpoint(cache / f"qwen2-{size}-bf16", size)
     vocab = model_config(size).vocab_size
     calibs = {n: calibration_file(work / f"calib-{n}.safetensors", n, seq_len, vocab) for n in samples}
@@ -323,7 +329,8 @@ def measure_calibration(
             recipe.write_text(CALIBRATION_PHASES[phase] + calibration)
             sparsec = ["-c", WHOLE_LOGITS] if phase.endswith("-whole") else ["-m", "sparsec.cli"]
             command = [sys.executable, *sparsec, "compile", "--model", str(directory), "--recipe", str(recipe)]
-            command += ["--calib", str(calib), "--dtype", "float32", "--dry-run"]
+            command += ["--calib", str(calib), "--dtype", "float32"]
+            command += ["--out", str(work / f"out-{count}")] if phase == "calib-compile" else ["--dry-run"]
             print(f"[scale] {size}: {phase} at {count} samples ...", flush=True)
             result = run_measured(command, work / f"{phase}-{count}.log")
             rows.append({"size": size, "phase": phase, "samples": count, "seq_len": seq_len, **result})

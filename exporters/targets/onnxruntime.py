@@ -253,33 +253,48 @@ def _block_parity(
     boundaries = {o.removeprefix(BOUNDARY): o for n in model.graph.node for o in n.output if o.startswith(BOUNDARY)}
     program_side = reference.compute(values=list(boundaries))
     stops = set(boundaries.values())
-    blocks, head, provider = {}, [], ""
-    for index, segment in enumerate(segments):
-        outputs = list(segment.outputs) if segment.name == HEAD else [boundary_name(o) for o in segment.outputs]
+    blocks, provider = {}, ""
+
+    def opened(index: int, outputs: list[str]):
+        """The segment's subgraph in a session, its feeds and their dtypes."""
         sub, feeds = segment_model(model, outputs, stops)
         path = onnx_path.with_name(f".parity-segment-{index}.onnx")
         try:
             onnx.save(sub, str(path))
             sess = open_session(path)
-            provider = sess.get_providers()[0]
-            kinds = {i.name: onnx_dtype_to_torch(i.type.tensor_type.elem_type) for i in sub.graph.input}
-            for batch, values, outs, mask in zip(
-                program_side.inputs, program_side.values, program_side.outputs, program_side.masks
-            ):
-                feed = {
-                    name: (batch[name] if name in batch else values[name.removeprefix(BOUNDARY)]).to(kinds[name])
-                    for name in feeds
-                }
-                got = run(sess, feed)
-                if segment.name == HEAD:
-                    head.append((outs, got, mask))
-                else:
-                    for name, onnx_name in zip(segment.outputs, outputs):
-                        key = segment.name if len(segment.outputs) == 1 else f"{segment.name}:{name}"
-                        blocks.setdefault(key, []).append((values[name], got[onnx_name], mask))
-            del sess
         finally:
             path.unlink(missing_ok=True)
+        kinds = {i.name: onnx_dtype_to_torch(i.type.tensor_type.elem_type) for i in sub.graph.input}
+        return sess, feeds, kinds
+
+    def feed_of(batch, values, feeds, kinds):
+        return {
+            name: (batch[name] if name in batch else values[name.removeprefix(BOUNDARY)]).to(kinds[name])
+            for name in feeds
+        }
+
+    sides = list(zip(program_side.inputs, program_side.values, program_side.outputs, program_side.masks))
+    head_index = next(i for i, s in enumerate(segments) if s.name == HEAD)
+    for index, segment in enumerate(segments):
+        if index == head_index:
+            continue
+        outputs = [boundary_name(o) for o in segment.outputs]
+        sess, feeds, kinds = opened(index, outputs)
+        provider = sess.get_providers()[0]
+        for batch, values, _, mask in sides:
+            got = run(sess, feed_of(batch, values, feeds, kinds))
+            for name, onnx_name in zip(segment.outputs, outputs):
+                key = segment.name if len(segment.outputs) == 1 else f"{segment.name}:{name}"
+                blocks.setdefault(key, []).append((values[name], got[onnx_name], mask))
+        del sess
+    # the head last, its outputs (a language model's logits) compared piece by piece as they come, never all held
+    sess, feeds, kinds = opened(head_index, list(segments[head_index].outputs))
+    provider = provider or sess.get_providers()[0]
+    head = (
+        (outs, run(sess, feed), mask)
+        for batch, values, outputs, batch_mask in sides
+        for feed, outs, mask in parity.backend_pieces(feed_of(batch, values, feeds, kinds), outputs, batch_mask)
+    )
     report = parity.check_block_parity(
         blocks,
         head,

@@ -235,19 +235,20 @@ def backend_parity(
         # {'input_ids': [8, 24], 'attention_mask': [8, 24]}
     """
     batches = zip(reference.inputs, reference.outputs, reference.masks)
-    pieces = (piece for batch in batches for piece in _run_pieces(*batch))
+    pieces = (piece for batch in batches for piece in backend_pieces(*batch))
     pairs = ((ref, run(inputs), mask) for inputs, ref, mask in pieces)  # one piece of backend outputs at a time
     report = check_parity(pairs, backend=backend, precision=precision, options=options)
     return {"mode": "whole", "input_shapes": reference.input_shapes, **report}
 
 
-def _run_pieces(
+def backend_pieces(
     inputs: dict[str, torch.Tensor], outputs: dict[str, Logits], mask: torch.Tensor | None
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Logits], torch.Tensor | None]]:
     """A batch split along the samples so that the backend's outputs of each piece take at most `BACKEND_RUN_BYTES`
     in float32 (one sample at least): a backend returns a language model's logits whole, 134 MB a sample at 128
-    tokens of a 262,144-token vocabulary, and holds them twice (its own buffer and the returned array)."""
-    samples = next(iter(inputs.values())).shape[0]
+    tokens of a 262,144-token vocabulary, and holds them twice (its own buffer and the returned array). Inputs
+    without the batch's samples as their first dimension (a broadcast table) go to every piece whole."""
+    samples = mask.shape[0] if mask is not None else next(iter(inputs.values())).shape[0]
     rows = max(1, BACKEND_RUN_BYTES // max(sample_output_bytes(outputs), 1))
     if rows >= samples:
         yield inputs, outputs, mask
@@ -255,7 +256,7 @@ def _run_pieces(
     for start in range(0, samples, rows):
         part = slice(start, start + rows)
         yield (
-            {k: v[part] for k, v in inputs.items()},
+            {k: v[part] if v.dim() and v.shape[0] == samples else v for k, v in inputs.items()},
             {k: v[part] for k, v in outputs.items()},
             None if mask is None else mask[part],
         )
@@ -268,7 +269,7 @@ def sample_output_bytes(outputs: Mapping[str, Any]) -> int:
 
 def check_block_parity(
     blocks: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]],
-    head: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor | None]],
+    head: Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor], torch.Tensor | None]],
     *,
     backend: str,
     precision: Precision,
@@ -277,7 +278,8 @@ def check_block_parity(
 ) -> dict:
     """Parity checked block by block: `blocks` maps each block (by module path, in order) to its
     `(program output, backend output, valid mask)` per batch, the backend having run the block on the program's own
-    boundary activations; `head` holds the model outputs of the last segment, compared as in `check_parity`.
+    boundary activations; `head` yields the model outputs of the last segment (consumed once, after the blocks:
+    the backend may compute them as they are read), compared as in `check_parity`.
 
     A block is judged by the precision's default tolerances (`DEFAULT_TOLERANCES`, less `top1`, which is for logits);
     the head by `options.tolerances` too. Raises `QualityError` naming every block and output outside its bounds;

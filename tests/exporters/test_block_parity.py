@@ -9,6 +9,7 @@ import pytest
 from conftest import make_inputs, make_model
 
 from sparsec.capture import capture
+from sparsec.data import parity as parity_module
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, ProgramReference
 from sparsec.errors import QualityError
@@ -62,6 +63,24 @@ def test_block_parity_agrees_with_whole_parity(exported):
     head, full = blocks["metrics"]["logits"], whole["metrics"]["logits"]
     assert head["cosine"] > 0.99999 and full["cosine"] > 0.99999
     assert head["top1"] == full["top1"] == 1.0
+
+
+def test_the_head_runs_on_pieces_of_a_batch_and_measures_what_whole_batches_do(exported, monkeypatch):
+    """One sample's logits per run of the head's session (batches of 2 split in two): the same metrics, and the
+    rotary tables and masks crossing the boundary fed to every piece as they fit it."""
+    program, path, calibration = exported
+    whole = parity(program, path, calibration, "blocks")
+    monkeypatch.setattr(parity_module, "BACKEND_RUN_BYTES", 12 * 256 * 4)
+    runs = []
+    run = ort_target.run
+    monkeypatch.setattr(
+        ort_target, "run", lambda sess, feed: runs.append(len(next(iter(feed.values())))) or run(sess, feed)
+    )
+    pieces = parity(program, path, calibration, "blocks")
+    assert runs[-4:] == [1, 1, 1, 1] and runs[:-4] == [2] * (
+        len(runs) - 4
+    )  # the blocks' batches whole, the head's split
+    assert pieces["metrics"]["logits"] == pytest.approx(whole["metrics"]["logits"], rel=1e-6)
 
 
 def test_block_parity_names_a_corrupted_block(exported, tmp_path):
