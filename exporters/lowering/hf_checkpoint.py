@@ -11,9 +11,13 @@ refusal naming it (`CheckpointRefused`, before anything is written). What the cl
 then checked against the program by the `hf` target's parity, never assumed.
 
 Not expressible, so refused with the recipe change that makes it so: a model of no class AutoModelForCausalLM loads
-(encoders, vision towers, multimodal models), blocks of different widths (one
-`intermediate_size`, one head count per config), a block without its attention or FFN (a sublayer drop), MoE
-programs (`ffn_to_moe`, `prune_experts`), attention heads the graph does not show (`Architecture.unread`).
+(encoders, vision towers, multimodal models), blocks of different widths (one `intermediate_size`, one head
+count per config), a block without its attention or FFN (a sublayer drop), MoE programs (`ffn_to_moe`, a source
+MoE model), attention heads the graph does not show (`Architecture.unread`), a head width the family derives from
+`hidden_size / num_attention_heads` that pruning changed.
+
+generation_config.json is made from the rewritten config (`GenerationConfig.from_model_config`): the source
+directory's own, with its sampling defaults, is not carried over.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ def _match_tensors(program, config: dict[str, Any], model_class: type, stack: st
     with torch.device("meta"):
         skeleton = model_class(AutoConfig.for_model(**config))
     parameters = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+    shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
     renumber = re.compile(rf"^{re.escape(stack)}\.(\d+)\.")
     state = set(program.state_placeholders())
     tensors, missing, mismatched = {}, [], []
@@ -179,7 +184,7 @@ def _match_tensors(program, config: dict[str, Any], model_class: type, stack: st
             if parameters & set(names):
                 missing.append(names[0])
             continue
-        want, shape = tuple(skeleton.state_dict()[names[0]].shape), tuple(program.state_shape(found))
+        want, shape = shapes[names[0]], tuple(program.state_shape(found))
         if shape != want:
             mismatched.append(f"{names[0]}: the program's {found} is {list(shape)}, the class builds {list(want)}")
             continue

@@ -42,7 +42,8 @@ def copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
     config.json is not copied: it describes the model before compression, a trap beside a compressed one (the
     compile's `report.json` states the resulting architecture). transformers reads its `model_type` to pick the
     tokenizer class (over tokenizer_config.json's), so the copy's tokenizer_config.json names the class the model
-    directory's tokenizer loads as: the copy loads as that class, with or without config.json."""
+    directory's tokenizer loads as: the copy loads as that class, with or without config.json. (Where transformers
+    cannot load the source's tokenizer, its files are copied as they are.)"""
     present = [name for name in tokenizer_files(model_dir) if name != "config.json"]
     if not present:
         return
@@ -52,7 +53,10 @@ def copy_tokenizer(model_dir: Path | None, directory: Path) -> None:
         shutil.copyfile(model_dir / name, target / name)
     from transformers import AutoTokenizer
 
-    loaded_as = type(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)).__name__
+    try:
+        loaded_as = type(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)).__name__
+    except Exception:  # transformers cannot load the source's tokenizer either: the copy is as good as it is
+        return
     settings_path = target / "tokenizer_config.json"
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     if settings.get("tokenizer_class") != loaded_as:

@@ -133,9 +133,10 @@ def test_dry_run_prints_tables_within_100_columns_and_logs_no_carriage_returns(t
     lines = done.stdout.splitlines()
     assert max(map(len, lines)) <= 100
     assert lines[0].startswith("gates      NONE: nothing was gated")
-    assert lines[1].startswith("calibration synthetic random inputs")
+    assert lines[1].startswith("result      3 blocks (model.layers)")
+    assert lines[2].startswith("calibration synthetic random inputs")
     header = next(i for i, line in enumerate(lines) if line.startswith("pass "))
-    assert " ".join(lines[1:header]).split()[-6:] == ["on", "3", "held-out", "samples", "(96", "tokens)"]
+    assert " ".join(lines[2:header]).split()[-6:] == ["on", "3", "held-out", "samples", "(96", "tokens)"]
     assert lines[header].split() == ["pass", "params", "before", "->", "after", "quality", "perplexity"]
     assert lines[header + 1].split()[:4] == ["drop_layers", "181,312", "->", "144,192"]
     dense = [line.split()[-3:-1] for line in lines[header + 1 : header + 3]]  # ["(dense", "264.7,"] per pass
