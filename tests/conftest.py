@@ -294,6 +294,21 @@ class TwoBlockMlp(torch.nn.Module):
         return {"y": self.head(x * self.scale)}
 
 
+def compressed_llama(samples: int):
+    """(the dense program of a tiny Llama, the same model with block 1 dropped and half of each FFN's neurons sliced,
+    a calibration set of `samples` samples of 12 tokens, the first 4 left-padded, in batches of 3)."""
+    from sparsec import capture
+    from sparsec.data.calibration import CalibrationSet
+
+    model = make_model("tiny-llama")
+    dense = capture(model, make_inputs(model, 2, 16))
+    program = capture(model, make_inputs(model, 2, 16))
+    calibration = CalibrationSet(make_inputs(model, samples, 12, seed=3, pad_left=4), source="test", batch_size=3)
+    sparsec.testing.apply_pass(program, "drop_layers", layers=[1])
+    sparsec.testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calibration)
+    return dense, program, calibration
+
+
 def small_program(seed: int = 0):
     """(model, program) of a `TwoBlockMlp` captured with a dynamic batch dim (inputs `x` [batch, 3, 8])."""
     from sparsec import capture

@@ -214,15 +214,13 @@ def write_checkpoint(program, plan: CheckpointPlan, directory: Path) -> dict[str
     from safetensors.torch import save_file
     from transformers import AutoConfig, GenerationConfig
 
-    dtypes = {
-        program.state_tensor(n).dtype for n in plan.tensors.values() if program.state_tensor(n).is_floating_point()
-    }
+    tensors = {name: program.state_tensor(source).detach().contiguous() for name, source in plan.tensors.items()}
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     config = AutoConfig.for_model(**{**plan.config, "dtype": str(dtype).removeprefix("torch.")})
     config.architectures = [plan.model_class]
     config.save_pretrained(directory)
     GenerationConfig.from_model_config(config).save_pretrained(directory)
-    tensors = {name: program.state_tensor(source).detach().contiguous() for name, source in plan.tensors.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return {
         "model_class": plan.model_class,

@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from sparsec.data.calibration import CalibrationSet
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target, program_input_specs, runner_parity
+from sparsec.exporters.targets.base import InputSpec, Runner, Target, program_input_specs, runner_parity
 from sparsec.ir.program import Program
 from sparsec.ops.moe import DECOMPOSITIONS
 
@@ -125,9 +125,6 @@ class AOTInductor(Target):
             )
         if device.type == "cuda" and not _has_triton():
             raise SparsecError("--target aotinductor on --device cuda generates Triton kernels: pip install triton")
-
-    def lowering(self, recipe: Any) -> Lowering:
-        return Lowering(precision="fp32")  # no ONNX file: parity judges at the program's own precision
 
     def build(
         self,

@@ -156,8 +156,10 @@ class Target(abc.ABC):
         return getattr(recipe.export, self.section)
 
     def lowering(self, recipe: Any) -> Lowering:
-        """How to lower the program to ONNX for this target; by default in `export.precision`."""
-        return Lowering(precision=recipe.export.precision)
+        """How to lower the program to ONNX for this target; by default in `export.precision`, and "fp32" for a
+        target that builds from the program (`builds_from_onnx` False: no ONNX file, so parity judges at the
+        program's own precision)."""
+        return Lowering(precision=recipe.export.precision if self.builds_from_onnx else "fp32")
 
     def build(
         self,

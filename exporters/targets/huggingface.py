@@ -27,7 +27,7 @@ from sparsec.data.calibration import TOKENIZER_DIR, CalibrationSet
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
 from sparsec.exporters.lowering.hf_checkpoint import plan_checkpoint, write_checkpoint
-from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target, runner_parity
+from sparsec.exporters.targets.base import InputSpec, Runner, Target, runner_parity
 from sparsec.ir.program import Program
 
 CONFIG = "config.json"
@@ -65,9 +65,6 @@ class HuggingFaceCheckpoint(Target):
                 f"--target hf does not write MoE programs yet, and the recipe runs {moe[0]}; use --target "
                 "onnxruntime or aotinductor"
             )
-
-    def lowering(self, recipe: Any) -> Lowering:
-        return Lowering(precision="fp32")  # no ONNX file: parity judges at the program's own precision
 
     def build(
         self,

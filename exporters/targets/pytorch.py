@@ -22,7 +22,7 @@ import torch
 
 from sparsec.data.parity import ParityOptions, Precision, ProgramReference
 from sparsec.errors import SparsecError
-from sparsec.exporters.targets.base import InputSpec, Lowering, Runner, Target, program_input_specs, runner_parity
+from sparsec.exporters.targets.base import InputSpec, Runner, Target, program_input_specs, runner_parity
 from sparsec.ir.program import Program
 
 PROGRAM = "program.pt2"
@@ -49,9 +49,6 @@ class PyTorchProgram(Target):
     def check(self, recipe: Any) -> None:
         if not recipe.export.pt2:
             raise SparsecError("--target pytorch runs program.pt2: leave export.pt2 on (it is off in the recipe)")
-
-    def lowering(self, recipe: Any) -> Lowering:
-        return Lowering(precision="fp32")  # no ONNX file: parity judges at the program's own precision
 
     def load(self, directory: Path) -> Runner:
         program = _program(directory)

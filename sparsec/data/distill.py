@@ -176,11 +176,7 @@ class _Runner:
         flat = self.module(*self.program.flat_args(batch, state))
         extra = list(flat[len(flat) - self.extra :]) if self.extra else []
         outputs = self.program.named_outputs(flat)
-        if self.head is not None:
-            head = self.head
-            bias = None if head.bias is None else state(head.bias)
-            outputs[head.output] = ProjectedLogits(outputs[head.output], state(head.weight), bias)
-        return outputs, extra
+        return (outputs if self.head is None else self.head.project(outputs, state)), extra
 
 
 class _Masters:

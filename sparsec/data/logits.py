@@ -86,14 +86,18 @@ class LogitsHead:
     def outputs_from(self) -> dict[Node, Node]:
         return {self.projection: self.hidden}
 
+    def project(self, outputs: dict[str, Any], tensor: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+        """The outputs of a run with `outputs_from`, the hidden states of `output` as `ProjectedLogits` with the
+        projection's weight and bias taken from `tensor` (by state name)."""
+        bias = None if self.bias is None else tensor(self.bias)
+        return {**outputs, self.output: ProjectedLogits(outputs[self.output], tensor(self.weight), bias)}
+
     def projector(self, program, device: str | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        """What turns the outputs of a run with `outputs_from` into logits: the hidden states of `output` become
-        `ProjectedLogits` with the program's projection, read once, now (a lazily backed program reads it from its
-        file; the run itself never does; moved to `device` if given), without grad: these logits are measured,
-        never trained through."""
-        weight = program.state_tensor(self.weight).detach().to(device)
-        bias = None if self.bias is None else program.state_tensor(self.bias).detach().to(device)
-        return lambda outputs: {**outputs, self.output: ProjectedLogits(outputs[self.output], weight, bias)}
+        """What turns the outputs of a run with `outputs_from` into logits (`project`) with the program's
+        projection, read once, now (a lazily backed program reads it from its file; the run itself never does;
+        moved to `device` if given), without grad: these logits are measured, never trained through."""
+        held = {n: program.state_tensor(n).detach().to(device) for n in (self.weight, self.bias) if n is not None}
+        return lambda outputs: self.project(outputs, held.__getitem__)
 
 
 def find_logits_head(program, output: str = "logits") -> LogitsHead | None:

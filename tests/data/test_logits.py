@@ -4,9 +4,8 @@ references, with left padding and projections split into many chunks."""
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import compressed_llama
 
-from sparsec import capture, testing
 from sparsec.data import logits as logits_module
 from sparsec.data import parity as parity_module
 from sparsec.data.calibration import CalibrationSet
@@ -28,13 +27,7 @@ def _close(got: dict, expected: dict) -> None:
 @pytest.fixture(scope="module")
 def changed():
     """(dense program, the same model with a block dropped and half its neurons sliced, calibration set)."""
-    model = make_model("tiny-llama")
-    dense = capture(model, make_inputs(model, 2, 16))
-    program = capture(model, make_inputs(model, 2, 16))
-    calibration = CalibrationSet(make_inputs(model, 7, 12, seed=3, pad_left=4), source="test", batch_size=3)
-    testing.apply_pass(program, "drop_layers", layers=[1])
-    testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=calibration)
-    return dense, program, calibration
+    return compressed_llama(samples=7)
 
 
 @pytest.mark.parametrize("keep_bytes", [None, 0])

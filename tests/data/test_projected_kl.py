@@ -4,12 +4,10 @@ gives the weights and losses that whole logits give."""
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import compressed_llama
 
-from sparsec import capture, testing
 from sparsec.data import distill as distill_module
 from sparsec.data import logits as logits_module
-from sparsec.data.calibration import CalibrationSet
 from sparsec.data.distill import TrainingSettings, kl_logits, train_end_to_end
 from sparsec.data.logits import ProjectedLogits
 from sparsec.data.projected_kl import projected_kl
@@ -80,13 +78,7 @@ def test_only_the_inputs_that_need_gradients_get_them_and_no_grad_mode_computes_
 def sliced():
     """(teacher, student: a tiny Llama with a block dropped and half its FFN neurons sliced, calibration set with
     left padding)."""
-    model = make_model("tiny-llama")
-    teacher = capture(model, make_inputs(model, 2, 16))
-    student = capture(model, make_inputs(model, 2, 16))
-    calibration = CalibrationSet(make_inputs(model, 6, 12, seed=3, pad_left=4), source="test", batch_size=3)
-    testing.apply_pass(student, "drop_layers", layers=[1])
-    testing.apply_pass(student, "slice_neurons", keep_ratio=0.5, calibration=calibration)
-    return teacher, student, calibration
+    return compressed_llama(samples=6)
 
 
 @pytest.mark.parametrize("trained", ["**.mlp.down_proj.weight", "lm_head.weight"])
