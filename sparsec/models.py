@@ -18,6 +18,9 @@ Lazily (`weights="lazy"`, a directory; on the CPU, `device` aside): the model is
 are never written: capture sees the same devices, dtypes and shapes as with the weights, and its non-persistent
 buffers, e.g. rotary frequencies, are computed for real) and `LoadedModel.stored` maps each parameter to its tensor
 in the safetensors files (tied weights such as a shared `lm_head` / `embed_tokens` map to the one stored key).
+Checkpoint tensors are found as `from_pretrained` finds them, through transformers' key conversion
+(`sparsec.conversion`): legacy names (LLaVA's `language_model.model.*`, GPT-NeoX's `embed_out`) are renamed, and
+experts stored one by one are fused into the model's expert tensors when read.
 After capture, `LoadedModel.attach_weights(program)` backs the program by those files (`Program.attach_weights`):
 a pass reads a weight when it asks for it, one at a time. `sparsec inspect` and a weight-only
 `sparsec compile --dry-run` work so on a 14B model; with only config.json the program knows shapes alone.
@@ -26,6 +29,7 @@ a pass reads a weight when it asks for it, one at a time. `sparsec inspect` and 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from sparsec.conversion import checkpoint_tensors
 from sparsec.errors import SparsecError
 from sparsec.families import (
     Family,
@@ -120,10 +125,8 @@ class LoadedModel:
             return
         missing = [n for n in names if n not in self.stored]
         if self.stored and missing:
-            raise SparsecError(
-                f"{self.directory}: the checkpoint has no tensor for {len(missing)} parameter(s) "
-                f"({missing[:3]}); it does not match config.json: re-save the model"
-            )
+            unused = checkpoint_tensors(self.model, _checkpoint_index(self.directory)).unused
+            raise _missing_tensors(self.directory, missing, unused)
         program.attach_weights({n: self.stored.get(n) for n in names})
 
     @property
@@ -240,14 +243,15 @@ def load_model(
     if weights == "lazy":
         checkpoint_facts(directory)
         model = _build_unallocated(_builder(config), cast or _checkpoint_dtype(directory))
-        return LoadedModel(
-            model,
-            detect_family(model),
-            str(directory),
-            directory,
-            weights="lazy",
-            stored=_stored_tensors(model, directory),
-        )
+        found = checkpoint_tensors(model, _checkpoint_index(directory))
+        stored = _tied(model, found.stored)
+        if found.failed and any(name not in stored for name, _ in model.named_parameters()):
+            raise SparsecError(
+                f"{directory}: transformers converts some of its tensors as it loads them in a way sparsec cannot "
+                f"plan without reading them ({'; '.join(found.failed[:2])}); load its weights into memory instead "
+                "(`sparsec compile --weights memory`, or load_model(dir) in Python)"
+            )
+        return LoadedModel(model, detect_family(model), str(directory), directory, weights="lazy", stored=stored)
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     if device.type == "cpu":
         read = _read_parameters(config, directory, cast or _checkpoint_dtype(directory))
@@ -272,11 +276,8 @@ def load_model(
             "corrupt: copy or re-save the checkpoint"
         ) from exc
     if info["missing_keys"]:  # from_pretrained would leave them randomly initialised
-        missing = sorted(info["missing_keys"])
-        raise SparsecError(
-            f"{directory}: the checkpoint has no tensor for {len(missing)} parameter(s) ({missing[:3]}); it does "
-            "not match config.json (or a file is corrupt): copy or re-save the checkpoint"
-        )
+        unused = checkpoint_tensors(model, _checkpoint_index(directory)).unused
+        raise _missing_tensors(directory, sorted(info["missing_keys"]), unused)
     return LoadedModel(model.eval(), detect_family(model), str(directory), directory)
 
 
@@ -284,8 +285,10 @@ def _read_parameters(
     config, directory: Path, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, dict[str, StoredTensor]] | None:
     """The model of `config` with each parameter read from the checkpoint into memory of its own, one at a time,
-    and where each one lies (its exact copy: `LoadedModel.attach_weights`); None when the checkpoint's names do not
-    map one to one onto the model's (`from_pretrained` then converts).
+    and where each one lies (its exact copy: `LoadedModel.attach_weights`); None when a parameter has no tensor
+    after transformers' conversion (`sparsec.conversion`; `from_pretrained` then loads it, and names what is
+    missing); `SparsecError` for a tensor of another shape than its parameter. A parameter transformers fuses from
+    several stored tensors is computed from them as it does.
 
     `from_pretrained` memory-maps each file: every parameter is a view of its file's mapping, so a weight a pass
     drops or slices stays resident (as mapped file pages) while any other tensor of that file lives, and a
@@ -296,12 +299,18 @@ def _read_parameters(
     if getattr(_model_class(config), "_keep_in_fp32_modules", None):
         return None  # from_pretrained keeps those modules in FP32 whatever the dtype
     model = _build_unallocated(_builder(config), dtype)
-    where = _checkpoint_index(directory)
-    stored = _stored_tensors(model, directory, where)
+    found = checkpoint_tensors(model, _checkpoint_index(directory))
+    stored = _tied(model, found.stored)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     buffers = set(model.state_dict()) - set(parameters)
-    if set(parameters) - set(stored) or buffers & where.keys():
+    if set(parameters) - set(stored) or buffers & found.stored.keys():
         return None
+    for name, param in parameters.items():
+        if stored[name].shape != tuple(param.shape):
+            raise SparsecError(
+                f"{stored[name].file}: tensor {stored[name].key!r} has shape {list(stored[name].shape)}, the model's "
+                f"{name} is {list(param.shape)} (from config.json); the config and the weights are of different models"
+            )
     return _read_into(model, stored), {name: stored[name] for name in parameters}
 
 
@@ -335,7 +344,7 @@ def _load_own_layout(
     checkpoint_facts(directory)  # a truncated or foreign .safetensors file: a clear error before loading
     model = _build_unallocated(build, cast or _checkpoint_dtype(directory))
     where = _checkpoint_index(directory)
-    stored = _stored_tensors(model, directory, where)
+    stored = _stored_tensors(model, where)
     stored |= _renamed_tensors(model, family.stored_names(model), directory, where)
     for name, param in model.named_parameters():
         found = stored.get(name)
@@ -466,34 +475,50 @@ def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]
     }
 
 
-def _stored_tensors(
-    model: torch.nn.Module, directory: Path, where: dict[str, tuple[Path, tuple[int, ...]]] | None = None
-) -> dict[str, StoredTensor]:
-    """Parameter name -> its tensor in the directory's safetensors files, read from the headers only.
+def _stored_tensors(model: torch.nn.Module, where: dict[str, tuple[Path, tuple[int, ...]]]) -> dict[str, StoredTensor]:
+    """Parameter name -> its tensor in the safetensors files `where` indexes, by name alone: for a
+    checkpoint in a family's own layout, whose names are the model's (a `save_pretrained` one goes through
+    transformers' conversion: `sparsec.conversion`).
 
     A name is looked up as is, then with the model's `base_model_prefix` removed or added (a checkpoint of the
     bare base model); tied parameters (one tensor under several names) share whichever of their names is stored.
     """
-    where = _checkpoint_index(directory) if where is None else where
     prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[str, StoredTensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
+        key = next((c for c in candidates if c in where), None)
+        if key is not None:
+            found[name] = StoredTensor(where[key][0], key, where[key][1], param.dtype)
+    return _tied(model, found)
 
-    def lookup(name: str) -> str | None:
-        candidates = [name]
-        if prefix:
-            candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
-        return next((c for c in candidates if c in where), None)
 
+def _tied(model: torch.nn.Module, found: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+    """Parameter name -> its stored tensor, of the names in `found` (state names, buffers among them): tied
+    parameters (one tensor under several names) all map to the tensor of the first of their names found."""
     aliases: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
-        tensors[id(param)] = param
     stored: dict[str, StoredTensor] = {}
-    for key_id, names in aliases.items():
-        key = next((k for k in map(lookup, names) if k is not None), None)
-        if key is None:
-            continue
-        path, shape = where[key]
-        for name in names:
-            stored[name] = StoredTensor(path, key, shape, tensors[key_id].dtype)
+    for names in aliases.values():
+        tensor = next((found[n] for n in names if n in found), None)
+        if tensor is not None:
+            stored |= dict.fromkeys(names, tensor)
     return stored
+
+
+def _missing_tensors(directory: Path, missing: list[str], unused: dict[str, str]) -> SparsecError:
+    """The error for parameters the checkpoint in `directory` has no tensor for, after transformers' conversion:
+    their number, a few of them and, for each, the unused stored tensor whose converted name (`unused`: converted
+    name -> stored key) is closest."""
+    shown = []
+    for name in missing[:3]:
+        close = difflib.get_close_matches(name, list(unused), n=1, cutoff=0.5)
+        shown.append(f"{name!r} (closest unused stored tensor: {unused[close[0]]!r})" if close else repr(name))
+    return SparsecError(
+        f"{directory}: the checkpoint has no tensor for {len(missing)} parameter(s), under its name or one "
+        f"transformers converts from: {', '.join(shown)}{', ...' if len(missing) > 3 else ''}; "
+        + ("" if unused else "it stores no tensor the model does not use; ")
+        + "the checkpoint is incomplete or of another model than its config.json describes: copy it again or "
+        "re-save the model"
+    )

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsec.runner",),
     ("sparsec.recipe",),
     ("sparsec.capture", "sparsec.models"),
+    ("sparsec.conversion",),
     ("sparsec.passes", "sparsec.exporters", "sparsec.families", "sparsec.pipeline"),
     ("sparsec.transform", "sparsec.analysis", "sparsec.data"),
     ("sparsec.ops",),

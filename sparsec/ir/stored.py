@@ -7,11 +7,14 @@ file that would keep it resident; never unpickling anything), converted to the p
 time.
 
 A checkpoint may store one program tensor as several (the paper's MoE checkpoints store each expert's weights on
-their own, where `sparsec::moe` takes them stacked): such a `StoredTensor` names its `parts`, read and stacked.
+their own, where `sparsec::moe` takes them stacked): such a `StoredTensor` names its `parts`, read and stacked. One
+computed from stored tensors in any files by a function of them (transformers' conversion of legacy checkpoints,
+`sparsec.conversion`: per-expert tensors fused into one) is a `ConvertedTensor`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,48 @@ class StoredTensor:
         if tuple(tensor.shape) != self.shape:
             raise SparsecError(
                 f"{self.file}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
+                f"{self.shape}; the checkpoint changed since the program was captured: capture it again"
+            )
+        return tensor.to(self.dtype)
+
+
+@dataclass(frozen=True)
+class ConvertedTensor(StoredTensor):
+    """A tensor computed from the stored tensors `sources` ((file, key) pairs, in any files) by `convert`, which takes
+    them read in that order, each in `dtype`, and returns the tensor (of `shape`). `file` and `key` name the first
+    source and the result (in messages, and as the identity of a tensor read once): two `ConvertedTensor`s of one
+    checkpoint never share a `key`. Reading holds the sources, the conversion's steps and the result at once (a few
+    times the weight's size, briefly)."""
+
+    sources: tuple[tuple[Path, str], ...] = ()
+    convert: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+    def read(self) -> torch.Tensor:
+        """The tensor, freshly computed from its sources (CPU, `dtype`); `SparsecError` when a source no longer reads,
+        the conversion fails on them or the result no longer has `shape`."""
+        from safetensors import safe_open
+
+        tensors: dict[tuple[Path, str], torch.Tensor] = {}
+        try:
+            for file in dict.fromkeys(file for file, _ in self.sources):
+                with safe_open(str(file), framework="pt", backend="pread") as f:
+                    for key in (k for p, k in self.sources if p == file):
+                        tensors[(file, key)] = f.get_tensor(key).to(self.dtype)
+        except Exception as exc:
+            raise SparsecError(
+                f"cannot read the tensors of {self.key!r} from {self.file.parent} ({exc}); the checkpoint changed or "
+                "is corrupt since the program was captured: capture it again"
+            ) from exc
+        try:
+            tensor = self.convert([tensors.pop(source) for source in self.sources])
+        except Exception as exc:
+            raise SparsecError(
+                f"cannot compute {self.key!r} from its tensors in {self.file.parent} ({exc}); the checkpoint changed "
+                "since the program was captured: capture it again"
+            ) from exc
+        if tuple(tensor.shape) != self.shape:
+            raise SparsecError(
+                f"{self.file.parent}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
                 f"{self.shape}; the checkpoint changed since the program was captured: capture it again"
             )
         return tensor.to(self.dtype)

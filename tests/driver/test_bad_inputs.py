@@ -136,7 +136,9 @@ def test_missing_shard_bad_config_and_renamed_tensor(model_dir, capsys):
     weights.write_bytes(data[:at] + b"model.norx.weight" + data[at + 17 :])
     for argv in (["inspect"], ["compile", "--dry-run", "--quiet"]):
         assert main([*argv, "--model", str(model_dir)]) == 2
-        assert "the checkpoint has no tensor for 1 parameter(s) (['model.norm.weight'])" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "the checkpoint has no tensor for 1 parameter(s)" in err
+        assert "'model.norm.weight' (closest unused stored tensor: 'model.norx.weight')" in err
 
 
 # ----- calibration ---------------------------------------------------------------------------------------
