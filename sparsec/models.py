@@ -240,6 +240,7 @@ def load_model(
     if not weights:
         model = _build_on_meta(_builder(config), cast)
         return LoadedModel(model, detect_family(model), str(directory), directory, weights=False)
+    _check_not_quantized(config, directory)
     if weights == "lazy":
         checkpoint_facts(directory)
         model = _build_unallocated(_builder(config), cast or _checkpoint_dtype(directory))
@@ -279,6 +280,25 @@ def load_model(
         unused = checkpoint_tensors(model, _checkpoint_index(directory)).unused
         raise _missing_tensors(directory, sorted(info["missing_keys"]), unused)
     return LoadedModel(model.eval(), detect_family(model), str(directory), directory)
+
+
+def _check_not_quantized(config, directory: Path) -> None:
+    """Refuse a quantized checkpoint (`quantization_config` in config.json: FP8, GPTQ, AWQ, bitsandbytes, ...):
+    sparsec reads tensors as they are stored and has no dequantizer, so its weights would be read wrong."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    raise SparsecError(
+        f"{directory}: config.json has a quantization_config (quant_method: {method or 'unknown'}); sparsec compiles "
+        "unquantized weights and does not dequantize. Load the model with transformers, dequantize it "
+        "(model.dequantize() where its quantizer has one) and save_pretrained it in bfloat16 or float32, then compile "
+        "that directory"
+    )
 
 
 def _read_parameters(

@@ -146,6 +146,19 @@ def _ids(n=4, s=6, high=256):
     return torch.randint(0, high, (n, s), generator=torch.Generator().manual_seed(0))
 
 
+def test_a_quantized_checkpoint_is_refused_naming_its_method(model_dir, capsys):
+    """sparsec reads tensors as stored and does not dequantize: a quantization_config is refused before anything is
+    read (exit 2), naming the method and the fix."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for argv in (["inspect"], ["compile", "--dry-run", "--quiet"]):
+        assert main([*argv, "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert "has a quantization_config (quant_method: fp8)" in err and "save_pretrained" in err, err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [
