@@ -146,19 +146,39 @@ def moe_contrib(
     return op.Reshape(y, op.Shape(x))
 
 
+def _constant(value: float, like):
+    return op.CastLike(op.Constant(value_float=value), like)
+
+
+def _gelu(h, tanh: bool):
+    if tanh:
+        cube = op.Mul(_constant(0.044715, h), op.Mul(h, op.Mul(h, h)))
+        inner = op.Tanh(op.Mul(_constant(math.sqrt(2 / math.pi), h), op.Add(h, cube)))
+    else:
+        inner = op.Erf(op.Mul(h, _constant(1 / math.sqrt(2), h)))
+    return op.Mul(op.Mul(_constant(0.5, h), h), op.Add(_constant(1.0, h), inner))
+
+
+# `sparsec.ops.moe.ACTIVATIONS` in ONNX ops of opset 18 (`tests/exporters/test_moe_activations.py` holds each to
+# the PyTorch function in ONNX Runtime).
+ACTIVATIONS = {
+    "silu": lambda h: op.Mul(h, op.Sigmoid(h)),
+    "gelu": lambda h: _gelu(h, tanh=False),
+    "gelu_tanh": lambda h: _gelu(h, tanh=True),
+    "relu": lambda h: op.Relu(h),
+    "relu2": lambda h: op.Mul(op.Relu(h), op.Relu(h)),
+    "quick_gelu": lambda h: op.Mul(h, op.Sigmoid(op.Mul(_constant(1.702, h), h))),
+    "relu6": lambda h: op.Clip(h, _constant(0.0, h), _constant(6.0, h)),
+    "leaky_relu": lambda h: op.LeakyRelu(h, alpha=0.01),
+    "sigmoid": lambda h: op.Sigmoid(h),
+    "tanh": lambda h: op.Tanh(h),
+    "mish": lambda h: op.Mul(h, op.Tanh(op.Softplus(h))),
+    "hardswish": lambda h: op.HardSwish(h),
+}
+
+
 def _activation(h, name: str):
-    if name == "silu":
-        return op.Mul(h, op.Sigmoid(h))
-    if name == "relu":
-        return op.Relu(h)
-    half = op.CastLike(op.Constant(value_float=0.5), h)
-    one = op.CastLike(op.Constant(value_float=1.0), h)
-    if name == "gelu":
-        inner = op.Erf(op.Mul(h, op.CastLike(op.Constant(value_float=1 / math.sqrt(2)), h)))
-    else:  # gelu_tanh
-        cube = op.Mul(op.CastLike(op.Constant(value_float=0.044715), h), op.Mul(h, op.Mul(h, h)))
-        inner = op.Tanh(op.Mul(op.CastLike(op.Constant(value_float=math.sqrt(2 / math.pi)), h), op.Add(h, cube)))
-    return op.Mul(op.Mul(half, h), op.Add(one, inner))
+    return ACTIVATIONS[name](h)
 
 
 def _expert_linear(xs, weight, bias, index):

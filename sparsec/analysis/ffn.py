@@ -38,6 +38,7 @@ from sparsec.analysis.vocabulary import (
     same_dtype_and_shape,
     skip_passthrough,
 )
+from sparsec.ops.moe import ACTIVATIONS
 
 aten = torch.ops.aten
 
@@ -306,23 +307,16 @@ def ffn_activation(ffn: Ffn) -> str | NoMatch:
             "FFN of a supported activation",
             ffn.path,
             f"the ops between its projections ({ops}) are not act(gate x) * up x or act(fc1 x) with "
-            f"a supported activation ({sorted(set(ACTIVATION_OPS.values()) | {'gelu_tanh'})})",
+            f"an elementwise activation sparsec's MoE operator knows ({sorted(ACTIVATIONS)})",
         )
     return found
 
 
-_ACTIVATION_FUNCTIONS = {
-    "silu": torch.nn.functional.silu,
-    "relu": torch.relu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-}
-
-
 def _computed_activation(ffn: Ffn) -> str | None:
-    """The supported activation an FFN's pointwise ops compute when they spell it out as arithmetic (GPT-2's
-    and Phi's `gelu_new`, BLOOM's GELU: `tanh`, `pow`, `mul`, `add`), found by running those ops on probe
-    values in float64: `act(g) * u` (gated) or `act(u)` (plain) within 1e-6 of one activation, else None."""
+    """The activation of `sparsec.ops.moe.ACTIVATIONS` an FFN's pointwise ops compute when they are not one ATen
+    activation op (GPT-2's and Phi's `gelu_new`, BLOOM's GELU: `tanh`, `pow`, `mul`, `add`; Nemotron's squared
+    ReLU: `relu`, `square`; CLIP's `quick_gelu`), found by running those ops on probe values in float64:
+    `act(g) * u` (gated) or `act(u)` (plain) within 1e-6 of one activation, else None."""
     if ffn.gate_half is not None:
         return None
     gen = torch.Generator().manual_seed(0)
@@ -349,7 +343,7 @@ def _computed_activation(ffn: Ffn) -> str | None:
     except (LookupError, RuntimeError, TypeError):
         return None
     up = values[ffn.up] if ffn.gate is not None else 1.0
-    for name, act in _ACTIVATION_FUNCTIONS.items():
+    for name, act in ACTIVATIONS.items():
         if out.shape == probe.shape and torch.allclose(out, act(probe) * up, rtol=1e-6, atol=1e-6):
             return name
     return None

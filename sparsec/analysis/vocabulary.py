@@ -93,11 +93,17 @@ def describe(node: Node, where: bool = False) -> str:
     return f"{node.name} ({op}, {'in ' + path if path else 'top level'})"
 
 
+UNTAGGED_POINTWISE = {torch.ops.aten.hardswish.default}  # elementwise ops torch does not tag `pointwise`
+
+
 def is_pointwise(node: Node) -> bool:
-    """An op computed element by element (torch's `pointwise` tag), or a cast, copy or dropout."""
+    """An op computed element by element (torch's `pointwise` tag, or `UNTAGGED_POINTWISE`), or a cast, copy or
+    dropout."""
     target = node.target
     return node.op == "call_function" and (
-        target in PASSTHROUGH or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+        target in PASSTHROUGH
+        or target in UNTAGGED_POINTWISE
+        or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
     )
 
 

@@ -51,11 +51,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-ACTIVATIONS = {
+# The elementwise activations an expert may apply, by name (transformers' `ACT2FN` names where it has one:
+# `relu2` is squared ReLU, `quick_gelu` x * sigmoid(1.702 x)); each has an ONNX lowering (`onnx_moe.ACTIVATIONS`).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "hardswish": F.hardswish,
 }
 GATINGS = ("unit", "softmax", "renormalized", "one_plus_logit")
 Gating = Literal["unit", "softmax", "renormalized", "one_plus_logit"]
