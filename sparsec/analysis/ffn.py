@@ -113,11 +113,17 @@ def _pointwise_cone(root: Node) -> tuple[list[Node], list[Node], Node | None]:
         elif is_pointwise(node) or is_half_split(node):
             interior.append(node)
             stack.extend(node.all_input_nodes)
-        elif node.op == "placeholder" and getattr(node.meta.get("val"), "ndim", None) == 0:
-            continue  # a lifted scalar constant
+        elif node.op == "placeholder" and _is_broadcast_scalar(node.meta.get("val")):
+            continue  # a lifted constant or a learned parameter of one element (xIELU's alphas): the same for every neuron
         else:
             return linears, interior, node
     return linears, interior, None
+
+
+def _is_broadcast_scalar(value) -> bool:
+    """One element, whatever its shape ([], [1]): it acts on every neuron alike, so slicing or splitting the neurons
+    leaves it as it is. A per-neuron parameter would have to be sliced with them and stops the match."""
+    return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
 def _split_source(node: Node) -> Node | None:

@@ -236,3 +236,38 @@ def test_kept_pins_exact_neurons_and_is_checked():
         testing.apply_pass(
             fresh, "slice_neurons", keep_ratio=0.5, importance="magnitude", kept={"model.layers.0.mlp": [0, 128]}
         )
+
+
+def _nemotron_and_apertus():
+    """Two decoders whose FFN activation is no SiLU / GELU: Nemotron's squared ReLU (`relu`, `square`) and Apertus'
+    xIELU, whose learned parameters are one element each (`alpha_p`, `alpha_n`)."""
+    import transformers
+
+    shape = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return [
+        transformers.NemotronForCausalLM(transformers.NemotronConfig(**shape)).eval(),
+        transformers.ApertusForCausalLM(transformers.ApertusConfig(**shape)).eval(),
+    ]
+
+
+def test_ffns_of_other_elementwise_activations_slice_as_by_hand():
+    """Every FFN is found and sliced; the program equals the Hugging Face model sliced by hand, with left padding at
+    another shape (the learned scalars act on every neuron alike, so they stay as they are)."""
+    for model in _nemotron_and_apertus():
+        program = sparsec.capture(model, make_inputs(model, 2, 12))
+        record = testing.apply_pass(program, "slice_neurons", keep_ratio=0.5, calibration=_calibration(model))
+        decisions = record.decisions
+        assert [d["path"] for d in decisions["ffns"]] == [f"model.layers.{i}.mlp" for i in range(2)], type(model)
+        reference = slice_by_hand(model, decisions, roles={"up": "up_proj", "down": "down_proj"})
+        testing.assert_equivalent(
+            program, reference, make_inputs(model, 3, 9, seed=5, pad_left=2), output="logits", rtol=1e-4, atol=1e-5
+        )
