@@ -59,6 +59,10 @@ Factor = tuple[str, int]  # (kind, size); kind in g, r, r*, o
 HEAD_KINDS = ("g", "r", "r*")
 SDPA = aten.scaled_dot_product_attention.default
 SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default})
+# Ops that only reshape, the head layout regrouped through them; a flatten states no sizes, so pruning heads leaves
+# it as it is (Cohere's interleaved rotary flattens pairs back into the head dimension).
+RESHAPES = frozenset({*VIEW_OPS, aten.flatten.using_ints})
+LAYER_NORM = aten.layer_norm.default
 IDENTITY = frozenset({aten.contiguous.default, aten.detach.default, *PASSTHROUGH})
 
 
@@ -323,7 +327,7 @@ class _Propagation:
                     start = sum(sizes[: args[1]])
                     return self._segment(node, src.args[0], layout, d, start, sizes[args[1]])
             return [(src, layout)]
-        if target in VIEW_OPS:
+        if target in RESHAPES:
             return [(src, _regroup(node, layout, out, shape))]
         if target is aten.transpose.int:
             a, b = args[1] % len(layout), args[2] % len(layout)
@@ -374,6 +378,11 @@ class _Propagation:
             if layout[d] is not None:
                 raise Mismatch("a concatenation along a head axis", node)
             return [(t, layout) for t in args[0] if isinstance(t, Node)]
+        if target is aten.stack.default:  # a new axis of its own (Cohere's rotary pairs): the inputs lack it
+            d = _dim(node, 1, 0, len(layout))
+            if layout[d] is not None:
+                raise Mismatch("a stack whose new axis carries heads", node)
+            return [(t, layout[:d] + layout[d + 1 :]) for t in args[0] if isinstance(t, Node)]
         if target in REDUCTION_OPS:
             dims = [d % len(shape) for d in args[1]]
             keep = (args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)) is True
@@ -384,6 +393,12 @@ class _Propagation:
             if layout[args[1] % len(layout)] is not None:
                 raise Mismatch("a softmax over a head axis", node)
             return [(src, layout)]
+        if target is LAYER_NORM:  # normalised over trailing axes without heads (Chameleon's q/k norm per head)
+            if any(a is not None for a in layout[len(layout) - len(args[1]) :]):
+                raise Mismatch("a layer norm over a head axis", node)
+            return [(src, layout)] + [
+                (w, layout[len(layout) - len(args[1]) :]) for w in args[2:4] if isinstance(w, Node)
+            ]
         if target in IDENTITY or is_pointwise(node):
             result = []
             for arg in node.all_input_nodes:
@@ -466,7 +481,7 @@ class _Propagation:
                 return None  # its parts reach it from q, k and v (checked when closing)
             if target is not aten.slice.Tensor:
                 raise Mismatch("the segments of a fused projection are read other than through slices", user)
-        if target in VIEW_OPS or target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        if target in RESHAPES or target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             return _regroup(user, layout, src, out)
         if target is aten.transpose.int:
             a, b = args[1] % len(layout), args[2] % len(layout)
@@ -477,6 +492,9 @@ class _Propagation:
             return tuple(layout[d % len(layout)] for d in args[1])
         if target is aten.unsqueeze.default:
             d = args[1] % len(out)
+            return layout[:d] + (None,) + layout[d:]
+        if target is aten.stack.default:
+            d = _dim(user, 1, 0, len(out))
             return layout[:d] + (None,) + layout[d:]
         if target is aten.expand.default:
             pad = len(out) - len(layout)
@@ -500,6 +518,10 @@ class _Propagation:
                 return tuple(part[1] if i == d else a for i, a in enumerate(layout))
             if axis is not None and out[d] != src[d]:
                 raise Mismatch("a slice of part of a head axis", user)
+            return layout
+        if target is LAYER_NORM:
+            if any(a is not None for a in layout[len(layout) - len(args[1]) :]):
+                raise Mismatch("a layer norm over a head axis", user)
             return layout
         if (
             target in SPLIT_OPS

@@ -30,6 +30,18 @@ GQA = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
+
+
+def _chameleon(**shape):
+    """The built-in tiny Chameleon's config (its VQ model and image vocabulary) in the shape of the others."""
+    from sparsec.families.chameleon import tiny_chameleon_config
+
+    config = tiny_chameleon_config()
+    for key, value in shape.items():
+        setattr(config, key, value)
+    return config
+
+
 FAMILIES = {
     "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config, {}),
     "llama (3 groups of 2)": (T.LlamaForCausalLM, T.LlamaConfig, dict(num_key_value_heads=3)),
@@ -41,6 +53,8 @@ FAMILIES = {
     "olmo2 (q/k norm over all heads: approximate)": (T.Olmo2ForCausalLM, T.Olmo2Config, {}),
     "gpt_neox (MHA, fused qkv heads outer)": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig, dict(num_key_value_heads=None)),
     "gpt2 (Conv1D c_attn split in three)": (T.GPT2LMHeadModel, T.GPT2Config, dict(num_key_value_heads=None)),
+    "cohere (interleaved rotary: stack, flatten)": (T.CohereForCausalLM, T.CohereConfig, {}),
+    "chameleon (q/k layer norm per head, weights [heads, d])": (T.ChameleonForConditionalGeneration, _chameleon, {}),
 }
 
 
@@ -88,8 +102,12 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
                         state[f"{a}.{proj}.{p}"] = state[f"{a}.{proj}.{p}"][_rows(heads)]
         state[f"{a}.o_proj.weight"] = state[f"{a}.o_proj.weight"][:, _rows(q)]
         for norm, heads, before in (("q_norm", q, h_before), ("k_norm", kv, g_before)):
-            if state.get(f"{a}.{norm}.weight", torch.empty(0)).numel() == before * D:  # OLMo2: over all heads
-                state[f"{a}.{norm}.weight"] = state[f"{a}.{norm}.weight"][_rows(heads)]
+            for p in ("weight", "bias"):
+                tensor = state.get(f"{a}.{norm}.{p}", torch.empty(0))
+                if tensor.shape == (before, D):  # Chameleon: a weight per head
+                    state[f"{a}.{norm}.{p}"] = tensor[heads]
+                elif tensor.numel() == before * D:  # OLMo2: over all heads
+                    state[f"{a}.{norm}.{p}"] = tensor[_rows(heads)]
     if isinstance(model, T.GPTNeoXForCausalLM):  # its head size is hidden / heads: the modules are sliced instead
         reference = copy.deepcopy(model)
         for layer in layers:
@@ -103,6 +121,20 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
             attn.c_attn = transformers_conv1d(3 * D * len(q), 48)
             attn.c_proj = transformers_conv1d(48, D * len(q))
             attn.split_size, attn.num_heads = D * len(q), len(q)
+    elif isinstance(model, T.ChameleonForConditionalGeneration):  # head_dim is hidden / heads: the modules are cut
+        from transformers.models.chameleon.modeling_chameleon import ChameleonLayerNorm
+
+        reference = copy.deepcopy(model)
+        for layer in layers:
+            attn = reference.get_submodule(f"{layer}.self_attn")
+            attn.num_heads, attn.num_key_value_heads, attn.head_dim = len(q), len(kv), D
+            attn.num_key_value_groups = len(q) // len(kv)
+            attn.q_proj, attn.o_proj = (
+                torch.nn.Linear(48, D * len(q), bias=False),
+                torch.nn.Linear(D * len(q), 48, bias=False),
+            )
+            attn.k_proj, attn.v_proj = (torch.nn.Linear(48, D * len(kv), bias=False) for _ in range(2))
+            attn.q_norm, attn.k_norm = ChameleonLayerNorm((len(q), D)), ChameleonLayerNorm((len(kv), D))
     else:
         config = copy.deepcopy(model.config)
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = len(q), len(kv), D
@@ -167,7 +199,8 @@ def test_prune_equals_the_model_rebuilt_with_fewer_heads(captured, name):
         assert all(("approximate" in d) == ("olmo2" in name) for d in decisions)
         reference = _rebuild(reference, decisions, layers)
         testing.assert_equivalent(program, reference, inputs, rtol=1e-5, atol=1e-5)
-        assert program.num_parameters() == sum(p.numel() for p in reference.parameters())
+        captured = (p for n, p in reference.named_parameters() if ".vqmodel." not in f".{n}")  # Chameleon's VQ model
+        assert program.num_parameters() == sum(p.numel() for p in captured)
     expected = (decisions[0]["heads_after"], decisions[0]["kv_heads_after"])
     assert set(head_counts(program).values()) == {expected}  # the literal head counts were rewritten
 
