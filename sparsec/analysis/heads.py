@@ -63,7 +63,7 @@ SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default})
 # it as it is (Cohere's interleaved rotary flattens pairs back into the head dimension).
 RESHAPES = frozenset({*VIEW_OPS, aten.flatten.using_ints})
 LAYER_NORM = aten.layer_norm.default
-IDENTITY = frozenset({aten.contiguous.default, aten.detach.default, *PASSTHROUGH})
+IDENTITY = frozenset({aten.contiguous.default, aten.detach.default, aten.type_as.default, *PASSTHROUGH})
 
 
 class Segmented:
@@ -342,6 +342,9 @@ class _Propagation:
         if target is aten.unsqueeze.default:
             d = args[1] % len(layout)
             return [(src, layout[:d] + layout[d + 1 :])]
+        if target is aten.select.int:  # one index of an axis without heads (Persimmon's q | k | v of a fused view)
+            d = args[1] % (len(layout) + 1)
+            return [(src, layout[:d] + (None,) + layout[d:])]
         if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             return [(src, _regroup(node, layout, out, shape))]
         if target is aten.expand.default:
@@ -496,6 +499,11 @@ class _Propagation:
         if target is aten.stack.default:
             d = _dim(user, 1, 0, len(out))
             return layout[:d] + (None,) + layout[d:]
+        if target is aten.select.int:
+            d = args[1] % len(layout)
+            if layout[d] is not None:
+                raise Mismatch("a select of one index of a head axis", user)
+            return layout[:d] + layout[d + 1 :]
         if target is aten.expand.default:
             pad = len(out) - len(layout)
             result: list[AxisLayout] = [None] * pad

@@ -54,6 +54,16 @@ FAMILIES = {
     "gpt_neox (MHA, fused qkv heads outer)": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig, dict(num_key_value_heads=None)),
     "gpt2 (Conv1D c_attn split in three)": (T.GPT2LMHeadModel, T.GPT2Config, dict(num_key_value_heads=None)),
     "cohere (interleaved rotary: stack, flatten)": (T.CohereForCausalLM, T.CohereConfig, {}),
+    "persimmon (fused qkv viewed [H, 3, d], q/k layer norm, partial rotary)": (
+        T.PersimmonForCausalLM,
+        T.PersimmonConfig,
+        dict(num_key_value_heads=None, qk_layernorm=True),
+    ),
+    "gemma3 (q/k RMSNorm cast back with type_as, local and global layers)": (
+        T.Gemma3ForCausalLM,
+        T.Gemma3TextConfig,
+        dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    ),
     "chameleon (q/k layer norm per head, weights [heads, d])": (T.ChameleonForConditionalGeneration, _chameleon, {}),
 }
 
@@ -84,12 +94,15 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
             state[f"{w}.weight"], state[f"{w}.bias"] = state[f"{w}.weight"][:, cols], state[f"{w}.bias"][cols]
             state[f"{layer}.attn.c_proj.weight"] = state[f"{layer}.attn.c_proj.weight"][_rows(q)]
             continue
-        if "query_key_value" in " ".join(state):  # GPT-NeoX: [H, 3 * d] rows, heads outer
-            w = f"{layer}.attention.query_key_value"
+        fused = next(
+            (f"{layer}.{a}" for a in ("attention", "self_attn") if f"{layer}.{a}.query_key_value.weight" in state), None
+        )
+        if fused is not None:  # GPT-NeoX, Persimmon: [H, 3 * d] rows, heads outer
+            w = f"{fused}.query_key_value"
             rows = torch.cat([torch.arange(h * 3 * D, (h + 1) * 3 * D) for h in q])
             for p in ("weight", "bias"):
                 state[f"{w}.{p}"] = state[f"{w}.{p}"][rows]
-            state[f"{layer}.attention.dense.weight"] = state[f"{layer}.attention.dense.weight"][:, _rows(q)]
+            state[f"{fused}.dense.weight"] = state[f"{fused}.dense.weight"][:, _rows(q)]
             continue
         a = f"{layer}.self_attn"
         if f"{a}.qkv_proj.weight" in state:  # Phi-3: [q | k | v] rows
@@ -108,12 +121,14 @@ def _rebuild(model, decisions: list[dict], layers: list[str]):
                     state[f"{a}.{norm}.{p}"] = tensor[heads]
                 elif tensor.numel() == before * D:  # OLMo2: over all heads
                     state[f"{a}.{norm}.{p}"] = tensor[_rows(heads)]
-    if isinstance(model, T.GPTNeoXForCausalLM):  # its head size is hidden / heads: the modules are sliced instead
+    if isinstance(model, (T.GPTNeoXForCausalLM, T.PersimmonForCausalLM)):  # head size hidden / heads: cut modules
         reference = copy.deepcopy(model)
         for layer in layers:
-            attn = reference.get_submodule(f"{layer}.attention")
+            attn = reference.get_submodule(f"{layer}.{'attention' if hasattr(model, 'gpt_neox') else 'self_attn'}")
             attn.query_key_value = torch.nn.Linear(48, 3 * D * len(q))
             attn.dense = torch.nn.Linear(D * len(q), 48)
+            if isinstance(model, T.PersimmonForCausalLM):
+                attn.num_heads, attn.head_dim = len(q), D
     elif isinstance(model, T.GPT2LMHeadModel):  # the same (its head_dim is n_embd / n_head), and its split size
         reference = copy.deepcopy(model)
         for layer in layers:
