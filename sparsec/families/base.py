@@ -38,6 +38,9 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 DynamicDims = dict[str, dict[int, str]]
 
+# Config fields that state the longest sequence a model takes, the first one a config has wins.
+SEQUENCE_LIMITS = ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length", "seq_length")
+
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Family:
@@ -91,13 +94,15 @@ class Family:
         return dims
 
     def dim_bounds(self, model: nn.Module) -> dict[str, int]:
-        """Largest sizes of the dynamic dims the model's own tables bound: `seq` at the config's
-        `max_position_embeddings` (a learned position table, a `position_ids` buffer sliced to the length;
-        torch.export refuses such a dim unbounded). Every model with that field gets the bound: a rotary
+        """Largest sizes of the dynamic dims the model's own tables bound: `seq` at the config's longest sequence
+        (`SEQUENCE_LIMITS`: `max_position_embeddings`, or a family's own name for it, e.g. MPT's `max_seq_len`):
+        a learned position table, a `position_ids` buffer or an ALiBi table built at that length and sliced to the
+        input's (torch.export refuses such a dim unbounded). Every model with the field gets the bound: a rotary
         model's code does not read past it either way."""
         config = getattr(model, "config", None)
-        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-        return {"seq": int(limit)} if isinstance(limit, int) and limit >= 2 else {}
+        config = getattr(config, "text_config", config)
+        limit = next((getattr(config, k) for k in SEQUENCE_LIMITS if isinstance(getattr(config, k, None), int)), None)
+        return {"seq": int(limit)} if limit is not None and limit >= 2 else {}
 
     def entry_points(self, model: nn.Module) -> dict[str, EntryPoint]:
         """The programs `model` is deployed as; by default one, `forward`."""

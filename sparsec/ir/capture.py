@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,8 +36,9 @@ _HINTS = (
     ),
     (
         ("Constraints violated", "specializ", "not in range", "Not all values of"),
-        "a dimension marked dynamic is fixed by the model's code; pass dynamic=False (or a dict naming only "
-        "the dims that really vary), or capture with a different example size",
+        "a dimension marked dynamic is fixed by the model's code (the message above names the guard); capture "
+        "with static shapes (a recipe's `capture: {dynamic: false}`, or dynamic=False in Python: the program then "
+        "takes only the capture shape, `capture: {batch: B, seq: S}`), or a dict naming only the dims that vary",
     ),
     (
         ("data-dependent", "DataDependent", "GuardOnDataDependent", "unbacked"),
@@ -135,7 +137,11 @@ def _model_frame(exc: BaseException) -> str:
 
 
 def _capture_error(exc: BaseException, module_stack: Sequence[str]) -> CaptureError:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else type(exc).__name__
+    guard = next((line.strip() for line in lines[1:] if line.strip().startswith("- Not all values")), None)
+    if guard:  # a constraint violation: the first guard says which code fixes the dim
+        message += " " + guard
     hint = next((h for keys, h in _HINTS if any(k in str(exc) for k in keys)), _DEFAULT_HINT)
     where = module_stack[-1] if module_stack else "(top level, outside any submodule)"
     frame = _model_frame(exc)
@@ -147,6 +153,62 @@ def _capture_error(exc: BaseException, module_stack: Sequence[str]) -> CaptureEr
         lines.append(f"  failing op at:  {frame}")
     lines.append(f"  hint: {hint}")
     return CaptureError("\n".join(lines))
+
+
+def _export(model, example_inputs, dims: dict, bounds: dict[str, int]) -> torch.export.ExportedProgram:
+    """`torch.export.export` (non-strict) of `model` with `dims` dynamic within `bounds`, the KV cache off and MoE
+    experts in their exportable form; a failure is a `CaptureError` naming the module and the line it failed in."""
+    symbols = {n: torch.export.Dim(n, max=bounds.get(n)) for axes in dims.values() for n in axes.values()}
+    dynamic_shapes = {k: ({a: symbols[n] for a, n in dims[k].items()} if k in dims else None) for k in example_inputs}
+    stack: list[str] = []
+    was_training = model.training
+    model.eval()
+    # torch.export prints the partial graph of a failed export to stderr; keep it on the error instead.
+    printed = io.StringIO()
+    try:
+        with (
+            kv_cache_disabled(model),
+            exportable_experts(model),
+            _module_tracker(model, stack),
+            torch.no_grad(),
+            contextlib.redirect_stderr(printed),
+        ):
+            exported = torch.export.export(
+                model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes if dims else None, strict=False
+            )
+    except Exception as exc:
+        exc.sparsec_stack = list(stack)
+        raise
+    finally:
+        model.train(was_training)
+    sys.stderr.write(printed.getvalue())
+    return exported
+
+
+def _failed(exc: BaseException) -> CaptureError:
+    error = _capture_error(exc, getattr(exc, "sparsec_stack", []))
+    error.partial_graph = str(getattr(exc, "partial_fx_graph", "")) or None
+    return error
+
+
+_NOT_AT = re.compile(r"satisfy the generated guard L\['(?P<input>\w+)'\]\.size\(\)\[(?P<axis>\d+)\] != (?P<size>\d+)\.")
+
+
+def _bound_below_limit(message: str, example_inputs, dims: dict, bounds: dict[str, int]) -> dict[str, int] | None:
+    """The bounds with a dim lowered by one where torch.export's constraint violation says the model's code
+    branches at exactly that dim's bound (a guard `size != N`, N the bound: MPT's ALiBi table of `max_seq_len`
+    columns is sliced only below it); None when the message names no such guard."""
+    refined = dict(bounds)
+    for found in _NOT_AT.finditer(message):
+        name = dims.get(found["input"], {}).get(int(found["axis"]))
+        size = int(found["size"])
+        if (
+            name is not None
+            and refined.get(name) == size
+            and example_inputs[found["input"]].shape[int(found["axis"])] < size
+        ):
+            refined[name] = size - 1
+    return refined if refined != bounds else None
 
 
 def check_example_inputs(example_inputs: Mapping[str, torch.Tensor]) -> None:
@@ -202,32 +264,15 @@ def capture_program(
                     f"input {name!r} has shape {tuple(example_inputs[name].shape)}: dim {dim_name!r} is at most "
                     f"{bounds[dim_name]} for this model; use a smaller example"
                 )
-    symbols = {n: torch.export.Dim(n, max=bounds.get(n)) for axes in dims.values() for n in axes.values()}
-    dynamic_shapes = {k: ({a: symbols[n] for a, n in dims[k].items()} if k in dims else None) for k in example_inputs}
-
-    stack: list[str] = []
-    was_training = model.training
-    model.eval()
-    # torch.export prints the partial graph of a failed export to stderr; keep it on the error instead.
-    printed = io.StringIO()
-    try:
-        with (
-            kv_cache_disabled(model),
-            exportable_experts(model),
-            _module_tracker(model, stack),
-            torch.no_grad(),
-            contextlib.redirect_stderr(printed),
-        ):
-            exported = torch.export.export(
-                model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes if dims else None, strict=False
-            )
-    except Exception as exc:
-        error = _capture_error(exc, stack)
-        error.partial_graph = str(getattr(exc, "partial_fx_graph", "")) or None
-        raise error from exc
-    finally:
-        model.train(was_training)
-    sys.stderr.write(printed.getvalue())
+    for attempt in range(2):
+        try:
+            exported = _export(model, example_inputs, dims, bounds)
+            break
+        except Exception as exc:
+            refined = _bound_below_limit(str(exc), example_inputs, dims, bounds) if attempt == 0 else None
+            if refined is None:
+                raise _failed(exc) from exc
+            bounds = refined  # the model branches at its own limit: the program takes every size below it
 
     signature = exported.graph_signature
     canonicalize_linears(exported.graph, {*signature.inputs_to_parameters, *signature.inputs_to_buffers})

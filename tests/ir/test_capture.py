@@ -73,3 +73,36 @@ def test_bad_example_inputs_are_rejected_before_export():
         sparsec.capture(model, {**make_inputs(model, 2, 8), "use_cache": False})
     with pytest.raises(CaptureError, match="not an example input"):
         sparsec.capture(model, make_inputs(model, 2, 8), dynamic={"pixel_values": {0: "batch"}})
+
+
+def test_a_model_that_branches_at_its_own_length_limit_is_captured_below_it():
+    """MPT builds its ALiBi table at `max_seq_len` (its config's name for the longest sequence) and slices it only
+    below that length: torch.export refuses `seq` unbounded and also at `max_seq_len` itself. The program takes every
+    length up to one below the limit, and equals the Hugging Face model with left padding at another shape."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MptConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, expansion_ratio=2
+    )
+    model = transformers.MptForCausalLM(config).eval()
+    program = sparsec.capture(model, make_inputs(model, 2, 16))
+    assert program.dim_bounds == {"seq": 63}
+    for batch, seq in [(3, 11), (1, 63)]:
+        inputs = make_inputs(model, batch, seq, seed=3, pad_left=2)
+        sparsec.testing.assert_equivalent(program, model, inputs, output="logits", rtol=1e-4, atol=1e-5)
+
+
+class _FixedLength(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 4, 4, -1).sum(2)  # seq 16 split into 4 x 4: the length is fixed
+
+
+def test_a_dim_the_code_fixes_is_refused_naming_the_guard_and_the_recipe_option():
+    with pytest.raises(CaptureError) as info:
+        sparsec.capture(_FixedLength(), {"x": torch.randn(2, 16, 3)}, dynamic={"x": {0: "batch", 1: "seq"}})
+    message = str(info.value)
+    assert "Constraints violated (seq)" in message and "- Not all values of seq" in message
+    assert "`capture: {dynamic: false}`" in message
+    static = sparsec.capture(_FixedLength(), {"x": torch.randn(2, 16, 3)}, dynamic={"x": {0: "batch"}})
+    assert static.dynamic_dims == {"x": {0: "batch"}}
