@@ -139,7 +139,7 @@ def _model_frame(exc: BaseException) -> str:
 def _capture_error(exc: BaseException, module_stack: Sequence[str]) -> CaptureError:
     lines = str(exc).strip().splitlines()
     message = lines[0] if lines else type(exc).__name__
-    guard = next((line.strip() for line in lines[1:] if line.strip().startswith("- Not all values")), None)
+    guard = next((line.strip() for line in lines[1:] if line.strip().startswith("- ")), None)
     if guard:  # a constraint violation: the first guard says which code fixes the dim
         message += " " + guard
     hint = next((h for keys, h in _HINTS if any(k in str(exc) for k in keys)), _DEFAULT_HINT)
