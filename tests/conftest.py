@@ -27,6 +27,17 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     return build_model(builtin_config(name), seed=seed)
 
 
+SMALL_DECODER = dict(  # a two-layer decoder of any Llama-like config class, for the families a test checks one by one
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def hf_builder(model_class, config_class, **config):
     """A function building `model_class(config_class(**config))` in eval mode from seed 0 (random weights)."""
 

@@ -52,9 +52,13 @@ class StoredTensor:
                 f"cannot read {self.key!r} from {self.file} ({exc}); the checkpoint changed or is "
                 "corrupt since the program was captured: capture it again"
             ) from exc
+        return self._checked(tensor, self.file)
+
+    def _checked(self, tensor: torch.Tensor, where: Path) -> torch.Tensor:
+        """`tensor` in `dtype`, after checking it has `shape` (`SparsecError` naming `where` otherwise)."""
         if tuple(tensor.shape) != self.shape:
             raise SparsecError(
-                f"{self.file}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
+                f"{where}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
                 f"{self.shape}; the checkpoint changed since the program was captured: capture it again"
             )
         return tensor.to(self.dtype)
@@ -94,9 +98,4 @@ class ConvertedTensor(StoredTensor):
                 f"cannot compute {self.key!r} from its tensors in {self.file.parent} ({exc}); the checkpoint changed "
                 "since the program was captured: capture it again"
             ) from exc
-        if tuple(tensor.shape) != self.shape:
-            raise SparsecError(
-                f"{self.file.parent}: {self.key!r} has shape {tuple(tensor.shape)}, the program expects "
-                f"{self.shape}; the checkpoint changed since the program was captured: capture it again"
-            )
-        return tensor.to(self.dtype)
+        return self._checked(tensor, self.file.parent)

@@ -6,7 +6,7 @@ experts active, the ONNX file computes what the PyTorch operator computes, at an
 """
 
 import torch
-from conftest import make_inputs
+from conftest import SMALL_DECODER, hf_builder, make_inputs
 from transformers.activations import ACT2FN
 
 import sparsec
@@ -105,17 +105,7 @@ def test_nemotron_squared_relu_ffns_become_moes_equal_to_the_hf_model():
     and with every expert active the program is the Hugging Face model, with left padding at another shape."""
     import transformers
 
-    config = transformers.NemotronConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.NemotronForCausalLM(config).eval()
+    model = hf_builder(transformers.NemotronForCausalLM, transformers.NemotronConfig, **SMALL_DECODER)()
     program = sparsec.capture(model, make_inputs(model, 2, 12))
     record = testing.apply_pass(
         program, "ffn_to_moe", experts=4, top_k=4, partition="balanced", importance="magnitude", router="random"

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_inputs, make_model, slice_by_hand
+from conftest import SMALL_DECODER, hf_builder, make_inputs, make_model, slice_by_hand
 
 import sparsec
 from sparsec import testing
@@ -241,21 +241,11 @@ def test_kept_pins_exact_neurons_and_is_checked():
 def _nemotron_and_apertus():
     """Two decoders whose FFN activation is no SiLU / GELU: Nemotron's squared ReLU (`relu`, `square`) and Apertus'
     xIELU, whose learned parameters are one element each (`alpha_p`, `alpha_n`)."""
-    import transformers
+    import transformers as T
 
-    shape = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
     return [
-        transformers.NemotronForCausalLM(transformers.NemotronConfig(**shape)).eval(),
-        transformers.ApertusForCausalLM(transformers.ApertusConfig(**shape)).eval(),
+        hf_builder(T.NemotronForCausalLM, T.NemotronConfig, **SMALL_DECODER)(),
+        hf_builder(T.ApertusForCausalLM, T.ApertusConfig, **SMALL_DECODER)(),
     ]
 
 
