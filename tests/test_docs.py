@@ -10,7 +10,9 @@ Llama with random weights and a word-level tokenizer), and `calib.txt` / `held_o
 where a block imports its `skip_ffn`. Each ```python block runs in a fresh interpreter.
 
 A block that cannot run here (a GPU, a real checkpoint, a download, an hour) is preceded by the line
-`<!-- not run: REASON -->`; those are few, and their files are still checked. Listings that are not code to run
+`<!-- not run: REASON -->`; those are few, and their files are still checked. A block whose commands another page
+runs (the README's quick start, run step by step by docs/getting-started.md) says so, `<!-- not run: the same
+commands run in PAGE ... -->`, and its command lines are checked to be that page's, so they run once. Listings that are not code to run
 (synopses, output) are ```text blocks. The generated reference pages are checked by `mkdocs build --strict`
 (`test_site_builds`).
 """
@@ -33,12 +35,12 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 CHECKED_ONLY = [ROOT / "bench" / "README.md"]  # files named must exist; its blocks are benchmark runs
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<language>\w*)\n(?P<code>.*?)^(?P=indent)```$", re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not run: (?P<reason>[^>]+?) -->\s*$")
+RUN_ELSEWHERE = re.compile(r"^the same commands run in (?P<page>\S+\.md)\b")
 LANGUAGES = {"python", "bash", "yaml", "toml", "text"}
 MAX_NOT_RUN = 16  # blocks that cannot run here; each says why
 REPO_PATH = re.compile(r"(examples|bench|tests|sparsec|docs|passes|exporters)/[\w./-]*\w$")
 # What a page's commands leave behind, checked after they ran (their exit status is checked for every block).
 PAGE_OUTPUTS = {
-    "README.md": ["out/small/model.onnx", "out/small/report.json", "out/dense/program.pt2"],
     "docs/getting-started.md": ["out/small/model.onnx", "out/small/tokenizer/tokenizer.json"],
     "docs/analyze.md": ["out/probe/analysis.md", "out/probe-llm/sensitivity.png", "out/probe-mine/quality_heads.png"],
 }
@@ -83,6 +85,22 @@ def test_blocks_not_run_are_few_and_say_why():
     assert all(len(b.not_run.split()) >= 3 for b in not_run), [b.where for b in not_run]
     assert len(not_run) <= MAX_NOT_RUN, "\n".join(f"{b.where}: {b.not_run}" for b in not_run)
     assert not [b.where for b in not_run if b.language in ("text", "yaml", "toml")], "only code to run is marked"
+
+
+def _commands(code: str) -> list[str]:
+    """A bash block's command lines, comments and spacing aside."""
+    lines = (line.split(" #", 1)[0].strip() for line in code.splitlines())
+    return [" ".join(line.split()) for line in lines if line and not line.startswith("#")]
+
+
+def test_blocks_run_elsewhere_are_the_commands_that_page_runs():
+    elsewhere = [(b, RUN_ELSEWHERE.match(b.not_run)) for b in ALL if b.not_run and RUN_ELSEWHERE.match(b.not_run)]
+    assert elsewhere, "the README's quick start is run by docs/getting-started.md"
+    for block, found in elsewhere:
+        page = ROOT / found["page"]
+        ran = {c for b in blocks(page) if b.language == "bash" and not b.not_run for c in _commands(b.code)}
+        missing = [c for c in _commands(block.code) if c not in ran]
+        assert not missing, f"{block.where}: {found['page']} does not run {missing}"
 
 
 @pytest.fixture
