@@ -399,9 +399,7 @@ class _Propagation:
         if target is LAYER_NORM:  # normalised over trailing axes without heads (Chameleon's q/k norm per head)
             if any(a is not None for a in layout[len(layout) - len(args[1]) :]):
                 raise Mismatch("a layer norm over a head axis", node)
-            return [(src, layout)] + [
-                (w, layout[len(layout) - len(args[1]) :]) for w in args[2:4] if isinstance(w, Node)
-            ]
+            return [(src, layout)]  # its weight and bias span those trailing axes: no heads in them
         if target in IDENTITY or is_pointwise(node):
             result = []
             for arg in node.all_input_nodes:

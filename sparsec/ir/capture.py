@@ -157,7 +157,8 @@ def _capture_error(exc: BaseException, module_stack: Sequence[str]) -> CaptureEr
 
 def _export(model, example_inputs, dims: dict, bounds: dict[str, int]) -> torch.export.ExportedProgram:
     """`torch.export.export` (non-strict) of `model` with `dims` dynamic within `bounds`, the KV cache off and MoE
-    experts in their exportable form; a failure is a `CaptureError` naming the module and the line it failed in."""
+    experts in their exportable form. A failure is raised as it is, carrying the module path that was running
+    (`sparsec_stack`), which `_failed` turns into a `CaptureError` naming the module and the line."""
     symbols = {n: torch.export.Dim(n, max=bounds.get(n)) for axes in dims.values() for n in axes.values()}
     dynamic_shapes = {k: ({a: symbols[n] for a, n in dims[k].items()} if k in dims else None) for k in example_inputs}
     stack: list[str] = []
