@@ -159,7 +159,7 @@ def _gelu(h, tanh: bool):
     return op.Mul(op.Mul(_constant(0.5, h), h), op.Add(_constant(1.0, h), inner))
 
 
-# `sparsec.ops.moe.ACTIVATIONS` in ONNX ops of opset 18 (`tests/exporters/test_moe_activations.py` holds each to
+# `sparsec.ops.moe.ACTIVATIONS` in ONNX ops of opset 18 (`tests/passes/test_ffn_to_moe_activations.py` holds each to
 # the PyTorch function in ONNX Runtime).
 ACTIVATIONS = {
     "silu": lambda h: op.Mul(h, op.Sigmoid(h)),
