@@ -177,10 +177,6 @@ ACTIVATIONS = {
 }
 
 
-def _activation(h, name: str):
-    return ACTIVATIONS[name](h)
-
-
 def _expert_linear(xs, weight, bias, index):
     """xs @ weight[index].T (+ bias[index])."""
     w = op.Gather(weight, index, axis=0)
@@ -293,7 +289,7 @@ def _moe_standard(
         tokens = op.Reshape(op.NonZero(routed), op.Constant(value_ints=[-1]))
         xs = op.Gather(x2, tokens, axis=0)
         if fc3_weight is None:
-            h = _activation(_expert_linear(xs, fc1_weight, fc1_bias, index), activation)
+            h = ACTIVATIONS[activation](_expert_linear(xs, fc1_weight, fc1_bias, index))
         else:  # gate and up in one GEMM (the weights are constants: the Concat folds away)
             gate_up = op.Concat(op.Gather(fc1_weight, index, axis=0), op.Gather(fc3_weight, index, axis=0), axis=0)
             projected = op.Gemm(xs, gate_up, transB=1)
@@ -306,7 +302,7 @@ def _moe_standard(
                     ),
                 )
             gate, up = op.Split(projected, num_outputs=2, axis=1)
-            h = op.Mul(_activation(gate, activation), up)
+            h = op.Mul(ACTIVATIONS[activation](gate), up)
         y = op.Gemm(h, op.Gather(fc2_weight, index, axis=0), transB=1)
         if gating != "unit":
             weight = op.ReduceSum(

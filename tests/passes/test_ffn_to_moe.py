@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     PAPER_MOE,
+    SMALL_DECODER,
     MoeOpModule,
+    hf_builder,
     make_inputs,
     make_model,
     make_qwenimage,
@@ -164,19 +166,8 @@ def test_remainder_joins_the_shared_expert():
 def test_fused_gate_up_all_experts_equal_dense():
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = Phi3Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(config).eval()
+    tokens = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = hf_builder(Phi3ForCausalLM, Phi3Config, **SMALL_DECODER, **tokens)()
     inputs = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     program = sparsec.capture(model, inputs)
     record = testing.apply_pass(program, "ffn_to_moe", experts=4, top_k=4, calibration=calibration(model))
